@@ -1,0 +1,359 @@
+"""Node settings: TOML in, typed frozen records out.
+
+The supervisor is the only reader of TOML. It turns the file into ``Settings`` once,
+refusing unknown keys and naming every bad key by its path (``stages.classifier.workers``),
+all problems at once. Stages receive the validated settings as JSON (``to_json``), never TOML.
+
+The schema is the dataclasses below: a field's type says what the key accepts, its default
+makes it optional, and ``metadata["check"]`` adds a range or shape rule. ``_convert`` walks a
+dataclass against a mapping and collects problems instead of stopping at the first one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+Check = Callable[[Any], str | None]
+
+
+def _field(default: Any = dataclasses.MISSING, check: Check | None = None, doc: str = "") -> Any:
+    meta = {"check": check, "doc": doc}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples for defaults")
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _between(lo: float, hi: float) -> Check:
+    return lambda v: None if lo <= v <= hi else f"must be between {lo} and {hi}, got {v}"
+
+
+def _power_of_two(lo: int, hi: int) -> Check:
+    def check(v: int) -> str | None:
+        if v & (v - 1) or not lo <= v <= hi:
+            return f"must be a power of two between {lo} and {hi}, got {v}"
+        return None
+
+    return check
+
+
+def _ifname(v: str) -> str | None:
+    if not 1 <= len(v) <= 15 or any(c in v for c in "/ \t\n:"):
+        return f"must be a Linux interface name (1-15 characters, no '/', ':' or space), got {v!r}"
+    return None
+
+
+def _name(v: str) -> str | None:
+    ok = v and len(v) <= 64 and all(c.isalnum() or c in "-_." for c in v)
+    return None if ok else f"must be 1-64 characters of letters, digits, '-', '_', '.', got {v!r}"
+
+
+class Mode(enum.StrEnum):
+    INTERFACE = "interface"
+    ROUTER = "router"
+
+
+class LogLevel(enum.StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Endpoint:
+    """An underlay UDP endpoint, written ``"host:port"`` in TOML."""
+
+    host: IPv4Address
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"must be 'IPv4:port', got {text!r}")
+        return cls(IPv4Address(host), int(port))
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodeSettings:
+    name: str = _field(check=_name, doc="this node's name, used in logs and status")
+    state_dir: Path = _field(doc="long-lived state (keys, leases); created 0700")
+    runtime_dir: Path = _field(doc="sockets, pid file and settings while running; created 0700")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NetworkSettings:
+    namespace: str = _field(check=_name, doc="the virtual network's name")
+    subnet: IPv4Network = _field(doc="the virtual network's subnet")
+    address: IPv4Address = _field(doc="this node's virtual address (static until DHCP arrives)")
+    mode: Mode = _field(Mode.INTERFACE, doc="interface (a TAP on this machine) or router")
+    mtu: int = _field(1400, check=_between(576, 9000), doc="MTU of the TAP device")
+    device: str = _field("autovn0", check=_ifname, doc="name of the TAP device")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OverlaySettings:
+    listen_address: IPv4Address = _field(IPv4Address("0.0.0.0"), doc="UDP address to bind")
+    listen_port: int = _field(4789, check=_between(1, 65535), doc="UDP port to bind")
+    keepalive_interval_s: float = _field(1.0, check=_between(0.05, 60), doc="peer ping period")
+    peer_timeout_s: float = _field(5.0, check=_between(0.2, 600), doc="silence before 'down'")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PeerSettings:
+    name: str = _field(check=_name, doc="the peer's node name")
+    addresses: tuple[IPv4Address, ...] = _field(doc="the peer's virtual addresses")
+    endpoint: Endpoint = _field(doc="the peer's underlay 'IPv4:port'")
+
+
+_RING = _power_of_two(1 << 17, 1 << 28)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TapReaderSettings:
+    queues: int = _field(1, check=_between(1, 16), doc="TAP queues, one worker each")
+    ring_bytes: int = _field(1 << 22, check=_RING, doc="size of each ring this stage reads")
+    batch: int = _field(64, check=_between(1, 1024), doc="frames handled per wake-up")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClassifierSettings:
+    workers: int = _field(1, check=_between(1, 16), doc="classifier worker processes")
+    ring_bytes: int = _field(1 << 22, check=_RING, doc="size of each ring this stage reads")
+    batch: int = _field(64, check=_between(1, 1024), doc="frames handled per wake-up")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OverlayIoSettings:
+    workers: int = _field(1, check=_between(1, 16), doc="overlay_io worker processes")
+    ring_bytes: int = _field(1 << 22, check=_RING, doc="size of each ring this stage reads")
+    batch: int = _field(64, check=_between(1, 1024), doc="datagrams handled per wake-up")
+    socket_buffer_bytes: int = _field(1 << 22, check=_between(1 << 16, 1 << 28), doc="UDP buffers")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ControlSettings:
+    ring_bytes: int = _field(1 << 20, check=_RING, doc="size of each ring this stage reads")
+    batch: int = _field(64, check=_between(1, 1024), doc="messages handled per wake-up")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StagesSettings:
+    tap_reader: TapReaderSettings = _field(TapReaderSettings())
+    classifier: ClassifierSettings = _field(ClassifierSettings())
+    overlay_io: OverlayIoSettings = _field(OverlayIoSettings())
+    control: ControlSettings = _field(ControlSettings())
+    heartbeat_interval_s: float = _field(1.0, check=_between(0.1, 30), doc="worker heartbeat")
+    heartbeat_timeout_s: float = _field(10.0, check=_between(0.5, 300), doc="silence = hung")
+    restart_backoff_max_s: float = _field(5.0, check=_between(0.1, 300), doc="back-off cap")
+    stats_interval_s: float = _field(30.0, check=_between(1, 3600), doc="stats log period")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: LogLevel = _field(LogLevel.INFO, doc="lowest level written")
+    file: Path | None = _field(None, doc="JSON-lines log; default <runtime_dir>/node.log")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    node: NodeSettings = _field()
+    network: NetworkSettings = _field()
+    overlay: OverlaySettings = _field(OverlaySettings())
+    peers: tuple[PeerSettings, ...] = _field(())
+    stages: StagesSettings = _field(StagesSettings())
+    log: LogSettings = _field(LogSettings())
+
+    @property
+    def log_file(self) -> Path:
+        return self.log.file or self.node.runtime_dir / "node.log"
+
+    @property
+    def tap_mac(self) -> bytes:
+        """The TAP's own MAC: locally administered, derived from the node name."""
+        return b"\x02" + hashlib.blake2b(self.node.name.encode(), digest_size=5).digest()
+
+    def to_json(self) -> str:
+        return json.dumps(_to_plain(self), indent=2)
+
+
+GATEWAY_MAC = bytes.fromhex("02415654" "0001")  # "AVT": the virtual gateway every node answers as
+
+# -- conversion ------------------------------------------------------------------------------
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, path: str, msg: str) -> None:
+        self.items.append((path or "(top level)", msg))
+
+
+def _convert(tp: Any, value: Any, path: str, problems: _Problems) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Endpoint:
+        return _convert_scalar(tp, value, path, problems)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return _convert_record(tp, value, path, problems)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _convert(args[0], value, path, problems)
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if not isinstance(value, list):
+            problems.add(path, f"must be a list, got {_kind(value)}")
+            return ()
+        return tuple(_convert(item_tp, v, f"{path}[{i}]", problems) for i, v in enumerate(value))
+    return _convert_scalar(tp, value, path, problems)
+
+
+def _convert_scalar(tp: Any, value: Any, path: str, problems: _Problems) -> Any:
+    expected = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    if tp in (int, bool, str):
+        if type(value) is not tp:
+            problems.add(path, f"must be {expected[tp]}, got {_kind(value)}")
+            return None
+        return value
+    if tp is float:
+        if type(value) not in (int, float):
+            problems.add(path, f"must be a number, got {_kind(value)}")
+            return None
+        return float(value)
+    if not isinstance(value, str):
+        problems.add(path, f"must be a string, got {_kind(value)}")
+        return None
+    try:
+        if isinstance(tp, type) and issubclass(tp, enum.Enum):
+            return tp(value)
+        if tp is Endpoint:
+            return Endpoint.parse(value)
+        return tp(value)
+    except ValueError as exc:
+        if isinstance(tp, type) and issubclass(tp, enum.Enum):
+            choices = ", ".join(repr(m.value) for m in tp)
+            problems.add(path, f"must be one of {choices}, got {value!r}")
+        else:
+            problems.add(path, str(exc) or f"invalid value {value!r}")
+        return None
+
+
+def _convert_record(tp: type, value: Any, path: str, problems: _Problems) -> Any:
+    if not isinstance(value, Mapping):
+        problems.add(path, f"must be a table, got {_kind(value)}")
+        return None
+    fields = {f.name: f for f in dataclasses.fields(tp)}
+    hints = typing.get_type_hints(tp)
+    for key in value:
+        if key not in fields:
+            problems.add(_join(path, key), f"unknown key (known: {', '.join(fields)})")
+    kwargs: dict[str, Any] = {}
+    before = len(problems.items)
+    for name, f in fields.items():
+        sub = _join(path, name)
+        if name not in value:
+            if f.default is dataclasses.MISSING:
+                problems.add(sub, "is required")
+            continue
+        converted = _convert(hints[name], value[name], sub, problems)
+        check = f.metadata.get("check")
+        if converted is not None and check is not None and (msg := check(converted)):
+            problems.add(sub, msg)
+        kwargs[name] = converted
+    if len(problems.items) > before:
+        return None
+    return tp(**kwargs)
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _kind(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    names |= {list: "a list", dict: "a table"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _cross_checks(s: Settings, problems: _Problems) -> None:
+    net = s.network
+    if net.address not in net.subnet:
+        problems.add("network.address", f"{net.address} is not in network.subnet {net.subnet}")
+    elif net.address in (net.subnet.network_address, net.subnet.broadcast_address):
+        problems.add("network.address", "must not be the subnet's network or broadcast address")
+    seen: dict[IPv4Address, str] = {net.address: "network.address"}
+    names: set[str] = {s.node.name}
+    for i, peer in enumerate(s.peers):
+        if peer.name in names:
+            problems.add(f"peers[{i}].name", f"duplicate node name {peer.name!r}")
+        names.add(peer.name)
+        if not peer.addresses:
+            problems.add(f"peers[{i}].addresses", "must name at least one address")
+        for j, addr in enumerate(peer.addresses):
+            where = f"peers[{i}].addresses[{j}]"
+            if addr not in net.subnet:
+                problems.add(where, f"{addr} is not in network.subnet {net.subnet}")
+            if addr in seen:
+                problems.add(where, f"{addr} is already used by {seen[addr]}")
+            seen[addr] = where
+    if len(s.peers) > 65000:
+        problems.add("peers", "at most 65000 static peers")
+
+
+def settings_from_mapping(data: Mapping[str, Any]) -> Settings:
+    """Validate a parsed TOML document; raise ConfigError listing every problem."""
+    problems = _Problems()
+    settings = _convert(Settings, data, "", problems)
+    if settings is not None:
+        _cross_checks(settings, problems)
+    if problems.items:
+        raise ConfigError(problems.items)
+    assert isinstance(settings, Settings)
+    return settings
+
+
+def load_settings(path: Path) -> Settings:
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError([(str(path), f"cannot read: {exc.strerror}")]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([(str(path), f"not valid TOML: {exc}")]) from exc
+    return settings_from_mapping(data)
+
+
+def settings_from_json(text: str) -> Settings:
+    """What a stage does with the supervisor's effective settings."""
+    return settings_from_mapping(json.loads(text))
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, Endpoint):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out = {}
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            if v is not None:
+                out[f.name] = _to_plain(v)
+        return out
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, bool | int | float):
+        return value
+    return str(value)

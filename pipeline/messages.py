@@ -1,0 +1,110 @@
+"""Typed control messages between processes (ZeroMQ, msgpack via msgspec). Never frames.
+
+Who sends what:
+
+- worker -> supervisor (DEALER -> ROUTER): ``Ready`` once attached, ``Heartbeat`` with the
+  worker's counters every ``stages.heartbeat_interval_s``.
+- supervisor -> worker: ``HeartbeatAck`` for each heartbeat (a silent supervisor is a dead
+  one), ``Stop``.
+- control -> classifier, overlay_io (PUB -> SUB): ``RouteSnapshot``, a whole versioned
+  route table; republished on change and periodically so a restarted subscriber resyncs.
+- classifier, overlay_io -> control (DEALER -> ROUTER): ``SnapshotRequest``; control answers
+  with the current ``RouteSnapshot`` at once.
+- supervisor CLI -> supervisor (REQ -> ROUTER): ``StatusRequest`` -> ``StatusReply``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class Ready(msgspec.Struct, tag=True, frozen=True):
+    stage: str
+    worker: int
+    pid: int
+
+
+class Heartbeat(msgspec.Struct, tag=True, frozen=True):
+    stage: str
+    worker: int
+    pid: int
+    stats: dict[str, Any]
+
+
+class HeartbeatAck(msgspec.Struct, tag=True, frozen=True):
+    pass
+
+
+class Stop(msgspec.Struct, tag=True, frozen=True):
+    reason: str = "shutdown"
+
+
+class PeerRoute(msgspec.Struct, frozen=True):
+    slot: int
+    name: str
+    addresses: tuple[str, ...]
+    endpoint: str  # "host:port"
+    up: bool
+
+
+class RouteSnapshot(msgspec.Struct, tag=True, frozen=True):
+    epoch: int  # changes when control restarts; versions restart with it
+    version: int
+    peers: tuple[PeerRoute, ...]
+
+
+class SnapshotRequest(msgspec.Struct, tag=True, frozen=True):
+    stage: str
+    worker: int
+
+
+class StatusRequest(msgspec.Struct, tag=True, frozen=True):
+    pass
+
+
+class StatusReply(msgspec.Struct, tag=True, frozen=True):
+    status: dict[str, Any]
+
+
+Message = Ready | Heartbeat | HeartbeatAck | Stop | RouteSnapshot | SnapshotRequest | StatusRequest | StatusReply
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes) -> Message:
+    """Raises msgspec.DecodeError (a ValueError) on anything that is not a Message."""
+    return _decoder.decode(data)
+
+
+# Overlay messages that control exchanges with peers (inside OVERLAY datagrams).
+
+
+class Ping(msgspec.Struct, tag=True, frozen=True):
+    seq: int
+    sent_ns: int
+    node: str
+
+
+class Pong(msgspec.Struct, tag=True, frozen=True):
+    seq: int
+    sent_ns: int
+    node: str
+
+
+OverlayMessage = Ping | Pong
+_overlay_decoder = msgspec.msgpack.Decoder(OverlayMessage)
+
+
+def encode_overlay(msg: OverlayMessage) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_overlay(data: bytes | memoryview) -> OverlayMessage:
+    return _overlay_decoder.decode(data)
