@@ -1,0 +1,264 @@
+"""The classifier stage's core: what to do with each frame from the TAP or packet from a peer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+from ipaddress import IPv4Address, IPv4Network
+
+from pipeline.classifier.routes import Routes
+from pipeline.errors import RemoteProtocolError
+from pipeline.wire import arp, ethernet, ipv6
+
+__all__ = ["Action", "Classifier", "ClassifierStats", "DropReason", "Verdict"]
+
+
+class DropReason(StrEnum):
+    MALFORMED = "malformed"
+    NOT_IPV4 = "not_ipv4"  # an ethertype other than IPv4, ARP, IPv6
+    IPV6_NEIGHBOUR_DISCOVERY = "ipv6_neighbour_discovery"
+    IPV6 = "ipv6"
+    ARP_NOT_FOR_SUBNET = "arp_not_for_subnet"
+    ARP_OWN_ADDRESS = "arp_own_address"  # a request for our own address, or gratuitous
+    ARP_REPLY = "arp_reply"  # the stack's replies; nobody here asked
+    NOT_IN_SUBNET = "not_in_subnet"
+    NO_ROUTE = "no_route"
+    TO_SELF = "to_self"
+    SPOOFED_SOURCE = "spoofed_source"
+    WRONG_DESTINATION = "wrong_destination"
+    BROADCAST = "broadcast"  # IPv4 broadcast or multicast
+
+
+class Action(IntEnum):
+    TO_PEER = 0
+    TO_TAP = 1
+    DROP = 2
+
+
+Verdict = tuple[Action, int, bytes | memoryview | DropReason]
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifierStats:
+    """Counters since start. ``sum(actions.values()) == from_inside + from_outside`` and
+    ``sum(drops.values()) == actions[Action.DROP]``."""
+
+    routes_version: int
+    routes: int  # addresses routed
+    routes_ignored: int  # addresses in the table that cannot be a peer's (see apply_routes)
+    from_inside: int
+    from_outside: int
+    actions: dict[Action, int]
+    drops: dict[DropReason, int]
+
+
+_TO_PEER = Action.TO_PEER
+_TO_TAP = Action.TO_TAP
+_DROP: dict[DropReason, Verdict] = {reason: (Action.DROP, 0, reason) for reason in DropReason}
+
+_ETHERTYPE_ARP = ethernet.ETHERTYPE_ARP
+_ETHERTYPE_IPV6 = ethernet.ETHERTYPE_IPV6
+_MULTICAST_TOP_NIBBLE = 0xE  # 224.0.0.0/4
+_LIMITED_BROADCAST = 0xFFFFFFFF
+
+
+class Classifier:
+    """Decides, frame by frame, between a peer, the TAP and a counted drop. Never raises on input.
+
+    The IPv4 paths touch only raw bytes: a route is one dict probe keyed by the 4 packed
+    address bytes (``apply_routes`` keeps only addresses in the subnet, so a hit needs no
+    further check); the ``int & mask`` subnet test runs only to name the reason for a miss.
+    """
+
+    def __init__(
+        self, *, subnet: IPv4Network, address: IPv4Address, tap_mac: bytes, gateway_mac: bytes
+    ) -> None:
+        if address not in subnet:
+            raise ValueError(f"address {address} is not in subnet {subnet}")
+        if subnet.prefixlen <= 30 and address in (subnet.network_address, subnet.broadcast_address):
+            raise ValueError(f"address {address} is the network or broadcast address of {subnet}")
+        for name, mac in (("tap_mac", tap_mac), ("gateway_mac", gateway_mac)):
+            if len(mac) != ethernet.MAC_LEN:
+                raise ValueError(f"{name} must be {ethernet.MAC_LEN} bytes, got {len(mac)}")
+        self._subnet = subnet
+        self._address = address
+        self._gateway_mac = bytes(gateway_mac)
+        self._address4 = address.packed
+        self._mask = int(subnet.netmask)
+        self._network = int(subnet.network_address)
+        # With /31 and /32 every address is a host (RFC 3021), so there is no subnet broadcast.
+        self._subnet_broadcast = int(subnet.broadcast_address) if subnet.prefixlen <= 30 else -1
+        self._to_tap_header = ethernet.build(tap_mac, gateway_mac, ethernet.ETHERTYPE_IPV4)
+        self._routes = Routes.from_peers(0, ())
+        self._routes_ignored = 0
+        no_routes: dict[bytes, int] = {}
+        self._route_get: Callable[[bytes], int | None] = no_routes.get
+        # Counters: one increment per call on the hot paths; drops are per direction.
+        self._to_peer = 0
+        self._inside_to_tap = 0
+        self._outside_to_tap = 0
+        self._inside_drops = dict.fromkeys(DropReason, 0)
+        self._outside_drops = dict.fromkeys(DropReason, 0)
+
+    @property
+    def routes(self) -> Routes:
+        return self._routes
+
+    def apply_routes(self, routes: Routes) -> None:
+        """Use ``routes`` from now on (control published a new table).
+
+        Addresses that cannot be a peer's -- outside the subnet, our own, the subnet's network
+        or broadcast address -- are left out (counted in ``statistics().routes_ignored``), so
+        the hot paths need no further address checks.
+        """
+        usable: dict[bytes, int] = {}
+        for address4, slot in routes.items():
+            value = int.from_bytes(address4, "big")
+            if (
+                value & self._mask == self._network
+                and address4 != self._address4
+                and value != self._subnet_broadcast
+                and not (self._subnet_broadcast >= 0 and value == self._network)
+            ):
+                usable[address4] = slot
+        self._routes = routes
+        self._routes_ignored = len(routes) - len(usable)
+        self._route_get = usable.get
+
+    def from_inside(self, frame: memoryview) -> Verdict:
+        """Classify a frame read from the TAP (Ethernet header first).
+
+        Returns ``(TO_PEER, slot, ip_packet)`` (a slice of ``frame``, no copy, trimmed to the
+        IPv4 total length), ``(TO_TAP, 0, arp_reply_frame)`` or ``(DROP, 0, reason)``.
+        """
+        try:
+            n = len(frame)
+            if n < 14:
+                return self._drop_inside(DropReason.MALFORMED)
+            ethertype = frame[12] << 8 | frame[13]
+            if ethertype != 0x0800:
+                return self._inside_not_ipv4(frame, ethertype)
+            if n < 34:
+                return self._drop_inside(DropReason.MALFORMED)
+            vihl = frame[14]
+            header_length = (vihl & 0x0F) << 2
+            total = frame[16] << 8 | frame[17]
+            if vihl >> 4 != 4 or header_length < 20 or total < header_length or total > n - 14:
+                return self._drop_inside(DropReason.MALFORMED)
+            dst4 = frame[30:34].tobytes()
+            slot = self._route_get(dst4)
+            if slot is not None:
+                self._to_peer += 1
+                return (_TO_PEER, slot, frame[14 : 14 + total])
+            return self._drop_inside(self._why_not_routed(dst4))
+        except RemoteProtocolError:
+            return self._drop_inside(DropReason.MALFORMED)
+
+    def from_outside(self, peer: int, packet: memoryview) -> Verdict:
+        """Classify an IPv4 packet received from peer slot ``peer``.
+
+        Returns ``(TO_TAP, 0, ethernet_frame)`` (tap_mac <- gateway_mac, one copy) or
+        ``(DROP, 0, reason)``. Bytes beyond the IPv4 total length are dropped from the frame.
+        """
+        try:
+            n = len(packet)
+            if n < 20:
+                return self._drop_outside(DropReason.MALFORMED)
+            vihl = packet[0]
+            header_length = (vihl & 0x0F) << 2
+            total = packet[2] << 8 | packet[3]
+            if vihl >> 4 != 4 or header_length < 20 or total < header_length or total > n:
+                return self._drop_outside(DropReason.MALFORMED)
+            if self._route_get(packet[12:16].tobytes()) != peer:
+                return self._drop_outside(DropReason.SPOOFED_SOURCE)
+            if packet[16:20] != self._address4:
+                dst = int.from_bytes(packet[16:20], "big")
+                if self._is_broadcast(dst):
+                    return self._drop_outside(DropReason.BROADCAST)
+                return self._drop_outside(DropReason.WRONG_DESTINATION)
+            self._outside_to_tap += 1
+            if total == n:
+                return (_TO_TAP, 0, self._to_tap_header + packet)
+            return (_TO_TAP, 0, self._to_tap_header + packet[:total])
+        except RemoteProtocolError:
+            return self._drop_outside(DropReason.MALFORMED)
+
+    def statistics(self) -> ClassifierStats:
+        drops = {
+            reason: self._inside_drops[reason] + self._outside_drops[reason]
+            for reason in DropReason
+        }
+        inside_drops = sum(self._inside_drops.values())
+        outside_drops = sum(self._outside_drops.values())
+        return ClassifierStats(
+            routes_version=self._routes.version,
+            routes=len(self._routes) - self._routes_ignored,
+            routes_ignored=self._routes_ignored,
+            from_inside=self._to_peer + self._inside_to_tap + inside_drops,
+            from_outside=self._outside_to_tap + outside_drops,
+            actions={
+                Action.TO_PEER: self._to_peer,
+                Action.TO_TAP: self._inside_to_tap + self._outside_to_tap,
+                Action.DROP: inside_drops + outside_drops,
+            },
+            drops=drops,
+        )
+
+    # -- the cold paths ------------------------------------------------------------------
+
+    def _drop_inside(self, reason: DropReason) -> Verdict:
+        self._inside_drops[reason] += 1
+        return _DROP[reason]
+
+    def _drop_outside(self, reason: DropReason) -> Verdict:
+        self._outside_drops[reason] += 1
+        return _DROP[reason]
+
+    def _is_broadcast(self, address: int) -> bool:
+        return (
+            address >> 28 == _MULTICAST_TOP_NIBBLE
+            or address == _LIMITED_BROADCAST
+            or address == self._subnet_broadcast
+        )
+
+    def _why_not_routed(self, dst4: bytes) -> DropReason:
+        if dst4 == self._address4:
+            return DropReason.TO_SELF
+        dst = int.from_bytes(dst4, "big")
+        if self._is_broadcast(dst):
+            return DropReason.BROADCAST
+        if dst & self._mask != self._network:
+            return DropReason.NOT_IN_SUBNET
+        return DropReason.NO_ROUTE
+
+    def _inside_not_ipv4(self, frame: memoryview, ethertype: int) -> Verdict:
+        if ethertype == _ETHERTYPE_ARP:
+            return self._inside_arp(frame)
+        if ethertype == _ETHERTYPE_IPV6:
+            payload = frame[ethernet.HEADER_LEN :]
+            ipv6.parse(payload)
+            if ipv6.is_neighbour_discovery(payload):
+                return self._drop_inside(DropReason.IPV6_NEIGHBOUR_DISCOVERY)
+            return self._drop_inside(DropReason.IPV6)
+        return self._drop_inside(DropReason.NOT_IPV4)
+
+    def _inside_arp(self, frame: memoryview) -> Verdict:
+        request = arp.parse(frame[ethernet.HEADER_LEN :])
+        if request.op != arp.ArpOp.REQUEST:
+            return self._drop_inside(DropReason.ARP_REPLY)
+        target = request.target_ip
+        subnet = self._subnet
+        if target not in subnet or (
+            subnet.prefixlen <= 30
+            and (target == subnet.network_address or target == subnet.broadcast_address)
+        ):
+            return self._drop_inside(DropReason.ARP_NOT_FOR_SUBNET)
+        if target == self._address or request.sender_ip == target:
+            return self._drop_inside(DropReason.ARP_OWN_ADDRESS)
+        reply = arp.build_reply(request, self._gateway_mac)
+        frame_out = ethernet.build(
+            request.sender_mac, self._gateway_mac, _ETHERTYPE_ARP, arp.build(reply)
+        )
+        self._inside_to_tap += 1
+        return (_TO_TAP, 0, frame_out)
