@@ -1,0 +1,38 @@
+"""Shared fixtures: namespace testbeds that are always removed, pass or fail."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from supervisor.netns import Testbed, leftover_namespaces, require_root
+
+
+def require_netns() -> None:
+    """Skip without root/iproute2, but fail under CI, which runs as root and must run them."""
+    reason = require_root()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"netns tests cannot run under CI: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def testbed() -> Iterator[Testbed]:
+    """A fresh namespace testbed, closed (and checked empty) after the test."""
+    require_netns()
+    tb = Testbed(prefix="avnt")
+    try:
+        yield tb
+    finally:
+        tb.close()
+    left = leftover_namespaces(tb.run_id)
+    assert not left, f"namespaces left behind: {left}"
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Every test marked ``netns`` needs root and iproute2 (checked before its fixtures)."""
+    if item.get_closest_marker("netns") is not None:
+        require_netns()
