@@ -121,7 +121,7 @@ class PeerSettings:
     endpoint: Endpoint = _field(doc="the peer's underlay 'IPv4:port'")
 
 
-_RING = _power_of_two(1 << 17, 1 << 28)
+_RING = _power_of_two(1 << 18, 1 << 28)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -192,7 +192,7 @@ class Settings:
         return json.dumps(_to_plain(self), indent=2)
 
 
-GATEWAY_MAC = bytes.fromhex("02415654" "0001")  # "AVT": the virtual gateway every node answers as
+GATEWAY_MAC = bytes.fromhex("024156540001")  # "AVT": the virtual gateway every node answers as
 
 # -- conversion ------------------------------------------------------------------------------
 

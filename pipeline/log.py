@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -17,6 +18,11 @@ import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _LEVELS |= {"error": logging.ERROR}
+
+
+def _json(logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
+    rendered = structlog.processors.JSONRenderer()(logger, name, event)
+    return rendered if isinstance(rendered, str) else rendered.decode()
 
 
 class _Tee:
@@ -27,11 +33,11 @@ class _Tee:
         self.console = console
         self.pretty = structlog.dev.ConsoleRenderer(colors=bool(console and console.isatty()))
 
-    def __call__(self, logger: Any, name: str, event: dict[str, Any]) -> str:
+    def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
         if self.console is not None:
             shown = {k: v for k, v in event.items() if k not in ("pid", "node", "worker")}
             print(self.pretty(logger, name, dict(shown)), file=self.console, flush=True)
-        return structlog.processors.JSONRenderer()(logger, name, event)  # type: ignore[return-value]
+        return _json(logger, name, event)
 
 
 def configure_logging(

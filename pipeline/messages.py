@@ -68,7 +68,16 @@ class StatusReply(msgspec.Struct, tag=True, frozen=True):
     status: dict[str, Any]
 
 
-Message = Ready | Heartbeat | HeartbeatAck | Stop | RouteSnapshot | SnapshotRequest | StatusRequest | StatusReply
+Message = (
+    Ready
+    | Heartbeat
+    | HeartbeatAck
+    | Stop
+    | RouteSnapshot
+    | SnapshotRequest
+    | StatusRequest
+    | StatusReply
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -80,7 +89,8 @@ def encode(msg: Message) -> bytes:
 
 def decode(data: bytes) -> Message:
     """Raises msgspec.DecodeError (a ValueError) on anything that is not a Message."""
-    return _decoder.decode(data)
+    msg: Message = _decoder.decode(data)
+    return msg
 
 
 # Overlay messages that control exchanges with peers (inside OVERLAY datagrams).
@@ -107,4 +117,5 @@ def encode_overlay(msg: OverlayMessage) -> bytes:
 
 
 def decode_overlay(data: bytes | memoryview) -> OverlayMessage:
-    return _overlay_decoder.decode(data)
+    msg: OverlayMessage = _overlay_decoder.decode(data)
+    return msg

@@ -1,0 +1,111 @@
+"""classifier: parses each frame once and sends it where it belongs.
+
+outbound: tap_reader ring -> ``Classifier.from_inside`` -> an overlay_io ring (chosen by a hash
+of the peer) or, for an ARP reply, straight back to the tap_reader ring it came from.
+inbound: overlay_io ring -> ``Classifier.from_outside`` -> a tap_reader ring (by flow hash).
+The decisions are in the sans-I/O ``Classifier``; this file only moves records.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+from typing import Any
+
+from pipeline import messages
+from pipeline.classifier.classify import Action, Classifier
+from pipeline.classifier.routes import Routes, worker_for_flow, worker_for_peer
+from pipeline.config import GATEWAY_MAC
+from pipeline.records import RecordKind
+from pipeline.route_feed import RouteFeed
+from pipeline.shm_ring import Consumer, Producer
+from pipeline.worker import Worker, ring_name
+
+
+class ClassifierWorker(Worker):
+    stage = "classifier"
+
+    def setup(self) -> None:
+        s = self.settings
+        self.batch = s.stages.classifier.batch
+        self.core = Classifier(
+            subnet=s.network.subnet,
+            address=s.network.address,
+            tap_mac=s.tap_mac,
+            gateway_mac=GATEWAY_MAC,
+        )
+        taps = s.stages.tap_reader.queues
+        ios = s.stages.overlay_io.workers
+        me = self.index
+        self.from_tap = [
+            self.consumer(ring_name("tap_reader", t, "classifier", me)) for t in range(taps)
+        ]
+        self.to_tap = [
+            self.producer(ring_name("classifier", me, "tap_reader", t)) for t in range(taps)
+        ]
+        self.from_io = [
+            self.consumer(ring_name("overlay_io", k, "classifier", me)) for k in range(ios)
+        ]
+        self.to_io = [
+            self.producer(ring_name("classifier", me, "overlay_io", k)) for k in range(ios)
+        ]
+        self.producers: list[Producer] = self.to_tap + self.to_io
+        self.routes = RouteFeed(self, self._apply)
+
+    def _apply(self, snap: messages.RouteSnapshot) -> None:
+        peers = [(p.slot, [IPv4Address(a) for a in p.addresses]) for p in snap.peers]
+        self.core.apply_routes(Routes.from_peers(snap.version, peers))
+
+    def work(self) -> int:
+        done = 0
+        for t, consumer in enumerate(self.from_tap):
+            done += self._outbound(consumer, self.to_tap[t])
+        for consumer in self.from_io:
+            done += self._inbound(consumer)
+        if done:
+            for p in self.producers:
+                p.flush()
+        return done
+
+    def _outbound(self, consumer: Consumer, back: Producer) -> int:
+        records = consumer.pop_batch(self.batch)
+        if not records:
+            return 0
+        to_io = self.to_io
+        n = len(to_io)
+        from_inside = self.core.from_inside
+        for rec in records:
+            action, peer, out = from_inside(rec.data)
+            if action is Action.TO_PEER:
+                to_io[worker_for_peer(peer, n)].push(out, RecordKind.IP_PACKET, peer)  # type: ignore[arg-type]
+            elif action is Action.TO_TAP:
+                back.push(out, RecordKind.FRAME)  # type: ignore[arg-type]
+        consumer.release()
+        return len(records)
+
+    def _inbound(self, consumer: Consumer) -> int:
+        records = consumer.pop_batch(self.batch)
+        if not records:
+            return 0
+        to_tap = self.to_tap
+        n = len(to_tap)
+        from_outside = self.core.from_outside
+        for rec in records:
+            action, _, out = from_outside(rec.peer, rec.data)
+            if action is Action.TO_TAP:
+                target = to_tap[worker_for_flow(rec.data, n) if n > 1 else 0]
+                target.push(out, RecordKind.FRAME)  # type: ignore[arg-type]
+        consumer.release()
+        return len(records)
+
+    def stats(self) -> dict[str, Any]:
+        st = self.core.statistics()
+        return {"classifier": _plain(st)}
+
+
+def _plain(value: Any) -> Any:
+    """A statistics record as JSON-friendly data."""
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: _plain(getattr(value, k)) for k in value.__dataclass_fields__}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,65 @@
+"""The route table as classifier and overlay_io workers receive it from control.
+
+Control publishes whole ``RouteSnapshot``s (PUB/SUB) on every change and periodically. A
+subscriber asks for the current one when it starts (DEALER -> control's ROUTER), so a
+restarted worker resyncs at once; later it applies a snapshot only if it is newer (a
+higher version in the same epoch, or any version of a new epoch after control restarted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import zmq
+
+from pipeline import messages
+from pipeline.worker import CONTROL_PUB_SOCKET, CONTROL_SOCKET, Worker, endpoint
+
+
+class RouteFeed:
+    def __init__(
+        self, worker: Worker, on_snapshot: Callable[[messages.RouteSnapshot], None]
+    ) -> None:
+        self.worker = worker
+        self.on_snapshot = on_snapshot
+        self.current: messages.RouteSnapshot | None = None
+        runtime = worker.settings.node.runtime_dir
+        self.sub = worker.zmq.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.RCVHWM, 100)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.connect(endpoint(runtime, CONTROL_PUB_SOCKET))
+        self.req = worker.zmq.socket(zmq.DEALER)
+        self.req.setsockopt(zmq.LINGER, 0)
+        self.req.setsockopt(zmq.SNDHWM, 10)
+        self.req.connect(endpoint(runtime, CONTROL_SOCKET))
+        worker.watch(self.sub, lambda: self._drain(self.sub))
+        worker.watch(self.req, lambda: self._drain(self.req))
+        self.request()
+
+    def request(self) -> None:
+        ask = messages.SnapshotRequest(self.worker.stage, self.worker.index)
+        try:
+            self.req.send(messages.encode(ask), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def _drain(self, sock: zmq.Socket[bytes]) -> None:
+        while sock.poll(0):
+            try:
+                msg = messages.decode(sock.recv())
+            except ValueError:
+                self.worker.log.warning("message_dropped", reason="undecodable", source="control")
+                continue
+            if isinstance(msg, messages.RouteSnapshot) and self._is_newer(msg):
+                self.current = msg
+                self.on_snapshot(msg)
+                self.worker.log.debug("routes_applied", epoch=msg.epoch, version=msg.version)
+
+    def _is_newer(self, msg: messages.RouteSnapshot) -> bool:
+        cur = self.current
+        return cur is None or msg.epoch != cur.epoch or msg.version > cur.version
+
+    def close(self) -> None:
+        self.sub.close(0)
+        self.req.close(0)

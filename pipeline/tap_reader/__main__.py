@@ -1,0 +1,4 @@
+from pipeline.tap_reader.stage import TapReaderWorker
+from pipeline.worker import main
+
+main(TapReaderWorker)

@@ -1,0 +1,95 @@
+"""The TAP device: open (single- or multi-queue), configure, read and write frames.
+
+``TapDevice`` is the seam: ``LinuxTap`` is the real one; tests of stage logic can use any
+object with the same methods.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from ipaddress import IPv4Address, IPv4Network
+from typing import Protocol
+
+import pytun
+
+from pipeline.errors import StageIOError
+
+READ_SIZE = 65536 + 64
+
+
+class TapDevice(Protocol):
+    def fileno(self) -> int: ...
+    def read(self) -> bytes | None: ...
+    def write(self, frame: bytes | memoryview) -> bool: ...
+    def close(self) -> None: ...
+
+
+class LinuxTap:
+    """A TAP queue. With ``multi_queue`` every worker opens the same name and gets its own
+    queue; the kernel spreads flows over them. The device lives while any queue is open."""
+
+    def __init__(self, name: str, *, multi_queue: bool) -> None:
+        flags = pytun.IFF_TAP | pytun.IFF_NO_PI
+        if multi_queue:
+            flags |= pytun.IFF_MULTI_QUEUE
+        try:
+            self._dev = pytun.TunTapDevice(name=name, flags=flags)
+        except pytun.Error as exc:
+            raise StageIOError(f"cannot open TAP {name}: {exc}") from exc
+        self.name = name
+        self._fd: int = self._dev.fileno()
+        os.set_blocking(self._fd, False)
+
+    def configure(self, *, mac: bytes, mtu: int, address: IPv4Address, subnet: IPv4Network) -> None:
+        """Idempotent: a restarted worker (or a second queue) leaves a configured device alone."""
+        dev = self._dev
+        try:
+            if dev.hwaddr != mac:
+                dev.hwaddr = mac
+            if dev.mtu != mtu:
+                dev.mtu = mtu
+            if _get(lambda: dev.addr) != str(address) or _get(lambda: dev.netmask) != str(
+                subnet.netmask
+            ):
+                dev.addr = str(address)
+                dev.netmask = str(subnet.netmask)
+            dev.up()
+        except (pytun.Error, OSError) as exc:
+            raise StageIOError(f"cannot configure TAP {self.name}: {exc}") from exc
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def read(self) -> bytes | None:
+        """One frame, or None when the queue is empty."""
+        try:
+            return os.read(self._fd, READ_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise StageIOError(f"TAP read failed: {exc}") from exc
+
+    def write(self, frame: bytes | memoryview) -> bool:
+        """False when the kernel refused the frame (queue full, device down): a counted drop."""
+        try:
+            os.write(self._fd, frame)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.EIO, errno.ENOBUFS, errno.EMSGSIZE):
+                return False
+            raise StageIOError(f"TAP write failed: {exc}") from exc
+
+    def close(self) -> None:
+        self._dev.close()
+
+
+def _get(read: Callable[[], str]) -> str | None:
+    """A device attribute, or None when the device has none yet (no address assigned)."""
+    try:
+        return read()
+    except (pytun.Error, OSError):
+        return None

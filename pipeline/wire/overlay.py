@@ -1,0 +1,59 @@
+"""The overlay wire header: the first 16 bytes of every autovn UDP datagram.
+
+    0        1        2                4                                8               16
+    +--------+--------+----------------+--------------------------------+---------------+
+    | version|  type  |     flags      |         session index          |    counter    |
+    +--------+--------+----------------+--------------------------------+---------------+
+
+All fields big-endian. ``version`` is 1. ``type`` says what follows: a DATA datagram carries
+one IPv4 packet for the classifier; an OVERLAY datagram carries a control message that
+overlay_io hands to control without reading it. ``session index`` names the receiver's
+session and ``counter`` is the sender's per-session packet number: both are 0 until the
+encrypted data path fills them (the nonce and the replay window will use them).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import NamedTuple
+
+from pipeline.errors import RemoteProtocolError
+
+VERSION = 1
+HEADER = struct.Struct("!BBHIQ")
+HEADER_LEN = HEADER.size  # 16
+
+
+class DatagramType(enum.IntEnum):
+    DATA = 1
+    OVERLAY = 2
+
+
+class OverlayHeader(NamedTuple):
+    type: DatagramType
+    flags: int
+    session: int
+    counter: int
+
+
+_TYPES = {t.value: t for t in DatagramType}
+
+
+def parse_header(datagram: bytes | bytearray | memoryview) -> OverlayHeader:
+    """Parse and check the header; the payload starts at HEADER_LEN."""
+    if len(datagram) < HEADER_LEN:
+        raise RemoteProtocolError("short_datagram", f"{len(datagram)} bytes")
+    version, kind, flags, session, counter = HEADER.unpack_from(datagram)
+    if version != VERSION:
+        raise RemoteProtocolError("bad_version", f"version {version}")
+    dtype = _TYPES.get(kind)
+    if dtype is None:
+        raise RemoteProtocolError("bad_type", f"type {kind}")
+    return OverlayHeader(dtype, flags, session, counter)
+
+
+def build_header(
+    dtype: DatagramType, *, flags: int = 0, session: int = 0, counter: int = 0
+) -> bytes:
+    return HEADER.pack(VERSION, dtype, flags, session, counter)

@@ -1,0 +1,271 @@
+"""The run loop every stage worker shares: attach, say READY, work, heartbeat, stop.
+
+A worker is started by the supervisor as ``python -m pipeline.<stage> --worker N ...``. It
+reads the effective settings the supervisor wrote (never TOML), attaches to its shm rings
+by the file descriptors it inherited (``AUTOVN_RINGS``), connects to the supervisor over
+ZeroMQ and says ``Ready``. Then it loops:
+
+1. ``work()``: the stage drains its input rings and devices without blocking, in batches;
+2. if nothing was done, and every input ring is still empty after the pre-sleep check
+   (``Consumer.wait_ready``), it sleeps in one ``poll`` on the ring doorbells, its device,
+   its ZeroMQ sockets and the signal pipe, until the next timer is due;
+3. ZeroMQ messages and timers are handled between batches (at least every 10 ms when busy).
+
+The worker dies with its supervisor: ``PR_SET_PDEATHSIG`` sends it SIGTERM the moment the
+supervisor exits, even by kill -9, and a heartbeat silence of the supervisor does the same
+if that ever fails. A broken device or socket raises ``StageIOError``: one ``worker_failed``
+event, exit code 1, and the supervisor restarts the worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import select
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+import zmq
+
+from pipeline import messages
+from pipeline.config import Settings, settings_from_json
+from pipeline.errors import StageIOError
+from pipeline.log import configure_logging
+from pipeline.shm_ring import Consumer, Producer, Ring, RingSpec
+
+_PR_SET_PDEATHSIG = 1
+BUSY_CHECK_S = 0.01
+
+
+def endpoint(runtime_dir: Path, name: str) -> str:
+    return f"ipc://{runtime_dir / name}.ipc"
+
+
+SUPERVISOR_SOCKET = "supervisor"
+CLI_SOCKET = "cli"
+CONTROL_PUB_SOCKET = "control-pub"
+CONTROL_SOCKET = "control"
+
+
+def ring_name(producer: str, p: int, consumer: str, c: int) -> str:
+    return f"{producer}{p}>{consumer}{c}"
+
+
+class Worker:
+    """Base of every stage worker. Subclasses fill in the stage's own parts."""
+
+    stage: str = ""
+
+    def __init__(self, settings: Settings, index: int, rings: dict[str, RingSpec]) -> None:
+        self.settings = settings
+        self.index = index
+        self.log: structlog.typing.FilteringBoundLogger = configure_logging(
+            stage=self.stage,
+            worker=index,
+            node=settings.node.name,
+            level=settings.log.level.value,
+            file=settings.log_file,
+        )
+        self._ring_specs = rings
+        self._rings: list[Ring] = []
+        self.consumers: list[Consumer] = []
+        self.zmq: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self.epoll = select.epoll()
+        self._handlers: dict[int, Callable[[], None]] = {}
+        self._zmq_sockets: list[tuple[zmq.Socket[bytes], Callable[[], None]]] = []
+        self._timers: list[tuple[float, float, Callable[[float], None]]] = []
+        self.running = True
+        self.started = time.monotonic()
+        self.last_supervisor_msg = self.started
+
+    # -- helpers for subclasses ---------------------------------------------------------------
+
+    def attach(self, name: str) -> Ring:
+        spec = self._ring_specs.get(name)
+        if spec is None:
+            raise StageIOError(f"ring {name} was not handed to this worker")
+        ring = Ring.attach(spec)
+        self._rings.append(ring)
+        return ring
+
+    def producer(self, name: str) -> Producer:
+        return Producer(self.attach(name))
+
+    def consumer(self, name: str) -> Consumer:
+        consumer = Consumer(self.attach(name))
+        self.consumers.append(consumer)
+        self.epoll.register(consumer.bell_fd, select.EPOLLIN)
+        return consumer
+
+    def watch(self, fd_or_socket: int | zmq.Socket[bytes], handler: Callable[[], None]) -> None:
+        """Call ``handler`` when ``fd_or_socket`` (a file descriptor or zmq socket) is readable.
+
+        A zmq socket's own FD only signals that its state may have changed (edge-triggered),
+        so its handler must drain it, and the loop checks ``zmq.EVENTS`` before sleeping."""
+        if isinstance(fd_or_socket, zmq.Socket):
+            fd = int(fd_or_socket.getsockopt(zmq.FD))
+            self._zmq_sockets.append((fd_or_socket, handler))
+        else:
+            fd = fd_or_socket
+        self.epoll.register(fd, select.EPOLLIN)
+        self._handlers[fd] = handler
+
+    def every(self, interval_s: float, fn: Callable[[float], None]) -> None:
+        self._timers.append((time.monotonic() + interval_s, interval_s, fn))
+
+    # -- the stage's parts ----------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Open devices and sockets, attach rings. Runs before READY."""
+
+    def work(self) -> int:
+        """Do what is ready without blocking; return how many items were handled."""
+        return 0
+
+    def stats(self) -> dict[str, Any]:
+        """The worker's counters, sent with every heartbeat and logged periodically."""
+        return {}
+
+    def teardown(self) -> None:
+        """Close devices and sockets."""
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        self.watch(wake_r, lambda: _drain_fd(wake_r))
+        self.dealer = self.zmq.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.setsockopt(zmq.SNDHWM, 100)
+        self.dealer.setsockopt(zmq.IDENTITY, f"{self.stage}:{self.index}".encode())
+        self.dealer.connect(endpoint(self.settings.node.runtime_dir, SUPERVISOR_SOCKET))
+        self.watch(self.dealer, self._on_supervisor)
+        try:
+            self.setup()
+        except StageIOError as exc:
+            self.log.error("worker_failed", phase="setup", error=str(exc))
+            return 1
+        stages = self.settings.stages
+        self.every(stages.heartbeat_interval_s, self._heartbeat)
+        self.every(
+            stages.stats_interval_s, lambda now: self.log.info("stats_reported", **self.stats())
+        )
+        self.dealer.send(messages.encode(messages.Ready(self.stage, self.index, os.getpid())))
+        self.log.info("worker_started")
+        try:
+            self._loop()
+        except StageIOError as exc:
+            self.log.error("worker_failed", error=str(exc))
+            return 1
+        finally:
+            self.teardown()
+            for ring in self._rings:
+                ring.close()
+        self.log.info("worker_stopped", **self.stats())
+        self.dealer.close(0)
+        return 0
+
+    def _loop(self) -> None:
+        last_check = 0.0
+        while self.running:
+            done = self.work()
+            now = time.monotonic()
+            if done and now - last_check < BUSY_CHECK_S:
+                continue
+            last_check = now
+            pending = self._service_zmq()
+            timeout = 0.0
+            if not (done or pending) and not any(c.wait_ready() for c in self.consumers):
+                timeout = max(0.0, self._run_timers(now) - now)
+            for fd, _ in self.epoll.poll(timeout):
+                handler = self._handlers.get(fd)
+                if handler is not None:
+                    handler()
+            self._run_timers(time.monotonic())
+
+    def _service_zmq(self) -> bool:
+        """Handle zmq sockets with messages waiting; True if any had some."""
+        found = False
+        for sock, handler in self._zmq_sockets:
+            if int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                handler()
+                found = True
+        return found
+
+    def _run_timers(self, now: float) -> float:
+        """Fire due timers; return when the next one is due (at most 1 s ahead: a backstop)."""
+        next_due = now + 1.0
+        for i, (due, interval, fn) in enumerate(self._timers):
+            if due <= now:
+                fn(now)
+                due = now + interval
+                self._timers[i] = (due, interval, fn)
+            next_due = min(next_due, due)
+        return next_due
+
+    def _heartbeat(self, now: float) -> None:
+        beat = messages.Heartbeat(self.stage, self.index, os.getpid(), self.stats())
+        try:
+            self.dealer.send(messages.encode(beat), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        silent = now - self.last_supervisor_msg
+        if silent > self.settings.stages.heartbeat_timeout_s * 2 or os.getppid() == 1:
+            self.log.error("supervisor_lost", silent_s=round(silent, 1))
+            self.running = False
+
+    def _on_supervisor(self) -> None:
+        while self.dealer.poll(0):
+            data = self.dealer.recv()
+            self.last_supervisor_msg = time.monotonic()
+            try:
+                msg = messages.decode(data)
+            except ValueError:
+                self.log.warning("message_dropped", reason="undecodable", source="supervisor")
+                continue
+            if isinstance(msg, messages.Stop):
+                self.log.info("stop_received", reason=msg.reason)
+                self.running = False
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.running = False
+
+
+def _drain_fd(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel for SIGTERM when the supervisor dies; exit if it already has."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        sys.exit(0)
+
+
+def main(worker_class: type[Worker]) -> None:
+    """The ``__main__`` of every stage package."""
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline.{worker_class.stage}")
+    parser.add_argument("--runtime-dir", type=Path, required=True)
+    parser.add_argument("--worker", type=int, default=0)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    args = parser.parse_args()
+    die_with_parent(args.parent_pid)
+    settings = settings_from_json((args.runtime_dir / "settings.json").read_text())
+    raw = json.loads(os.environ.get("AUTOVN_RINGS", "{}"))
+    rings = {name: RingSpec(name, fds[0], fds[1]) for name, fds in raw.items()}
+    sys.exit(worker_class(settings, args.worker, rings).run())

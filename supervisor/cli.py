@@ -1,0 +1,166 @@
+"""``supervisor``: the command line of an autovn node.
+
+supervisor start FILE          run the node in the foreground until SIGINT/SIGTERM
+supervisor stop FILE           stop the node started from FILE
+supervisor status FILE         node, workers, rings, peers  [--json]
+supervisor logs FILE           filter and follow the node's log
+supervisor check-config FILE   print the effective settings, or every error (exit 1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from pipeline import messages
+from pipeline.config import Mode, Settings, load_settings
+from pipeline.errors import ConfigError
+from pipeline.worker import CLI_SOCKET, endpoint
+from supervisor import logview
+from supervisor.status import format_status
+
+EXIT_CONFIG = 1
+EXIT_NOT_RUNNING = 3
+
+
+def _load(path: Path) -> Settings:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        for key, msg in exc.problems:
+            print(f"  {key}: {msg}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _load(args.file)
+    print(settings.to_json())
+    if settings.network.mode is Mode.ROUTER:
+        print(
+            "note: router mode is parsed but not implemented yet; `start` refuses it",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from supervisor.node import NodeError, NodeSupervisor
+
+    settings = _load(args.file)
+    if settings.network.mode is Mode.ROUTER:
+        print("router mode is not implemented yet (see configs/router.toml)", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        return NodeSupervisor(settings).run()
+    except NodeError as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
+def _running_pid(settings: Settings) -> int | None:
+    """The supervisor's pid if the node runs (its lock is held), else None."""
+    runtime = settings.node.runtime_dir
+    try:
+        fd = os.open(runtime / "supervisor.lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        try:
+            return int((runtime / "supervisor.pid").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+    finally:
+        os.close(fd)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    settings = _load(args.file)
+    pid = _running_pid(settings)
+    if pid is None:
+        print(f"node {settings.node.name} is not running", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        if _running_pid(settings) is None:
+            print(f"node {settings.node.name} stopped")
+            return 0
+        time.sleep(0.1)
+    print(
+        f"node {settings.node.name} (pid {pid}) did not stop in {args.timeout} s", file=sys.stderr
+    )
+    return 1
+
+
+def query_status(settings: Settings, timeout_s: float = 3.0) -> dict[str, Any] | None:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint(settings.node.runtime_dir, CLI_SOCKET))
+        sock.send(messages.encode(messages.StatusRequest()))
+        if not sock.poll(int(timeout_s * 1000)):
+            return None
+        reply = messages.decode(sock.recv())
+    finally:
+        sock.close(0)
+    return reply.status if isinstance(reply, messages.StatusReply) else None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = _load(args.file)
+    if _running_pid(settings) is None:
+        print(f"node {settings.node.name} is not running", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    status = query_status(settings)
+    if status is None:
+        print(f"node {settings.node.name} did not answer", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    settings = _load(args.file)
+    return logview.run(args, settings.log_file, sys.stdout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="supervisor", description="Run and inspect an autovn node."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("file", type=Path, help="the node's TOML configuration")
+        p.set_defaults(fn=fn)
+        return p
+
+    command("start", cmd_start, "run the node in the foreground until SIGINT/SIGTERM")
+    stop = command("stop", cmd_stop, "stop the running node")
+    stop.add_argument("--timeout", type=float, default=20.0, help="seconds to wait")
+    status = command("status", cmd_status, "show the node, its workers, rings and peers")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    logs = command("logs", cmd_logs, "show the node's log, filtered; --follow to keep reading")
+    logview.add_arguments(logs)
+    command("check-config", cmd_check_config, "validate FILE and print the effective settings")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.fn(args))

@@ -1,0 +1,421 @@
+"""The running supervisor: creates the rings, spawns and watches the workers, answers status.
+
+Theory of operation:
+
+- Rings are anonymous memfds (plus an eventfd doorbell each) that the supervisor creates and
+  hands to each worker by file descriptor. They have no name in /dev/shm, so nothing is left
+  behind whatever dies, however it dies; a restarted worker gets the same fds and re-attaches.
+- Workers are started with ``subprocess`` (fork+exec of a fresh interpreter: the spawn start
+  method, never a bare fork) in stage order control, overlay_io, classifier, tap_reader; a
+  stage counts as up when each of its workers said ``Ready``.
+- Each worker sends a ``Heartbeat`` with its counters every ``heartbeat_interval_s``; one that
+  goes silent for ``heartbeat_timeout_s`` is killed. A worker that exits is restarted after a
+  back-off that doubles from 0.1 s up to ``restart_backoff_max_s`` and resets after 30 s of
+  good running.
+- Shutdown (SIGINT/SIGTERM or ``supervisor stop``) goes from the inside out: tap_reader first,
+  so no new frames enter, then classifier, overlay_io, control; each gets ``Stop``, then
+  SIGKILL after a grace period.
+- A lock on ``supervisor.lock`` in the runtime directory marks the node as running; the
+  kernel drops it when the supervisor dies, even by kill -9. Workers die with the supervisor
+  (``PR_SET_PDEATHSIG``), which also closes the TAP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+import zmq
+
+from pipeline import messages
+from pipeline.config import Settings
+from pipeline.log import configure_logging
+from pipeline.shm_ring import Ring, RingSpec, create_ring, read_stats
+from pipeline.worker import CLI_SOCKET, SUPERVISOR_SOCKET, endpoint, ring_name
+
+STAGE_ORDER = ("control", "overlay_io", "classifier", "tap_reader")
+READY_TIMEOUT_S = 20.0
+STOP_GRACE_S = 3.0
+GOOD_RUN_S = 30.0
+
+
+class NodeError(Exception):
+    """The node cannot start (already running, a stage never came up)."""
+
+
+@dataclasses.dataclass
+class WorkerSlot:
+    stage: str
+    index: int
+    rings: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    pidfd: int | None = None
+    started: float = 0.0
+    ready: bool = False
+    restarts: int = 0
+    backoff_s: float = 0.0
+    restart_at: float | None = None
+    last_heartbeat: float = 0.0
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage}:{self.index}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+
+def ring_plan(s: Settings) -> dict[str, int]:
+    """Every ring of the node with its size: one per producer-consumer pair and direction."""
+    st = s.stages
+    taps, cls, ios = st.tap_reader.queues, st.classifier.workers, st.overlay_io.workers
+    plan: dict[str, int] = {}
+    for t in range(taps):
+        for c in range(cls):
+            plan[ring_name("tap_reader", t, "classifier", c)] = st.classifier.ring_bytes
+            plan[ring_name("classifier", c, "tap_reader", t)] = st.tap_reader.ring_bytes
+    for c in range(cls):
+        for k in range(ios):
+            plan[ring_name("classifier", c, "overlay_io", k)] = st.overlay_io.ring_bytes
+            plan[ring_name("overlay_io", k, "classifier", c)] = st.classifier.ring_bytes
+    for k in range(ios):
+        plan[ring_name("overlay_io", k, "control", 0)] = st.control.ring_bytes
+        plan[ring_name("control", 0, "overlay_io", k)] = st.overlay_io.ring_bytes
+    return plan
+
+
+def worker_plan(s: Settings) -> list[WorkerSlot]:
+    st = s.stages
+    counts = {
+        "control": 1,
+        "overlay_io": st.overlay_io.workers,
+        "classifier": st.classifier.workers,
+        "tap_reader": st.tap_reader.queues,
+    }
+    rings = ring_plan(s)
+    slots = []
+    for stage in STAGE_ORDER:
+        for i in range(counts[stage]):
+            mine = f"{stage}{i}"
+            used = [r for r in rings if mine in r.split(">")]
+            slots.append(WorkerSlot(stage, i, used))
+    return slots
+
+
+def make_private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+class NodeSupervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.runtime = settings.node.runtime_dir
+        self.started = time.monotonic()
+        self.stopping = False
+        self.specs: dict[str, RingSpec] = {}
+        self.rings: dict[str, Ring] = {}
+        self.workers = worker_plan(settings)
+        self.log: structlog.typing.FilteringBoundLogger
+
+    # -- start -----------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        s = self.settings
+        make_private_dir(self.runtime)
+        make_private_dir(s.node.state_dir)
+        self._lock()
+        self.log = configure_logging(
+            stage="supervisor",
+            worker=0,
+            node=s.node.name,
+            level=s.log.level.value,
+            file=s.log_file,
+            console=True,
+        )
+        (self.runtime / "settings.json").write_text(s.to_json())
+        (self.runtime / "supervisor.pid").write_text(f"{os.getpid()}\n")
+        self._signals()
+        self.ctx = zmq.Context()
+        self.router = self._bind(zmq.ROUTER, SUPERVISOR_SOCKET)
+        self.cli = self._bind(zmq.ROUTER, CLI_SOCKET)
+        try:
+            self._create_rings()
+            self.log.info(
+                "node_starting", address=str(s.network.address), workers=len(self.workers)
+            )
+            for stage in STAGE_ORDER:
+                self._start_stage(stage)
+            self.log.info("node_started", startup_s=round(time.monotonic() - self.started, 3))
+            self._loop()
+            return 0
+        except NodeError as exc:
+            self.log.error("node_failed", error=str(exc))
+            return 1
+        finally:
+            self._shutdown()
+
+    def _lock(self) -> None:
+        self.lock_fd = os.open(self.runtime / "supervisor.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise NodeError(f"a node is already running with runtime_dir {self.runtime}") from None
+
+    def _signals(self) -> None:
+        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def _bind(self, kind: int, name: str) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 1000)
+        sock.setsockopt(zmq.RCVHWM, 1000)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes over its identity
+        sock.bind(endpoint(self.runtime, name))
+        return sock
+
+    def _create_rings(self) -> None:
+        for name, size in ring_plan(self.settings).items():
+            spec = create_ring(name, size)
+            self.specs[name] = spec
+            self.rings[name] = Ring.attach(spec)
+
+    def _start_stage(self, stage: str) -> None:
+        slots = [w for w in self.workers if w.stage == stage]
+        for w in slots:
+            self._spawn(w)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not all(w.ready for w in slots):
+            if self.stopping:
+                raise NodeError("stopped while starting")
+            if time.monotonic() > deadline:
+                late = [w.name for w in slots if not w.ready]
+                raise NodeError(f"workers never said ready: {', '.join(late)}")
+            self._poll(0.2)
+            self._housekeeping(time.monotonic())
+
+    def _spawn(self, w: WorkerSlot) -> None:
+        fds: list[int] = []
+        handed: dict[str, list[int]] = {}
+        for name in w.rings:
+            spec = self.specs[name]
+            handed[name] = [spec.mem_fd, spec.bell_fd]
+            fds += handed[name]
+        env = dict(os.environ, AUTOVN_RINGS=json.dumps(handed))
+        argv = [sys.executable, "-m", f"pipeline.{w.stage}", "--runtime-dir", str(self.runtime)]
+        argv += ["--worker", str(w.index), "--parent-pid", str(os.getpid())]
+        w.proc = subprocess.Popen(argv, pass_fds=fds, env=env, stdin=subprocess.DEVNULL)
+        w.pidfd = os.pidfd_open(w.proc.pid)
+        w.started = time.monotonic()
+        w.last_heartbeat = w.started
+        w.ready = False
+        w.restart_at = None
+        self.log.info("worker_spawned", target=w.name, target_pid=w.proc.pid, restarts=w.restarts)
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            self._poll(0.2)
+            self._housekeeping(time.monotonic())
+
+    def _poll(self, timeout_s: float) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.cli, zmq.POLLIN)
+        poller.register(self.wake_r, zmq.POLLIN)
+        for w in self.workers:
+            if w.pidfd is not None:
+                poller.register(w.pidfd, zmq.POLLIN)
+        ready = dict(poller.poll(int(timeout_s * 1000)))
+        if self.wake_r in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self.wake_r, 1024)
+        if self.router in ready:
+            self._on_worker_messages()
+        if self.cli in ready:
+            self._on_cli()
+        for w in self.workers:
+            if w.pidfd is not None and w.pidfd in ready:
+                self._on_exit(w)
+
+    def _on_worker_messages(self) -> None:
+        while self.router.poll(0):
+            ident, data = self.router.recv_multipart()[:2]
+            w = self._by_identity(ident)
+            try:
+                msg = messages.decode(data)
+            except ValueError:
+                self.log.warning(
+                    "message_dropped", reason="undecodable", source=ident.decode(errors="replace")
+                )
+                continue
+            if w is None or (w.pid is not None and getattr(msg, "pid", w.pid) != w.pid):
+                continue  # a message from a worker we already replaced
+            w.last_heartbeat = time.monotonic()
+            if isinstance(msg, messages.Ready):
+                w.ready = True
+                self.log.info(
+                    "worker_ready",
+                    target=w.name,
+                    target_pid=msg.pid,
+                    ready_s=round(time.monotonic() - w.started, 3),
+                )
+            elif isinstance(msg, messages.Heartbeat):
+                w.stats = msg.stats
+                self.router.send_multipart([ident, messages.encode(messages.HeartbeatAck())])
+
+    def _by_identity(self, ident: bytes) -> WorkerSlot | None:
+        stage, _, index = ident.decode(errors="replace").partition(":")
+        for w in self.workers:
+            if w.stage == stage and str(w.index) == index:
+                return w
+        return None
+
+    def _on_exit(self, w: WorkerSlot) -> None:
+        assert w.proc is not None and w.pidfd is not None
+        code = w.proc.wait()
+        os.close(w.pidfd)
+        w.pidfd = None
+        ran = time.monotonic() - w.started
+        if self.stopping:
+            return
+        cap = self.settings.stages.restart_backoff_max_s
+        w.backoff_s = 0.1 if ran > GOOD_RUN_S or w.backoff_s == 0 else min(cap, w.backoff_s * 2)
+        w.restart_at = time.monotonic() + w.backoff_s
+        w.ready = False
+        self.log.warning(
+            "worker_exited",
+            target=w.name,
+            target_pid=w.proc.pid,
+            code=code,
+            ran_s=round(ran, 3),
+            restart_in_s=w.backoff_s,
+        )
+
+    def _housekeeping(self, now: float) -> None:
+        timeout = self.settings.stages.heartbeat_timeout_s
+        for w in self.workers:
+            if w.restart_at is not None and now >= w.restart_at:
+                w.restarts += 1
+                self._spawn(w)
+                self.log.info("worker_restarted", target=w.name, restarts=w.restarts)
+            elif w.pidfd is not None and now - w.last_heartbeat > (
+                timeout if w.ready else READY_TIMEOUT_S
+            ):
+                self.log.error(
+                    "worker_hung",
+                    target=w.name,
+                    target_pid=w.pid,
+                    silent_s=round(now - w.last_heartbeat, 1),
+                )
+                assert w.proc is not None
+                w.proc.kill()
+                w.last_heartbeat = now
+
+    # -- status ------------------------------------------------------------------------------------
+
+    def _on_cli(self) -> None:
+        while self.cli.poll(0):
+            frames = self.cli.recv_multipart()
+            try:
+                msg = messages.decode(frames[-1])
+            except ValueError:
+                continue
+            if isinstance(msg, messages.StatusRequest):
+                reply = messages.StatusReply(self.status())
+                self.cli.send_multipart([frames[0], b"", messages.encode(reply)])
+
+    def status(self) -> dict[str, Any]:
+        s = self.settings
+        now = time.monotonic()
+        workers = []
+        for w in self.workers:
+            state = "running" if w.ready else ("restarting" if w.restart_at else "starting")
+            workers.append(
+                {
+                    "stage": w.stage,
+                    "worker": w.index,
+                    "pid": w.pid,
+                    "state": state,
+                    "uptime_s": round(now - w.started, 1) if w.pidfd is not None else None,
+                    "restarts": w.restarts,
+                    "heartbeat_age_s": round(now - w.last_heartbeat, 1),
+                    "stats": w.stats,
+                }
+            )
+        control = next((w for w in self.workers if w.stage == "control"), None)
+        return {
+            "node": s.node.name,
+            "namespace": s.network.namespace,
+            "address": str(s.network.address),
+            "subnet": str(s.network.subnet),
+            "mode": s.network.mode.value,
+            "device": s.network.device,
+            "listen": f"{s.overlay.listen_address}:{s.overlay.listen_port}",
+            "supervisor_pid": os.getpid(),
+            "uptime_s": round(now - self.started, 1),
+            "workers": workers,
+            "rings": [read_stats(r)._asdict() for r in self.rings.values()],
+            "peers": (control.stats.get("peers", []) if control else []),
+        }
+
+    # -- shutdown -------------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        self.stopping = True
+        for stage in reversed(STAGE_ORDER):
+            self._stop_stage(stage)
+        for ring in self.rings.values():
+            ring.close()
+        for spec in self.specs.values():
+            for fd in (spec.mem_fd, spec.bell_fd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        for name in (SUPERVISOR_SOCKET, CLI_SOCKET):
+            with contextlib.suppress(FileNotFoundError):
+                (self.runtime / f"{name}.ipc").unlink()
+        with contextlib.suppress(FileNotFoundError):
+            (self.runtime / "supervisor.pid").unlink()
+        self.router.close(0)
+        self.cli.close(0)
+        self.ctx.term()
+        self.log.info("node_stopped")
+
+    def _stop_stage(self, stage: str) -> None:
+        slots = [w for w in self.workers if w.stage == stage and w.proc and w.proc.poll() is None]
+        for w in slots:
+            ident = w.name.encode()
+            with contextlib.suppress(zmq.ZMQError):
+                self.router.send_multipart([ident, messages.encode(messages.Stop())], zmq.NOBLOCK)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for w in slots:
+            assert w.proc is not None
+            try:
+                w.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.log.warning("worker_killed", target=w.name, target_pid=w.proc.pid)
+                w.proc.kill()
+                w.proc.wait()
+            if w.pidfd is not None:
+                os.close(w.pidfd)
+                w.pidfd = None
+            self.log.info("worker_stopped", target=w.name, code=w.proc.returncode)

@@ -1,0 +1,78 @@
+"""``supervisor status`` as a human reads it: the node, its workers, rings and peers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def _table(headers: Sequence[str], rows: list[list[Any]]) -> list[str]:
+    cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
+    ]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    out = [line.rstrip()]
+    for r in cells:
+        out.append("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    return out
+
+
+def format_status(st: dict[str, Any]) -> str:
+    lines = [
+        f"node {st['node']}  {st['address']} in {st['subnet']} (namespace {st['namespace']}, "
+        f"{st['mode']} mode, device {st['device']})",
+        f"listening on {st['listen']}, supervisor pid {st['supervisor_pid']}, "
+        f"up {st['uptime_s']} s",
+        "",
+        "workers",
+    ]
+    rows = [
+        [w["stage"], w["worker"], w["pid"], w["state"], w["uptime_s"], w["restarts"]]
+        for w in st["workers"]
+    ]
+    lines += _table(["stage", "worker", "pid", "state", "uptime_s", "restarts"], rows)
+    lines += ["", "rings"]
+    rows = [
+        [
+            r["name"],
+            r["frames_in"],
+            r["bytes_in"],
+            r["drops"],
+            r["frames_out"],
+            f"{100 * r['used_bytes'] / r['capacity']:.1f}%",
+        ]
+        for r in st["rings"]
+    ]
+    lines += _table(["ring", "frames", "bytes", "drops", "consumed", "occupancy"], rows)
+    lines += ["", "peers"]
+    rows = [
+        [
+            p["name"],
+            p["state"],
+            p["endpoint"],
+            ",".join(p["addresses"]),
+            p["rtt_ms"],
+            p["last_heard_s"],
+        ]
+        for p in st["peers"]
+    ]
+    lines += _table(["peer", "state", "endpoint", "addresses", "rtt_ms", "last_heard_s"], rows)
+    drops = _drops(st)
+    if drops:
+        lines += ["", "drops"]
+        lines += _table(["worker", "reason", "count"], drops)
+    return "\n".join(lines)
+
+
+def _drops(st: dict[str, Any]) -> list[list[Any]]:
+    rows: list[list[Any]] = []
+    for w in st["workers"]:
+        stats = w.get("stats") or {}
+        found = dict(stats.get("drops") or {})
+        cls = stats.get("classifier") or {}
+        found.update(cls.get("drops") or {})
+        for reason, count in sorted(found.items()):
+            if count:
+                rows.append([f"{w['stage']}:{w['worker']}", reason, count])
+    return rows
