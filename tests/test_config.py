@@ -10,7 +10,14 @@ from typing import Any
 
 import pytest
 
-from pipeline.config import Endpoint, Mode, Settings, load_settings, settings_from_json, settings_from_mapping
+from pipeline.config import (
+    Endpoint,
+    Mode,
+    Settings,
+    load_settings,
+    settings_from_json,
+    settings_from_mapping,
+)
 from pipeline.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +51,9 @@ class TestValid:
 
     def test_json_round_trip_is_exact(self) -> None:
         data = minimal()
-        data["peers"] = [{"name": "beta", "addresses": ["100.64.0.2"], "endpoint": "198.18.0.2:4789"}]
+        data["peers"] = [
+            {"name": "beta", "addresses": ["100.64.0.2"], "endpoint": "198.18.0.2:4789"}
+        ]
         s = settings_from_mapping(data)
         assert settings_from_json(s.to_json()) == s
         assert s.peers[0].endpoint == Endpoint.parse("198.18.0.2:4789")
@@ -126,8 +135,16 @@ class TestErrors:
 class TestCheckConfigCommand:
     def test_prints_effective_settings(self) -> None:
         res = subprocess.run(
-            [sys.executable, "-m", "supervisor", "check-config", str(ROOT / "configs/interface.toml")],
-            capture_output=True, text=True, check=False,
+            [
+                sys.executable,
+                "-m",
+                "supervisor",
+                "check-config",
+                str(ROOT / "configs/interface.toml"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         assert res.returncode == 0
         assert '"listen_port": 4789' in res.stdout
@@ -137,7 +154,9 @@ class TestCheckConfigCommand:
         path.write_text('[node]\nname = "x"\nbogus = 1\n')
         res = subprocess.run(
             [sys.executable, "-m", "supervisor", "check-config", str(path)],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         assert res.returncode == 1
         for key in ("node.bogus", "node.state_dir", "network"):
