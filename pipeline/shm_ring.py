@@ -386,6 +386,10 @@ class Producer:
         off = HEADER_SIZE + pos + REC_HDR
         return self._mv[off : off + max_len]
 
+    def unreserve(self) -> None:
+        """Give up the outstanding reservation (nothing was read into it)."""
+        self._reserved = -1
+
     def commit(self, length: int, kind: int = 0, peer: int = 0, flags: int = 0) -> None:
         """Turn the outstanding reservation into a record of ``length`` bytes."""
         if not 0 <= length <= self._reserved or kind >= PAD_KIND:

@@ -138,6 +138,12 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return logview.run(args, settings.log_file, sys.stdout)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from supervisor.demo import run_demo
+
+    return run_demo(seconds=args.seconds, pings=args.pings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="supervisor", description="Run and inspect an autovn node."
@@ -158,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     logs = command("logs", cmd_logs, "show the node's log, filtered; --follow to keep reading")
     logview.add_arguments(logs)
     command("check-config", cmd_check_config, "validate FILE and print the effective settings")
+    demo = sub.add_parser(
+        "demo",
+        help="run a two-node network in namespaces on this machine, measure it, remove it",
+        description="Build two network namespaces, start a node in each, ping and iperf3 "
+        "between them, print a table, and remove everything (needs root, ping, iperf3).",
+    )
+    demo.add_argument("--seconds", type=int, default=3, help="iperf3 time per direction")
+    demo.add_argument("--pings", type=int, default=20, help="pings per direction")
+    demo.set_defaults(fn=cmd_demo)
     return parser
 
 

@@ -47,6 +47,7 @@ STAGE_ORDER = ("control", "overlay_io", "classifier", "tap_reader")
 READY_TIMEOUT_S = 20.0
 STOP_GRACE_S = 3.0
 GOOD_RUN_S = 30.0
+IDLE_POLL_S = 0.5  # housekeeping (hung workers) at least this often
 
 
 class NodeError(Exception):
@@ -234,7 +235,9 @@ class NodeSupervisor:
 
     def _loop(self) -> None:
         while not self.stopping:
-            self._poll(0.2)
+            now = time.monotonic()
+            due = [w.restart_at for w in self.workers if w.restart_at is not None]
+            self._poll(max(0.0, min([now + IDLE_POLL_S, *due]) - now))
             self._housekeeping(time.monotonic())
 
     def _poll(self, timeout_s: float) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def _table(headers: Sequence[str], rows: list[list[Any]]) -> list[str]:
+def table(headers: Sequence[str], rows: list[list[Any]]) -> list[str]:
     cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
     widths = [
         max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
@@ -31,7 +31,7 @@ def format_status(st: dict[str, Any]) -> str:
         [w["stage"], w["worker"], w["pid"], w["state"], w["uptime_s"], w["restarts"]]
         for w in st["workers"]
     ]
-    lines += _table(["stage", "worker", "pid", "state", "uptime_s", "restarts"], rows)
+    lines += table(["stage", "worker", "pid", "state", "uptime_s", "restarts"], rows)
     lines += ["", "rings"]
     rows = [
         [
@@ -44,7 +44,7 @@ def format_status(st: dict[str, Any]) -> str:
         ]
         for r in st["rings"]
     ]
-    lines += _table(["ring", "frames", "bytes", "drops", "consumed", "occupancy"], rows)
+    lines += table(["ring", "frames", "bytes", "drops", "consumed", "occupancy"], rows)
     lines += ["", "peers"]
     rows = [
         [
@@ -57,11 +57,11 @@ def format_status(st: dict[str, Any]) -> str:
         ]
         for p in st["peers"]
     ]
-    lines += _table(["peer", "state", "endpoint", "addresses", "rtt_ms", "last_heard_s"], rows)
+    lines += table(["peer", "state", "endpoint", "addresses", "rtt_ms", "last_heard_s"], rows)
     drops = _drops(st)
     if drops:
         lines += ["", "drops"]
-        lines += _table(["worker", "reason", "count"], drops)
+        lines += table(["worker", "reason", "count"], drops)
     return "\n".join(lines)
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.lab import DEVICE, PORT, UNDERLAY, Node, two_nodes, wait_for
 from supervisor.netns import Testbed
-from tests.nodes import DEVICE, PORT, UNDERLAY, Node, two_nodes, wait_for
 
 pytestmark = pytest.mark.netns
 

@@ -54,7 +54,7 @@ class ControlWorker(Worker):
         self.router.bind(endpoint(runtime, CONTROL_SOCKET))
         self.watch(self.router, self._on_request)
         self.every(REPUBLISH_S, lambda now: self._publish())
-        self.every(min(0.1, s.overlay.keepalive_interval_s / 2), self._tick)
+        self.every(min(0.5, s.overlay.keepalive_interval_s / 2), self._tick)
         self._publish()
 
     def snapshot(self) -> messages.RouteSnapshot:

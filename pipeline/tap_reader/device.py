@@ -22,6 +22,7 @@ READ_SIZE = 65536 + 64
 class TapDevice(Protocol):
     def fileno(self) -> int: ...
     def read(self) -> bytes | None: ...
+    def read_into(self, buffer: memoryview) -> int | None: ...
     def write(self, frame: bytes | memoryview) -> bool: ...
     def close(self) -> None: ...
 
@@ -66,6 +67,15 @@ class LinuxTap:
         """One frame, or None when the queue is empty."""
         try:
             return os.read(self._fd, READ_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise StageIOError(f"TAP read failed: {exc}") from exc
+
+    def read_into(self, buffer: memoryview) -> int | None:
+        """One frame into ``buffer`` (no allocation): its length, or None if none waits."""
+        try:
+            return os.readv(self._fd, (buffer,))
         except BlockingIOError:
             return None
         except OSError as exc:

@@ -1,4 +1,4 @@
-"""Real autovn nodes in network namespaces, for integration tests and benchmarks.
+"""Real autovn nodes in network namespaces: for integration tests, benchmarks and the demo.
 
 ``two_nodes(testbed, tmp)`` builds two namespaces joined by a veth pair (underlay
 198.18.0.1/.2), writes a config for each (virtual 100.64.0.1/.2) and starts

@@ -1,0 +1,574 @@
+"""End-to-end benchmark of the autovn pipeline against the bare veth it runs over.
+
+What it measures, in one run, for two setups built on the same pair of network namespaces
+(``supervisor.lab.two_nodes``: a veth pair with underlay 198.18.0.1/.2):
+
+1. **raw veth** - before any node is started: traffic between the underlay addresses
+   198.18.0.1 <-> 198.18.0.2 straight over the veth pair.
+2. **autovn** - after starting one node in each namespace: the same traffic between the
+   virtual addresses 100.64.0.1 <-> 100.64.0.2, i.e. TAP -> tap_reader -> classifier ->
+   overlay_io -> UDP -> overlay_io -> classifier -> tap_reader -> TAP.
+
+For each setup:
+
+- **TCP throughput**: ``iperf3 -J`` single stream, a->b and b->a (``-R``), ``--seconds`` long,
+  ``--repeats`` times per direction; the median of the receiver-side rate is reported.
+- **Ping RTT**: ``ping -i 0.01`` with ``--pings`` echo requests (after a short warm-up); p50
+  and p99 of the per-reply times (nearest rank).
+- **CPU-seconds per GB** (autovn only): utime+stime, from /proc/PID/stat, of every process of
+  both nodes (the supervisor and each worker pid listed by ``supervisor status --json``)
+  consumed during the iperf3 runs, divided by the bytes the iperf3 receivers counted (GB =
+  1e9 bytes). The supervisor's cutime+cstime delta is added too, so a worker that died and was
+  reaped during a run still counts. The raw veth's kernel work cannot be attributed: "-".
+- **Idle CPU** (autovn only): CPU of one node's processes over 10 s with no traffic (only
+  keepalives), as percent of one core. Measured after the nodes are up, before any traffic.
+
+Afterwards it prints each worker's restarts (should be 0) and the ring and worker drop
+counters (drops explain TCP retransmits). Results also go to
+``bench/results/pipeline-<timestamp>.json``.
+
+Run as root from the repository root::
+
+    python3 bench/pipeline_bench.py [--seconds 5] [--repeats 3] [--pings 200]
+                                    [--scale queues=2,classifier=2,overlay_io=2] [--json-only]
+
+Everything (namespaces, nodes, iperf3 server) lives in a ``Testbed`` and is removed on exit,
+on failure and on Ctrl-C. Nothing touches the root namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from supervisor.lab import UNDERLAY, VIRTUAL, Node, two_nodes, wait_for  # noqa: E402
+from supervisor.netns import Namespace, Testbed  # noqa: E402
+
+RESULTS_DIR = REPO / "bench" / "results"
+IDLE_SECONDS = 10.0
+SCALE_KEYS = ("queues", "classifier", "overlay_io")
+IPERF_PORT = 5201
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr, so stdout holds only the table (or the JSON)."""
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class TcpRun:
+    direction: str  # "a->b" or "b->a"
+    mbit_s: float  # receiver side
+    bytes: int  # receiver side
+    retransmits: int | None  # sender side, if iperf3 reports it
+    cpu_s: float | None = None  # node CPU during the run (autovn only)
+
+
+@dataclass
+class PingResult:
+    sent: int
+    received: int
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    max_ms: float
+
+
+@dataclass
+class SetupResult:
+    name: str
+    source: str
+    target: str
+    ping: PingResult | None = None
+    tcp: list[TcpRun] = field(default_factory=list)
+
+    def median_mbit(self, direction: str) -> float:
+        return statistics.median(r.mbit_s for r in self.tcp if r.direction == direction)
+
+    def median_retransmits(self, direction: str) -> float | None:
+        values = [r.retransmits for r in self.tcp if r.direction == direction]
+        if any(v is None for v in values):
+            return None
+        return statistics.median(v for v in values if v is not None)
+
+    def cpu_s_per_gb(self) -> float | None:
+        if not self.tcp or any(r.cpu_s is None for r in self.tcp):
+            return None
+        cpu = sum(r.cpu_s or 0.0 for r in self.tcp)
+        gb = sum(r.bytes for r in self.tcp) / 1e9
+        return cpu / gb if gb > 0 else None
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU accounting from /proc
+
+
+@dataclass(frozen=True)
+class ProcTimes:
+    start: int  # starttime in ticks since boot: tells a reused pid apart
+    own: int  # utime + stime
+    children: int  # cutime + cstime (reaped children)
+
+
+def proc_times(pid: int) -> ProcTimes | None:
+    """utime+stime and cutime+cstime of ``pid`` in clock ticks, or None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    rest = text[text.rfind(")") + 2 :].split()  # rest[0] is field 3 (state)
+    return ProcTimes(
+        start=int(rest[19]),
+        own=int(rest[11]) + int(rest[12]),
+        children=int(rest[13]) + int(rest[14]),
+    )
+
+
+def node_pids(node: Node) -> tuple[int, list[int]]:
+    """The supervisor pid and every worker pid of ``node``, from ``status --json``."""
+    st = wait_for(f"{node.name} status", node.status, timeout=15)
+    workers = [int(w["pid"]) for w in st["workers"] if w.get("pid")]
+    return int(st["supervisor_pid"]), workers
+
+
+@dataclass
+class CpuSnapshot:
+    times: dict[int, ProcTimes]
+    supervisors: list[int]
+
+
+def cpu_snapshot(nodes: list[Node]) -> CpuSnapshot:
+    times: dict[int, ProcTimes] = {}
+    supervisors: list[int] = []
+    for node in nodes:
+        sup, workers = node_pids(node)
+        supervisors.append(sup)
+        for pid in (sup, *workers):
+            t = proc_times(pid)
+            if t is not None:
+                times[pid] = t
+    return CpuSnapshot(times, supervisors)
+
+
+def cpu_seconds_since(before: CpuSnapshot, nodes: list[Node]) -> float:
+    """CPU seconds ``nodes`` used since ``before`` was taken.
+
+    Processes of ``before`` count what they used since (same pid and start time); the
+    supervisors' children time is added, so a worker reaped meanwhile still counts; a worker
+    started meanwhile (a restart) counts all it used. /proc is read before ``status`` is asked
+    for new pids, so the status query itself is not counted.
+    """
+    ticks = 0
+    for pid, old in before.times.items():
+        new = proc_times(pid)
+        if new is None or new.start != old.start:
+            continue
+        ticks += new.own - old.own
+        if pid in before.supervisors:
+            ticks += new.children - old.children
+    for node in nodes:
+        for pid in node_pids(node)[1]:
+            was = before.times.get(pid)
+            now = proc_times(pid)
+            if now is not None and (was is None or now.start != was.start):
+                ticks += now.own
+    return ticks / CLK_TCK
+
+
+def idle_cpu_percent(nodes: list[Node], seconds: float) -> dict[str, float]:
+    """Percent of one core used by each node's processes over ``seconds`` of no traffic."""
+    snaps = {n.name: cpu_snapshot([n]) for n in nodes}
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    wall = time.monotonic() - t0
+    return {n.name: 100.0 * cpu_seconds_since(snaps[n.name], [n]) / wall for n in nodes}
+
+
+# ----------------------------------------------------------------------------------------------
+# traffic
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile, ``q`` in (0, 100]."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))  # ceil(n * q / 100)
+    return ordered[int(rank) - 1]
+
+
+def run_ping(ns: Namespace, target: str, count: int) -> PingResult:
+    ns.run(["ping", "-c", "3", "-i", "0.2", "-W", "2", target], check=False, timeout=20)  # warm-up
+    res = ns.run(
+        ["ping", "-n", "-c", str(count), "-i", "0.01", "-W", "1", target],
+        check=False,
+        timeout=count * 0.05 + 30,
+    )
+    times = [float(m) for m in re.findall(r"time=([\d.]+) ms", res.stdout)]
+    if not times:
+        raise RuntimeError(f"ping {target}: no replies (rc {res.returncode}): {res.stdout[-300:]}")
+    return PingResult(
+        sent=count,
+        received=len(times),
+        p50_ms=percentile(times, 50),
+        p99_ms=percentile(times, 99),
+        mean_ms=statistics.fmean(times),
+        max_ms=max(times),
+    )
+
+
+def start_iperf_server(ns: Namespace) -> subprocess.Popen[bytes]:
+    """``iperf3 -s`` in ``ns`` (all addresses), tracked by the testbed; waits until it listens."""
+    server = ns.popen(
+        ["iperf3", "-s", "-p", str(IPERF_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def listening() -> bool:
+        out = ns.run(["ss", "-Htln", f"sport = :{IPERF_PORT}"], check=False).stdout
+        return bool(out.strip())
+
+    wait_for("iperf3 server", listening, timeout=10)
+    return server
+
+
+def iperf_once(ns: Namespace, target: str, seconds: int, reverse: bool) -> dict[str, Any]:
+    argv = ["iperf3", "-c", target, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
+    argv += ["--connect-timeout", "5000", *(["-R"] if reverse else [])]
+    res = ns.run(argv, check=False, timeout=seconds + 40)
+    try:
+        report: dict[str, Any] = json.loads(res.stdout)
+    except json.JSONDecodeError:
+        report = {"error": f"no JSON (rc {res.returncode}): {res.stderr.strip()[-300:]}"}
+    if res.returncode != 0 and "error" not in report:
+        report["error"] = f"rc {res.returncode}"
+    return report
+
+
+def run_iperf(ns: Namespace, target: str, seconds: int, reverse: bool) -> TcpRun:
+    """One iperf3 TCP run (retried once after an error, e.g. "server is busy")."""
+    report = iperf_once(ns, target, seconds, reverse)
+    if "error" in report:
+        log(f"iperf3 to {target} failed ({report['error']}); retrying once")
+        time.sleep(2)
+        report = iperf_once(ns, target, seconds, reverse)
+        if "error" in report:
+            raise RuntimeError(f"iperf3 to {target}: {report['error']}")
+    end = report["end"]
+    return TcpRun(
+        direction="b->a" if reverse else "a->b",
+        mbit_s=end["sum_received"]["bits_per_second"] / 1e6,
+        bytes=int(end["sum_received"]["bytes"]),
+        retransmits=end.get("sum_sent", {}).get("retransmits"),
+    )
+
+
+def measure(
+    setup: SetupResult, a: Node, args: argparse.Namespace, cpu_nodes: list[Node] | None
+) -> None:
+    """Ping, then ``repeats`` x (a->b, b->a) iperf3 runs from a's namespace to ``setup.target``.
+
+    With ``cpu_nodes``, the CPU those nodes' processes use during each iperf3 run is recorded.
+    """
+    log(f"{setup.name}: {args.pings} pings {setup.source} -> {setup.target}")
+    setup.ping = run_ping(a.ns, setup.target, args.pings)
+    for i in range(args.repeats):
+        for reverse in (False, True):
+            before = cpu_snapshot(cpu_nodes) if cpu_nodes else None
+            run = run_iperf(a.ns, setup.target, args.seconds, reverse)
+            if before is not None and cpu_nodes:
+                run.cpu_s = cpu_seconds_since(before, cpu_nodes)
+            setup.tcp.append(run)
+            log(
+                f"{setup.name}: run {i + 1}/{args.repeats} {run.direction}: "
+                f"{run.mbit_s:.0f} Mbit/s, retransmits {run.retransmits}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# nodes
+
+
+def start_nodes(nodes: list[Node]) -> None:
+    for n in nodes:
+        n.start()
+    for n in nodes:
+        n.wait_running()
+        n.wait_peers_up()
+
+
+def node_health(node: Node) -> dict[str, Any]:
+    """Workers' restarts, ring drops, non-zero worker drop counters and overlay bytes sent."""
+    st = wait_for(f"{node.name} status", node.status, timeout=15)
+    workers = {f"{w['stage']}:{w['worker']}": int(w["restarts"]) for w in st["workers"]}
+    rings = {r["name"]: int(r["drops"]) for r in st["rings"]}
+    worker_drops: dict[str, int] = {}
+    for w in st["workers"]:
+        stats = w.get("stats") or {}
+        found = dict(stats.get("drops") or {})
+        found.update((stats.get("classifier") or {}).get("drops") or {})
+        for key in ("write_drops", "send_errors"):
+            if stats.get(key):
+                found[key] = stats[key]
+        for reason, count in found.items():
+            if count:
+                worker_drops[f"{w['stage']}:{w['worker']} {reason}"] = int(count)
+    sent = sum(int((w.get("stats") or {}).get("bytes_sent") or 0) for w in st["workers"])
+    return {
+        "restarts": workers,
+        "ring_drops": rings,
+        "worker_drops": worker_drops,
+        "overlay_bytes_sent": sent,
+    }
+
+
+def check_overlay_carried(avn: SetupResult, health: dict[str, Any]) -> str:
+    """The nodes' overlay_io must have sent at least what the iperf3 receivers got."""
+    sent = sum(h["overlay_bytes_sent"] for h in health.values())
+    received = sum(r.bytes for r in avn.tcp)
+    verdict = "ok" if sent >= received else "WARNING: less than iperf3 received, bypassed?"
+    return (
+        f"overlay bytes sent (both nodes) {sent / 1e9:.2f} GB, "
+        f"iperf3 received {received / 1e9:.2f} GB: {verdict}"
+    )
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(none)"
+
+
+# ----------------------------------------------------------------------------------------------
+# output
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "nproc": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loadavg": os.getloadavg()[0],
+    }
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def ratio(raw: float | None, avn: float | None) -> str:
+    if raw is None or avn is None or raw == 0:
+        return "-"
+    return f"{avn / raw:.2f}"
+
+
+def table_rows(
+    raw: SetupResult, avn: SetupResult, idle: dict[str, float], repeats: int
+) -> list[tuple[str, float | None, float | None, int]]:
+    assert raw.ping and avn.ping
+    rows: list[tuple[str, float | None, float | None, int]] = []
+    for d in ("a->b", "b->a"):
+        rows.append(
+            (f"tcp {d} Mbit/s (median {repeats})", raw.median_mbit(d), avn.median_mbit(d), 0)
+        )
+    rows += [
+        ("ping p50 ms", raw.ping.p50_ms, avn.ping.p50_ms, 3),
+        ("ping p99 ms", raw.ping.p99_ms, avn.ping.p99_ms, 3),
+        ("cpu-s per GB (all nodes)", None, avn.cpu_s_per_gb(), 2),
+        ("idle node cpu % of a core", None, idle.get("alpha"), 2),
+    ]
+    for d in ("a->b", "b->a"):
+        rows.append(
+            (
+                f"tcp {d} retransmits (median)",
+                raw.median_retransmits(d),
+                avn.median_retransmits(d),
+                0,
+            )
+        )
+    rows.append(
+        (
+            "ping replies lost",
+            float(raw.ping.sent - raw.ping.received),
+            float(avn.ping.sent - avn.ping.received),
+            0,
+        )
+    )
+    return rows
+
+
+def render(result: dict[str, Any], raw: SetupResult, avn: SetupResult) -> str:
+    m = result["machine"]
+    lines = [
+        f"autovn pipeline benchmark  {result['timestamp']}",
+        f"machine: nproc {m['nproc']}, kernel {m['kernel']}, python {m['python']}, "
+        f"load avg (1 min) at start {m['loadavg']:.2f}",
+        f"iperf3 TCP 1 stream, {result['args']['seconds']} s x {result['args']['repeats']} per "
+        f"direction; {result['args']['pings']} pings at 10 ms; "
+        f"stages {scale_text(result['stages'])}",
+        "",
+        f"{'metric':<34}{'raw veth':>10}{'autovn':>10}{'ratio':>8}",
+    ]
+    for name, r, a, digits in table_rows(
+        raw, avn, result["idle_cpu_percent"], result["args"]["repeats"]
+    ):
+        show_ratio = "-" if "lost" in name or "retransmits" in name else ratio(r, a)
+        lines.append(f"{name:<34}{fmt(r, digits):>10}{fmt(a, digits):>10}{show_ratio:>8}")
+    lines.append("")
+    for node, health in result["health"].items():
+        restarts = ", ".join(f"{k}={v}" for k, v in health["restarts"].items())
+        rings = health["ring_drops"]
+        drops = ", ".join(f"{k}={v}" for k, v in rings.items() if v) or f"0 in all {len(rings)}"
+        lines.append(f"{node} restarts: {restarts}")
+        lines.append(f"{node} ring drops: {drops}")
+        other = ", ".join(f"{k}={v}" for k, v in health["worker_drops"].items()) or "none"
+        lines.append(f"{node} worker drops: {other}")
+    lines.append(result["overlay_check"])
+    lines.append(f"results: {result['file']}")
+    return "\n".join(lines)
+
+
+def write_json(result: dict[str, Any]) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"pipeline-{result['timestamp']}.json"
+    result["file"] = str(path.relative_to(REPO))
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+
+
+def parse_scale(text: str) -> dict[str, int]:
+    """``queues=2,classifier=2,overlay_io=2`` -> stage knobs for ``two_nodes``."""
+    knobs: dict[str, int] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in SCALE_KEYS or not value.isdigit() or not 1 <= int(value) <= 16:
+            raise argparse.ArgumentTypeError(
+                f"bad --scale item {item!r}: want KEY=N with KEY in {SCALE_KEYS}, N in 1..16"
+            )
+        knobs[key] = int(value)
+    return knobs
+
+
+def scale_text(knobs: dict[str, int]) -> str:
+    return ",".join(f"{k}={v}" for k, v in knobs.items()) or "default"
+
+
+def bounded_int(lo: int, hi: int) -> Any:
+    def check(text: str) -> int:
+        value = int(text)
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} not in {lo}..{hi}")
+        return value
+
+    return check
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--seconds", type=bounded_int(1, 120), default=5, help="iperf3 -t (5)")
+    p.add_argument(
+        "--repeats",
+        type=bounded_int(1, 20),
+        default=3,
+        help="iperf3 runs per direction and setup (3)",
+    )
+    p.add_argument(
+        "--pings",
+        type=bounded_int(200, 5000),
+        default=200,
+        help="echo requests per setup, 10 ms apart (200)",
+    )
+    p.add_argument(
+        "--scale",
+        type=parse_scale,
+        default={},
+        help="stage knobs for both nodes, e.g. queues=2,classifier=2,overlay_io=2",
+    )
+    p.add_argument(
+        "--json-only", action="store_true", help="print the JSON result instead of the table"
+    )
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], SetupResult, SetupResult]:
+    result: dict[str, Any] = {
+        "timestamp": datetime.now().strftime("%Y%m%d-%H%M%S"),
+        "machine": machine(),
+        "args": {"seconds": args.seconds, "repeats": args.repeats, "pings": args.pings},
+        "stages": args.scale,
+    }
+    raw = SetupResult("raw veth", UNDERLAY[0], UNDERLAY[1])
+    avn = SetupResult("autovn", VIRTUAL[0], VIRTUAL[1])
+    with Testbed("avb") as tb:
+        a, b = two_nodes(tb, tmp, start=False, **args.scale)
+        try:
+            start_iperf_server(b.ns)
+            measure(raw, a, args, cpu_nodes=None)
+            log(f"starting nodes (stages {scale_text(args.scale)})")
+            start_nodes([a, b])
+            log(f"idle CPU over {IDLE_SECONDS:.0f} s")
+            result["idle_cpu_percent"] = idle_cpu_percent([a, b], IDLE_SECONDS)
+            measure(avn, a, args, cpu_nodes=[a, b])
+            result["health"] = {n.name: node_health(n) for n in (a, b)}
+            result["overlay_check"] = check_overlay_carried(avn, result["health"])
+        except Exception:
+            for n in (a, b):
+                log(f"{n.name} supervisor output (tail):\n{tail(n.root / 'supervisor.out')}")
+            raise
+    result["setups"] = {s.name: asdict(s) for s in (raw, avn)}
+    result["summary"] = {
+        s.name: {
+            "tcp_a_to_b_mbit_s": s.median_mbit("a->b"),
+            "tcp_b_to_a_mbit_s": s.median_mbit("b->a"),
+            "ping_p50_ms": s.ping.p50_ms if s.ping else None,
+            "ping_p99_ms": s.ping.p99_ms if s.ping else None,
+            "cpu_s_per_gb": s.cpu_s_per_gb(),
+        }
+        for s in (raw, avn)
+    }
+    result["summary"]["autovn"]["idle_cpu_percent_alpha"] = result["idle_cpu_percent"]["alpha"]
+    return result, raw, avn
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("pipeline_bench: needs root (network namespaces)", file=sys.stderr)
+        return 2
+    try:
+        with tempfile.TemporaryDirectory(prefix="autovn-bench-") as tmp:
+            result, raw, avn = run(args, Path(tmp))
+    except KeyboardInterrupt:
+        log("interrupted; testbed removed")
+        return 130
+    write_json(result)
+    print(json.dumps(result, indent=2) if args.json_only else render(result, raw, avn))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
