@@ -211,17 +211,24 @@ def _node_leftovers(node: Node, pids: list[int]) -> list[str]:
     return left
 
 
-def _fds_to_memfd() -> int:
-    """Shared-memory objects a ring would leave behind: none may exist in /dev/shm."""
-    return len([p for p in Path("/dev/shm").iterdir() if p.name.startswith("autovn")])
+def _shm_names() -> set[str]:
+    return {p.name for p in Path("/dev/shm").iterdir()}
+
+
+def _memfd_rings_held(pid: int) -> int:
+    """How many distinct ring memfds a process holds (``/memfd:NAME (deleted)`` in its fds)."""
+    targets = {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()}
+    return sum(1 for t in targets if t.startswith("/memfd:") and ">" in t)
 
 
 @pytest.mark.parametrize("how", ["sigterm", "kill9_supervisor"])
 def test_node_ends_leave_nothing_behind(tmp_path: Path, how: str) -> None:
     with Testbed("avt") as tb:
+        shm_before = _shm_names()
         a, b = two_nodes(tb, tmp_path)
         st = a.wait_running()
         pids = [w["pid"] for w in st["workers"]] + [st["supervisor_pid"]]
+        assert _memfd_rings_held(st["supervisor_pid"]) == 6  # the rings live in memfds
         assert a.proc is not None
         if how == "sigterm":
             a.proc.send_signal(signal.SIGTERM)
@@ -230,7 +237,7 @@ def test_node_ends_leave_nothing_behind(tmp_path: Path, how: str) -> None:
             os.kill(st["supervisor_pid"], signal.SIGKILL)
             a.proc.wait(timeout=20)
         wait_for("workers, TAP gone", lambda: not _node_leftovers(a, pids), timeout=20)
-        assert _fds_to_memfd() == 0
+        assert _shm_names() <= shm_before  # nothing new in /dev/shm
         # The node starts again from the same config and reaches its peer.
         a.start()
         a.wait_running()
