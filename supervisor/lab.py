@@ -134,7 +134,7 @@ mtu = 1400
 [overlay]
 listen_address = "{UNDERLAY[me]}"
 listen_port = {PORT}
-keepalive_interval_s = 0.5
+keepalive_interval_s = 1.0
 peer_timeout_s = 3.0
 
 [[peers]]
@@ -143,7 +143,7 @@ addresses = ["{VIRTUAL[peer]}"]
 endpoint = "{UNDERLAY[peer]}:{PORT}"
 
 [stages]
-heartbeat_interval_s = 0.5
+heartbeat_interval_s = 1.0
 heartbeat_timeout_s = 5.0
 restart_backoff_max_s = 2.0
 
