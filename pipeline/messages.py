@@ -88,7 +88,7 @@ def encode(msg: Message) -> bytes:
 
 
 def decode(data: bytes) -> Message:
-    """Raises msgspec.DecodeError (a ValueError) on anything that is not a Message."""
+    """Raises ValueError (msgspec.DecodeError, UnicodeDecodeError) on anything else."""
     msg: Message = _decoder.decode(data)
     return msg
 

@@ -5,6 +5,11 @@ supervisor stop FILE           stop the node started from FILE
 supervisor status FILE         node, workers, rings, peers  [--json]
 supervisor logs FILE           filter and follow the node's log
 supervisor check-config FILE   print the effective settings, or every error (exit 1)
+supervisor demo                a two-node network in namespaces on this machine
+supervisor ca init DIR         make a network authority: DIR/ca.key (0600), DIR/ca.crt
+supervisor cert issue ...      sign a node's public key for some networks
+supervisor cert show FILE      print a certificate's fields and whether it is valid now
+supervisor key show FILE       print this node's public key and node id (creating the key)
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pipeline import messages
 from pipeline.config import Mode, Settings, load_settings
 from pipeline.errors import ConfigError
 from pipeline.worker import CLI_SOCKET, endpoint
-from supervisor import logview
+from supervisor import keys, logview
 from supervisor.status import format_status
 
 EXIT_CONFIG = 1
@@ -173,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=int, default=3, help="iperf3 time per direction")
     demo.add_argument("--pings", type=int, default=20, help="pings per direction")
     demo.set_defaults(fn=cmd_demo)
+    keys.add_commands(sub)
     return parser
 
 

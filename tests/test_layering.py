@@ -15,6 +15,10 @@ PURE = [
     "pipeline/classifier/routes.py",
     "pipeline/control/peers.py",
     "pipeline/errors.py",
+    "pipeline/crypto/noise.py",
+    "pipeline/crypto/identity.py",
+    "pipeline/crypto/cert.py",
+    "pipeline/control/handshake.py",
     "pipeline/records.py",
     "pipeline/messages.py",
 ]

@@ -12,7 +12,6 @@ import time
 from collections import Counter
 from typing import Any
 
-import msgspec
 import zmq
 
 from pipeline import messages
@@ -121,7 +120,7 @@ class ControlWorker(Worker):
                     continue
                 try:
                     msg = messages.decode_overlay(rec.data)
-                except (msgspec.DecodeError, msgspec.ValidationError):
+                except ValueError:  # msgspec's errors and UnicodeDecodeError alike
                     self.drops["undecodable_overlay"] += 1
                     continue
                 reply = self.liveness.receive(rec.peer, msg, now)
