@@ -32,7 +32,6 @@ import contextlib
 import functools
 import json
 import os
-import stat
 import sys
 import time
 from collections.abc import Callable
@@ -47,8 +46,6 @@ from pipeline.crypto.cert import (
     CertificateError,
     RevocationList,
     check_name,
-    decode_certificate,
-    from_pem,
     issue,
     make_ca,
     to_pem,
@@ -60,165 +57,28 @@ from pipeline.crypto.identity import (
     Identity,
     x25519_public_from_ed25519,
 )
+from pipeline.crypto.keyfiles import (
+    CA_CERT,
+    CA_KEY,
+    NODE_KEY,
+    NODE_PUB,
+    KeyFileError,
+    is_hex,
+    load_ca,
+    load_or_create_identity,
+    make_dir,
+    read_certificate,
+    seed_text,
+    write_new,
+    write_replace,
+)
 from pipeline.errors import ConfigError
 
-NODE_KEY = "node.key"
-NODE_PUB = "node.pub"
-CA_KEY = "ca.key"
-CA_CERT = "ca.crt"
 BACKDATE_S = 300
 DAY_S = 86400
 MAX_DAYS = 36500
 DEFAULT_CERT_DAYS = 365
-MAX_FILE_BYTES = 1 << 16
 EXIT_ERROR = 1
-
-
-class KeyFileError(Exception):
-    """A key, certificate or CA file (or an argument naming one) is unusable; the message
-    names the file and says what to do."""
-
-
-# -- files -------------------------------------------------------------------------------------
-
-
-def _read_seed(path: Path) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"{path}: not a regular file")
-        if st.st_mode & 0o077:
-            raise KeyFileError(
-                f"{path}: readable or writable by group or others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
-            )
-        raw = os.read(fd, 4096)
-    finally:
-        os.close(fd)
-    text = raw.decode("ascii", errors="replace").strip()
-    if len(text) != 2 * SEED_LEN or not _is_hex(text):
-        raise KeyFileError(
-            f"{path}: malformed key file (expected {2 * SEED_LEN} hex digits, got {len(raw)} bytes)"
-        )
-    return bytes.fromhex(text)
-
-
-def _is_hex(text: str) -> bool:
-    return all(c in "0123456789abcdefABCDEF" for c in text)
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> bool:
-    """Create ``path`` holding ``data`` with ``mode``, atomically and only if it does not exist
-    (False then). A crash leaves either no file or the whole file, never a partial one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        return False
-    finally:
-        os.unlink(tmp)
-    return True
-
-
-def _write_replace(path: Path, data: bytes, mode: int) -> None:
-    """Write ``path`` (replacing it) atomically with ``mode``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def _make_dir(path: Path) -> None:
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot create directory: {exc.strerror}") from None
-    if not path.is_dir():
-        raise KeyFileError(f"{path}: not a directory")
-
-
-def _seed_text(seed: bytes) -> bytes:
-    return seed.hex().encode() + b"\n"
-
-
-def load_or_create_identity(state_dir: Path) -> Identity:
-    """The node's identity from ``state_dir/node.key``, made (0600, ``os.urandom``) on first
-    use; ``node.pub`` is written next to it. Raises KeyFileError for an unreadable, exposed
-    (group/world readable) or malformed key file."""
-    _make_dir(state_dir)
-    key_path = state_dir / NODE_KEY
-    if not key_path.exists() and not key_path.is_symlink():
-        try:
-            _write_new(key_path, _seed_text(os.urandom(SEED_LEN)), 0o600)
-        except OSError as exc:
-            raise KeyFileError(f"{key_path}: cannot create: {exc.strerror}") from None
-    identity = Identity.from_seed(_read_seed(key_path))
-    pub_path = state_dir / NODE_PUB
-    pub_text = identity.public_key.hex().encode() + b"\n"
-    try:
-        if not pub_path.exists() or pub_path.read_bytes() != pub_text:
-            _write_replace(pub_path, pub_text, 0o644)
-    except OSError as exc:
-        raise KeyFileError(f"{pub_path}: cannot write: {exc.strerror}") from None
-    return identity
-
-
-def read_certificate(path: Path) -> Certificate:
-    """A certificate file: the text form, or the binary encoding. KeyFileError if unusable."""
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot read: {exc.strerror}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise KeyFileError(f"{path}: not a certificate (more than {MAX_FILE_BYTES} bytes)")
-    try:
-        if data.startswith(b"AVNC"):
-            return decode_certificate(data)
-        return from_pem(data.decode("utf-8", errors="replace"))
-    except CertificateError as exc:
-        raise KeyFileError(f"{path}: not a usable certificate ({exc})") from None
-
-
-def load_ca(ca_dir: Path) -> tuple[Identity, Certificate]:
-    """The CA's key and certificate from ``ca_dir``; KeyFileError unless they belong together."""
-    if not ca_dir.is_dir():
-        raise KeyFileError(f"{ca_dir}: no such CA directory (make one with: supervisor ca init)")
-    ca = Identity.from_seed(_read_seed(ca_dir / CA_KEY))
-    ca_cert = read_certificate(ca_dir / CA_CERT)
-    if not ca_cert.is_ca:
-        raise KeyFileError(f"{ca_dir / CA_CERT}: not a CA certificate")
-    if ca_cert.public_key != ca.public_key:
-        raise KeyFileError(f"{ca_dir}: {CA_KEY} is not the key of {CA_CERT} (key_mismatch)")
-    return ca, ca_cert
-
-
-def read_revocation_list(path: Path | None) -> RevocationList:
-    """The revocation list at ``path`` (empty if None); KeyFileError naming the bad line."""
-    if path is None:
-        return RevocationList.empty()
-    try:
-        return RevocationList.parse(path.read_text())
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot read: {exc.strerror}") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise KeyFileError(f"{path}: {exc}") from None
 
 
 # -- presentation ------------------------------------------------------------------------------
@@ -353,7 +213,7 @@ def _address_arg(text: str) -> IPv4Address:
 
 def _public_key(value: str) -> bytes:
     """64 hex digits, or a file holding them (``node.pub``) or the 32 raw bytes."""
-    if len(value) == 2 * PUBLIC_KEY_LEN and _is_hex(value):
+    if len(value) == 2 * PUBLIC_KEY_LEN and is_hex(value):
         return bytes.fromhex(value)
     path = Path(value)
     if not path.exists():
@@ -365,7 +225,7 @@ def _public_key(value: str) -> bytes:
     except OSError as exc:
         raise KeyFileError(f"{path}: cannot read: {exc.strerror}") from None
     text = data.decode("ascii", errors="replace").strip()
-    if len(text) == 2 * PUBLIC_KEY_LEN and _is_hex(text):
+    if len(text) == 2 * PUBLIC_KEY_LEN and is_hex(text):
         return bytes.fromhex(text)
     if len(data) == PUBLIC_KEY_LEN:
         return data
@@ -383,9 +243,9 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
     for name in (CA_KEY, CA_CERT):
         if (ca_dir / name).exists() or (ca_dir / name).is_symlink():
             raise KeyFileError(f"{ca_dir / name} exists: refusing to overwrite a CA")
-    _make_dir(ca_dir)
+    make_dir(ca_dir)
     seed = os.urandom(SEED_LEN)
-    if not _write_new(ca_dir / CA_KEY, _seed_text(seed), 0o600):
+    if not write_new(ca_dir / CA_KEY, seed_text(seed), 0o600):
         raise KeyFileError(f"{ca_dir / CA_KEY} exists: refusing to overwrite a CA")
     ca = Identity.from_seed(seed)
     now = int(time.time())
@@ -396,7 +256,7 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
         not_after=now + args.days * DAY_S,
         serial=_serial(),
     )
-    if not _write_new(ca_dir / CA_CERT, to_pem(ca_cert).encode(), 0o644):
+    if not write_new(ca_dir / CA_CERT, to_pem(ca_cert).encode(), 0o644):
         (ca_dir / CA_KEY).unlink()
         raise KeyFileError(f"{ca_dir / CA_CERT} exists: refusing to overwrite a CA")
     print(format_description(describe(ca_cert, now=now, ca_cert=ca_cert)))
@@ -442,7 +302,7 @@ def cmd_cert_issue(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise KeyFileError(f"cannot issue: {exc}") from None
     pem = to_pem(cert)
-    _write_replace(args.out, pem.encode(), 0o644)
+    write_replace(args.out, pem.encode(), 0o644)
     print(format_description(describe(cert, now=now, ca_cert=ca_cert)))
     print(pem, end="")
     print(f"wrote {args.out}")

@@ -19,6 +19,7 @@ PURE = [
     "pipeline/crypto/identity.py",
     "pipeline/crypto/cert.py",
     "pipeline/control/handshake.py",
+    "pipeline/control/links.py",
     "pipeline/records.py",
     "pipeline/messages.py",
 ]

@@ -181,6 +181,11 @@ class CipherState:
         return self._k is not None
 
     @property
+    def key(self) -> bytes | None:
+        """The raw key, for handing a transport key to the data path after ``split``."""
+        return self._k
+
+    @property
     def n(self) -> int:
         return self._n
 

@@ -7,7 +7,8 @@
 
 All fields big-endian. ``version`` is 1. ``type`` says what follows: a DATA datagram carries
 one IPv4 packet for the classifier; an OVERLAY datagram carries a control message that
-overlay_io hands to control without reading it. ``session index`` names the receiver's
+overlay_io hands to control without reading it; HANDSHAKE and COOKIE datagrams carry the
+link handshake (``pipeline/control/handshake.py``). ``session index`` names the receiver's
 session and ``counter`` is the sender's per-session packet number: both are 0 until the
 encrypted data path fills them (the nonce and the replay window will use them).
 """
@@ -28,6 +29,8 @@ HEADER_LEN = HEADER.size  # 16
 class DatagramType(enum.IntEnum):
     DATA = 1
     OVERLAY = 2
+    HANDSHAKE = 3
+    COOKIE = 4
 
 
 class OverlayHeader(NamedTuple):

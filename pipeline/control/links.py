@@ -1,0 +1,640 @@
+"""Links: authenticated sessions with peers, made and remade by Noise handshakes. Sans-I/O.
+
+Theory of operation:
+
+- A *link* is this node's relation with one configured peer. It holds up to three
+  *sessions* (pairs of ChaCha20-Poly1305 keys, one per direction, each named by a random
+  32-bit index chosen by its receiver): the current one, the one before it (so packets in
+  flight during a rekey still decrypt) and a new one not yet confirmed.
+- A handshake is Noise IK when the peer's public key is configured, XX when it is not. Each
+  side's certificate travels in its encrypted payload and is checked against the network
+  authority: signature, validity, network, revocation, that it is for the static key the
+  peer proved it holds, that it is the configured peer's, and that the peer's configured
+  addresses are ones its certificate allows. Any failure is a counted refusal.
+- Sending on a session starts only once it is *confirmed*: the initiator's session is
+  confirmed by the responder's answer (IK) and the responder's by the initiator's last
+  message (XX) or by the first data that arrives on it (IK; ``confirm``). Until then the
+  previous session carries the traffic, so a rekey leaves no gap.
+- The session's initiator rekeys after ``rekey_after_s``; the responder does so if the
+  initiator has not after ``rekey_after_s + 10``. Sessions are dropped after
+  ``reject_after_s``. Two nodes that initiate at once: the one with the smaller node id
+  ignores the other's initiation and keeps its own.
+- Junk costs little: without a valid mac1 (keyed by the network authority) a datagram is
+  dropped before any Diffie-Hellman. When more than ``load_threshold`` handshake messages
+  arrived in the last second, messages without a valid mac2 get a cookie reply instead of
+  work, and those with one are limited per source address.
+
+Inputs: ``receive(datagram, source, now, wall)``, ``handle_timer(now, wall)``,
+``confirm(index)``, ``request_rekey(slot)``, ``set_revocations(list, wall)``; ``now`` is the
+monotonic clock and ``wall`` unix seconds (certificates and timestamps). Outputs:
+``datagrams_to_send()``, ``events()``, ``next_deadline()``, ``sessions()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+
+from pipeline.control import handshake as hs
+from pipeline.crypto.cert import (
+    Certificate,
+    CertificateError,
+    RevocationList,
+    check_key,
+    decode_certificate,
+    verify,
+)
+from pipeline.crypto.identity import Identity, x25519_public_from_ed25519
+from pipeline.crypto.noise import CipherState, HandshakeState, NoiseError
+from pipeline.errors import RemoteProtocolError
+from pipeline.wire.overlay import HEADER_LEN, DatagramType
+
+Address = tuple[str, int]
+MAX_SESSIONS = 3
+MAX_RESPONDING = 256
+COOKIE_SECRET_S = 120.0
+COOKIE_VALID_S = 110.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LinkSettings:
+    rekey_after_s: float = 120.0
+    reject_after_s: float = 180.0
+    retry_s: float = 1.0
+    retry_max_s: float = 16.0
+    handshake_timeout_s: float = 5.0
+    load_threshold: int = 50  # handshake messages per second before cookies are demanded
+    per_source_rate: float = 5.0  # handshakes per second and source address under load
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PeerSpec:
+    slot: int
+    name: str
+    endpoint: Address
+    public_key: bytes | None  # Ed25519; None: learn it with XX
+    addresses: tuple[str, ...]
+
+
+@dataclasses.dataclass(slots=True)
+class Session:
+    slot: int
+    recv_index: int
+    recv_key: bytes
+    send_index: int
+    send_key: bytes
+    created: float
+    initiator: bool
+    confirmed: bool
+    pattern: hs.Pattern
+
+
+@dataclasses.dataclass(slots=True)
+class _Pending:
+    state: HandshakeState
+    pattern: hs.Pattern
+    index: int
+    started: float
+    mac1: bytes
+    cookie_used: bool
+
+
+@dataclasses.dataclass(slots=True)
+class _Responding:
+    """An XX handshake we answered, waiting for the initiator's last message."""
+
+    state: HandshakeState
+    index: int
+    peer_index: int
+    source: Address
+    started: float
+
+
+@dataclasses.dataclass(slots=True)
+class Link:
+    spec: PeerSpec
+    endpoint: Address
+    sessions: list[Session] = dataclasses.field(default_factory=list)
+    pending: _Pending | None = None
+    next_attempt: float = 0.0
+    attempts: int = 0
+    rekey_wanted: bool = False
+    cookie: tuple[bytes, float] | None = None
+    certificate: Certificate | None = None
+    last_timestamp_ns: int = 0
+    handshakes: int = 0
+
+    @property
+    def up(self) -> bool:
+        return bool(self.sessions)
+
+
+class EventKind(enum.Enum):
+    LINK_FORMED = "link_formed"
+    LINK_CLOSED = "link_closed"
+    SESSION_ESTABLISHED = "session_established"
+    HANDSHAKE_REFUSED = "handshake_refused"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LinkEvent:
+    kind: EventKind
+    slot: int | None
+    peer: str | None
+    reason: str = ""
+    detail: str = ""
+    source: Address | None = None
+    node_id: str = ""
+    pattern: str = ""
+
+
+class _TokenBucket:
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+class LinkManager:
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        certificate: Certificate,
+        ca: Certificate,
+        network: str,
+        peers: Sequence[PeerSpec],
+        revoked: RevocationList,
+        rng: Callable[[int], bytes],
+        settings: LinkSettings = LinkSettings(),
+    ) -> None:
+        self.identity = identity
+        self.certificate = certificate
+        self.ca = ca
+        self.network = network
+        self.revoked = revoked
+        self.rng = rng
+        self.settings = settings
+        self.links = {p.slot: Link(p, p.endpoint) for p in peers}
+        self._mac1_key = hs.mac1_key(ca.public_key)
+        self._cookie_key = hs.cookie_key(ca.public_key)
+        self._secrets: list[bytes] = [rng(32)]
+        self._secret_changed = 0.0
+        self._recent: list[float] = []  # arrival times of handshake messages, last second
+        self._buckets: OrderedDict[str, _TokenBucket] = OrderedDict()
+        self._responding: OrderedDict[int, _Responding] = OrderedDict()
+        self._out: list[tuple[bytes, Address]] = []
+        self._events: list[LinkEvent] = []
+        self.counters: Counter[str] = Counter()
+        self.refusals: Counter[str] = Counter()
+        self.sessions_version = 0
+
+    # -- outputs ---------------------------------------------------------------------------------
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        out, self._out = self._out, []
+        return out
+
+    def events(self) -> Iterator[LinkEvent]:
+        while self._events:
+            yield self._events.pop(0)
+
+    def sessions(self) -> list[Session]:
+        return [s for link in self.links.values() for s in link.sessions]
+
+    def next_deadline(self) -> float:
+        due = [link.next_attempt for link in self.links.values()]
+        for link in self.links.values():
+            for s in link.sessions:
+                due.append(s.created + self.settings.rekey_after_s)
+                due.append(s.created + self.settings.reject_after_s)
+        return min(due, default=self._secret_changed + COOKIE_SECRET_S)
+
+    def statistics(self) -> dict[str, object]:
+        return {**self.counters, "refused": dict(self.refusals)}
+
+    # -- timers ----------------------------------------------------------------------------------
+
+    def handle_timer(self, now: float, wall: float) -> None:
+        st = self.settings
+        if now - self._secret_changed > COOKIE_SECRET_S:
+            self._secrets = [self.rng(32), *self._secrets[:1]]
+            self._secret_changed = now
+        for index, resp in list(self._responding.items()):
+            if now - resp.started > st.handshake_timeout_s:
+                del self._responding[index]
+        for link in self.links.values():
+            self._expire(link, now)
+            if link.pending and now - link.pending.started > st.handshake_timeout_s:
+                link.pending = None
+                self.counters["handshake_timeouts"] += 1
+            if (
+                link.pending is None
+                and now >= link.next_attempt
+                and self._wants_handshake(link, now)
+            ):
+                self._initiate(link, now, wall)
+
+    def _wants_handshake(self, link: Link, now: float) -> bool:
+        if not any(s.confirmed for s in link.sessions):
+            return True
+        newest = link.sessions[-1]
+        age = now - newest.created
+        due = self.settings.rekey_after_s + (0 if newest.initiator else 10.0)
+        return link.rekey_wanted or age > due
+
+    def _expire(self, link: Link, now: float) -> None:
+        keep = [s for s in link.sessions if now - s.created < self.settings.reject_after_s]
+        if len(keep) != len(link.sessions):
+            link.sessions = keep
+            self._changed()
+            if not keep:
+                self._close(link, "expired")
+
+    def request_rekey(self, slot: int) -> None:
+        link = self.links.get(slot)
+        if link is not None:
+            link.rekey_wanted = True
+
+    def confirm(self, recv_index: int) -> None:
+        for link in self.links.values():
+            for s in link.sessions:
+                if s.recv_index == recv_index and not s.confirmed:
+                    s.confirmed = True
+                    self._changed()
+
+    def set_revocations(self, revoked: RevocationList) -> None:
+        self.revoked = revoked
+        for link in self.links.values():
+            if link.certificate is not None and revoked.contains(link.certificate):
+                link.sessions.clear()
+                link.pending = None
+                link.certificate = None
+                self._changed()
+                self._close(link, "revoked")
+
+    # -- initiating ------------------------------------------------------------------------------
+
+    def _initiate(self, link: Link, now: float, wall: float) -> None:
+        spec = link.spec
+        pattern = hs.Pattern.IK if spec.public_key is not None else hs.Pattern.XX
+        rs = x25519_public_from_ed25519(spec.public_key) if spec.public_key else None
+        state = HandshakeState(
+            pattern.protocol,
+            initiator=True,
+            prologue=hs.PROLOGUE,
+            s=self.identity.x25519_private,
+            rs=rs,
+            rng=self.rng,
+        )
+        payload = self._payload(wall) if pattern is hs.Pattern.IK else b""
+        index = self._new_index()
+        cookie = link.cookie[0] if link.cookie and now - link.cookie[1] < COOKIE_VALID_S else None
+        datagram = hs.build_handshake(
+            self._mac1_key,
+            receiver_index=0,
+            pattern=pattern,
+            step=0,
+            sender_index=index,
+            noise=state.write_message(payload),
+            cookie=cookie,
+        )
+        mac1 = datagram[-2 * hs.MAC_LEN : -hs.MAC_LEN]
+        link.pending = _Pending(state, pattern, index, now, mac1, cookie is not None)
+        link.attempts += 1
+        link.next_attempt = now + min(
+            self.settings.retry_max_s, self.settings.retry_s * 2 ** min(link.attempts - 1, 8)
+        )
+        self._out.append((datagram, link.endpoint))
+        self.counters["initiations_sent"] += 1
+
+    def _payload(self, wall: float) -> bytes:
+        return hs.encode_payload(hs.HandshakePayload(self.certificate.encode(), int(wall * 1e9)))
+
+    def _new_index(self) -> int:
+        used = {s.recv_index for link in self.links.values() for s in link.sessions}
+        used |= {link.pending.index for link in self.links.values() if link.pending}
+        used |= set(self._responding)
+        while True:
+            index = int.from_bytes(self.rng(4), "big")
+            if index and index not in used:
+                return index
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    def receive(self, datagram: bytes, source: Address, now: float, wall: float) -> None:
+        """A HANDSHAKE or COOKIE datagram from ``source``. Never raises on bad input."""
+        if len(datagram) < HEADER_LEN:
+            self._refuse("short_datagram", source)
+            return
+        try:
+            if datagram[1] == DatagramType.COOKIE:
+                self._receive_cookie(datagram, now, wall)
+            else:
+                self._receive_handshake(datagram, source, now, wall)
+        except RemoteProtocolError as exc:
+            self._refuse(exc.reason, source, exc.detail)
+
+    def _receive_cookie(self, datagram: bytes, now: float, wall: float) -> None:
+        index = hs.cookie_receiver(datagram)
+        link = next(
+            (lk for lk in self.links.values() if lk.pending and lk.pending.index == index), None
+        )
+        if link is None or link.pending is None:
+            raise RemoteProtocolError("unknown_index", f"cookie for {index}")
+        cookie = hs.open_cookie_reply(self._cookie_key, datagram, link.pending.mac1)
+        link.cookie = (cookie, now)
+        self.counters["cookies_received"] += 1
+        if not link.pending.cookie_used:  # answer at once with mac2, once per cookie
+            link.pending = None
+            self._initiate(link, now, wall)
+
+    def _receive_handshake(self, datagram: bytes, source: Address, now: float, wall: float) -> None:
+        msg = hs.parse_handshake(datagram)
+        if not hs.check_mac1(self._mac1_key, datagram):
+            self.counters["mac1_invalid"] += 1
+            raise RemoteProtocolError("bad_mac1")
+        if msg.step == 0 and not self._admit(datagram, msg, source, now):
+            return
+        if msg.step == 0:
+            self._respond(msg, source, now, wall)
+        elif msg.step == 1:
+            self._initiator_reply(msg, source, now, wall)
+        else:
+            self._responder_final(msg, source, now, wall)
+
+    def _admit(
+        self, datagram: bytes, msg: hs.HandshakeMessage, source: Address, now: float
+    ) -> bool:
+        """Load control for first messages: cookies, then a per-source rate limit."""
+        recent = [t for t in self._recent if now - t < 1.0]
+        recent.append(now)
+        self._recent = recent[-(self.settings.load_threshold * 4) :]
+        if len(recent) <= self.settings.load_threshold:
+            return True
+        cookie_ok = any(
+            hs.check_mac2(hs.make_cookie(secret, source), datagram) for secret in self._secrets
+        )
+        if not cookie_ok:
+            cookie = hs.make_cookie(self._secrets[0], source)
+            reply = hs.build_cookie_reply(
+                self._cookie_key,
+                receiver_index=msg.sender_index,
+                cookie=cookie,
+                mac1=msg.mac1,
+                nonce=self.rng(hs.COOKIE_NONCE_LEN),
+            )
+            self._out.append((reply, source))
+            self.counters["cookies_sent"] += 1
+            return False
+        bucket = self._buckets.get(source[0])
+        if bucket is None:
+            bucket = self._buckets[source[0]] = _TokenBucket(self.settings.per_source_rate, 5, now)
+            while len(self._buckets) > 4096:
+                self._buckets.popitem(last=False)
+        if not bucket.take(now):
+            self.counters["rate_limited"] += 1
+            return False
+        return True
+
+    def _respond(self, msg: hs.HandshakeMessage, source: Address, now: float, wall: float) -> None:
+        state = HandshakeState(
+            msg.pattern.protocol,
+            initiator=False,
+            prologue=hs.PROLOGUE,
+            s=self.identity.x25519_private,
+            rng=self.rng,
+        )
+        payload = _noise(state.read_message, msg.noise)
+        self.counters["handshakes_received"] += 1
+        index = self._new_index()
+        if msg.pattern is hs.Pattern.XX:
+            noise = state.write_message(self._payload(wall))
+            self._responding[index] = _Responding(state, index, msg.sender_index, source, now)
+            while len(self._responding) > MAX_RESPONDING:
+                self._responding.popitem(last=False)
+            self._send_step(msg.pattern, 1, index, msg.sender_index, noise, source)
+            return
+        link, cert, stamp = self._authenticate(state, payload, source, wall)
+        if stamp <= link.last_timestamp_ns:
+            raise RemoteProtocolError("replayed_initiation", f"timestamp {stamp}")
+        if link.pending is not None and self.identity.node_id < cert.node_id:
+            self.counters["crossed_initiations"] += 1
+            return  # our own initiation wins; theirs is dropped
+        link.last_timestamp_ns = stamp
+        link.pending = None
+        noise = state.write_message(self._payload(wall))
+        self._send_step(msg.pattern, 1, index, msg.sender_index, noise, source)
+        self._establish(
+            link,
+            state,
+            index,
+            msg.sender_index,
+            source,
+            now,
+            initiator=False,
+            confirmed=False,
+            pattern=msg.pattern,
+        )
+
+    def _initiator_reply(
+        self, msg: hs.HandshakeMessage, source: Address, now: float, wall: float
+    ) -> None:
+        link = next(
+            (
+                lk
+                for lk in self.links.values()
+                if lk.pending and lk.pending.index == msg.receiver_index
+            ),
+            None,
+        )
+        if link is None or link.pending is None or link.pending.pattern is not msg.pattern:
+            raise RemoteProtocolError("unknown_index", f"reply for {msg.receiver_index}")
+        pending = link.pending
+        state = pending.state
+        payload = _noise(state.read_message, msg.noise)
+        found, cert, _ = self._authenticate(state, payload, source, wall, expect=link)
+        if msg.pattern is hs.Pattern.XX:
+            noise = state.write_message(self._payload(wall))
+            self._send_step(msg.pattern, 2, pending.index, msg.sender_index, noise, source)
+        link.pending = None
+        self._establish(
+            link,
+            state,
+            pending.index,
+            msg.sender_index,
+            source,
+            now,
+            initiator=True,
+            confirmed=msg.pattern is hs.Pattern.IK,
+            pattern=msg.pattern,
+        )
+
+    def _responder_final(
+        self, msg: hs.HandshakeMessage, source: Address, now: float, wall: float
+    ) -> None:
+        resp = self._responding.get(msg.receiver_index)
+        if resp is None:
+            raise RemoteProtocolError("unknown_index", f"final for {msg.receiver_index}")
+        payload = _noise(resp.state.read_message, msg.noise)
+        del self._responding[msg.receiver_index]
+        link, cert, stamp = self._authenticate(resp.state, payload, source, wall)
+        link.last_timestamp_ns = max(link.last_timestamp_ns, stamp)
+        self._establish(
+            link,
+            resp.state,
+            resp.index,
+            resp.peer_index,
+            source,
+            now,
+            initiator=False,
+            confirmed=True,
+            pattern=msg.pattern,
+        )
+
+    def _send_step(
+        self, pattern: hs.Pattern, step: int, index: int, receiver: int, noise: bytes, to: Address
+    ) -> None:
+        datagram = hs.build_handshake(
+            self._mac1_key,
+            receiver_index=receiver,
+            pattern=pattern,
+            step=step,
+            sender_index=index,
+            noise=noise,
+        )
+        self._out.append((datagram, to))
+        self.counters["responses_sent"] += 1
+
+    # -- authentication --------------------------------------------------------------------------
+
+    def _authenticate(
+        self,
+        state: HandshakeState,
+        payload: bytes,
+        source: Address,
+        wall: float,
+        expect: Link | None = None,
+    ) -> tuple[Link, Certificate, int]:
+        """Who is this? The peer's certificate, checked every way; raises on any doubt."""
+        body = hs.decode_payload(payload)
+        cert = decode_certificate(body.certificate)
+        verify(cert, self.ca, now=wall, network=self.network, revoked=self.revoked)
+        remote = state.remote_static
+        if remote is None or x25519_public_from_ed25519(cert.public_key) != remote:
+            raise CertificateError("key_mismatch", "the certificate is not for the handshake key")
+        link = expect or self._link_for(cert, source)
+        if link.spec.public_key is not None:
+            check_key(cert, link.spec.public_key)
+        if cert.addresses:
+            allowed = {str(a) for a in cert.addresses}
+            if not set(link.spec.addresses) <= allowed:
+                raise RemoteProtocolError("address_not_certified", f"{link.spec.name}")
+        link.certificate = cert
+        return link, cert, body.timestamp_ns
+
+    def _link_for(self, cert: Certificate, source: Address) -> Link:
+        for link in self.links.values():
+            if link.spec.public_key == cert.public_key:
+                return link
+        for link in self.links.values():
+            if link.spec.public_key is None and link.spec.endpoint == source:
+                return link
+        raise RemoteProtocolError(
+            "unknown_peer", f"{cert.name} ({cert.node_id.hex()}) from {source}"
+        )
+
+    def _establish(
+        self,
+        link: Link,
+        state: HandshakeState,
+        index: int,
+        peer_index: int,
+        source: Address,
+        now: float,
+        *,
+        initiator: bool,
+        confirmed: bool,
+        pattern: hs.Pattern,
+    ) -> None:
+        i2r, r2i = state.split()
+        send, recv = (i2r, r2i) if initiator else (r2i, i2r)
+        was_up = link.up
+        link.sessions.append(
+            Session(
+                link.spec.slot,
+                index,
+                _key(recv),
+                peer_index,
+                _key(send),
+                now,
+                initiator,
+                confirmed,
+                pattern,
+            )
+        )
+        link.sessions = link.sessions[-MAX_SESSIONS:]
+        link.endpoint = source
+        link.attempts = 0
+        link.rekey_wanted = False
+        link.next_attempt = now + self.settings.retry_s
+        link.handshakes += 1
+        self.counters["handshakes_completed"] += 1
+        self._changed()
+        assert link.certificate is not None
+        self._events.append(
+            LinkEvent(
+                EventKind.SESSION_ESTABLISHED,
+                link.spec.slot,
+                link.spec.name,
+                node_id=link.certificate.node_id.hex(),
+                pattern=pattern.name,
+                source=source,
+            )
+        )
+        if not was_up:
+            self._events.append(
+                LinkEvent(
+                    EventKind.LINK_FORMED,
+                    link.spec.slot,
+                    link.spec.name,
+                    node_id=link.certificate.node_id.hex(),
+                    pattern=pattern.name,
+                    source=source,
+                )
+            )
+
+    def _close(self, link: Link, reason: str) -> None:
+        self._events.append(
+            LinkEvent(EventKind.LINK_CLOSED, link.spec.slot, link.spec.name, reason)
+        )
+
+    def _changed(self) -> None:
+        self.sessions_version += 1
+
+    def _refuse(self, reason: str, source: Address, detail: str = "") -> None:
+        self.refusals[reason] += 1
+        self._events.append(
+            LinkEvent(EventKind.HANDSHAKE_REFUSED, None, None, reason, detail, source)
+        )
+
+
+def _noise(read: Callable[[bytes], bytes], message: bytes) -> bytes:
+    try:
+        return read(message)
+    except NoiseError as exc:
+        raise RemoteProtocolError("handshake_failed", exc.reason) from exc
+
+
+def _key(cipher: CipherState) -> bytes:
+    key = cipher.key
+    assert key is not None, "a completed handshake has keys"
+    return key

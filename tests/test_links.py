@@ -1,0 +1,315 @@
+"""Links between two LinkManagers in memory: IK and XX handshakes with certificates, every
+refusal, cookies under load, rekeying without a gap, revocation. Time is driven by hand."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+
+from pipeline.control import handshake as hs
+from pipeline.control.links import EventKind, LinkEvent, LinkManager, LinkSettings, PeerSpec
+from pipeline.crypto.cert import Certificate, RevocationList, issue, make_ca
+from pipeline.crypto.identity import Identity
+
+NOW = 1_000.0
+WALL = 1_800_000_000.0
+A_ADDR = ("198.18.0.1", 4789)
+B_ADDR = ("198.18.0.2", 4789)
+
+
+def rng_from(seed: int) -> Callable[[int], bytes]:
+    r = random.Random(seed)
+    return lambda n: r.randbytes(n)
+
+
+def ca_pair(seed: int = 1) -> tuple[Identity, Certificate]:
+    ca = Identity.from_seed(bytes([seed]) * 32)
+    return ca, make_ca(ca, name="authority", not_before=0, not_after=2**40, serial=seed)
+
+
+def member(
+    ca: Identity,
+    ca_cert: Certificate,
+    seed: int,
+    name: str,
+    *,
+    networks: tuple[str, ...] = ("lab",),
+    not_after: int = 2**39,
+    addresses: tuple[str, ...] = (),
+) -> tuple[Identity, Certificate]:
+    ident = Identity.from_seed(bytes([seed]) * 32)
+    cert = issue(
+        ca,
+        ca_cert,
+        public_key=ident.public_key,
+        name=name,
+        networks=list(networks),
+        addresses=list(addresses),
+        not_before=0,
+        not_after=not_after,
+        serial=seed,
+    )
+    return ident, cert
+
+
+def manager(
+    ident: Identity,
+    cert: Certificate,
+    ca_cert: Certificate,
+    peer: PeerSpec,
+    seed: int,
+    **settings: float,
+) -> LinkManager:
+    return LinkManager(
+        identity=ident,
+        certificate=cert,
+        ca=ca_cert,
+        network="lab",
+        peers=[peer],
+        revoked=RevocationList.empty(),
+        rng=rng_from(seed),
+        settings=LinkSettings(**settings),  # type: ignore[arg-type]
+    )
+
+
+class Pair:
+    def __init__(
+        self, *, a_knows_b: bool = True, b_knows_a: bool = True, **settings: float
+    ) -> None:
+        self.ca, self.ca_cert = ca_pair()
+        self.ia, self.ca_a = member(self.ca, self.ca_cert, 10, "alpha")
+        self.ib, self.ca_b = member(self.ca, self.ca_cert, 20, "beta")
+        self.a = manager(
+            self.ia,
+            self.ca_a,
+            self.ca_cert,
+            PeerSpec(1, "beta", B_ADDR, self.ib.public_key if a_knows_b else None, ("100.64.0.2",)),
+            1,
+            **settings,
+        )
+        self.b = manager(
+            self.ib,
+            self.ca_b,
+            self.ca_cert,
+            PeerSpec(
+                1, "alpha", A_ADDR, self.ia.public_key if b_knows_a else None, ("100.64.0.1",)
+            ),
+            2,
+            **settings,
+        )
+        self.now = NOW
+
+    def deliver(self, drop: Callable[[bytes], bool] = lambda d: False) -> int:
+        """Move every pending datagram across until both are quiet; return how many moved."""
+        moved = 0
+        for _ in range(10):
+            batch = [(self.b, d, A_ADDR) for d, to in self.a.datagrams_to_send()]
+            batch += [(self.a, d, B_ADDR) for d, to in self.b.datagrams_to_send()]
+            if not batch:
+                return moved
+            for target, datagram, source in batch:
+                if not drop(datagram):
+                    target.receive(datagram, source, self.now, WALL)
+                    moved += 1
+        return moved
+
+    def start_a(self) -> None:
+        """Only alpha initiates (beta's first timer comes later)."""
+        self.a.handle_timer(self.now, WALL)
+        self.b.links[1].next_attempt = self.now + 0.5
+
+    def tick(self, dt: float = 0.0) -> None:
+        self.now += dt
+        self.a.handle_timer(self.now, WALL + self.now - NOW)
+        self.b.handle_timer(self.now, WALL + self.now - NOW)
+
+
+def events(m: LinkManager) -> list[LinkEvent]:
+    return list(m.events())
+
+
+def keys_match(p: Pair) -> None:
+    (sa,) = p.a.sessions()
+    (sb,) = p.b.sessions()
+    assert sa.send_key == sb.recv_key and sa.recv_key == sb.send_key
+    assert sa.send_index == sb.recv_index and sb.send_index == sa.recv_index
+    assert sa.send_key != sa.recv_key
+
+
+class TestHandshakes:
+    def test_ik_forms_a_link_with_matching_keys(self) -> None:
+        p = Pair()
+        p.start_a()
+        p.deliver()
+        keys_match(p)
+        (sa,) = p.a.sessions()
+        (sb,) = p.b.sessions()
+        assert sa.pattern is hs.Pattern.IK and sa.confirmed and not sb.confirmed
+        formed = [e for e in events(p.b) if e.kind is EventKind.LINK_FORMED]
+        assert formed and formed[0].node_id == p.ia.node_id.hex()
+        p.b.confirm(sb.recv_index)
+        assert p.b.sessions()[0].confirmed
+
+    def test_xx_learns_the_peers_key(self) -> None:
+        p = Pair(a_knows_b=False, b_knows_a=False)
+        p.start_a()
+        p.deliver()
+        keys_match(p)
+        assert p.a.sessions()[0].pattern is hs.Pattern.XX
+        assert p.b.sessions()[0].confirmed  # the initiator's last message confirmed it
+        assert p.a.links[1].certificate == p.ca_b
+
+    def test_crossed_initiations_end_in_one_working_pair(self) -> None:
+        p = Pair()
+        p.a.handle_timer(p.now, WALL)
+        p.b.handle_timer(p.now, WALL)
+        p.deliver()
+        a_keys = {(s.send_key, s.recv_key) for s in p.a.sessions()}
+        b_keys = {(s.recv_key, s.send_key) for s in p.b.sessions()}
+        assert a_keys & b_keys
+
+    def test_lost_reply_is_retried(self) -> None:
+        p = Pair()
+        p.start_a()
+        p.deliver(drop=lambda d: d[hs.HEADER_LEN + 1] == 1)  # every step-1 reply lost
+        assert not p.a.sessions()
+        p.tick(LinkSettings().retry_s + 0.01)
+        p.deliver()
+        assert p.a.sessions() and any(
+            s.send_key == p.a.sessions()[-1].recv_key for s in p.b.sessions()
+        )
+
+
+class TestRefusals:
+    @pytest.mark.parametrize(
+        ("case", "reason"),
+        [
+            ("foreign_ca", "foreign_ca"),
+            ("expired", "expired"),
+            ("other_network", "wrong_network"),
+            ("revoked", "revoked"),
+            ("impostor", "unknown_peer"),
+            ("stolen_certificate", "key_mismatch"),
+        ],
+    )
+    def test_bad_initiator_is_refused_and_counted(self, case: str, reason: str) -> None:
+        p = Pair()
+        ca2, ca2_cert = ca_pair(seed=2)
+        if case == "foreign_ca":
+            ident, cert = member(ca2, ca2_cert, 10, "alpha")
+        elif case == "expired":
+            ident, cert = member(p.ca, p.ca_cert, 10, "alpha", not_after=int(WALL) - 10)
+        elif case == "other_network":
+            ident, cert = member(p.ca, p.ca_cert, 10, "alpha", networks=("other",))
+        elif case == "impostor":  # a valid member that beta has not configured as a peer
+            ident, cert = member(p.ca, p.ca_cert, 30, "mallory")
+        elif case == "stolen_certificate":  # alpha's certificate without alpha's key
+            ident, cert = member(p.ca, p.ca_cert, 30, "mallory")[0], p.ca_a
+        else:
+            ident, cert = p.ia, p.ca_a
+            p.b.set_revocations(RevocationList.parse(f"serial {cert.serial}\n"))
+        p.a = manager(
+            ident,
+            cert,
+            p.ca_cert if case != "foreign_ca" else ca2_cert,
+            PeerSpec(1, "beta", B_ADDR, p.ib.public_key, ("100.64.0.2",)),
+            1,
+        )
+        p.start_a()
+        p.deliver()
+        assert p.b.sessions() == [] and p.a.sessions() == []
+        refused = p.b.statistics()["refused"]
+        assert isinstance(refused, dict)
+        if case == "foreign_ca":  # its mac1 is keyed by the other authority
+            assert refused == {"bad_mac1": 1}
+        else:
+            assert refused == {reason: 1}
+            assert [e.reason for e in events(p.b) if e.kind is EventKind.HANDSHAKE_REFUSED] == [
+                reason
+            ]
+
+    def test_replayed_initiation_is_refused(self) -> None:
+        p = Pair()
+        p.start_a()
+        ((init, _),) = p.a.datagrams_to_send()
+        p.b.receive(init, A_ADDR, p.now, WALL)
+        p.b.receive(init, A_ADDR, p.now, WALL)
+        assert p.b.statistics()["refused"] == {"replayed_initiation": 1}
+        assert len(p.b.sessions()) == 1
+
+    def test_junk_never_raises_and_is_counted(self) -> None:
+        p = Pair()
+        r = random.Random(5)
+        for n in range(300):
+            p.b.receive(r.randbytes(n % 200), A_ADDR, p.now, WALL)
+        refused = p.b.statistics()["refused"]
+        assert isinstance(refused, dict) and sum(refused.values()) == 300
+
+    def test_flipped_byte_in_initiation_is_refused(self) -> None:
+        p = Pair()
+        p.start_a()
+        ((init, _),) = p.a.datagrams_to_send()
+        for i in range(len(init) - 2 * hs.MAC_LEN):
+            bad = bytearray(init)
+            bad[i] ^= 0x40
+            p.b.receive(bytes(bad), A_ADDR, p.now, WALL)
+        assert p.b.sessions() == []
+
+
+class TestLoad:
+    def test_flood_gets_cookies_and_a_member_still_links(self) -> None:
+        p = Pair(load_threshold=5)
+        stranger = rng_from(9)
+        key = hs.mac1_key(p.ca_cert.public_key)
+        for i in range(40):  # a stranger who holds the CA certificate: valid mac1, junk inside
+            junk = hs.build_handshake(
+                key,
+                receiver_index=0,
+                pattern=hs.Pattern.IK,
+                step=0,
+                sender_index=i + 1,
+                noise=stranger(150),
+            )
+            p.b.receive(junk, ("198.18.0.9", 5000), p.now, WALL)
+        cookies = [d for d, to in p.b.datagrams_to_send() if to == ("198.18.0.9", 5000)]
+        assert len(cookies) >= 30 and p.b.counters["cookies_sent"] == len(cookies)
+        assert p.b.counters["handshakes_received"] <= 6  # the rest cost no Diffie-Hellman
+        p.start_a()
+        p.deliver()  # alpha gets a cookie, answers with mac2, and links
+        assert p.a.counters["cookies_received"] == 1
+        keys_match(p)
+
+
+class TestLifetime:
+    def test_initiator_rekeys_and_old_session_stays_for_stragglers(self) -> None:
+        p = Pair()
+        p.start_a()
+        p.deliver()
+        p.b.confirm(p.b.sessions()[0].recv_index)
+        first = p.a.sessions()[0]
+        p.tick(LinkSettings().rekey_after_s + 1)
+        p.deliver()
+        assert len(p.a.sessions()) == 2 and p.a.sessions()[-1].send_key != first.send_key
+        assert first in p.a.sessions()
+
+    def test_sessions_expire_and_the_link_closes(self) -> None:
+        p = Pair(retry_s=1000.0, retry_max_s=1000.0)
+        p.tick()
+        p.deliver()
+        p.now += LinkSettings().reject_after_s + 1
+        p.a.handle_timer(p.now, WALL)
+        closed = [e for e in events(p.a) if e.kind is EventKind.LINK_CLOSED]
+        assert closed and closed[0].reason == "expired" and p.a.sessions() == []
+
+    def test_revocation_closes_a_live_link(self) -> None:
+        p = Pair()
+        p.tick()
+        p.deliver()
+        p.b.set_revocations(RevocationList.parse(f"node {p.ia.node_id.hex()}\n"))
+        assert p.b.sessions() == []
+        assert [e.reason for e in events(p.b) if e.kind is EventKind.LINK_CLOSED] == ["revoked"]
+        p.tick(5)
+        p.deliver()
+        assert p.b.sessions() == []
