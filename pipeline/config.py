@@ -114,11 +114,38 @@ class OverlaySettings:
     peer_timeout_s: float = _field(5.0, check=_between(0.2, 600), doc="silence before 'down'")
 
 
+def _public_key(v: str) -> str | None:
+    ok = len(v) == 64 and all(c in "0123456789abcdefABCDEF" for c in v)
+    return None if ok else "must be 64 hex digits (an Ed25519 public key, `supervisor key show`)"
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class PeerSettings:
     name: str = _field(check=_name, doc="the peer's node name")
     addresses: tuple[IPv4Address, ...] = _field(doc="the peer's virtual addresses")
     endpoint: Endpoint = _field(doc="the peer's underlay 'IPv4:port'")
+    public_key: str | None = _field(
+        None, check=_public_key, doc="the peer's public key (hex): Noise IK; absent: XX"
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SecuritySettings:
+    ca_certificate: Path | None = _field(None, doc="the network authority's certificate")
+    certificate: Path | None = _field(
+        None, doc="this node's certificate; default <state_dir>/node.crt"
+    )
+    revocation_list: Path | None = _field(
+        None, doc="revoked serials and node ids; re-read on change"
+    )
+    rekey_after_s: float = _field(120.0, check=_between(5, 3600), doc="session key lifetime")
+    rekey_after_bytes: int = _field(1 << 36, check=_between(1 << 20, 1 << 60), doc="or volume")
+    handshake_load_threshold: int = _field(
+        50, check=_between(1, 100000), doc="handshakes per second before cookies are demanded"
+    )
+    insecure_plaintext: bool = _field(
+        False, doc="no handshakes, no encryption: only to measure the pipeline without crypto"
+    )
 
 
 _RING = _power_of_two(1 << 18, 1 << 28)
@@ -176,12 +203,17 @@ class Settings:
     network: NetworkSettings = _field()
     overlay: OverlaySettings = _field(OverlaySettings())
     peers: tuple[PeerSettings, ...] = _field(())
+    security: SecuritySettings = _field(SecuritySettings())
     stages: StagesSettings = _field(StagesSettings())
     log: LogSettings = _field(LogSettings())
 
     @property
     def log_file(self) -> Path:
         return self.log.file or self.node.runtime_dir / "node.log"
+
+    @property
+    def certificate_file(self) -> Path:
+        return self.security.certificate or self.node.state_dir / "node.crt"
 
     @property
     def tap_mac(self) -> bytes:
@@ -311,6 +343,13 @@ def _cross_checks(s: Settings, problems: _Problems) -> None:
             if addr in seen:
                 problems.add(where, f"{addr} is already used by {seen[addr]}")
             seen[addr] = where
+    sec = s.security
+    if not sec.insecure_plaintext and sec.ca_certificate is None:
+        problems.add(
+            "security.ca_certificate",
+            "is required (the network authority's ca.crt); only a benchmark may set "
+            "security.insecure_plaintext = true instead",
+        )
     if len(s.peers) > 65000:
         problems.add("peers", "at most 65000 static peers")
 

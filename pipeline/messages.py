@@ -9,7 +9,10 @@ Who sends what:
 - control -> classifier, overlay_io (PUB -> SUB): ``RouteSnapshot``, a whole versioned
   route table; republished on change and periodically so a restarted subscriber resyncs.
 - classifier, overlay_io -> control (DEALER -> ROUTER): ``SnapshotRequest``; control answers
-  with the current ``RouteSnapshot`` at once.
+  with the current ``RouteSnapshot`` at once, and an overlay_io worker also gets
+  ``SessionKeys`` then and on every change of the sessions (the runtime directory is 0700:
+  session keys travel here). overlay_io tells control ``SessionConfirmed`` and
+  ``RekeyRequest``.
 - supervisor CLI -> supervisor (REQ -> ROUTER): ``StatusRequest`` -> ``StatusReply``.
 """
 
@@ -58,6 +61,40 @@ class RouteSnapshot(msgspec.Struct, tag=True, frozen=True):
 class SnapshotRequest(msgspec.Struct, tag=True, frozen=True):
     stage: str
     worker: int
+    pid: int = 0  # a new pid is a new incarnation: its send counters must start afresh
+
+
+class KeyEntry(msgspec.Struct, frozen=True):
+    """One session of one link, as overlay_io needs it."""
+
+    slot: int
+    recv_index: int
+    recv_key: bytes
+    send_index: int
+    send_key: bytes
+    counter_start: int  # first send counter for this worker incarnation: nonces never repeat
+    created: float  # control's monotonic clock (the same clock in every process of the host)
+    confirmed: bool  # the peer holds these keys: overlay_io may send with them
+    endpoint: str  # "host:port" to send to
+
+
+class SessionKeys(msgspec.Struct, tag=True, frozen=True):
+    """Every session control holds, for one overlay_io worker (control -> DEALER)."""
+
+    version: int
+    entries: tuple[KeyEntry, ...]
+
+
+class SessionConfirmed(msgspec.Struct, tag=True, frozen=True):
+    """overlay_io opened a datagram on a session not yet confirmed (overlay_io -> control)."""
+
+    recv_index: int
+
+
+class RekeyRequest(msgspec.Struct, tag=True, frozen=True):
+    """A send session carried its volume: control should start a new handshake."""
+
+    slot: int
 
 
 class StatusRequest(msgspec.Struct, tag=True, frozen=True):
@@ -75,6 +112,9 @@ Message = (
     | Stop
     | RouteSnapshot
     | SnapshotRequest
+    | SessionKeys
+    | SessionConfirmed
+    | RekeyRequest
     | StatusRequest
     | StatusReply
 )

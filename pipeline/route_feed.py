@@ -8,6 +8,7 @@ higher version in the same epoch, or any version of a new epoch after control re
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import zmq
@@ -18,10 +19,14 @@ from pipeline.worker import CONTROL_PUB_SOCKET, CONTROL_SOCKET, Worker, endpoint
 
 class RouteFeed:
     def __init__(
-        self, worker: Worker, on_snapshot: Callable[[messages.RouteSnapshot], None]
+        self,
+        worker: Worker,
+        on_snapshot: Callable[[messages.RouteSnapshot], None],
+        on_message: Callable[[messages.Message], None] | None = None,
     ) -> None:
         self.worker = worker
         self.on_snapshot = on_snapshot
+        self.on_message = on_message
         self.current: messages.RouteSnapshot | None = None
         runtime = worker.settings.node.runtime_dir
         self.sub = worker.zmq.socket(zmq.SUB)
@@ -31,14 +36,15 @@ class RouteFeed:
         self.sub.connect(endpoint(runtime, CONTROL_PUB_SOCKET))
         self.req = worker.zmq.socket(zmq.DEALER)
         self.req.setsockopt(zmq.LINGER, 0)
-        self.req.setsockopt(zmq.SNDHWM, 10)
+        self.req.setsockopt(zmq.SNDHWM, 100)
+        self.req.setsockopt(zmq.IDENTITY, f"{worker.stage}:{worker.index}".encode())
         self.req.connect(endpoint(runtime, CONTROL_SOCKET))
         worker.watch(self.sub, lambda: self._drain(self.sub))
         worker.watch(self.req, lambda: self._drain(self.req))
         self.request()
 
     def request(self) -> None:
-        ask = messages.SnapshotRequest(self.worker.stage, self.worker.index)
+        ask = messages.SnapshotRequest(self.worker.stage, self.worker.index, os.getpid())
         try:
             self.req.send(messages.encode(ask), zmq.NOBLOCK)
         except zmq.Again:
@@ -51,10 +57,20 @@ class RouteFeed:
             except ValueError:
                 self.worker.log.warning("message_dropped", reason="undecodable", source="control")
                 continue
-            if isinstance(msg, messages.RouteSnapshot) and self._is_newer(msg):
-                self.current = msg
-                self.on_snapshot(msg)
-                self.worker.log.debug("routes_applied", epoch=msg.epoch, version=msg.version)
+            if isinstance(msg, messages.RouteSnapshot):
+                if self._is_newer(msg):
+                    self.current = msg
+                    self.on_snapshot(msg)
+                    self.worker.log.debug("routes_applied", epoch=msg.epoch, version=msg.version)
+            elif self.on_message is not None:
+                self.on_message(msg)
+
+    def tell(self, msg: messages.Message) -> None:
+        """Send control a message on the request socket (dropped if control is not keeping up)."""
+        try:
+            self.req.send(messages.encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            self.worker.log.warning("message_dropped", reason="control_busy", source="control")
 
     def _is_newer(self, msg: messages.RouteSnapshot) -> bool:
         cur = self.current

@@ -9,6 +9,7 @@ which ends it by pid.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.crypto.cert import Certificate, issue, make_ca, to_pem
+from pipeline.crypto.identity import Identity
+from pipeline.crypto.keyfiles import load_or_create_identity
 from supervisor.netns import Namespace, Testbed
 
 UNDERLAY = ("198.18.0.1", "198.18.0.2")
@@ -116,8 +120,77 @@ class Node:
         return res.returncode == 0
 
 
-def write_config(root: Path, name: str, me: int, peer: int, peer_name: str, **stages: int) -> Path:
-    knobs = {"queues": 1, "classifier": 1, "overlay_io": 1} | stages
+@dataclass(frozen=True)
+class Authority:
+    """A network authority made for a test network: its key, certificate and file."""
+
+    identity: Identity
+    certificate: Certificate
+    path: Path
+
+    @classmethod
+    def create(cls, directory: Path, name: str = "lab-authority") -> Authority:
+        directory.mkdir(parents=True, exist_ok=True)
+        ident = Identity.from_seed(os.urandom(32))
+        now = int(time.time())
+        cert = make_ca(
+            ident,
+            name=name,
+            not_before=now - 300,
+            not_after=now + 30 * 86400,
+            serial=int.from_bytes(os.urandom(7), "big"),
+        )
+        path = directory / "ca.crt"
+        path.write_text(to_pem(cert))
+        return cls(ident, cert, path)
+
+    def certify(
+        self,
+        state_dir: Path,
+        name: str,
+        *,
+        networks: tuple[str, ...] = ("test",),
+        not_after: int | None = None,
+        out: Path | None = None,
+    ) -> Certificate:
+        """Create the node's key in ``state_dir`` if needed and write its certificate."""
+        node = load_or_create_identity(state_dir)
+        now = int(time.time())
+        cert = issue(
+            self.identity,
+            self.certificate,
+            public_key=node.public_key,
+            name=name,
+            networks=list(networks),
+            not_before=now - 300,
+            not_after=not_after if not_after is not None else now + 86400,
+            serial=int.from_bytes(os.urandom(7), "big"),
+        )
+        (out or state_dir / "node.crt").write_text(to_pem(cert))
+        return cert
+
+
+def write_config(
+    root: Path,
+    name: str,
+    me: int,
+    peer: int,
+    peer_name: str,
+    *,
+    ca: Path | None,
+    peer_key: str | None = None,
+    revocation_list: Path | None = None,
+    stages: dict[str, int] | None = None,
+) -> Path:
+    """A node's config; ``ca`` None means ``insecure_plaintext`` (benchmarks of the pipeline)."""
+    knobs = {"queues": 1, "classifier": 1, "overlay_io": 1} | (stages or {})
+    if ca is None:
+        security = "insecure_plaintext = true"
+    else:
+        security = f'ca_certificate = "{ca}"'
+        if revocation_list is not None:
+            security += f'\nrevocation_list = "{revocation_list}"'
+    key_line = f'public_key = "{peer_key}"' if peer_key else ""
     text = f"""
 [node]
 name = "{name}"
@@ -137,10 +210,14 @@ listen_port = {PORT}
 keepalive_interval_s = 1.0
 peer_timeout_s = 3.0
 
+[security]
+{security}
+
 [[peers]]
 name = "{peer_name}"
 addresses = ["{VIRTUAL[peer]}"]
 endpoint = "{UNDERLAY[peer]}:{PORT}"
+{key_line}
 
 [stages]
 heartbeat_interval_s = 1.0
@@ -166,17 +243,43 @@ level = "debug"
 
 
 def two_nodes(
-    testbed: Testbed, tmp: Path, *, start: bool = True, **stages: int
+    testbed: Testbed,
+    tmp: Path,
+    *,
+    start: bool = True,
+    secure: bool = True,
+    peer_keys: bool = True,
+    **stages: int,
 ) -> tuple[Node, Node]:
+    """Two nodes on a veth pair, certified by a fresh authority (``secure``; with
+    ``peer_keys`` each names the other's public key, so the handshake is Noise IK, else XX),
+    or in plaintext for measuring the pipeline alone."""
     ns_a = testbed.namespace("a")
     ns_b = testbed.namespace("b")
     testbed.link(ns_a, ns_b, f"{UNDERLAY[0]}/24", f"{UNDERLAY[1]}/24")
+    names = ("alpha", "beta")
+    authority = Authority.create(tmp / "authority") if secure else None
+    keys: list[str | None] = [None, None]
+    if authority is not None:
+        for me, name in enumerate(names):
+            keys[me] = authority.certify(tmp / name / "state", name).public_key.hex()
     nodes = []
-    for me, (name, ns) in enumerate((("alpha", ns_a), ("beta", ns_b))):
+    for me, (name, ns) in enumerate(zip(names, (ns_a, ns_b), strict=True)):
         peer = 1 - me
         root = tmp / name
-        config = write_config(root, name, me, peer, ("alpha", "beta")[peer], **stages)
-        nodes.append(Node(name, ns, config, VIRTUAL[me], UNDERLAY[me], root))
+        config = write_config(
+            root,
+            name,
+            me,
+            peer,
+            names[peer],
+            ca=authority.path if authority else None,
+            peer_key=keys[peer] if peer_keys else None,
+            stages=stages,
+        )
+        node = Node(name, ns, config, VIRTUAL[me], UNDERLAY[me], root)
+        node.extra["authority"] = authority
+        nodes.append(node)
     a, b = nodes
     if start:
         for n in (a, b):

@@ -27,6 +27,7 @@ def minimal() -> dict[str, Any]:
     return {
         "node": {"name": "alpha", "state_dir": "/tmp/s", "runtime_dir": "/tmp/r"},
         "network": {"namespace": "lab", "subnet": "100.64.0.0/24", "address": "100.64.0.1"},
+        "security": {"ca_certificate": "/tmp/ca.crt"},
     }
 
 

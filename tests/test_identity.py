@@ -239,6 +239,8 @@ runtime_dir = "{tmp_path / "run"}"
 namespace = "lab"
 subnet = "100.64.0.0/24"
 address = "100.64.0.1"
+[security]
+ca_certificate = "{tmp_path / "ca.crt"}"
 """
     )
     return config

@@ -20,6 +20,7 @@ PURE = [
     "pipeline/crypto/cert.py",
     "pipeline/control/handshake.py",
     "pipeline/control/links.py",
+    "pipeline/crypto/datapath.py",
     "pipeline/records.py",
     "pipeline/messages.py",
 ]

@@ -138,8 +138,9 @@ def parse_handshake(datagram: bytes) -> HandshakeMessage:
         raise RemoteProtocolError("bad_pattern", f"pattern {kind} step {step}")
     end = len(datagram) - 2 * MAC_LEN
     noise = datagram[HEADER_LEN + BODY_LEN : end]
-    return HandshakeMessage(receiver, pattern, step, sender, noise, datagram[end:-MAC_LEN],
-                            datagram[-MAC_LEN:])
+    return HandshakeMessage(
+        receiver, pattern, step, sender, noise, datagram[end:-MAC_LEN], datagram[-MAC_LEN:]
+    )
 
 
 def check_mac1(msg_key: bytes, datagram: bytes) -> bool:

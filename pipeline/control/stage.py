@@ -1,8 +1,18 @@
-"""control: the node's brain. For now: the static peers become a route table, published to
-classifier and overlay_io workers, and keepalives measure each peer's liveness and RTT.
+"""control: the node's brain. Today: links and their session keys, the route table, and
+keepalives.
 
-Overlay messages arrive from overlay_io rings (the record's peer slot says who sent them) and
-leave through the ring to the overlay_io worker that owns that peer.
+- Links: the sans-I/O ``LinkManager`` makes and remakes Noise sessions with the configured
+  peers. Handshake datagrams arrive from overlay_io rings (HANDSHAKE records, with the
+  sender's endpoint) and leave through them; session keys go to each overlay_io worker over
+  ZeroMQ (``SessionKeys``), each with a send counter range of its own incarnation, so a
+  restarted worker never reuses a nonce. The revocation list is re-read when it changes.
+- Routes: the static peers become a versioned route table published to classifier and
+  overlay_io workers (PUB), and sent to a worker that asks (ROUTER).
+- Keepalives: ``PeerTable`` pings every linked peer through the encrypted sessions and
+  measures its RTT.
+
+With ``security.insecure_plaintext`` there are no links: overlay_io sends in the clear to
+the configured endpoints (for measuring the pipeline alone).
 """
 
 from __future__ import annotations
@@ -16,11 +26,23 @@ import zmq
 
 from pipeline import messages
 from pipeline.classifier.routes import worker_for_peer
+from pipeline.control.links import EventKind, LinkEvent, LinkManager, LinkSettings, PeerSpec
 from pipeline.control.peers import PeerState, PeerTable
-from pipeline.records import RecordKind
+from pipeline.crypto.cert import check_key, verify
+from pipeline.crypto.keyfiles import (
+    KeyFileError,
+    load_or_create_identity,
+    read_certificate,
+    read_revocation_list,
+)
+from pipeline.errors import RemoteProtocolError, StageIOError
+from pipeline.records import ENDPOINT_LEN, RecordKind, pack_endpoint, unpack_endpoint
 from pipeline.worker import CONTROL_PUB_SOCKET, CONTROL_SOCKET, Worker, endpoint, ring_name
 
 REPUBLISH_S = 2.0
+LINK_TICK_S = 0.25
+REVOCATION_CHECK_S = 1.0
+GENERATION_SHIFT = 40  # send counters of incarnation g start at g << 40
 
 
 class ControlWorker(Worker):
@@ -42,6 +64,12 @@ class ControlWorker(Worker):
             timeout_s=s.overlay.peer_timeout_s,
         )
         self.drops: Counter[str] = Counter()
+        self.io_workers: dict[bytes, int] = {}  # overlay_io DEALER identity -> its pid
+        self.generations: dict[tuple[int, bytes], int] = {}  # (send index, identity) -> g
+        self.keys_sent_version = -1
+        self.links: LinkManager | None = None
+        if not s.security.insecure_plaintext:
+            self._setup_links()
         runtime = s.node.runtime_dir
         self.pub = self.zmq.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
@@ -50,11 +78,66 @@ class ControlWorker(Worker):
         self.router = self.zmq.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.SNDHWM, 100)
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker keeps its identity
         self.router.bind(endpoint(runtime, CONTROL_SOCKET))
         self.watch(self.router, self._on_request)
         self.every(REPUBLISH_S, lambda now: self._publish())
         self.every(min(0.5, s.overlay.keepalive_interval_s / 2), self._tick)
+        if self.links is not None:
+            self.every(LINK_TICK_S, self._link_tick)
+            self.every(REVOCATION_CHECK_S, lambda now: self._check_revocations())
         self._publish()
+
+    def _setup_links(self) -> None:
+        s = self.settings
+        sec = s.security
+        assert sec.ca_certificate is not None
+        try:
+            identity = load_or_create_identity(s.node.state_dir)
+            ca = read_certificate(sec.ca_certificate)
+            cert = read_certificate(s.certificate_file)
+            check_key(cert, identity.public_key)
+            verify(
+                cert,
+                ca,
+                now=time.time(),
+                network=s.network.namespace,
+                revoked=read_revocation_list(sec.revocation_list),
+            )
+            revoked = read_revocation_list(sec.revocation_list)
+        except (KeyFileError, RemoteProtocolError) as exc:
+            raise StageIOError(f"cannot take part in the network: {exc}") from exc
+        self.revocation_stamp = _stamp(sec.revocation_list)
+        peers = [
+            PeerSpec(
+                slot,
+                p.name,
+                (str(p.endpoint.host), p.endpoint.port),
+                bytes.fromhex(p.public_key) if p.public_key else None,
+                tuple(str(a) for a in p.addresses),
+            )
+            for slot, p in self.static
+        ]
+        self.links = LinkManager(
+            identity=identity,
+            certificate=cert,
+            ca=ca,
+            network=s.network.namespace,
+            peers=peers,
+            revoked=revoked,
+            rng=os.urandom,
+            settings=LinkSettings(
+                rekey_after_s=sec.rekey_after_s, load_threshold=sec.handshake_load_threshold
+            ),
+        )
+        self.log.info(
+            "identity_loaded",
+            node_id=identity.node_id.hex(),
+            certificate=cert.fingerprint,
+            expires=cert.not_after,
+        )
+
+    # -- routes -----------------------------------------------------------------------------------
 
     def snapshot(self) -> messages.RouteSnapshot:
         peers = tuple(
@@ -83,15 +166,121 @@ class ControlWorker(Worker):
             except ValueError:
                 self.drops["undecodable_request"] += 1
                 continue
+            ident = frames[0]
             if isinstance(msg, messages.SnapshotRequest):
-                self.router.send_multipart([frames[0], messages.encode(self.snapshot())])
+                self.router.send_multipart([ident, messages.encode(self.snapshot())])
+                if msg.stage == "overlay_io":
+                    self._register_io(ident, msg.pid)
+            elif isinstance(msg, messages.SessionConfirmed) and self.links:
+                self.links.confirm(msg.recv_index)
+            elif isinstance(msg, messages.RekeyRequest) and self.links:
+                self.links.request_rekey(msg.slot)
+        self._after_links()
+
+    # -- session keys -----------------------------------------------------------------------------
+
+    def _register_io(self, ident: bytes, pid: int) -> None:
+        """A (re)started overlay_io worker: every key it sends with gets a fresh counter range."""
+        if self.io_workers.get(ident) != pid:
+            self.io_workers[ident] = pid
+            for key in [k for k in self.generations if k[1] == ident]:
+                self.generations[key] += 1
+        self._send_keys(ident)
+
+    def _send_keys(self, ident: bytes) -> None:
+        if self.links is None:
+            return
+        entries = []
+        for sess in self.links.sessions():
+            gen = self.generations.setdefault((sess.send_index, ident), 0)
+            link = self.links.links[sess.slot]
+            entries.append(
+                messages.KeyEntry(
+                    slot=sess.slot,
+                    recv_index=sess.recv_index,
+                    recv_key=sess.recv_key,
+                    send_index=sess.send_index,
+                    send_key=sess.send_key,
+                    counter_start=gen << GENERATION_SHIFT,
+                    created=sess.created,
+                    confirmed=sess.confirmed,
+                    endpoint=f"{link.endpoint[0]}:{link.endpoint[1]}",
+                )
+            )
+        msg = messages.SessionKeys(self.links.sessions_version, tuple(entries))
+        try:
+            self.router.send_multipart([ident, messages.encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.drops["keys_unsent"] += 1
+
+    # -- links -----------------------------------------------------------------------------------
+
+    def _link_tick(self, now: float) -> None:
+        assert self.links is not None
+        self.links.handle_timer(now, time.time())
+        self._after_links()
+
+    def _after_links(self) -> None:
+        """Send what the link manager produced, log its events, push changed keys."""
+        links = self.links
+        if links is None:
+            return
+        for datagram, to in links.datagrams_to_send():
+            slot = next((sl for sl, lk in links.links.items() if lk.endpoint == to), 0)
+            target = self.to_io[worker_for_peer(slot, len(self.to_io))] if slot else self.to_io[0]
+            target.push(pack_endpoint(*to) + datagram, RecordKind.HANDSHAKE)
+        for ev in links.events():
+            self._log_link_event(ev)
+        if links.sessions_version != self.keys_sent_version:
+            self.keys_sent_version = links.sessions_version
+            for ident in self.io_workers:
+                self._send_keys(ident)
+        for p in self.to_io:
+            p.flush()
+
+    def _log_link_event(self, ev: LinkEvent) -> None:
+        if ev.kind is EventKind.HANDSHAKE_REFUSED:
+            src = f"{ev.source[0]}:{ev.source[1]}" if ev.source else None
+            self.log.warning("handshake_refused", reason=ev.reason, source=src, detail=ev.detail)
+        elif ev.kind is EventKind.LINK_FORMED:
+            self.log.info(
+                "link_formed", peer=ev.peer, slot=ev.slot, node_id=ev.node_id, pattern=ev.pattern
+            )
+        elif ev.kind is EventKind.SESSION_ESTABLISHED:
+            self.log.info("session_established", peer=ev.peer, slot=ev.slot, pattern=ev.pattern)
+        else:
+            self.log.warning("link_closed", peer=ev.peer, slot=ev.slot, reason=ev.reason)
+
+    def _check_revocations(self) -> None:
+        path = self.settings.security.revocation_list
+        stamp = _stamp(path)
+        if stamp == self.revocation_stamp or self.links is None:
+            return
+        self.revocation_stamp = stamp
+        try:
+            revoked = read_revocation_list(path)
+        except KeyFileError as exc:
+            self.log.error("revocation_list_rejected", error=str(exc))
+            return
+        self.links.set_revocations(revoked)
+        self.log.info("revocation_list_loaded", entries=len(revoked))
+        self._after_links()
+
+    # -- keepalives --------------------------------------------------------------------------------
 
     def _tick(self, now: float) -> None:
+        linked = self._linked_slots()
         for slot, ping in self.liveness.handle_timer(now):
-            self._send(slot, messages.encode_overlay(ping))
+            if linked is None or slot in linked:
+                self._send_overlay(slot, messages.encode_overlay(ping))
         self._flush_events()
 
-    def _send(self, slot: int, payload: bytes) -> None:
+    def _linked_slots(self) -> set[int] | None:
+        if self.links is None:
+            return None
+        return {s.slot for s in self.links.sessions()}
+
+    def _send_overlay(self, slot: int, payload: bytes) -> None:
         self.to_io[worker_for_peer(slot, len(self.to_io))].push(payload, RecordKind.OVERLAY, slot)
 
     def _flush_events(self) -> None:
@@ -109,39 +298,53 @@ class ControlWorker(Worker):
         for p in self.to_io:
             p.flush()
 
+    # -- records from overlay_io ----------------------------------------------------------------
+
     def work(self) -> int:
         done = 0
         now = time.monotonic()
         for consumer in self.from_io:
             records = consumer.pop_batch(self.batch)
             for rec in records:
-                if rec.kind != RecordKind.OVERLAY:
+                if rec.kind == RecordKind.OVERLAY:
+                    self._on_overlay(rec.peer, rec.data, now)
+                elif rec.kind == RecordKind.HANDSHAKE and self.links is not None:
+                    source = unpack_endpoint(rec.data)
+                    self.links.receive(bytes(rec.data[ENDPOINT_LEN:]), source, now, time.time())
+                else:
                     self.drops["unexpected_kind"] += 1
-                    continue
-                try:
-                    msg = messages.decode_overlay(rec.data)
-                except ValueError:  # msgspec's errors and UnicodeDecodeError alike
-                    self.drops["undecodable_overlay"] += 1
-                    continue
-                reply = self.liveness.receive(rec.peer, msg, now)
-                if reply is not None:
-                    self._send(rec.peer, messages.encode_overlay(reply))
             if records:
                 consumer.release()
                 done += len(records)
         if done:
+            self._after_links()
             self._flush_events()
         return done
 
+    def _on_overlay(self, slot: int, data: memoryview, now: float) -> None:
+        try:
+            msg = messages.decode_overlay(data)
+        except ValueError:  # msgspec's errors and UnicodeDecodeError alike
+            self.drops["undecodable_overlay"] += 1
+            return
+        reply = self.liveness.receive(slot, msg, now)
+        if reply is not None:
+            self._send_overlay(slot, messages.encode_overlay(reply))
+
     def stats(self) -> dict[str, Any]:
         peers = []
+        sessions = self.links.sessions() if self.links else []
         for slot, p in self.static:
             live = self.liveness.peers[slot]
+            link = self.links.links[slot] if self.links else None
+            mine = [x for x in sessions if x.slot == slot]
             peers.append(
                 {
                     "name": p.name,
                     "slot": slot,
-                    "endpoint": str(p.endpoint),
+                    "endpoint": f"{link.endpoint[0]}:{link.endpoint[1]}"
+                    if link
+                    else str(p.endpoint),
                     "addresses": [str(a) for a in p.addresses],
                     "state": live.state.value,
                     "rtt_ms": None if live.rtt_s is None else round(live.rtt_s * 1000, 3),
@@ -150,11 +353,36 @@ class ControlWorker(Worker):
                     else round(time.monotonic() - live.last_heard, 1),
                     "pings_sent": live.pings_sent,
                     "pongs_received": live.pongs_received,
+                    "node_id": link.certificate.node_id.hex()
+                    if link and link.certificate
+                    else None,
+                    "sessions": len(mine),
+                    "session_age_s": round(time.monotonic() - mine[-1].created, 1)
+                    if mine
+                    else None,
+                    "pattern": mine[-1].pattern.name if mine else None,
+                    "handshakes": link.handshakes if link else 0,
                 }
             )
-        return {"peers": peers, "route_version": self.version, "drops": dict(self.drops)}
+        out: dict[str, Any] = {
+            "peers": peers,
+            "route_version": self.version,
+            "drops": dict(self.drops),
+        }
+        if self.links is not None:
+            out["node_id"] = self.links.identity.node_id.hex()
+            out["links"] = self.links.statistics()
+        return out
 
     def teardown(self) -> None:
         if hasattr(self, "pub"):
             self.pub.close(0)
             self.router.close(0)
+
+
+def _stamp(path: Any) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path) if path is not None else None
+    except OSError:
+        return (0, 0)
+    return None if st is None else (st.st_mtime_ns, st.st_size)

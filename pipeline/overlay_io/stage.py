@@ -1,28 +1,69 @@
 """overlay_io: the outside edge. Rings -> UDP (outbound) and UDP -> rings (inbound).
 
-Outbound, a classifier's IP packet or a control message gets the overlay header and goes
-to its peer's endpoint. Inbound, the header is checked, the source endpoint names the peer,
-DATA goes to the classifier worker of that peer and OVERLAY to control, unread. Anything
-else (junk, unknown sources) is a counted drop.
+Outbound, a classifier's IP packet (DATA) or a control message (OVERLAY) is sealed with the
+peer's send session and sent to the peer's endpoint; handshake datagrams that control made
+go out as they are. Inbound, DATA and OVERLAY datagrams are opened with the receive session
+their header names (the replay window and the AEAD tag checked) and go to the classifier
+worker of that peer or to control; HANDSHAKE and COOKIE datagrams go to control with their
+source endpoint. Everything else is a counted drop, before any expensive work.
+
+Session keys come from control (``SessionKeys`` over ZeroMQ). A send session is used only
+once confirmed (the peer holds its keys) and only by the worker that owns the peer, starting
+at the counter control reserved for this worker's incarnation. The first datagram opened on
+an unconfirmed session is reported to control (``SessionConfirmed``); a send session that
+carried its volume asks for a new handshake (``RekeyRequest``).
+
+With ``security.insecure_plaintext`` datagrams are neither sealed nor opened, and the peer of
+an inbound datagram is known by its source endpoint (for measuring the pipeline alone).
 """
 
 from __future__ import annotations
 
+import struct
+import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline import messages
 from pipeline.classifier.routes import worker_for_peer
+from pipeline.crypto.datapath import RecvSession, SendSession
 from pipeline.errors import RemoteProtocolError
 from pipeline.overlay_io.udp import Address, UdpPort
-from pipeline.records import RecordKind
+from pipeline.records import RecordKind, pack_endpoint
 from pipeline.route_feed import RouteFeed
 from pipeline.shm_ring import Consumer, Producer
-from pipeline.wire.overlay import HEADER_LEN, DatagramType, build_header, parse_header
+from pipeline.wire.overlay import HEADER_LEN, VERSION, DatagramType, build_header, parse_header
 from pipeline.worker import Worker, ring_name
 
-_DATA = build_header(DatagramType.DATA)
-_OVERLAY = build_header(DatagramType.OVERLAY)
+_DATA = DatagramType.DATA
+_OVERLAY = DatagramType.OVERLAY
+_HANDSHAKE = DatagramType.HANDSHAKE
+_COOKIE = DatagramType.COOKIE
+_PLAIN_DATA = build_header(_DATA)
+_PLAIN_OVERLAY = build_header(_OVERLAY)
+_INDEX = struct.Struct("!I")
+
+
+@dataclass(slots=True)
+class _Recv:
+    session: RecvSession
+    slot: int
+    key: bytes
+    confirmed: bool
+
+
+@dataclass(slots=True)
+class _Send:
+    session: SendSession
+    key: bytes
+    endpoint: Address
+    rekey_asked: bool = False
+
+
+def _address(text: str) -> Address:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
 
 
 class OverlayIoWorker(Worker):
@@ -32,6 +73,8 @@ class OverlayIoWorker(Worker):
         s = self.settings
         cfg = s.stages.overlay_io
         self.batch = cfg.batch
+        self.secure = not s.security.insecure_plaintext
+        self.rekey_bytes = s.security.rekey_after_bytes
         self.port = UdpPort(
             str(s.overlay.listen_address),
             s.overlay.listen_port,
@@ -39,6 +82,7 @@ class OverlayIoWorker(Worker):
         )
         classifiers = s.stages.classifier.workers
         me = self.index
+        self.workers = cfg.workers
         self.from_classifier = [
             self.consumer(ring_name("classifier", c, "overlay_io", me)) for c in range(classifiers)
         ]
@@ -50,29 +94,131 @@ class OverlayIoWorker(Worker):
         self.producers: list[Producer] = [*self.to_classifier, self.to_control]
         self.endpoints: dict[int, Address] = {}
         self.slots: dict[Address, int] = {}
+        self.recv: dict[int, _Recv] = {}
+        self.send: dict[int, _Send] = {}
+        self.keys_version = -1
         self.sent = self.sent_bytes = self.received = self.received_bytes = 0
-        self.no_endpoint = 0
         self.drops: Counter[str] = Counter()
         self.watch(self.port.fileno(), lambda: None)  # wakes the loop; work() reads
-        self.routes = RouteFeed(self, self._apply)
-        self.log.info("port_bound", address=f"{s.overlay.listen_address}:{s.overlay.listen_port}")
+        self.routes = RouteFeed(self, self._apply_routes, self._on_control)
+        self.log.info(
+            "port_bound",
+            address=f"{s.overlay.listen_address}:{s.overlay.listen_port}",
+            encrypted=self.secure,
+        )
 
-    def _apply(self, snap: messages.RouteSnapshot) -> None:
-        endpoints = {}
-        for peer in snap.peers:
-            host, _, port = peer.endpoint.rpartition(":")
-            endpoints[peer.slot] = (host, int(port))
-        self.endpoints = endpoints
-        self.slots = {addr: slot for slot, addr in endpoints.items()}
+    # -- from control ----------------------------------------------------------------------------
+
+    def _apply_routes(self, snap: messages.RouteSnapshot) -> None:
+        if self.secure:
+            return  # endpoints come with the session keys
+        self.endpoints = {peer.slot: _address(peer.endpoint) for peer in snap.peers}
+        self.slots = {addr: slot for slot, addr in self.endpoints.items()}
+
+    def _on_control(self, msg: messages.Message) -> None:
+        if isinstance(msg, messages.SessionKeys) and self.secure:
+            self._install(msg)
+
+    def _install(self, keys: messages.SessionKeys) -> None:
+        """Take control's sessions; keep the objects (counters, replay windows) we have."""
+        recv: dict[int, _Recv] = {}
+        newest: dict[int, messages.KeyEntry] = {}
+        for e in keys.entries:
+            old = self.recv.get(e.recv_index)
+            if old is not None and old.key == e.recv_key:
+                old.confirmed = old.confirmed or e.confirmed
+                recv[e.recv_index] = old
+            else:
+                opener = RecvSession(e.recv_key, index=e.recv_index, created=e.created)
+                recv[e.recv_index] = _Recv(opener, e.slot, e.recv_key, e.confirmed)
+            confirmed = recv[e.recv_index].confirmed
+            if confirmed and (e.slot not in newest or newest[e.slot].created < e.created):
+                newest[e.slot] = e
+        send: dict[int, _Send] = {}
+        for slot, e in newest.items():
+            if worker_for_peer(slot, self.workers) != self.index:
+                continue
+            old_send = self.send.get(slot)
+            endpoint = _address(e.endpoint)
+            if old_send is not None and old_send.key == e.send_key:
+                old_send.endpoint = endpoint
+                send[slot] = old_send
+            else:
+                sealer = SendSession(
+                    e.send_key,
+                    index=e.send_index,
+                    created=e.created,
+                    counter_start=e.counter_start,
+                    rekey_after_bytes=self.rekey_bytes,
+                )
+                send[slot] = _Send(sealer, e.send_key, endpoint)
+        self.recv, self.send = recv, send
+        self.keys_version = keys.version
+
+    # -- the loop ----------------------------------------------------------------------------------
 
     def work(self) -> int:
         done = self._receive()
-        for consumer in self.from_classifier:
-            done += self._send(consumer, _DATA)
-        done += self._send(self.from_control, _OVERLAY)
+        if self.secure:
+            for consumer in self.from_classifier:
+                done += self._seal_and_send(consumer, _DATA)
+            done += self._from_control()
+        else:
+            for consumer in self.from_classifier:
+                done += self._send_plain(consumer, _PLAIN_DATA)
+            done += self._send_plain(self.from_control, _PLAIN_OVERLAY)
         return done
 
-    def _send(self, consumer: Consumer, header: bytes) -> int:
+    def _seal_and_send(self, consumer: Consumer, dtype: int) -> int:
+        records = consumer.pop_batch(self.batch)
+        if not records:
+            return 0
+        sessions = self.send
+        send = self.port.send
+        for rec in records:
+            out = sessions.get(rec.peer)
+            if out is None:
+                self.drops["no_session"] += 1
+                continue
+            header, sealed = out.session.seal(dtype, rec.data)
+            if send([header, sealed], out.endpoint):
+                self.sent += 1
+                self.sent_bytes += HEADER_LEN + len(sealed)
+        consumer.release()
+        self._ask_rekeys()
+        return len(records)
+
+    def _from_control(self) -> int:
+        """Overlay messages to seal for a peer, and handshake datagrams to send as they are."""
+        records = self.from_control.pop_batch(self.batch)
+        if not records:
+            return 0
+        for rec in records:
+            if rec.kind == RecordKind.HANDSHAKE:
+                data = rec.data
+                host = ".".join(str(b) for b in data[:4])
+                port = int.from_bytes(data[4:6], "big")
+                if self.port.send([data[6:]], (host, port)):
+                    self.sent += 1
+                continue
+            out = self.send.get(rec.peer)
+            if out is None:
+                self.drops["no_session"] += 1
+                continue
+            header, sealed = out.session.seal(_OVERLAY, rec.data)
+            if self.port.send([header, sealed], out.endpoint):
+                self.sent += 1
+        self.from_control.release()
+        return len(records)
+
+    def _ask_rekeys(self) -> None:
+        now = time.monotonic()
+        for slot, out in self.send.items():
+            if not out.rekey_asked and out.session.needs_rekey(now):
+                out.rekey_asked = True
+                self.routes.tell(messages.RekeyRequest(slot))
+
+    def _send_plain(self, consumer: Consumer, header: bytes) -> int:
         records = consumer.pop_batch(self.batch)
         if not records:
             return 0
@@ -81,7 +227,7 @@ class OverlayIoWorker(Worker):
         for rec in records:
             address = endpoints.get(rec.peer)
             if address is None:
-                self.no_endpoint += 1
+                self.drops["no_endpoint"] += 1
             elif send([header, rec.data], address):
                 self.sent += 1
                 self.sent_bytes += HEADER_LEN + len(rec.data)
@@ -91,9 +237,6 @@ class OverlayIoWorker(Worker):
     def _receive(self) -> int:
         port = self.port
         view = port.view
-        slots = self.slots
-        to_classifier = self.to_classifier
-        n = len(to_classifier)
         count = 0
         for _ in range(self.batch):
             got = port.recv()
@@ -101,26 +244,67 @@ class OverlayIoWorker(Worker):
                 break
             count += 1
             length, source = got
-            slot = slots.get(source)
-            if slot is None:
-                self.drops["unknown_source"] += 1
-                continue
-            try:
-                header = parse_header(view[:length])
-            except RemoteProtocolError as exc:
-                self.drops[exc.reason] += 1
-                continue
-            payload = view[HEADER_LEN:length]
-            self.received += 1
-            self.received_bytes += length
-            if header.type is DatagramType.DATA:
-                to_classifier[worker_for_peer(slot, n)].push(payload, RecordKind.IP_PACKET, slot)
+            if self.secure:
+                self._open(view[:length], source)
             else:
-                self.to_control.push(payload, RecordKind.OVERLAY, slot)
+                self._accept_plain(view[:length], source)
         if count:
             for p in self.producers:
                 p.flush()
         return count
+
+    def _open(self, datagram: memoryview, source: Address) -> None:
+        if len(datagram) < HEADER_LEN or datagram[0] != VERSION:
+            self.drops["short_datagram" if len(datagram) < HEADER_LEN else "bad_version"] += 1
+            return
+        kind = datagram[1]
+        if kind == _HANDSHAKE or kind == _COOKIE:
+            self.to_control.push(pack_endpoint(*source) + datagram, RecordKind.HANDSHAKE)
+            return
+        if kind != _DATA and kind != _OVERLAY:
+            self.drops["bad_type"] += 1
+            return
+        entry = self.recv.get(_INDEX.unpack_from(datagram, 4)[0])
+        if entry is None:
+            self.drops["unknown_session"] += 1
+            return
+        try:
+            payload = entry.session.open(datagram)
+        except RemoteProtocolError as exc:
+            self.drops[exc.reason] += 1
+            return
+        if not entry.confirmed:
+            entry.confirmed = True
+            self.routes.tell(messages.SessionConfirmed(entry.session.index))
+        self.received += 1
+        self.received_bytes += len(datagram)
+        slot = entry.slot
+        if kind == _DATA:
+            target = self.to_classifier[worker_for_peer(slot, len(self.to_classifier))]
+            target.push(payload, RecordKind.IP_PACKET, slot)
+        else:
+            self.to_control.push(payload, RecordKind.OVERLAY, slot)
+
+    def _accept_plain(self, datagram: memoryview, source: Address) -> None:
+        slot = self.slots.get(source)
+        if slot is None:
+            self.drops["unknown_source"] += 1
+            return
+        try:
+            header = parse_header(datagram)
+        except RemoteProtocolError as exc:
+            self.drops[exc.reason] += 1
+            return
+        payload = datagram[HEADER_LEN:]
+        self.received += 1
+        self.received_bytes += len(datagram)
+        if header.type is DatagramType.DATA:
+            target = self.to_classifier[worker_for_peer(slot, len(self.to_classifier))]
+            target.push(payload, RecordKind.IP_PACKET, slot)
+        elif header.type is DatagramType.OVERLAY:
+            self.to_control.push(payload, RecordKind.OVERLAY, slot)
+        else:
+            self.drops["bad_type"] += 1
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -129,7 +313,8 @@ class OverlayIoWorker(Worker):
             "datagrams_received": self.received,
             "bytes_received": self.received_bytes,
             "send_errors": self.port.send_errors,
-            "no_endpoint": self.no_endpoint,
+            "encrypted": self.secure,
+            "sessions": {"receive": len(self.recv), "send": len(self.send)},
             "drops": dict(self.drops),
         }
 
