@@ -28,6 +28,7 @@ import zmq
 
 from pipeline import messages
 from pipeline.config import Mode, Settings, load_settings
+from pipeline.crypto.keyfiles import KeyFileError, load_membership
 from pipeline.errors import ConfigError
 from pipeline.worker import CLI_SOCKET, endpoint
 from supervisor import keys, logview
@@ -65,6 +66,27 @@ def cmd_start(args: argparse.Namespace) -> int:
     if settings.network.mode is Mode.ROUTER:
         print("router mode is not implemented yet (see configs/router.toml)", file=sys.stderr)
         return EXIT_CONFIG
+    sec = settings.security
+    if sec.insecure_plaintext:
+        print(
+            "WARNING: security.insecure_plaintext: frames cross the underlay unencrypted and "
+            "unauthenticated; use this only to measure the pipeline",
+            file=sys.stderr,
+        )
+    else:
+        assert sec.ca_certificate is not None
+        try:
+            load_membership(
+                state_dir=settings.node.state_dir,
+                ca_path=sec.ca_certificate,
+                certificate_path=settings.certificate_file,
+                revocation_path=sec.revocation_list,
+                network=settings.network.namespace,
+                now=time.time(),
+            )
+        except KeyFileError as exc:
+            print(f"cannot start: {exc}", file=sys.stderr)
+            return 1
     try:
         return NodeSupervisor(settings).run()
     except NodeError as exc:

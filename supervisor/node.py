@@ -378,6 +378,9 @@ class NodeSupervisor:
             "uptime_s": round(now - self.started, 1),
             "workers": workers,
             "rings": [read_stats(r)._asdict() for r in self.rings.values()],
+            "node_id": control.stats.get("node_id") if control else None,
+            "encrypted": not s.security.insecure_plaintext,
+            "links": control.stats.get("links", {}) if control else {},
             "peers": (control.stats.get("peers", []) if control else []),
         }
 

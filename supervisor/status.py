@@ -22,6 +22,8 @@ def format_status(st: dict[str, Any]) -> str:
     lines = [
         f"node {st['node']}  {st['address']} in {st['subnet']} (namespace {st['namespace']}, "
         f"{st['mode']} mode, device {st['device']})",
+        f"node id {st.get('node_id') or '-'}"
+        + ("" if st.get("encrypted", True) else "  (INSECURE PLAINTEXT: no encryption)"),
         f"listening on {st['listen']}, supervisor pid {st['supervisor_pid']}, "
         f"up {st['uptime_s']} s",
         "",
@@ -50,14 +52,21 @@ def format_status(st: dict[str, Any]) -> str:
         [
             p["name"],
             p["state"],
+            (p.get("node_id") or "-")[:12],
             p["endpoint"],
             ",".join(p["addresses"]),
             p["rtt_ms"],
-            p["last_heard_s"],
+            p.get("pattern"),
+            p.get("session_age_s"),
         ]
         for p in st["peers"]
     ]
-    lines += table(["peer", "state", "endpoint", "addresses", "rtt_ms", "last_heard_s"], rows)
+    headers = ["peer", "state", "node_id", "endpoint", "addresses", "rtt_ms", "link", "key_age_s"]
+    lines += table(headers, rows)
+    refused = (st.get("links") or {}).get("refused") or {}
+    if refused:
+        lines += ["", "handshakes refused"]
+        lines += table(["reason", "count"], [[r, n] for r, n in sorted(refused.items())])
     drops = _drops(st)
     if drops:
         lines += ["", "drops"]

@@ -28,14 +28,8 @@ from pipeline import messages
 from pipeline.classifier.routes import worker_for_peer
 from pipeline.control.links import EventKind, LinkEvent, LinkManager, LinkSettings, PeerSpec
 from pipeline.control.peers import PeerState, PeerTable
-from pipeline.crypto.cert import check_key, verify
-from pipeline.crypto.keyfiles import (
-    KeyFileError,
-    load_or_create_identity,
-    read_certificate,
-    read_revocation_list,
-)
-from pipeline.errors import RemoteProtocolError, StageIOError
+from pipeline.crypto.keyfiles import KeyFileError, load_membership, read_revocation_list
+from pipeline.errors import StageIOError
 from pipeline.records import ENDPOINT_LEN, RecordKind, pack_endpoint, unpack_endpoint
 from pipeline.worker import CONTROL_PUB_SOCKET, CONTROL_SOCKET, Worker, endpoint, ring_name
 
@@ -93,20 +87,18 @@ class ControlWorker(Worker):
         sec = s.security
         assert sec.ca_certificate is not None
         try:
-            identity = load_or_create_identity(s.node.state_dir)
-            ca = read_certificate(sec.ca_certificate)
-            cert = read_certificate(s.certificate_file)
-            check_key(cert, identity.public_key)
-            verify(
-                cert,
-                ca,
-                now=time.time(),
+            member = load_membership(
+                state_dir=s.node.state_dir,
+                ca_path=sec.ca_certificate,
+                certificate_path=s.certificate_file,
+                revocation_path=sec.revocation_list,
                 network=s.network.namespace,
-                revoked=read_revocation_list(sec.revocation_list),
+                now=time.time(),
             )
-            revoked = read_revocation_list(sec.revocation_list)
-        except (KeyFileError, RemoteProtocolError) as exc:
+        except KeyFileError as exc:
             raise StageIOError(f"cannot take part in the network: {exc}") from exc
+        identity, ca, cert = member.identity, member.ca, member.certificate
+        revoked = member.revoked
         self.revocation_stamp = _stamp(sec.revocation_list)
         peers = [
             PeerSpec(

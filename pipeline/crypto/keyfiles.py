@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.crypto.cert import (
     Certificate,
     CertificateError,
     RevocationList,
+    check_key,
     decode_certificate,
     from_pem,
+    verify,
 )
 from pipeline.crypto.identity import SEED_LEN, Identity
 
@@ -172,3 +175,43 @@ def read_revocation_list(path: Path | None) -> RevocationList:
         raise KeyFileError(f"{path}: cannot read: {exc.strerror}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise KeyFileError(f"{path}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Membership:
+    """What a node needs to take part in a network, loaded and checked."""
+
+    identity: Identity
+    ca: Certificate
+    certificate: Certificate
+    revoked: RevocationList
+
+
+def load_membership(
+    *,
+    state_dir: Path,
+    ca_path: Path,
+    certificate_path: Path,
+    revocation_path: Path | None,
+    network: str,
+    now: float,
+) -> Membership:
+    """The node's key (made on first use), the authority, and the node's own certificate,
+    which must be for this key, valid now, for ``network``, and not revoked. KeyFileError
+    says what is wrong and what to do."""
+    identity = load_or_create_identity(state_dir)
+    ca = read_certificate(ca_path)
+    if not certificate_path.exists():
+        raise KeyFileError(
+            f"{certificate_path}: no certificate yet. Give the network authority this node's "
+            f"public key {identity.public_key.hex()} (`supervisor key show`), and put the "
+            f"certificate it issues (`supervisor cert issue`) there"
+        )
+    certificate = read_certificate(certificate_path)
+    revoked = read_revocation_list(revocation_path)
+    try:
+        check_key(certificate, identity.public_key)
+        verify(certificate, ca, now=now, network=network, revoked=revoked)
+    except CertificateError as exc:
+        raise KeyFileError(f"{certificate_path}: {exc.reason}: {exc.detail}") from None
+    return Membership(identity, ca, certificate, revoked)
