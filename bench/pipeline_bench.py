@@ -1,13 +1,21 @@
-"""End-to-end benchmark of the autovn pipeline against the bare veth it runs over.
+"""End-to-end benchmark of the autovn pipeline, plaintext and encrypted, against the bare veth.
 
-What it measures, in one run, for two setups built on the same pair of network namespaces
-(``supervisor.lab.two_nodes``: a veth pair with underlay 198.18.0.1/.2):
+What it measures, in one run, for up to three setups built on the same pair of network
+namespaces (``supervisor.lab.two_nodes``: a veth pair with underlay 198.18.0.1/.2), one after
+the other in this order:
 
 1. **raw veth** - before any node is started: traffic between the underlay addresses
    198.18.0.1 <-> 198.18.0.2 straight over the veth pair.
-2. **autovn** - after starting one node in each namespace: the same traffic between the
-   virtual addresses 100.64.0.1 <-> 100.64.0.2, i.e. TAP -> tap_reader -> classifier ->
-   overlay_io -> UDP -> overlay_io -> classifier -> tap_reader -> TAP.
+2. **plaintext** - one node in each namespace with ``security.insecure_plaintext = true`` (no
+   handshake, no encryption): the same traffic between the virtual addresses
+   100.64.0.1 <-> 100.64.0.2, i.e. TAP -> tap_reader -> classifier -> overlay_io -> UDP ->
+   overlay_io -> classifier -> tap_reader -> TAP. The nodes are then stopped
+   (``supervisor stop``) and the bench waits until their processes, TAP and UDP port are gone.
+3. **encrypted** - new nodes with new configs and state in the same namespaces, both certified
+   by a fresh network authority (``supervisor.lab.Authority``) and naming each other's key
+   (Noise IK handshake), every frame sealed with ChaCha20-Poly1305: the same traffic again.
+
+``--setups`` picks a subset (default ``raw,plain,enc``); the order stays the one above.
 
 For each setup:
 
@@ -15,22 +23,29 @@ For each setup:
   ``--repeats`` times per direction; the median of the receiver-side rate is reported.
 - **Ping RTT**: ``ping -i 0.01`` with ``--pings`` echo requests (after a short warm-up); p50
   and p99 of the per-reply times (nearest rank).
-- **CPU-seconds per GB** (autovn only): utime+stime, from /proc/PID/stat, of every process of
-  both nodes (the supervisor and each worker pid listed by ``supervisor status --json``)
-  consumed during the iperf3 runs, divided by the bytes the iperf3 receivers counted (GB =
-  1e9 bytes). The supervisor's cutime+cstime delta is added too, so a worker that died and was
-  reaped during a run still counts. The raw veth's kernel work cannot be attributed: "-".
-- **Idle CPU** (autovn only): CPU of one node's processes over 10 s with no traffic (only
-  keepalives), as percent of one core. Measured after the nodes are up, before any traffic.
+- **CPU-seconds per GB** (autovn setups only): utime+stime, from /proc/PID/stat, of every
+  process of both nodes (the supervisor and each worker pid listed by ``supervisor status
+  --json``) consumed during the iperf3 runs, divided by the bytes the iperf3 receivers counted
+  (GB = 1e9 bytes). The supervisor's cutime+cstime delta is added too, so a worker that died
+  and was reaped during a run still counts. The raw veth's kernel work cannot be attributed:
+  "-".
+- **Idle CPU** (autovn setups only): CPU of one node's processes over 10 s with no traffic
+  (only keepalives), as percent of one core. Measured after the nodes are up, before any
+  traffic.
 
-Afterwards it prints each worker's restarts (should be 0) and the ring and worker drop
-counters (drops explain TCP retransmits). Results also go to
+The table has one column per setup and the ratios plain/raw and enc/raw (enc/plain for the
+CPU per GB row, the only one where raw has no value). Afterwards it prints, for each autovn
+setup, each worker's restarts (should be 0), the ring and worker drop counters (drops explain
+TCP retransmits) and a check that the overlay carried the iperf3 bytes; for the encrypted
+setup also the handshake counters of each node's control stage (``links`` in ``status
+--json``) and the pattern, handshakes and sessions of its peer. Results also go to
 ``bench/results/pipeline-<timestamp>.json``.
 
 Run as root from the repository root::
 
-    python3 bench/pipeline_bench.py [--seconds 5] [--repeats 3] [--pings 200]
-                                    [--scale queues=2,classifier=2,overlay_io=2] [--json-only]
+    python3 bench/pipeline_bench.py [--setups raw,plain,enc] [--seconds 5] [--repeats 3]
+                                    [--pings 200] [--scale queues=2,classifier=2,overlay_io=2]
+                                    [--json-only]
 
 Everything (namespaces, nodes, iperf3 server) lives in a ``Testbed`` and is removed on exit,
 on failure and on Ctrl-C. Nothing touches the root namespace.
@@ -56,7 +71,17 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from supervisor.lab import UNDERLAY, VIRTUAL, Node, two_nodes, wait_for  # noqa: E402
+from supervisor.lab import (  # noqa: E402
+    DEVICE,
+    PORT,
+    UNDERLAY,
+    VIRTUAL,
+    Authority,
+    Node,
+    two_nodes,
+    wait_for,
+    write_config,
+)
 from supervisor.netns import Namespace, Testbed  # noqa: E402
 
 RESULTS_DIR = REPO / "bench" / "results"
@@ -64,6 +89,9 @@ IDLE_SECONDS = 10.0
 SCALE_KEYS = ("queues", "classifier", "overlay_io")
 IPERF_PORT = 5201
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+SETUPS = {"raw": "raw veth", "plain": "plaintext", "enc": "encrypted"}  # in measuring order
+RATIOS = (("plain", "raw"), ("enc", "raw"), ("enc", "plain"))  # (numerator, denominator)
+NAMES = ("alpha", "beta")
 
 
 def log(msg: str) -> None:

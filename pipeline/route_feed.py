@@ -58,6 +58,8 @@ class RouteFeed:
                 self.worker.log.warning("message_dropped", reason="undecodable", source="control")
                 continue
             if isinstance(msg, messages.RouteSnapshot):
+                if self.current is not None and msg.epoch != self.current.epoch:
+                    self.request()  # control restarted: register again (session keys)
                 if self._is_newer(msg):
                     self.current = msg
                     self.on_snapshot(msg)

@@ -181,6 +181,7 @@ def write_config(
     peer_key: str | None = None,
     revocation_list: Path | None = None,
     stages: dict[str, int] | None = None,
+    security_lines: tuple[str, ...] = (),
 ) -> Path:
     """A node's config; ``ca`` None means ``insecure_plaintext`` (benchmarks of the pipeline)."""
     knobs = {"queues": 1, "classifier": 1, "overlay_io": 1} | (stages or {})
@@ -190,6 +191,7 @@ def write_config(
         security = f'ca_certificate = "{ca}"'
         if revocation_list is not None:
             security += f'\nrevocation_list = "{revocation_list}"'
+    security = "\n".join([security, *security_lines])
     key_line = f'public_key = "{peer_key}"' if peer_key else ""
     text = f"""
 [node]
@@ -249,6 +251,7 @@ def two_nodes(
     start: bool = True,
     secure: bool = True,
     peer_keys: bool = True,
+    security_lines: tuple[str, ...] = (),
     **stages: int,
 ) -> tuple[Node, Node]:
     """Two nodes on a veth pair, certified by a fresh authority (``secure``; with
@@ -276,6 +279,7 @@ def two_nodes(
             ca=authority.path if authority else None,
             peer_key=keys[peer] if peer_keys else None,
             stages=stages,
+            security_lines=security_lines,
         )
         node = Node(name, ns, config, VIRTUAL[me], UNDERLAY[me], root)
         node.extra["authority"] = authority

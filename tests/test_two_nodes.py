@@ -273,3 +273,40 @@ def test_scaled_node_carries_traffic(tmp_path: Path, scale: dict[str, int]) -> N
         res = a.ns.run(["iperf3", "-c", b.address, "-t", "2", "-P", "4", "-J"], timeout=60)
         assert json.loads(res.stdout)["end"]["sum_received"]["bytes"] > 1_000_000
         server.wait(timeout=10)
+
+
+def test_spoofed_source_address_is_dropped_and_counted(pair: tuple[Node, Node]) -> None:
+    """A member sends from an address that is not its own: the receiver drops it."""
+    a, b = pair
+    a.ns.run(["ip", "addr", "add", "100.64.0.99/32", "dev", DEVICE])
+    try:
+        res = a.ns.run(
+            ["ping", "-c", "3", "-i", "0.2", "-W", "1", "-I", "100.64.0.99", b.address], check=False
+        )
+        assert res.returncode != 0  # nothing comes back: beta never accepted the request
+
+        def spoofed() -> int:
+            cls = _stat(b, "classifier", "classifier") or {}
+            assert isinstance(cls, dict)
+            return int(cls.get("drops", {}).get("spoofed_source", 0))
+
+        wait_for("spoofed_source drops at beta", lambda: spoofed() >= 3)
+        assert a.ping(b.address, count=2)  # its own address still works
+    finally:
+        a.ns.run(["ip", "addr", "del", "100.64.0.99/32", "dev", DEVICE], check=False)
+
+
+def test_sessions_rekey_without_losing_a_ping(tmp_path: Path) -> None:
+    """With keys replaced every 5 s, a ping every 50 ms for 12 s loses nothing."""
+    with Testbed("avt") as tb:
+        a, b = two_nodes(tb, tmp_path, security_lines=("rekey_after_s = 5.0",))
+        res = a.ns.run(["ping", "-c", "240", "-i", "0.05", "-W", "1", "-q", b.address], timeout=60)
+        assert " 0% packet loss" in res.stdout, res.stdout
+        st = a.status()
+        assert st is not None
+        (peer,) = st["peers"]
+        assert peer["handshakes"] >= 2, peer
+        sessions = [
+            r for r in a.log_records() + b.log_records() if r["event"] == "session_established"
+        ]
+        assert len(sessions) >= 4  # both ends, at least twice
