@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -13,6 +14,8 @@ from supervisor.netns import Testbed, leftover_namespaces, require_root
 def require_netns() -> None:
     """Skip without root/iproute2, but fail under CI, which runs as root and must run them."""
     reason = require_root()
+    if reason is None and shutil.which("ping") is None:
+        reason = "iputils-ping not installed"
     if reason is not None:
         if os.environ.get("CI"):
             pytest.fail(f"netns tests cannot run under CI: {reason}")

@@ -8,13 +8,11 @@ from __future__ import annotations
 import os
 import re
 import selectors
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,34 +24,13 @@ from supervisor.netns import (
     QdiscUnavailable,
     Testbed,
     leftover_namespaces,
-    require_root,
 )
+from tests.conftest import require_netns
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
 
 REPO = Path(__file__).resolve().parent.parent
 PING = ["ping", "-n", "-q", "-c", "2", "-W", "1", "-i", "0.2"]
-
-
-def _need_netns() -> None:
-    reason = require_root()
-    if reason is None and shutil.which("ping") is None:
-        reason = "iputils-ping not installed"
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"netns tests cannot run under CI: {reason}")
-        pytest.skip(reason)
-
-
-@pytest.fixture
-def testbed() -> Iterator[Testbed]:
-    _need_netns()
-    tb = Testbed(prefix="avnt")
-    try:
-        yield tb
-    finally:
-        tb.close()
-        assert leftover_namespaces(tb.run_id) == []
 
 
 def _alive(pid: int) -> bool:
@@ -167,7 +144,7 @@ def test_stop_returns_exit_code(testbed: Testbed) -> None:
 
 
 def test_close_removes_everything() -> None:
-    _need_netns()
+    require_netns()
     prev = signal.getsignal(signal.SIGTERM)
     tb = Testbed(prefix="avnt")
     try:
@@ -195,7 +172,7 @@ def test_close_removes_everything() -> None:
 
 
 def test_close_on_exception_in_with_block() -> None:
-    _need_netns()
+    require_netns()
     with pytest.raises(RuntimeError, match="boom"), Testbed(prefix="avnt") as tb:
         tb.namespace("a")
         raise RuntimeError("boom")
@@ -271,7 +248,7 @@ def _start_child(mode: str) -> tuple[subprocess.Popen[str], str, int]:
     ids=["sigterm", "sigint", "atexit", "fork", "deferred"],
 )
 def test_child_process_cleans_up(mode: str, sig: signal.Signals | None, expect_rc: int) -> None:
-    _need_netns()
+    require_netns()
     child, run_id, sleep_pid = _start_child(mode)
     try:
         if sig is not None:
