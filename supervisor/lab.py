@@ -63,10 +63,12 @@ class Node:
         return self.ns.run(argv, check=check, timeout=timeout)
 
     def start(self) -> None:
-        out = open(self.root / "supervisor.out", "ab")  # noqa: SIM115 - closed with the process
-        self.proc = self.ns.popen(
-            [sys.executable, "-m", "supervisor", "start", str(self.config)], stdout=out, stderr=out
-        )
+        with open(self.root / "supervisor.out", "ab") as out:  # the child keeps its own copy
+            self.proc = self.ns.popen(
+                [sys.executable, "-m", "supervisor", "start", str(self.config)],
+                stdout=out,
+                stderr=out,
+            )
 
     def status(self) -> dict[str, Any] | None:
         res = self.cli("status", str(self.config), "--json", check=False, timeout=10)

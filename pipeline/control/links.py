@@ -9,8 +9,9 @@ Theory of operation:
 - A handshake is Noise IK when the peer's public key is configured, XX when it is not. Each
   side's certificate travels in its encrypted payload and is checked against the network
   authority: signature, validity, network, revocation, that it is for the static key the
-  peer proved it holds, that it is the configured peer's, and that the peer's configured
-  addresses are ones its certificate allows. Any failure is a counted refusal.
+  peer proved it holds, that it is the configured peer's (its public key if configured, and
+  the name the authority certified), and that the peer's configured addresses are ones its
+  certificate allows. Any failure is a counted refusal.
 - Sending on a session starts only once it is *confirmed*: the initiator's session is
   confirmed by the responder's answer (IK) and the responder's by the initiator's last
   message (XX) or by the first data that arrives on it (IK; ``confirm``). Until then the
@@ -531,9 +532,13 @@ class LinkManager:
         remote = state.remote_static
         if remote is None or x25519_public_from_ed25519(cert.public_key) != remote:
             raise CertificateError("key_mismatch", "the certificate is not for the handshake key")
-        link = expect or self._link_for(cert, source)
+        link = expect or self._link_for(cert)
         if link.spec.public_key is not None:
             check_key(cert, link.spec.public_key)
+        if cert.name != link.spec.name:  # the authority named this node otherwise
+            raise RemoteProtocolError(
+                "wrong_peer_name", f"certified as {cert.name!r}, configured as {link.spec.name!r}"
+            )
         if cert.addresses:
             allowed = {str(a) for a in cert.addresses}
             if not set(link.spec.addresses) <= allowed:
@@ -541,16 +546,16 @@ class LinkManager:
         link.certificate = cert
         return link, cert, body.timestamp_ns
 
-    def _link_for(self, cert: Certificate, source: Address) -> Link:
+    def _link_for(self, cert: Certificate) -> Link:
+        """The configured peer this certificate belongs to: by public key where one is
+        configured, else by the name the authority certified (never by address alone)."""
         for link in self.links.values():
             if link.spec.public_key == cert.public_key:
                 return link
         for link in self.links.values():
-            if link.spec.public_key is None and link.spec.endpoint == source:
+            if link.spec.public_key is None and link.spec.name == cert.name:
                 return link
-        raise RemoteProtocolError(
-            "unknown_peer", f"{cert.name} ({cert.node_id.hex()}) from {source}"
-        )
+        raise RemoteProtocolError("unknown_peer", f"{cert.name} ({cert.node_id.hex()})")
 
     def _establish(
         self,

@@ -37,6 +37,7 @@ REPUBLISH_S = 2.0
 LINK_TICK_S = 0.25
 REVOCATION_CHECK_S = 1.0
 GENERATION_SHIFT = 40  # send counters of incarnation g start at g << 40
+REFUSALS_LOGGED_PER_S = 10
 
 
 class ControlWorker(Worker):
@@ -61,6 +62,8 @@ class ControlWorker(Worker):
         self.io_workers: dict[bytes, int] = {}  # overlay_io DEALER identity -> its pid
         self.generations: dict[tuple[int, bytes], int] = {}  # (send index, identity) -> g
         self.keys_sent_version = -1
+        self.refusal_window = 0.0
+        self.refusals_logged = self.refusals_suppressed = 0
         self.links: LinkManager | None = None
         if not s.security.insecure_plaintext:
             self._setup_links()
@@ -232,8 +235,7 @@ class ControlWorker(Worker):
 
     def _log_link_event(self, ev: LinkEvent) -> None:
         if ev.kind is EventKind.HANDSHAKE_REFUSED:
-            src = f"{ev.source[0]}:{ev.source[1]}" if ev.source else None
-            self.log.warning("handshake_refused", reason=ev.reason, source=src, detail=ev.detail)
+            self._log_refusal(ev)
         elif ev.kind is EventKind.LINK_FORMED:
             self.log.info(
                 "link_formed", peer=ev.peer, slot=ev.slot, node_id=ev.node_id, pattern=ev.pattern
@@ -242,6 +244,21 @@ class ControlWorker(Worker):
             self.log.info("session_established", peer=ev.peer, slot=ev.slot, pattern=ev.pattern)
         else:
             self.log.warning("link_closed", peer=ev.peer, slot=ev.slot, reason=ev.reason)
+
+    def _log_refusal(self, ev: LinkEvent) -> None:
+        """At most REFUSALS_LOGGED_PER_S refusals a second reach the log (a flood must not fill
+        the disk); the rest are counted, in ``links.refused`` and in one summary line."""
+        now = time.monotonic()
+        if now - self.refusal_window >= 1.0:
+            if self.refusals_suppressed:
+                self.log.warning("handshake_refusals_suppressed", count=self.refusals_suppressed)
+            self.refusal_window, self.refusals_logged, self.refusals_suppressed = now, 0, 0
+        if self.refusals_logged >= REFUSALS_LOGGED_PER_S:
+            self.refusals_suppressed += 1
+            return
+        self.refusals_logged += 1
+        src = f"{ev.source[0]}:{ev.source[1]}" if ev.source else None
+        self.log.warning("handshake_refused", reason=ev.reason, source=src, detail=ev.detail)
 
     def _check_revocations(self) -> None:
         path = self.settings.security.revocation_list
