@@ -138,7 +138,9 @@ class SecuritySettings:
     revocation_list: Path | None = _field(
         None, doc="revoked serials and node ids; re-read on change"
     )
-    rekey_after_s: float = _field(120.0, check=_between(5, 3600), doc="session key lifetime")
+    rekey_after_s: float = _field(
+        120.0, check=_between(5, 150), doc="session key lifetime (sessions end at 180 s)"
+    )
     rekey_after_bytes: int = _field(1 << 36, check=_between(1 << 20, 1 << 60), doc="or volume")
     handshake_load_threshold: int = _field(
         50, check=_between(1, 100000), doc="handshakes per second before cookies are demanded"
