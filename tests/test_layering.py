@@ -21,6 +21,8 @@ PURE = [
     "pipeline/control/handshake.py",
     "pipeline/control/links.py",
     "pipeline/crypto/datapath.py",
+    "pipeline/control/overlay",
+    "pipeline/sim",
     "pipeline/records.py",
     "pipeline/messages.py",
 ]

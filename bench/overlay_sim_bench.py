@@ -1,0 +1,192 @@
+"""The structured overlay at scale, in the simulator: join time, hops, maintenance traffic.
+
+For each size N (default 1,000 and 10,000) it grows an overlay of N simulated nodes (the
+same ``OverlayNode`` code as live) on a wide-area-like network (per-pair one-way latency
+log-normal, median 40 ms), each new node joining through 3 random live nodes, ``--rate``
+nodes per virtual second. Then it lets the overlay settle and measures:
+
+- join time: virtual seconds from a node's start to its ``Joined`` event (mean, p99);
+- the ring: nodes whose successor or predecessor is wrong (should be 0);
+- hops: greedy walks through the routing tables between random live nodes
+  (``--pairs``), and real ``send_to_node`` messages through the simulated network
+  (``--probes``): mean and p99, against log2 N and the target ½·log2 N + 2;
+- maintenance traffic: datagrams and bytes each node sends per second over
+  ``--window`` virtual seconds with no application traffic and no churn, by type;
+- the cost of the simulation itself: wall seconds and events.
+
+Usage: ``python3 bench/overlay_sim_bench.py [--sizes 1000,10000] [--seed 1] [--json FILE]``.
+It prints progress lines while it runs, then one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.sim import OverlaySim  # noqa: E402
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run(
+    size: int, *, seed: int, rate: float, settle: float, pairs: int, probes: int, window: float
+) -> dict[str, object]:
+    wall0 = time.perf_counter()
+
+    def say(what: str) -> None:
+        print(
+            f"  [N={size}] {time.perf_counter() - wall0:7.1f} s wall, t={sim.now:7.1f}: {what}",
+            flush=True,
+        )
+
+    sim = OverlaySim(seed=seed)
+    sim.add_node()
+    sim.run_for(1.0)
+    step = max(1, size // 10)
+    for i in range(1, size):
+        sim.add_node()
+        sim.run_for(1.0 / rate)
+        if (i + 1) % step == 0:
+            say(f"{i + 1} nodes, {sim.sim.steps} events")
+    grown = sim.now
+    sim.run_for(settle)
+    say(f"settled {settle:.0f} s")
+    ring_errors = sim.ring_errors(limit=size)
+    not_joined = len(sim.not_joined())
+    joins = [n.joined - n.started for n in sim.live() if n.joined is not None]
+    walks = sim.routing_check(pairs)
+    keys = sim.routing_check(pairs, keys=True)
+    say(f"ring errors {len(ring_errors)}, walks ok {walks.success:.4f}")
+    probe = sim.probe(probes, wait=10.0)
+    say(f"probes ok {probe.success:.4f}")
+    traffic = sim.traffic(window)
+    say(f"traffic {traffic.datagrams_per_node_s:.2f} datagrams/node/s")
+    links = [len(n.node.links()) for n in sim.live()]
+    estimates = [n.node.estimated_size() for n in sim.live()]
+    hops = [float(h) for h in walks.hops]
+    probe_hops = [float(h) for h in probe.hops]
+    return {
+        "nodes": size,
+        "seed": seed,
+        "join_rate": rate,
+        "grow_s": grown,
+        "join_mean_s": statistics.fmean(joins) if joins else math.nan,
+        "join_p99_s": percentile(joins, 0.99),
+        "not_joined": not_joined,
+        "ring_errors": len(ring_errors),
+        "walk_success": walks.success,
+        "key_walk_success": keys.success,
+        "hops_mean": statistics.fmean(hops) if hops else math.nan,
+        "hops_p99": percentile(hops, 0.99),
+        "hops_max": max(hops, default=math.nan),
+        "probe_success": probe.success,
+        "probe_hops_mean": statistics.fmean(probe_hops) if probe_hops else math.nan,
+        "probe_hops_p99": percentile(probe_hops, 0.99),
+        "log2_n": math.log2(size),
+        "target_hops": 0.5 * math.log2(size) + 2,
+        "links_mean": statistics.fmean(links),
+        "links_max": max(links),
+        "estimate_median": statistics.median(estimates),
+        "maintenance_datagrams_per_node_s": traffic.datagrams_per_node_s,
+        "maintenance_bytes_per_node_s": traffic.bytes_per_node_s,
+        "maintenance_by_type": traffic.by_type_per_node_s,
+        "events": sim.sim.steps,
+        "wall_s": time.perf_counter() - wall0,
+    }
+
+
+def table(results: list[dict[str, object]]) -> str:
+    rows = [
+        ("nodes", "nodes", "{:.0f}"),
+        ("join time mean (virtual s)", "join_mean_s", "{:.2f}"),
+        ("join time p99 (virtual s)", "join_p99_s", "{:.2f}"),
+        ("nodes not joined", "not_joined", "{:.0f}"),
+        ("ring errors (succ/pred wrong)", "ring_errors", "{:.0f}"),
+        ("greedy walks ok (node ids)", "walk_success", "{:.4f}"),
+        ("greedy walks ok (random keys)", "key_walk_success", "{:.4f}"),
+        ("hops mean (walks)", "hops_mean", "{:.2f}"),
+        ("hops p99 (walks)", "hops_p99", "{:.0f}"),
+        ("hops max (walks)", "hops_max", "{:.0f}"),
+        ("messages delivered (probes)", "probe_success", "{:.4f}"),
+        ("hops mean (probes)", "probe_hops_mean", "{:.2f}"),
+        ("hops p99 (probes)", "probe_hops_p99", "{:.0f}"),
+        ("log2 N", "log2_n", "{:.2f}"),
+        ("target ½·log2 N + 2", "target_hops", "{:.2f}"),
+        ("links per node mean", "links_mean", "{:.1f}"),
+        ("links per node max", "links_max", "{:.0f}"),
+        ("estimated N (median)", "estimate_median", "{:.0f}"),
+        ("maintenance datagrams/node/s", "maintenance_datagrams_per_node_s", "{:.2f}"),
+        ("maintenance bytes/node/s", "maintenance_bytes_per_node_s", "{:.0f}"),
+        ("simulated events", "events", "{:.0f}"),
+        ("wall seconds", "wall_s", "{:.1f}"),
+    ]
+    width = max(len(label) for label, _, _ in rows)
+    lines = [
+        f"| {'':<{width}} | " + " | ".join(f"{'N=' + str(r['nodes']):>10}" for r in results) + " |",
+        f"| {'-' * width} | " + " | ".join("-" * 10 for _ in results) + " |",
+    ]
+    for label, key, fmt in rows:
+        cells = []
+        for r in results:
+            value = r[key]
+            assert isinstance(value, int | float)
+            cells.append(f"{fmt.format(value):>10}")
+        lines.append(f"| {label:<{width}} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("maintenance datagrams/node/s by type:")
+    for r in results:
+        by_type = r["maintenance_by_type"]
+        assert isinstance(by_type, dict)
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in by_type.items())
+        lines.append(f"  N={r['nodes']}: {parts}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000,10000")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="joins per virtual second (default max(20, N/100))"
+    )
+    parser.add_argument("--settle", type=float, default=60.0)
+    parser.add_argument("--pairs", type=int, default=5000)
+    parser.add_argument("--probes", type=int, default=1000)
+    parser.add_argument("--window", type=float, default=60.0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    results = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        rate = args.rate or max(20.0, size / 100)
+        print(f"N={size}: growing at {rate:.0f} joins/s, seed {args.seed}", flush=True)
+        results.append(
+            run(
+                size,
+                seed=args.seed,
+                rate=rate,
+                settle=args.settle,
+                pairs=args.pairs,
+                probes=args.probes,
+                window=args.window,
+            )
+        )
+    print()
+    print(table(results))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1075 @@
+"""One node of the structured overlay (after Brunet/Symphony). Sans-I/O.
+
+Theory of operation:
+
+- **The circle.** Node ids are positions on a circle of 2^160 (``ring``). A node keeps
+  *links* (logical overlay connections to other nodes' addresses): ``near`` links to the
+  ``near_per_side`` (2) nearest nodes on each side, ``far`` links (Symphony shortcuts) to
+  about ``⌈½·log2 N⌉`` nodes drawn at distances ∝ 1/d, and ``leaf`` links to bootstrap
+  addresses while it joins. N is estimated from the spacing of the near neighbours.
+- **Links.** ``Hello`` → ``HelloAck`` makes a link on both sides (either side may start,
+  both may start at once; a Hello on an existing link refreshes or upgrades it). Any
+  datagram from a linked address counts as a sign of life; a link silent for
+  ``ping_after_s`` is pinged every ``ping_retry_s`` and closed after ``dead_after_s`` of
+  silence. A node that gets a Ping or a HelloAck for a link it does not hold answers
+  ``Close(unknown)``, so half-open links do not linger.
+- **Joining.** Hello to bootstrap addresses (a few at a time; any one reachable suffices),
+  then a ``ConnectRequest`` toward the node's own id through each leaf peer that says it is
+  on the circle (through any leaf peer if none is): routed greedily, never to the
+  requester itself, it ends at the node closest to the requester, which answers with its
+  neighbours nearest the requester. The requester links to the
+  candidates that fall among its ``near_per_side`` nearest on a side, and refines with the
+  neighbour lists its new neighbours send. It is *joined* when its successor and
+  predecessor both know no node between themselves and it.
+- **Keeping the circle.** Whenever a node's near set changes it sends its neighbour list
+  (its links nearest the receiver, ``neighbour_list_per_side`` a side) to each near
+  neighbour, asking the nearest on each side (and new ones) for theirs; every
+  ``stabilize_s`` it asks its nearest on each side again. A list naming a node nearer than
+  the current near neighbours makes a link to it. So a lost neighbour is repaired by asking
+  the next one on that side; a graceful leaver's ``Close`` carries its neighbours.
+- **Far links.** Once joined and N > ``shortcut_min_size``, while it has fewer than
+  ``⌈shortcut_factor·log2 N⌉`` far links (not counting those among the near neighbours), a
+  node draws a distance d with log2 d uniform between log2(2^160/N) and 159, a random
+  side, and routes a ``ConnectRequest`` to that point; the node closest to it answers and
+  they link. Both ends count the link. More than twice the wanted number: one random far
+  link is closed.
+- **Trimming** (as Brunet): after ``trim_quiet_s`` without a change of the near set, a
+  near link more than ``near_keep_per_side`` places away on both sides is closed (the
+  farthest first); leaf links close ``leaf_linger_s`` after the node has joined.
+- **Routing** is greedy: to the linked node (or this one) closest to the key, never a leaf
+  link unless it is the destination itself or the node has nothing else; at most
+  ``max_hops`` hops. ``send_to_key`` delivers at the closest node, ``send_to_node`` only at
+  the node with exactly that id (else a ``RouteError`` goes back to the sender). Datagrams
+  may be lost: the overlay does not retransmit application messages.
+- **Several circles.** A joined node routes a ConnectRequest for its own id through a
+  bootstrap address again ``bootstrap_probe_first_s`` after joining, then at doubling
+  intervals up to every ``bootstrap_probe_s``: nodes that started at the same moment with
+  the same bootstrap list may have founded more than one circle, and a partition leaves
+  one on each side; that is how they find each other and zip together. A node that had
+  structured links and lost them all joins anew, through its bootstrap addresses and the
+  addresses of its last ``KNOWN_ADDRESSES`` links.
+
+Drive it like aioquic's connection: inputs ``receive(message, source, now)``,
+``handle_timer(now)``, ``send_to_key``, ``send_to_node``, ``leave``; after each, drain
+``datagrams_to_send()`` and ``events()`` and arm one timer at ``next_deadline()``. ``now`` is
+seconds on the caller's monotonic clock; all randomness comes from the ``rng`` given.
+Nothing from the network raises out of ``receive``: malformed input is a counted drop
+(``statistics()["dropped_<reason>"]``).
+
+The core trusts the ``sender`` ids in messages: live, the driver must only hand it
+datagrams from authenticated links (``pipeline/control/links.py``), and check that a
+link's authenticated id is the id it claims.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import random
+from collections import Counter
+from collections.abc import Sequence
+
+import msgspec
+
+from pipeline.control.overlay import ring
+from pipeline.control.overlay import wire as w
+from pipeline.control.overlay.events import (
+    Delivered,
+    Joined,
+    LinkAdded,
+    LinkInfo,
+    LinkKind,
+    LinkRemoved,
+    NeighboursChanged,
+    OverlayEvent,
+    RouteFailed,
+)
+from pipeline.control.overlay.ring import clockwise, id_from_bytes, id_to_bytes, ring_distance
+from pipeline.control.overlay.wire import Address, AddressCodec, CloseReason, HostPortCodec
+from pipeline.errors import RemoteProtocolError
+
+LEAF, FAR, NEAR = LinkKind.LEAF, LinkKind.FAR, LinkKind.NEAR
+KNOWN_ADDRESSES = 16  # addresses of recent links kept to re-join through
+OWN_ADDRESSES = 8  # addresses of our own that peers told us, kept
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OverlaySettings:
+    """Every knob of the overlay core; times in seconds. Defaults follow Brunet."""
+
+    near_per_side: int = 2  # near neighbours wanted on each side
+    near_keep_per_side: int = 4  # near links this many places away on both sides are trimmed
+    neighbour_list_per_side: int = 4  # entries a side in a neighbour list
+    shortcut_factor: float = 0.5  # far links wanted: ceil(factor * log2 N) ...
+    shortcut_min_size: int = 10  # ... once the estimated size N is above this
+    max_hops: int = 64  # hop limit of routed messages
+    max_links: int = 128  # Hellos beyond this many links are refused
+    tick_s: float = 1.0  # the maintenance heartbeat (jittered by ±25%)
+    hello_retry_s: float = 1.0
+    hello_tries: int = 4
+    connect_timeout_s: float = 4.0
+    ping_after_s: float = 15.0  # a link silent this long is pinged ...
+    ping_retry_s: float = 2.0  # ... this often ...
+    dead_after_s: float = 25.0  # ... and closed when silent this long
+    stabilize_s: float = 15.0  # ask the nearest neighbour on each side for its list
+    far_retry_s: float = 5.0  # back-off after a failed far-link attempt, doubling ...
+    far_retry_max_s: float = 60.0  # ... up to this
+    trim_quiet_s: float = 30.0  # near trimming waits this long after a near-set change
+    leaf_linger_s: float = 60.0  # leaf links close this long after joining
+    suspect_s: float = 60.0  # a node that did not answer a Hello is not tried again for this long
+    bootstrap_fanout: int = 2  # bootstrap addresses tried at once
+    bootstrap_retry_s: float = 2.0  # back-off between bootstrap rounds, doubling ...
+    bootstrap_retry_max_s: float = 60.0  # ... up to this
+    bootstrap_probe_first_s: float = 5.0  # re-join through a bootstrap address this long
+    bootstrap_probe_s: float = 120.0  # after joining, then ever less often up to this; 0: never
+    address_codec: AddressCodec = HostPortCodec()
+
+
+class NodeState(enum.Enum):
+    IDLE = "idle"  # not started: no input yet
+    JOINING = "joining"
+    JOINED = "joined"
+    LEFT = "left"
+
+
+@dataclasses.dataclass(slots=True)
+class _Link:
+    node_id: int
+    address: Address
+    address_bytes: bytes
+    kind: LinkKind
+    since: float
+    last_heard: float
+    rtt: float | None = None
+    last_ping: float = -math.inf
+    on_circle: bool = False  # as it said in its latest Hello or HelloAck
+    view: tuple[int, ...] | None = None  # the ids in its latest neighbour list
+
+
+@dataclasses.dataclass(slots=True)
+class _PendingLink:
+    """A Hello waiting for its HelloAck."""
+
+    address: Address
+    node_id: int | None  # None: a bootstrap address, id unknown
+    kind: LinkKind
+    token: int
+    tries: int
+    next_try: float
+    probe: bool = False  # a leaf made to re-join through (bootstrap probe)
+
+
+@dataclasses.dataclass(slots=True)
+class _PendingConnect:
+    kind: LinkKind
+    target: int
+    deadline: float
+
+
+_NAMES = {cls: name for cls, name in w.MESSAGE_NAMES.items()}
+_SENT = {cls: f"sent_{name}" for cls, name in _NAMES.items()}
+_RECEIVED = {cls: f"received_{name}" for cls, name in _NAMES.items()}
+
+
+class OverlayNode:
+    """One overlay node: links, joining, maintenance and greedy routing. See the module."""
+
+    def __init__(
+        self,
+        node_id: int,
+        *,
+        rng: random.Random,
+        settings: OverlaySettings = OverlaySettings(),
+        bootstrap: Sequence[Address] = (),
+    ) -> None:
+        if not 0 <= node_id < ring.SIZE:
+            raise ValueError(f"a node id is in [0, 2**160), got {node_id}")
+        self.node_id = node_id
+        self.settings = settings
+        self._id = id_to_bytes(node_id)
+        self._rng = rng
+        self._codec = settings.address_codec
+        self._bootstrap = list(bootstrap)
+        self._bootstrap_queue: list[Address] = []
+        self._state = NodeState.IDLE
+        self._now = 0.0
+        self._links: dict[int, _Link] = {}
+        self._by_address: dict[Address, int] = {}
+        self._pending: dict[Address, _PendingLink] = {}
+        self._connects: dict[int, _PendingConnect] = {}
+        self._suspects: dict[int, float] = {}
+        self._own_addresses: dict[Address, None] = {}
+        self._known: dict[Address, None] = {}  # addresses of recent links, oldest first
+        self._address: Address | None = None
+        self._address_bytes = b""
+        self._out: list[tuple[bytes, Address]] = []
+        self._events: list[OverlayEvent] = []
+        self._stats: Counter[str] = Counter()
+        self._ring_cache: tuple[list[int], list[int]] | None = None
+        self._routing_cache: list[_Link] | None = None
+        self._size_cache: int | None = None
+        self._announced: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+        self._near_changed = 0.0
+        self._joined_at: float | None = None
+        self._had_structured = False
+        self._next_tick = -math.inf
+        self._next_stabilize = 0.0
+        self._next_far = 0.0
+        self._far_backoff = settings.far_retry_s
+        self._next_bootstrap = 0.0
+        self._bootstrap_backoff = settings.bootstrap_retry_s
+        self._next_probe = 0.0
+        self._probe_interval = settings.bootstrap_probe_first_s
+        self._message_id = 0
+        self._ping_seq = 0
+
+    def __repr__(self) -> str:
+        return f"<OverlayNode {ring.short(self.node_id)} {self._state.value} {len(self._links)}>"
+
+    # -- outputs -----------------------------------------------------------------------------
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        """The datagrams to send since the last call, each with its destination address."""
+        out, self._out = self._out, []
+        return out
+
+    def events(self) -> list[OverlayEvent]:
+        """The events since the last call, oldest first."""
+        events, self._events = self._events, []
+        return events
+
+    def next_deadline(self) -> float | None:
+        """When ``handle_timer`` must next be called: -inf before the first input (call it
+        at once), None once the node has left."""
+        if self._state is NodeState.LEFT:
+            return None
+        return self._next_tick
+
+    def statistics(self) -> dict[str, int]:
+        """Counters: ``sent_<type>`` / ``received_<type>`` per message type, ``bytes_sent``,
+        ``bytes_received``, ``dropped_<reason>``, ``links_added_<kind>``,
+        ``links_removed_<reason>``, maintenance counts (``pings``, ``connects_<kind>``,
+        ``hello_failed``, ...), routing (``forwarded``, ``delivered``, ``route_failed_<why>``)
+        and gauges (``links_near`` / ``links_far`` / ``links_leaf``, ``estimated_size``)."""
+        stats = dict(self._stats)
+        for kind in LinkKind:
+            stats[f"links_{kind.value}"] = 0
+        for link in self._links.values():
+            stats[f"links_{link.kind.value}"] += 1
+        stats["estimated_size"] = self.estimated_size()
+        return stats
+
+    # -- queries -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> NodeState:
+        return self._state
+
+    @property
+    def address(self) -> Address | None:
+        """This node's own address as its peers see it (from Hello/HelloAck), if known."""
+        return self._address
+
+    def links(self) -> list[LinkInfo]:
+        """Every link, in the order they were made."""
+        return [
+            LinkInfo(lk.node_id, lk.address, lk.kind, lk.rtt, self._now - lk.since)
+            for lk in self._links.values()
+        ]
+
+    def neighbours(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(successors, predecessors): the ``near_per_side`` nearest linked nodes clockwise
+        and counter-clockwise, nearest first (leaf links not counted)."""
+        succ, pred = self._ring()
+        k = self.settings.near_per_side
+        return tuple(succ[:k]), tuple(pred[:k])
+
+    def successor(self) -> int | None:
+        """The nearest linked node clockwise, or None without structured links."""
+        succ, _ = self._ring()
+        return succ[0] if succ else None
+
+    def predecessor(self) -> int | None:
+        """The nearest linked node counter-clockwise, or None without structured links."""
+        _, pred = self._ring()
+        return pred[0] if pred else None
+
+    def nearest(self, key: int, k: int) -> list[int]:
+        """The ids of the k known nodes (this one and its near and far links) nearest to key,
+        nearest first: where DHT replicas of key go."""
+        ids = [self.node_id, *(lk.node_id for lk in self._structured())]
+        ids.sort(key=lambda i: (ring_distance(i, key), i))
+        return ids[:k]
+
+    def is_responsible(self, key: int) -> bool:
+        """This node is the closest to key among itself and its near neighbours."""
+        succ, pred = self.neighbours()
+        best = self.node_id
+        for nid in (*succ, *pred):
+            if ring.closer(key, nid, best):
+                best = nid
+        return best == self.node_id
+
+    def next_hop(self, key: int) -> int | None:
+        """The id of the link a message for key goes to next, or None when this node is the
+        closest it knows (greedy routing; for tests and tools)."""
+        link = self._next_link(key, None)
+        return None if link is None else link.node_id
+
+    def estimated_size(self) -> int:
+        """N, the estimated number of nodes: the larger of (structured links + 1) and
+        2^160 over the mean spacing of the ``near_per_side`` nearest links on each side."""
+        if self._size_cache is None:
+            succ, pred = self._ring()
+            n = len(succ)
+            st = self.settings
+            size = n + 1
+            if n >= 2 * st.near_per_side:
+                m = st.near_per_side
+                spread = clockwise(self.node_id, succ[m - 1]) + clockwise(pred[m - 1], self.node_id)
+                size = max(size, ring.SIZE * 2 * m // max(spread, 1))
+            self._size_cache = size
+        return self._size_cache
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def receive(self, message: bytes, source: Address, now: float) -> None:
+        """A datagram from ``source``. Never raises on bad input: it is counted and dropped."""
+        self._now = now
+        self._stats["bytes_received"] += len(message)
+        if self._state is NodeState.LEFT:
+            self._receive_after_leave(message, source)
+            return
+        self._ensure_started(now)
+        try:
+            msg = w.decode(message)
+            self._stats[_RECEIVED[type(msg)]] += 1
+            nid = self._by_address.get(source)
+            if nid is not None:
+                link = self._links[nid]
+                link.last_heard = now
+            self._dispatch(msg, source, now)
+        except RemoteProtocolError as exc:
+            self._stats[f"dropped_{exc.reason}"] += 1
+        self._after_input(now)
+
+    def handle_timer(self, now: float) -> None:
+        """The deadline from ``next_deadline`` has come (an early call does no harm)."""
+        self._now = now
+        if self._state is NodeState.LEFT:
+            return
+        self._ensure_started(now)
+        if now >= self._next_tick:
+            self._next_tick = now + self.settings.tick_s * (0.75 + 0.5 * self._rng.random())
+            self._tick(now)
+        self._after_input(now)
+
+    def send_to_key(self, key: int, payload: bytes, now: float) -> int:
+        """Route payload greedily to the node closest to key; returns the message id that a
+        ``RouteFailed`` would carry. Delivered there as a ``Delivered`` event."""
+        return self._send_data(key, payload, now, exact=False)
+
+    def send_to_node(self, node_id: int, payload: bytes, now: float) -> int:
+        """Route payload to the node whose id is exactly ``node_id``; returns the message id.
+        If the closest node is another, the sender gets ``RouteFailed(no_such_node)``."""
+        return self._send_data(node_id, payload, now, exact=True)
+
+    def leave(self, now: float) -> None:
+        """Leave gracefully: every link gets a Close carrying our neighbours."""
+        self._now = now
+        if self._state is NodeState.LEFT:
+            return
+        for link in list(self._links.values()):
+            entries = self._entries_for(link.node_id)
+            self._send(w.Close(self._id, CloseReason.LEAVE, entries), link.address)
+            self._drop_link(link, "left")
+        self._pending.clear()
+        self._connects.clear()
+        self._state = NodeState.LEFT
+
+    # -- dispatch ----------------------------------------------------------------------------
+
+    def _dispatch(self, msg: w.Message, source: Address, now: float) -> None:
+        if isinstance(msg, w.Data | w.ConnectRequest | w.RouteError):
+            self._route_in(msg)
+        elif isinstance(msg, w.Ping):
+            self._on_ping(msg, source)
+        elif isinstance(msg, w.Pong):
+            self._on_pong(msg, source, now)
+        elif isinstance(msg, w.Neighbours):
+            self._on_neighbours(msg, source)
+        elif isinstance(msg, w.Hello):
+            self._on_hello(msg, source, now)
+        elif isinstance(msg, w.HelloAck):
+            self._on_hello_ack(msg, source, now)
+        elif isinstance(msg, w.Close):
+            self._on_close(msg, source)
+        else:
+            self._on_connect_reply(msg, source, now)
+
+    def _receive_after_leave(self, message: bytes, source: Address) -> None:
+        try:
+            msg = w.decode(message)
+        except RemoteProtocolError:
+            self._stats["dropped_after_leave"] += 1
+            return
+        if isinstance(msg, w.Hello | w.Ping | w.Neighbours):
+            self._send(w.Close(self._id, CloseReason.LEAVE), source)
+        else:
+            self._stats["dropped_after_leave"] += 1
+
+    # -- links -------------------------------------------------------------------------------
+
+    def _on_hello(self, msg: w.Hello, source: Address, now: float) -> None:
+        sender = id_from_bytes(msg.sender)
+        self._learn_address(msg.to)
+        if sender == self.node_id:
+            self._remember_own(source)
+            self._send(w.HelloAck(self._id, msg.kind, msg.token, msg.to, False), source)
+            return
+        kind = LinkKind.from_code(msg.kind)
+        if sender not in self._links and len(self._links) >= self.settings.max_links:
+            self._send(w.Close(self._id, CloseReason.FULL), source)
+            self._stats["hellos_refused"] += 1
+            return
+        observed = self._encode_address(source)
+        pending = self._pending.pop(source, None)
+        if pending is not None and pending.kind.code > kind.code:
+            kind = pending.kind  # we were making a stronger link at the same moment
+        link = self._add_link(sender, source, observed, kind, now)
+        if link is not None:
+            link.on_circle = msg.on_circle
+        ack = w.HelloAck(self._id, msg.kind, msg.token, observed, self._on_circle())
+        self._send(ack, source)
+
+    def _on_hello_ack(self, msg: w.HelloAck, source: Address, now: float) -> None:
+        sender = id_from_bytes(msg.sender)
+        pending = self._pending.get(source)
+        if pending is None or pending.token != msg.token:
+            if sender not in self._links and sender != self.node_id:
+                self._send(w.Close(self._id, CloseReason.UNKNOWN), source)
+                self._stats["dropped_unexpected_ack"] += 1
+            return
+        del self._pending[source]
+        self._learn_address(msg.observed)
+        if sender == self.node_id:
+            self._remember_own(source)
+            return
+        link = self._add_link(sender, source, self._encode_address(source), pending.kind, now)
+        if link is None:
+            return
+        link.on_circle = msg.on_circle
+        if pending.kind is FAR:
+            self._far_backoff = self.settings.far_retry_s
+            self._next_far = now
+        if pending.kind is LEAF and (pending.probe or msg.on_circle):
+            # In through a peer on the circle (a joining one could make an island with us).
+            # With near links already made through another leaf, this checks them: the
+            # answer names nodes we know, unless we joined an island, which it then ends.
+            self._connect(NEAR, self.node_id, via=link)
+
+    def _on_close(self, msg: w.Close, source: Address) -> None:
+        sender = id_from_bytes(msg.sender)
+        link = self._links.get(sender)
+        pending = self._pending.pop(source, None)
+        if pending is not None and pending.node_id is not None:
+            self._suspects[pending.node_id] = self._now + self.settings.suspect_s
+        if link is not None and link.address == source:
+            try:
+                why = CloseReason(msg.reason).name.lower()
+            except ValueError:
+                why = "other"
+            self._drop_link(link, f"closed_{why}")
+        if msg.entries:
+            self._consider(self._decode_entries(msg.entries))
+
+    def _on_ping(self, msg: w.Ping, source: Address) -> None:
+        if self._by_address.get(source) == id_from_bytes(msg.sender):
+            self._send(w.Pong(self._id, msg.seq, msg.sent), source)
+        else:
+            self._send(w.Close(self._id, CloseReason.UNKNOWN), source)
+
+    def _on_pong(self, msg: w.Pong, source: Address, now: float) -> None:
+        nid = self._by_address.get(source)
+        if nid is None or nid != id_from_bytes(msg.sender):
+            self._stats["dropped_unexpected_pong"] += 1
+            return
+        link = self._links[nid]
+        sample = now - msg.sent
+        if 0.0 <= sample < 60.0:
+            link.rtt = sample if link.rtt is None else 0.875 * link.rtt + 0.125 * sample
+
+    def _add_link(
+        self, node_id: int, address: Address, address_bytes: bytes, kind: LinkKind, now: float
+    ) -> _Link | None:
+        """Make or refresh the link; an existing one moves to ``address`` and keeps the
+        stronger kind."""
+        other = self._by_address.get(address)
+        if other is not None and other != node_id and other in self._links:
+            self._drop_link(self._links[other], "replaced")
+        link = self._links.get(node_id)
+        if link is not None:
+            if link.address != address:
+                if self._by_address.get(link.address) == node_id:
+                    del self._by_address[link.address]
+                link.address, link.address_bytes = address, address_bytes
+                self._by_address[address] = node_id
+            if kind.code > link.kind.code:
+                link.kind = kind
+                self._had_structured |= kind is not LEAF
+                self._changed()
+            link.last_heard = now
+            return link
+        link = _Link(node_id, address, address_bytes, kind, now, now)
+        self._links[node_id] = link
+        self._known.pop(address, None)
+        self._known[address] = None
+        if len(self._known) > KNOWN_ADDRESSES:
+            del self._known[next(iter(self._known))]
+        self._by_address[address] = node_id
+        self._suspects.pop(node_id, None)
+        self._had_structured |= kind is not LEAF
+        self._stats[f"links_added_{kind.value}"] += 1
+        self._events.append(LinkAdded(node_id, address, kind))
+        self._changed()
+        return link
+
+    def _drop_link(self, link: _Link, reason: str, notify: CloseReason | None = None) -> None:
+        if self._links.pop(link.node_id, None) is None:
+            return
+        if self._by_address.get(link.address) == link.node_id:
+            del self._by_address[link.address]
+        if notify is not None:
+            self._send(w.Close(self._id, notify), link.address)
+        self._stats[f"links_removed_{reason}"] += 1
+        self._events.append(LinkRemoved(link.node_id, reason))
+        self._changed()
+
+    def _changed(self) -> None:
+        self._ring_cache = None
+        self._routing_cache = None
+        self._size_cache = None
+
+    def _hello(
+        self, address: Address, node_id: int | None, kind: LinkKind, *, probe: bool = False
+    ) -> None:
+        pending = self._pending.get(address)
+        if pending is not None:
+            if kind.code > pending.kind.code:
+                pending.kind = kind
+            return
+        token = self._rng.getrandbits(32)
+        pending = _PendingLink(
+            address, node_id, kind, token, 1, self._now + self.settings.hello_retry_s, probe
+        )
+        self._pending[address] = pending
+        self._send_hello(pending)
+
+    def _send_hello(self, pending: _PendingLink) -> None:
+        try:
+            to = self._codec.encode(pending.address)
+        except ValueError:
+            to = b""
+        hello = w.Hello(self._id, pending.kind.code, pending.token, to, self._on_circle())
+        self._send(hello, pending.address)
+
+    # -- neighbour lists ---------------------------------------------------------------------
+
+    def _on_neighbours(self, msg: w.Neighbours, source: Address) -> None:
+        sender = id_from_bytes(msg.sender)
+        candidates = self._decode_entries(msg.entries)
+        link = self._links.get(sender)
+        if link is not None and link.address == source:
+            link.view = tuple(nid for nid, _ in candidates)
+        if sender != self.node_id and (link is None or link.kind is LEAF):
+            candidates.append((sender, source))
+        self._consider(candidates)
+        if msg.want_reply:
+            self._send(w.Neighbours(self._id, False, self._entries_for(sender)), source)
+
+    def _entries_for(self, target: int) -> tuple[w.Entry, ...]:
+        """Our structured links nearest to target: up to ``neighbour_list_per_side`` on each
+        side of it, target itself left out."""
+        links = [lk for lk in self._structured() if lk.node_id != target]
+        per_side = self.settings.neighbour_list_per_side
+        if len(links) > 2 * per_side:
+            after = sorted(links, key=lambda lk: clockwise(target, lk.node_id))[:per_side]
+            before = sorted(links, key=lambda lk: clockwise(lk.node_id, target))[:per_side]
+            links = list({id(lk): lk for lk in (*after, *before)}.values())
+        return tuple((id_to_bytes(lk.node_id), lk.address_bytes) for lk in links)
+
+    def _decode_entries(self, entries: tuple[w.Entry, ...]) -> list[tuple[int, Address]]:
+        out = []
+        for id_bytes, address_bytes in entries:
+            try:
+                address = self._codec.decode(address_bytes)
+            except ValueError:
+                self._stats["dropped_bad_entry"] += 1
+                continue
+            out.append((id_from_bytes(id_bytes), address))
+        return out
+
+    def _consider(self, candidates: list[tuple[int, Address]]) -> None:
+        """Link to each candidate that would be among our nearest ``near_per_side`` on a side."""
+        now = self._now
+        me = self.node_id
+        candidates.sort(key=lambda c: ring_distance(c[0], me))
+        for nid, address in candidates:
+            if nid == me or address in self._own_addresses:
+                continue
+            link = self._links.get(nid)
+            if link is not None and link.kind is not LEAF:
+                continue
+            if self._suspects.get(nid, -math.inf) > now:
+                continue
+            if not self._wants_near(nid):
+                continue
+            self._hello(link.address if link is not None else address, nid, NEAR)
+
+    def _wants_near(self, nid: int) -> bool:
+        me = self.node_id
+        k = self.settings.near_per_side
+        ids = [lk.node_id for lk in self._structured()]
+        ids += [
+            p.node_id for p in self._pending.values() if p.kind is NEAR and p.node_id is not None
+        ]
+        if nid in ids:
+            return False
+        if len(ids) < k:
+            return True
+        cw = sorted(clockwise(me, i) for i in ids)
+        if clockwise(me, nid) < cw[k - 1]:
+            return True
+        ccw = sorted(clockwise(i, me) for i in ids)
+        return clockwise(nid, me) < ccw[k - 1]
+
+    # -- the ring view -----------------------------------------------------------------------
+
+    def _structured(self) -> list[_Link]:
+        if self._routing_cache is None:
+            self._routing_cache = [lk for lk in self._links.values() if lk.kind is not LEAF]
+        return self._routing_cache
+
+    def _ring(self) -> tuple[list[int], list[int]]:
+        """Structured link ids sorted clockwise (successors) and counter-clockwise."""
+        if self._ring_cache is None:
+            me = self.node_id
+            ids = [lk.node_id for lk in self._structured()]
+            succ = sorted(ids, key=lambda i: clockwise(me, i))
+            self._ring_cache = (succ, succ[::-1])
+        return self._ring_cache
+
+    def _after_input(self, now: float) -> None:
+        """Announce a changed near set, and see whether we have joined."""
+        if self._state is NodeState.LEFT:
+            return
+        succ, pred = self._ring()
+        k = self.settings.near_per_side
+        current = (tuple(succ[:k]), tuple(pred[:k]))
+        if current != self._announced:
+            old = set(self._announced[0]) | set(self._announced[1])
+            self._announced = current
+            self._near_changed = now
+            self._events.append(NeighboursChanged(*current))
+            ends = (succ[0], pred[0]) if succ else ()
+            for nid in dict.fromkeys((*current[0], *current[1])):
+                link = self._links[nid]
+                want = nid in ends or nid not in old
+                self._send(w.Neighbours(self._id, want, self._entries_for(nid)), link.address)
+        if self._state is NodeState.JOINING:
+            self._check_joined(now)
+
+    def _check_joined(self, now: float) -> None:
+        succ, pred = self._ring()
+        if not succ:
+            return
+        s, p = self._links[succ[0]], self._links[pred[0]]
+        if s.view is None or p.view is None:
+            return
+        me = self.node_id
+        live = [x for x in (*s.view, *p.view) if self._suspects.get(x, -math.inf) <= now]
+        if any(ring.between(me, x, s.node_id) or ring.between(p.node_id, x, me) for x in live):
+            return
+        self._state = NodeState.JOINED
+        self._joined_at = now
+        self._next_stabilize = now + self.settings.stabilize_s * (0.5 + self._rng.random())
+        self._probe_interval = self.settings.bootstrap_probe_first_s
+        self._next_probe = now + self._probe_interval * (0.75 + 0.5 * self._rng.random())
+        self._events.append(Joined(me, self.estimated_size()))
+
+    # -- routing -----------------------------------------------------------------------------
+
+    def _on_circle(self) -> bool:
+        """Joined, or holding structured links: this node knows its place on the circle."""
+        return self._state is NodeState.JOINED or bool(self._structured())
+
+    def _next_link(self, key: int, exclude: int | None) -> _Link | None:
+        """The link to forward to, or None if this node is the closest (if ``exclude`` is
+        this node: if there is no link to forward to).
+
+        A node not on the circle (joining, leaf links only) sends everything into the
+        circle through a leaf peer that is on it, whoever is closer: were it to take a
+        message for itself, two joining nodes could make an island. Only with no such
+        peer does it route greedily over its leaf links and itself: two lone nodes (a
+        fresh overlay whose bootstrap lists name each other) found a circle that way."""
+        link = self._links.get(key)
+        if link is not None and key != exclude:
+            return link
+        best: _Link | None = None
+        candidates = self._structured()
+        if not candidates and self._state is not NodeState.JOINED:
+            links = [lk for lk in self._links.values() if lk.node_id != exclude]
+            entry = [lk for lk in links if lk.on_circle]
+            if entry:
+                return min(entry, key=lambda lk: (ring_distance(lk.node_id, key), lk.node_id))
+            candidates = links
+        if exclude == self.node_id:
+            best_d, best_id = ring.SIZE, -1
+        else:
+            best_d, best_id = ring_distance(self.node_id, key), self.node_id
+        for link in candidates:
+            nid = link.node_id
+            if nid == exclude:
+                continue
+            d = (nid - key) & ring.MASK
+            if d > ring.HALF:
+                d = ring.SIZE - d
+            if d < best_d or (d == best_d and nid < best_id):
+                best, best_d, best_id = link, d, nid
+        return best
+
+    def _route(self, msg: w.Routed, dest: int, exclude: int | None) -> None:
+        link = self._next_link(dest, exclude)
+        if link is None:
+            if exclude == self.node_id:
+                self._stats["route_failed_no_route"] += 1
+                self._fail(msg, "no_route")
+            else:
+                self._deliver(msg, dest)
+            return
+        if msg.hops >= msg.ttl:
+            self._stats["dropped_ttl"] += 1
+            self._fail(msg, "ttl")
+            return
+        self._stats["forwarded"] += 1
+        self._send(msgspec.structs.replace(msg, hops=msg.hops + 1), link.address)
+
+    def _route_in(self, msg: w.Routed) -> None:
+        dest = id_from_bytes(msg.dest)
+        exclude = id_from_bytes(msg.src) if isinstance(msg, w.ConnectRequest) else None
+        self._route(msg, dest, exclude)
+
+    def _deliver(self, msg: w.Routed, dest: int) -> None:
+        if isinstance(msg, w.Data):
+            if msg.exact and dest != self.node_id:
+                self._fail(msg, "no_such_node")
+                return
+            self._stats["delivered"] += 1
+            src = id_from_bytes(msg.src)
+            self._events.append(
+                Delivered(src, dest, msg.payload, msg.hops, msg.message_id, msg.exact)
+            )
+        elif isinstance(msg, w.ConnectRequest):
+            self._answer_connect(msg)
+        elif dest == self.node_id:
+            self._stats[f"route_failed_{msg.reason}"] += 1
+            self._events.append(RouteFailed(msg.message_id, id_from_bytes(msg.key), msg.reason))
+        else:
+            self._stats["dropped_route_error_undeliverable"] += 1
+
+    def _fail(self, msg: w.Routed, reason: str) -> None:
+        """Tell the sender of a Data message that it was not delivered."""
+        if not isinstance(msg, w.Data):
+            return
+        if msg.src == self._id:
+            self._stats[f"route_failed_{reason}"] += 1
+            self._events.append(RouteFailed(msg.message_id, id_from_bytes(msg.dest), reason))
+            return
+        error = w.RouteError(
+            self._id, msg.src, 0, self.settings.max_hops, msg.message_id, msg.dest, reason
+        )
+        self._route(error, id_from_bytes(msg.src), None)
+
+    def _send_data(self, key: int, payload: bytes, now: float, *, exact: bool) -> int:
+        self._now = now
+        self._message_id += 1
+        message_id = self._message_id
+        if len(payload) > w.MAX_PAYLOAD:
+            raise ValueError(f"a payload is at most {w.MAX_PAYLOAD} bytes, got {len(payload)}")
+        if self._state is NodeState.LEFT:
+            self._events.append(RouteFailed(message_id, key, "left"))
+            return message_id
+        self._ensure_started(now)
+        msg = w.Data(
+            self._id, id_to_bytes(key), exact, 0, self.settings.max_hops, message_id, payload
+        )
+        self._route(msg, key, None)
+        self._after_input(now)
+        return message_id
+
+    # -- connect requests --------------------------------------------------------------------
+
+    def _connect(self, kind: LinkKind, target: int, *, via: _Link | None = None) -> None:
+        if self._address is None:
+            self._stats["connect_without_address"] += 1
+            return
+        token = self._rng.getrandbits(32)
+        msg = w.ConnectRequest(
+            self._id,
+            id_to_bytes(target),
+            0,
+            self.settings.max_hops,
+            kind.code,
+            token,
+            self._address_bytes,
+        )
+        self._connects[token] = _PendingConnect(
+            kind, target, self._now + self.settings.connect_timeout_s
+        )
+        self._stats[f"connects_{kind.value}"] += 1
+        if via is not None:
+            self._send(msgspec.structs.replace(msg, hops=1), via.address)
+        else:
+            self._route(msg, target, self.node_id)
+
+    def _answer_connect(self, msg: w.ConnectRequest) -> None:
+        src = id_from_bytes(msg.src)
+        if src == self.node_id:
+            return
+        address = self._decode_address(msg.address)
+        entries = self._entries_for(src) if msg.kind == NEAR.code else ()
+        self._stats["connects_answered"] += 1
+        self._send(w.ConnectReply(self._id, msg.kind, msg.token, entries), address)
+
+    def _on_connect_reply(self, msg: w.ConnectReply, source: Address, now: float) -> None:
+        pending = self._connects.pop(msg.token, None)
+        if pending is None:
+            self._stats["dropped_stale_connect_reply"] += 1
+            return
+        sender = id_from_bytes(msg.sender)
+        if sender == self.node_id:
+            return
+        if pending.kind is NEAR:
+            candidates = self._decode_entries(msg.entries)
+            candidates.append((sender, source))
+            self._consider(candidates)
+            return
+        link = self._links.get(sender)
+        if link is not None and link.kind is not LEAF:
+            self._stats["far_redundant"] += 1
+            self._next_far = now
+        else:
+            self._hello(source, sender, FAR)
+
+    # -- the heartbeat -----------------------------------------------------------------------
+
+    def _ensure_started(self, now: float) -> None:
+        if self._state is not NodeState.IDLE:
+            return
+        self._next_tick = now
+        if self._bootstrap:
+            self._state = NodeState.JOINING
+        else:
+            self._state = NodeState.JOINED
+            self._joined_at = now
+            self._events.append(Joined(self.node_id, 1))
+
+    def _tick(self, now: float) -> None:
+        self._retry_hellos(now)
+        for token, connect in list(self._connects.items()):
+            if now >= connect.deadline:
+                del self._connects[token]
+                self._stats[f"connect_timeouts_{connect.kind.value}"] += 1
+                if connect.kind is FAR:
+                    self._far_failed(now)
+        self._check_liveness(now)
+        structured = self._structured()
+        if self._state is NodeState.JOINED and not structured and self._had_structured:
+            self._state = NodeState.JOINING  # alone again: join anew
+            self._stats["rejoins"] += 1
+        if self._state is NodeState.JOINING:
+            self._join_step(now)
+        elif self._state is NodeState.JOINED:
+            if now >= self._next_stabilize:
+                self._next_stabilize = now + self.settings.stabilize_s * (
+                    0.75 + 0.5 * self._rng.random()
+                )
+                self._ask_neighbours()
+            self._grow_far(now)
+            self._trim(now)
+            self._probe(now)
+
+    def _retry_hellos(self, now: float) -> None:
+        st = self.settings
+        for address, pending in list(self._pending.items()):
+            if now < pending.next_try:
+                continue
+            if pending.tries >= st.hello_tries:
+                del self._pending[address]
+                self._stats["hello_failed"] += 1
+                if pending.node_id is not None:
+                    self._suspects[pending.node_id] = now + st.suspect_s
+                if pending.kind is FAR:
+                    self._far_failed(now)
+                continue
+            pending.tries += 1
+            pending.next_try = now + st.hello_retry_s
+            self._send_hello(pending)
+
+    def _check_liveness(self, now: float) -> None:
+        st = self.settings
+        for link in list(self._links.values()):
+            silent = now - link.last_heard
+            if silent > st.dead_after_s:
+                self._drop_link(link, "timeout")
+            elif silent > st.ping_after_s and now - link.last_ping >= st.ping_retry_s:
+                link.last_ping = now
+                self._ping_seq = (self._ping_seq + 1) & 0xFFFF_FFFF
+                self._stats["pings"] += 1
+                self._send(w.Ping(self._id, self._ping_seq, now), link.address)
+        if len(self._suspects) > 64:
+            self._suspects = {n: t for n, t in self._suspects.items() if t > now}
+
+    def _join_step(self, now: float) -> None:
+        if not self._links and not self._pending:
+            if now < self._next_bootstrap:
+                return
+            candidates = [a for a in self._bootstrap if a not in self._own_addresses]
+            if self._joined_at is not None:  # cut off after joining: peers we knew help too
+                candidates += [a for a in self._known if a not in candidates]
+            if not candidates:
+                return
+            for _ in range(min(self.settings.bootstrap_fanout, len(candidates))):
+                if not self._bootstrap_queue:
+                    self._bootstrap_queue = list(candidates)
+                    self._rng.shuffle(self._bootstrap_queue)
+                self._hello(self._bootstrap_queue.pop(), None, LEAF)
+            self._next_bootstrap = now + self._bootstrap_backoff
+            self._bootstrap_backoff = min(
+                2 * self._bootstrap_backoff, self.settings.bootstrap_retry_max_s
+            )
+            return
+        if not self._structured():
+            if self._links and not any(c.kind is NEAR for c in self._connects.values()):
+                leaves = list(self._links.values())
+                entry = [lk for lk in leaves if lk.on_circle] or leaves
+                self._connect(NEAR, self.node_id, via=self._rng.choice(entry))
+            return
+        self._bootstrap_backoff = self.settings.bootstrap_retry_s
+        self._ask_neighbours()
+
+    def _ask_neighbours(self) -> None:
+        succ, pred = self._ring()
+        for nid in dict.fromkeys(succ[:1] + pred[:1]):
+            link = self._links[nid]
+            self._send(w.Neighbours(self._id, True, self._entries_for(nid)), link.address)
+
+    def _far_target(self) -> int:
+        size = self.estimated_size()
+        if size <= self.settings.shortcut_min_size:
+            return 0
+        return math.ceil(self.settings.shortcut_factor * math.log2(size))
+
+    def _far_links(self) -> list[_Link]:
+        succ, pred = self.neighbours()
+        near = {*succ, *pred}
+        return [lk for lk in self._structured() if lk.kind is FAR and lk.node_id not in near]
+
+    def _grow_far(self, now: float) -> None:
+        if now < self._next_far:
+            return
+        if any(c.kind is FAR for c in self._connects.values()):
+            return
+        if any(p.kind is FAR for p in self._pending.values()):
+            return
+        if len(self._far_links()) >= self._far_target():
+            return
+        log_n = math.log2(self.estimated_size())
+        exponent = (ring.BITS - 1) - (1.0 - self._rng.random()) * (log_n - 1)
+        d = min(int(2.0**exponent), ring.HALF)
+        target = (self.node_id + d if self._rng.random() < 0.5 else self.node_id - d) & ring.MASK
+        self._next_far = now + self.settings.tick_s
+        self._connect(FAR, target)
+
+    def _far_failed(self, now: float) -> None:
+        self._next_far = now + self._far_backoff
+        self._far_backoff = min(2 * self._far_backoff, self.settings.far_retry_max_s)
+
+    def _trim(self, now: float) -> None:
+        st = self.settings
+        if self._joined_at is not None and now - self._joined_at > st.leaf_linger_s:
+            for link in list(self._links.values()):
+                if link.kind is LEAF and now - link.since > st.leaf_linger_s:
+                    self._drop_link(link, "trim_leaf", CloseReason.TRIM)
+        far = self._far_links()
+        if len(far) > 2 * self._far_target():
+            self._drop_link(self._rng.choice(far), "trim_far", CloseReason.TRIM)
+        if now - self._near_changed < st.trim_quiet_s:
+            return
+        succ, pred = self._ring()
+        keep = {*succ[: st.near_keep_per_side], *pred[: st.near_keep_per_side]}
+        extra = [lk for lk in self._structured() if lk.kind is NEAR and lk.node_id not in keep]
+        if extra:
+            me = self.node_id
+            farthest = max(extra, key=lambda lk: ring_distance(lk.node_id, me))
+            self._drop_link(farthest, "trim_near", CloseReason.TRIM)
+
+    def _probe(self, now: float) -> None:
+        """Re-join through a bootstrap address now and then (soon after joining, then ever
+        less often): this merges circles made at once by nodes that started together, or
+        on both sides of a partition. A bootstrap node we have no link to is preferred."""
+        st = self.settings
+        if not st.bootstrap_probe_s or now < self._next_probe:
+            return
+        self._probe_interval = min(2 * self._probe_interval, st.bootstrap_probe_s)
+        self._next_probe = now + self._probe_interval * (0.75 + 0.5 * self._rng.random())
+        candidates = [a for a in self._bootstrap if a not in self._own_addresses]
+        unlinked = [a for a in candidates if a not in self._by_address]
+        if not candidates:
+            return
+        address = self._rng.choice(unlinked or candidates)
+        self._stats["probes"] += 1
+        nid = self._by_address.get(address)
+        if nid is not None:
+            self._connect(NEAR, self.node_id, via=self._links[nid])
+        else:
+            self._hello(address, None, LEAF, probe=True)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _send(self, msg: w.Message, address: Address) -> None:
+        data = w.encode(msg)
+        self._out.append((data, address))
+        self._stats[_SENT[type(msg)]] += 1
+        self._stats["bytes_sent"] += len(data)
+
+    def _learn_address(self, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            address = self._codec.decode(data)
+        except ValueError:
+            self._stats["dropped_bad_own_address"] += 1
+            return
+        self._address, self._address_bytes = address, data
+        self._remember_own(address)
+
+    def _remember_own(self, address: Address) -> None:
+        """An address that reaches this node (never a candidate to link to)."""
+        self._own_addresses.pop(address, None)
+        self._own_addresses[address] = None
+        if len(self._own_addresses) > OWN_ADDRESSES:
+            del self._own_addresses[next(iter(self._own_addresses))]
+
+    def _decode_address(self, data: bytes) -> Address:
+        try:
+            return self._codec.decode(data)
+        except ValueError:
+            raise RemoteProtocolError("bad_address") from None
+
+    def _encode_address(self, address: Address) -> bytes:
+        try:
+            return self._codec.encode(address)
+        except ValueError:
+            raise RemoteProtocolError("unencodable_source") from None

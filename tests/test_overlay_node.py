@@ -1,0 +1,442 @@
+"""The overlay core driven by hand: joins step by step, greedy routing on a topology built
+link by link, link death, repair, graceful leave. Time is passed explicitly; datagrams
+are moved between nodes by the test (aioquic style)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+
+from pipeline.control.overlay import (
+    Delivered,
+    Joined,
+    LinkAdded,
+    LinkKind,
+    LinkRemoved,
+    NeighboursChanged,
+    NodeState,
+    OverlayEvent,
+    OverlayNode,
+    OverlaySettings,
+    RouteFailed,
+)
+from pipeline.control.overlay import wire as w
+from pipeline.control.overlay.ring import SIZE, id_to_bytes
+
+Address = tuple[str, int]
+EIGHTH = SIZE // 8
+SETTINGS = OverlaySettings()
+
+
+def addr(i: int) -> Address:
+    return (f"10.0.0.{i}", 4000)
+
+
+def kinds(datagrams: Sequence[tuple[bytes, object]]) -> list[str]:
+    return [type(w.decode(data)).__name__ for data, _ in datagrams]
+
+
+class Mesh:
+    """Nodes at addresses with instant delivery; the test says when time moves."""
+
+    def __init__(self, settings: OverlaySettings = SETTINGS) -> None:
+        self.settings = settings
+        self.nodes: dict[Address, OverlayNode] = {}
+        self.down: set[Address] = set()
+        self.events: dict[Address, list[OverlayEvent]] = {}
+        self.now = 0.0
+        self.allow: Callable[[w.Message], bool] = lambda msg: True
+
+    def add(self, i: int, node_id: int, bootstrap: Sequence[int] = ()) -> OverlayNode:
+        node = OverlayNode(
+            node_id,
+            rng=random.Random(i),
+            settings=self.settings,
+            bootstrap=[addr(b) for b in bootstrap],
+        )
+        self.nodes[addr(i)] = node
+        self.events[addr(i)] = []
+        node.handle_timer(self.now)
+        self.flush()
+        return node
+
+    def flush(self) -> int:
+        """Deliver every datagram, and those they cause, at the current time."""
+        moved = 0
+        while True:
+            batch = [
+                (data, src, dst)
+                for src, node in self.nodes.items()
+                if src not in self.down
+                for data, dst in node.datagrams_to_send()
+            ]
+            for src, node in self.nodes.items():
+                self.events[src] += node.events()
+            if not batch:
+                return moved
+            for data, src, dst in batch:
+                target = self.nodes.get(dst)  # type: ignore[call-overload]
+                if target is None or dst in self.down or not self.allow(w.decode(data)):
+                    continue
+                target.receive(data, src, self.now)
+                moved += 1
+
+    def run(self, until: float) -> None:
+        """Fire every timer due up to ``until``, in time order, flushing after each."""
+        while True:
+            due = [
+                (deadline, a)
+                for a, node in self.nodes.items()
+                if a not in self.down and (deadline := node.next_deadline()) is not None
+            ]
+            if not due:
+                break
+            deadline, a = min(due)
+            if deadline > until:
+                break
+            self.now = max(self.now, deadline)
+            self.nodes[a].handle_timer(self.now)
+            self.flush()
+        self.now = until
+
+    def of(self, node: OverlayNode) -> list[OverlayEvent]:
+        for a, n in self.nodes.items():
+            if n is node:
+                return self.events[a]
+        raise KeyError(node)
+
+
+def feed(
+    node: OverlayNode, datagrams: list[tuple[bytes, object]], source: Address, now: float
+) -> None:
+    for data, _ in datagrams:
+        node.receive(data, source, now)
+
+
+class TestFirstNode:
+    def test_joined_at_once_and_ticks(self) -> None:
+        node = OverlayNode(5, rng=random.Random(0))
+        assert node.next_deadline() == float("-inf")  # call handle_timer at once
+        node.handle_timer(100.0)
+        assert node.events() == [Joined(5, 1)]
+        assert node.state is NodeState.JOINED
+        assert node.datagrams_to_send() == []
+        deadline = node.next_deadline()
+        assert deadline is not None and 100.75 <= deadline <= 101.25
+
+    def test_alone_it_delivers_to_itself(self) -> None:
+        node = OverlayNode(5, rng=random.Random(0))
+        node.handle_timer(0.0)
+        node.events()
+        message_id = node.send_to_key(12345, b"hi", 1.0)
+        assert node.events() == [Delivered(5, 12345, b"hi", 0, message_id, False)]
+        assert node.is_responsible(12345) and node.nearest(7, 3) == [5]
+
+    def test_send_to_missing_node_fails(self) -> None:
+        node = OverlayNode(5, rng=random.Random(0))
+        node.handle_timer(0.0)
+        node.events()
+        message_id = node.send_to_node(6, b"hi", 1.0)
+        assert node.events() == [RouteFailed(message_id, 6, "no_such_node")]
+
+
+class TestTwoNodeJoin:
+    def test_step_by_step(self) -> None:
+        a_id, b_id = 2 * EIGHTH, 5 * EIGHTH
+        a = OverlayNode(a_id, rng=random.Random(1))
+        b = OverlayNode(b_id, rng=random.Random(2), bootstrap=[addr(1)])
+        a.handle_timer(0.0)
+        assert a.events() == [Joined(a_id, 1)]
+
+        # B starts: a leaf Hello to its bootstrap address.
+        b.handle_timer(0.0)
+        out = b.datagrams_to_send()
+        assert [(k, to) for k, (_, to) in zip(kinds(out), out, strict=True)] == [("Hello", addr(1))]
+        hello = w.decode(out[0][0])
+        assert isinstance(hello, w.Hello) and hello.kind == LinkKind.LEAF.code
+
+        # A links B as a leaf, tells B where it saw it, and learns its own address.
+        feed(a, out, addr(2), 0.01)
+        assert a.events() == [LinkAdded(b_id, addr(2), LinkKind.LEAF)]
+        assert a.address == addr(1)
+        out = a.datagrams_to_send()
+        assert kinds(out) == ["HelloAck"]
+
+        # B: leaf link up; a ConnectRequest for its own id goes in through it.
+        feed(b, out, addr(1), 0.02)
+        assert b.events() == [LinkAdded(a_id, addr(1), LinkKind.LEAF)]
+        assert b.address == addr(2)
+        out = b.datagrams_to_send()
+        request = w.decode(out[0][0])
+        assert isinstance(request, w.ConnectRequest)
+        assert (request.dest, request.hops, request.kind) == (id_to_bytes(b_id), 1, 2)
+
+        # A is the closest node to B (the only one): it answers B directly.
+        feed(a, out, addr(2), 0.03)
+        out = a.datagrams_to_send()
+        assert [(k, to) for k, (_, to) in zip(kinds(out), out, strict=True)] == [
+            ("ConnectReply", addr(2))
+        ]
+
+        # B wants A as a near neighbour: it upgrades the leaf link.
+        feed(b, out, addr(1), 0.04)
+        out = b.datagrams_to_send()
+        hello = w.decode(out[0][0])
+        assert isinstance(hello, w.Hello) and hello.kind == LinkKind.NEAR.code
+
+        # A upgrades, acks, and, its near set changed, sends its neighbour list.
+        feed(a, out, addr(2), 0.05)
+        assert a.events() == [NeighboursChanged((b_id,), (b_id,))]
+        out_a = a.datagrams_to_send()
+        assert kinds(out_a) == ["HelloAck", "Neighbours"]
+
+        feed(b, out_a, addr(1), 0.06)
+        assert b.events() == [NeighboursChanged((a_id,), (a_id,)), Joined(b_id, 2)]
+        assert b.state is NodeState.JOINED
+        assert b.successor() == b.predecessor() == a_id
+        assert a.successor() == a.predecessor() == b_id
+        assert {(lk.node_id, lk.kind) for lk in b.links()} == {(a_id, LinkKind.NEAR)}
+        assert {(lk.node_id, lk.kind) for lk in a.links()} == {(b_id, LinkKind.NEAR)}
+
+    def test_self_in_bootstrap_list_is_skipped(self) -> None:
+        mesh = Mesh()
+        a = mesh.add(1, 1 * EIGHTH, bootstrap=[1])  # only itself: waits for others
+        assert a.state is NodeState.JOINING and a.links() == []
+        b = mesh.add(2, 5 * EIGHTH, bootstrap=[1, 2])
+        mesh.run(10.0)
+        assert a.successor() == b.node_id and b.successor() == a.node_id
+        assert a.state is b.state is NodeState.JOINED
+
+
+class TestThreeNodes:
+    def test_third_node_finds_its_place(self) -> None:
+        mesh = Mesh()
+        a = mesh.add(1, 1 * EIGHTH)
+        b = mesh.add(2, 5 * EIGHTH, bootstrap=[1])
+        mesh.run(5.0)
+        c = mesh.add(3, 3 * EIGHTH, bootstrap=[2])  # joins through B; lands between A and B
+        mesh.run(10.0)
+        assert (a.successor(), a.predecessor()) == (c.node_id, b.node_id)
+        assert (c.successor(), c.predecessor()) == (b.node_id, a.node_id)
+        assert (b.successor(), b.predecessor()) == (a.node_id, c.node_id)
+        assert [e for e in mesh.of(c) if isinstance(e, Joined)] == [Joined(c.node_id, 3)]
+        assert c.is_responsible(3 * EIGHTH + 5) and not a.is_responsible(3 * EIGHTH + 5)
+        assert c.nearest(3 * EIGHTH + 5, 2) == [c.node_id, b.node_id]
+
+    def test_leaf_links_close_after_joining(self) -> None:
+        mesh = Mesh()
+        a = mesh.add(1, 1 * EIGHTH)
+        mesh.add(2, 5 * EIGHTH, bootstrap=[1])
+        mesh.run(5.0)
+        c = mesh.add(3, 3 * EIGHTH, bootstrap=[2])
+        mesh.run(100.0)
+        assert {lk.kind for lk in c.links()} == {LinkKind.NEAR}  # B's leaf became near
+        assert len(c.links()) == 2 and len(a.links()) == 2
+
+
+def hand_built_ring(mesh: Mesh) -> list[OverlayNode]:
+    """Eight nodes at k/8 of the circle, each linked to k±1, plus one far link 0–4."""
+    nodes = [
+        OverlayNode(k * EIGHTH, rng=random.Random(k), settings=mesh.settings) for k in range(8)
+    ]
+    for k, node in enumerate(nodes):
+        mesh.nodes[addr(k)] = node
+        mesh.events[addr(k)] = []
+
+    def link(i: int, j: int, kind: LinkKind) -> None:
+        hello = w.Hello(id_to_bytes(nodes[j].node_id), kind.code, 1, b"", True)
+        nodes[i].receive(w.encode(hello), addr(j), 0.0)
+
+    for k in range(8):
+        link(k, (k + 1) % 8, LinkKind.NEAR)
+        link((k + 1) % 8, k, LinkKind.NEAR)
+    link(0, 4, LinkKind.FAR)
+    link(4, 0, LinkKind.FAR)
+    for node in nodes:
+        node.datagrams_to_send()
+        node.events()
+    return nodes
+
+
+class TestGreedyRouting:
+    def test_next_hops(self) -> None:
+        mesh = Mesh()
+        n = hand_built_ring(mesh)
+        assert n[0].next_hop(6 * EIGHTH) == n[7].node_id  # 1/8 away beats the far link's 2/8
+        assert n[0].next_hop(3 * EIGHTH) == n[4].node_id  # the far link
+        assert n[0].next_hop(0 * EIGHTH + 5) is None  # here
+        # Half-way between 2 and 3: both are as close; the smaller id wins, everywhere.
+        key = 2 * EIGHTH + EIGHTH // 2
+        assert n[0].next_hop(key) == n[1].node_id  # 1 and 4 tie at 1.5/8: the smaller
+        assert n[1].next_hop(key) == n[2].node_id
+        assert n[2].next_hop(key) is None
+        assert n[3].next_hop(key) == n[2].node_id
+
+    def test_messages_follow_the_greedy_path(self) -> None:
+        mesh = Mesh()
+        n = hand_built_ring(mesh)
+        mesh.allow = lambda msg: isinstance(msg, w.Data | w.RouteError)  # the topology stays
+        mid = n[0].send_to_node(n[6].node_id, b"to six", 1.0)
+        mesh.flush()
+        assert mesh.events[addr(6)] == [Delivered(0, 6 * EIGHTH, b"to six", 2, mid, True)]
+        key = 3 * EIGHTH + 17
+        mid = n[0].send_to_key(key, b"to a key", 1.0)
+        mesh.flush()
+        assert mesh.events[addr(3)] == [Delivered(0, key, b"to a key", 2, mid, False)]
+        assert n[4].statistics()["forwarded"] == 1
+
+    def test_missing_node_is_reported_back(self) -> None:
+        mesh = Mesh()
+        n = hand_built_ring(mesh)
+        mesh.allow = lambda msg: isinstance(msg, w.Data | w.RouteError)
+        mid = n[1].send_to_node(3 * EIGHTH + 17, b"anyone?", 1.0)
+        mesh.flush()
+        assert mesh.events[addr(1)] == [RouteFailed(mid, 3 * EIGHTH + 17, "no_such_node")]
+        assert n[3].statistics()["sent_route_error"] == 1
+
+    def test_hop_limit(self) -> None:
+        mesh = Mesh(OverlaySettings(max_hops=1))
+        n = hand_built_ring(mesh)
+        mesh.allow = lambda msg: isinstance(msg, w.Data | w.RouteError)
+        mid = n[0].send_to_key(6 * EIGHTH, b"far", 1.0)  # needs 2 hops
+        mesh.flush()
+        assert mesh.events[addr(0)] == [RouteFailed(mid, 6 * EIGHTH, "ttl")]
+        assert n[7].statistics()["dropped_ttl"] == 1
+
+    def test_size_estimate_from_spacing(self) -> None:
+        mesh = Mesh()
+        n = hand_built_ring(mesh)
+        assert n[2].estimated_size() == 3  # only 2 structured links: links + 1
+        mesh.allow = lambda msg: True
+        mesh.run(30.0)  # neighbour lists fill in the second neighbours on each side
+        assert n[2].neighbours() == ((3 * EIGHTH, 4 * EIGHTH), (1 * EIGHTH, 0))
+        assert n[2].estimated_size() == 8
+
+
+def five_node_ring() -> tuple[Mesh, list[OverlayNode]]:
+    mesh = Mesh()
+    nodes = [mesh.add(1, 0)]
+    for k in range(1, 5):
+        nodes.append(mesh.add(k + 1, k * SIZE // 5, bootstrap=[1]))
+        mesh.run(mesh.now + 5.0)
+    mesh.run(mesh.now + 10.0)
+    for i, node in enumerate(nodes):
+        assert node.successor() == nodes[(i + 1) % 5].node_id
+        assert node.predecessor() == nodes[i - 1].node_id
+    return mesh, nodes
+
+
+class TestLinkDeathAndRepair:
+    def test_silent_link_is_pinged_then_closed(self) -> None:
+        mesh = Mesh()
+        a = mesh.add(1, 1 * EIGHTH)
+        b = mesh.add(2, 5 * EIGHTH, bootstrap=[1])
+        mesh.run(10.0)
+        mesh.down.add(addr(2))  # B crashes at t=10
+        a.statistics()
+        pings_before = a.statistics().get("pings", 0)
+        mesh.run(60.0)
+        removed = [e for e in mesh.events[addr(1)] if isinstance(e, LinkRemoved)]
+        assert removed == [LinkRemoved(b.node_id, "timeout")]
+        assert a.statistics()["pings"] - pings_before >= 3
+        assert a.links() == [] and a.successor() is None
+
+    def test_timeout_is_between_dead_after_and_one_more_tick(self) -> None:
+        mesh = Mesh()
+        a = mesh.add(1, 1 * EIGHTH)
+        mesh.add(2, 5 * EIGHTH, bootstrap=[1])
+        mesh.run(10.0)
+        mesh.down.add(addr(2))
+        last_heard = 10.0
+        while a.links():
+            deadline = a.next_deadline()
+            assert deadline is not None
+            mesh.run(deadline)
+        assert last_heard + SETTINGS.dead_after_s - 15.0 < mesh.now
+        assert mesh.now <= last_heard + SETTINGS.dead_after_s + 1.25 * SETTINGS.tick_s
+
+    def test_crashed_neighbour_is_repaired(self) -> None:
+        mesh, n = five_node_ring()
+        mesh.down.add(addr(3))  # n[2] crashes
+        mesh.run(mesh.now + 40.0)
+        alive = [n[0], n[1], n[3], n[4]]
+        for i, node in enumerate(alive):
+            assert node.successor() == alive[(i + 1) % 4].node_id
+            assert node.predecessor() == alive[i - 1].node_id
+        assert LinkRemoved(n[2].node_id, "timeout") in mesh.events[addr(2)]
+
+    def test_graceful_leave_repairs_at_once(self) -> None:
+        mesh, n = five_node_ring()
+        n[2].leave(mesh.now)
+        mesh.flush()  # same instant: no timer has run
+        mesh.down.add(addr(3))
+        assert n[1].successor() == n[3].node_id and n[3].predecessor() == n[1].node_id
+        assert LinkRemoved(n[2].node_id, "closed_leave") in mesh.events[addr(2)]
+        assert n[2].next_deadline() is None
+        mid = n[2].send_to_key(1, b"late", mesh.now)
+        assert n[2].events()[-1] == RouteFailed(mid, 1, "left")
+
+    def test_ping_for_a_forgotten_link_closes_it(self) -> None:
+        mesh = Mesh()
+        a = mesh.add(1, 1 * EIGHTH)
+        b = mesh.add(2, 5 * EIGHTH, bootstrap=[1])
+        mesh.run(10.0)
+        # B restarts with its id at its address, knowing nobody; A still holds the link.
+        fresh = OverlayNode(b.node_id, rng=random.Random(99))
+        fresh.handle_timer(10.0)
+        fresh.events()
+        fresh.receive(w.encode(w.Ping(id_to_bytes(a.node_id), 1, 10.0)), addr(1), 10.1)
+        out = fresh.datagrams_to_send()
+        assert kinds(out) == ["Close"] and out[0][1] == addr(1)
+        feed(a, out, addr(2), 10.2)
+        assert a.events()[0] == LinkRemoved(b.node_id, "closed_unknown")
+        assert a.links() == []
+
+    def test_unexpected_hello_ack_is_answered_with_close(self) -> None:
+        a = OverlayNode(1 * EIGHTH, rng=random.Random(1))
+        a.handle_timer(0.0)
+        a.receive(w.encode(w.HelloAck(id_to_bytes(7), 2, 99, b"", True)), addr(9), 1.0)
+        assert kinds(a.datagrams_to_send()) == ["Close"]
+        assert a.links() == [] and a.statistics()["dropped_unexpected_ack"] == 1
+
+    def test_restarted_peer_is_linked_again(self) -> None:
+        mesh, n = five_node_ring()
+        fresh = OverlayNode(n[2].node_id, rng=random.Random(99), settings=SETTINGS)
+        fresh.handle_timer(mesh.now)
+        mesh.nodes[addr(3)] = fresh
+        mesh.run(mesh.now + 40.0)
+        assert fresh.successor() == n[3].node_id and fresh.predecessor() == n[1].node_id
+        assert n[1].successor() == n[3].predecessor() == fresh.node_id
+
+
+class TestDeterminism:
+    def run_once(self) -> list[bytes]:
+        mesh = Mesh()
+        trace: list[bytes] = []
+        allow = mesh.allow
+
+        def record(msg: w.Message) -> bool:
+            trace.append(w.encode(msg))
+            return allow(msg)
+
+        mesh.allow = record
+        mesh.add(1, 0)
+        for k in range(1, 6):
+            mesh.add(k + 1, k * SIZE // 6, bootstrap=[1])
+            mesh.run(mesh.now + 3.0)
+        mesh.run(mesh.now + 30.0)
+        return trace
+
+    def test_same_seeds_same_datagrams(self) -> None:
+        assert self.run_once() == self.run_once()
+
+
+class TestStatistics:
+    def test_counts_by_type_and_gauges(self) -> None:
+        mesh, n = five_node_ring()
+        stats = n[0].statistics()
+        assert stats["sent_hello_ack"] >= 1 and stats["received_hello"] >= 1
+        assert stats["links_near"] == len(n[0].links()) and stats["links_leaf"] == 0
+        assert stats["bytes_sent"] > 0 and stats["estimated_size"] == 5
+        info = n[0].links()[0]
+        assert info.age > 0 and info.kind is LinkKind.NEAR
