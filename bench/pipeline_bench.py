@@ -33,6 +33,11 @@ For each setup:
   (only keepalives), as percent of one core. Measured after the nodes are up, before any
   traffic.
 
+- **Other processes' CPU**: during each iperf3 run, the CPU (in cores) of every user-space
+  process outside the testbed's namespaces except the bench itself (:func:`others_cores`).
+  Setups are measured one after another, so on a shared machine this says whether a setup was
+  slowed down by someone else's work; it is printed above the table.
+
 The table has one column per setup and the ratios plain/raw and enc/raw (enc/plain for the
 CPU per GB row, the only one where raw has no value). Afterwards it prints, for each autovn
 setup, each worker's restarts (should be 0), the ring and worker drop counters (drops explain
@@ -110,6 +115,7 @@ class TcpRun:
     bytes: int  # receiver side
     retransmits: int | None  # sender side, if iperf3 reports it
     cpu_s: float | None = None  # node CPU during the run (autovn only)
+    others_cores: float | None = None  # CPU of processes outside the testbed, in cores
 
 
 @dataclass
@@ -124,11 +130,17 @@ class PingResult:
 
 @dataclass
 class SetupResult:
-    name: str
+    key: str  # "raw", "plain" or "enc"
+    name: str  # column title
     source: str
     target: str
     ping: PingResult | None = None
     tcp: list[TcpRun] = field(default_factory=list)
+    # autovn setups only:
+    idle_cpu_percent: dict[str, float] = field(default_factory=dict)  # node name -> % of a core
+    health: dict[str, dict[str, Any]] = field(default_factory=dict)  # node name -> node_health
+    overlay_check: str | None = None
+    links: dict[str, dict[str, Any]] = field(default_factory=dict)  # encrypted: handshakes
 
     def median_mbit(self, direction: str) -> float:
         return statistics.median(r.mbit_s for r in self.tcp if r.direction == direction)
@@ -138,6 +150,10 @@ class SetupResult:
         if any(v is None for v in values):
             return None
         return statistics.median(v for v in values if v is not None)
+
+    def others_cores(self) -> float | None:
+        values = [r.others_cores for r in self.tcp if r.others_cores is not None]
+        return statistics.fmean(values) if values else None
 
     def cpu_s_per_gb(self) -> float | None:
         if not self.tcp or any(r.cpu_s is None for r in self.tcp):
@@ -232,6 +248,84 @@ def idle_cpu_percent(nodes: list[Node], seconds: float) -> dict[str, float]:
     return {n.name: 100.0 * cpu_seconds_since(snaps[n.name], [n]) / wall for n in nodes}
 
 
+PF_KTHREAD = 0x00200000
+
+
+def netns_inode(ns: Namespace) -> int:
+    return os.stat(f"/run/netns/{ns.name}").st_ino
+
+
+@dataclass(frozen=True)
+class OthersSnapshot:
+    others: dict[int, ProcTimes]  # user-space processes outside the testbed, but this one
+    ours: dict[int, ProcTimes]  # processes inside the testbed's namespaces
+    bench: float  # CPU seconds of this process and its reaped children
+    busy: int  # ticks all CPUs spent in user, nice, system, irq and softirq (/proc/stat)
+
+
+def others_snapshot(testbed_netns: frozenset[int]) -> OthersSnapshot:
+    """What :func:`others_cores` compares: the other work on a possibly shared machine."""
+    me = os.getpid()
+    others: dict[int, ProcTimes] = {}
+    ours: dict[int, ProcTimes] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        pid = int(entry.name)
+        try:
+            inside = os.stat(f"/proc/{pid}/ns/net").st_ino in testbed_netns
+            text = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        rest = text[text.rfind(")") + 2 :].split()  # rest[0] is field 3 (state)
+        if int(rest[6]) & PF_KTHREAD:  # field 9 (flags); kernel threads: see others_cores
+            continue
+        times = ProcTimes(
+            start=int(rest[19]),
+            own=int(rest[11]) + int(rest[12]),
+            children=int(rest[13]) + int(rest[14]),
+        )
+        (ours if inside else others)[pid] = times
+    t = os.times()
+    cpu = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in cpu)
+    return OthersSnapshot(
+        others=others,
+        ours=ours,
+        bench=t.user + t.system + t.children_user + t.children_system,
+        busy=user + nice + system + irq + softirq,
+    )
+
+
+def ticks_between(before: dict[int, ProcTimes], after: dict[int, ProcTimes]) -> int:
+    """CPU ticks of the processes of ``after`` since ``before``: what survivors used (own and
+    reaped children's), plus all of what processes started meanwhile used."""
+    ticks = 0
+    for pid, new in after.items():
+        old = before.get(pid)
+        if old is None or old.start != new.start:
+            ticks += new.own + new.children
+        else:
+            ticks += new.own - old.own + new.children - old.children
+    return ticks
+
+
+def others_cores(before: OthersSnapshot, after: OthersSnapshot, wall: float) -> float:
+    """Mean CPU, in cores, of the work that is not the bench's between two snapshots.
+
+    Two estimates, each too high in its own way; the smaller is reported. By process: the
+    user-space processes outside the testbed's namespaces, except the bench; a child reaped
+    meanwhile counts its whole life, even the part before ``before``. By machine: all the busy
+    CPU time of /proc/stat minus the testbed's processes and the bench (with its reaped
+    children: iperf3 client, ping); this also counts kernel work done for the bench's traffic
+    but charged to no process of it (ksoftirqd, irq time).
+    """
+    by_process = ticks_between(before.others, after.others) / CLK_TCK
+    ours = ticks_between(before.ours, after.ours) / CLK_TCK + after.bench - before.bench
+    by_machine = (after.busy - before.busy) / CLK_TCK - ours
+    return max(0.0, min(by_process, by_machine)) / wall
+
+
 # ----------------------------------------------------------------------------------------------
 # traffic
 
@@ -311,29 +405,66 @@ def run_iperf(ns: Namespace, target: str, seconds: int, reverse: bool) -> TcpRun
 
 
 def measure(
-    setup: SetupResult, a: Node, args: argparse.Namespace, cpu_nodes: list[Node] | None
+    setup: SetupResult,
+    a: Node,
+    args: argparse.Namespace,
+    cpu_nodes: list[Node] | None,
+    testbed_netns: frozenset[int],
 ) -> None:
     """Ping, then ``repeats`` x (a->b, b->a) iperf3 runs from a's namespace to ``setup.target``.
 
-    With ``cpu_nodes``, the CPU those nodes' processes use during each iperf3 run is recorded.
+    With ``cpu_nodes``, the CPU those nodes' processes use during each iperf3 run is recorded;
+    for every run, the CPU of the work outside ``testbed_netns`` (:func:`others_cores`).
     """
     log(f"{setup.name}: {args.pings} pings {setup.source} -> {setup.target}")
     setup.ping = run_ping(a.ns, setup.target, args.pings)
     for i in range(args.repeats):
         for reverse in (False, True):
             before = cpu_snapshot(cpu_nodes) if cpu_nodes else None
+            others = others_snapshot(testbed_netns)
+            t0 = time.monotonic()
             run = run_iperf(a.ns, setup.target, args.seconds, reverse)
+            wall = time.monotonic() - t0
+            run.others_cores = others_cores(others, others_snapshot(testbed_netns), wall)
             if before is not None and cpu_nodes:
                 run.cpu_s = cpu_seconds_since(before, cpu_nodes)
             setup.tcp.append(run)
             log(
                 f"{setup.name}: run {i + 1}/{args.repeats} {run.direction}: "
-                f"{run.mbit_s:.0f} Mbit/s, retransmits {run.retransmits}"
+                f"{run.mbit_s:.0f} Mbit/s, retransmits {run.retransmits}, "
+                f"other processes {run.others_cores:.2f} cores"
             )
 
 
 # ----------------------------------------------------------------------------------------------
 # nodes
+
+
+def certified_pair(
+    ns_a: Namespace, ns_b: Namespace, root: Path, stages: dict[str, int]
+) -> list[Node]:
+    """Two nodes for the namespaces ``two_nodes`` built, as ``two_nodes(secure=True)`` makes
+    them: certified by a fresh authority, each naming the other's public key (Noise IK). New
+    configs, state and runtime directories under ``root``; not started."""
+    authority = Authority.create(root / "authority")
+    keys = [authority.certify(root / name / "state", name).public_key.hex() for name in NAMES]
+    nodes = []
+    for me, (name, ns) in enumerate(zip(NAMES, (ns_a, ns_b), strict=True)):
+        peer = 1 - me
+        config = write_config(
+            root / name,
+            name,
+            me,
+            peer,
+            NAMES[peer],
+            ca=authority.path,
+            peer_key=keys[peer],
+            stages=stages,
+        )
+        node = Node(name, ns, config, VIRTUAL[me], UNDERLAY[me], root / name)
+        node.extra["authority"] = authority
+        nodes.append(node)
+    return nodes
 
 
 def start_nodes(nodes: list[Node]) -> None:
@@ -342,6 +473,59 @@ def start_nodes(nodes: list[Node]) -> None:
     for n in nodes:
         n.wait_running()
         n.wait_peers_up()
+
+
+def check_security(nodes: list[Node], encrypted: bool) -> None:
+    """The nodes really run the setup they are measured as (the supervisor's and every
+    overlay_io worker's ``encrypted`` flag)."""
+    for n in nodes:
+        st = wait_for(f"{n.name} status", n.status, timeout=15)
+        flags = [bool(st.get("encrypted"))]
+        flags += [
+            bool((w.get("stats") or {}).get("encrypted"))
+            for w in st["workers"]
+            if w["stage"] == "overlay_io"
+        ]
+        if any(f != encrypted for f in flags):
+            raise RuntimeError(f"{n.name}: encrypted flags {flags}, expected {encrypted}")
+
+
+def stop_nodes(nodes: list[Node]) -> None:
+    """``supervisor stop`` each node and wait until it is gone (:func:`wait_gone`), so the
+    next nodes start in clean namespaces."""
+    procs: dict[str, list[tuple[int, int]]] = {}
+    for n in nodes:
+        sup, workers = node_pids(n)
+        procs[n.name] = [(pid, t.start) for pid in (sup, *workers) if (t := proc_times(pid))]
+    for n in nodes:
+        res = n.cli("stop", str(n.config), check=False, timeout=40)
+        if res.returncode != 0:
+            raise RuntimeError(f"supervisor stop {n.name}: rc {res.returncode}: {res.stderr}")
+    for n in nodes:
+        wait_gone(n, procs[n.name])
+
+
+def wait_gone(node: Node, procs: list[tuple[int, int]]) -> None:
+    """Wait until ``node``'s supervisor has exited, its processes (pid, start time) are gone,
+    and its TAP device and UDP port no longer exist in its namespace."""
+    ns = node.ns
+
+    def exited() -> bool:
+        return node.proc is None or node.proc.poll() is not None
+
+    def processes_gone() -> bool:
+        return all((t := proc_times(pid)) is None or t.start != start for pid, start in procs)
+
+    def device_gone() -> bool:
+        return ns.run(["ip", "link", "show", "dev", DEVICE], check=False).returncode != 0
+
+    def port_free() -> bool:
+        return not ns.run(["ss", "-Huln", f"sport = :{PORT}"], check=False).stdout.strip()
+
+    wait_for(f"{node.name} supervisor exit", exited, timeout=20)
+    wait_for(f"{node.name} processes gone", processes_gone, timeout=20)
+    wait_for(f"{node.name} {DEVICE} gone", device_gone, timeout=20)
+    wait_for(f"{node.name} UDP port {PORT} free", port_free, timeout=20)
 
 
 def node_health(node: Node) -> dict[str, Any]:
@@ -369,15 +553,62 @@ def node_health(node: Node) -> dict[str, Any]:
     }
 
 
-def check_overlay_carried(avn: SetupResult, health: dict[str, Any]) -> str:
+def settled_health(nodes: list[Node], timeout: float = 10.0) -> dict[str, dict[str, Any]]:
+    """:func:`node_health` of ``nodes`` once their counters have caught up with the traffic.
+
+    Worker counters reach ``status`` with the workers' heartbeats (every
+    ``heartbeat_interval_s``, 1 s in the lab), so right after the last iperf3 run they may lack
+    its final second. Read until the overlay bytes sent grow by less than 1 MB (keepalives only)
+    between two reads more than a heartbeat apart.
+    """
+    deadline = time.monotonic() + timeout
+    health = {n.name: node_health(n) for n in nodes}
+    while True:
+        time.sleep(1.5)
+        again = {n.name: node_health(n) for n in nodes}
+        grown = sum(again[k]["overlay_bytes_sent"] - health[k]["overlay_bytes_sent"] for k in again)
+        health = again
+        if grown < 1_000_000 or time.monotonic() > deadline:
+            return health
+
+
+def handshakes(node: Node) -> dict[str, Any]:
+    """The control stage's link counters (``links``) and, per peer, pattern, handshakes and
+    sessions, from ``status --json``."""
+    st = wait_for(f"{node.name} status", node.status, timeout=15)
+    peers = {
+        p["name"]: {k: p.get(k) for k in ("state", "pattern", "handshakes", "sessions")}
+        for p in st.get("peers") or []
+    }
+    return {"links": st.get("links"), "peers": peers}
+
+
+def check_overlay_carried(avn: SetupResult) -> str:
     """The nodes' overlay_io must have sent at least what the iperf3 receivers got."""
-    sent = sum(h["overlay_bytes_sent"] for h in health.values())
+    sent = sum(h["overlay_bytes_sent"] for h in avn.health.values())
     received = sum(r.bytes for r in avn.tcp)
     verdict = "ok" if sent >= received else "WARNING: less than iperf3 received, bypassed?"
     return (
         f"overlay bytes sent (both nodes) {sent / 1e9:.2f} GB, "
         f"iperf3 received {received / 1e9:.2f} GB: {verdict}"
     )
+
+
+def measure_autovn(
+    setup: SetupResult, nodes: list[Node], args: argparse.Namespace, testbed_netns: frozenset[int]
+) -> None:
+    """Start ``nodes``, measure idle CPU, then traffic, then read their counters."""
+    encrypted = setup.key == "enc"
+    log(f"{setup.name}: starting nodes (stages {scale_text(args.scale)})")
+    start_nodes(nodes)
+    check_security(nodes, encrypted)
+    log(f"{setup.name}: idle CPU over {IDLE_SECONDS:.0f} s")
+    setup.idle_cpu_percent = idle_cpu_percent(nodes, IDLE_SECONDS)
+    measure(setup, nodes[0], args, nodes, testbed_netns)
+    setup.health = settled_health(nodes)
+    setup.overlay_check = check_overlay_carried(setup)
+    if encrypted:
+        setup.links = {n.name: handshakes(n) for n in nodes}
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -404,74 +635,103 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def ratio(raw: float | None, avn: float | None) -> str:
-    if raw is None or avn is None or raw == 0:
+def ratio(num: float | None, den: float | None) -> str:
+    if num is None or den is None or den == 0:
         return "-"
-    return f"{avn / raw:.2f}"
+    value = num / den
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}" if value >= 0.1 else f"{value:.4f}"
 
 
-def table_rows(
-    raw: SetupResult, avn: SetupResult, idle: dict[str, float], repeats: int
-) -> list[tuple[str, float | None, float | None, int]]:
-    assert raw.ping and avn.ping
-    rows: list[tuple[str, float | None, float | None, int]] = []
-    for d in ("a->b", "b->a"):
-        rows.append(
-            (f"tcp {d} Mbit/s (median {repeats})", raw.median_mbit(d), avn.median_mbit(d), 0)
-        )
-    rows += [
-        ("ping p50 ms", raw.ping.p50_ms, avn.ping.p50_ms, 3),
-        ("ping p99 ms", raw.ping.p99_ms, avn.ping.p99_ms, 3),
-        ("cpu-s per GB (all nodes)", None, avn.cpu_s_per_gb(), 2),
-        ("idle node cpu % of a core", None, idle.get("alpha"), 2),
+@dataclass
+class Row:
+    name: str
+    values: dict[str, float | None]  # setup key -> value
+    digits: int
+    ratios: tuple[tuple[str, str], ...]  # which ratio columns this row shows
+
+
+def table_rows(setups: dict[str, SetupResult], repeats: int) -> list[Row]:
+    def each(get: Any) -> dict[str, float | None]:
+        return {k: get(s) for k, s in setups.items()}
+
+    to_raw = RATIOS[:2]
+    rows = [
+        Row(f"tcp {d} Mbit/s (median {repeats})", each(lambda s, d=d: s.median_mbit(d)), 0, to_raw)
+        for d in ("a->b", "b->a")
     ]
-    for d in ("a->b", "b->a"):
-        rows.append(
-            (
-                f"tcp {d} retransmits (median)",
-                raw.median_retransmits(d),
-                avn.median_retransmits(d),
-                0,
-            )
-        )
+    rows += [
+        Row("ping p50 ms", each(lambda s: s.ping.p50_ms), 3, to_raw),
+        Row("ping p99 ms", each(lambda s: s.ping.p99_ms), 3, to_raw),
+        Row("cpu-s per GB (all nodes)", each(lambda s: s.cpu_s_per_gb()), 2, RATIOS),
+        Row(
+            "idle node cpu % of a core",
+            each(lambda s: s.idle_cpu_percent.get(NAMES[0])),
+            2,
+            to_raw,
+        ),
+    ]
+    rows += [
+        Row(f"tcp {d} retransmits (median)", each(lambda s, d=d: s.median_retransmits(d)), 0, ())
+        for d in ("a->b", "b->a")
+    ]
     rows.append(
-        (
-            "ping replies lost",
-            float(raw.ping.sent - raw.ping.received),
-            float(avn.ping.sent - avn.ping.received),
-            0,
-        )
+        Row("ping replies lost", each(lambda s: float(s.ping.sent - s.ping.received)), 0, ())
     )
     return rows
 
 
-def render(result: dict[str, Any], raw: SetupResult, avn: SetupResult) -> str:
+def render(result: dict[str, Any], setups: dict[str, SetupResult]) -> str:
     m = result["machine"]
+    a = result["args"]
     lines = [
         f"autovn pipeline benchmark  {result['timestamp']}",
         f"machine: nproc {m['nproc']}, kernel {m['kernel']}, python {m['python']}, "
         f"load avg (1 min) at start {m['loadavg']:.2f}",
-        f"iperf3 TCP 1 stream, {result['args']['seconds']} s x {result['args']['repeats']} per "
-        f"direction; {result['args']['pings']} pings at 10 ms; "
-        f"stages {scale_text(result['stages'])}",
+        f"CPU of other processes on the machine during the iperf3 runs, mean cores (of "
+        f"{m['nproc']}): "
+        + ", ".join(f"{s.name} {fmt(s.others_cores(), 2)}" for s in setups.values()),
+        f"iperf3 TCP 1 stream, {a['seconds']} s x {a['repeats']} per direction; "
+        f"{a['pings']} pings at 10 ms; stages {scale_text(result['stages'])}",
+        f"measured in this order, same namespaces: {', '.join(s.name for s in setups.values())}"
+        f" ({result['elapsed_s']:.0f} s)",
         "",
-        f"{'metric':<34}{'raw veth':>10}{'autovn':>10}{'ratio':>8}",
     ]
-    for name, r, a, digits in table_rows(
-        raw, avn, result["idle_cpu_percent"], result["args"]["repeats"]
-    ):
-        show_ratio = "-" if "lost" in name or "retransmits" in name else ratio(r, a)
-        lines.append(f"{name:<34}{fmt(r, digits):>10}{fmt(a, digits):>10}{show_ratio:>8}")
+    ratios = [(n, d) for n, d in RATIOS if n in setups and d in setups]
+    header = f"{'metric':<34}" + "".join(f"{s.name:>11}" for s in setups.values())
+    header += "".join(f"{f'{n}/{d}':>11}" for n, d in ratios)
+    lines.append(header)
+    for row in table_rows(setups, a["repeats"]):
+        line = f"{row.name:<34}" + "".join(f"{fmt(row.values[k], row.digits):>11}" for k in setups)
+        for n, d in ratios:
+            shown = ratio(row.values[n], row.values[d]) if (n, d) in row.ratios else "-"
+            line += f"{shown:>11}"
+        lines.append(line)
+    for s in setups.values():
+        if s.key == "raw":
+            continue
+        lines.append("")
+        for node, health in s.health.items():
+            who = f"{s.name} {node}"
+            restarts = ", ".join(f"{k}={v}" for k, v in health["restarts"].items())
+            rings = health["ring_drops"]
+            drops = ", ".join(f"{k}={v}" for k, v in rings.items() if v)
+            lines.append(f"{who} restarts: {restarts}")
+            lines.append(f"{who} ring drops: {drops or f'0 in all {len(rings)}'}")
+            other = ", ".join(f"{k}={v}" for k, v in health["worker_drops"].items()) or "none"
+            lines.append(f"{who} worker drops: {other}")
+        for node, hs in s.links.items():
+            links = dict(hs["links"] or {})
+            refused = links.pop("refused", None) or {}
+            counters = ", ".join(f"{k}={v}" for k, v in links.items()) or "none"
+            refused_text = ", ".join(f"{k}={v}" for k, v in refused.items()) or "none"
+            lines.append(f"{s.name} {node} handshakes: {counters}; refused: {refused_text}")
+            for peer, p in hs["peers"].items():
+                lines.append(
+                    f"{s.name} {node} peer {peer}: {p['state']}, pattern {p['pattern']}, "
+                    f"handshakes {p['handshakes']}, sessions {p['sessions']}"
+                )
+        lines.append(f"{s.name}: {s.overlay_check}")
     lines.append("")
-    for node, health in result["health"].items():
-        restarts = ", ".join(f"{k}={v}" for k, v in health["restarts"].items())
-        rings = health["ring_drops"]
-        drops = ", ".join(f"{k}={v}" for k, v in rings.items() if v) or f"0 in all {len(rings)}"
-        lines.append(f"{node} restarts: {restarts}")
-        lines.append(f"{node} ring drops: {drops}")
-        other = ", ".join(f"{k}={v}" for k, v in health["worker_drops"].items()) or "none"
-        lines.append(f"{node} worker drops: {other}")
-    lines.append(result["overlay_check"])
     lines.append(f"results: {result['file']}")
     return "\n".join(lines)
 
@@ -486,6 +746,17 @@ def write_json(result: dict[str, Any]) -> Path:
 
 # ----------------------------------------------------------------------------------------------
 # main
+
+
+def parse_setups(text: str) -> list[str]:
+    """``raw,plain,enc`` (any subset, any order) -> the chosen keys in measuring order."""
+    chosen = {s.strip() for s in text.split(",") if s.strip()}
+    unknown = chosen - SETUPS.keys()
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"bad --setups {text!r}: want a comma-separated subset of {','.join(SETUPS)}"
+        )
+    return [k for k in SETUPS if k in chosen]
 
 
 def parse_scale(text: str) -> dict[str, int]:
@@ -517,6 +788,12 @@ def bounded_int(lo: int, hi: int) -> Any:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument(
+        "--setups",
+        type=parse_setups,
+        default=list(SETUPS),
+        help="which setups to measure, measured in the order raw, plain, enc (raw,plain,enc)",
+    )
     p.add_argument("--seconds", type=bounded_int(1, 120), default=5, help="iperf3 -t (5)")
     p.add_argument(
         "--repeats",
@@ -534,7 +811,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--scale",
         type=parse_scale,
         default={},
-        help="stage knobs for both nodes, e.g. queues=2,classifier=2,overlay_io=2",
+        help="stage knobs for all nodes, e.g. queues=2,classifier=2,overlay_io=2",
     )
     p.add_argument(
         "--json-only", action="store_true", help="print the JSON result instead of the table"
@@ -542,44 +819,66 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], SetupResult, SetupResult]:
+def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, SetupResult]]:
     result: dict[str, Any] = {
         "timestamp": datetime.now().strftime("%Y%m%d-%H%M%S"),
         "machine": machine(),
-        "args": {"seconds": args.seconds, "repeats": args.repeats, "pings": args.pings},
+        "args": {
+            "setups": args.setups,
+            "seconds": args.seconds,
+            "repeats": args.repeats,
+            "pings": args.pings,
+        },
         "stages": args.scale,
     }
-    raw = SetupResult("raw veth", UNDERLAY[0], UNDERLAY[1])
-    avn = SetupResult("autovn", VIRTUAL[0], VIRTUAL[1])
+    setups: dict[str, SetupResult] = {}
+    for key in args.setups:
+        ends = UNDERLAY if key == "raw" else VIRTUAL
+        setups[key] = SetupResult(key, SETUPS[key], ends[0], ends[1])
+    started: list[Node] = []
+    t0 = time.monotonic()
     with Testbed("avb") as tb:
-        a, b = two_nodes(tb, tmp, start=False, **args.scale)
+        # The namespaces and the veth, once; the nodes two_nodes makes are the plaintext ones.
+        a, b = two_nodes(tb, tmp / "plain", start=False, secure=False, **args.scale)
+        pairs = {"plain": [a, b]}
+        testbed_netns = frozenset(netns_inode(ns) for ns in (a.ns, b.ns))
+        if "enc" in setups:
+            pairs["enc"] = certified_pair(a.ns, b.ns, tmp / "enc", args.scale)
         try:
             start_iperf_server(b.ns)
-            measure(raw, a, args, cpu_nodes=None)
-            log(f"starting nodes (stages {scale_text(args.scale)})")
-            start_nodes([a, b])
-            log(f"idle CPU over {IDLE_SECONDS:.0f} s")
-            result["idle_cpu_percent"] = idle_cpu_percent([a, b], IDLE_SECONDS)
-            measure(avn, a, args, cpu_nodes=[a, b])
-            result["health"] = {n.name: node_health(n) for n in (a, b)}
-            result["overlay_check"] = check_overlay_carried(avn, result["health"])
+            if "raw" in setups:
+                measure(setups["raw"], a, args, None, testbed_netns)
+            autovn = [k for k in setups if k != "raw"]
+            for i, key in enumerate(autovn):
+                nodes = pairs[key]
+                started += nodes
+                measure_autovn(setups[key], nodes, args, testbed_netns)
+                if i + 1 < len(autovn):
+                    log(f"{setups[key].name}: stopping nodes")
+                    stop_nodes(nodes)
         except Exception:
-            for n in (a, b):
-                log(f"{n.name} supervisor output (tail):\n{tail(n.root / 'supervisor.out')}")
+            for n in started:
+                log(
+                    f"{n.root.parent.name} {n.name} supervisor output (tail):\n"
+                    f"{tail(n.root / 'supervisor.out')}"
+                )
             raise
-    result["setups"] = {s.name: asdict(s) for s in (raw, avn)}
+    result["elapsed_s"] = round(time.monotonic() - t0, 1)
+    result["setups"] = {k: asdict(s) for k, s in setups.items()}
     result["summary"] = {
-        s.name: {
+        k: {
+            "name": s.name,
             "tcp_a_to_b_mbit_s": s.median_mbit("a->b"),
             "tcp_b_to_a_mbit_s": s.median_mbit("b->a"),
             "ping_p50_ms": s.ping.p50_ms if s.ping else None,
             "ping_p99_ms": s.ping.p99_ms if s.ping else None,
             "cpu_s_per_gb": s.cpu_s_per_gb(),
+            "idle_cpu_percent_alpha": s.idle_cpu_percent.get(NAMES[0]),
+            "others_cores_during_iperf3": s.others_cores(),
         }
-        for s in (raw, avn)
+        for k, s in setups.items()
     }
-    result["summary"]["autovn"]["idle_cpu_percent_alpha"] = result["idle_cpu_percent"]["alpha"]
-    return result, raw, avn
+    return result, setups
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -589,12 +888,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with tempfile.TemporaryDirectory(prefix="autovn-bench-") as tmp:
-            result, raw, avn = run(args, Path(tmp))
+            result, setups = run(args, Path(tmp))
     except KeyboardInterrupt:
         log("interrupted; testbed removed")
         return 130
     write_json(result)
-    print(json.dumps(result, indent=2) if args.json_only else render(result, raw, avn))
+    print(json.dumps(result, indent=2) if args.json_only else render(result, setups))
     return 0
 
 
