@@ -41,6 +41,9 @@ FORBIDDEN = {
     "mmap",
     "pytun",
     "structlog",
+    "io",
+    "datetime",
+    "pathlib",
 }
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
@@ -68,21 +67,6 @@ def reference_checksum(data: bytes) -> int:
         total += data[i] << 8 | data[i + 1]
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
-
-
-# -- purity ----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("relpath", PURE_MODULES)
-def test_pure_modules_import_no_io(relpath: str) -> None:
-    tree = ast.parse((ROOT / relpath).read_text())
-    imported: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            imported.add(node.module.split(".")[0])
-    assert not imported & FORBIDDEN_IMPORTS
 
 
 # -- golden frames ---------------------------------------------------------------------------
