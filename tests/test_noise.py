@@ -22,9 +22,9 @@ from pipeline.crypto.noise import (
     public_key,
 )
 
-VECTORS_PATH = (
-    Path(__file__).resolve().parents[2] / "shared/testdata/noise/cacophony-25519-chachapoly.json"
-)
+# The cacophony project's published vectors (public domain), the suites libsodium can run;
+# see tests/data/noise/README.md.
+VECTORS_PATH = Path(__file__).resolve().parent / "data/noise/cacophony-25519-chachapoly.json"
 VECTOR_COUNT = 177
 
 # Fixed keys for the unit tests (any 32 bytes are an X25519 private key).
