@@ -22,6 +22,7 @@ PURE = [
     "pipeline/control/links.py",
     "pipeline/crypto/datapath.py",
     "pipeline/control/overlay",
+    "pipeline/control/dht",
     "pipeline/sim",
     "pipeline/records.py",
     "pipeline/messages.py",
