@@ -30,7 +30,7 @@ from pipeline.classifier.routes import worker_for_peer
 from pipeline.crypto.datapath import RecvSession, SendSession
 from pipeline.errors import RemoteProtocolError
 from pipeline.overlay_io.udp import Address, UdpPort
-from pipeline.records import RecordKind, pack_endpoint
+from pipeline.records import ENDPOINT_LEN, RecordKind, pack_endpoint, unpack_endpoint
 from pipeline.route_feed import RouteFeed
 from pipeline.shm_ring import Consumer, Producer
 from pipeline.wire.overlay import HEADER_LEN, VERSION, DatagramType, build_header, parse_header
@@ -195,10 +195,8 @@ class OverlayIoWorker(Worker):
             return 0
         for rec in records:
             if rec.kind == RecordKind.HANDSHAKE:
-                data = rec.data
-                host = ".".join(str(b) for b in data[:4])
-                port = int.from_bytes(data[4:6], "big")
-                if self.port.send([data[6:]], (host, port)):
+                to = unpack_endpoint(rec.data)
+                if self.port.send([rec.data[ENDPOINT_LEN:]], to):
                     self.sent += 1
                 continue
             out = self.send.get(rec.peer)
