@@ -5,6 +5,7 @@
 - ``churn``: churn scripts (joins, crashes, graceful leaves, restarts).
 - ``overlay``: ``OverlaySim``, overlay nodes in the simulator and the invariants checked
   on them (successor and predecessor right; every node reaches every other).
+- ``dht`` (imported on its own): ``DhtSim``, overlay nodes each with a DHT on top.
 
 One seed is the only source of variation: a run replays exactly.
 """

@@ -9,9 +9,16 @@ Theory of operation:
   addresses while it joins. N is estimated from the spacing of the near neighbours.
 - **Links.** ``Hello`` → ``HelloAck`` makes a link on both sides (either side may start,
   both may start at once; a Hello on an existing link refreshes or upgrades it). Any
-  datagram from a linked address counts as a sign of life; a link silent for
-  ``ping_after_s`` is pinged every ``ping_retry_s`` and closed after ``dead_after_s`` of
-  silence. A node that gets a Ping or a HelloAck for a link it does not hold answers
+  datagram from a linked address counts as a sign of life (routed traffic and neighbour
+  lists too), so only a silent link is pinged: a leaf link or one of the
+  ``near_per_side`` nearest on a side when silent for ``ping_after_s``, any other (far
+  links, surplus near links) for ``far_ping_after_s``, each stretched by a per-link random
+  factor (``ping_jitter``) so the two ends seldom both ping; then every ``ping_retry_s``,
+  and closed after ``dead_after_s`` (``far_dead_after_s``) of silence. Forwarding over a
+  link silent for ``use_ping_after_s`` pings it too, and a link whose ping has been
+  unanswered for ``suspect_after_s`` is routed around (used only when no other link is
+  closer than this node), so a crashed hop is found and avoided soon after it is used.
+  A node that gets a Ping or a HelloAck for a link it does not hold answers
   ``Close(unknown)``, so half-open links do not linger.
 - **Joining.** Hello to bootstrap addresses (a few at a time; any one reachable suffices),
   then a ``ConnectRequest`` toward the node's own id through each leaf peer that says it is
@@ -24,9 +31,11 @@ Theory of operation:
 - **Keeping the circle.** Whenever a node's near set changes it sends its neighbour list
   (its links nearest the receiver, ``neighbour_list_per_side`` a side) to each near
   neighbour, asking the nearest on each side (and new ones) for theirs; every
-  ``stabilize_s`` it asks its nearest on each side again. A list naming a node nearer than
-  the current near neighbours makes a link to it. So a lost neighbour is repaired by asking
-  the next one on that side; a graceful leaver's ``Close`` carries its neighbours.
+  ``stabilize_s`` it asks its nearest on each side again (not one whose list came within
+  the last ¾ of that: it asked us, and one exchange a pair suffices). A list naming a
+  node nearer than the current near neighbours makes a link to it. So a lost neighbour
+  is repaired by asking the next one on that side; a graceful leaver's ``Close`` carries
+  its neighbours.
 - **Far links.** Once joined and N > ``shortcut_min_size``, while it has fewer than
   ``⌈shortcut_factor·log2 N⌉`` far links (not counting those among the near neighbours), a
   node draws a distance d with log2 d uniform between log2(2^160/N) and 159, a random
@@ -109,9 +118,14 @@ class OverlaySettings:
     hello_retry_s: float = 1.0
     hello_tries: int = 4
     connect_timeout_s: float = 4.0
-    ping_after_s: float = 15.0  # a link silent this long is pinged ...
+    ping_after_s: float = 15.0  # a near or leaf link silent this long is pinged ...
     ping_retry_s: float = 2.0  # ... this often ...
     dead_after_s: float = 25.0  # ... and closed when silent this long
+    far_ping_after_s: float = 40.0  # the same for the other links (far links, near links
+    far_dead_after_s: float = 50.0  # beyond the near_per_side nearest on a side)
+    ping_jitter: float = 0.2  # each link's ping_after is stretched by a random 0..this
+    use_ping_after_s: float = 5.0  # forwarding over a link silent this long pings it too
+    suspect_after_s: float = 2.0  # a link whose ping is unanswered this long is routed around
     stabilize_s: float = 15.0  # ask the nearest neighbour on each side for its list
     far_retry_s: float = 5.0  # back-off after a failed far-link attempt, doubling ...
     far_retry_max_s: float = 60.0  # ... up to this
@@ -145,6 +159,9 @@ class _Link:
     last_ping: float = -math.inf
     on_circle: bool = False  # as it said in its latest Hello or HelloAck
     view: tuple[int, ...] | None = None  # the ids in its latest neighbour list
+    view_at: float = -math.inf  # when that list came
+    ping_since: float = math.inf  # first ping not yet answered (when last_heard is older)
+    jitter: float = 1.0  # this link's ping_after factor, 1 .. 1 + ping_jitter
 
 
 @dataclasses.dataclass(slots=True)
@@ -522,6 +539,7 @@ class OverlayNode:
             link.last_heard = now
             return link
         link = _Link(node_id, address, address_bytes, kind, now, now)
+        link.jitter = 1.0 + self.settings.ping_jitter * self._rng.random()
         self._links[node_id] = link
         self._known.pop(address, None)
         self._known[address] = None
@@ -582,6 +600,7 @@ class OverlayNode:
         link = self._links.get(sender)
         if link is not None and link.address == source:
             link.view = tuple(nid for nid, _ in candidates)
+            link.view_at = self._now
         if sender != self.node_id and (link is None or link.kind is LEAF):
             candidates.append((sender, source))
         self._consider(candidates)
@@ -728,6 +747,11 @@ class OverlayNode:
             best_d, best_id = ring.SIZE, -1
         else:
             best_d, best_id = ring_distance(self.node_id, key), self.node_id
+        # A link whose ping has gone unanswered for suspect_after_s is taken only when no
+        # other link is closer than this node (it is probably dead: route around it).
+        cutoff = self._now - self.settings.suspect_after_s
+        suspect: _Link | None = None
+        suspect_d, suspect_id = best_d, best_id
         for link in candidates:
             nid = link.node_id
             if nid == exclude:
@@ -736,8 +760,12 @@ class OverlayNode:
             if d > ring.HALF:
                 d = ring.SIZE - d
             if d < best_d or (d == best_d and nid < best_id):
+                if link.last_heard < link.ping_since <= cutoff:
+                    if d < suspect_d or (d == suspect_d and nid < suspect_id):
+                        suspect, suspect_d, suspect_id = link, d, nid
+                    continue
                 best, best_d, best_id = link, d, nid
-        return best
+        return best if best is not None else suspect
 
     def _route(self, msg: w.Routed, dest: int, exclude: int | None) -> None:
         link = self._next_link(dest, exclude)
@@ -754,6 +782,11 @@ class OverlayNode:
             return
         self._stats["forwarded"] += 1
         self._send(msgspec.structs.replace(msg, hops=msg.hops + 1), link.address)
+        now = self._now
+        st = self.settings
+        if now - link.last_heard > st.use_ping_after_s and now - link.last_ping >= st.ping_retry_s:
+            self._stats["pings_on_use"] += 1
+            self._ping(link, now)
 
     def _route_in(self, msg: w.Routed) -> None:
         dest = id_from_bytes(msg.dest)
@@ -895,7 +928,7 @@ class OverlayNode:
                 self._next_stabilize = now + self.settings.stabilize_s * (
                     0.75 + 0.5 * self._rng.random()
                 )
-                self._ask_neighbours()
+                self._ask_neighbours(periodic=True)
             self._grow_far(now)
             self._trim(now)
             self._probe(now)
@@ -919,17 +952,28 @@ class OverlayNode:
 
     def _check_liveness(self, now: float) -> None:
         st = self.settings
+        succ, pred = self.neighbours()
+        close = {*succ, *pred}
         for link in list(self._links.values()):
             silent = now - link.last_heard
-            if silent > st.dead_after_s:
+            if link.kind is LEAF or link.node_id in close:
+                ping_after, dead_after = st.ping_after_s, st.dead_after_s
+            else:
+                ping_after, dead_after = st.far_ping_after_s, st.far_dead_after_s
+            if silent > dead_after:
                 self._drop_link(link, "timeout")
-            elif silent > st.ping_after_s and now - link.last_ping >= st.ping_retry_s:
-                link.last_ping = now
-                self._ping_seq = (self._ping_seq + 1) & 0xFFFF_FFFF
-                self._stats["pings"] += 1
-                self._send(w.Ping(self._id, self._ping_seq, now), link.address)
+            elif silent > ping_after * link.jitter and now - link.last_ping >= st.ping_retry_s:
+                self._ping(link, now)
         if len(self._suspects) > 64:
             self._suspects = {n: t for n, t in self._suspects.items() if t > now}
+
+    def _ping(self, link: _Link, now: float) -> None:
+        if link.last_heard >= link.ping_since or link.ping_since == math.inf:
+            link.ping_since = now
+        link.last_ping = now
+        self._ping_seq = (self._ping_seq + 1) & 0xFFFF_FFFF
+        self._stats["pings"] += 1
+        self._send(w.Ping(self._id, self._ping_seq, now), link.address)
 
     def _join_step(self, now: float) -> None:
         if not self._links and not self._pending:
@@ -959,10 +1003,16 @@ class OverlayNode:
         self._bootstrap_backoff = self.settings.bootstrap_retry_s
         self._ask_neighbours()
 
-    def _ask_neighbours(self) -> None:
+    def _ask_neighbours(self, *, periodic: bool = False) -> None:
+        """Exchange neighbour lists with the nearest node on each side; periodically, not
+        with one whose list came lately (it asked us: one exchange a pair is enough)."""
         succ, pred = self._ring()
+        fresh = self._now - 0.75 * self.settings.stabilize_s
         for nid in dict.fromkeys(succ[:1] + pred[:1]):
             link = self._links[nid]
+            if periodic and link.view_at > fresh:
+                self._stats["stabilize_skipped"] += 1
+                continue
             self._send(w.Neighbours(self._id, True, self._entries_for(nid)), link.address)
 
     def _far_target(self) -> int:
