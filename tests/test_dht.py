@@ -335,18 +335,29 @@ def test_renewal_after_losing_the_key_reports_lease_lost() -> None:
     assert a.owned() == []
 
 
-def test_timeout_then_one_retry() -> None:
+def test_timeout_then_retries() -> None:
     net, (a, b, c) = network(3)
+    settings = DhtSettings()
+    timeout, tries = settings.request_timeout_s, settings.request_tries
+    assert tries >= 2
     responsible = net.closest(key_position(b"k"))
     requester = next(d for d in (a, b, c) if d.overlay.node_id != responsible)
     net.black_holes.add(responsible)
     rid = requester.create(b"k", b"v", 60.0, net.now)
     net.run()
-    net.advance(4.9)
+    sent = net.sent
+    net.advance(timeout - 0.1)
     assert requester.events() == []
-    net.advance(6.0)  # the retry went at the first tick after 5 s
-    assert requester.events() == [CreateResult(rid, b"k", False, "timeout", None)]
+    assert net.sent == sent  # no retry before the timeout
+    net.advance(0.6)  # the first retry went at the first tick after the timeout
     assert requester.statistics()["retries"] == 1
+    assert net.sent == sent + 1
+    net.advance(timeout * (tries - 1) - 0.7)
+    assert requester.events() == []  # still waiting for the last try
+    net.advance(1.0)  # every try went unanswered: the result says so
+    assert requester.events() == [CreateResult(rid, b"k", False, "timeout", None)]
+    assert requester.statistics()["retries"] == tries - 1
+    assert requester.statistics()["request_timeouts"] == tries
     net.black_holes.clear()
     rid = requester.get(b"k", net.now)
     net.run()

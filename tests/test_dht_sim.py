@@ -40,6 +40,7 @@ def create_all(
     rng = random.Random(count)
     keys = [b"ip:lab:%s.%d" % (prefix.encode(), i) for i in range(count)]
     made: dict[bytes, tuple[int, bytes]] = {}
+    owners: dict[bytes, int] = {}
     for attempt in range(rounds):
         if attempt:
             sim.run_for(20.0)
@@ -47,7 +48,11 @@ def create_all(
         for key in keys:
             if key in made:
                 continue
-            owner = rng.choice(sim.live())
+            live = sim.live()
+            owner = next((n for n in live if n.address == owners.get(key)), None)
+            if owner is None:  # a client retries its own create; a new one if it crashed
+                owner = rng.choice(live)
+            owners[key] = owner.address
             value = bytes(sim.dht(owner.address).identity.node_id)
             pending[key] = (sim.create(owner.address, key, value, LEASE), owner.address, value)
         sim.wait([rid for rid, _, _ in pending.values()])
@@ -57,8 +62,9 @@ def create_all(
             if result.ok:
                 made[key] = (address, value)
             else:
-                assert result.reason == "timeout", result
-                sim.events_seen["create_timeout"] += 1
+                # Churn: every try lost, or too many replicas gone at once.
+                assert result.reason in ("timeout", "no_quorum"), result
+                sim.events_seen[f"create_{result.reason}"] += 1
     return made
 
 

@@ -285,6 +285,21 @@ class TestGreedyRouting:
         assert mesh.events[addr(3)] == [Delivered(0, key, b"to a key", 2, mid, False)]
         assert n[4].statistics()["forwarded"] == 1
 
+    def test_avoided_first_hop(self) -> None:
+        mesh = Mesh()
+        n = hand_built_ring(mesh)
+        mesh.allow = lambda msg: isinstance(msg, w.Data | w.RouteError)
+        key = 3 * EIGHTH + 17
+        assert n[0].next_hop(key, avoid=(n[4].node_id,)) == n[1].node_id  # around the far link
+        mid = n[0].send_to_key(key, b"around", 1.0, avoid=(n[4].node_id,))
+        mesh.flush()
+        assert mesh.events[addr(3)] == [Delivered(0, key, b"around", 3, mid, False)]
+        assert n[4].statistics().get("forwarded", 0) == 0
+        # Only the avoided link is closer than this node: it is taken all the same.
+        assert n[1].next_hop(2 * EIGHTH, avoid=(n[2].node_id,)) == n[2].node_id
+        # A direct link to the key's node is passed over too, if another one is closer.
+        assert n[0].next_hop(n[4].node_id, avoid=(n[4].node_id,)) == n[1].node_id
+
     def test_missing_node_is_reported_back(self) -> None:
         mesh = Mesh()
         n = hand_built_ring(mesh)

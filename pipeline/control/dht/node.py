@@ -42,9 +42,10 @@ Theory of operation:
 - **Owners renew**: a node re-creates each record it owns (a higher sequence) at half its
   lease, ``renew_retry_s`` later again after a failure; a renewal answered ``EXISTS``
   ends the ownership with a ``LeaseLost`` event.
-- **Requests** time out after ``request_timeout_s`` and are sent once more
+- **Requests** time out after ``request_timeout_s`` and are sent again
   (``request_tries`` in all; at once on a ``RouteFailed``); then the result event says
-  ``timeout``.
+  ``timeout``. A retry after no answer or a ``RouteFailed`` avoids the first hops of the
+  earlier tries (``send_to_key(avoid=...)``), which may have crashed unnoticed.
 
 **Consistency rule for create.** A key's creates are serialised at its responsible node;
 a create succeeds when that node accepted it and a majority of the key's R replicas (the
@@ -72,6 +73,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections import Counter
+from collections.abc import Collection
 from typing import Protocol
 
 from pipeline.control.dht import wire as w
@@ -93,7 +95,9 @@ class OverlayApi(Protocol):
 
     node_id: int
 
-    def send_to_key(self, key: int, payload: bytes, now: float) -> int: ...
+    def send_to_key(
+        self, key: int, payload: bytes, now: float, *, avoid: Collection[int] = ()
+    ) -> int: ...
 
     def send_to_node(self, node_id: int, payload: bytes, now: float) -> int: ...
 
@@ -103,8 +107,8 @@ class OverlayApi(Protocol):
 @dataclasses.dataclass(frozen=True, slots=True)
 class DhtSettings:
     replicas: int = 4  # R: copies of each record, on the nodes nearest its key
-    request_timeout_s: float = 5.0  # a client request without an answer this long ...
-    request_tries: int = 2  # ... is sent again, this many times in all
+    request_timeout_s: float = 3.0  # a client request without an answer this long ...
+    request_tries: int = 3  # ... is sent again, this many times in all
     replica_timeout_s: float = 2.0  # the responsible node waits this long for replica acks
     fetch_timeout_s: float = 1.5  # ... and this long for replicas' records on a get
     renew_retry_s: float = 15.0  # a failed renewal is tried again after this (or lease/4)
@@ -133,6 +137,8 @@ class _Request:
     internal: bool = False  # a renewal: no CreateResult
     stale_retried: bool = False
     message_id: int = -1
+    first_hop: int | None = None  # where the last try went first
+    avoid: tuple[int, ...] = ()  # first hops of tries that got no answer
 
 
 @dataclasses.dataclass(slots=True)
@@ -313,12 +319,24 @@ class Dht:
         request.deadline = now + self.settings.request_timeout_s
         self._by_message.pop(request.message_id, None)
         self._stats[f"sent_{request.kind}"] += 1
-        request.message_id = self.overlay.send_to_key(key_position(request.key), w.encode(msg), now)
+        pos = key_position(request.key)
+        next_hop = getattr(self.overlay, "next_hop", None)
+        if request.avoid:
+            request.first_hop = next_hop(pos, request.avoid) if next_hop else None
+            request.message_id = self.overlay.send_to_key(
+                pos, w.encode(msg), now, avoid=request.avoid
+            )
+        else:
+            request.first_hop = next_hop(pos) if next_hop else None
+            request.message_id = self.overlay.send_to_key(pos, w.encode(msg), now)
         self._by_message[request.message_id] = rid
 
     def _retry_or_fail(self, rid: int, request: _Request, now: float, reason: str) -> None:
         if request.tries < self.settings.request_tries:
             self._stats["retries"] += 1
+            if request.first_hop is not None and request.first_hop not in request.avoid:
+                # No answer: the first hop may have crashed; go around it this time.
+                request.avoid = (*request.avoid, request.first_hop)
             self._send_request(rid, request, now)
         else:
             self._complete(rid, request, now, ok=False, reason=reason)

@@ -16,8 +16,9 @@ Theory of operation:
   factor (``ping_jitter``) so the two ends seldom both ping; then every ``ping_retry_s``,
   and closed after ``dead_after_s`` (``far_dead_after_s``) of silence. Forwarding over a
   link silent for ``use_ping_after_s`` pings it too, and a link whose ping has been
-  unanswered for ``suspect_after_s`` is routed around (used only when no other link is
-  closer than this node), so a crashed hop is found and avoided soon after it is used.
+  unanswered for ``suspect_after_s`` is routed around (if it is the only link closer than
+  this node, this node takes the message as the closest live one), so a crashed hop —
+  even a crashed closest node — is found and avoided soon after it is used.
   A node that gets a Ping or a HelloAck for a link it does not hold answers
   ``Close(unknown)``, so half-open links do not linger.
 - **Joining.** Hello to bootstrap addresses (a few at a time; any one reachable suffices),
@@ -77,7 +78,7 @@ import enum
 import math
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import msgspec
 
@@ -124,7 +125,7 @@ class OverlaySettings:
     far_ping_after_s: float = 40.0  # the same for the other links (far links, near links
     far_dead_after_s: float = 50.0  # beyond the near_per_side nearest on a side)
     ping_jitter: float = 0.2  # each link's ping_after is stretched by a random 0..this
-    use_ping_after_s: float = 5.0  # forwarding over a link silent this long pings it too
+    use_ping_after_s: float = 2.0  # forwarding over a link silent this long pings it too
     suspect_after_s: float = 2.0  # a link whose ping is unanswered this long is routed around
     stabilize_s: float = 15.0  # ask the nearest neighbour on each side for its list
     far_retry_s: float = 5.0  # back-off after a failed far-link attempt, doubling ...
@@ -328,10 +329,10 @@ class OverlayNode:
                 best = nid
         return best == self.node_id
 
-    def next_hop(self, key: int) -> int | None:
-        """The id of the link a message for key goes to next, or None when this node is the
-        closest it knows (greedy routing; for tests and tools)."""
-        link = self._next_link(key, None)
+    def next_hop(self, key: int, avoid: Collection[int] = ()) -> int | None:
+        """The id of the link a message for key goes to next (passing over ``avoid`` as
+        ``send_to_key`` does), or None when this node is the closest it knows."""
+        link = self._next_link(key, None, avoid)
         return None if link is None else link.node_id
 
     def estimated_size(self) -> int:
@@ -382,15 +383,22 @@ class OverlayNode:
             self._tick(now)
         self._after_input(now)
 
-    def send_to_key(self, key: int, payload: bytes, now: float) -> int:
+    def send_to_key(
+        self, key: int, payload: bytes, now: float, *, avoid: Collection[int] = ()
+    ) -> int:
         """Route payload greedily to the node closest to key; returns the message id that a
-        ``RouteFailed`` would carry. Delivered there as a ``Delivered`` event."""
-        return self._send_data(key, payload, now, exact=False)
+        ``RouteFailed`` would carry. Delivered there as a ``Delivered`` event. The first
+        hop passes over the links in ``avoid`` unless none other is closer than this node
+        (a retry that goes around a first hop that may have crashed)."""
+        return self._send_data(key, payload, now, exact=False, avoid=avoid)
 
-    def send_to_node(self, node_id: int, payload: bytes, now: float) -> int:
+    def send_to_node(
+        self, node_id: int, payload: bytes, now: float, *, avoid: Collection[int] = ()
+    ) -> int:
         """Route payload to the node whose id is exactly ``node_id``; returns the message id.
-        If the closest node is another, the sender gets ``RouteFailed(no_such_node)``."""
-        return self._send_data(node_id, payload, now, exact=True)
+        If the closest node is another, the sender gets ``RouteFailed(no_such_node)``.
+        ``avoid`` as for ``send_to_key``."""
+        return self._send_data(node_id, payload, now, exact=True, avoid=avoid)
 
     def leave(self, now: float) -> None:
         """Leave gracefully: every link gets a Close carrying our neighbours."""
@@ -723,7 +731,9 @@ class OverlayNode:
         """Joined, or holding structured links: this node knows its place on the circle."""
         return self._state is NodeState.JOINED or bool(self._structured())
 
-    def _next_link(self, key: int, exclude: int | None) -> _Link | None:
+    def _next_link(
+        self, key: int, exclude: int | None, avoid: Collection[int] = ()
+    ) -> _Link | None:
         """The link to forward to, or None if this node is the closest (if ``exclude`` is
         this node: if there is no link to forward to).
 
@@ -731,9 +741,14 @@ class OverlayNode:
         circle through a leaf peer that is on it, whoever is closer: were it to take a
         message for itself, two joining nodes could make an island. Only with no such
         peer does it route greedily over its leaf links and itself: two lone nodes (a
-        fresh overlay whose bootstrap lists name each other) found a circle that way."""
+        fresh overlay whose bootstrap lists name each other) found a circle that way.
+
+        A link whose ping has gone unanswered for ``suspect_after_s`` is passed over: if
+        no other link is closer than this node, this node is taken as the closest. Links
+        in ``avoid`` are passed over too, but taken when no other link is closer than this
+        node (a retry around a hop that may have crashed)."""
         link = self._links.get(key)
-        if link is not None and key != exclude:
+        if link is not None and key != exclude and key not in avoid:
             return link
         best: _Link | None = None
         candidates = self._structured()
@@ -747,11 +762,13 @@ class OverlayNode:
             best_d, best_id = ring.SIZE, -1
         else:
             best_d, best_id = ring_distance(self.node_id, key), self.node_id
-        # A link whose ping has gone unanswered for suspect_after_s is taken only when no
-        # other link is closer than this node (it is probably dead: route around it).
+        # A link whose ping has gone unanswered for suspect_after_s is probably dead: route
+        # around it, and deliver here if it is the only link closer than this node.
         cutoff = self._now - self.settings.suspect_after_s
         suspect: _Link | None = None
         suspect_d, suspect_id = best_d, best_id
+        avoided: _Link | None = None
+        avoided_d, avoided_id = best_d, best_id
         for link in candidates:
             nid = link.node_id
             if nid == exclude:
@@ -764,11 +781,24 @@ class OverlayNode:
                     if d < suspect_d or (d == suspect_d and nid < suspect_id):
                         suspect, suspect_d, suspect_id = link, d, nid
                     continue
+                if nid in avoid:
+                    if d < avoided_d or (d == avoided_d and nid < avoided_id):
+                        avoided, avoided_d, avoided_id = link, d, nid
+                    continue
                 best, best_d, best_id = link, d, nid
+        if best is None and avoided is not None:
+            return avoided  # only an avoided link is closer than this node: take it anyway
+        if best is None and suspect is not None and exclude != self.node_id:
+            # Only a suspect link is closer than this node: it has probably crashed, and
+            # this node is then the closest live one (the delivery is at worst premature).
+            self._stats["suspect_passed_over"] += 1
+            return None
         return best if best is not None else suspect
 
-    def _route(self, msg: w.Routed, dest: int, exclude: int | None) -> None:
-        link = self._next_link(dest, exclude)
+    def _route(
+        self, msg: w.Routed, dest: int, exclude: int | None, avoid: Collection[int] = ()
+    ) -> None:
+        link = self._next_link(dest, exclude, avoid)
         if link is None:
             if exclude == self.node_id:
                 self._stats["route_failed_no_route"] += 1
@@ -824,7 +854,9 @@ class OverlayNode:
         )
         self._route(error, id_from_bytes(msg.src), None)
 
-    def _send_data(self, key: int, payload: bytes, now: float, *, exact: bool) -> int:
+    def _send_data(
+        self, key: int, payload: bytes, now: float, *, exact: bool, avoid: Collection[int] = ()
+    ) -> int:
         self._now = now
         self._message_id += 1
         message_id = self._message_id
@@ -837,7 +869,7 @@ class OverlayNode:
         msg = w.Data(
             self._id, id_to_bytes(key), exact, 0, self.settings.max_hops, message_id, payload
         )
-        self._route(msg, key, None)
+        self._route(msg, key, None, avoid)
         self._after_input(now)
         return message_id
 
