@@ -1,6 +1,6 @@
-"""End-to-end benchmark of the autovn pipeline, plaintext and encrypted, against the bare veth.
+"""End-to-end benchmark: autovn, plaintext and encrypted, against the bare veth and Debian VPNs.
 
-What it measures, in one run, for up to three setups built on the same pair of network
+What it measures, in one run, for up to six setups built on the same pair of network
 namespaces (``supervisor.lab.two_nodes``: a veth pair with underlay 198.18.0.1/.2), one after
 the other in this order:
 
@@ -14,8 +14,24 @@ the other in this order:
 3. **encrypted** - new nodes with new configs and state in the same namespaces, both certified
    by a fresh network authority (``supervisor.lab.Authority``) and naming each other's key
    (Noise IK handshake), every frame sealed with ChaCha20-Poly1305: the same traffic again.
+   The nodes are stopped like the plaintext ones if Debian peers follow.
+4. **tinc** - Debian's ``tincd`` 1.0, one per namespace, switch mode over a TAP (MTU 1400, as
+   autovn's), default cipher (Blowfish-CBC, HMAC-SHA1 truncated to 4 bytes), RSA keys from
+   ``tincd -K``, virtual 100.64.1.1/.2, UDP/TCP port 655 on the underlay.
+5. **tinc-plain** - the same with ``Cipher = none`` and ``Digest = none``.
+6. **openvpn** - Debian's OpenVPN 2.6, peer to peer over a TAP (MTU 1400) with a static key
+   (``--secret``, no TLS), AES-256-CBC + HMAC-SHA256, DCO off, virtual 100.64.2.1/.2, UDP 1194.
 
-``--setups`` picks a subset (default ``raw,plain,enc``); the order stays the one above.
+The Debian peers (``bench/peers/debian.py``) run in the foreground, started with the testbed's
+``Namespace.popen`` (tracked, ended by pid), configured in the temporary directory; after each,
+the bench waits until its TAP device and port are gone. Each setup gets a fresh ``iperf3 -s``
+(one whose last test went over a tunnel just taken down can stay "busy"). If a peer's binary
+is missing, its column is left out with a note above the table (``apt-get install -y tinc
+openvpn``); if a peer fails while measured, its column is dropped with the error as the note,
+and the run goes on.
+
+``--setups`` picks a subset (default all: ``raw,plain,enc,tinc,tinc-plain,openvpn``); the
+order stays the one above.
 
 For each setup:
 
@@ -23,23 +39,27 @@ For each setup:
   ``--repeats`` times per direction; the median of the receiver-side rate is reported.
 - **Ping RTT**: ``ping -i 0.01`` with ``--pings`` echo requests (after a short warm-up); p50
   and p99 of the per-reply times (nearest rank).
-- **CPU-seconds per GB** (autovn setups only): utime+stime, from /proc/PID/stat, of every
-  process of both nodes (the supervisor and each worker pid listed by ``supervisor status
-  --json``) consumed during the iperf3 runs, divided by the bytes the iperf3 receivers counted
-  (GB = 1e9 bytes). The supervisor's cutime+cstime delta is added too, so a worker that died
-  and was reaped during a run still counts. The raw veth's kernel work cannot be attributed:
-  "-".
-- **Idle CPU** (autovn setups only): CPU of one node's processes over 10 s with no traffic
-  (only keepalives), as percent of one core. Measured after the nodes are up, before any
-  traffic.
+- **CPU-seconds per GB** (VPN setups): utime+stime, from /proc/PID/stat, of every process of
+  both ends (autovn: the supervisor and each worker pid listed by ``supervisor status --json``;
+  a Debian peer: its daemon's pid) consumed during the iperf3 runs, divided by the bytes the
+  iperf3 receivers counted (GB = 1e9 bytes). The supervisor's (daemon's) cutime+cstime delta
+  is added too, so a worker that died and was reaped during a run still counts. Kernel work
+  (veth, TAP, the stacks) is charged to no VPN process in softirq: not counted, for any
+  setup. The raw veth's kernel work cannot be attributed: "-".
+- **Idle CPU** (VPN setups): CPU of alpha's processes over 10 s with no traffic (only
+  keepalives / pings: autovn every 1 s, tinc ``PingInterval = 10``, OpenVPN ``--ping 1``), as
+  percent of one core. Measured after the link is up, before any traffic.
 
 - **Other processes' CPU**: during each iperf3 run, the CPU (in cores) of every user-space
   process outside the testbed's namespaces except the bench itself (:func:`others_cores`).
   Setups are measured one after another, so on a shared machine this says whether a setup was
   slowed down by someone else's work; it is printed above the table.
 
-The table has one column per setup and the ratios plain/raw and enc/raw (enc/plain for the
-CPU per GB row, the only one where raw has no value). Afterwards it prints, for each autovn
+The output has three blocks: the values, one column per setup; the ratios of every setup
+against the raw veth (X/raw; "-" for the CPU rows, where raw has no value); and autovn against
+the Debian peers: enc/plain, enc/tinc, plain/tinc-plain, enc/openvpn (above 1 is more for
+autovn: faster for Mbit/s, slower for ms and CPU). Then one line per column says what it ran.
+Afterwards it prints, for each autovn
 setup, each worker's restarts (should be 0), the ring and worker drop counters (drops explain
 TCP retransmits) and a check that the overlay carried the iperf3 bytes; for the encrypted
 setup also the handshake counters of each node's control stage (``links`` in ``status
@@ -48,17 +68,19 @@ setup also the handshake counters of each node's control stage (``links`` in ``s
 
 Run as root from the repository root::
 
-    python3 bench/pipeline_bench.py [--setups raw,plain,enc] [--seconds 5] [--repeats 3]
+    python3 bench/pipeline_bench.py [--setups raw,plain,enc,tinc,tinc-plain,openvpn]
+                                    [--seconds 5] [--repeats 3]
                                     [--pings 200] [--scale queues=2,classifier=2,overlay_io=2]
                                     [--json-only]
 
-Everything (namespaces, nodes, iperf3 server) lives in a ``Testbed`` and is removed on exit,
-on failure and on Ctrl-C. Nothing touches the root namespace.
+Everything (namespaces, nodes, peer daemons, iperf3 server) lives in a ``Testbed`` and is
+removed on exit, on failure and on Ctrl-C. Nothing touches the root namespace.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -68,6 +90,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -76,6 +99,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.peers.debian import PEERS, PeerDaemon  # noqa: E402
 from supervisor.lab import (  # noqa: E402
     DEVICE,
     PORT,
@@ -94,8 +118,18 @@ IDLE_SECONDS = 10.0
 SCALE_KEYS = ("queues", "classifier", "overlay_io")
 IPERF_PORT = 5201
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-SETUPS = {"raw": "raw veth", "plain": "plaintext", "enc": "encrypted"}  # in measuring order
-RATIOS = (("plain", "raw"), ("enc", "raw"), ("enc", "plain"))  # (numerator, denominator)
+AUTOVN = {"raw": "raw veth", "plain": "plaintext", "enc": "encrypted"}
+SETUPS = AUTOVN | {k: p.title for k, p in PEERS.items()}  # in measuring order
+# (numerator, denominator): every setup against the raw veth, then autovn against the peers
+TO_RAW = tuple((k, "raw") for k in SETUPS if k != "raw")
+VERSUS = (("enc", "plain"), ("enc", "tinc"), ("plain", "tinc-plain"), ("enc", "openvpn"))
+RATIOS = TO_RAW + VERSUS
+AUTOVN_RAN = {
+    "raw": "no VPN: the veth between the underlay addresses 198.18.0.1 <-> 198.18.0.2",
+    "plain": "autovn, security.insecure_plaintext = true, 100.64.0.1/.2 (TAP mtu 1400), "
+    f"UDP {PORT}",
+    "enc": f"autovn, Noise IK + ChaCha20-Poly1305, 100.64.0.1/.2 (TAP mtu 1400), UDP {PORT}",
+}
 NAMES = ("alpha", "beta")
 
 
@@ -130,13 +164,14 @@ class PingResult:
 
 @dataclass
 class SetupResult:
-    key: str  # "raw", "plain" or "enc"
+    key: str  # "raw", "plain", "enc", "tinc", "tinc-plain" or "openvpn"
     name: str  # column title
     source: str
     target: str
+    ran: str = ""  # what the column ran
     ping: PingResult | None = None
     tcp: list[TcpRun] = field(default_factory=list)
-    # autovn setups only:
+    # VPN setups only (idle CPU and CPU per GB also for the Debian peers):
     idle_cpu_percent: dict[str, float] = field(default_factory=dict)  # node name -> % of a core
     health: dict[str, dict[str, Any]] = field(default_factory=dict)  # node name -> node_health
     overlay_check: str | None = None
@@ -188,8 +223,14 @@ def proc_times(pid: int) -> ProcTimes | None:
     )
 
 
-def node_pids(node: Node) -> tuple[int, list[int]]:
-    """The supervisor pid and every worker pid of ``node``, from ``status --json``."""
+Vpn = Node | PeerDaemon  # what the CPU accounting reads: autovn nodes or Debian peer daemons
+
+
+def node_pids(node: Vpn) -> tuple[int, list[int]]:
+    """The supervisor pid and every worker pid of ``node``, from ``status --json``; for a
+    Debian peer, its daemon's pid (counted like a supervisor: own and reaped children's CPU)."""
+    if isinstance(node, PeerDaemon):
+        return node.pids()
     st = wait_for(f"{node.name} status", node.status, timeout=15)
     workers = [int(w["pid"]) for w in st["workers"] if w.get("pid")]
     return int(st["supervisor_pid"]), workers
@@ -201,7 +242,7 @@ class CpuSnapshot:
     supervisors: list[int]
 
 
-def cpu_snapshot(nodes: list[Node]) -> CpuSnapshot:
+def cpu_snapshot(nodes: Sequence[Vpn]) -> CpuSnapshot:
     times: dict[int, ProcTimes] = {}
     supervisors: list[int] = []
     for node in nodes:
@@ -214,7 +255,7 @@ def cpu_snapshot(nodes: list[Node]) -> CpuSnapshot:
     return CpuSnapshot(times, supervisors)
 
 
-def cpu_seconds_since(before: CpuSnapshot, nodes: list[Node]) -> float:
+def cpu_seconds_since(before: CpuSnapshot, nodes: Sequence[Vpn]) -> float:
     """CPU seconds ``nodes`` used since ``before`` was taken.
 
     Processes of ``before`` count what they used since (same pid and start time); the
@@ -239,7 +280,7 @@ def cpu_seconds_since(before: CpuSnapshot, nodes: list[Node]) -> float:
     return ticks / CLK_TCK
 
 
-def idle_cpu_percent(nodes: list[Node], seconds: float) -> dict[str, float]:
+def idle_cpu_percent(nodes: Sequence[Vpn], seconds: float) -> dict[str, float]:
     """Percent of one core used by each node's processes over ``seconds`` of no traffic."""
     snaps = {n.name: cpu_snapshot([n]) for n in nodes}
     t0 = time.monotonic()
@@ -406,9 +447,9 @@ def run_iperf(ns: Namespace, target: str, seconds: int, reverse: bool) -> TcpRun
 
 def measure(
     setup: SetupResult,
-    a: Node,
+    a: Vpn,
     args: argparse.Namespace,
-    cpu_nodes: list[Node] | None,
+    cpu_nodes: Sequence[Vpn] | None,
     testbed_netns: frozenset[int],
 ) -> None:
     """Ping, then ``repeats`` x (a->b, b->a) iperf3 runs from a's namespace to ``setup.target``.
@@ -611,6 +652,39 @@ def measure_autovn(
         setup.links = {n.name: handshakes(n) for n in nodes}
 
 
+def measure_peer(
+    setup: SetupResult,
+    tb: Testbed,
+    ns_a: Namespace,
+    ns_b: Namespace,
+    root: Path,
+    args: argparse.Namespace,
+    testbed_netns: frozenset[int],
+) -> None:
+    """A Debian peer (``bench.peers.debian``): configure, start one daemon per namespace, idle
+    CPU, traffic, stop by pid and wait until its device and port are gone. The daemons are
+    stopped on failure too (and by the testbed on Ctrl-C)."""
+    peer = PEERS[setup.key]
+    daemons = peer.prepare(peer, ns_a, ns_b, root)
+    try:
+        log(f"{setup.name}: starting {peer.binary} in both namespaces")
+        peer.start(tb, daemons)
+        log(f"{setup.name}: idle CPU over {IDLE_SECONDS:.0f} s")
+        setup.idle_cpu_percent = idle_cpu_percent(list(daemons), IDLE_SECONDS)
+        measure(setup, daemons[0], args, list(daemons), testbed_netns)
+        for d in daemons:
+            d.pids()  # still running after the traffic, or RuntimeError with its output
+    except Exception:
+        for d in daemons:
+            log(f"{setup.name} {d.name} {peer.binary} output (tail):\n{d.tail()}")
+        with contextlib.suppress(Exception):  # the error that matters is the one above
+            peer.stop(tb, daemons)
+        raise
+    # (not on Ctrl-C: the testbed's signal handler has already ended everything by then)
+    log(f"{setup.name}: stopping {peer.binary}")
+    peer.stop(tb, daemons)
+
+
 def tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -647,35 +721,34 @@ class Row:
     name: str
     values: dict[str, float | None]  # setup key -> value
     digits: int
-    ratios: tuple[tuple[str, str], ...]  # which ratio columns this row shows
+    ratios: bool  # whether this row shows ratios (where both values exist)
 
 
 def table_rows(setups: dict[str, SetupResult], repeats: int) -> list[Row]:
     def each(get: Any) -> dict[str, float | None]:
         return {k: get(s) for k, s in setups.items()}
 
-    to_raw = RATIOS[:2]
     rows = [
-        Row(f"tcp {d} Mbit/s (median {repeats})", each(lambda s, d=d: s.median_mbit(d)), 0, to_raw)
+        Row(f"tcp {d} Mbit/s (median {repeats})", each(lambda s, d=d: s.median_mbit(d)), 0, True)
         for d in ("a->b", "b->a")
     ]
     rows += [
-        Row("ping p50 ms", each(lambda s: s.ping.p50_ms), 3, to_raw),
-        Row("ping p99 ms", each(lambda s: s.ping.p99_ms), 3, to_raw),
-        Row("cpu-s per GB (all nodes)", each(lambda s: s.cpu_s_per_gb()), 2, RATIOS),
+        Row("ping p50 ms", each(lambda s: s.ping.p50_ms), 3, True),
+        Row("ping p99 ms", each(lambda s: s.ping.p99_ms), 3, True),
+        Row("cpu-s per GB (both ends)", each(lambda s: s.cpu_s_per_gb()), 2, True),
         Row(
-            "idle node cpu % of a core",
+            "idle cpu % of a core (alpha)",
             each(lambda s: s.idle_cpu_percent.get(NAMES[0])),
             2,
-            to_raw,
+            True,
         ),
     ]
     rows += [
-        Row(f"tcp {d} retransmits (median)", each(lambda s, d=d: s.median_retransmits(d)), 0, ())
+        Row(f"tcp {d} retransmits (median)", each(lambda s, d=d: s.median_retransmits(d)), 0, False)
         for d in ("a->b", "b->a")
     ]
     rows.append(
-        Row("ping replies lost", each(lambda s: float(s.ping.sent - s.ping.received)), 0, ())
+        Row("ping replies lost", each(lambda s: float(s.ping.sent - s.ping.received)), 0, False)
     )
     return rows
 
@@ -696,18 +769,41 @@ def render(result: dict[str, Any], setups: dict[str, SetupResult]) -> str:
         f" ({result['elapsed_s']:.0f} s)",
         "",
     ]
-    ratios = [(n, d) for n, d in RATIOS if n in setups and d in setups]
-    header = f"{'metric':<34}" + "".join(f"{s.name:>11}" for s in setups.values())
-    header += "".join(f"{f'{n}/{d}':>11}" for n, d in ratios)
-    lines.append(header)
-    for row in table_rows(setups, a["repeats"]):
-        line = f"{row.name:<34}" + "".join(f"{fmt(row.values[k], row.digits):>11}" for k in setups)
-        for n, d in ratios:
-            shown = ratio(row.values[n], row.values[d]) if (n, d) in row.ratios else "-"
-            line += f"{shown:>11}"
-        lines.append(line)
+    for key, why in result.get("skipped", {}).items():
+        lines.append(f"NOTE: {SETUPS[key]} not measured, column left out: {why}")
+    if result.get("skipped"):
+        lines.append("")
+    rows = table_rows(setups, a["repeats"])
+    Cols = list[tuple[str, str | None]]  # (setup, None) for values, (num, den) for ratios
+    blocks: list[tuple[str, Cols]] = [("values", [(k, None) for k in setups])]
+    to_raw: Cols = [(n, d) for n, d in TO_RAW if n in setups and d in setups]
+    versus: Cols = [(n, d) for n, d in VERSUS if n in setups and d in setups]
+    if to_raw:
+        blocks.append(("ratios against raw veth", to_raw))
+    if versus:
+        blocks.append(("autovn against the Debian peers", versus))
+    for title, cols in blocks:
+        labels = [setups[n].name if d is None else f"{n}/{d}" for n, d in cols]
+        widths = [max(11, len(label) + 2) for label in labels]
+        head = "".join(f"{label:>{w}}" for label, w in zip(labels, widths, strict=True))
+        lines.append(f"{title:<34}" + head)
+        for row in rows:
+            if title != "values" and not row.ratios:
+                continue
+            line = f"{row.name:<34}"
+            for (n, d), w in zip(cols, widths, strict=True):
+                if d is None:
+                    shown = fmt(row.values[n], row.digits)
+                else:
+                    shown = ratio(row.values[n], row.values[d])
+                line += f"{shown:>{w}}"
+            lines.append(line)
+        lines.append("")
+    lines.append("what each column ran (same namespaces, iperf3 and ping from alpha's namespace):")
     for s in setups.values():
-        if s.key == "raw":
+        lines.append(f"  {s.name:<11} {s.source} -> {s.target}: {s.ran}")
+    for s in setups.values():
+        if s.key not in ("plain", "enc"):
             continue
         lines.append("")
         for node, health in s.health.items():
@@ -749,7 +845,8 @@ def write_json(result: dict[str, Any]) -> Path:
 
 
 def parse_setups(text: str) -> list[str]:
-    """``raw,plain,enc`` (any subset, any order) -> the chosen keys in measuring order."""
+    """``raw,plain,enc,tinc,tinc-plain,openvpn`` (any subset, any order) -> the chosen keys in
+    measuring order."""
     chosen = {s.strip() for s in text.split(",") if s.strip()}
     unknown = chosen - SETUPS.keys()
     if unknown or not chosen:
@@ -792,7 +889,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--setups",
         type=parse_setups,
         default=list(SETUPS),
-        help="which setups to measure, measured in the order raw, plain, enc (raw,plain,enc)",
+        help=f"which setups to measure, measured in this order ({','.join(SETUPS)})",
     )
     p.add_argument("--seconds", type=bounded_int(1, 120), default=5, help="iperf3 -t (5)")
     p.add_argument(
@@ -832,9 +929,18 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, 
         "stages": args.scale,
     }
     setups: dict[str, SetupResult] = {}
+    skipped: dict[str, str] = {}  # Debian peer setups not measured -> why
     for key in args.setups:
+        if key in PEERS:
+            peer = PEERS[key]
+            if (why := peer.missing()) is not None:
+                skipped[key] = why
+                log(f"{peer.title}: skipped: {why}")
+                continue
+            setups[key] = SetupResult(key, peer.title, *peer.virtual, ran=peer.describe)
+            continue
         ends = UNDERLAY if key == "raw" else VIRTUAL
-        setups[key] = SetupResult(key, SETUPS[key], ends[0], ends[1])
+        setups[key] = SetupResult(key, SETUPS[key], ends[0], ends[1], ran=AUTOVN_RAN[key])
     started: list[Node] = []
     t0 = time.monotonic()
     with Testbed("avb") as tb:
@@ -845,15 +951,28 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, 
         if "enc" in setups:
             pairs["enc"] = certified_pair(a.ns, b.ns, tmp / "enc", args.scale)
         try:
-            start_iperf_server(b.ns)
+            server = start_iperf_server(b.ns)
             if "raw" in setups:
                 measure(setups["raw"], a, args, None, testbed_netns)
-            autovn = [k for k in setups if k != "raw"]
-            for i, key in enumerate(autovn):
+            vpns = [k for k in setups if k != "raw"]
+            for i, key in enumerate(vpns):
+                if i > 0 or "raw" in setups:
+                    # A fresh server per setup: one whose last test's connections went over a
+                    # tunnel that was just taken down can stay "busy" for minutes.
+                    tb.stop(server)
+                    server = start_iperf_server(b.ns)
+                if key in PEERS:
+                    try:
+                        measure_peer(setups[key], tb, a.ns, b.ns, tmp / key, args, testbed_netns)
+                    except Exception as exc:  # a baseline that fails must not cost the run
+                        skipped[key] = f"failed: {exc}"
+                        log(f"{setups[key].name}: failed, column dropped: {exc!r}")
+                        del setups[key]
+                    continue
                 nodes = pairs[key]
                 started += nodes
                 measure_autovn(setups[key], nodes, args, testbed_netns)
-                if i + 1 < len(autovn):
+                if i + 1 < len(vpns):
                     log(f"{setups[key].name}: stopping nodes")
                     stop_nodes(nodes)
         except Exception:
@@ -864,6 +983,7 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, 
                 )
             raise
     result["elapsed_s"] = round(time.monotonic() - t0, 1)
+    result["skipped"] = skipped
     result["setups"] = {k: asdict(s) for k, s in setups.items()}
     result["summary"] = {
         k: {
@@ -874,6 +994,7 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, 
             "ping_p99_ms": s.ping.p99_ms if s.ping else None,
             "cpu_s_per_gb": s.cpu_s_per_gb(),
             "idle_cpu_percent_alpha": s.idle_cpu_percent.get(NAMES[0]),
+            "ran": s.ran,
             "others_cores_during_iperf3": s.others_cores(),
         }
         for k, s in setups.items()
