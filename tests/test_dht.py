@@ -379,7 +379,7 @@ def test_restarted_owner_goes_past_its_old_sequence() -> None:
 def test_concurrent_creates_one_winner() -> None:
     net, dhts = network(6)
     for i in range(10):
-        key = b"ip:lab:10.0.0.%d" % i
+        key = b"ip:lab:100.64.0.%d" % i
         x, y = dhts[i % 6], dhts[(i + 1) % 6]
         rx = x.create(key, ip_value(x), 600.0, net.now)
         ry = y.create(key, ip_value(y), 600.0, net.now)

@@ -526,13 +526,13 @@ def test_format_pretty_values_and_levels() -> None:
         "reason": "killed by signal",
         "ok": False,
         "missing": None,
-        "addrs": ["10.0.0.1", 2],
+        "addrs": ["100.64.0.1", 2],
         "exception": "Traceback\n  boom\x1b[2J",
         "empty": "",
     }
     assert format_pretty(record, color=False, tz=UTC) == (
         "13:45:01.999 critical supervisor[3] worker_crashed  "
-        'addrs=["10.0.0.1",2] empty="" exception="Traceback\\n  boom\\u001b[2J" '
+        'addrs=["100.64.0.1",2] empty="" exception="Traceback\\n  boom\\u001b[2J" '
         'missing=null ok=false reason="killed by signal"'
     )
     assert format_pretty(record, color=True, tz=UTC).startswith(

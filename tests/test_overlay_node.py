@@ -29,7 +29,7 @@ SETTINGS = OverlaySettings()
 
 
 def addr(i: int) -> Address:
-    return (f"10.0.0.{i}", 4000)
+    return (f"198.18.{i // 250}.{i % 250 + 1}", 4000)
 
 
 def kinds(datagrams: Sequence[tuple[bytes, object]]) -> list[str]:

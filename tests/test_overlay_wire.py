@@ -42,7 +42,7 @@ def message_strategy(
 
 messages = message_strategy(id_bytes, address_bytes)
 SELF_ID, PEER_IDS = 0x80 << 152, (0x70 << 152, 0x90 << 152)
-PEERS = [("10.0.0.2", 4000), ("10.0.0.3", 4000)]
+PEERS = [("198.18.0.2", 4000), ("198.18.0.3", 4000)]
 # Ids and addresses a node knows (its own, its peers') as well as random ones.
 node_messages = message_strategy(
     st.one_of(id_bytes, st.sampled_from([id_to_bytes(i) for i in (SELF_ID, *PEER_IDS)])),
@@ -67,7 +67,7 @@ class TestCodec:
         )
 
     def test_golden_hello_ack(self) -> None:
-        data = w.encode(w.HelloAck(A, 2, 0x01020304, b"\x0a\x00\x00\x01\x0f\xa0", True))
+        data = w.encode(w.HelloAck(A, 2, 0x01020304, b"\xc6\x12\x00\x01\x0f\xa0", True))
         assert data.hex() == (
             "01"  # version
             + "96"  # fixarray of 6
@@ -75,7 +75,7 @@ class TestCodec:
             + ("c414" + A.hex())  # sender: bin8 of 20 bytes
             + "02"  # kind: near
             + "ce01020304"  # token, uint32
-            + ("c406" + "0a0000010fa0")  # observed: bin8 of 6 bytes, 10.0.0.1:4000
+            + ("c406" + "c61200010fa0")  # observed: bin8 of 6 bytes, 198.18.0.1:4000
             + "c3"  # on_circle: true
         )
 
@@ -139,7 +139,7 @@ class TestCodec:
 
 class TestHostPortCodec:
     @pytest.mark.parametrize(
-        "address", [("192.0.2.1", 4000), ("2001:db8::1", 65535), ("0.0.0.0", 0)]
+        "address", [("198.18.0.1", 4000), ("2001:db8::1", 65535), ("0.0.0.0", 0)]
     )
     def test_round_trip(self, address: tuple[str, int]) -> None:
         codec = HostPortCodec()
@@ -148,7 +148,7 @@ class TestHostPortCodec:
         assert codec.decode(data) == address
 
     @pytest.mark.parametrize(
-        "address", [("192.0.2.1", 70000), ("host.example", 1), "192.0.2.1:1", ("1.2.3.4",)]
+        "address", [("198.18.0.1", 70000), ("host.example", 1), "198.18.0.1:1", ("198.18.0.4",)]
     )
     def test_rejects_what_it_cannot_carry(self, address: object) -> None:
         with pytest.raises(ValueError):
@@ -173,7 +173,7 @@ def linked_node() -> OverlayNode:
 
 class TestNodeFuzz:
     @settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
-    @given(st.binary(max_size=300), st.sampled_from([("10.0.0.2", 4000), ("10.9.9.9", 1)]))
+    @given(st.binary(max_size=300), st.sampled_from([("198.18.0.2", 4000), ("198.19.9.9", 1)]))
     def test_random_bytes_are_counted_drops(self, data: bytes, source: tuple[str, int]) -> None:
         node = linked_node()
         node.receive(data, source, 1.0)
@@ -185,7 +185,7 @@ class TestNodeFuzz:
     @settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
     @given(
         st.lists(node_messages, min_size=1, max_size=5),
-        st.sampled_from([("10.0.0.2", 4000), ("10.0.0.3", 4000), ("10.9.9.9", 1)]),
+        st.sampled_from([("198.18.0.2", 4000), ("198.18.0.3", 4000), ("198.19.9.9", 1)]),
     )
     def test_valid_but_arbitrary_messages_never_raise(
         self, msgs: list[w.Message], source: tuple[str, int]
@@ -206,8 +206,8 @@ class TestNodeFuzz:
         node = linked_node()
         node.leave(2.0)
         node.datagrams_to_send()
-        node.receive(b"junk", ("10.0.0.2", 4000), 3.0)
-        node.receive(w.encode(w.Ping(A, 1, 0.0)), ("10.0.0.2", 4000), 3.0)
+        node.receive(b"junk", ("198.18.0.2", 4000), 3.0)
+        node.receive(w.encode(w.Ping(A, 1, 0.0)), ("198.18.0.2", 4000), 3.0)
         ((reply, to),) = node.datagrams_to_send()
-        assert isinstance(w.decode(reply), w.Close) and to == ("10.0.0.2", 4000)
+        assert isinstance(w.decode(reply), w.Close) and to == ("198.18.0.2", 4000)
         assert node.statistics()["dropped_after_leave"] == 1

@@ -147,7 +147,7 @@ def decode(payload: bytes) -> Message:
         raise RemoteProtocolError("bad_version", str(payload[1]))
     try:
         message: Message = _decoder.decode(memoryview(payload)[2:])
-    except msgspec.DecodeError as exc:
+    except ValueError as exc:  # msgspec's DecodeError/ValidationError, UnicodeDecodeError
         raise RemoteProtocolError("malformed", str(exc)[:80]) from None
     return message
 

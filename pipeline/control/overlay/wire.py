@@ -199,7 +199,7 @@ def decode(datagram: bytes) -> Message:
         raise RemoteProtocolError("bad_version", str(datagram[0]))
     try:
         message: Message = _decoder.decode(memoryview(datagram)[1:])
-    except msgspec.DecodeError as exc:
+    except ValueError as exc:  # msgspec's DecodeError/ValidationError, UnicodeDecodeError
         raise RemoteProtocolError("malformed", str(exc)[:80]) from None
     return message
 
