@@ -75,7 +75,8 @@ class KeyEntry(msgspec.Struct, frozen=True):
     counter_start: int  # first send counter for this worker incarnation: nonces never repeat
     created: float  # control's monotonic clock (the same clock in every process of the host)
     confirmed: bool  # the peer holds these keys: overlay_io may send with them
-    endpoint: str  # "host:port" to send to
+    endpoint: str  # "host:port" to send to; "" = no direct endpoint: relayed over the overlay
+    node_id: bytes = b""  # the peer's 20-byte node id (the destination of relayed datagrams)
 
 
 class SessionKeys(msgspec.Struct, tag=True, frozen=True):
@@ -83,6 +84,7 @@ class SessionKeys(msgspec.Struct, tag=True, frozen=True):
 
     version: int
     entries: tuple[KeyEntry, ...]
+    node_id: bytes = b""  # this node's own 20-byte node id (relay payloads for it stop here)
 
 
 class SessionConfirmed(msgspec.Struct, tag=True, frozen=True):

@@ -10,6 +10,9 @@ class RecordKind(enum.IntEnum):
     FRAME = 2  # an Ethernet frame (tap_reader <-> classifier)
     OVERLAY = 3  # an overlay message, opaque to overlay_io (overlay_io <-> control)
     HANDSHAKE = 4  # a HANDSHAKE/COOKIE datagram after a 6-byte endpoint (overlay_io <-> control)
+    # A relay payload (dest id, ttl, inner datagram) to seal as a RELAY datagram for the hop
+    # slot ``peer``: overlay_io -> control -> the overlay_io worker that owns that slot.
+    RELAY = 5
 
 
 ENDPOINT_LEN = 6

@@ -13,12 +13,23 @@ at the counter control reserved for this worker's incarnation. The first datagra
 an unconfirmed session is reported to control (``SessionConfirmed``); a send session that
 carried its volume asks for a new handshake (``RekeyRequest``).
 
+Relaying (``relay.py``): a peer with an end-to-end session but no direct endpoint gets its
+datagrams sealed with that session as usual, wrapped in a relay payload (its node id, a TTL)
+and sent, sealed as a RELAY datagram with the hop session, to the direct link closest to it
+(``RelayTable``). The hop slot may belong to another worker, which alone may seal for it:
+then the payload goes to control as a RELAY record, and control passes it to that worker's
+ring. A RELAY datagram received is opened with its hop session like DATA; its inner datagram
+is handled as if it had come from the network when it is for this node, or passed on with
+the TTL taken down. A relay never opens an inner datagram (it has no key for it).
+
 With ``security.insecure_plaintext`` datagrams are neither sealed nor opened, and the peer of
-an inbound datagram is known by its source endpoint (for measuring the pipeline alone).
+an inbound datagram is known by its source endpoint (for measuring the pipeline alone); there
+is no relaying (RELAY datagrams are ``bad_type``).
 """
 
 from __future__ import annotations
 
+import itertools
 import struct
 import time
 from collections import Counter
@@ -29,17 +40,26 @@ from pipeline import messages
 from pipeline.classifier.routes import worker_for_peer
 from pipeline.crypto.datapath import RecvSession, SendSession
 from pipeline.errors import RemoteProtocolError
+from pipeline.overlay_io.relay import Action, RelayTable, on_relay, pack_relay
 from pipeline.overlay_io.udp import Address, UdpPort
 from pipeline.records import ENDPOINT_LEN, RecordKind, pack_endpoint, unpack_endpoint
 from pipeline.route_feed import RouteFeed
 from pipeline.shm_ring import Consumer, Producer
-from pipeline.wire.overlay import HEADER_LEN, VERSION, DatagramType, build_header, parse_header
+from pipeline.wire.overlay import (
+    HEADER_LEN,
+    RELAY_TTL,
+    VERSION,
+    DatagramType,
+    build_header,
+    parse_header,
+)
 from pipeline.worker import Worker, ring_name
 
 _DATA = DatagramType.DATA
 _OVERLAY = DatagramType.OVERLAY
 _HANDSHAKE = DatagramType.HANDSHAKE
 _COOKIE = DatagramType.COOKIE
+_RELAY = DatagramType.RELAY
 _PLAIN_DATA = build_header(_DATA)
 _PLAIN_OVERLAY = build_header(_OVERLAY)
 _INDEX = struct.Struct("!I")
@@ -57,8 +77,12 @@ class _Recv:
 class _Send:
     session: SendSession
     key: bytes
-    endpoint: Address
+    endpoint: Address  # relayed sessions: _NO_ENDPOINT (never sent to)
     rekey_asked: bool = False
+    dest: bytes = b""  # the peer's node id: the dest of relay payloads for a relayed session
+
+
+_NO_ENDPOINT: Address = ("", 0)
 
 
 def _address(text: str) -> Address:
@@ -95,9 +119,13 @@ class OverlayIoWorker(Worker):
         self.endpoints: dict[int, Address] = {}
         self.slots: dict[Address, int] = {}
         self.recv: dict[int, _Recv] = {}
-        self.send: dict[int, _Send] = {}
+        self.send: dict[int, _Send] = {}  # direct sessions of the slots this worker owns
+        self.relayed: dict[int, _Send] = {}  # end-to-end sessions (no endpoint) it owns
+        self.relay_table = RelayTable(b"", ())
         self.keys_version = -1
         self.sent = self.sent_bytes = self.received = self.received_bytes = 0
+        self.relay_sent = self.relay_forwarded = self.relay_delivered = 0
+        self.control_pending = False  # RELAY records pushed to control since the last flush
         self.drops: Counter[str] = Counter()
         self.watch(self.port.fileno(), lambda: None)  # wakes the loop; work() reads
         self.routes = RouteFeed(self, self._apply_routes, self._on_control)
@@ -135,14 +163,17 @@ class OverlayIoWorker(Worker):
             if confirmed and (e.slot not in newest or newest[e.slot].created < e.created):
                 newest[e.slot] = e
         send: dict[int, _Send] = {}
+        relayed: dict[int, _Send] = {}
+        hops: list[tuple[int, bytes]] = []  # every direct link, whichever worker owns it
         for slot, e in newest.items():
+            if e.endpoint:
+                hops.append((slot, e.node_id))
             if worker_for_peer(slot, self.workers) != self.index:
                 continue
-            old_send = self.send.get(slot)
-            endpoint = _address(e.endpoint)
+            # one session object per key, wherever it was: its counter must go on
+            old_send = self.send.get(slot) or self.relayed.get(slot)
             if old_send is not None and old_send.key == e.send_key:
-                old_send.endpoint = endpoint
-                send[slot] = old_send
+                out = old_send
             else:
                 sealer = SendSession(
                     e.send_key,
@@ -151,8 +182,16 @@ class OverlayIoWorker(Worker):
                     counter_start=e.counter_start,
                     rekey_after_bytes=self.rekey_bytes,
                 )
-                send[slot] = _Send(sealer, e.send_key, endpoint)
-        self.recv, self.send = recv, send
+                out = _Send(sealer, e.send_key, _NO_ENDPOINT)
+            out.dest = e.node_id
+            if e.endpoint:
+                out.endpoint = _address(e.endpoint)
+                send[slot] = out
+            else:
+                out.endpoint = _NO_ENDPOINT
+                relayed[slot] = out
+        self.recv, self.send, self.relayed = recv, send, relayed
+        self.relay_table = RelayTable(keys.node_id, hops)
         self.keys_version = keys.version
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -178,13 +217,14 @@ class OverlayIoWorker(Worker):
         for rec in records:
             out = sessions.get(rec.peer)
             if out is None:
-                self.drops["no_session"] += 1
+                self._send_relayed(rec.peer, dtype, rec.data)
                 continue
             header, sealed = out.session.seal(dtype, rec.data)
             if send([header, sealed], out.endpoint):
                 self.sent += 1
                 self.sent_bytes += HEADER_LEN + len(sealed)
         consumer.release()
+        self._flush_control()
         self._ask_rekeys()
         return len(records)
 
@@ -200,18 +240,76 @@ class OverlayIoWorker(Worker):
                     self.sent += 1
                 continue
             out = self.send.get(rec.peer)
-            if out is None:
-                self.drops["no_session"] += 1
-                continue
-            header, sealed = out.session.seal(_OVERLAY, rec.data)
-            if self.port.send([header, sealed], out.endpoint):
-                self.sent += 1
+            if rec.kind == RecordKind.RELAY:
+                # another worker's relay payload for a hop of ours; never back to control
+                if out is None:
+                    self.drops["no_session"] += 1
+                else:
+                    self._seal_relay(out, rec.data)
+            elif out is None:
+                self._send_relayed(rec.peer, _OVERLAY, rec.data)
+            else:
+                header, sealed = out.session.seal(_OVERLAY, rec.data)
+                if self.port.send([header, sealed], out.endpoint):
+                    self.sent += 1
         self.from_control.release()
+        self._flush_control()
         return len(records)
+
+    # -- relaying ----------------------------------------------------------------------------------
+
+    def _send_relayed(self, slot: int, dtype: int, data: memoryview) -> None:
+        """Seal for a peer without a direct endpoint and send it as a relay payload."""
+        e2e = self.relayed.get(slot)
+        if e2e is None:
+            self.drops["no_session"] += 1
+            return
+        hop = self.relay_table.next_hop(e2e.dest)
+        if hop is None:
+            self.drops["relay_no_route"] += 1
+            return
+        header, sealed = e2e.session.seal(dtype, data)
+        self.relay_sent += 1
+        self._to_hop(hop, pack_relay(e2e.dest, RELAY_TTL, header + sealed))
+
+    def _to_hop(self, hop: int, payload: bytes) -> None:
+        """Send a relay payload to a direct link: sealed here if this worker owns the slot,
+        else through control to the worker that does."""
+        out = self.send.get(hop)
+        if out is not None:
+            self._seal_relay(out, payload)
+        elif worker_for_peer(hop, self.workers) != self.index:
+            self.to_control.push(payload, RecordKind.RELAY, hop)
+            self.control_pending = True
+        else:
+            self.drops["no_session"] += 1
+
+    def _seal_relay(self, out: _Send, payload: bytes | memoryview) -> None:
+        header, sealed = out.session.seal(_RELAY, payload)
+        if self.port.send([header, sealed], out.endpoint):
+            self.sent += 1
+            self.sent_bytes += HEADER_LEN + len(sealed)
+
+    def _flush_control(self) -> None:
+        if self.control_pending:
+            self.control_pending = False
+            self.to_control.flush()
+
+    def _relay(self, payload: bytes, source: Address) -> None:
+        """A relay payload opened from a RELAY datagram: deliver, pass on, or drop."""
+        step = on_relay(self.relay_table, payload)
+        if step.action is Action.DELIVER:
+            self.relay_delivered += 1
+            self._open(memoryview(step.data), source)  # only DATA or OVERLAY (parse_relay)
+        elif step.action is Action.FORWARD:
+            self.relay_forwarded += 1
+            self._to_hop(step.hop, bytes(step.data))
+        else:
+            self.drops[step.reason] += 1
 
     def _ask_rekeys(self) -> None:
         now = time.monotonic()
-        for slot, out in self.send.items():
+        for slot, out in itertools.chain(self.send.items(), self.relayed.items()):
             if not out.rekey_asked and out.session.needs_rekey(now):
                 out.rekey_asked = True
                 self.routes.tell(messages.RekeyRequest(slot))
@@ -259,7 +357,7 @@ class OverlayIoWorker(Worker):
         if kind == _HANDSHAKE or kind == _COOKIE:
             self.to_control.push(pack_endpoint(*source) + datagram, RecordKind.HANDSHAKE)
             return
-        if kind != _DATA and kind != _OVERLAY:
+        if kind != _DATA and kind != _OVERLAY and kind != _RELAY:
             self.drops["bad_type"] += 1
             return
         entry = self.recv.get(_INDEX.unpack_from(datagram, 4)[0])
@@ -280,8 +378,10 @@ class OverlayIoWorker(Worker):
         if kind == _DATA:
             target = self.to_classifier[worker_for_peer(slot, len(self.to_classifier))]
             target.push(payload, RecordKind.IP_PACKET, slot)
-        else:
+        elif kind == _OVERLAY:
             self.to_control.push(payload, RecordKind.OVERLAY, slot)
+        else:
+            self._relay(payload, source)
 
     def _accept_plain(self, datagram: memoryview, source: Address) -> None:
         slot = self.slots.get(source)
@@ -312,7 +412,12 @@ class OverlayIoWorker(Worker):
             "bytes_received": self.received_bytes,
             "send_errors": self.port.send_errors,
             "encrypted": self.secure,
-            "sessions": {"receive": len(self.recv), "send": len(self.send)},
+            "sessions": {"receive": len(self.recv), "send": len(self.send) + len(self.relayed)},
+            # relay payloads this node originated, passed on for others, and took for itself
+            # (a delivered inner datagram counts in datagrams_received too)
+            "relay_sent": self.relay_sent,
+            "relay_forwarded": self.relay_forwarded,
+            "relay_delivered": self.relay_delivered,
             "drops": dict(self.drops),
         }
 

@@ -8,9 +8,11 @@
 All fields big-endian. ``version`` is 1. ``type`` says what follows: a DATA datagram carries
 one IPv4 packet for the classifier; an OVERLAY datagram carries a control message that
 overlay_io hands to control without reading it; HANDSHAKE and COOKIE datagrams carry the
-link handshake (``pipeline/control/handshake.py``). ``session index`` names the receiver's
-session and ``counter`` is the sender's per-session packet number: both are 0 until the
-encrypted data path fills them (the nonce and the replay window will use them).
+link handshake (``pipeline/control/handshake.py``); a RELAY datagram carries, sealed for
+the next hop, a *relay payload*: a destination node id, a TTL and a whole DATA or OVERLAY
+datagram sealed end to end for that destination (``pipeline/overlay_io/relay.py``).
+``session index`` names the receiver's session and ``counter`` is the sender's per-session
+packet number (the nonce and the replay window); both are 0 in plaintext mode.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ class DatagramType(enum.IntEnum):
     OVERLAY = 2
     HANDSHAKE = 3
     COOKIE = 4
+    RELAY = 5
+
+
+RELAY_TTL = 16  # the TTL a relay payload starts with; each relay takes one off
 
 
 class OverlayHeader(NamedTuple):
