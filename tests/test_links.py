@@ -9,7 +9,14 @@ from collections.abc import Callable
 import pytest
 
 from pipeline.control import handshake as hs
-from pipeline.control.links import EventKind, LinkEvent, LinkManager, LinkSettings, PeerSpec
+from pipeline.control.links import (
+    EventKind,
+    LinkEvent,
+    LinkManager,
+    LinkSettings,
+    PeerSpec,
+    Via,
+)
 from pipeline.crypto.cert import Certificate, RevocationList, issue, make_ca
 from pipeline.crypto.identity import Identity
 
@@ -313,3 +320,156 @@ class TestLifetime:
         p.tick(5)
         p.deliver()
         assert p.b.sessions() == []
+
+
+# -- dynamic links: overlay nodes link to whoever is certified --------------------------------
+
+
+class Members:
+    """Two managers with no configured peers that accept any certified member."""
+
+    def __init__(self, *, accept: bool = True) -> None:
+        self.ca, self.ca_cert = ca_pair()
+        self.ia, cert_a = member(self.ca, self.ca_cert, 10, "alpha")
+        self.ib, cert_b = member(self.ca, self.ca_cert, 20, "beta")
+        self.a, self.b = (
+            LinkManager(
+                identity=ident,
+                certificate=cert,
+                ca=self.ca_cert,
+                network="lab",
+                peers=[],
+                revoked=RevocationList.empty(),
+                rng=rng_from(seed),
+                accept_members=accept,
+            )
+            for ident, cert, seed in ((self.ia, cert_a, 1), (self.ib, cert_b, 2))
+        )
+        self.now = NOW
+
+    def deliver(self, *, via: bool = False) -> list[object]:
+        """Move datagrams until quiet; return every target they were sent to."""
+        targets: list[object] = []
+        a_src: object = Via(self.ia.node_id) if via else A_ADDR
+        b_src: object = Via(self.ib.node_id) if via else B_ADDR
+        for _ in range(10):
+            batch = [(self.b, d, a_src, to) for d, to in self.a.datagrams_to_send()]
+            batch += [(self.a, d, b_src, to) for d, to in self.b.datagrams_to_send()]
+            if not batch:
+                break
+            for target, datagram, source, to in batch:
+                targets.append(to)
+                target.receive(datagram, source, self.now, WALL)  # type: ignore[arg-type]
+        return targets
+
+
+def test_connect_to_an_endpoint_learns_who_is_there() -> None:
+    m = Members()
+    slot = m.a.connect(B_ADDR, m.now, WALL)
+    m.deliver()
+    link = m.a.links[slot]
+    assert link.up and link.spec.name == "beta" and link.dynamic
+    assert link.certificate is not None and link.certificate.node_id == m.ib.node_id
+    (theirs,) = m.b.links.values()
+    assert theirs.up and theirs.spec.name == "alpha" and theirs.endpoint == A_ADDR
+    assert not theirs.wanted  # beta keeps it only while alpha does, or its own driver wants it
+    assert [e.kind for e in m.a.events()].count(EventKind.LINK_FORMED) == 1
+    a_send = {s.send_key for s in m.a.sessions()}
+    assert a_send == {s.recv_key for s in m.b.sessions()}
+
+
+def test_connect_through_the_overlay_to_a_node_id() -> None:
+    m = Members()
+    slot = m.a.connect(Via(m.ib.node_id), m.now, WALL, node_id=m.ib.node_id)
+    targets = m.deliver(via=True)
+    assert targets and all(isinstance(t, Via) for t in targets)
+    assert m.a.links[slot].up and m.a.links[slot].endpoint == Via(m.ib.node_id)
+    (theirs,) = m.b.links.values()
+    assert theirs.up and theirs.endpoint == Via(m.ia.node_id)
+
+
+def test_the_node_asked_for_must_answer() -> None:
+    m = Members()
+    m.a.connect(B_ADDR, m.now, WALL, node_id=bytes(20))
+    m.deliver()
+    assert not any(link.up for link in m.a.links.values())
+    assert m.a.refusals["wrong_node"] == 1
+
+
+def test_a_relayed_handshake_must_come_from_the_node_it_names() -> None:
+    m = Members()
+    m.a.connect(Via(m.ib.node_id), m.now, WALL)
+    for datagram, _ in m.a.datagrams_to_send():  # routed, but claiming another source
+        m.b.receive(datagram, Via(bytes(20)), m.now, WALL)
+    for datagram, _ in m.b.datagrams_to_send():
+        m.a.receive(datagram, Via(m.ib.node_id), m.now, WALL)
+    for datagram, _ in m.a.datagrams_to_send():
+        m.b.receive(datagram, Via(bytes(20)), m.now, WALL)
+    assert not any(link.up for link in m.b.links.values())
+    assert m.b.refusals["wrong_node"] == 1
+
+
+def test_without_accept_members_an_unknown_member_is_refused() -> None:
+    m = Members(accept=False)
+    m.a.connect(B_ADDR, m.now, WALL)
+    m.deliver()
+    assert not m.b.links and m.b.refusals["unknown_peer"] == 1
+
+
+def test_a_placeholder_to_a_known_node_merges_into_its_link() -> None:
+    m = Members()
+    m.a.connect(B_ADDR, m.now, WALL)
+    m.deliver()
+    (b_link,) = m.b.links.values()
+    slot = m.b.connect(A_ADDR, m.now + 1, WALL)  # beta's driver wants alpha's address
+    assert slot == b_link.spec.slot and b_link.wanted  # the same link: nothing new
+    m.b.release(slot)
+    m.b.links[slot].wanted = False
+    placeholder = m.b.connect(("198.18.0.9", 4789), m.now, WALL)  # alpha, at another address
+    for datagram, _ in m.b.datagrams_to_send():
+        m.a.receive(datagram, B_ADDR, m.now, WALL)
+    for datagram, _ in m.a.datagrams_to_send():
+        m.b.receive(datagram, ("198.18.0.9", 4789), m.now, WALL)
+    m.deliver()
+    assert placeholder not in m.b.links and list(m.b.links) == [slot]
+    assert m.b.links[slot].wanted and len(m.b.links[slot].sessions) == 2
+
+
+def test_released_links_expire_and_unanswered_ones_are_forgotten() -> None:
+    m = Members()
+    slot = m.a.connect(B_ADDR, m.now, WALL)
+    m.deliver()
+    nobody = m.a.connect(("198.18.0.99", 4789), m.now, WALL)
+    m.a.datagrams_to_send()
+    m.a.release(nobody)
+    assert nobody not in m.a.links
+    m.a.release(slot)
+    assert slot in m.a.links  # its sessions still carry what is in flight
+    (b_slot,) = m.b.links
+    m.now += LinkSettings().reject_after_s + 1
+    m.a.handle_timer(m.now, WALL)
+    m.b.handle_timer(m.now, WALL)
+    assert slot not in m.a.links and b_slot not in m.b.links
+    assert not m.a.datagrams_to_send()  # nobody initiated again
+
+
+def test_a_wanted_link_is_rekeyed_by_its_initiator() -> None:
+    m = Members()
+    slot = m.a.connect(B_ADDR, m.now, WALL)
+    m.deliver()
+    m.now += LinkSettings().rekey_after_s + 1
+    m.a.handle_timer(m.now, WALL)
+    m.b.handle_timer(m.now, WALL)
+    m.deliver()
+    assert m.a.links[slot].handshakes == 2
+
+
+def test_a_revoked_member_loses_its_dynamic_link() -> None:
+    m = Members()
+    m.a.connect(B_ADDR, m.now, WALL)
+    m.deliver()
+    (b_slot,) = m.b.links
+    cert_a = m.b.links[b_slot].certificate
+    assert cert_a is not None
+    m.b.set_revocations(RevocationList(serials=frozenset({cert_a.serial})))
+    assert not m.b.links

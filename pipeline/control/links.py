@@ -54,6 +54,8 @@ from pipeline.wire.overlay import HEADER_LEN, DatagramType
 
 Address = tuple[str, int]
 MAX_SESSIONS = 3
+MAX_DYNAMIC_LINKS = 1024
+MAX_SLOT = 0xFFFF
 MAX_RESPONDING = 256
 COOKIE_SECRET_S = 120.0
 COOKIE_VALID_S = 110.0
@@ -68,6 +70,21 @@ class LinkSettings:
     handshake_timeout_s: float = 5.0
     load_threshold: int = 50  # handshake messages per second before cookies are demanded
     per_source_rate: float = 5.0  # handshakes per second and source address under load
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Via:
+    """A node reached through the overlay, not at an endpoint: handshake datagrams to and
+    from it travel inside overlay messages routed to its node id (the driver's job)."""
+
+    node_id: bytes
+
+    def __str__(self) -> str:
+        return f"via:{self.node_id.hex()}"
+
+
+Target = Address | Via
+"""Where a link's datagrams go: an underlay endpoint, or through the overlay."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -109,14 +126,17 @@ class _Responding:
     state: HandshakeState
     index: int
     peer_index: int
-    source: Address
+    source: Target
     started: float
 
 
 @dataclasses.dataclass(slots=True)
 class Link:
     spec: PeerSpec
-    endpoint: Address
+    endpoint: Target
+    dynamic: bool = False  # made by connect() or by an inbound member, not configured
+    wanted: bool = True  # the driver needs it: (re)initiate handshakes; else let it expire
+    want_id: bytes | None = None  # connect_node(): the node id the peer must prove
     sessions: list[Session] = dataclasses.field(default_factory=list)
     pending: _Pending | None = None
     next_attempt: float = 0.0
@@ -146,7 +166,7 @@ class LinkEvent:
     peer: str | None
     reason: str = ""
     detail: str = ""
-    source: Address | None = None
+    source: Target | None = None
     node_id: str = ""
     pattern: str = ""
 
@@ -176,6 +196,7 @@ class LinkManager:
         revoked: RevocationList,
         rng: Callable[[int], bytes],
         settings: LinkSettings = LinkSettings(),
+        accept_members: bool = False,
     ) -> None:
         self.identity = identity
         self.certificate = certificate
@@ -185,6 +206,8 @@ class LinkManager:
         self.rng = rng
         self.settings = settings
         self.links = {p.slot: Link(p, p.endpoint) for p in peers}
+        self.accept_members = accept_members
+        self._next_slot = max(self.links, default=0) + 1
         self._mac1_key = hs.mac1_key(ca.public_key)
         self._cookie_key = hs.cookie_key(ca.public_key)
         self._secrets: list[bytes] = [rng(32)]
@@ -192,7 +215,7 @@ class LinkManager:
         self._recent: list[float] = []  # arrival times of handshake messages, last second
         self._buckets: OrderedDict[str, _TokenBucket] = OrderedDict()
         self._responding: OrderedDict[int, _Responding] = OrderedDict()
-        self._out: list[tuple[bytes, Address]] = []
+        self._out: list[tuple[bytes, Target]] = []
         self._events: list[LinkEvent] = []
         self.counters: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()
@@ -200,7 +223,7 @@ class LinkManager:
 
     # -- outputs ---------------------------------------------------------------------------------
 
-    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+    def datagrams_to_send(self) -> list[tuple[bytes, Target]]:
         out, self._out = self._out, []
         return out
 
@@ -232,8 +255,10 @@ class LinkManager:
         for index, resp in list(self._responding.items()):
             if now - resp.started > st.handshake_timeout_s:
                 del self._responding[index]
-        for link in self.links.values():
+        for link in list(self.links.values()):
             self._expire(link, now)
+            if link.spec.slot not in self.links:
+                continue
             if link.pending and now - link.pending.started > st.handshake_timeout_s:
                 link.pending = None
                 self.counters["handshake_timeouts"] += 1
@@ -245,6 +270,8 @@ class LinkManager:
                 self._initiate(link, now, wall)
 
     def _wants_handshake(self, link: Link, now: float) -> bool:
+        if not link.wanted:
+            return False
         if not any(s.confirmed for s in link.sessions):
             return True
         newest = link.sessions[-1]
@@ -259,6 +286,76 @@ class LinkManager:
             self._changed()
             if not keep:
                 self._close(link, "expired")
+        if link.dynamic and not link.wanted and not link.sessions and link.pending is None:
+            del self.links[link.spec.slot]
+
+    # -- links the driver asks for ---------------------------------------------------------------
+
+    def connect(self, target: Target, now: float, wall: float, node_id: bytes | None = None) -> int:
+        """A link to whoever answers at ``target`` (an endpoint, or ``Via`` a node id), or to
+        the node ``node_id`` if given (the peer must prove it is that node); its slot. An
+        existing link to that endpoint or node is reused (and wanted again). The handshake is
+        XX: the peer's key is learnt from its certificate."""
+        for link in self.links.values():
+            same_node = node_id is not None and (
+                link.want_id == node_id
+                or (link.certificate is not None and link.certificate.node_id == node_id)
+            )
+            if same_node or (node_id is None and link.endpoint == target):
+                link.wanted = True
+                if not link.up and link.pending is None and now >= link.next_attempt:
+                    self._initiate(link, now, wall)
+                return link.spec.slot
+        link = self._new_link(target)
+        link.want_id = node_id
+        link.wanted = True
+        self._initiate(link, now, wall)
+        return link.spec.slot
+
+    def release(self, slot: int) -> None:
+        """The driver no longer needs this link: no more handshakes from this side; a link
+        that the peer does not keep alive either expires with its sessions. A link that never
+        came up is forgotten at once."""
+        link = self.links.get(slot)
+        if link is None or not link.dynamic:
+            return
+        link.wanted = False
+        if not link.sessions:
+            del self.links[slot]
+
+    def close(self, slot: int, reason: str) -> None:
+        """The peer is gone (the overlay found it dead): drop its sessions now, so nothing is
+        sent into the void until it expires. A configured link tries again later."""
+        link = self.links.get(slot)
+        if link is None:
+            return
+        link.pending = None
+        if link.sessions:
+            link.sessions.clear()
+            self._changed()
+            self._close(link, reason)
+        if link.dynamic:
+            del self.links[slot]
+
+    def want(self, slot: int) -> None:
+        """Keep this link (one the peer made) alive from this side too."""
+        link = self.links.get(slot)
+        if link is not None:
+            link.wanted = True
+
+    def _new_link(self, target: Target) -> Link:
+        dynamic = [lk for lk in self.links.values() if lk.dynamic]
+        if len(dynamic) >= MAX_DYNAMIC_LINKS:
+            raise RemoteProtocolError("too_many_links", f"{len(dynamic)} dynamic links")
+        slot = self._next_slot
+        while slot in self.links or slot > MAX_SLOT:
+            slot = 1 if slot >= MAX_SLOT else slot + 1
+        self._next_slot = slot + 1
+        endpoint = target if isinstance(target, tuple) else ("0.0.0.0", 0)
+        spec = PeerSpec(slot, "", endpoint, None, ())
+        link = Link(spec, target, dynamic=True, wanted=False)
+        self.links[slot] = link
+        return link
 
     def request_rekey(self, slot: int) -> None:
         link = self.links.get(slot)
@@ -274,13 +371,15 @@ class LinkManager:
 
     def set_revocations(self, revoked: RevocationList) -> None:
         self.revoked = revoked
-        for link in self.links.values():
+        for link in list(self.links.values()):
             if link.certificate is not None and revoked.contains(link.certificate):
                 link.sessions.clear()
                 link.pending = None
                 link.certificate = None
                 self._changed()
                 self._close(link, "revoked")
+                if link.dynamic:
+                    del self.links[link.spec.slot]
 
     # -- initiating ------------------------------------------------------------------------------
 
@@ -331,7 +430,7 @@ class LinkManager:
 
     # -- receiving -------------------------------------------------------------------------------
 
-    def receive(self, datagram: bytes, source: Address, now: float, wall: float) -> None:
+    def receive(self, datagram: bytes, source: Target, now: float, wall: float) -> None:
         """A HANDSHAKE or COOKIE datagram from ``source``. Never raises on bad input."""
         if len(datagram) < HEADER_LEN:
             self._refuse("short_datagram", source)
@@ -358,7 +457,7 @@ class LinkManager:
             link.pending = None
             self._initiate(link, now, wall)
 
-    def _receive_handshake(self, datagram: bytes, source: Address, now: float, wall: float) -> None:
+    def _receive_handshake(self, datagram: bytes, source: Target, now: float, wall: float) -> None:
         msg = hs.parse_handshake(datagram)
         if not hs.check_mac1(self._mac1_key, datagram):
             self.counters["mac1_invalid"] += 1
@@ -372,20 +471,19 @@ class LinkManager:
         else:
             self._responder_final(msg, source, now, wall)
 
-    def _admit(
-        self, datagram: bytes, msg: hs.HandshakeMessage, source: Address, now: float
-    ) -> bool:
+    def _admit(self, datagram: bytes, msg: hs.HandshakeMessage, source: Target, now: float) -> bool:
         """Load control for first messages: cookies, then a per-source rate limit."""
         recent = [t for t in self._recent if now - t < 1.0]
         recent.append(now)
         self._recent = recent[-(self.settings.load_threshold * 4) :]
         if len(recent) <= self.settings.load_threshold:
             return True
+        where = _pair(source)
         cookie_ok = any(
-            hs.check_mac2(hs.make_cookie(secret, source), datagram) for secret in self._secrets
+            hs.check_mac2(hs.make_cookie(secret, where), datagram) for secret in self._secrets
         )
         if not cookie_ok:
-            cookie = hs.make_cookie(self._secrets[0], source)
+            cookie = hs.make_cookie(self._secrets[0], where)
             reply = hs.build_cookie_reply(
                 self._cookie_key,
                 receiver_index=msg.sender_index,
@@ -396,9 +494,9 @@ class LinkManager:
             self._out.append((reply, source))
             self.counters["cookies_sent"] += 1
             return False
-        bucket = self._buckets.get(source[0])
+        bucket = self._buckets.get(where[0])
         if bucket is None:
-            bucket = self._buckets[source[0]] = _TokenBucket(self.settings.per_source_rate, 5, now)
+            bucket = self._buckets[where[0]] = _TokenBucket(self.settings.per_source_rate, 5, now)
             while len(self._buckets) > 4096:
                 self._buckets.popitem(last=False)
         if not bucket.take(now):
@@ -406,7 +504,7 @@ class LinkManager:
             return False
         return True
 
-    def _respond(self, msg: hs.HandshakeMessage, source: Address, now: float, wall: float) -> None:
+    def _respond(self, msg: hs.HandshakeMessage, source: Target, now: float, wall: float) -> None:
         state = HandshakeState(
             msg.pattern.protocol,
             initiator=False,
@@ -447,7 +545,7 @@ class LinkManager:
         )
 
     def _initiator_reply(
-        self, msg: hs.HandshakeMessage, source: Address, now: float, wall: float
+        self, msg: hs.HandshakeMessage, source: Target, now: float, wall: float
     ) -> None:
         link = next(
             (
@@ -467,20 +565,26 @@ class LinkManager:
             noise = state.write_message(self._payload(wall))
             self._send_step(msg.pattern, 2, pending.index, msg.sender_index, noise, source)
         link.pending = None
+        if found is not link:  # a placeholder that turned out to be a node we know
+            found.wanted = found.wanted or link.wanted
+            del self.links[link.spec.slot]
         self._establish(
-            link,
+            found,
             state,
             pending.index,
             msg.sender_index,
             source,
             now,
             initiator=True,
-            confirmed=msg.pattern is hs.Pattern.IK,
+            # IK: the answer proves the responder holds the keys. XX: our last message gives
+            # them; a first session may carry data at once (nothing to lose if it is lost),
+            # a rekey waits for the peer's first datagram on it.
+            confirmed=msg.pattern is hs.Pattern.IK or not any(s.confirmed for s in found.sessions),
             pattern=msg.pattern,
         )
 
     def _responder_final(
-        self, msg: hs.HandshakeMessage, source: Address, now: float, wall: float
+        self, msg: hs.HandshakeMessage, source: Target, now: float, wall: float
     ) -> None:
         resp = self._responding.get(msg.receiver_index)
         if resp is None:
@@ -502,7 +606,7 @@ class LinkManager:
         )
 
     def _send_step(
-        self, pattern: hs.Pattern, step: int, index: int, receiver: int, noise: bytes, to: Address
+        self, pattern: hs.Pattern, step: int, index: int, receiver: int, noise: bytes, to: Target
     ) -> None:
         datagram = hs.build_handshake(
             self._mac1_key,
@@ -521,18 +625,31 @@ class LinkManager:
         self,
         state: HandshakeState,
         payload: bytes,
-        source: Address,
+        source: Target,
         wall: float,
         expect: Link | None = None,
     ) -> tuple[Link, Certificate, int]:
-        """Who is this? The peer's certificate, checked every way; raises on any doubt."""
+        """Who is this? The peer's certificate, checked every way; raises on any doubt. The
+        link is ``expect`` (ours, that initiated), or the configured or known link of this
+        node, or — for a member we accept — a new one."""
         body = hs.decode_payload(payload)
         cert = decode_certificate(body.certificate)
         verify(cert, self.ca, now=wall, network=self.network, revoked=self.revoked)
         remote = state.remote_static
         if remote is None or x25519_public_from_ed25519(cert.public_key) != remote:
             raise CertificateError("key_mismatch", "the certificate is not for the handshake key")
-        link = expect or self._link_for(cert)
+        if isinstance(source, Via) and source.node_id != cert.node_id:
+            raise RemoteProtocolError("wrong_node", f"routed from {source}, certified otherwise")
+        if expect is not None and expect.want_id not in (None, cert.node_id):
+            raise RemoteProtocolError("wrong_node", f"{cert.name} is not the node asked for")
+        if cert.node_id == self.identity.node_id:
+            raise RemoteProtocolError("self_link", "a handshake with this node itself")
+        link = expect if expect is not None and not expect.dynamic else None
+        link = link or self._link_for(cert, source, placeholder=expect)
+        if link.dynamic:
+            link.spec = dataclasses.replace(link.spec, name=cert.name)
+            link.certificate = cert
+            return link, cert, body.timestamp_ns
         if link.spec.public_key is not None:
             check_key(cert, link.spec.public_key)
         if cert.name != link.spec.name:  # the authority named this node otherwise
@@ -546,15 +663,28 @@ class LinkManager:
         link.certificate = cert
         return link, cert, body.timestamp_ns
 
-    def _link_for(self, cert: Certificate) -> Link:
-        """The configured peer this certificate belongs to: by public key where one is
-        configured, else by the name the authority certified (never by address alone)."""
-        for link in self.links.values():
+    def _link_for(self, cert: Certificate, source: Target, placeholder: Link | None = None) -> Link:
+        """The link this certificate belongs to: a configured peer's (by public key where one
+        is configured, else by the name the authority certified; never by address alone),
+        else the link already made with this node, else ``placeholder`` (a link of ours to an
+        endpoint, whose node we did not know), else a new link if members are accepted."""
+        configured = [lk for lk in self.links.values() if not lk.dynamic]
+        for link in configured:
             if link.spec.public_key == cert.public_key:
                 return link
-        for link in self.links.values():
+        for link in configured:
             if link.spec.public_key is None and link.spec.name == cert.name:
                 return link
+        for link in self.links.values():
+            if link is placeholder:
+                continue
+            known = link.certificate is not None and link.certificate.node_id == cert.node_id
+            if known or link.want_id == cert.node_id:
+                return link
+        if placeholder is not None:
+            return placeholder
+        if self.accept_members:
+            return self._new_link(source)
         raise RemoteProtocolError("unknown_peer", f"{cert.name} ({cert.node_id.hex()})")
 
     def _establish(
@@ -563,7 +693,7 @@ class LinkManager:
         state: HandshakeState,
         index: int,
         peer_index: int,
-        source: Address,
+        source: Target,
         now: float,
         *,
         initiator: bool,
@@ -587,7 +717,8 @@ class LinkManager:
             )
         )
         link.sessions = link.sessions[-MAX_SESSIONS:]
-        link.endpoint = source
+        if not (isinstance(source, Via) and was_up and isinstance(link.endpoint, tuple)):
+            link.endpoint = source  # a direct endpoint is not given up for a relayed path
         link.attempts = 0
         link.rekey_wanted = False
         link.next_attempt = now + self.settings.retry_s
@@ -625,11 +756,16 @@ class LinkManager:
     def _changed(self) -> None:
         self.sessions_version += 1
 
-    def _refuse(self, reason: str, source: Address, detail: str = "") -> None:
+    def _refuse(self, reason: str, source: Target, detail: str = "") -> None:
         self.refusals[reason] += 1
         self._events.append(
             LinkEvent(EventKind.HANDSHAKE_REFUSED, None, None, reason, detail, source)
         )
+
+
+def _pair(target: Target) -> Address:
+    """A (host, port) pair for cookies and rate limits: a relayed node counts by its id."""
+    return target if isinstance(target, tuple) else (target.node_id.hex(), 0)
 
 
 def _noise(read: Callable[[bytes], bytes], message: bytes) -> bytes:
