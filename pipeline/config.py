@@ -112,6 +112,9 @@ class OverlaySettings:
     listen_port: int = _field(4789, check=_between(1, 65535), doc="UDP port to bind")
     keepalive_interval_s: float = _field(1.0, check=_between(0.05, 60), doc="peer ping period")
     peer_timeout_s: float = _field(5.0, check=_between(0.2, 600), doc="silence before 'down'")
+    bootstrap: tuple[Endpoint, ...] = _field(
+        (), doc="underlay 'IPv4:port' of overlay members to join through; empty: the first node"
+    )
 
 
 def _public_key(v: str) -> str | None:

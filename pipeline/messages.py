@@ -99,6 +99,35 @@ class RekeyRequest(msgspec.Struct, tag=True, frozen=True):
     slot: int
 
 
+class RouteMiss(msgspec.Struct, tag=True, frozen=True):
+    """Frames to these virtual addresses found no route (classifier -> control)."""
+
+    addresses: tuple[str, ...]
+
+
+class DhtGetRequest(msgspec.Struct, tag=True, frozen=True):
+    """``supervisor dht get`` (DEALER -> control's ROUTER)."""
+
+    key: str
+
+
+class DhtRecord(msgspec.Struct, frozen=True):
+    value: bytes
+    owner_id: str  # hex node id of the signer
+    seq: int
+    lease_s: float
+    deleted: bool
+
+
+class DhtGetReply(msgspec.Struct, tag=True, frozen=True):
+    key: str
+    ok: bool
+    reason: str
+    records: tuple[DhtRecord, ...]
+    position: str  # hex: the key's place on the circle
+    replicas: tuple[str, ...]  # hex node ids that should hold it, nearest first (as seen here)
+
+
 class StatusRequest(msgspec.Struct, tag=True, frozen=True):
     pass
 
@@ -117,6 +146,9 @@ Message = (
     | SessionKeys
     | SessionConfirmed
     | RekeyRequest
+    | RouteMiss
+    | DhtGetRequest
+    | DhtGetReply
     | StatusRequest
     | StatusReply
 )

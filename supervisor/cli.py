@@ -5,6 +5,7 @@ supervisor stop FILE           stop the node started from FILE
 supervisor status FILE         node, workers, rings, peers  [--json]
 supervisor logs FILE           filter and follow the node's log
 supervisor check-config FILE   print the effective settings, or every error (exit 1)
+supervisor dht get FILE KEY    look KEY up in the DHT: its records and where they are kept
 supervisor demo                a two-node network in namespaces on this machine
 supervisor ca init DIR         make a network authority: DIR/ca.key (0600), DIR/ca.crt
 supervisor cert issue ...      sign a node's public key for some networks
@@ -24,13 +25,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import zmq
 
 from pipeline import messages
 from pipeline.config import Mode, Settings, load_settings
 from pipeline.crypto.keyfiles import KeyFileError, load_membership
 from pipeline.errors import ConfigError
-from pipeline.worker import CLI_SOCKET, endpoint
+from pipeline.worker import CLI_SOCKET, CONTROL_SOCKET, endpoint
 from supervisor import keys, logview
 from supervisor.status import format_status
 
@@ -160,6 +162,47 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dht_get(args: argparse.Namespace) -> int:
+    settings = _load(args.file)
+    if _running_pid(settings) is None:
+        print(f"node {settings.node.name} is not running", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint(settings.node.runtime_dir, CONTROL_SOCKET))
+        sock.send(messages.encode(messages.DhtGetRequest(args.key)))
+        if not sock.poll(int(args.timeout * 1000)):
+            print(f"node {settings.node.name} did not answer in {args.timeout} s", file=sys.stderr)
+            return 1
+        reply = messages.decode(sock.recv())
+    finally:
+        sock.close(0)
+    if not isinstance(reply, messages.DhtGetReply):
+        print("unexpected answer from control", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(reply), indent=2))
+    else:
+        print(format_dht_reply(reply))
+    return 0 if reply.ok and reply.records else 2
+
+
+def format_dht_reply(reply: messages.DhtGetReply) -> str:
+    found = "found" if reply.records else "no record"
+    lines = [f"key {reply.key!r}: {found} ({reply.reason})", f"position {reply.position}"]
+    for r in reply.records:
+        value = r.value.hex() if not r.value.isascii() or len(r.value) == 20 else r.value.decode()
+        lines.append(
+            f"  value {value}  owner {r.owner_id}  seq {r.seq}  lease {r.lease_s:g} s"
+            + ("  (deleted)" if r.deleted else "")
+        )
+    lines.append("kept on (the nodes nearest the key, as this node sees them):")
+    lines += [f"  {n}" for n in reply.replicas]
+    return "\n".join(lines)
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     settings = _load(args.file)
     return logview.run(args, settings.log_file, sys.stdout)
@@ -191,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     logs = command("logs", cmd_logs, "show the node's log, filtered; --follow to keep reading")
     logview.add_arguments(logs)
     command("check-config", cmd_check_config, "validate FILE and print the effective settings")
+    dht = sub.add_parser("dht", help="ask the running node's DHT")
+    dht_sub = dht.add_subparsers(dest="dht_command", required=True)
+    get = dht_sub.add_parser("get", help="show a key's records and the nodes that keep them")
+    get.add_argument("file", type=Path, help="the node's TOML configuration")
+    get.add_argument("key", help="e.g. ip:<namespace>:<address>")
+    get.add_argument("--timeout", type=float, default=10.0, help="seconds to wait")
+    get.add_argument("--json", action="store_true", help="print JSON")
+    get.set_defaults(fn=cmd_dht_get)
     demo = sub.add_parser(
         "demo",
         help="run a two-node network in namespaces on this machine, measure it, remove it",

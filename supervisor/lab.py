@@ -172,20 +172,21 @@ class Authority:
         return cert
 
 
-def write_config(
+def node_config(
     root: Path,
     name: str,
-    me: int,
-    peer: int,
-    peer_name: str,
     *,
+    underlay: str,
+    virtual: str,
     ca: Path | None,
-    peer_key: str | None = None,
+    peers: str = "",
+    bootstrap: tuple[str, ...] = (),
     revocation_list: Path | None = None,
     stages: dict[str, int] | None = None,
     security_lines: tuple[str, ...] = (),
 ) -> Path:
-    """A node's config; ``ca`` None means ``insecure_plaintext`` (benchmarks of the pipeline)."""
+    """Write a node's config (``root/<name>.toml``); ``ca`` None means
+    ``insecure_plaintext`` (benchmarks of the pipeline). ``peers`` is TOML for static peers."""
     knobs = {"queues": 1, "classifier": 1, "overlay_io": 1} | (stages or {})
     if ca is None:
         security = "insecure_plaintext = true"
@@ -194,7 +195,7 @@ def write_config(
         if revocation_list is not None:
             security += f'\nrevocation_list = "{revocation_list}"'
     security = "\n".join([security, *security_lines])
-    key_line = f'public_key = "{peer_key}"' if peer_key else ""
+    seeds = ", ".join(f'"{b}:{PORT}"' for b in bootstrap)
     text = f"""
 [node]
 name = "{name}"
@@ -204,25 +205,20 @@ runtime_dir = "{root}/run"
 [network]
 namespace = "test"
 subnet = "100.64.0.0/24"
-address = "{VIRTUAL[me]}"
+address = "{virtual}"
 device = "{DEVICE}"
 mtu = 1400
 
 [overlay]
-listen_address = "{UNDERLAY[me]}"
+listen_address = "{underlay}"
 listen_port = {PORT}
 keepalive_interval_s = 1.0
 peer_timeout_s = 3.0
+bootstrap = [{seeds}]
 
 [security]
 {security}
-
-[[peers]]
-name = "{peer_name}"
-addresses = ["{VIRTUAL[peer]}"]
-endpoint = "{UNDERLAY[peer]}:{PORT}"
-{key_line}
-
+{peers}
 [stages]
 heartbeat_interval_s = 1.0
 heartbeat_timeout_s = 5.0
@@ -244,6 +240,41 @@ level = "debug"
     path = root / f"{name}.toml"
     path.write_text(text)
     return path
+
+
+def write_config(
+    root: Path,
+    name: str,
+    me: int,
+    peer: int,
+    peer_name: str,
+    *,
+    ca: Path | None,
+    peer_key: str | None = None,
+    revocation_list: Path | None = None,
+    stages: dict[str, int] | None = None,
+    security_lines: tuple[str, ...] = (),
+) -> Path:
+    """A config for one of two nodes that name each other as static peers."""
+    key_line = f'public_key = "{peer_key}"' if peer_key else ""
+    peers = f"""
+[[peers]]
+name = "{peer_name}"
+addresses = ["{VIRTUAL[peer]}"]
+endpoint = "{UNDERLAY[peer]}:{PORT}"
+{key_line}
+"""
+    return node_config(
+        root,
+        name,
+        underlay=UNDERLAY[me],
+        virtual=VIRTUAL[me],
+        ca=ca,
+        peers=peers,
+        revocation_list=revocation_list,
+        stages=stages,
+        security_lines=security_lines,
+    )
 
 
 def two_nodes(
@@ -294,3 +325,41 @@ def two_nodes(
             n.wait_running()
             n.wait_peers_up()
     return a, b
+
+
+def overlay_nodes(
+    testbed: Testbed, tmp: Path, count: int, *, start: bool = True, **stages: int
+) -> list[Node]:
+    """``count`` nodes on one bridged segment (underlay 198.18.0.1.., virtual 100.64.0.1..),
+    certified by one authority, with no static peers: each knows only the first node's
+    address (the first knows none: it founds the overlay)."""
+    hub = testbed.namespace("seg")
+    bridge = testbed.bridge(hub, "br0")
+    authority = Authority.create(tmp / "authority")
+    nodes = []
+    for i in range(count):
+        name = f"n{i + 1}"
+        ns = testbed.namespace(name)
+        underlay, virtual = f"198.18.0.{i + 1}", f"100.64.0.{i + 1}"
+        testbed.attach(ns, hub, bridge, f"{underlay}/24")
+        root = tmp / name
+        cert = authority.certify(root / "state", name)
+        config = node_config(
+            root,
+            name,
+            underlay=underlay,
+            virtual=virtual,
+            ca=authority.path,
+            bootstrap=() if i == 0 else ("198.18.0.1",),
+            stages=stages,
+        )
+        node = Node(name, ns, config, virtual, underlay, root)
+        node.extra["authority"] = authority
+        node.extra["node_id"] = cert.node_id.hex()
+        nodes.append(node)
+    if start:
+        for n in nodes:
+            n.start()
+        for n in nodes:
+            n.wait_running()
+    return nodes

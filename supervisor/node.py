@@ -382,6 +382,8 @@ class NodeSupervisor:
             "encrypted": not s.security.insecure_plaintext,
             "links": control.stats.get("links", {}) if control else {},
             "peers": (control.stats.get("peers", []) if control else []),
+            "overlay": control.stats.get("overlay") if control else None,
+            "link_table": control.stats.get("link_table", []) if control else [],
         }
 
     # -- shutdown -------------------------------------------------------------------------------

@@ -63,6 +63,32 @@ def format_status(st: dict[str, Any]) -> str:
     ]
     headers = ["peer", "state", "node_id", "endpoint", "addresses", "rtt_ms", "link", "key_age_s"]
     lines += table(headers, rows)
+    overlay = st.get("overlay")
+    if overlay:
+        lines += [
+            "",
+            f"overlay  {overlay['state']}, about {overlay['estimated_size']} nodes, "
+            f"address {'registered' if overlay['registered'] else 'not registered'}, "
+            f"{overlay['routes']} resolved routes",
+        ]
+    if st.get("link_table"):
+        rows = [
+            [
+                lk["slot"],
+                lk["name"],
+                (lk["node_id"] or "-")[:12],
+                lk["kind"],
+                lk["endpoint"],
+                "up" if lk["up"] else "down",
+                lk["rtt_ms"],
+                lk["age_s"],
+                ",".join(lk["routes"]),
+            ]
+            for lk in st["link_table"]
+        ]
+        lines += ["", "links"]
+        headers = ["slot", "name", "node_id", "kind", "endpoint", "state", "rtt_ms", "age_s"]
+        lines += table([*headers, "routes"], rows)
     refused = (st.get("links") or {}).get("refused") or {}
     if refused:
         lines += ["", "handshakes refused"]

@@ -14,6 +14,9 @@ from pipeline.wire import arp, ethernet, ipv6
 __all__ = ["Action", "Classifier", "ClassifierStats", "DropReason", "Verdict"]
 
 
+MAX_MISSES = 64
+
+
 class DropReason(StrEnum):
     MALFORMED = "malformed"
     NOT_IPV4 = "not_ipv4"  # an ethertype other than IPv4, ARP, IPv6
@@ -100,6 +103,14 @@ class Classifier:
         self._outside_to_tap = 0
         self._inside_drops = dict.fromkeys(DropReason, 0)
         self._outside_drops = dict.fromkeys(DropReason, 0)
+        self._misses: set[bytes] = set()  # addresses in the subnet that found no route
+
+    def take_misses(self) -> set[bytes]:
+        """The packed addresses in the subnet without a route since the last call (frames to
+        them, and frames from them that a peer sent): control resolves them. At most
+        ``MAX_MISSES`` are kept between calls."""
+        misses, self._misses = self._misses, set()
+        return misses
 
     @property
     def routes(self) -> Routes:
@@ -170,7 +181,12 @@ class Classifier:
             total = packet[2] << 8 | packet[3]
             if vihl >> 4 != 4 or header_length < 20 or total < header_length or total > n:
                 return self._drop_outside(DropReason.MALFORMED)
-            if self._route_get(packet[12:16].tobytes()) != peer:
+            src4 = packet[12:16].tobytes()
+            if self._route_get(src4) != peer:
+                if len(self._misses) < MAX_MISSES and self._route_get(src4) is None:
+                    src = int.from_bytes(src4, "big")
+                    if src & self._mask == self._network:
+                        self._misses.add(src4)  # a sender we have not resolved yet
                 return self._drop_outside(DropReason.SPOOFED_SOURCE)
             if packet[16:20] != self._address4:
                 dst = int.from_bytes(packet[16:20], "big")
@@ -230,6 +246,8 @@ class Classifier:
             return DropReason.BROADCAST
         if dst & self._mask != self._network:
             return DropReason.NOT_IN_SUBNET
+        if len(self._misses) < MAX_MISSES:
+            self._misses.add(dst4)
         return DropReason.NO_ROUTE
 
     def _inside_not_ipv4(self, frame: memoryview, ethertype: int) -> Verdict:

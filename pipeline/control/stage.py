@@ -1,13 +1,20 @@
-"""control: the node's brain. Today: links and their session keys, the route table, and
-keepalives.
+"""control: the node's brain: links and their session keys, the overlay and its DHT, the
+route table, and keepalives. This file is the driver; the decisions are in the sans-I/O
+``ControlCore`` (pipeline/control/core.py: links, overlay, DHT, routes).
 
-- Links: the sans-I/O ``LinkManager`` makes and remakes Noise sessions with the configured
-  peers. Handshake datagrams arrive from overlay_io rings (HANDSHAKE records, with the
+- Links: Noise sessions with the configured peers and with any certified member the overlay
+  links to. Handshake datagrams arrive from overlay_io rings (HANDSHAKE records, with the
   sender's endpoint) and leave through them; session keys go to each overlay_io worker over
   ZeroMQ (``SessionKeys``), each with a send counter range of its own incarnation, so a
   restarted worker never reuses a nonce. The revocation list is re-read when it changes.
-- Routes: the static peers become a versioned route table published to classifier and
-  overlay_io workers (PUB), and sent to a worker that asks (ROUTER).
+- Overlay: its messages travel sealed on the links (OVERLAY records whose payload starts
+  with the overlay codec's version byte); the keepalives of the static peers are msgpack
+  maps in the same records. RELAY records (a relayed datagram for a hop owned by another
+  overlay_io worker) are passed on to that worker.
+- Routes: the static peers and the addresses resolved through the DHT (a classifier's
+  ``RouteMiss``) become a versioned route table published to classifier and overlay_io
+  workers (PUB), and sent to a worker that asks (ROUTER).
+- Tools: ``DhtGetRequest`` on the ROUTER socket (``supervisor dht get``).
 - Keepalives: ``PeerTable`` pings every linked peer through the encrypted sessions and
   measures its RTT.
 
@@ -18,15 +25,21 @@ the configured endpoints (for measuring the pipeline alone).
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections import Counter
+from ipaddress import IPv4Address
 from typing import Any
 
 import zmq
 
 from pipeline import messages
 from pipeline.classifier.routes import worker_for_peer
-from pipeline.control.links import EventKind, LinkEvent, LinkManager, LinkSettings, PeerSpec
+from pipeline.control.core import ControlCore, CoreEvent
+from pipeline.control.dht import GetResult, key_position
+from pipeline.control.links import EventKind, LinkEvent, LinkSettings, PeerSpec, Via
+from pipeline.control.overlay import wire as overlay_wire
+from pipeline.control.overlay.ring import id_to_bytes
 from pipeline.control.peers import PeerState, PeerTable
 from pipeline.crypto.keyfiles import KeyFileError, load_membership, read_revocation_list
 from pipeline.errors import StageIOError
@@ -34,7 +47,7 @@ from pipeline.records import ENDPOINT_LEN, RecordKind, pack_endpoint, unpack_end
 from pipeline.worker import CONTROL_PUB_SOCKET, CONTROL_SOCKET, Worker, endpoint, ring_name
 
 REPUBLISH_S = 2.0
-LINK_TICK_S = 0.25
+CORE_TICK_S = 0.1
 REVOCATION_CHECK_S = 1.0
 GENERATION_SHIFT = 40  # send counters of incarnation g start at g << 40
 REFUSALS_LOGGED_PER_S = 10
@@ -64,9 +77,11 @@ class ControlWorker(Worker):
         self.keys_sent_version = -1
         self.refusal_window = 0.0
         self.refusals_logged = self.refusals_suppressed = 0
-        self.links: LinkManager | None = None
+        self.core: ControlCore | None = None
+        self.dht_requests: dict[int, tuple[bytes, str]] = {}  # request id -> (ROUTER id, key)
+        self.routes_sent = -1
         if not s.security.insecure_plaintext:
-            self._setup_links()
+            self._setup_core()
         runtime = s.node.runtime_dir
         self.pub = self.zmq.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
@@ -80,12 +95,16 @@ class ControlWorker(Worker):
         self.watch(self.router, self._on_request)
         self.every(REPUBLISH_S, lambda now: self._publish())
         self.every(min(0.5, s.overlay.keepalive_interval_s / 2), self._tick)
-        if self.links is not None:
-            self.every(LINK_TICK_S, self._link_tick)
+        if self.core is not None:
+            self.every(CORE_TICK_S, self._core_tick)
             self.every(REVOCATION_CHECK_S, lambda now: self._check_revocations())
         self._publish()
 
-    def _setup_links(self) -> None:
+    @property
+    def links(self) -> Any:
+        return None if self.core is None else self.core.links
+
+    def _setup_core(self) -> None:
         s = self.settings
         sec = s.security
         assert sec.ca_certificate is not None
@@ -113,15 +132,18 @@ class ControlWorker(Worker):
             )
             for slot, p in self.static
         ]
-        self.links = LinkManager(
+        self.core = ControlCore(
             identity=identity,
             certificate=cert,
             ca=ca,
-            network=s.network.namespace,
+            namespace=s.network.namespace,
+            address=s.network.address,
             peers=peers,
+            bootstrap=[(str(e.host), e.port) for e in s.overlay.bootstrap],
             revoked=revoked,
-            rng=os.urandom,
-            settings=LinkSettings(
+            rng=random.Random(os.urandom(16)),
+            entropy=os.urandom,
+            link_settings=LinkSettings(
                 rekey_after_s=sec.rekey_after_s, load_threshold=sec.handshake_load_threshold
             ),
         )
@@ -145,6 +167,11 @@ class ControlWorker(Worker):
             )
             for slot, p in self.static
         )
+        if self.core is not None:
+            peers += tuple(
+                messages.PeerRoute(r.slot, r.name, r.addresses, r.endpoint, r.up)
+                for r in self.core.routes()
+            )
         return messages.RouteSnapshot(self.epoch, self.version, peers)
 
     def _publish(self) -> None:
@@ -166,11 +193,56 @@ class ControlWorker(Worker):
                 self.router.send_multipart([ident, messages.encode(self.snapshot())])
                 if msg.stage == "overlay_io":
                     self._register_io(ident, msg.pid)
-            elif isinstance(msg, messages.SessionConfirmed) and self.links:
-                self.links.confirm(msg.recv_index)
-            elif isinstance(msg, messages.RekeyRequest) and self.links:
-                self.links.request_rekey(msg.slot)
-        self._after_links()
+            elif isinstance(msg, messages.SessionConfirmed) and self.core:
+                self.core.confirm(msg.recv_index)
+            elif isinstance(msg, messages.RekeyRequest) and self.core:
+                self.core.links.request_rekey(msg.slot)
+            elif isinstance(msg, messages.RouteMiss) and self.core:
+                self._on_route_miss(msg)
+            elif isinstance(msg, messages.DhtGetRequest):
+                self._on_dht_get(ident, msg)
+        self._after_core()
+
+    def _on_route_miss(self, msg: messages.RouteMiss) -> None:
+        assert self.core is not None
+        now, wall = time.monotonic(), time.time()
+        for text in msg.addresses[:64]:
+            try:
+                address = IPv4Address(text)
+            except ValueError:
+                self.drops["bad_route_miss"] += 1
+                continue
+            if address in self.settings.network.subnet:
+                self.core.route_miss(address, now, wall)
+
+    def _on_dht_get(self, ident: bytes, msg: messages.DhtGetRequest) -> None:
+        if self.core is None:
+            reply = messages.DhtGetReply(msg.key, False, "no_overlay", (), "", ())
+            self.router.send_multipart([ident, messages.encode(reply)])
+            return
+        rid = self.core.dht_get(msg.key.encode(), time.monotonic())
+        self.dht_requests[rid] = (ident, msg.key)
+
+    def _answer_dht_get(self, result: GetResult) -> None:
+        assert self.core is not None
+        ident, key = self.dht_requests.pop(result.request_id)
+        position = key_position(key.encode())
+        replicas = self.core.overlay.nearest(position, self.core.dht.settings.replicas)
+        reply = messages.DhtGetReply(
+            key,
+            result.ok,
+            result.reason,
+            tuple(
+                messages.DhtRecord(r.value, r.owner_id.hex(), r.seq, r.lease_s, r.deleted)
+                for r in result.records
+            ),
+            id_to_bytes(position).hex(),
+            tuple(id_to_bytes(n).hex() for n in replicas),
+        )
+        try:
+            self.router.send_multipart([ident, messages.encode(reply)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.drops["dht_reply_unsent"] += 1
 
     # -- session keys -----------------------------------------------------------------------------
 
@@ -183,12 +255,14 @@ class ControlWorker(Worker):
         self._send_keys(ident)
 
     def _send_keys(self, ident: bytes) -> None:
-        if self.links is None:
+        if self.core is None:
             return
+        links = self.core.links
         entries = []
-        for sess in self.links.sessions():
+        for sess in links.sessions():
             gen = self.generations.setdefault((sess.send_index, ident), 0)
-            link = self.links.links[sess.slot]
+            link = links.links[sess.slot]
+            direct = isinstance(link.endpoint, tuple)
             entries.append(
                 messages.KeyEntry(
                     slot=sess.slot,
@@ -199,10 +273,13 @@ class ControlWorker(Worker):
                     counter_start=gen << GENERATION_SHIFT,
                     created=sess.created,
                     confirmed=sess.confirmed,
-                    endpoint=f"{link.endpoint[0]}:{link.endpoint[1]}",
+                    endpoint=_text(link.endpoint) or "" if direct else "",
+                    node_id=link.certificate.node_id if link.certificate else b"",
                 )
             )
-        msg = messages.SessionKeys(self.links.sessions_version, tuple(entries))
+        msg = messages.SessionKeys(
+            links.sessions_version, tuple(entries), self.core.identity.node_id
+        )
         try:
             self.router.send_multipart([ident, messages.encode(msg)], zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -210,35 +287,59 @@ class ControlWorker(Worker):
 
     # -- links -----------------------------------------------------------------------------------
 
-    def _link_tick(self, now: float) -> None:
-        assert self.links is not None
-        self.links.handle_timer(now, time.time())
-        self._after_links()
+    def _core_tick(self, now: float) -> None:
+        assert self.core is not None
+        self.core.handle_timer(now, time.time())
+        self._after_core()
 
-    def _after_links(self) -> None:
-        """Send what the link manager produced, log its events, push changed keys."""
-        links = self.links
-        if links is None:
+    def _after_core(self) -> None:
+        """Send what the core produced, log its events, push changed keys and routes."""
+        core = self.core
+        if core is None:
             return
-        for datagram, to in links.datagrams_to_send():
+        links = core.links
+        for datagram, to in core.handshakes_to_send():
             slot = next((sl for sl, lk in links.links.items() if lk.endpoint == to), 0)
             target = self.to_io[worker_for_peer(slot, len(self.to_io))] if slot else self.to_io[0]
             target.push(pack_endpoint(*to) + datagram, RecordKind.HANDSHAKE)
-        for ev in links.events():
-            self._log_link_event(ev)
+        for slot, payload in core.overlay_to_send():
+            self._send_overlay(slot, payload)
+        for ev in core.events():
+            if isinstance(ev, LinkEvent):
+                self._log_link_event(ev)
+            else:
+                self._on_core_event(ev)
+        for result in core.dht_results():
+            if isinstance(result, GetResult) and result.request_id in self.dht_requests:
+                self._answer_dht_get(result)
         if links.sessions_version != self.keys_sent_version:
             self.keys_sent_version = links.sessions_version
             for ident in self.io_workers:
                 self._send_keys(ident)
+            self.version += 1  # a route's link may have come up or gone
+            self._publish()
+        elif core.routes_version != self.routes_sent:
+            self.routes_sent = core.routes_version
+            self.version += 1
+            self._publish()
         for p in self.to_io:
             p.flush()
+
+    def _on_core_event(self, ev: CoreEvent) -> None:
+        warn = ev.name in ("address_not_registered", "address_lost", "overlay_link_removed")
+        (self.log.warning if warn else self.log.info)(ev.name, **ev.fields)
 
     def _log_link_event(self, ev: LinkEvent) -> None:
         if ev.kind is EventKind.HANDSHAKE_REFUSED:
             self._log_refusal(ev)
         elif ev.kind is EventKind.LINK_FORMED:
             self.log.info(
-                "link_formed", peer=ev.peer, slot=ev.slot, node_id=ev.node_id, pattern=ev.pattern
+                "link_formed",
+                peer=ev.peer,
+                slot=ev.slot,
+                node_id=ev.node_id,
+                pattern=ev.pattern,
+                endpoint=str(ev.source) if isinstance(ev.source, Via) else _text(ev.source),
             )
         elif ev.kind is EventKind.SESSION_ESTABLISHED:
             self.log.info("session_established", peer=ev.peer, slot=ev.slot, pattern=ev.pattern)
@@ -257,13 +358,13 @@ class ControlWorker(Worker):
             self.refusals_suppressed += 1
             return
         self.refusals_logged += 1
-        src = f"{ev.source[0]}:{ev.source[1]}" if ev.source else None
+        src = str(ev.source) if isinstance(ev.source, Via) else _text(ev.source)
         self.log.warning("handshake_refused", reason=ev.reason, source=src, detail=ev.detail)
 
     def _check_revocations(self) -> None:
         path = self.settings.security.revocation_list
         stamp = _stamp(path)
-        if stamp == self.revocation_stamp or self.links is None:
+        if stamp == self.revocation_stamp or self.core is None:
             return
         self.revocation_stamp = stamp
         try:
@@ -271,9 +372,9 @@ class ControlWorker(Worker):
         except KeyFileError as exc:
             self.log.error("revocation_list_rejected", error=str(exc))
             return
-        self.links.set_revocations(revoked)
+        self.core.set_revocations(revoked)
         self.log.info("revocation_list_loaded", entries=len(revoked))
-        self._after_links()
+        self._after_core()
 
     # -- keepalives --------------------------------------------------------------------------------
 
@@ -316,17 +417,24 @@ class ControlWorker(Worker):
             records = consumer.pop_batch(self.batch)
             for rec in records:
                 if rec.kind == RecordKind.OVERLAY:
-                    self._on_overlay(rec.peer, rec.data, now)
-                elif rec.kind == RecordKind.HANDSHAKE and self.links is not None:
+                    if rec.data[:1] == _OVERLAY_VERSION and self.core is not None:
+                        self.core.receive_overlay(rec.peer, bytes(rec.data), now, time.time())
+                    else:
+                        self._on_overlay(rec.peer, rec.data, now)
+                elif rec.kind == RecordKind.HANDSHAKE and self.core is not None:
                     source = unpack_endpoint(rec.data)
-                    self.links.receive(bytes(rec.data[ENDPOINT_LEN:]), source, now, time.time())
+                    datagram = bytes(rec.data[ENDPOINT_LEN:])
+                    self.core.receive_handshake(datagram, source, now, time.time())
+                elif rec.kind == RecordKind.RELAY:
+                    owner = self.to_io[worker_for_peer(rec.peer, len(self.to_io))]
+                    owner.push(rec.data, RecordKind.RELAY, rec.peer)
                 else:
                     self.drops["unexpected_kind"] += 1
             if records:
                 consumer.release()
                 done += len(records)
         if done:
-            self._after_links()
+            self._after_core()
             self._flush_events()
         return done
 
@@ -351,9 +459,7 @@ class ControlWorker(Worker):
                 {
                     "name": p.name,
                     "slot": slot,
-                    "endpoint": f"{link.endpoint[0]}:{link.endpoint[1]}"
-                    if link
-                    else str(p.endpoint),
+                    "endpoint": _target(link.endpoint) if link else str(p.endpoint),
                     "addresses": [str(a) for a in p.addresses],
                     "state": live.state.value,
                     "rtt_ms": None if live.rtt_s is None else round(live.rtt_s * 1000, 3),
@@ -378,15 +484,28 @@ class ControlWorker(Worker):
             "route_version": self.version,
             "drops": dict(self.drops),
         }
-        if self.links is not None:
-            out["node_id"] = self.links.identity.node_id.hex()
-            out["links"] = self.links.statistics()
+        if self.core is not None:
+            out["node_id"] = self.core.identity.node_id.hex()
+            out["links"] = self.core.links.statistics()
+            out["overlay"] = self.core.statistics()
+            out["link_table"] = self.core.link_table(time.monotonic())
         return out
 
     def teardown(self) -> None:
         if hasattr(self, "pub"):
             self.pub.close(0)
             self.router.close(0)
+
+
+_OVERLAY_VERSION = bytes([overlay_wire.VERSION])
+
+
+def _target(target: Any) -> str:
+    return str(target) if isinstance(target, Via) else f"{target[0]}:{target[1]}"
+
+
+def _text(endpoint: Any) -> str | None:
+    return None if endpoint is None else f"{endpoint[0]}:{endpoint[1]}"
 
 
 def _stamp(path: Any) -> tuple[int, int] | None:
