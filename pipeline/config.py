@@ -15,6 +15,7 @@ import dataclasses
 import enum
 import hashlib
 import json
+import re
 import tomllib
 import types
 import typing
@@ -52,6 +53,12 @@ def _ifname(v: str) -> str | None:
     if not 1 <= len(v) <= 15 or any(c in v for c in "/ \t\n:"):
         return f"must be a Linux interface name (1-15 characters, no '/', ':' or space), got {v!r}"
     return None
+
+
+def _domain(v: str) -> str | None:
+    labels = v.rstrip(".").split(".")
+    ok = all(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", lb) for lb in labels)
+    return None if ok and len(v) <= 200 else f"must be a DNS domain like 'vpn.example', got {v!r}"
 
 
 def _name(v: str) -> str | None:
@@ -100,7 +107,15 @@ class NodeSettings:
 class NetworkSettings:
     namespace: str = _field(check=_name, doc="the virtual network's name")
     subnet: IPv4Network = _field(doc="the virtual network's subnet")
-    address: IPv4Address = _field(doc="this node's virtual address (static until DHCP arrives)")
+    address: IPv4Address | None = _field(
+        None,
+        doc="this node's static virtual address; absent: the node answers DHCP on its TAP "
+        "with an address it wins in the DHT",
+    )
+    gateway: IPv4Address | None = _field(
+        None, doc="the virtual gateway, DHCP and DNS server address; default: the last host"
+    )
+    domain: str = _field("autovn.internal", check=_domain, doc="DNS domain of the static names")
     mode: Mode = _field(Mode.INTERFACE, doc="interface (a TAP on this machine) or router")
     mtu: int = _field(1400, check=_between(576, 9000), doc="MTU of the TAP device")
     device: str = _field("autovn0", check=_ifname, doc="name of the TAP device")
@@ -112,6 +127,9 @@ class OverlaySettings:
     listen_port: int = _field(4789, check=_between(1, 65535), doc="UDP port to bind")
     keepalive_interval_s: float = _field(1.0, check=_between(0.05, 60), doc="peer ping period")
     peer_timeout_s: float = _field(5.0, check=_between(0.2, 600), doc="silence before 'down'")
+    networks: tuple[str, ...] = _field(
+        (), doc="other virtual networks whose members may share this node's overlay and DHT"
+    )
     bootstrap: tuple[Endpoint, ...] = _field(
         (), doc="underlay 'IPv4:port' of overlay members to join through; empty: the first node"
     )
@@ -219,6 +237,19 @@ class Settings:
     @property
     def certificate_file(self) -> Path:
         return self.security.certificate or self.node.state_dir / "node.crt"
+
+    @property
+    def gateway_address(self) -> IPv4Address:
+        """The virtual gateway (DHCP and DNS server): configured, or the subnet's last host."""
+        net = self.network
+        if net.gateway is not None:
+            return net.gateway
+        return net.subnet.broadcast_address - 1 if net.subnet.prefixlen <= 30 else net.subnet[-1]
+
+    @property
+    def dhcp(self) -> bool:
+        """True when the node has no static address: its TAP's address comes from DHCP."""
+        return self.network.address is None
 
     @property
     def tap_mac(self) -> bytes:
@@ -329,11 +360,22 @@ def _kind(value: Any) -> str:
 
 def _cross_checks(s: Settings, problems: _Problems) -> None:
     net = s.network
-    if net.address not in net.subnet:
-        problems.add("network.address", f"{net.address} is not in network.subnet {net.subnet}")
-    elif net.address in (net.subnet.network_address, net.subnet.broadcast_address):
-        problems.add("network.address", "must not be the subnet's network or broadcast address")
-    seen: dict[IPv4Address, str] = {net.address: "network.address"}
+    if net.subnet.prefixlen > 29 or net.subnet.prefixlen < 8:
+        problems.add("network.subnet", "must be a /8 to /29 (room for a gateway and nodes)")
+        return
+    gateway = s.gateway_address
+    seen: dict[IPv4Address, str] = {gateway: "network.gateway"}
+    for key, addr in (("network.gateway", net.gateway), ("network.address", net.address)):
+        if addr is None:
+            continue
+        if addr not in net.subnet:
+            problems.add(key, f"{addr} is not in network.subnet {net.subnet}")
+        elif addr in (net.subnet.network_address, net.subnet.broadcast_address):
+            problems.add(key, "must not be the subnet's network or broadcast address")
+    if net.address is not None:
+        if net.address == gateway:
+            problems.add("network.address", f"{gateway} is the virtual gateway's address")
+        seen[net.address] = "network.address"
     names: set[str] = {s.node.name}
     for i, peer in enumerate(s.peers):
         if peer.name in names:

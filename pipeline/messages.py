@@ -56,6 +56,7 @@ class RouteSnapshot(msgspec.Struct, tag=True, frozen=True):
     epoch: int  # changes when control restarts; versions restart with it
     version: int
     peers: tuple[PeerRoute, ...]
+    address: str = ""  # this node's virtual address ("": none yet, DHCP has not granted one)
 
 
 class SnapshotRequest(msgspec.Struct, tag=True, frozen=True):

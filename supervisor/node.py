@@ -94,6 +94,9 @@ def ring_plan(s: Settings) -> dict[str, int]:
     for k in range(ios):
         plan[ring_name("overlay_io", k, "control", 0)] = st.control.ring_bytes
         plan[ring_name("control", 0, "overlay_io", k)] = st.overlay_io.ring_bytes
+    for c in range(cls):  # DHCP, DNS and packets to resolve; control's answers for the TAP
+        plan[ring_name("classifier", c, "control", 0)] = st.control.ring_bytes
+        plan[ring_name("control", 0, "classifier", c)] = st.classifier.ring_bytes
     return plan
 
 
@@ -155,7 +158,9 @@ class NodeSupervisor:
         try:
             self._create_rings()
             self.log.info(
-                "node_starting", address=str(s.network.address), workers=len(self.workers)
+                "node_starting",
+                address=str(s.network.address) if s.network.address else "dhcp",
+                workers=len(self.workers),
             )
             for stage in STAGE_ORDER:
                 self._start_stage(stage)
@@ -369,7 +374,7 @@ class NodeSupervisor:
         return {
             "node": s.node.name,
             "namespace": s.network.namespace,
-            "address": str(s.network.address),
+            "address": str(control.stats.get("address") or "-") if control else "-",
             "subnet": str(s.network.subnet),
             "mode": s.network.mode.value,
             "device": s.network.device,

@@ -158,7 +158,6 @@ def test_ethernet_padding_is_trimmed(classifier: Classifier) -> None:
 @pytest.mark.parametrize(
     ("dst", "reason"),
     [
-        (A("100.64.3.3"), DropReason.NO_ROUTE),
         (A("100.64.0.0"), DropReason.NO_ROUTE),
         (A("100.65.0.1"), DropReason.NOT_IN_SUBNET),
         (A("100.127.255.254"), DropReason.NOT_IN_SUBNET),
@@ -171,6 +170,14 @@ def test_ethernet_padding_is_trimmed(classifier: Classifier) -> None:
 )
 def test_ipv4_drops(classifier: Classifier, dst: IPv4Address, reason: DropReason) -> None:
     assert_drop(classifier.from_inside(outbound(dst)), reason)
+
+
+def test_an_address_without_a_route_goes_to_control_to_be_resolved(
+    classifier: Classifier,
+) -> None:
+    packet = udp_packet(ME, A("100.64.3.3"))
+    frame = ethernet.build(GW_MAC, TAP_MAC, ethernet.ETHERTYPE_IPV4, packet) + bytes(4)
+    assert classifier.from_inside(memoryview(frame)) == (Action.RESOLVE, 0, packet)
 
 
 @pytest.mark.parametrize(
@@ -209,14 +216,14 @@ def test_routes_that_cannot_be_a_peers_are_ignored() -> None:
 def test_apply_routes_replaces_the_table(classifier: Classifier) -> None:
     assert classifier.from_inside(outbound(PEER3))[:2] == (Action.TO_PEER, 3)
     classifier.apply_routes(Routes.from_peers(6, [(9, [PEER9])]))
-    assert_drop(classifier.from_inside(outbound(PEER3)), DropReason.NO_ROUTE)
+    assert classifier.from_inside(outbound(PEER3))[0] == Action.RESOLVE
     assert classifier.from_inside(outbound(PEER9))[:2] == (Action.TO_PEER, 9)
     assert classifier.statistics().routes_version == 6
 
 
 def test_no_routes_before_the_first_table() -> None:
     classifier = Classifier(subnet=SUBNET, address=ME, tap_mac=TAP_MAC, gateway_mac=GW_MAC)
-    assert_drop(classifier.from_inside(outbound(PEER3)), DropReason.NO_ROUTE)
+    assert classifier.from_inside(outbound(PEER3))[0] == Action.RESOLVE
     assert_drop(
         classifier.from_outside(3, memoryview(udp_packet(PEER3, ME))), DropReason.SPOOFED_SOURCE
     )
@@ -329,8 +336,13 @@ def test_statistics_add_up(classifier: Classifier) -> None:
     classifier.from_outside(9, memoryview(b"\x00"))
     stats = classifier.statistics()
     assert (stats.from_inside, stats.from_outside) == (5, 3)
-    assert stats.actions == {Action.TO_PEER: 2, Action.TO_TAP: 2, Action.DROP: 4}
-    assert stats.drops[DropReason.NO_ROUTE] == 1
+    assert stats.actions == {
+        Action.TO_PEER: 2,
+        Action.TO_TAP: 2,
+        Action.DROP: 3,
+        Action.TO_CONTROL: 0,
+        Action.RESOLVE: 1,
+    }
     assert stats.drops[DropReason.MALFORMED] == 2
     assert stats.drops[DropReason.SPOOFED_SOURCE] == 1
     assert sum(stats.drops.values()) == stats.actions[Action.DROP]

@@ -26,7 +26,10 @@ class DropReason(StrEnum):
     ARP_OWN_ADDRESS = "arp_own_address"  # a request for our own address, or gratuitous
     ARP_REPLY = "arp_reply"  # the stack's replies; nobody here asked
     NOT_IN_SUBNET = "not_in_subnet"
-    NO_ROUTE = "no_route"
+    NO_ROUTE = "no_route"  # to the subnet's network address
+    ARP_PROBE = "arp_probe"  # an address-conflict probe (sender 0.0.0.0): nobody here answers
+    NO_ADDRESS = "no_address"  # the TAP has no address yet (DHCP): only DHCP goes out
+    TO_GATEWAY = "to_gateway"  # to the virtual gateway, but neither DHCP nor DNS
     TO_SELF = "to_self"
     SPOOFED_SOURCE = "spoofed_source"
     WRONG_DESTINATION = "wrong_destination"
@@ -37,6 +40,8 @@ class Action(IntEnum):
     TO_PEER = 0
     TO_TAP = 1
     DROP = 2
+    TO_CONTROL = 3  # a frame for the node itself: DHCP, or DNS to the virtual gateway
+    RESOLVE = 4  # an IP packet to an address without a route: control resolves and sends it
 
 
 Verdict = tuple[Action, int, bytes | memoryview | DropReason]
@@ -58,6 +63,11 @@ class ClassifierStats:
 
 _TO_PEER = Action.TO_PEER
 _TO_TAP = Action.TO_TAP
+_TO_CONTROL = Action.TO_CONTROL
+_RESOLVE = Action.RESOLVE
+_UDP = 17
+DHCP_SERVER_PORT = 67
+DNS_PORT = 53
 _DROP: dict[DropReason, Verdict] = {reason: (Action.DROP, 0, reason) for reason in DropReason}
 
 _ETHERTYPE_ARP = ethernet.ETHERTYPE_ARP
@@ -75,19 +85,21 @@ class Classifier:
     """
 
     def __init__(
-        self, *, subnet: IPv4Network, address: IPv4Address, tap_mac: bytes, gateway_mac: bytes
+        self,
+        *,
+        subnet: IPv4Network,
+        address: IPv4Address | None,
+        tap_mac: bytes,
+        gateway_mac: bytes,
+        gateway: IPv4Address | None = None,
     ) -> None:
-        if address not in subnet:
-            raise ValueError(f"address {address} is not in subnet {subnet}")
-        if subnet.prefixlen <= 30 and address in (subnet.network_address, subnet.broadcast_address):
-            raise ValueError(f"address {address} is the network or broadcast address of {subnet}")
         for name, mac in (("tap_mac", tap_mac), ("gateway_mac", gateway_mac)):
             if len(mac) != ethernet.MAC_LEN:
                 raise ValueError(f"{name} must be {ethernet.MAC_LEN} bytes, got {len(mac)}")
         self._subnet = subnet
-        self._address = address
         self._gateway_mac = bytes(gateway_mac)
-        self._address4 = address.packed
+        self._gateway4 = gateway.packed if gateway is not None else b""
+        self.set_address(address)
         self._mask = int(subnet.netmask)
         self._network = int(subnet.network_address)
         # With /31 and /32 every address is a host (RFC 3021), so there is no subnet broadcast.
@@ -99,11 +111,31 @@ class Classifier:
         self._route_get: Callable[[bytes], int | None] = no_routes.get
         # Counters: one increment per call on the hot paths; drops are per direction.
         self._to_peer = 0
+        self._to_control = 0
+        self._to_resolve = 0
         self._inside_to_tap = 0
         self._outside_to_tap = 0
         self._inside_drops = dict.fromkeys(DropReason, 0)
         self._outside_drops = dict.fromkeys(DropReason, 0)
         self._misses: set[bytes] = set()  # addresses in the subnet that found no route
+
+    def set_address(self, address: IPv4Address | None) -> None:
+        """This node's virtual address (None: not known yet, the TAP waits for DHCP)."""
+        subnet = self._subnet
+        if address is not None and address not in subnet:
+            raise ValueError(f"address {address} is not in subnet {subnet}")
+        if (
+            address is not None
+            and subnet.prefixlen <= 30
+            and address in (subnet.network_address, subnet.broadcast_address)
+        ):
+            raise ValueError(f"address {address} is the network or broadcast address of {subnet}")
+        self._address = address
+        self._address4 = address.packed if address is not None else b"\0\0\0\0"
+
+    @property
+    def address(self) -> IPv4Address | None:
+        return self._address
 
     def take_misses(self) -> set[bytes]:
         """The packed addresses in the subnet without a route since the last call (frames to
@@ -162,7 +194,7 @@ class Classifier:
             if slot is not None:
                 self._to_peer += 1
                 return (_TO_PEER, slot, frame[14 : 14 + total])
-            return self._drop_inside(self._why_not_routed(dst4))
+            return self._inside_not_routed(frame, dst4, header_length, total)
         except RemoteProtocolError:
             return self._drop_inside(DropReason.MALFORMED)
 
@@ -211,12 +243,18 @@ class Classifier:
             routes_version=self._routes.version,
             routes=len(self._routes) - self._routes_ignored,
             routes_ignored=self._routes_ignored,
-            from_inside=self._to_peer + self._inside_to_tap + inside_drops,
+            from_inside=self._to_peer
+            + self._inside_to_tap
+            + self._to_control
+            + self._to_resolve
+            + inside_drops,
             from_outside=self._outside_to_tap + outside_drops,
             actions={
                 Action.TO_PEER: self._to_peer,
                 Action.TO_TAP: self._inside_to_tap + self._outside_to_tap,
                 Action.DROP: inside_drops + outside_drops,
+                Action.TO_CONTROL: self._to_control,
+                Action.RESOLVE: self._to_resolve,
             },
             drops=drops,
         )
@@ -238,17 +276,35 @@ class Classifier:
             or address == self._subnet_broadcast
         )
 
-    def _why_not_routed(self, dst4: bytes) -> DropReason:
+    def _inside_not_routed(
+        self, frame: memoryview, dst4: bytes, header_length: int, total: int
+    ) -> Verdict:
+        """The cold path of a packet from the TAP: DHCP and DNS for the node itself, an
+        address to resolve, or a drop."""
+        udp_at = 14 + header_length
+        if frame[23] == _UDP and total >= header_length + 8:
+            dst_port = frame[udp_at + 2] << 8 | frame[udp_at + 3]
+            if dst_port == DHCP_SERVER_PORT:
+                self._to_control += 1
+                return (_TO_CONTROL, 0, frame[: 14 + total])
+            if dst4 == self._gateway4 and dst_port == DNS_PORT:
+                self._to_control += 1
+                return (_TO_CONTROL, 0, frame[: 14 + total])
+        if self._address is None:
+            return self._drop_inside(DropReason.NO_ADDRESS)
         if dst4 == self._address4:
-            return DropReason.TO_SELF
+            return self._drop_inside(DropReason.TO_SELF)
+        if dst4 == self._gateway4:
+            return self._drop_inside(DropReason.TO_GATEWAY)
         dst = int.from_bytes(dst4, "big")
         if self._is_broadcast(dst):
-            return DropReason.BROADCAST
+            return self._drop_inside(DropReason.BROADCAST)
         if dst & self._mask != self._network:
-            return DropReason.NOT_IN_SUBNET
-        if len(self._misses) < MAX_MISSES:
-            self._misses.add(dst4)
-        return DropReason.NO_ROUTE
+            return self._drop_inside(DropReason.NOT_IN_SUBNET)
+        if dst == self._network and self._subnet_broadcast >= 0:
+            return self._drop_inside(DropReason.NO_ROUTE)  # the subnet's own address
+        self._to_resolve += 1
+        return (_RESOLVE, 0, frame[14 : 14 + total])
 
     def _inside_not_ipv4(self, frame: memoryview, ethertype: int) -> Verdict:
         if ethertype == _ETHERTYPE_ARP:
@@ -274,6 +330,8 @@ class Classifier:
             return self._drop_inside(DropReason.ARP_NOT_FOR_SUBNET)
         if target == self._address or request.sender_ip == target:
             return self._drop_inside(DropReason.ARP_OWN_ADDRESS)
+        if int(request.sender_ip) == 0:
+            return self._drop_inside(DropReason.ARP_PROBE)
         reply = arp.build_reply(request, self._gateway_mac)
         frame_out = ethernet.build(
             request.sender_mac, self._gateway_mac, _ETHERTYPE_ARP, arp.build(reply)

@@ -35,6 +35,7 @@ class ClassifierWorker(Worker):
             address=s.network.address,
             tap_mac=s.tap_mac,
             gateway_mac=GATEWAY_MAC,
+            gateway=s.gateway_address,
         )
         taps = s.stages.tap_reader.queues
         ios = s.stages.overlay_io.workers
@@ -51,11 +52,21 @@ class ClassifierWorker(Worker):
         self.to_io = [
             self.producer(ring_name("classifier", me, "overlay_io", k)) for k in range(ios)
         ]
-        self.producers: list[Producer] = self.to_tap + self.to_io
+        self.to_control = self.producer(ring_name("classifier", me, "control", 0))
+        self.from_control = self.consumer(ring_name("control", 0, "classifier", me))
+        self.producers: list[Producer] = [*self.to_tap, *self.to_io, self.to_control]
         self.routes = RouteFeed(self, self._apply)
         self.misses_told: dict[bytes, float] = {}  # address -> when control was last told
 
     def _apply(self, snap: messages.RouteSnapshot) -> None:
+        address = IPv4Address(snap.address) if snap.address else None
+        if address != self.core.address:
+            try:
+                self.core.set_address(address)
+            except ValueError as exc:
+                self.log.error("address_rejected", address=snap.address, error=str(exc))
+            else:
+                self.log.info("address_applied", address=snap.address or None)
         peers = [(p.slot, [IPv4Address(a) for a in p.addresses]) for p in snap.peers]
         self.core.apply_routes(Routes.from_peers(snap.version, peers))
 
@@ -65,6 +76,7 @@ class ClassifierWorker(Worker):
             done += self._outbound(consumer, self.to_tap[t])
         for consumer in self.from_io:
             done += self._inbound(consumer)
+        done += self._from_control()
         if done:
             for p in self.producers:
                 p.flush()
@@ -103,7 +115,22 @@ class ClassifierWorker(Worker):
                 to_io[worker_for_peer(peer, n)].push(out, RecordKind.IP_PACKET, peer)  # type: ignore[arg-type]
             elif action is Action.TO_TAP:
                 back.push(out, RecordKind.FRAME)  # type: ignore[arg-type]
+            elif action is Action.TO_CONTROL:
+                self.to_control.push(out, RecordKind.FRAME)  # type: ignore[arg-type]
+            elif action is Action.RESOLVE:
+                self.to_control.push(out, RecordKind.IP_PACKET)  # type: ignore[arg-type]
         consumer.release()
+        return len(records)
+
+    def _from_control(self) -> int:
+        """Frames control made for the TAP: DHCP and DNS answers, ICMP errors."""
+        records = self.from_control.pop_batch(self.batch)
+        if not records:
+            return 0
+        for rec in records:
+            if rec.kind == RecordKind.FRAME:
+                self.to_tap[0].push(rec.data, RecordKind.FRAME)
+        self.from_control.release()
         return len(records)
 
     def _inbound(self, consumer: Consumer) -> int:

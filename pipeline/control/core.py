@@ -116,7 +116,7 @@ class ControlCore:
         certificate: Certificate,
         ca: Certificate,
         namespace: str,
-        address: IPv4Address,
+        address: IPv4Address | None,
         peers: Sequence[PeerSpec],
         bootstrap: Sequence[Address],
         revoked: RevocationList,
@@ -126,11 +126,14 @@ class ControlCore:
         overlay_settings: OverlaySettings | None = None,
         dht_settings: DhtSettings | None = None,
         lease_s: float = 300.0,
+        register_address: bool = True,
+        networks: Sequence[str] = (),
     ) -> None:
         self.identity = identity
         self.namespace = namespace
         self.address = address
         self.lease_s = lease_s
+        self.register_address = register_address  # False: DHCP claims the address records
         self.links = LinkManager(
             identity=identity,
             certificate=certificate,
@@ -141,6 +144,7 @@ class ControlCore:
             rng=entropy,
             settings=link_settings or LinkSettings(),
             accept_members=True,
+            networks=networks,
         )
         self.overlay_id = id_from_bytes(identity.node_id)
         seeds = list(dict.fromkeys([*bootstrap, *(p.endpoint for p in peers)]))
@@ -197,7 +201,7 @@ class ControlCore:
         by_slot: dict[int, list[Route]] = {}
         for route in self._routes.values():
             slot = self._slot_of(route.node_id)
-            if slot is not None:
+            if slot is not None and self._member(slot):
                 by_slot.setdefault(slot, []).append(route)
         out = []
         for slot, routes in sorted(by_slot.items()):
@@ -328,6 +332,44 @@ class ControlCore:
         rid = self.dht.get(self._address_key(address), now)
         self._resolving[rid] = address
         self.counters["resolves"] += 1
+        self._pump()
+
+    def set_address(self, address: IPv4Address | None) -> None:
+        """This node's address changed (DHCP granted or ended a lease)."""
+        if address == self.address:
+            return
+        self.address = address
+        self.routes_version += 1  # the classifier learns it with the routes
+        if address is not None:
+            self._drop_route(address, "ours")
+
+    def route_slot(self, address: IPv4Address) -> int | None:
+        """The slot to send to ``address`` on now (its route's link, with a confirmed
+        session), or None."""
+        route = self._routes.get(address)
+        if route is None:
+            return None
+        slot = self._slot_of(route.node_id)
+        if slot is None or not any(s.confirmed for s in self.links.links[slot].sessions):
+            return None
+        return slot if self._member(slot) else None
+
+    def _member(self, slot: int) -> bool:
+        """Is the node on link ``slot`` certified for our virtual network? (Members of other
+        networks may share the overlay, and could sign address records of ours: they never
+        get a route.)"""
+        cert = self.links.links[slot].certificate
+        if cert is None or self.namespace in cert.networks:
+            return True  # not authenticated yet: no confirmed session, nothing is sent
+        self.counters["route_to_foreign_network"] += 1
+        return False
+
+    def unresolvable(self, address: IPv4Address, now: float) -> bool:
+        """True while ``address`` is known to have no record (asked again after a while)."""
+        return self._negative.get(address, -1.0) > now
+
+    def pump(self) -> None:
+        """Move what other users of ``dht`` and ``overlay`` made (the addressing core)."""
         self._pump()
 
     def dht_get(self, key: bytes, now: float) -> int:
@@ -485,6 +527,8 @@ class ControlCore:
 
     def _register(self, now: float) -> None:
         self._register_at = None
+        if not self.register_address or self.address is None:
+            return
         self._registration = self.dht.create(
             self._address_key(self.address), self.identity.node_id, self.lease_s, now
         )
@@ -508,6 +552,7 @@ class ControlCore:
             )
             self._register_at = now + REGISTER_RETRY_S
         elif isinstance(event, LeaseLost):
+            self._dht_results.append(event)  # DHCP's address, perhaps
             self.registered = False
             holder = event.holder.hex() if event.holder else None
             self._events.append(

@@ -197,6 +197,7 @@ class LinkManager:
         rng: Callable[[int], bytes],
         settings: LinkSettings = LinkSettings(),
         accept_members: bool = False,
+        networks: Sequence[str] = (),
     ) -> None:
         self.identity = identity
         self.certificate = certificate
@@ -207,6 +208,7 @@ class LinkManager:
         self.settings = settings
         self.links = {p.slot: Link(p, p.endpoint) for p in peers}
         self.accept_members = accept_members
+        self.networks = (network, *networks)  # members of these may link (the overlay's)
         self._next_slot = max(self.links, default=0) + 1
         self._mac1_key = hs.mac1_key(ca.public_key)
         self._cookie_key = hs.cookie_key(ca.public_key)
@@ -634,7 +636,8 @@ class LinkManager:
         node, or — for a member we accept — a new one."""
         body = hs.decode_payload(payload)
         cert = decode_certificate(body.certificate)
-        verify(cert, self.ca, now=wall, network=self.network, revoked=self.revoked)
+        network = next((n for n in self.networks if n in cert.networks), self.network)
+        verify(cert, self.ca, now=wall, network=network, revoked=self.revoked)
         remote = state.remote_static
         if remote is None or x25519_public_from_ed25519(cert.public_key) != remote:
             raise CertificateError("key_mismatch", "the certificate is not for the handshake key")

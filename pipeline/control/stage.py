@@ -35,6 +35,8 @@ import zmq
 
 from pipeline import messages
 from pipeline.classifier.routes import worker_for_peer
+from pipeline.config import GATEWAY_MAC
+from pipeline.control.addressing import Addressing, AddressingSettings
 from pipeline.control.core import ControlCore, CoreEvent
 from pipeline.control.dht import GetResult, key_position
 from pipeline.control.links import EventKind, LinkEvent, LinkSettings, PeerSpec, Via
@@ -46,6 +48,7 @@ from pipeline.errors import StageIOError
 from pipeline.records import ENDPOINT_LEN, RecordKind, pack_endpoint, unpack_endpoint
 from pipeline.worker import CONTROL_PUB_SOCKET, CONTROL_SOCKET, Worker, endpoint, ring_name
 
+ADDRESS_FILE = "address"  # in state_dir: the address DHCP last granted, asked for first
 REPUBLISH_S = 2.0
 CORE_TICK_S = 0.1
 REVOCATION_CHECK_S = 1.0
@@ -62,6 +65,13 @@ class ControlWorker(Worker):
         self.batch = s.stages.control.batch
         self.from_io = [self.consumer(ring_name("overlay_io", k, "control", 0)) for k in range(ios)]
         self.to_io = [self.producer(ring_name("control", 0, "overlay_io", k)) for k in range(ios)]
+        classifiers = s.stages.classifier.workers
+        self.from_classifier = [
+            self.consumer(ring_name("classifier", c, "control", 0)) for c in range(classifiers)
+        ]
+        self.to_classifier = [
+            self.producer(ring_name("control", 0, "classifier", c)) for c in range(classifiers)
+        ]
         self.epoch = int.from_bytes(os.urandom(4), "big")
         self.version = 1
         self.static = [(i + 1, p) for i, p in enumerate(s.peers)]
@@ -78,6 +88,7 @@ class ControlWorker(Worker):
         self.refusal_window = 0.0
         self.refusals_logged = self.refusals_suppressed = 0
         self.core: ControlCore | None = None
+        self.addressing: Addressing | None = None
         self.dht_requests: dict[int, tuple[bytes, str]] = {}  # request id -> (ROUTER id, key)
         self.routes_sent = -1
         if not s.security.insecure_plaintext:
@@ -146,7 +157,27 @@ class ControlWorker(Worker):
             link_settings=LinkSettings(
                 rekey_after_s=sec.rekey_after_s, load_threshold=sec.handshake_load_threshold
             ),
+            register_address=not s.dhcp,
+            networks=s.overlay.networks,
         )
+        self.addressing = Addressing(
+            self.core,
+            AddressingSettings(
+                subnet=s.network.subnet,
+                gateway=s.gateway_address,
+                domain=s.network.domain,
+                namespace=s.network.namespace,
+                node_name=s.node.name,
+                tap_mac=s.tap_mac,
+                gateway_mac=GATEWAY_MAC,
+                mtu=s.network.mtu,
+                dhcp=s.dhcp,
+            ),
+            rng=random.Random(os.urandom(16)),
+            preferred=self._held_address() if s.dhcp else None,
+        )
+        if not s.dhcp:
+            self.addressing.register_names()
         self.log.info(
             "identity_loaded",
             node_id=identity.node_id.hex(),
@@ -172,7 +203,10 @@ class ControlWorker(Worker):
                 messages.PeerRoute(r.slot, r.name, r.addresses, r.endpoint, r.up)
                 for r in self.core.routes()
             )
-        return messages.RouteSnapshot(self.epoch, self.version, peers)
+        address = self.core.address if self.core is not None else self.settings.network.address
+        return messages.RouteSnapshot(
+            self.epoch, self.version, peers, str(address) if address else ""
+        )
 
     def _publish(self) -> None:
         try:
@@ -288,9 +322,28 @@ class ControlWorker(Worker):
     # -- links -----------------------------------------------------------------------------------
 
     def _core_tick(self, now: float) -> None:
-        assert self.core is not None
-        self.core.handle_timer(now, time.time())
+        assert self.core is not None and self.addressing is not None
+        wall = time.time()
+        self.core.handle_timer(now, wall)
+        self.addressing.handle_timer(now, wall)
         self._after_core()
+
+    def _held_address(self) -> IPv4Address | None:
+        """The address this node held before (written at each DHCP lease), if any."""
+        try:
+            text = (self.settings.node.state_dir / ADDRESS_FILE).read_text().strip()
+            return IPv4Address(text) if text else None
+        except (OSError, ValueError):
+            return None
+
+    def _hold_address(self, address: str) -> None:
+        path = self.settings.node.state_dir / ADDRESS_FILE
+        try:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(address + "\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            self.log.error("address_not_saved", address=address, error=str(exc))
 
     def _after_core(self) -> None:
         """Send what the core produced, log its events, push changed keys and routes."""
@@ -298,20 +351,26 @@ class ControlWorker(Worker):
         if core is None:
             return
         links = core.links
-        for datagram, to in core.handshakes_to_send():
-            slot = next((sl for sl, lk in links.links.items() if lk.endpoint == to), 0)
-            target = self.to_io[worker_for_peer(slot, len(self.to_io))] if slot else self.to_io[0]
-            target.push(pack_endpoint(*to) + datagram, RecordKind.HANDSHAKE)
-        for slot, payload in core.overlay_to_send():
-            self._send_overlay(slot, payload)
-        for ev in core.events():
-            if isinstance(ev, LinkEvent):
-                self._log_link_event(ev)
-            else:
-                self._on_core_event(ev)
+        self._drain_core(core)
+        addressing = self.addressing
         for result in core.dht_results():
             if isinstance(result, GetResult) and result.request_id in self.dht_requests:
                 self._answer_dht_get(result)
+            elif addressing is not None:
+                addressing.dht_result(result, time.monotonic())
+        if addressing is not None:
+            for frame in addressing.frames_to_tap():
+                self.to_classifier[0].push(frame, RecordKind.FRAME)
+            for slot, packet in addressing.packets_to_send():
+                target = self.to_io[worker_for_peer(slot, len(self.to_io))]
+                target.push(packet, RecordKind.IP_PACKET, slot)
+            for ev in addressing.events():
+                if ev.name == "lease_granted":
+                    self._hold_address(ev.fields["address"])
+                self._on_core_event(ev)
+            for p in self.to_classifier:
+                p.flush()
+            self._drain_core(core)  # what the addressing core's DHT requests made
         if links.sessions_version != self.keys_sent_version:
             self.keys_sent_version = links.sessions_version
             for ident in self.io_workers:
@@ -324,6 +383,24 @@ class ControlWorker(Worker):
             self._publish()
         for p in self.to_io:
             p.flush()
+
+    def _drain_core(self, core: ControlCore) -> None:
+        for datagram, to in core.handshakes_to_send():
+            self._push_handshake(datagram, to)
+        for slot, payload in core.overlay_to_send():
+            self._send_overlay(slot, payload)
+        for ev in core.events():
+            if isinstance(ev, LinkEvent):
+                self._log_link_event(ev)
+            else:
+                self._on_core_event(ev)
+
+    def _push_handshake(self, datagram: bytes, to: tuple[str, int]) -> None:
+        assert self.core is not None
+        links = self.core.links.links
+        slot = next((sl for sl, lk in links.items() if lk.endpoint == to), 0)
+        target = self.to_io[worker_for_peer(slot, len(self.to_io))] if slot else self.to_io[0]
+        target.push(pack_endpoint(*to) + datagram, RecordKind.HANDSHAKE)
 
     def _on_core_event(self, ev: CoreEvent) -> None:
         warn = ev.name in ("address_not_registered", "address_lost", "overlay_link_removed")
@@ -433,9 +510,31 @@ class ControlWorker(Worker):
             if records:
                 consumer.release()
                 done += len(records)
+        done += self._from_classifiers(now)
         if done:
             self._after_core()
             self._flush_events()
+        return done
+
+    def _from_classifiers(self, now: float) -> int:
+        """DHCP and DNS frames from the TAP, and packets waiting for their address."""
+        done = 0
+        for consumer in self.from_classifier:
+            records = consumer.pop_batch(self.batch)
+            if not records:
+                continue
+            addressing = self.addressing
+            for rec in records:
+                if addressing is None:
+                    self.drops["no_addressing"] += 1  # plaintext benchmark mode
+                elif rec.kind == RecordKind.FRAME:
+                    addressing.frame_from_tap(bytes(rec.data), now)
+                elif rec.kind == RecordKind.IP_PACKET:
+                    addressing.packet_to_resolve(bytes(rec.data), now, time.time())
+                else:
+                    self.drops["unexpected_kind"] += 1
+            consumer.release()
+            done += len(records)
         return done
 
     def _on_overlay(self, slot: int, data: memoryview, now: float) -> None:
@@ -484,6 +583,10 @@ class ControlWorker(Worker):
             "route_version": self.version,
             "drops": dict(self.drops),
         }
+        address = self.core.address if self.core is not None else self.settings.network.address
+        out["address"] = str(address) if address else None
+        if self.addressing is not None:
+            out["addressing"] = self.addressing.statistics()
         if self.core is not None:
             out["node_id"] = self.core.identity.node_id.hex()
             out["links"] = self.core.links.statistics()

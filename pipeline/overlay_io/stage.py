@@ -229,7 +229,8 @@ class OverlayIoWorker(Worker):
         return len(records)
 
     def _from_control(self) -> int:
-        """Overlay messages to seal for a peer, and handshake datagrams to send as they are."""
+        """Overlay messages and held IP packets to seal for a peer, relay payloads of other
+        workers, and handshake datagrams to send as they are."""
         records = self.from_control.pop_batch(self.batch)
         if not records:
             return 0
@@ -246,10 +247,13 @@ class OverlayIoWorker(Worker):
                     self.drops["no_session"] += 1
                 else:
                     self._seal_relay(out, rec.data)
-            elif out is None:
-                self._send_relayed(rec.peer, _OVERLAY, rec.data)
             else:
-                header, sealed = out.session.seal(_OVERLAY, rec.data)
+                # an overlay message, or an IP packet that waited for its route in control
+                dtype = _DATA if rec.kind == RecordKind.IP_PACKET else _OVERLAY
+                if out is None:
+                    self._send_relayed(rec.peer, dtype, rec.data)
+                    continue
+                header, sealed = out.session.seal(dtype, rec.data)
                 if self.port.send([header, sealed], out.endpoint):
                     self.sent += 1
         self.from_control.release()

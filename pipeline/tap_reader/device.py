@@ -43,16 +43,20 @@ class LinuxTap:
         self._fd: int = self._dev.fileno()
         os.set_blocking(self._fd, False)
 
-    def configure(self, *, mac: bytes, mtu: int, address: IPv4Address, subnet: IPv4Network) -> None:
-        """Idempotent: a restarted worker (or a second queue) leaves a configured device alone."""
+    def configure(
+        self, *, mac: bytes, mtu: int, address: IPv4Address | None, subnet: IPv4Network
+    ) -> None:
+        """Idempotent: a restarted worker (or a second queue) leaves a configured device alone.
+        Without an ``address`` the device only comes up: a DHCP client on it sets one."""
         dev = self._dev
         try:
             if dev.hwaddr != mac:
                 dev.hwaddr = mac
             if dev.mtu != mtu:
                 dev.mtu = mtu
-            if _get(lambda: dev.addr) != str(address) or _get(lambda: dev.netmask) != str(
-                subnet.netmask
+            if address is not None and (
+                _get(lambda: dev.addr) != str(address)
+                or _get(lambda: dev.netmask) != str(subnet.netmask)
             ):
                 dev.addr = str(address)
                 dev.netmask = str(subnet.netmask)

@@ -1,0 +1,403 @@
+"""Autonomic addressing on the TAP side of a node: DHCP, DNS and frames waiting for a route.
+Sans-I/O. Pure.
+
+Theory of operation:
+
+- **DHCP.** Without a static address the node answers its own DHCP client (frames to UDP
+  port 67 from the TAP) with ``DhcpServer``: the address it offers is won with a DHT create
+  of ``ip:<namespace>:<address>`` naming this node (the server's ``Claim``s; a lost create
+  moves to the next candidate), renewals renew the record, a release deletes it. The
+  granted address becomes the node's address (``ControlCore.set_address``) and the
+  driver persists it, so a restarted node asks for it first.
+- **Host names.** The node registers ``name:<namespace>:<label>`` (the 4 bytes of its
+  address, signed by it) for its node name and for the host name its DHCP client sent,
+  once it has an address; the DHT renews them.
+- **DNS.** Queries to the virtual gateway's port 53 go to ``DnsResponder``; the lookups it
+  asks for are DHT gets of ``name:`` keys, answered from records whose value is an address.
+- **Frames waiting for a route.** An IP packet to an address without a route (the
+  classifier's RESOLVE) waits here while ``ControlCore`` resolves the address (at most
+  ``WAIT_PER_ADDRESS`` packets an address, ``WAIT_ADDRESSES`` addresses, ``WAIT_S``
+  seconds); it is then sent on the route's link, or dropped with an ICMP host unreachable
+  to its sender (at most ``ICMP_PER_S`` a second) when the address did not resolve.
+
+Inputs: ``frame_from_tap(frame, now)``, ``packet_to_resolve(packet, now, wall)``,
+``dht_result(event, now)`` (every DHT result the core did not take; True if it was ours),
+``handle_timer(now, wall)``. Outputs: ``frames_to_tap()``, ``packets_to_send()`` (slot,
+packet), ``events()`` (for the log; ``lease_granted`` carries the address to persist),
+``next_deadline()``, ``statistics()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections import Counter, deque
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from pipeline.control.core import ControlCore, CoreEvent
+from pipeline.control.dhcp import (
+    Claim,
+    DhcpServer,
+    DhcpSettings,
+    LeaseExpired,
+    LeaseGranted,
+    LeaseReleased,
+    LeaseRenewed,
+    LeaseRevoked,
+    Release,
+)
+from pipeline.control.dht import CreateResult, DhtEvent, GetResult, LeaseLost
+from pipeline.control.dns import DnsResponder, DnsSettings, host_key, host_label
+from pipeline.errors import RemoteProtocolError
+from pipeline.wire import ethernet, ipv4, udp
+
+WAIT_S = 1.0
+WAIT_PER_ADDRESS = 16
+WAIT_ADDRESSES = 256
+ICMP_PER_S = 10
+NAME_LEASE_S = 600.0
+DNS_PORT = 53
+
+Client = tuple[IPv4Address, int, bytes]  # a DNS client: address, port, MAC
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AddressingSettings:
+    subnet: IPv4Network
+    gateway: IPv4Address
+    domain: str
+    namespace: str
+    node_name: str
+    tap_mac: bytes
+    gateway_mac: bytes
+    mtu: int
+    dhcp: bool  # no static address: serve DHCP to the TAP
+    dhcp_lease_s: int = 3600
+
+
+class Addressing:
+    def __init__(
+        self,
+        core: ControlCore,
+        settings: AddressingSettings,
+        *,
+        rng: random.Random,
+        preferred: IPv4Address | None = None,
+    ) -> None:
+        self.core = core
+        self.settings = settings
+        s = settings
+        self.dhcp: DhcpServer | None = None
+        if s.dhcp:
+            self.dhcp = DhcpServer(
+                DhcpSettings(
+                    subnet=s.subnet,
+                    server_address=s.gateway,
+                    namespace=s.namespace,
+                    node_id=core.identity.node_id,
+                    domain=s.domain,
+                    mtu=s.mtu,
+                    lease_s=s.dhcp_lease_s,
+                ),
+                rng=random.Random(rng.getrandbits(64)),
+            )
+            if preferred is not None:
+                self.dhcp.preferred(preferred)
+        self.dns: DnsResponder[Client] = DnsResponder(
+            DnsSettings(domain=s.domain, subnet=s.subnet, namespace=s.namespace)
+        )
+        self.counters: Counter[str] = Counter()
+        self._claims: dict[int, Claim] = {}  # DHT request id -> the DHCP claim it carries
+        self._lookups: dict[int, int] = {}  # DHT request id -> DNS lookup token
+        self._names: dict[int, str] = {}  # DHT request id -> host label being registered
+        self._other: set[int] = set()  # our DHT requests whose results need no action
+        self._registered: dict[str, IPv4Address] = {}  # host label -> address registered
+        self._hostname: str | None = None  # the DHCP client's host name
+        self._waiting: dict[IPv4Address, deque[tuple[float, bytes]]] = {}
+        self._tap_out: list[bytes] = []
+        self._send_out: list[tuple[int, bytes]] = []
+        self._events: list[CoreEvent] = []
+        self._icmp_window = 0.0
+        self._icmp_sent = 0
+        self._now = 0.0
+        self._wall = 0.0
+
+    # -- outputs ---------------------------------------------------------------------------------
+
+    def frames_to_tap(self) -> list[bytes]:
+        out, self._tap_out = self._tap_out, []
+        return out
+
+    def packets_to_send(self) -> list[tuple[int, bytes]]:
+        out, self._send_out = self._send_out, []
+        return out
+
+    def events(self) -> list[CoreEvent]:
+        out, self._events = self._events, []
+        return out
+
+    def next_deadline(self) -> float | None:
+        times = [self.dns.next_deadline()]
+        if self.dhcp is not None:
+            times.append(self.dhcp.next_deadline())
+        times += [q[0][0] + WAIT_S for q in self._waiting.values() if q]
+        due = [t for t in times if t is not None]
+        return min(due) if due else None
+
+    def statistics(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "counters": dict(self.counters),
+            "waiting": sum(len(q) for q in self._waiting.values()),
+            "dns": self.dns.statistics(),
+            "names": {label: str(a) for label, a in self._registered.items()},
+        }
+        if self.dhcp is not None:
+            out["dhcp"] = self.dhcp.statistics()
+            out["leases"] = [
+                {k: str(v) if isinstance(v, IPv4Address | bytes) else v for k, v in row.items()}
+                for row in (dataclasses.asdict(lease) for lease in self.dhcp.leases())
+            ]
+        return out
+
+    # -- inputs ----------------------------------------------------------------------------------
+
+    def frame_from_tap(self, frame: bytes | memoryview, now: float) -> None:
+        """A frame the classifier handed over: DHCP to port 67, or DNS to the gateway."""
+        self._now = now
+        try:
+            eth = ethernet.parse(frame)
+            packet = memoryview(frame)[ethernet.HEADER_LEN :]
+            ip = ipv4.parse(packet)
+            datagram = packet[ip.header_length : ip.total_length]
+            header = udp.parse(datagram)
+        except RemoteProtocolError as exc:
+            self.counters[f"dropped_{exc.reason}"] += 1
+            return
+        if header.dst_port == 67:
+            if self.dhcp is None:
+                self.counters["dhcp_not_served"] += 1  # a static address: no DHCP here
+                return
+            self.dhcp.receive_frame(frame, now)
+        elif header.dst_port == DNS_PORT and ip.dst == self.settings.gateway:
+            client: Client = (ip.src, header.src_port, bytes(eth.src))
+            self.dns.receive(datagram[udp.HEADER_LEN :], client, now)
+        else:
+            self.counters["dropped_not_for_us"] += 1
+            return
+        self._pump()
+
+    def packet_to_resolve(self, packet: bytes | memoryview, now: float, wall: float) -> None:
+        """An IP packet to an address without a route: hold it while the address resolves."""
+        self._now, self._wall = now, wall
+        if len(packet) < 20:
+            self.counters["dropped_short_packet"] += 1
+            return
+        dst = IPv4Address(bytes(packet[16:20]))
+        slot = self.core.route_slot(dst)
+        if slot is not None:  # the route came after the classifier's table was made
+            self._send_out.append((slot, bytes(packet)))
+            return
+        queue = self._waiting.get(dst)
+        if queue is None:
+            if len(self._waiting) >= WAIT_ADDRESSES:
+                self.counters["dropped_too_many_waiting"] += 1
+                return
+            queue = self._waiting[dst] = deque(maxlen=WAIT_PER_ADDRESS)
+        if len(queue) == WAIT_PER_ADDRESS:
+            self.counters["dropped_wait_full"] += 1
+        queue.append((now, bytes(packet)))
+        self.counters["packets_held"] += 1
+        self.core.route_miss(dst, now, wall)
+        self._flush_waiting()
+
+    def dht_result(self, event: DhtEvent, now: float) -> bool:
+        """A DHT result the core did not take. True if it answered a request of ours."""
+        self._now = now
+        if isinstance(event, LeaseLost):
+            prefix = f"ip:{self.settings.namespace}:".encode()
+            if not event.key.startswith(prefix) or self.dhcp is None:
+                return False
+            try:
+                address = IPv4Address(event.key[len(prefix) :].decode())
+            except ValueError:
+                return False
+            self.dhcp.address_lost(None, address, now)
+            self._pump()
+            return True
+        rid = event.request_id
+        if rid in self._claims and isinstance(event, CreateResult):
+            self._on_claim(self._claims.pop(rid), event, now)
+        elif rid in self._lookups and isinstance(event, GetResult):
+            self.dns.resolved(self._lookups.pop(rid), _address_of(event), now)
+        elif rid in self._names and isinstance(event, CreateResult):
+            label = self._names.pop(rid)
+            if event.ok:
+                self._events.append(
+                    CoreEvent(
+                        "name_registered",
+                        {"name": label, "address": str(self._registered.get(label))},
+                    )
+                )
+            else:
+                self._registered.pop(label, None)
+                holder = event.holder.hex() if event.holder else None
+                self._events.append(
+                    CoreEvent(
+                        "name_not_registered",
+                        {"name": label, "reason": event.reason, "holder": holder},
+                    )
+                )
+        elif rid in self._other:
+            self._other.discard(rid)
+        else:
+            return False
+        self._pump()
+        return True
+
+    def handle_timer(self, now: float, wall: float) -> None:
+        self._now, self._wall = now, wall
+        if self.dhcp is not None:
+            due = self.dhcp.next_deadline()
+            if due is not None and due <= now:
+                self.dhcp.handle_timer(now)
+        due = self.dns.next_deadline()
+        if due is not None and due <= now:
+            self.dns.handle_timer(now)
+        self._expire_waiting(now)
+        self._pump()
+
+    # -- the glue --------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        now = self._now
+        dht = self.core.dht
+        if self.dhcp is not None:
+            self._tap_out += self.dhcp.reply_frames(self.settings.gateway_mac)
+            for request in self.dhcp.dht_requests():
+                if isinstance(request, Claim):
+                    rid = dht.create(request.key, request.value, request.lease_s, now)
+                    self._claims[rid] = request
+                elif isinstance(request, Release):
+                    self._other.add(dht.delete(request.key, now))
+            for event in self.dhcp.events():
+                self._on_dhcp_event(event)
+        for answer in self.dns.answers():
+            self._tap_out.append(self._dns_frame(answer.response, answer.client))
+        for lookup in self.dns.lookups():
+            self._lookups[dht.get(lookup.key, now)] = lookup.token
+        self._flush_waiting()
+        self.core.pump()
+
+    def _on_claim(self, claim: Claim, result: CreateResult, now: float) -> None:
+        assert self.dhcp is not None
+        if result.ok:
+            self.dhcp.address_won(claim.token, claim.address, now)
+        elif result.reason == "exists":
+            self.dhcp.address_lost(claim.token, claim.address, now)
+        else:
+            self.dhcp.claim_failed(claim.token, claim.address, now)
+
+    def _on_dhcp_event(self, event: object) -> None:
+        if isinstance(event, LeaseGranted):
+            self._hostname = host_label(event.hostname) if event.hostname else None
+            self.core.set_address(event.address)
+            self._events.append(
+                CoreEvent(
+                    "lease_granted",
+                    {
+                        "address": str(event.address),
+                        "mac": event.mac.hex(":"),
+                        "hostname": event.hostname,
+                        "lease_s": event.lease_s,
+                    },
+                )
+            )
+            self._register_names()
+        elif isinstance(event, LeaseRenewed):
+            self.counters["leases_renewed"] += 1
+        elif isinstance(event, LeaseReleased | LeaseExpired | LeaseRevoked):
+            self.core.set_address(None)
+            self._events.append(
+                CoreEvent(
+                    "lease_ended",
+                    {"address": str(event.address), "why": type(event).__name__[5:].lower()},
+                )
+            )
+        else:
+            self.counters[f"dhcp_{type(event).__name__}"] += 1
+
+    def register_names(self) -> None:
+        """Register this node's host names for its current address (after it changes)."""
+        self._register_names()
+        self._pump()
+
+    def _register_names(self) -> None:
+        address = self.core.address
+        if address is None:
+            return
+        labels = {host_label(self.settings.node_name), self._hostname} - {None}
+        for label in sorted(label for label in labels if label is not None):
+            if self._registered.get(label) == address:
+                continue
+            self._registered[label] = address
+            key = host_key(self.settings.namespace, label)
+            rid = self.core.dht.create(key, address.packed, NAME_LEASE_S, self._now)
+            self._names[rid] = label
+
+    def _dns_frame(self, response: bytes, client: Client) -> bytes:
+        ip, port, mac = client
+        gateway = self.settings.gateway
+        datagram = udp.build(DNS_PORT, port, response, src=gateway, dst=ip)
+        packet = ipv4.build(src=gateway, dst=ip, protocol=ipv4.Protocol.UDP, payload=datagram)
+        return ethernet.build(mac, self.settings.gateway_mac, ethernet.ETHERTYPE_IPV4, packet)
+
+    # -- packets waiting for a route ---------------------------------------------------------------
+
+    def _flush_waiting(self) -> None:
+        for address in list(self._waiting):
+            slot = self.core.route_slot(address)
+            if slot is not None:
+                for _, packet in self._waiting.pop(address):
+                    self._send_out.append((slot, packet))
+                    self.counters["packets_sent_after_resolution"] += 1
+            elif self.core.unresolvable(address, self._now):
+                for _, packet in self._waiting.pop(address):
+                    self._unreachable(packet)
+
+    def _expire_waiting(self, now: float) -> None:
+        for address, queue in list(self._waiting.items()):
+            while queue and now - queue[0][0] > WAIT_S:
+                self._unreachable(queue.popleft()[1])
+            if not queue:
+                del self._waiting[address]
+
+    def _unreachable(self, packet: bytes) -> None:
+        """Drop ``packet`` and tell its sender (ICMP host unreachable), rate-limited."""
+        self.counters["dropped_unresolved"] += 1
+        if self._now - self._icmp_window >= 1.0:
+            self._icmp_window, self._icmp_sent = self._now, 0
+        if self._icmp_sent >= ICMP_PER_S or packet[9] == ipv4.Protocol.ICMP and packet[20] == 3:
+            return  # never an ICMP error about an ICMP error
+        self._icmp_sent += 1
+        header_length = (packet[0] & 0x0F) * 4
+        body = bytes(8) + packet[: header_length + 8]
+        icmp = bytearray(b"\x03\x01" + body[2:])  # type 3 (unreachable), code 1 (host)
+        icmp[2:4] = ipv4.checksum(bytes(icmp)).to_bytes(2, "big")
+        sender = IPv4Address(packet[12:16])
+        reply = ipv4.build(
+            src=self.settings.gateway, dst=sender, protocol=ipv4.Protocol.ICMP, payload=bytes(icmp)
+        )
+        frame = ethernet.build(
+            self.settings.tap_mac, self.settings.gateway_mac, ethernet.ETHERTYPE_IPV4, reply
+        )
+        self._tap_out.append(frame)
+        self.counters["icmp_unreachable_sent"] += 1
+
+
+def _address_of(event: GetResult) -> IPv4Address | None:
+    """The address a ``name:`` record names (4 bytes), from the newest live record."""
+    for record in sorted(event.records, key=lambda r: -r.seq):
+        if not record.deleted and len(record.value) == 4:
+            return IPv4Address(bytes(record.value))
+    return None
