@@ -447,3 +447,51 @@ def test_small_subnets_have_no_broadcast() -> None:
         classifier.from_inside(arp_frame(arp.ArpOp.REQUEST, A("100.64.0.0"), peer))[0]
         is Action.TO_TAP
     )
+
+
+# -- the node's own services: DHCP, DNS at the gateway, and no address yet ---------------------
+
+GATEWAY = A("100.64.255.254")
+
+
+def service_frame(src: IPv4Address, dst: IPv4Address, src_port: int, dst_port: int) -> memoryview:
+    datagram = udp.build(src_port, dst_port, b"query")
+    packet = ipv4.build(src=src, dst=dst, protocol=ipv4.Protocol.UDP, payload=datagram)
+    return memoryview(ethernet.build(GW_MAC, TAP_MAC, ethernet.ETHERTYPE_IPV4, packet))
+
+
+def gateway_classifier(address: IPv4Address | None = ME) -> Classifier:
+    return Classifier(
+        subnet=SUBNET, address=address, tap_mac=TAP_MAC, gateway_mac=GW_MAC, gateway=GATEWAY
+    )
+
+
+def test_dhcp_and_dns_to_the_gateway_go_to_control() -> None:
+    classifier = gateway_classifier()
+    dhcp = service_frame(A("0.0.0.0"), A("255.255.255.255"), 68, 67)
+    assert classifier.from_inside(dhcp) == (Action.TO_CONTROL, 0, dhcp)
+    dns = service_frame(ME, GATEWAY, 5353, 53)
+    assert classifier.from_inside(dns) == (Action.TO_CONTROL, 0, dns)
+    other_dns = service_frame(ME, PEER3, 5353, 53)  # a resolver elsewhere: ordinary traffic
+    assert classifier.from_inside(other_dns)[0] == Action.RESOLVE
+    assert_drop(classifier.from_inside(service_frame(ME, GATEWAY, 5353, 80)), DropReason.TO_GATEWAY)
+    assert classifier.statistics().actions[Action.TO_CONTROL] == 2
+
+
+def test_without_an_address_only_dhcp_leaves_and_the_address_can_come_later() -> None:
+    classifier = gateway_classifier(None)
+    dhcp = service_frame(A("0.0.0.0"), A("255.255.255.255"), 68, 67)
+    assert classifier.from_inside(dhcp)[0] == Action.TO_CONTROL
+    assert_drop(classifier.from_inside(outbound(PEER3)), DropReason.NO_ADDRESS)
+    classifier.set_address(ME)
+    assert classifier.address == ME
+    assert classifier.from_inside(outbound(PEER3))[0] == Action.RESOLVE
+    with pytest.raises(ValueError):
+        classifier.set_address(A("100.65.0.1"))
+
+
+def test_an_arp_probe_is_not_answered() -> None:
+    """RFC 5227: a host probing an address it was offered must hear no one claim it."""
+    classifier = gateway_classifier()
+    probe = arp_frame(arp.ArpOp.REQUEST, sender_ip=A("0.0.0.0"), target_ip=A("100.64.0.9"))
+    assert_drop(classifier.from_inside(memoryview(probe)), DropReason.ARP_PROBE)

@@ -31,7 +31,14 @@ class Lab:
     """Cores on an underlay where every endpoint reaches every other, except ``blocked``
     pairs (both directions)."""
 
-    def __init__(self, n: int, *, blocked: tuple[tuple[int, int], ...] = (), seed: int = 7):
+    def __init__(
+        self,
+        n: int,
+        *,
+        blocked: tuple[tuple[int, int], ...] = (),
+        seed: int = 7,
+        dhcp: bool = False,
+    ):
         ca, ca_cert = ca_pair()
         self.rng = random.Random(seed)
         self.blocked = {frozenset(p) for p in blocked}
@@ -46,12 +53,13 @@ class Lab:
                     certificate=cert,
                     ca=ca_cert,
                     namespace="lab",
-                    address=vip(i),
+                    address=None if dhcp else vip(i),
                     peers=[],
                     bootstrap=[] if i == 0 else [endpoint(0)],
                     revoked=RevocationList.empty(),
                     rng=random.Random(seed * 100 + i),
                     entropy=rng_from(seed * 100 + i),
+                    register_address=not dhcp,
                 )
             )
         self.now = 1000.0
@@ -64,7 +72,11 @@ class Lab:
         self.now += dt
         for core in self.cores:
             core.handle_timer(self.now, self.wall())
+        self.after_timers()
         self.deliver()
+
+    def after_timers(self) -> None:
+        """A subclass's cores on top of these run their timers here."""
 
     def deliver(self) -> None:
         for _ in range(50):
