@@ -112,6 +112,21 @@ class DhtGetRequest(msgspec.Struct, tag=True, frozen=True):
     key: str
 
 
+class DhtPutRequest(msgspec.Struct, tag=True, frozen=True):
+    """``supervisor dht put``: create ``key`` with ``value``, signed by this node."""
+
+    key: str
+    value: bytes
+    lease_s: float
+
+
+class DhtPutReply(msgspec.Struct, tag=True, frozen=True):
+    key: str
+    ok: bool
+    reason: str
+    holder: str  # hex node id of the owner of the live record, when another one holds it
+
+
 class DhtRecord(msgspec.Struct, frozen=True):
     value: bytes
     owner_id: str  # hex node id of the signer
@@ -150,6 +165,8 @@ Message = (
     | RouteMiss
     | DhtGetRequest
     | DhtGetReply
+    | DhtPutRequest
+    | DhtPutReply
     | StatusRequest
     | StatusReply
 )

@@ -6,6 +6,8 @@ supervisor status FILE         node, workers, rings, peers  [--json]
 supervisor logs FILE           filter and follow the node's log
 supervisor check-config FILE   print the effective settings, or every error (exit 1)
 supervisor dht get FILE KEY    look KEY up in the DHT: its records and where they are kept
+supervisor dht put FILE KEY V  create KEY with value V (text, or hex with --hex), signed by
+                               this node (a tool for tests: records others may refuse)
 supervisor demo                a two-node network in namespaces on this machine
 supervisor ca init DIR         make a network authority: DIR/ca.key (0600), DIR/ca.crt
 supervisor cert issue ...      sign a node's public key for some networks
@@ -162,7 +164,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_dht_get(args: argparse.Namespace) -> int:
+def _ask_control(args: argparse.Namespace, request: messages.Message) -> messages.Message | int:
+    """Send ``request`` to the running node's control worker; its answer, or an exit code."""
     settings = _load(args.file)
     if _running_pid(settings) is None:
         print(f"node {settings.node.name} is not running", file=sys.stderr)
@@ -172,13 +175,36 @@ def cmd_dht_get(args: argparse.Namespace) -> int:
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(endpoint(settings.node.runtime_dir, CONTROL_SOCKET))
-        sock.send(messages.encode(messages.DhtGetRequest(args.key)))
+        sock.send(messages.encode(request))
         if not sock.poll(int(args.timeout * 1000)):
             print(f"node {settings.node.name} did not answer in {args.timeout} s", file=sys.stderr)
             return 1
-        reply = messages.decode(sock.recv())
+        return messages.decode(sock.recv())
     finally:
         sock.close(0)
+
+
+def cmd_dht_put(args: argparse.Namespace) -> int:
+    try:
+        value = bytes.fromhex(args.value) if args.hex else args.value.encode()
+    except ValueError:
+        print(f"not hex: {args.value!r}", file=sys.stderr)
+        return 1
+    reply = _ask_control(args, messages.DhtPutRequest(args.key, value, args.lease))
+    if isinstance(reply, int):
+        return reply
+    if not isinstance(reply, messages.DhtPutReply):
+        print("unexpected answer from control", file=sys.stderr)
+        return 1
+    holder = f" (held by {reply.holder})" if reply.holder else ""
+    print(f"key {reply.key!r}: {'created' if reply.ok else 'not created'} ({reply.reason}){holder}")
+    return 0 if reply.ok else 2
+
+
+def cmd_dht_get(args: argparse.Namespace) -> int:
+    reply = _ask_control(args, messages.DhtGetRequest(args.key))
+    if isinstance(reply, int):
+        return reply
     if not isinstance(reply, messages.DhtGetReply):
         print("unexpected answer from control", file=sys.stderr)
         return 1
@@ -242,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--timeout", type=float, default=10.0, help="seconds to wait")
     get.add_argument("--json", action="store_true", help="print JSON")
     get.set_defaults(fn=cmd_dht_get)
+    put = dht_sub.add_parser("put", help="create a record signed by this node (for tests)")
+    put.add_argument("file", type=Path, help="the node's TOML configuration")
+    put.add_argument("key")
+    put.add_argument("value", help="text, or hex digits with --hex")
+    put.add_argument("--hex", action="store_true", help="the value is hex digits")
+    put.add_argument("--lease", type=float, default=300.0, help="lease in seconds")
+    put.add_argument("--timeout", type=float, default=10.0, help="seconds to wait")
+    put.set_defaults(fn=cmd_dht_put)
     demo = sub.add_parser(
         "demo",
         help="run a two-node network in namespaces on this machine, measure it, remove it",

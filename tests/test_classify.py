@@ -224,9 +224,16 @@ def test_apply_routes_replaces_the_table(classifier: Classifier) -> None:
 def test_no_routes_before_the_first_table() -> None:
     classifier = Classifier(subnet=SUBNET, address=ME, tap_mac=TAP_MAC, gateway_mac=GW_MAC)
     assert classifier.from_inside(outbound(PEER3))[0] == Action.RESOLVE
-    assert_drop(
-        classifier.from_outside(3, memoryview(udp_packet(PEER3, ME))), DropReason.SPOOFED_SOURCE
-    )
+    packet = udp_packet(PEER3, ME)
+    assert classifier.from_outside(3, memoryview(packet)) == (Action.VERIFY, 3, packet)
+
+
+def test_a_sender_without_a_route_is_verified_by_control(classifier: Classifier) -> None:
+    """Its first packet (it resolved us; we have not resolved it) is not lost: control
+    delivers it if the address resolves to the node of the link it came on."""
+    packet = udp_packet(A("100.64.3.3"), ME)
+    assert classifier.from_outside(3, memoryview(packet)) == (Action.VERIFY, 3, packet)
+    assert classifier.statistics().actions[Action.VERIFY] == 1
 
 
 # -- other ethertypes ------------------------------------------------------------------------
@@ -293,7 +300,6 @@ def test_inbound_trailing_bytes_trimmed(classifier: Classifier) -> None:
     [
         (9, PEER3, ME, DropReason.SPOOFED_SOURCE),  # slot 9 using slot 3's address
         (42, PEER3, ME, DropReason.SPOOFED_SOURCE),  # unknown slot
-        (3, A("100.64.3.3"), ME, DropReason.SPOOFED_SOURCE),  # nobody's address
         (3, ME, ME, DropReason.SPOOFED_SOURCE),  # our own address
         (3, PEER3, PEER9, DropReason.WRONG_DESTINATION),
         (3, PEER3, A("100.65.0.1"), DropReason.WRONG_DESTINATION),
@@ -342,6 +348,7 @@ def test_statistics_add_up(classifier: Classifier) -> None:
         Action.DROP: 3,
         Action.TO_CONTROL: 0,
         Action.RESOLVE: 1,
+        Action.VERIFY: 0,
     }
     assert stats.drops[DropReason.MALFORMED] == 2
     assert stats.drops[DropReason.SPOOFED_SOURCE] == 1

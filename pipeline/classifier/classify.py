@@ -42,6 +42,7 @@ class Action(IntEnum):
     DROP = 2
     TO_CONTROL = 3  # a frame for the node itself: DHCP, or DNS to the virtual gateway
     RESOLVE = 4  # an IP packet to an address without a route: control resolves and sends it
+    VERIFY = 5  # from a peer, from a source without a route: control checks whose it is
 
 
 Verdict = tuple[Action, int, bytes | memoryview | DropReason]
@@ -65,6 +66,7 @@ _TO_PEER = Action.TO_PEER
 _TO_TAP = Action.TO_TAP
 _TO_CONTROL = Action.TO_CONTROL
 _RESOLVE = Action.RESOLVE
+_VERIFY = Action.VERIFY
 _UDP = 17
 DHCP_SERVER_PORT = 67
 DNS_PORT = 53
@@ -113,6 +115,7 @@ class Classifier:
         self._to_peer = 0
         self._to_control = 0
         self._to_resolve = 0
+        self._to_verify = 0
         self._inside_to_tap = 0
         self._outside_to_tap = 0
         self._inside_drops = dict.fromkeys(DropReason, 0)
@@ -214,11 +217,17 @@ class Classifier:
             if vihl >> 4 != 4 or header_length < 20 or total < header_length or total > n:
                 return self._drop_outside(DropReason.MALFORMED)
             src4 = packet[12:16].tobytes()
-            if self._route_get(src4) != peer:
-                if len(self._misses) < MAX_MISSES and self._route_get(src4) is None:
-                    src = int.from_bytes(src4, "big")
-                    if src & self._mask == self._network:
-                        self._misses.add(src4)  # a sender we have not resolved yet
+            owner = self._route_get(src4)
+            if owner != peer:
+                src = int.from_bytes(src4, "big")
+                if (
+                    owner is None
+                    and src & self._mask == self._network
+                    and packet[16:20] == self._address4
+                    and src4 != self._address4
+                ):
+                    self._to_verify += 1  # a sender we have not resolved yet: control checks
+                    return (_VERIFY, peer, packet[:total])
                 return self._drop_outside(DropReason.SPOOFED_SOURCE)
             if packet[16:20] != self._address4:
                 dst = int.from_bytes(packet[16:20], "big")
@@ -248,13 +257,14 @@ class Classifier:
             + self._to_control
             + self._to_resolve
             + inside_drops,
-            from_outside=self._outside_to_tap + outside_drops,
+            from_outside=self._outside_to_tap + self._to_verify + outside_drops,
             actions={
                 Action.TO_PEER: self._to_peer,
                 Action.TO_TAP: self._inside_to_tap + self._outside_to_tap,
                 Action.DROP: inside_drops + outside_drops,
                 Action.TO_CONTROL: self._to_control,
                 Action.RESOLVE: self._to_resolve,
+                Action.VERIFY: self._to_verify,
             },
             drops=drops,
         )

@@ -141,10 +141,12 @@ class ClassifierWorker(Worker):
         n = len(to_tap)
         from_outside = self.core.from_outside
         for rec in records:
-            action, _, out = from_outside(rec.peer, rec.data)
+            action, peer, out = from_outside(rec.peer, rec.data)
             if action is Action.TO_TAP:
                 target = to_tap[worker_for_flow(rec.data, n) if n > 1 else 0]
                 target.push(out, RecordKind.FRAME)  # type: ignore[arg-type]
+            elif action is Action.VERIFY:
+                self.to_control.push(out, RecordKind.IP_PACKET, peer)  # type: ignore[arg-type]
         consumer.release()
         return len(records)
 

@@ -19,8 +19,13 @@ Theory of operation:
   ``WAIT_PER_ADDRESS`` packets an address, ``WAIT_ADDRESSES`` addresses, ``WAIT_S``
   seconds); it is then sent on the route's link, or dropped with an ICMP host unreachable
   to its sender (at most ``ICMP_PER_S`` a second) when the address did not resolve.
+- **Senders not yet known.** A packet from a peer whose source address has no route here
+  (the classifier's VERIFY: the first packet of a node that resolved us) waits the same way
+  while that address resolves; it reaches the TAP only if the address belongs to the node
+  of the link it came on, and is a counted drop (a spoofed source) otherwise.
 
 Inputs: ``frame_from_tap(frame, now)``, ``packet_to_resolve(packet, now, wall)``,
+``packet_from_unknown(slot, packet, now, wall)``,
 ``dht_result(event, now)`` (every DHT result the core did not take; True if it was ours),
 ``handle_timer(now, wall)``. Outputs: ``frames_to_tap()``, ``packets_to_send()`` (slot,
 packet), ``events()`` (for the log; ``lease_granted`` carries the address to persist),
@@ -115,9 +120,13 @@ class Addressing:
         self._registered: dict[str, IPv4Address] = {}  # host label -> address registered
         self._hostname: str | None = None  # the DHCP client's host name
         self._waiting: dict[IPv4Address, deque[tuple[float, bytes]]] = {}
+        self._unknown: dict[IPv4Address, deque[tuple[float, int, bytes]]] = {}
         self._tap_out: list[bytes] = []
         self._send_out: list[tuple[int, bytes]] = []
         self._events: list[CoreEvent] = []
+        self._to_tap_header = ethernet.build(
+            settings.tap_mac, settings.gateway_mac, ethernet.ETHERTYPE_IPV4
+        )
         self._icmp_window = 0.0
         self._icmp_sent = 0
         self._now = 0.0
@@ -142,6 +151,7 @@ class Addressing:
         if self.dhcp is not None:
             times.append(self.dhcp.next_deadline())
         times += [q[0][0] + WAIT_S for q in self._waiting.values() if q]
+        times += [q[0][0] + WAIT_S for q in self._unknown.values() if q]
         due = [t for t in times if t is not None]
         return min(due) if due else None
 
@@ -211,6 +221,25 @@ class Addressing:
         self.core.route_miss(dst, now, wall)
         self._flush_waiting()
 
+    def packet_from_unknown(self, slot: int, packet: bytes, now: float, wall: float) -> None:
+        """A packet from link ``slot`` whose source has no route: deliver it once the source
+        resolves to that link's node."""
+        self._now, self._wall = now, wall
+        if len(packet) < 20:
+            self.counters["dropped_short_packet"] += 1
+            return
+        src = IPv4Address(packet[12:16])
+        queue = self._unknown.get(src)
+        if queue is None:
+            if len(self._unknown) >= WAIT_ADDRESSES:
+                self.counters["dropped_too_many_waiting"] += 1
+                return
+            queue = self._unknown[src] = deque(maxlen=WAIT_PER_ADDRESS)
+        queue.append((now, slot, packet))
+        self.counters["packets_verified_held"] += 1
+        self.core.route_miss(src, now, wall)
+        self._flush_unknown()
+
     def dht_result(self, event: DhtEvent, now: float) -> bool:
         """A DHT result the core did not take. True if it answered a request of ours."""
         self._now = now
@@ -265,6 +294,12 @@ class Addressing:
         if due is not None and due <= now:
             self.dns.handle_timer(now)
         self._expire_waiting(now)
+        for src, held in list(self._unknown.items()):
+            while held and now - held[0][0] > WAIT_S:
+                held.popleft()
+                self.counters["dropped_source_unresolved"] += 1
+            if not held:
+                del self._unknown[src]
         self._pump()
 
     # -- the glue --------------------------------------------------------------------------------
@@ -287,6 +322,7 @@ class Addressing:
         for lookup in self.dns.lookups():
             self._lookups[dht.get(lookup.key, now)] = lookup.token
         self._flush_waiting()
+        self._flush_unknown()
         self.core.pump()
 
     def _on_claim(self, claim: Claim, result: CreateResult, now: float) -> None:
@@ -353,6 +389,20 @@ class Addressing:
         return ethernet.build(mac, self.settings.gateway_mac, ethernet.ETHERTYPE_IPV4, packet)
 
     # -- packets waiting for a route ---------------------------------------------------------------
+
+    def _flush_unknown(self) -> None:
+        for src in list(self._unknown):
+            slot = self.core.route_slot(src)
+            if slot is None and not self.core.unresolvable(src, self._now):
+                continue
+            for _, came_on, packet in self._unknown.pop(src):
+                if slot != came_on:
+                    self.counters["dropped_spoofed_source"] += 1
+                elif self.core.address is None or packet[16:20] != self.core.address.packed:
+                    self.counters["dropped_not_for_us"] += 1
+                else:
+                    self._tap_out.append(self._to_tap_header + packet)
+                    self.counters["packets_delivered_after_verification"] += 1
 
     def _flush_waiting(self) -> None:
         for address in list(self._waiting):

@@ -38,7 +38,7 @@ from pipeline.classifier.routes import worker_for_peer
 from pipeline.config import GATEWAY_MAC
 from pipeline.control.addressing import Addressing, AddressingSettings
 from pipeline.control.core import ControlCore, CoreEvent
-from pipeline.control.dht import GetResult, key_position
+from pipeline.control.dht import CreateResult, GetResult, key_position
 from pipeline.control.links import EventKind, LinkEvent, LinkSettings, PeerSpec, Via
 from pipeline.control.overlay import wire as overlay_wire
 from pipeline.control.overlay.ring import id_to_bytes
@@ -235,6 +235,8 @@ class ControlWorker(Worker):
                 self._on_route_miss(msg)
             elif isinstance(msg, messages.DhtGetRequest):
                 self._on_dht_get(ident, msg)
+            elif isinstance(msg, messages.DhtPutRequest):
+                self._on_dht_put(ident, msg)
         self._after_core()
 
     def _on_route_miss(self, msg: messages.RouteMiss) -> None:
@@ -256,6 +258,29 @@ class ControlWorker(Worker):
             return
         rid = self.core.dht_get(msg.key.encode(), time.monotonic())
         self.dht_requests[rid] = (ident, msg.key)
+
+    def _on_dht_put(self, ident: bytes, msg: messages.DhtPutRequest) -> None:
+        if self.core is None:
+            reply = messages.DhtPutReply(msg.key, False, "no_overlay", "")
+            self.router.send_multipart([ident, messages.encode(reply)])
+            return
+        try:
+            rid = self.core.dht.create(msg.key.encode(), msg.value, msg.lease_s, time.monotonic())
+        except ValueError as exc:  # too long, bad lease
+            reply = messages.DhtPutReply(msg.key, False, f"invalid: {exc}", "")
+            self.router.send_multipart([ident, messages.encode(reply)])
+            return
+        self.core.pump()
+        self.dht_requests[rid] = (ident, msg.key)
+
+    def _answer_dht_put(self, result: CreateResult) -> None:
+        ident, key = self.dht_requests.pop(result.request_id)
+        holder = result.holder.hex() if result.holder else ""
+        reply = messages.DhtPutReply(key, result.ok, result.reason, holder)
+        try:
+            self.router.send_multipart([ident, messages.encode(reply)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.drops["dht_reply_unsent"] += 1
 
     def _answer_dht_get(self, result: GetResult) -> None:
         assert self.core is not None
@@ -356,6 +381,8 @@ class ControlWorker(Worker):
         for result in core.dht_results():
             if isinstance(result, GetResult) and result.request_id in self.dht_requests:
                 self._answer_dht_get(result)
+            elif isinstance(result, CreateResult) and result.request_id in self.dht_requests:
+                self._answer_dht_put(result)
             elif addressing is not None:
                 addressing.dht_result(result, time.monotonic())
         if addressing is not None:
@@ -529,6 +556,8 @@ class ControlWorker(Worker):
                     self.drops["no_addressing"] += 1  # plaintext benchmark mode
                 elif rec.kind == RecordKind.FRAME:
                     addressing.frame_from_tap(bytes(rec.data), now)
+                elif rec.kind == RecordKind.IP_PACKET and rec.peer:
+                    addressing.packet_from_unknown(rec.peer, bytes(rec.data), now, time.time())
                 elif rec.kind == RecordKind.IP_PACKET:
                     addressing.packet_to_resolve(bytes(rec.data), now, time.time())
                 else:
