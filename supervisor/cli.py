@@ -237,7 +237,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from supervisor.demo import run_demo
 
-    return run_demo(seconds=args.seconds, pings=args.pings)
+    return run_demo(seconds=args.seconds, pings=args.pings, nodes=args.nodes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,11 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     put.set_defaults(fn=cmd_dht_put)
     demo = sub.add_parser(
         "demo",
-        help="run a two-node network in namespaces on this machine, measure it, remove it",
-        description="Build two network namespaces, start a node in each, ping and iperf3 "
-        "between them, print a table, and remove everything (needs root, ping, iperf3).",
+        help="run a small network in namespaces on this machine, measure it, remove it",
+        description="Build nodes on two routed segments in network namespaces, each with a "
+        "DHCP client on its TAP, ping every node by name, run iperf3 across the segments, "
+        "print a table, and remove everything (needs root, dhclient, ping, dig, iperf3).",
     )
-    demo.add_argument("--seconds", type=int, default=3, help="iperf3 time per direction")
+    demo.add_argument("--nodes", type=int, default=5, help="nodes (2 to 20)")
+    demo.add_argument("--seconds", type=int, default=3, help="iperf3 time")
     demo.add_argument("--pings", type=int, default=20, help="pings per direction")
     demo.set_defaults(fn=cmd_demo)
     keys.add_commands(sub)

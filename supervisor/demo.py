@@ -1,9 +1,17 @@
 """``supervisor demo``: a small autovn network on this one machine, shown working.
 
-Builds two network namespaces joined by a veth pair (underlay 198.18.0.1/.2), starts a node
-in each (virtual 100.64.0.1/.2), pings each node from the other, runs a short iperf3 each
-way, prints a summary table and removes everything it made — also on Ctrl-C or failure
-(the ``Testbed`` owns every namespace and process). Needs root, iproute2, ping and iperf3.
+Builds two underlay segments — bridges in namespaces, 198.18.0.0/24 and 198.18.1.0/24 —
+joined by a router namespace, and five nodes on them (n1-n3 on the first, n4-n5 on the
+second) that know only the first node's underlay address and have no virtual address in
+their configs. A real DHCP client (ISC dhclient) on each node's TAP gets the node's
+address, which the node won in the DHT, and writes the namespace's own resolv.conf (the
+node's DNS at the virtual gateway, domain vpn.test). Then the first node pings every node
+by its DNS names (the host name the node registered for its DHCP client, and the static
+name ``C`` + the address's last three octets), runs a short iperf3 to the last node (on
+the other segment), prints a table (node, address, names, RTT, throughput, direct or
+relayed) and removes everything it made — also on Ctrl-C or failure: the ``Testbed`` owns
+every namespace, process and /etc/netns file. Progress goes to stderr, the table to stdout.
+Needs root, iproute2, ping, iperf3 and dhclient (isc-dhcp-client).
 """
 
 from __future__ import annotations
@@ -16,104 +24,246 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from supervisor.lab import Node, two_nodes, wait_for
+from supervisor.lab import DOMAIN, Node, routed_nodes, wait_for
 from supervisor.netns import Testbed, require_root
 from supervisor.status import table
 
+TOOLS = ("ping", "iperf3", "dhclient", "getent", "unshare")
+HEADERS = ["node", "address", "name", "static name", "rtt_ms p50", "tcp Mbit/s", "path"]
 
-def _say(msg: str, out: TextIO) -> None:
-    print(f"[demo] {msg}", file=out, flush=True)
+
+def static_name(address: str, domain: str = DOMAIN) -> str:
+    """``C`` + the last three octets as three digits each: 100.64.0.7 -> C064000007.<domain>."""
+    return "C" + "".join(f"{int(octet):03d}" for octet in address.split(".")[1:]) + f".{domain}"
 
 
-def _rtt_ms(node: Node, target: str, count: int) -> float | None:
+@dataclass
+class Row:
+    node: Node
+    name: str
+    static: str
+    rtt_ms: float | None = None
+    mbit: float | None = None
+    path: str = "-"
+    problems: list[str] = field(default_factory=list)
+
+    def cells(self) -> list[str]:
+        return [
+            self.node.name,
+            self.node.address,
+            self.name,
+            self.static,
+            "-" if self.rtt_ms is None else f"{self.rtt_ms:.3f}",
+            "-" if self.mbit is None else f"{self.mbit:.0f}",
+            self.path,
+        ]
+
+
+class Progress:
+    """Progress lines on ``err``: ``[demo  4.2 s] what happens``."""
+
+    def __init__(self, err: TextIO) -> None:
+        self.err = err
+        self.started = time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def __call__(self, msg: str) -> None:
+        print(f"[demo {self.elapsed:4.1f} s] {msg}", file=self.err, flush=True)
+
+
+def _resolve(node: Node, name: str, timeout: float = 10.0) -> str | None:
+    """``name``'s IPv4 address as the node's namespace resolves it (through its
+    resolv.conf), asked again for up to ``timeout`` (a name just registered may not have
+    reached the DHT yet); None if it does not resolve."""
+    deadline = time.monotonic() + timeout
+    while True:
+        res = node.ns.run(["getent", "ahostsv4", name], check=False, timeout=30)
+        words = res.stdout.split()
+        if res.returncode == 0 and words:
+            return words[0]
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.5)
+
+
+def _rtt_ms(node: Node, target: str, count: int, interval: float = 0.05) -> float | None:
     res = node.ns.run(
-        ["ping", "-n", "-c", str(count), "-i", "0.05", "-W", "1", target],
+        ["ping", "-n", "-c", str(count), "-i", str(interval), "-W", "1", target],
         check=False,
-        timeout=count + 10,
+        timeout=count * (interval + 1) + 15,
     )
     times = [float(t) for t in re.findall(r"time=([\d.]+)", res.stdout)]
     return statistics.median(times) if times else None
 
 
-def _iperf_mbit(client: Node, server: Node, seconds: int) -> float | None:
-    res = client.ns.run(
-        ["iperf3", "-c", server.address, "-t", str(seconds), "-J"],
-        check=False,
-        timeout=seconds + 30,
-    )
+def _first_answer(node: Node, target: str, timeout: float = 10.0) -> float | None:
+    """Seconds until ``target`` first answers a ping (one at a time, each waiting up to a
+    second: the first packets to an address wait while the node resolves it through the
+    DHT), or None if it does not within ``timeout``."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        res = node.ns.run(["ping", "-n", "-c", "1", "-W", "1", target], check=False, timeout=15)
+        if res.returncode == 0:
+            return time.monotonic() - started
+        time.sleep(0.1)
+    return None
+
+
+def _iperf_mbit(client: Node, server: Node, target: str, seconds: int) -> float | None:
+    proc = server.ns.popen(["iperf3", "-s", "-1", "-B", server.address], stderr=subprocess.DEVNULL)
+    try:
+        wait_for("iperf3 server", lambda: ":5201" in server.ns.run(["ss", "-ltn"]).stdout, 10)
+        res = client.ns.run(
+            ["iperf3", "-c", target, "-t", str(seconds), "-J"],
+            check=False,
+            timeout=seconds + 30,
+        )
+    finally:
+        server.ns.testbed.stop(proc)
     try:
         return float(json.loads(res.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e6
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, TypeError):
         return None
 
 
+def _path(status: dict[str, Any] | None, address: str) -> str:
+    """ "direct" or "relayed" (a link through the overlay), from the link table's row whose
+    routes include ``address``; "?" if there is none."""
+    for link in (status or {}).get("link_table", []):
+        if address in link.get("routes", []):
+            relayed = link.get("kind") == "relayed" or str(link.get("endpoint", "")).startswith(
+                "via:"
+            )
+            return "relayed" if relayed else "direct"
+    return "?"
+
+
+def _sizes(nodes: int) -> tuple[int, int]:
+    return nodes - nodes // 2, nodes // 2
+
+
+def _run(
+    tb: Testbed, tmp: Path, *, seconds: int, pings: int, nodes: int, say: Progress
+) -> list[Row]:
+    sizes = _sizes(nodes)
+    say(
+        f"building segments 198.18.0.0/24 ({sizes[0]} nodes) and 198.18.1.0/24 ({sizes[1]}) "
+        f"in namespaces {tb.run_id}-seg0/-seg1, joined by router {tb.run_id}-rt"
+    )
+    members = routed_nodes(tb, tmp, sizes, start=False)
+    for n in members:
+        n.start()
+    say(
+        f"starting autovn in {members[0].ns.name} ... {members[-1].ns.name}: no virtual "
+        "address configured, only the first node's underlay address 198.18.0.1"
+    )
+    for n in members:
+        n.wait_running()
+    say("all nodes running; a DHCP client (dhclient) on each node's TAP asks for an address")
+    for n in members:
+        n.dhcp(wait=False)
+    for n in members:
+        lease = n.wait_dhcp(timeout=40)
+        say(
+            f"{n.name}: {lease.cidr}, gateway {','.join(lease.routers)}, "
+            f"dns {','.join(lease.dns_servers)}, domain {lease.domain}, mtu {lease.mtu}, "
+            f"lease {lease.lease_time} s"
+        )
+    first, last = members[0], members[-1]
+    rows = [Row(n, f"{n.name}.{DOMAIN}", static_name(n.address)) for n in members]
+    holders: dict[str, list[str]] = {}
+    for n in members:
+        holders.setdefault(n.address, []).append(n.name)
+    for row in rows:
+        n = row.node
+        others = [h for h in holders[n.address] if h != n.name]
+        if others:
+            row.problems.append(f"{n.address} was given to {', '.join(others)} too")
+        for name in (row.name, row.static):
+            got = _resolve(first, name)
+            if got != n.address:
+                row.problems.append(f"{name} resolved to {got}, not {n.address}")
+        reached = None if row.problems else _first_answer(first, row.static)
+        if reached is None and not row.problems:
+            row.problems.append(f"no answer to ping {row.static} within 10 s")
+        if not row.problems:
+            row.rtt_ms = _rtt_ms(first, n.name, pings)  # the short name: resolv.conf's search
+            if row.rtt_ms is None:
+                row.problems.append(f"no answer to ping {n.name}")
+        if row.problems:
+            outcome = "; ".join(row.problems)
+        else:
+            outcome = f"first answer after {reached:.1f} s, rtt {row.rtt_ms:.3f} ms"
+        say(f"{first.name} resolves {row.name} and {row.static} to {n.address}: {outcome}")
+    if seconds > 0 and last is not first:
+        say(f"iperf3 from {first.name} to {last.name} (the other segment) for {seconds} s")
+        rows[-1].mbit = _iperf_mbit(first, last, last.name, seconds)
+        if rows[-1].mbit is None:
+            rows[-1].problems.append("iperf3 failed")
+    st = first.status()
+    for row in rows:
+        row.path = "self" if row.node is first else _path(st, row.node.address)
+    say("stopping the nodes and DHCP clients, removing namespaces and files")
+    return rows
+
+
 def run_demo(
-    *, seconds: int = 3, pings: int = 20, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+    *,
+    seconds: int = 3,
+    pings: int = 20,
+    nodes: int = 5,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
 ) -> int:
     problem = require_root()
-    missing = [t for t in ("ping", "iperf3") if shutil.which(t) is None]
+    missing = [t for t in TOOLS if shutil.which(t, path="/usr/sbin:/usr/bin:/sbin:/bin") is None]
     if problem or missing:
         print(
-            f"demo needs root, iproute2, ping and iperf3: {problem or ', '.join(missing)}", file=err
+            "demo needs root, iproute2, ping, iperf3 and dhclient (isc-dhcp-client): "
+            f"{problem or ', '.join(missing)}",
+            file=err,
         )
         return 2
-    started = time.monotonic()
-    with Testbed("avdemo") as tb, tempfile.TemporaryDirectory(prefix="autovn-demo-") as tmp:
-        _say(f"building namespaces {tb.run_id}-a and {tb.run_id}-b joined by a veth pair", err)
-        a, b = two_nodes(tb, Path(tmp), start=False)
-        for node in (a, b):
-            _say(f"starting node {node.name} ({node.address}) in {node.ns.name}", err)
-            node.start()
-        for node in (a, b):
-            node.wait_running()
-            node.wait_peers_up()
-        _say(f"both nodes up, peers linked after {time.monotonic() - started:.1f} s", err)
-        servers = [
-            n.ns.popen(
-                ["iperf3", "-s", "-B", n.address],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            for n in (a, b)
-        ]
-        for n in (a, b):
-            wait_for("iperf3 server", lambda: ":5201" in n.ns.run(["ss", "-ltn"]).stdout)  # noqa: B023
-        rows = []
-        for src, dst in ((a, b), (b, a)):
-            _say(
-                f"{src.name} pings {dst.name} ({pings}x) and sends to it with iperf3 "
-                f"for {seconds} s",
-                err,
-            )
-            rtt = _rtt_ms(src, dst.address, pings)
-            mbit = _iperf_mbit(src, dst, seconds)
-            st = src.status() or {}
-            peer: dict[str, Any] = next(iter(st.get("peers", [])), {})
-            rows.append(
-                [
-                    src.name,
-                    src.address,
-                    dst.name,
-                    dst.address,
-                    "-" if rtt is None else f"{rtt:.3f}",
-                    "-" if mbit is None else f"{mbit:.0f}",
-                    "direct" if peer.get("state") == "up" else "down",
-                ]
-            )
-        for s in servers:
-            tb.stop(s)
-        _say("stopping the nodes and removing the namespaces", err)
-        for node in (a, b):
-            node.cli("stop", str(node.config), check=False)
-    headers = ["from", "address", "to", "address", "rtt_ms p50", "tcp Mbit/s", "path"]
-    print("\n".join(table(headers, rows)), file=out)
-    ok = all(r[4] != "-" and r[5] != "-" for r in rows)
-    print(
-        f"\n{'all nodes reached each other' if ok else 'SOME PATHS FAILED'}; "
-        f"everything removed ({time.monotonic() - started:.1f} s)",
-        file=out,
-    )
-    return 0 if ok else 1
+    if not 2 <= nodes <= 20 or pings < 1 or seconds < 0:
+        print("demo: --nodes 2..20, --pings at least 1, --seconds at least 0", file=err)
+        return 2
+    say = Progress(err)
+    try:
+        with Testbed("avdemo") as tb, tempfile.TemporaryDirectory(prefix="autovn-demo-") as tmp:
+            try:
+                rows = _run(tb, Path(tmp), seconds=seconds, pings=pings, nodes=nodes, say=say)
+            except Exception:
+                _tails(Path(tmp), say)
+                raise
+    except KeyboardInterrupt:
+        say("interrupted: everything removed")
+        return 130
+    except Exception as exc:
+        say(f"FAILED: {exc}")
+        say("everything removed")
+        return 1
+    print("\n".join(table(HEADERS, [r.cells() for r in rows])), file=out)
+    problems = [f"{r.node.name}: {p}" for r in rows for p in r.problems]
+    for p in problems:
+        print(p, file=out)
+    verdict = f"all {len(rows)} nodes reached by name" if not problems else "SOME NODES FAILED"
+    print(f"\n{verdict}; everything removed ({say.elapsed:.1f} s)", file=out)
+    return 0 if not problems else 1
+
+
+def _tails(tmp: Path, say: Progress, lines: int = 5) -> None:
+    """The last lines of each node's output, before the directory goes (for a failure)."""
+    for path in sorted(tmp.glob("*/supervisor.out")):
+        try:
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            continue
+        for line in tail:
+            say(f"{path.parent.name}: {line}")

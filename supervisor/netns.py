@@ -18,11 +18,18 @@ The project's network rules, enforced here rather than left to callers:
 - Underlay addresses must lie in 198.18.0.0/15 (``ValueError`` otherwise).
 - Names derive from ``run_id`` (``prefix`` + 8 random hex digits), unique to the run. Interface
   names are per namespace and never longer than 15 characters.
+- A namespace may have its own files in ``/etc/netns/<name>/`` (:meth:`Namespace.etc_file`,
+  :meth:`Namespace.resolv_conf`): ``ip netns exec`` bind-mounts each over ``/etc/<file>`` in
+  the mount namespace of the command it runs, so a resolver there reads the namespace's
+  ``resolv.conf`` and the root namespace's ``/etc/resolv.conf`` is never written. Only files
+  that exist in ``/etc`` can be shadowed (a bind mount needs a target).
 - ``close()`` (also run by ``__exit__``, by SIGTERM/SIGINT/SIGHUP handlers and at interpreter
   exit) stops every process this testbed started (SIGTERM to the process group, then SIGKILL),
   ends any other process still inside its namespaces (found with ``ip netns pids``, signalled
   through a pidfd after checking it really is in that namespace), deletes the namespaces and
-  checks that they are gone. It never raises on failure; problems are written to stderr.
+  checks that they are gone, then removes their ``/etc/netns/<name>`` directories (and
+  ``/etc/netns`` itself if a testbed made it and nothing else is in it). It never raises on
+  failure; problems are written to stderr.
 
 Signals: while at least one testbed is open, handlers for SIGTERM, SIGINT and SIGHUP are
 installed (main thread only, and not for a signal the process ignores). On a signal they close
@@ -63,6 +70,7 @@ __all__ = [
     "NetnsError",
     "QdiscUnavailable",
     "Testbed",
+    "leftover_etc_netns",
     "leftover_namespaces",
     "require_root",
 ]
@@ -70,11 +78,15 @@ __all__ = [
 #: The only range underlay addresses may come from (RFC 2544 benchmarking range).
 UNDERLAY = ipaddress.IPv4Network("198.18.0.0/15")
 
+#: Where ``ip netns exec`` finds a namespace's own /etc files (iproute2's NETNS_ETC_DIR).
+ETC_NETNS = "/etc/netns"
+
 _IFNAMSIZ = 15  # longest Linux interface name
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,14}$")
 _SYSCTL_KEY_RE = re.compile(r"^net[./][A-Za-z0-9_./-]+$")
+_ETC_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _CMD_TIMEOUT = 15.0  # internal ip/tc/sysctl commands
 _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -369,6 +381,51 @@ def leftover_namespaces(prefix: str) -> list[str]:
     return sorted(n for n in _list_namespaces() if n.startswith(prefix))
 
 
+def leftover_etc_netns(prefix: str) -> list[str]:
+    """Entries of ``/etc/netns`` that start with ``prefix`` (a prefix or a run id)."""
+    if not prefix:
+        raise ValueError("prefix must not be empty")
+    try:
+        return sorted(n for n in os.listdir(ETC_NETNS) if n.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+#: In ETC_NETNS when a testbed made that directory: the last testbed to leave it empty
+#: removes both (any process; one that finds ETC_NETNS without it leaves the folder alone).
+_ETC_MARKER = ".autovn-testbed"
+
+
+def _make_etc_dir(path: str) -> None:
+    """``mkdir path`` (0755), making ``ETC_NETNS`` (and its marker) first if needed; retried,
+    since another process may remove an empty ``ETC_NETNS`` between the two steps."""
+    for attempt in range(3):
+        try:
+            os.mkdir(ETC_NETNS, 0o755)
+            with open(os.path.join(ETC_NETNS, _ETC_MARKER), "w") as f:
+                f.write("made by an autovn testbed; goes with the last of its namespaces\n")
+        except FileExistsError:
+            pass
+        try:
+            os.mkdir(path, 0o755)
+            return
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+
+
+def _remove_etc_dir(path: str) -> None:
+    """Remove a namespace's /etc/netns directory (ours: its name is unique to the run),
+    then ``ETC_NETNS`` if a testbed made it and nothing else is left in it."""
+    shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):
+        _log(f"cannot remove {path}")
+    with contextlib.suppress(OSError):
+        if os.listdir(ETC_NETNS) == [_ETC_MARKER]:
+            os.unlink(os.path.join(ETC_NETNS, _ETC_MARKER))
+            os.rmdir(ETC_NETNS)
+
+
 _root_reason: str | None = None
 _root_checked = False
 
@@ -419,9 +476,56 @@ class Namespace:
     def __repr__(self) -> str:
         return f"Namespace({self.name!r})"
 
+    @property
+    def testbed(self) -> Testbed:
+        """The testbed that owns this namespace (and every process started in it)."""
+        return self._testbed
+
     def _alive(self) -> None:
         if self._testbed.closed:
             raise NetnsError(f"namespace {self.name} belongs to a closed testbed")
+
+    @property
+    def etc_dir(self) -> str:
+        """``/etc/netns/<name>``: the files ``ip netns exec`` binds over ``/etc`` here."""
+        return os.path.join(ETC_NETNS, self.name)
+
+    def etc_file(self, filename: str, text: str = "") -> str:
+        """Give this namespace its own ``/etc/<filename>``; returns the file's real path.
+
+        Writes ``text`` to ``/etc/netns/<name>/<filename>`` (mode 0644), which every command
+        started later through ``ip netns exec`` (:meth:`run`, :meth:`popen`) sees as
+        ``/etc/<filename>``. Called again, it rewrites the file in place, so processes already
+        running see the new text too. ``/etc/<filename>`` must exist in the root namespace
+        (``NetnsError`` otherwise: a bind mount needs a target); it is never written. The
+        directory goes with the namespace when the testbed closes.
+        """
+        self._alive()
+        if not _ETC_NAME_RE.match(filename) or filename.startswith(".."):
+            raise ValueError(f"bad /etc file name {filename!r}")
+        if "\0" in text:
+            raise ValueError("text must not contain NUL")
+        if not os.path.isfile(os.path.join("/etc", filename)):
+            raise NetnsError(f"/etc/{filename} is not a file here: nothing to bind it over")
+        tb = self._testbed
+        directory = self.etc_dir
+        with _signals_deferred():  # the directory is either not made, or made and recorded
+            if self.name not in tb._etc_dirs:
+                tb._etc_dirs.append(self.name)
+                if not os.path.isdir(directory):
+                    _make_etc_dir(directory)
+            path = os.path.join(directory, filename)
+            # truncated in place, not replaced: bind mounts made already keep seeing it
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+        return path
+
+    def resolv_conf(self, text: str = "") -> str:
+        """This namespace's own ``/etc/resolv.conf`` (see :meth:`etc_file`), e.g.
+        ``"nameserver 100.64.0.254\\nsearch vpn.test\\n"``; empty by default (a DHCP client
+        fills it in). Returns its real path."""
+        return self.etc_file("resolv.conf", text)
 
     def run(
         self,
@@ -541,6 +645,7 @@ class Testbed:
         self._ifnames: dict[str, set[str]] = {}  # namespace name -> names taken there
         self._peers: dict[tuple[str, str], tuple[Namespace, str]] = {}
         self._bridges: set[tuple[str, str]] = set()  # (namespace name, bridge name)
+        self._etc_dirs: list[str] = []  # namespace names with an /etc/netns directory
         self._counter = 0
         _register(self)
 
@@ -873,7 +978,7 @@ class Testbed:
         Idempotent; never raises on failure (problems go to stderr). Signals that arrive
         meanwhile are delivered when it is done.
         """
-        if self.closed and not self._procs and not self._namespaces:
+        if self.closed and not self._procs and not self._namespaces and not self._etc_dirs:
             return
         if os.getpid() != self._owner_pid:  # a forked child: the parent owns all of it
             self.closed = True
@@ -921,6 +1026,12 @@ class Testbed:
         if remaining:
             _log(f"testbed {self.run_id}: namespaces left behind: {[n.name for n in remaining]}")
         self._namespaces = remaining
+        etc_dirs, self._etc_dirs = self._etc_dirs, []
+        for name in etc_dirs:
+            try:
+                _remove_etc_dir(os.path.join(ETC_NETNS, name))
+            except Exception as exc:
+                _log(f"removing {ETC_NETNS}/{name} failed: {exc!r}")
         self._peers.clear()
         self._ifnames.clear()
         self._bridges.clear()

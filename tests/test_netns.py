@@ -23,6 +23,7 @@ from supervisor.netns import (
     NetnsError,
     QdiscUnavailable,
     Testbed,
+    leftover_etc_netns,
     leftover_namespaces,
 )
 from tests.conftest import require_netns
@@ -187,6 +188,7 @@ CHILD = textwrap.dedent(
     tb = Testbed(prefix="avnt")
     a, b = tb.namespace("a"), tb.namespace("b")
     tb.link(a, b, "198.18.3.1/24", "198.18.3.2/24")
+    a.resolv_conf("nameserver 100.64.0.254\\n")
     p = a.popen(["sleep", "1000"])
     print(tb.run_id, p.pid, flush=True)
     if sys.argv[1] == "exit":
@@ -199,6 +201,7 @@ CHILD = textwrap.dedent(
             sys.exit(0)  # runs atexit in the forked child
         os.waitpid(child, 0)
         assert netns.leftover_namespaces(tb.run_id) == [a.name, b.name], "fork child cleaned"
+        assert netns.leftover_etc_netns(tb.run_id) == [a.name], "fork child cleaned /etc"
         tb.close()
         sys.exit(0)
     if sys.argv[1] == "deferred":  # a signal during creation/close waits until it is done
@@ -253,6 +256,7 @@ def test_child_process_cleans_up(mode: str, sig: signal.Signals | None, expect_r
     try:
         if sig is not None:
             assert len(leftover_namespaces(run_id)) == 2
+            assert len(leftover_etc_netns(run_id)) == 1
             assert _alive(sleep_pid)
             child.send_signal(sig)
         rc = child.wait(timeout=30)
@@ -268,7 +272,74 @@ def test_child_process_cleans_up(mode: str, sig: signal.Signals | None, expect_r
     if mode == "deferred":
         assert rest == "still here\n"
     assert leftover_namespaces(run_id) == []
+    assert leftover_etc_netns(run_id) == []
     assert _wait_gone(sleep_pid)
+
+
+# --- a namespace's own /etc files -------------------------------------------------------------
+
+
+def _fingerprint(path: str) -> tuple[int, int, int, bytes]:
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns, st.st_size, Path(path).read_bytes()
+
+
+def test_resolv_conf_is_the_namespace_own(testbed: Testbed) -> None:
+    machine = _fingerprint("/etc/resolv.conf")
+    a, b = testbed.namespace("a"), testbed.namespace("b")
+    text = "nameserver 100.64.0.254\nsearch vpn.test\n"
+    path = a.resolv_conf(text)
+    assert path == f"/etc/netns/{a.name}/resolv.conf" == os.path.join(a.etc_dir, "resolv.conf")
+    assert a.run(["cat", "/etc/resolv.conf"]).stdout == text
+    # b has none (yet): it sees the machine's
+    assert b.run(["cat", "/etc/resolv.conf"]).stdout.encode() == machine[3]
+    # written from inside, in place as dhclient-script does: the namespace's file changes
+    a.run(["sh", "-c", "echo 'options ndots:1' >> /etc/resolv.conf"])
+    assert Path(path).read_text() == text + "options ndots:1\n"
+    # rewritten from outside: a process that is running already sees the new text
+    proc = a.popen(
+        ["sh", "-c", "cat /etc/resolv.conf; echo --; read x; cat /etc/resolv.conf"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    first = b"".join(iter(proc.stdout.readline, b"--\n"))
+    assert first == (text + "options ndots:1\n").encode()
+    a.resolv_conf("nameserver 100.64.0.253\n")
+    proc.stdin.write(b"go\n")
+    proc.stdin.close()
+    assert proc.stdout.read() == b"nameserver 100.64.0.253\n"
+    proc.stdout.close()
+    assert testbed.stop(proc) == 0
+    b.resolv_conf()
+    assert b.run(["cat", "/etc/resolv.conf"]).stdout == ""
+    assert leftover_etc_netns(testbed.run_id) == sorted([a.name, b.name])
+    assert _fingerprint("/etc/resolv.conf") == machine
+    for bad in ("../passwd", "x/y", "", ".."):
+        with pytest.raises(ValueError):
+            a.etc_file(bad)
+    with pytest.raises(NetnsError):
+        a.etc_file("no-such-file-in-etc-avn")  # nothing in /etc to bind it over
+
+
+def test_etc_files_go_with_the_testbed() -> None:
+    require_netns()
+    had_etc_netns = os.path.isdir("/etc/netns")
+    machine = _fingerprint("/etc/resolv.conf")
+    with pytest.raises(RuntimeError, match="boom"), Testbed(prefix="avnt") as tb:
+        a = tb.namespace("a")
+        a.resolv_conf("nameserver 100.64.0.254\n")
+        assert os.path.isdir(a.etc_dir)
+        if not had_etc_netns:  # marked as a testbed's, so that the last one out removes it
+            assert os.path.isfile("/etc/netns/.autovn-testbed")
+        raise RuntimeError("boom")
+    assert leftover_etc_netns(tb.run_id) == []
+    assert not os.path.exists(a.etc_dir)
+    if not had_etc_netns:  # made for the testbed, and removed with it
+        assert not os.path.exists("/etc/netns")
+    assert _fingerprint("/etc/resolv.conf") == machine
+    with pytest.raises(NetnsError):
+        a.resolv_conf("nameserver 100.64.0.254\n")  # the testbed is closed
 
 
 # --- traffic control --------------------------------------------------------------------------
