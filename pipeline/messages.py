@@ -100,6 +100,13 @@ class RekeyRequest(msgspec.Struct, tag=True, frozen=True):
     slot: int
 
 
+class UnknownSession(msgspec.Struct, tag=True, frozen=True):
+    """A datagram came from ``endpoint`` on a session we do not hold (overlay_io -> control):
+    the peer kept sessions with an earlier incarnation of this node; a handshake resyncs."""
+
+    endpoint: str  # "host:port"
+
+
 class RouteMiss(msgspec.Struct, tag=True, frozen=True):
     """Frames to these virtual addresses found no route (classifier -> control)."""
 
@@ -163,6 +170,7 @@ Message = (
     | SessionConfirmed
     | RekeyRequest
     | RouteMiss
+    | UnknownSession
     | DhtGetRequest
     | DhtGetReply
     | DhtPutRequest

@@ -203,3 +203,36 @@ def test_junk_on_a_link_is_a_counted_drop(junk: bytes) -> None:
     assert slot is not None
     a.receive_overlay(slot, junk, lab.now, lab.wall())
     assert sum(v for k, v in a.counters.items() if k.startswith("overlay_dropped")) == 1
+
+
+def test_a_restarted_node_resyncs_peers_that_kept_its_old_sessions() -> None:
+    """Node 2 restarts (same key, same endpoint); node 1 still holds sessions with its old
+    incarnation and sends on them. The new node 2 cannot open them, says so
+    (``unknown_session``), and one handshake later node 1 sends on the new session."""
+    lab = Lab(3)
+    lab.run(15)
+    old = lab.cores[2]
+    fresh = ControlCore(
+        identity=old.identity,
+        certificate=old.links.certificate,
+        ca=old.links.ca,
+        namespace="lab",
+        address=vip(2),
+        peers=[],
+        bootstrap=[endpoint(0)],
+        revoked=RevocationList.empty(),
+        rng=random.Random(99),
+        entropy=rng_from(99),
+    )
+    lab.cores[2] = fresh
+    slot = lab.cores[1]._slot_of(lab.idents[2].node_id)
+    assert slot is not None
+    stale = {s.send_key for s in lab.cores[1].links.sessions() if s.slot == slot}
+    fresh.unknown_session(endpoint(1), lab.now, lab.wall())  # overlay_io saw node 1's datagram
+    lab.deliver()
+    newest = lab.cores[1].links.links[slot].sessions[-1]
+    assert newest.send_key not in stale and newest.confirmed
+    assert newest.send_key in {s.recv_key for s in fresh.links.sessions()}
+    assert fresh.counters["resyncs"] == 1
+    fresh.unknown_session(endpoint(1), lab.now, lab.wall())  # just made: no second handshake
+    assert fresh.counters["resyncs"] == 1

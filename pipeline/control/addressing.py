@@ -6,7 +6,9 @@ Theory of operation:
 - **DHCP.** Without a static address the node answers its own DHCP client (frames to UDP
   port 67 from the TAP) with ``DhcpServer``: the address it offers is won with a DHT create
   of ``ip:<namespace>:<address>`` naming this node (the server's ``Claim``s; a lost create
-  moves to the next candidate), renewals renew the record, a release deletes it. The
+  moves to the next candidate; claims wait until the node has joined the overlay, so a
+  client that starts with the node is not offered a candidate the DHT never saw), renewals
+  renew the record, a release deletes it. The
   granted address becomes the node's address (``ControlCore.set_address``) and the
   driver persists it, so a restarted node asks for it first.
 - **Host names.** The node registers ``name:<namespace>:<label>`` (the 4 bytes of its
@@ -114,6 +116,7 @@ class Addressing:
         )
         self.counters: Counter[str] = Counter()
         self._claims: dict[int, Claim] = {}  # DHT request id -> the DHCP claim it carries
+        self._deferred: list[Claim | Release] = []  # made before the overlay was joined
         self._lookups: dict[int, int] = {}  # DHT request id -> DNS lookup token
         self._names: dict[int, str] = {}  # DHT request id -> host label being registered
         self._other: set[int] = set()  # our DHT requests whose results need no action
@@ -309,7 +312,12 @@ class Addressing:
         dht = self.core.dht
         if self.dhcp is not None:
             self._tap_out += self.dhcp.reply_frames(self.settings.gateway_mac)
-            for request in self.dhcp.dht_requests():
+            self._deferred += self.dhcp.dht_requests()
+            if not self.core.joined:
+                requests = []  # a claim before the overlay is joined finds no replicas: wait
+            else:
+                requests, self._deferred = self._deferred, []
+            for request in requests:
                 if isinstance(request, Claim):
                     rid = dht.create(request.key, request.value, request.lease_s, now)
                     self._claims[rid] = request

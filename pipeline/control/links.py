@@ -293,24 +293,33 @@ class LinkManager:
 
     # -- links the driver asks for ---------------------------------------------------------------
 
-    def connect(self, target: Target, now: float, wall: float, node_id: bytes | None = None) -> int:
+    def connect(
+        self,
+        target: Target,
+        now: float,
+        wall: float,
+        node_id: bytes | None = None,
+        *,
+        want: bool = True,
+    ) -> int:
         """A link to whoever answers at ``target`` (an endpoint, or ``Via`` a node id), or to
         the node ``node_id`` if given (the peer must prove it is that node); its slot. An
         existing link to that endpoint or node is reused (and wanted again). The handshake is
-        XX: the peer's key is learnt from its certificate."""
+        XX: the peer's key is learnt from its certificate. ``want`` False: one handshake,
+        and the link is kept only if the driver (``want``) or the peer keeps it."""
         for link in self.links.values():
             same_node = node_id is not None and (
                 link.want_id == node_id
                 or (link.certificate is not None and link.certificate.node_id == node_id)
             )
             if same_node or (node_id is None and link.endpoint == target):
-                link.wanted = True
+                link.wanted = link.wanted or want
                 if not link.up and link.pending is None and now >= link.next_attempt:
                     self._initiate(link, now, wall)
                 return link.spec.slot
         link = self._new_link(target)
         link.want_id = node_id
-        link.wanted = True
+        link.wanted = want
         self._initiate(link, now, wall)
         return link.spec.slot
 

@@ -231,6 +231,10 @@ class ControlWorker(Worker):
                 self.core.confirm(msg.recv_index)
             elif isinstance(msg, messages.RekeyRequest) and self.core:
                 self.core.links.request_rekey(msg.slot)
+            elif isinstance(msg, messages.UnknownSession) and self.core:
+                host, _, port = msg.endpoint.rpartition(":")
+                if port.isdigit():
+                    self.core.unknown_session((host, int(port)), time.monotonic(), time.time())
             elif isinstance(msg, messages.RouteMiss) and self.core:
                 self._on_route_miss(msg)
             elif isinstance(msg, messages.DhtGetRequest):

@@ -63,6 +63,7 @@ _RELAY = DatagramType.RELAY
 _PLAIN_DATA = build_header(_DATA)
 _PLAIN_OVERLAY = build_header(_OVERLAY)
 _INDEX = struct.Struct("!I")
+UNKNOWN_SESSION_S = 2.0
 
 
 @dataclass(slots=True)
@@ -123,6 +124,7 @@ class OverlayIoWorker(Worker):
         self.relayed: dict[int, _Send] = {}  # end-to-end sessions (no endpoint) it owns
         self.relay_table = RelayTable(b"", ())
         self.keys_version = -1
+        self.unknown_told: dict[Address, float] = {}
         self.sent = self.sent_bytes = self.received = self.received_bytes = 0
         self.relay_sent = self.relay_forwarded = self.relay_delivered = 0
         self.control_pending = False  # RELAY records pushed to control since the last flush
@@ -304,12 +306,25 @@ class OverlayIoWorker(Worker):
         step = on_relay(self.relay_table, payload)
         if step.action is Action.DELIVER:
             self.relay_delivered += 1
-            self._open(memoryview(step.data), source)  # only DATA or OVERLAY (parse_relay)
+            self._open(memoryview(step.data), source, relayed=True)  # DATA or OVERLAY only
         elif step.action is Action.FORWARD:
             self.relay_forwarded += 1
             self._to_hop(step.hop, bytes(step.data))
         else:
             self.drops[step.reason] += 1
+
+    def _unknown_session(self, source: Address) -> None:
+        """A peer sends on a session we do not hold (we restarted, it did not notice): ask
+        control for a handshake with it, at most once every UNKNOWN_SESSION_S a source."""
+        now = time.monotonic()
+        if now - self.unknown_told.get(source, -UNKNOWN_SESSION_S) < UNKNOWN_SESSION_S:
+            return
+        if len(self.unknown_told) >= 1024:
+            self.unknown_told = {
+                s: t for s, t in self.unknown_told.items() if now - t < UNKNOWN_SESSION_S
+            }
+        self.unknown_told[source] = now
+        self.routes.tell(messages.UnknownSession(f"{source[0]}:{source[1]}"))
 
     def _ask_rekeys(self) -> None:
         now = time.monotonic()
@@ -353,7 +368,7 @@ class OverlayIoWorker(Worker):
                 p.flush()
         return count
 
-    def _open(self, datagram: memoryview, source: Address) -> None:
+    def _open(self, datagram: memoryview, source: Address, *, relayed: bool = False) -> None:
         if len(datagram) < HEADER_LEN or datagram[0] != VERSION:
             self.drops["short_datagram" if len(datagram) < HEADER_LEN else "bad_version"] += 1
             return
@@ -367,6 +382,8 @@ class OverlayIoWorker(Worker):
         entry = self.recv.get(_INDEX.unpack_from(datagram, 4)[0])
         if entry is None:
             self.drops["unknown_session"] += 1
+            if not relayed:
+                self._unknown_session(source)
             return
         try:
             payload = entry.session.open(datagram)
