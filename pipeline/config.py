@@ -119,6 +119,16 @@ class NetworkSettings:
     mode: Mode = _field(Mode.INTERFACE, doc="interface (a TAP on this machine) or router")
     mtu: int = _field(1400, check=_between(576, 9000), doc="MTU of the TAP device")
     device: str = _field("autovn0", check=_ifname, doc="name of the TAP device")
+    bridge: str | None = _field(
+        None, check=_ifname, doc="router mode: the segment's bridge the TAP becomes a port of"
+    )
+    create_bridge: bool = _field(False, doc="router mode: make the bridge if it is missing")
+    dhcp_port: int = _field(
+        67, check=_between(1, 65534), doc="DHCP server port (clients use it + 1); router mode"
+    )
+    allowed_macs: tuple[str, ...] = _field(
+        (), doc="router mode: the only machines served (empty: every MAC on the segment)"
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -372,6 +382,18 @@ def _cross_checks(s: Settings, problems: _Problems) -> None:
             problems.add(key, f"{addr} is not in network.subnet {net.subnet}")
         elif addr in (net.subnet.network_address, net.subnet.broadcast_address):
             problems.add(key, "must not be the subnet's network or broadcast address")
+    if net.mode is Mode.ROUTER:
+        if net.bridge is None:
+            problems.add("network.bridge", "is required in router mode (the segment's bridge)")
+        if net.address is not None:
+            problems.add("network.address", "a router has no address: its machines get theirs")
+    elif net.bridge is not None or net.allowed_macs or net.dhcp_port != 67:
+        problems.add("network.mode", "bridge, dhcp_port and allowed_macs are for router mode")
+    for i, mac in enumerate(net.allowed_macs):
+        if not re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}", mac):
+            problems.add(
+                f"network.allowed_macs[{i}]", f"must be a MAC like 02:00:5e:00:00:01, got {mac!r}"
+            )
     if net.address is not None:
         if net.address == gateway:
             problems.add("network.address", f"{gateway} is the virtual gateway's address")

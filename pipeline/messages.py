@@ -57,6 +57,8 @@ class RouteSnapshot(msgspec.Struct, tag=True, frozen=True):
     version: int
     peers: tuple[PeerRoute, ...]
     address: str = ""  # this node's virtual address ("": none yet, DHCP has not granted one)
+    # router mode: the machines behind this node, (address, MAC as 12 hex digits)
+    local: tuple[tuple[str, str], ...] = ()
 
 
 class SnapshotRequest(msgspec.Struct, tag=True, frozen=True):

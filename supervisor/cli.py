@@ -31,7 +31,7 @@ import msgspec
 import zmq
 
 from pipeline import messages
-from pipeline.config import Mode, Settings, load_settings
+from pipeline.config import Settings, load_settings
 from pipeline.crypto.keyfiles import KeyFileError, load_membership
 from pipeline.errors import ConfigError
 from pipeline.worker import CLI_SOCKET, CONTROL_SOCKET, endpoint
@@ -55,11 +55,6 @@ def _load(path: Path) -> Settings:
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _load(args.file)
     print(settings.to_json())
-    if settings.network.mode is Mode.ROUTER:
-        print(
-            "note: router mode is parsed but not implemented yet; `start` refuses it",
-            file=sys.stderr,
-        )
     return 0
 
 
@@ -67,9 +62,6 @@ def cmd_start(args: argparse.Namespace) -> int:
     from supervisor.node import NodeError, NodeSupervisor
 
     settings = _load(args.file)
-    if settings.network.mode is Mode.ROUTER:
-        print("router mode is not implemented yet (see configs/router.toml)", file=sys.stderr)
-        return EXIT_CONFIG
     sec = settings.security
     if sec.insecure_plaintext:
         print(

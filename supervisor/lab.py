@@ -220,6 +220,7 @@ def node_config(
     stages: dict[str, int] | None = None,
     security_lines: tuple[str, ...] = (),
     domain: str | None = None,
+    network_lines: tuple[str, ...] = (),
 ) -> Path:
     """Write a node's config (``root/<name>.toml``); ``ca`` None means
     ``insecure_plaintext`` (benchmarks of the pipeline). ``peers`` is TOML for static peers.
@@ -236,7 +237,8 @@ def node_config(
     seeds = ", ".join(f'"{b}:{PORT}"' for b in bootstrap)
     network = [f'address = "{virtual}"'] if virtual is not None else []
     network += [f'domain = "{domain}"'] if domain is not None else []
-    network_lines = "\n".join(network)
+    network += list(network_lines)
+    network_text = "\n".join(network)
     text = f"""
 [node]
 name = "{name}"
@@ -246,7 +248,7 @@ runtime_dir = "{root}/run"
 [network]
 namespace = "test"
 subnet = "{SUBNET}"
-{network_lines}
+{network_text}
 device = "{DEVICE}"
 mtu = 1400
 
@@ -477,6 +479,60 @@ def routed_nodes(
     return nodes
 
 
+@dataclass
+class Machine:
+    """A machine behind a router-mode node: a namespace on the segment, with a DHCP client."""
+
+    name: str
+    ns: Namespace
+    dhcp: DhcpClient
+    address: str = ""
+
+
+def router_segment(
+    testbed: Testbed,
+    tmp: Path,
+    machines: int = 3,
+    *,
+    dhcp_port: int = 1067,
+    allowed: tuple[int, ...] | None = None,
+    start: bool = True,
+) -> tuple[Node, Node, list[Machine]]:
+    """A router-mode node ``gw`` whose TAP is a port of the bridge ``br0`` of its namespace,
+    ``machines`` machine namespaces (m1, ...) on veths into that bridge, each with a DHCP
+    client pointed at ``dhcp_port``, and a remote node ``far`` in interface mode (DHCP on its
+    own TAP) across the underlay (198.18.0.1 far, 198.18.0.2 gw). ``allowed``: the machines
+    (1-based) in the router's ``allowed_macs`` (None: no list)."""
+    authority = Authority.create(tmp / "authority")
+    far_ns, gw_ns = testbed.namespace("far"), testbed.namespace("gw")
+    testbed.link(far_ns, gw_ns, "198.18.0.1/24", "198.18.0.2/24")
+    bridge = testbed.bridge(gw_ns, "br0")
+    segment = []
+    for i in range(machines):
+        ns = testbed.namespace(f"m{i + 1}")
+        testbed.attach(ns, gw_ns, bridge, None, ifname="eth0")
+        mac = f"02:00:5e:10:00:{i + 1:02x}"
+        ns.ip("link", "set", "dev", "eth0", "address", mac)
+        client = DhcpClient(ns, "eth0", tmp / f"m{i + 1}", f"m{i + 1}", server_port=dhcp_port)
+        segment.append(Machine(f"m{i + 1}", ns, client))
+    lines = ['mode = "router"', f'bridge = "{bridge}"', f"dhcp_port = {dhcp_port}"]
+    if allowed is not None:
+        macs = ", ".join(f'"02:00:5e:10:00:{i:02x}"' for i in allowed)
+        lines.append(f"allowed_macs = [{macs}]")
+    far = _member(far_ns, tmp, authority, "far", "198.18.0.1", None, first=True, stages={},
+                  domain=DOMAIN)  # fmt: skip
+    root = tmp / "gw"
+    cert = authority.certify(root / "state", "gw")
+    config = node_config(root, "gw", underlay="198.18.0.2", virtual=None, ca=authority.path,
+                         bootstrap=("198.18.0.1",), domain=DOMAIN,
+                         network_lines=tuple(lines))  # fmt: skip
+    gw = Node("gw", gw_ns, config, "", "198.18.0.2", root)
+    gw.extra["node_id"] = cert.node_id.hex()
+    if start:
+        _start_all([far, gw])
+    return gw, far, segment
+
+
 # ----------------------------------------------------------------------------------------------
 # a real DHCP client on a node's TAP
 
@@ -655,7 +711,11 @@ class DhcpClient:
     hooks (see ``_SCRIPT`` and ``_LAUNCH``).
     """
 
-    def __init__(self, ns: Namespace, device: str, root: Path, hostname: str) -> None:
+    def __init__(
+        self, ns: Namespace, device: str, root: Path, hostname: str, *, server_port: int = 67
+    ) -> None:
+        if not 1 <= server_port <= 65534:
+            raise ValueError(f"bad server port {server_port}")
         if not _HOSTNAME_RE.match(hostname):
             raise ValueError(f"bad host name {hostname!r}: one DNS label")
         if not _DEVICE_RE.match(device):
@@ -664,6 +724,7 @@ class DhcpClient:
         self.device = device
         self.root = root
         self.hostname = hostname
+        self.server_port = server_port  # the client's own port is this + 1 (dhclient -p)
         self.config_file = root / f"dhclient-{device}.conf"
         self.lease_file = root / f"dhclient-{device}.leases"
         self.pid_file = root / f"dhclient-{device}.pid"
@@ -694,7 +755,7 @@ class DhcpClient:
         return [
             unshare, "--uts", "--mount", "--propagation", "private", "--",
             "/bin/sh", "-c", _LAUNCH, "sh", self.hostname, str(self._no_hooks),
-            self._dhclient(), "-4", *options,
+            self._dhclient(), "-4", "-p", str(self.server_port + 1), *options,
             "-cf", str(self.config_file), "-lf", str(self.lease_file),
             "-pf", str(self.pid_file), "-sf", str(self.script), self.device,
         ]  # fmt: skip

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from ipaddress import IPv4Address, IPv4Network
+from types import MappingProxyType
 
 from pipeline.classifier.routes import Routes
 from pipeline.errors import RemoteProtocolError
 from pipeline.wire import arp, ethernet, ipv6
 
-__all__ = ["Action", "Classifier", "ClassifierStats", "DropReason", "Verdict"]
+__all__ = [
+    "DHCP_SERVER_PORT",
+    "INTERFACE",
+    "ROUTER",
+    "Action",
+    "Classifier",
+    "ClassifierStats",
+    "DropReason",
+    "LocalHosts",
+    "Verdict",
+]
 
 
 MAX_MISSES = 64
@@ -34,6 +45,13 @@ class DropReason(StrEnum):
     SPOOFED_SOURCE = "spoofed_source"
     WRONG_DESTINATION = "wrong_destination"
     BROADCAST = "broadcast"  # IPv4 broadcast or multicast
+    # Router mode only: the TAP is a port of a segment's bridge, and "local" means an address
+    # in the LocalHosts table (a machine on that segment).
+    ARP_LOCAL = "arp_local"  # for a local machine: it answers for itself on the segment
+    ARP_FOREIGN_SENDER = "arp_foreign_sender"  # asked by an address that is not local
+    NOT_LEASED = "not_leased"  # IPv4 from a source that is not local: the segment's own traffic
+    SPOOFED_LOCAL = "spoofed_local"  # a local source address from a MAC that is not its own
+    LOCAL_TO_LOCAL = "local_to_local"  # between two local machines: they talk on the segment
 
 
 class Action(IntEnum):
@@ -56,6 +74,9 @@ class ClassifierStats:
     routes_version: int
     routes: int  # addresses routed
     routes_ignored: int  # addresses in the table that cannot be a peer's (see apply_routes)
+    local_version: int  # router mode: the LocalHosts table in use (0 before the first)
+    local_hosts: int  # local addresses in use
+    local_ignored: int  # addresses in that table that cannot be local (see apply_local)
     from_inside: int
     from_outside: int
     actions: dict[Action, int]
@@ -76,6 +97,43 @@ _ETHERTYPE_ARP = ethernet.ETHERTYPE_ARP
 _ETHERTYPE_IPV6 = ethernet.ETHERTYPE_IPV6
 _MULTICAST_TOP_NIBBLE = 0xE  # 224.0.0.0/4
 _LIMITED_BROADCAST = 0xFFFFFFFF
+_NO_ADDRESS4 = b"\0\0\0\0"
+
+INTERFACE = "interface"
+ROUTER = "router"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalHosts:
+    """Router mode: the machines behind this node's TAP, at one version of control's leases.
+
+    ``macs`` maps each local virtual address (4 packed bytes) to its machine's MAC (6 bytes).
+    Build it with ``from_leases``, which validates and copies into a read-only mapping.
+    """
+
+    version: int
+    macs: Mapping[bytes, bytes]
+
+    @classmethod
+    def from_leases(cls, version: int, leases: Iterable[tuple[IPv4Address, bytes]]) -> LocalHosts:
+        """Build from (address, MAC) pairs: the leases, and any allowed static addresses.
+
+        A machine may hold several addresses; an address has one machine. Raises
+        ``ValueError`` for a MAC that is not 6 bytes or is a group or all-zero MAC, or an
+        address given with two MACs; ``TypeError`` for an address that is not an
+        ``IPv4Address``.
+        """
+        table: dict[bytes, bytes] = {}
+        for address, mac in leases:
+            if not isinstance(address, IPv4Address):
+                raise TypeError(f"not an IPv4Address: {address!r}")
+            mac = bytes(mac)
+            if len(mac) != ethernet.MAC_LEN or mac[0] & 1 or not any(mac):
+                raise ValueError(f"not a unicast MAC for {address}: {mac.hex(':')}")
+            known = table.setdefault(address.packed, mac)
+            if known != mac:
+                raise ValueError(f"{address} given to {known.hex(':')} and {mac.hex(':')}")
+        return cls(version, MappingProxyType(table))
 
 
 class Classifier:
@@ -84,6 +142,13 @@ class Classifier:
     The IPv4 paths touch only raw bytes: a route is one dict probe keyed by the 4 packed
     address bytes (``apply_routes`` keeps only addresses in the subnet, so a hit needs no
     further check); the ``int & mask`` subnet test runs only to name the reason for a miss.
+
+    Interface mode: the TAP is this machine's, with one address (``set_address``). Router
+    mode: the TAP is a port of a segment's bridge, and the machines there are the local
+    hosts (``apply_local``: address -> MAC). ARP is answered only for a local machine asking
+    for a remote virtual address; only local machines, from their own MACs, reach the
+    overlay, and a peer reaches only them (the frame goes to the machine's MAC); traffic
+    between local machines and the segment's own traffic are dropped.
     """
 
     def __init__(
@@ -94,7 +159,20 @@ class Classifier:
         tap_mac: bytes,
         gateway_mac: bytes,
         gateway: IPv4Address | None = None,
+        mode: str = INTERFACE,
+        dhcp_port: int = DHCP_SERVER_PORT,
     ) -> None:
+        """``mode``: ``"interface"`` (the TAP is this machine's: frames go to and come from
+        ``address``) or ``"router"`` (the TAP is a port of a segment's bridge: frames go to
+        and come from the machines of ``apply_local``'s table; ``address`` must be None).
+        ``dhcp_port``: the UDP port whose datagrams from the TAP go to control's DHCP server.
+        """
+        if mode != INTERFACE and mode != ROUTER:
+            raise ValueError(f"mode must be {INTERFACE!r} or {ROUTER!r}, got {mode!r}")
+        if type(dhcp_port) is not int or not 1 <= dhcp_port <= 0xFFFF:
+            raise ValueError(f"dhcp_port {dhcp_port!r} outside 1..65535")
+        self._router = mode == ROUTER
+        self._dhcp_port = dhcp_port
         for name, mac in (("tap_mac", tap_mac), ("gateway_mac", gateway_mac)):
             if len(mac) != ethernet.MAC_LEN:
                 raise ValueError(f"{name} must be {ethernet.MAC_LEN} bytes, got {len(mac)}")
@@ -111,6 +189,15 @@ class Classifier:
         self._routes_ignored = 0
         no_routes: dict[bytes, int] = {}
         self._route_get: Callable[[bytes], int | None] = no_routes.get
+        self._local = LocalHosts(0, MappingProxyType({}))
+        self._local_macs: dict[bytes, bytes] = {}  # the usable part of self._local
+        self._local_get = self._local_macs.get
+        no_headers: dict[bytes, bytes] = {}  # local address -> Ethernet header of frames to it
+        self._local_header_get: Callable[[bytes], bytes | None] = no_headers.get
+        if self._router:
+            # Router mode has its own entry points, so interface mode's stay as they are.
+            self.from_inside = self._router_from_inside  # type: ignore[method-assign]
+            self.from_outside = self._router_from_outside  # type: ignore[method-assign]
         # Counters: one increment per call on the hot paths; drops are per direction.
         self._to_peer = 0
         self._to_control = 0
@@ -123,8 +210,13 @@ class Classifier:
         self._misses: set[bytes] = set()  # addresses in the subnet that found no route
 
     def set_address(self, address: IPv4Address | None) -> None:
-        """This node's virtual address (None: not known yet, the TAP waits for DHCP)."""
+        """This node's virtual address (None: not known yet, the TAP waits for DHCP).
+
+        Router mode: always None (the local addresses are ``apply_local``'s).
+        """
         subnet = self._subnet
+        if address is not None and self._router:
+            raise ValueError("a router has no address of its own: local addresses are leases")
         if address is not None and address not in subnet:
             raise ValueError(f"address {address} is not in subnet {subnet}")
         if (
@@ -134,11 +226,19 @@ class Classifier:
         ):
             raise ValueError(f"address {address} is the network or broadcast address of {subnet}")
         self._address = address
-        self._address4 = address.packed if address is not None else b"\0\0\0\0"
+        self._address4 = address.packed if address is not None else _NO_ADDRESS4
 
     @property
     def address(self) -> IPv4Address | None:
         return self._address
+
+    @property
+    def mode(self) -> str:
+        return ROUTER if self._router else INTERFACE
+
+    @property
+    def dhcp_port(self) -> int:
+        return self._dhcp_port
 
     def take_misses(self) -> set[bytes]:
         """The packed addresses in the subnet without a route since the last call (frames to
@@ -154,23 +254,51 @@ class Classifier:
     def apply_routes(self, routes: Routes) -> None:
         """Use ``routes`` from now on (control published a new table).
 
-        Addresses that cannot be a peer's -- outside the subnet, our own, the subnet's network
-        or broadcast address -- are left out (counted in ``statistics().routes_ignored``), so
-        the hot paths need no further address checks.
+        Addresses that cannot be a peer's -- outside the subnet, our own (in router mode: a
+        local machine's), the subnet's network or broadcast address -- are left out (counted
+        in ``statistics().routes_ignored``), so the hot paths need no further address checks.
         """
+        self._routes = routes
+        self._use_routes()
+
+    def _use_routes(self) -> None:
         usable: dict[bytes, int] = {}
-        for address4, slot in routes.items():
-            value = int.from_bytes(address4, "big")
+        local = self._local_macs
+        for address4, slot in self._routes.items():
             if (
-                value & self._mask == self._network
+                self._is_host(int.from_bytes(address4, "big"))
                 and address4 != self._address4
-                and value != self._subnet_broadcast
-                and not (self._subnet_broadcast >= 0 and value == self._network)
+                and address4 not in local
             ):
                 usable[address4] = slot
-        self._routes = routes
-        self._routes_ignored = len(routes) - len(usable)
+        self._routes_ignored = len(self._routes) - len(usable)
         self._route_get = usable.get
+
+    @property
+    def local(self) -> LocalHosts:
+        return self._local
+
+    def apply_local(self, local: LocalHosts) -> None:
+        """Router mode: use ``local`` (the machines on the segment) from now on.
+
+        Addresses that cannot be a machine's -- outside the subnet, the subnet's network or
+        broadcast address, the gateway -- are left out (``statistics().local_ignored``).
+        Routes to local addresses are ignored while they are local. Interface mode takes
+        only an empty table (its one local address is ``set_address``'s).
+        """
+        if not self._router and len(local.macs):
+            raise ValueError("interface mode has no local hosts but its own address")
+        macs: dict[bytes, bytes] = {}
+        headers: dict[bytes, bytes] = {}
+        for address4, mac in local.macs.items():
+            if self._is_host(int.from_bytes(address4, "big")) and address4 != self._gateway4:
+                macs[address4] = mac
+                headers[address4] = ethernet.build(mac, self._gateway_mac, 0x0800)
+        self._local = local
+        self._local_macs = macs
+        self._local_get = macs.get
+        self._local_header_get = headers.get
+        self._use_routes()
 
     def from_inside(self, frame: memoryview) -> Verdict:
         """Classify a frame read from the TAP (Ethernet header first).
@@ -252,6 +380,9 @@ class Classifier:
             routes_version=self._routes.version,
             routes=len(self._routes) - self._routes_ignored,
             routes_ignored=self._routes_ignored,
+            local_version=self._local.version,
+            local_hosts=len(self._local_macs),
+            local_ignored=len(self._local.macs) - len(self._local_macs),
             from_inside=self._to_peer
             + self._inside_to_tap
             + self._to_control
@@ -279,6 +410,14 @@ class Classifier:
         self._outside_drops[reason] += 1
         return _DROP[reason]
 
+    def _is_host(self, address: int) -> bool:
+        """In the subnet, and neither its network nor its broadcast address."""
+        return (
+            address & self._mask == self._network
+            and address != self._subnet_broadcast
+            and not (self._subnet_broadcast >= 0 and address == self._network)
+        )
+
     def _is_broadcast(self, address: int) -> bool:
         return (
             address >> 28 == _MULTICAST_TOP_NIBBLE
@@ -294,7 +433,7 @@ class Classifier:
         udp_at = 14 + header_length
         if frame[23] == _UDP and total >= header_length + 8:
             dst_port = frame[udp_at + 2] << 8 | frame[udp_at + 3]
-            if dst_port == DHCP_SERVER_PORT:
+            if dst_port == self._dhcp_port:
                 self._to_control += 1
                 return (_TO_CONTROL, 0, frame[: 14 + total])
             if dst4 == self._gateway4 and dst_port == DNS_PORT:
@@ -342,9 +481,139 @@ class Classifier:
             return self._drop_inside(DropReason.ARP_OWN_ADDRESS)
         if int(request.sender_ip) == 0:
             return self._drop_inside(DropReason.ARP_PROBE)
+        return self._arp_reply(request)
+
+    def _arp_reply(self, request: arp.ArpPacket) -> Verdict:
+        """The reply to ``request``: its target is at the gateway MAC."""
         reply = arp.build_reply(request, self._gateway_mac)
         frame_out = ethernet.build(
             request.sender_mac, self._gateway_mac, _ETHERTYPE_ARP, arp.build(reply)
         )
         self._inside_to_tap += 1
         return (_TO_TAP, 0, frame_out)
+
+    # -- router mode: the TAP is a port of a segment's bridge ------------------------------
+    # The two entry points repeat the header checks of interface mode's on purpose: a helper
+    # shared with them would cost interface mode a call per frame.
+
+    def _router_from_inside(self, frame: memoryview) -> Verdict:
+        """``from_inside`` in router mode: only a local machine, from its own MAC, reaches
+        the overlay, and only to a remote address; the verdicts are interface mode's."""
+        try:
+            n = len(frame)
+            if n < 14:
+                return self._drop_inside(DropReason.MALFORMED)
+            ethertype = frame[12] << 8 | frame[13]
+            if ethertype != 0x0800:
+                if ethertype == _ETHERTYPE_ARP:
+                    return self._router_arp(frame)
+                return self._inside_not_ipv4(frame, ethertype)
+            if n < 34:
+                return self._drop_inside(DropReason.MALFORMED)
+            vihl = frame[14]
+            header_length = (vihl & 0x0F) << 2
+            total = frame[16] << 8 | frame[17]
+            if vihl >> 4 != 4 or header_length < 20 or total < header_length or total > n - 14:
+                return self._drop_inside(DropReason.MALFORMED)
+            dst4 = frame[30:34].tobytes()
+            slot = self._route_get(dst4)
+            if slot is not None:
+                source_mac = self._local_get(frame[26:30].tobytes())
+                if frame[6:12].tobytes() == source_mac:  # a local machine, from its own MAC
+                    self._to_peer += 1
+                    return (_TO_PEER, slot, frame[14 : 14 + total])
+            return self._router_not_routed(frame, dst4, header_length, total)
+        except RemoteProtocolError:
+            return self._drop_inside(DropReason.MALFORMED)
+
+    def _router_from_outside(self, peer: int, packet: memoryview) -> Verdict:
+        """``from_outside`` in router mode: to a local machine only, framed to its MAC."""
+        try:
+            n = len(packet)
+            if n < 20:
+                return self._drop_outside(DropReason.MALFORMED)
+            vihl = packet[0]
+            header_length = (vihl & 0x0F) << 2
+            total = packet[2] << 8 | packet[3]
+            if vihl >> 4 != 4 or header_length < 20 or total < header_length or total > n:
+                return self._drop_outside(DropReason.MALFORMED)
+            src4 = packet[12:16].tobytes()
+            owner = self._route_get(src4)
+            header = self._local_header_get(packet[16:20].tobytes())
+            if owner != peer:
+                if (
+                    owner is None
+                    and header is not None
+                    and int.from_bytes(src4, "big") & self._mask == self._network
+                    and src4 not in self._local_macs
+                ):
+                    self._to_verify += 1  # a sender we have not resolved yet: control checks
+                    return (_VERIFY, peer, packet[:total])
+                return self._drop_outside(DropReason.SPOOFED_SOURCE)
+            if header is None:
+                if self._is_broadcast(int.from_bytes(packet[16:20], "big")):
+                    return self._drop_outside(DropReason.BROADCAST)
+                return self._drop_outside(DropReason.WRONG_DESTINATION)
+            self._outside_to_tap += 1
+            if total == n:
+                return (_TO_TAP, 0, header + packet)
+            return (_TO_TAP, 0, header + packet[:total])
+        except RemoteProtocolError:
+            return self._drop_outside(DropReason.MALFORMED)
+
+    def _router_not_routed(
+        self, frame: memoryview, dst4: bytes, header_length: int, total: int
+    ) -> Verdict:
+        """The cold path of a router's packet from the TAP: DHCP from anyone; from a local
+        machine, DNS at the gateway or an address to resolve; else a drop."""
+        dst_port = -1
+        if frame[23] == _UDP and total >= header_length + 8:
+            udp_at = 14 + header_length
+            dst_port = frame[udp_at + 2] << 8 | frame[udp_at + 3]
+            if dst_port == self._dhcp_port:
+                self._to_control += 1
+                return (_TO_CONTROL, 0, frame[: 14 + total])
+        mac = self._local_get(frame[26:30].tobytes())
+        if mac is None:
+            return self._drop_inside(DropReason.NOT_LEASED)
+        if frame[6:12].tobytes() != mac:
+            return self._drop_inside(DropReason.SPOOFED_LOCAL)
+        if dst4 == self._gateway4:
+            if dst_port == DNS_PORT:
+                self._to_control += 1
+                return (_TO_CONTROL, 0, frame[: 14 + total])
+            return self._drop_inside(DropReason.TO_GATEWAY)
+        if dst4 in self._local_macs:
+            return self._drop_inside(DropReason.LOCAL_TO_LOCAL)
+        dst = int.from_bytes(dst4, "big")
+        if self._is_broadcast(dst):
+            return self._drop_inside(DropReason.BROADCAST)
+        if dst & self._mask != self._network:
+            return self._drop_inside(DropReason.NOT_IN_SUBNET)
+        if dst == self._network and self._subnet_broadcast >= 0:
+            return self._drop_inside(DropReason.NO_ROUTE)  # the subnet's own address
+        self._to_resolve += 1
+        return (_RESOLVE, 0, frame[14 : 14 + total])
+
+    def _router_arp(self, frame: memoryview) -> Verdict:
+        """ARP on the segment: answered with the gateway MAC only when a local machine asks
+        for a remote virtual address (or the gateway); machines answer for themselves."""
+        request = arp.parse(frame[ethernet.HEADER_LEN :])
+        if request.op != arp.ArpOp.REQUEST:
+            return self._drop_inside(DropReason.ARP_REPLY)
+        target4 = request.target_ip.packed
+        if not self._is_host(int.from_bytes(target4, "big")):
+            return self._drop_inside(DropReason.ARP_NOT_FOR_SUBNET)
+        if target4 in self._local_macs:
+            return self._drop_inside(DropReason.ARP_LOCAL)
+        sender4 = request.sender_ip.packed
+        if sender4 == target4:
+            return self._drop_inside(DropReason.ARP_OWN_ADDRESS)  # gratuitous
+        if sender4 == _NO_ADDRESS4:
+            return self._drop_inside(DropReason.ARP_PROBE)
+        mac = self._local_get(sender4)
+        if mac is None:
+            return self._drop_inside(DropReason.ARP_FOREIGN_SENDER)
+        if mac != request.sender_mac:
+            return self._drop_inside(DropReason.SPOOFED_LOCAL)
+        return self._arp_reply(request)

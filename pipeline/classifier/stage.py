@@ -13,9 +13,9 @@ from ipaddress import IPv4Address
 from typing import Any
 
 from pipeline import messages
-from pipeline.classifier.classify import Action, Classifier
+from pipeline.classifier.classify import Action, Classifier, LocalHosts
 from pipeline.classifier.routes import Routes, worker_for_flow, worker_for_peer
-from pipeline.config import GATEWAY_MAC
+from pipeline.config import GATEWAY_MAC, Mode
 from pipeline.records import RecordKind
 from pipeline.route_feed import RouteFeed
 from pipeline.shm_ring import Consumer, Producer
@@ -36,7 +36,10 @@ class ClassifierWorker(Worker):
             tap_mac=s.tap_mac,
             gateway_mac=GATEWAY_MAC,
             gateway=s.gateway_address,
+            mode=s.network.mode.value,
+            dhcp_port=s.network.dhcp_port,
         )
+        self.router = s.network.mode is Mode.ROUTER
         taps = s.stages.tap_reader.queues
         ios = s.stages.overlay_io.workers
         me = self.index
@@ -67,6 +70,14 @@ class ClassifierWorker(Worker):
                 self.log.error("address_rejected", address=snap.address, error=str(exc))
             else:
                 self.log.info("address_applied", address=snap.address or None)
+        if self.router:
+            try:
+                local = LocalHosts.from_leases(
+                    snap.version, [(IPv4Address(a), bytes.fromhex(m)) for a, m in snap.local]
+                )
+                self.core.apply_local(local)
+            except ValueError as exc:
+                self.log.error("machines_rejected", error=str(exc))
         peers = [(p.slot, [IPv4Address(a) for a in p.addresses]) for p in snap.peers]
         self.core.apply_routes(Routes.from_peers(snap.version, peers))
 

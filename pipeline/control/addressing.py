@@ -81,6 +81,10 @@ class AddressingSettings:
     mtu: int
     dhcp: bool  # no static address: serve DHCP to the TAP
     dhcp_lease_s: int = 3600
+    router: bool = False  # the TAP is a port of a segment: one lease per machine (MAC)
+    dhcp_port: int = 67
+    allowed_macs: frozenset[bytes] | None = None  # router mode: the only machines served
+    max_machines: int = 1024
 
 
 class Addressing:
@@ -106,6 +110,9 @@ class Addressing:
                     domain=s.domain,
                     mtu=s.mtu,
                     lease_s=s.dhcp_lease_s,
+                    server_port=s.dhcp_port,
+                    max_clients=s.max_machines if s.router else 1,
+                    allowed_macs=s.allowed_macs,
                 ),
                 rng=random.Random(rng.getrandbits(64)),
             )
@@ -121,15 +128,16 @@ class Addressing:
         self._names: dict[int, str] = {}  # DHT request id -> host label being registered
         self._other: set[int] = set()  # our DHT requests whose results need no action
         self._registered: dict[str, IPv4Address] = {}  # host label -> address registered
+        # router mode: the machines behind this node, by leased address
+        self.machines: dict[IPv4Address, Machine] = {}
+        self.machines_version = 0
+        self._restored: list[tuple[bytes, IPv4Address]] = []  # records to renew once joined
         self._hostname: str | None = None  # the DHCP client's host name
         self._waiting: dict[IPv4Address, deque[tuple[float, bytes]]] = {}
         self._unknown: dict[IPv4Address, deque[tuple[float, int, bytes]]] = {}
         self._tap_out: list[bytes] = []
         self._send_out: list[tuple[int, bytes]] = []
         self._events: list[CoreEvent] = []
-        self._to_tap_header = ethernet.build(
-            settings.tap_mac, settings.gateway_mac, ethernet.ETHERTYPE_IPV4
-        )
         self._icmp_window = 0.0
         self._icmp_sent = 0
         self._now = 0.0
@@ -165,6 +173,16 @@ class Addressing:
             "dns": self.dns.statistics(),
             "names": {label: str(a) for label, a in self._registered.items()},
         }
+        if self.settings.router:
+            out["machines"] = [
+                {
+                    "address": str(m.address),
+                    "mac": m.mac.hex(":"),
+                    "hostname": m.hostname,
+                    "lease_age_s": round(self._now - m.since, 1),
+                }
+                for m in sorted(self.machines.values(), key=lambda m: m.address)
+            ]
         if self.dhcp is not None:
             out["dhcp"] = self.dhcp.statistics()
             out["leases"] = [
@@ -187,7 +205,7 @@ class Addressing:
         except RemoteProtocolError as exc:
             self.counters[f"dropped_{exc.reason}"] += 1
             return
-        if header.dst_port == 67:
+        if header.dst_port == self.settings.dhcp_port:
             if self.dhcp is None:
                 self.counters["dhcp_not_served"] += 1  # a static address: no DHCP here
                 return
@@ -297,6 +315,7 @@ class Addressing:
         if due is not None and due <= now:
             self.dns.handle_timer(now)
         self._expire_waiting(now)
+        self._forget_restored(now)
         for src, held in list(self._unknown.items()):
             while held and now - held[0][0] > WAIT_S:
                 held.popleft()
@@ -317,6 +336,12 @@ class Addressing:
                 requests = []  # a claim before the overlay is joined finds no replicas: wait
             else:
                 requests, self._deferred = self._deferred, []
+            if self.core.joined:
+                for key, _ in self._restored:
+                    lease = float(self.settings.dhcp_lease_s)
+                    self._other.add(dht.create(key, self.core.identity.node_id, lease, now))
+                    self.counters["restored_records_renewed"] += 1
+                self._restored = []
             for request in requests:
                 if isinstance(request, Claim):
                     rid = dht.create(request.key, request.value, request.lease_s, now)
@@ -343,6 +368,9 @@ class Addressing:
             self.dhcp.claim_failed(claim.token, claim.address, now)
 
     def _on_dhcp_event(self, event: object) -> None:
+        if self.settings.router:
+            self._on_machine_event(event)
+            return
         if isinstance(event, LeaseGranted):
             self._hostname = host_label(event.hostname) if event.hostname else None
             self.core.set_address(event.address)
@@ -371,6 +399,91 @@ class Addressing:
         else:
             self.counters[f"dhcp_{type(event).__name__}"] += 1
 
+    def _on_machine_event(self, event: object) -> None:
+        """Router mode: a lease is a machine behind this node, not the node's address."""
+        if isinstance(event, LeaseGranted):
+            label = host_label(event.hostname) if event.hostname else None
+            old = self.machines.get(event.address)
+            self.machines[event.address] = Machine(
+                event.address, event.mac, label, self._now if old is None else old.since,
+                event.client_id,
+            )  # fmt: skip
+            self.machines_version += 1
+            self._events.append(
+                CoreEvent(
+                    "machine_leased",
+                    {
+                        "address": str(event.address),
+                        "mac": event.mac.hex(":"),
+                        "hostname": event.hostname,
+                    },
+                )
+            )
+            if label is not None:
+                self._register(label, event.address)
+        elif isinstance(event, LeaseRenewed):
+            self.counters["leases_renewed"] += 1
+            machine = self.machines.get(event.address)
+            if machine is not None:
+                machine.renewed = self._now
+                machine.restored = False
+        elif isinstance(event, LeaseReleased | LeaseExpired | LeaseRevoked):
+            if self.machines.pop(event.address, None) is not None:
+                self.machines_version += 1
+            self._events.append(
+                CoreEvent(
+                    "machine_gone",
+                    {
+                        "address": str(event.address),
+                        "mac": event.mac.hex(":"),
+                        "why": type(event).__name__[5:].lower(),
+                    },
+                )
+            )
+        else:
+            self.counters[f"dhcp_{type(event).__name__}"] += 1
+
+    def _forget_restored(self, now: float) -> None:
+        """A restored machine whose client did not renew within a lease: it is gone."""
+        lease = self.settings.dhcp_lease_s
+        for address, m in list(self.machines.items()):
+            if m.restored and now - m.since > lease and now - m.renewed > lease:
+                del self.machines[address]
+                self.machines_version += 1
+                key = f"ip:{self.settings.namespace}:{address}".encode()
+                self._other.add(self.core.dht.delete(key, now))
+                self._events.append(
+                    CoreEvent("machine_gone", {"address": str(address), "mac": m.mac.hex(":"),
+                                               "why": "not_back"})
+                )  # fmt: skip
+
+    def is_local(self, address: IPv4Address) -> bool:
+        """Is ``address`` this node's (interface mode) or a machine's behind it (router)?"""
+        if self.settings.router:
+            return address in self.machines
+        return address == self.core.address
+
+    def mac_of(self, address: IPv4Address) -> bytes:
+        """The MAC frames to a local address go to: the machine's, or the TAP's."""
+        machine = self.machines.get(address)
+        return machine.mac if machine is not None else self.settings.tap_mac
+
+    def restore(self, machines: list[Machine]) -> None:
+        """Router mode, after a restart: the machines that held leases. They keep their
+        addresses (their clients renew later, or ask for the same one): traffic flows at
+        once, and each address record is renewed as soon as the node has joined. A machine
+        whose client does not come back within a lease is forgotten."""
+        if self.dhcp is None:
+            return
+        for machine in machines:
+            self.dhcp.preferred(machine.address, machine.client_id)
+            machine.restored = True
+            self.machines[machine.address] = machine
+            key = f"ip:{self.settings.namespace}:{machine.address}".encode()
+            self._restored.append((key, machine.address))
+        if machines:
+            self.machines_version += 1
+
     def register_names(self) -> None:
         """Register this node's host names for its current address (after it changes)."""
         self._register_names()
@@ -382,12 +495,15 @@ class Addressing:
             return
         labels = {host_label(self.settings.node_name), self._hostname} - {None}
         for label in sorted(label for label in labels if label is not None):
-            if self._registered.get(label) == address:
-                continue
-            self._registered[label] = address
-            key = host_key(self.settings.namespace, label)
-            rid = self.core.dht.create(key, address.packed, NAME_LEASE_S, self._now)
-            self._names[rid] = label
+            self._register(label, address)
+
+    def _register(self, label: str, address: IPv4Address) -> None:
+        if self._registered.get(label) == address:
+            return
+        self._registered[label] = address
+        key = host_key(self.settings.namespace, label)
+        rid = self.core.dht.create(key, address.packed, NAME_LEASE_S, self._now)
+        self._names[rid] = label
 
     def _dns_frame(self, response: bytes, client: Client) -> bytes:
         ip, port, mac = client
@@ -406,10 +522,12 @@ class Addressing:
             for _, came_on, packet in self._unknown.pop(src):
                 if slot != came_on:
                     self.counters["dropped_spoofed_source"] += 1
-                elif self.core.address is None or packet[16:20] != self.core.address.packed:
+                elif not self.is_local(IPv4Address(packet[16:20])):
                     self.counters["dropped_not_for_us"] += 1
                 else:
-                    self._tap_out.append(self._to_tap_header + packet)
+                    mac = self.mac_of(IPv4Address(packet[16:20]))
+                    header = ethernet.build(mac, self.settings.gateway_mac, ethernet.ETHERTYPE_IPV4)
+                    self._tap_out.append(header + packet)
                     self.counters["packets_delivered_after_verification"] += 1
 
     def _flush_waiting(self) -> None:
@@ -447,10 +565,23 @@ class Addressing:
             src=self.settings.gateway, dst=sender, protocol=ipv4.Protocol.ICMP, payload=bytes(icmp)
         )
         frame = ethernet.build(
-            self.settings.tap_mac, self.settings.gateway_mac, ethernet.ETHERTYPE_IPV4, reply
+            self.mac_of(sender), self.settings.gateway_mac, ethernet.ETHERTYPE_IPV4, reply
         )
         self._tap_out.append(frame)
         self.counters["icmp_unreachable_sent"] += 1
+
+
+@dataclasses.dataclass(slots=True)
+class Machine:
+    """Router mode: a machine behind this node, with the address leased to it."""
+
+    address: IPv4Address
+    mac: bytes
+    hostname: str | None
+    since: float
+    client_id: bytes
+    renewed: float = 0.0
+    restored: bool = False  # from the state directory after a restart, not yet renewed
 
 
 def _address_of(event: GetResult) -> IPv4Address | None:

@@ -24,6 +24,7 @@ the configured endpoints (for measuring the pipeline alone).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -35,8 +36,8 @@ import zmq
 
 from pipeline import messages
 from pipeline.classifier.routes import worker_for_peer
-from pipeline.config import GATEWAY_MAC
-from pipeline.control.addressing import Addressing, AddressingSettings
+from pipeline.config import GATEWAY_MAC, Mode
+from pipeline.control.addressing import Addressing, AddressingSettings, Machine
 from pipeline.control.core import ControlCore, CoreEvent
 from pipeline.control.dht import CreateResult, GetResult, key_position
 from pipeline.control.links import EventKind, LinkEvent, LinkSettings, PeerSpec, Via
@@ -49,6 +50,7 @@ from pipeline.records import ENDPOINT_LEN, RecordKind, pack_endpoint, unpack_end
 from pipeline.worker import CONTROL_PUB_SOCKET, CONTROL_SOCKET, Worker, endpoint, ring_name
 
 ADDRESS_FILE = "address"  # in state_dir: the address DHCP last granted, asked for first
+LEASES_FILE = "leases.json"  # router mode: each machine's address, kept across restarts
 REPUBLISH_S = 2.0
 CORE_TICK_S = 0.1
 REVOCATION_CHECK_S = 1.0
@@ -172,10 +174,19 @@ class ControlWorker(Worker):
                 gateway_mac=GATEWAY_MAC,
                 mtu=s.network.mtu,
                 dhcp=s.dhcp,
+                router=s.network.mode is Mode.ROUTER,
+                dhcp_port=s.network.dhcp_port,
+                allowed_macs=frozenset(
+                    bytes.fromhex(m.replace(":", "")) for m in s.network.allowed_macs
+                )
+                or None,
             ),
             rng=random.Random(os.urandom(16)),
             preferred=self._held_address() if s.dhcp else None,
         )
+        self.machines_saved = 0
+        if s.network.mode is Mode.ROUTER:
+            self.addressing.restore(self._held_leases())
         if not s.dhcp:
             self.addressing.register_names()
         self.log.info(
@@ -204,8 +215,11 @@ class ControlWorker(Worker):
                 for r in self.core.routes()
             )
         address = self.core.address if self.core is not None else self.settings.network.address
+        local: tuple[tuple[str, str], ...] = ()
+        if self.addressing is not None and self.addressing.settings.router:
+            local = tuple((str(m.address), m.mac.hex()) for m in self.addressing.machines.values())
         return messages.RouteSnapshot(
-            self.epoch, self.version, peers, str(address) if address else ""
+            self.epoch, self.version, peers, str(address) if address else "", local
         )
 
     def _publish(self) -> None:
@@ -365,6 +379,46 @@ class ControlWorker(Worker):
         except (OSError, ValueError):
             return None
 
+    def _held_leases(self) -> list[Machine]:
+        """Router mode: the machines that held leases before this start."""
+        now = time.monotonic()
+        try:
+            data = json.loads((self.settings.node.state_dir / LEASES_FILE).read_text())
+            return [
+                Machine(
+                    IPv4Address(m["address"]),
+                    bytes.fromhex(m["mac"]),
+                    m.get("hostname"),
+                    now,
+                    bytes.fromhex(m["client_id"]),
+                )
+                for m in data
+            ]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            if not isinstance(exc, FileNotFoundError):
+                self.log.warning("leases_not_restored", error=str(exc))
+            return []
+
+    def _hold_leases(self) -> None:
+        assert self.addressing is not None
+        machines = self.addressing.machines.values()
+        data = [
+            {
+                "address": str(m.address),
+                "mac": m.mac.hex(),
+                "hostname": m.hostname,
+                "client_id": m.client_id.hex(),
+            }
+            for m in machines
+        ]
+        path = self.settings.node.state_dir / LEASES_FILE
+        try:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, path)
+        except OSError as exc:
+            self.log.error("leases_not_saved", error=str(exc))
+
     def _hold_address(self, address: str) -> None:
         path = self.settings.node.state_dir / ADDRESS_FILE
         try:
@@ -402,6 +456,11 @@ class ControlWorker(Worker):
             for p in self.to_classifier:
                 p.flush()
             self._drain_core(core)  # what the addressing core's DHT requests made
+            if addressing.machines_version != self.machines_saved:
+                self.machines_saved = addressing.machines_version
+                self._hold_leases()
+                self.version += 1  # the classifier learns the machines with the routes
+                self._publish()
         if links.sessions_version != self.keys_sent_version:
             self.keys_sent_version = links.sessions_version
             for ident in self.io_workers:

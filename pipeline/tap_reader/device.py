@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import subprocess
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 from typing import Protocol
@@ -64,6 +66,20 @@ class LinuxTap:
         except (pytun.Error, OSError) as exc:
             raise StageIOError(f"cannot configure TAP {self.name}: {exc}") from exc
 
+    def attach_to_bridge(self, bridge: str, *, create: bool) -> bool:
+        """Router mode: make the device a port of ``bridge`` (made first, up, if ``create``
+        and it is missing). True if this call made the bridge. Idempotent."""
+        made = False
+        if not _link_exists(bridge):
+            if not create:
+                raise StageIOError(f"no bridge {bridge} (set network.create_bridge to make it)")
+            _ip("link", "add", bridge, "type", "bridge")
+            _ip("link", "set", "dev", bridge, "up")
+            made = True
+        _ip("link", "set", "dev", self.name, "master", bridge)
+        _ip("link", "set", "dev", self.name, "up")
+        return made
+
     def fileno(self) -> int:
         return self._fd
 
@@ -99,6 +115,19 @@ class LinuxTap:
 
     def close(self) -> None:
         self._dev.close()
+
+
+def _ip(*args: str) -> None:
+    ip = shutil.which("ip") or "/usr/sbin/ip"
+    try:
+        subprocess.run([ip, *args], check=True, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        raise StageIOError(f"ip {' '.join(args)}: {detail.strip()}") from exc
+
+
+def _link_exists(name: str) -> bool:
+    return os.path.exists(f"/sys/class/net/{name}")
 
 
 def _get(read: Callable[[], str]) -> str | None:

@@ -29,6 +29,9 @@ class TapReaderWorker(Worker):
         self.tap.configure(
             mac=s.tap_mac, mtu=s.network.mtu, address=s.network.address, subnet=s.network.subnet
         )
+        if s.network.bridge is not None:  # router mode: a port of the segment's bridge
+            made = self.tap.attach_to_bridge(s.network.bridge, create=s.network.create_bridge)
+            self.log.info("tap_bridged", bridge=s.network.bridge, bridge_made=made)
         classifiers = s.stages.classifier.workers
         self.to_classifier: list[Producer] = [
             self.producer(ring_name("tap_reader", self.index, "classifier", c))
