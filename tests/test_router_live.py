@@ -7,14 +7,18 @@ lists its machines; a router restart keeps every machine's address."""
 
 from __future__ import annotations
 
+import os
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from supervisor.lab import DOMAIN, Machine, Node, router_segment, wait_for
+from supervisor.lab import DOMAIN, DhcpClient, Machine, Node, router_segment, wait_for
 from supervisor.netns import Testbed
 
 pytestmark = pytest.mark.netns
@@ -123,3 +127,88 @@ def test_a_router_restart_keeps_every_machines_address(
         lease = m.dhcp.lease()
         assert lease is not None and lease.address == m.address
         wait_for(f"{m.name} to reach far again", lambda m=m: ping(m, far.address, 1), 30)
+
+
+def test_a_machine_not_allowed_gets_nothing(tmp_path: Path) -> None:
+    """With ``allowed_macs`` the router answers only the listed machines: m3 is not."""
+    with Testbed("rta") as tb:
+        gw, far, machines = router_segment(tb, tmp_path, 3, allowed=(1, 2))
+        for m in machines:
+            m.dhcp.start(wait=False)
+        for m in machines[:2]:
+            m.address = m.dhcp.wait_bound(60).address
+        time.sleep(3)  # m3 has been asking all along (every 1-2 s)
+        assert machines[2].dhcp.lease() is None
+        assert machines[2].dhcp.address() is None
+        st = gw.status()
+        assert st is not None
+        control = next(w["stats"] for w in st["workers"] if w["stage"] == "control")
+        dhcp = control["addressing"]["dhcp"]
+        assert sum(v for k, v in dhcp.items() if "not_allowed" in k) >= 1, dhcp
+        assert len(machines_listed(gw)) == 2
+
+
+# The segment's own ("physical") DHCP server on the standard port, for its own clients:
+# the project's DHCP core on a raw socket, in its own subnet of the physical network, every
+# address granted at once (no DHT).
+PHYSICAL_SERVER = textwrap.dedent(
+    """
+    import random, select, socket, sys, time
+    from ipaddress import IPv4Address, IPv4Network
+    from pipeline.control.dhcp.events import Claim
+    from pipeline.control.dhcp.server import DhcpServer, DhcpSettings
+
+    device, mac = sys.argv[1], bytes.fromhex(sys.argv[2])
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+    s.bind((device, 0))
+    settings = DhcpSettings(subnet=IPv4Network("198.19.0.0/24"),
+                            server_address=IPv4Address("198.19.0.254"), namespace="phys",
+                            node_id=b"\\2" * 20, domain="lan.test", max_clients=16)
+    server = DhcpServer(settings, random.Random(3))
+    print("ready", flush=True)
+    while True:
+        ready, _, _ = select.select([s], [], [], 0.5)
+        now = time.monotonic()
+        if ready:
+            server.receive_frame(s.recv(65536), now)
+        server.handle_timer(now)
+        for request in server.dht_requests():
+            if isinstance(request, Claim):
+                server.address_won(request.token, request.address, now)
+        for frame in server.reply_frames(mac):
+            s.send(frame)
+        for event in server.events():
+            print(type(event).__name__, getattr(event, "address", ""), flush=True)
+    """
+)
+
+
+def test_the_segments_own_dhcp_server_keeps_serving_its_clients(tmp_path: Path) -> None:
+    """The router's DHCP is on port 1067; a physical server on 67 serves a machine with an
+    ordinary client, untouched, while the router's machines get virtual addresses."""
+    with Testbed("rtp") as tb:
+        gw, far, machines = router_segment(tb, tmp_path, 1)
+        phys = tb.namespace("phys")
+        tb.attach(phys, gw.ns, "br0", "198.19.0.254/24", ifname="eth0")
+        phys_mac = phys.run(["cat", "/sys/class/net/eth0/address"]).stdout.strip()
+        log = tmp_path / "phys.log"
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        with open(log, "wb") as out:
+            phys.popen(
+                [sys.executable, "-c", PHYSICAL_SERVER, "eth0", phys_mac.replace(":", "")],
+                stdout=out,
+                stderr=out,
+                env=env,
+            )
+        wait_for("the physical server", lambda: "ready" in log.read_text(), 20)
+        plain = tb.namespace("p1")
+        tb.attach(plain, gw.ns, "br0", None, ifname="eth0")
+        ordinary = DhcpClient(plain, "eth0", tmp_path / "p1", "p1")  # port 67, as shipped
+        ordinary.start(wait=False)
+        machines[0].dhcp.start(wait=False)
+        lease = ordinary.wait_bound(60)
+        assert lease.address.startswith("198.19.0.") and lease.routers == ("198.19.0.254",)
+        virtual = machines[0].dhcp.wait_bound(60)
+        assert IPv4Address(virtual.address) in SUBNET
+        assert "LeaseGranted 198.19.0." in log.read_text()
+        assert len(machines_listed(gw)) == 1  # the router leased only its own machine
