@@ -389,6 +389,9 @@ class NodeSupervisor:
             "peers": (control.stats.get("peers", []) if control else []),
             "overlay": control.stats.get("overlay") if control else None,
             "link_table": control.stats.get("link_table", []) if control else [],
+            "machines": (control.stats.get("addressing") or {}).get("machines", [])
+            if control
+            else [],
         }
 
     # -- shutdown -------------------------------------------------------------------------------

@@ -89,6 +89,10 @@ def format_status(st: dict[str, Any]) -> str:
         lines += ["", "links"]
         headers = ["slot", "name", "node_id", "kind", "endpoint", "state", "rtt_ms", "age_s"]
         lines += table([*headers, "routes"], rows)
+    if st.get("machines"):
+        lines += ["", "machines behind this router"]
+        rows = [[m["address"], m["mac"], m["hostname"], m["lease_age_s"]] for m in st["machines"]]
+        lines += table(["address", "mac", "name", "lease_age_s"], rows)
     refused = (st.get("links") or {}).get("refused") or {}
     if refused:
         lines += ["", "handshakes refused"]

@@ -80,6 +80,8 @@ def test_every_machine_gets_an_address_in_the_subnet(
     rows = {row["address"]: row for row in machines_listed(gw)}
     assert set(rows) == set(addresses)
     assert {rows[m.address]["hostname"] for m in machines} == {"m1", "m2", "m3"}
+    text = gw.cli("status", str(gw.config)).stdout
+    assert "machines behind this router" in text and all(a in text for a in addresses)
 
 
 def test_machines_and_the_remote_node_reach_each_other(
