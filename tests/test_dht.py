@@ -27,7 +27,8 @@ from pipeline.control.dht import (
 )
 from pipeline.control.dht import wire as w
 from pipeline.control.overlay import ring
-from pipeline.control.overlay.events import Delivered, NeighboursChanged, RouteFailed
+from pipeline.control.overlay.events import Delivered, Joined, NeighboursChanged, RouteFailed
+from pipeline.control.overlay.node import NodeState
 from pipeline.crypto.identity import Identity
 from pipeline.errors import RemoteProtocolError
 
@@ -94,6 +95,7 @@ class FakeOverlay:
     def __init__(self, net: FakeNet, node_id: int) -> None:
         self.net = net
         self.node_id = node_id
+        self.state = NodeState.JOINED
         self._mid = 0
 
     def _send(self, dest: int, key: int, payload: bytes, exact: bool) -> int:
@@ -362,6 +364,36 @@ def test_timeout_then_retries() -> None:
     rid = requester.get(b"k", net.now)
     net.run()
     assert net.results(requester)[rid] == GetResult(rid, b"k", True, (), "ok")
+
+
+def test_requests_wait_until_the_overlay_has_joined() -> None:
+    """A try made while the overlay is joining would get an answer that cannot find its
+    way back (no neighbour links to it yet): it is sent on ``Joined``, its timeout
+    running; an overlay that never joins makes the request time out in the usual time."""
+    net, (a, b, _) = network(3)
+    a.create(b"k", b"v", 600.0, net.now)
+    net.run()
+    overlay = net.overlays[b.overlay.node_id]
+    overlay.state = NodeState.JOINING
+    sent = net.sent
+    rid = b.get(b"k", net.now)
+    net.run()
+    assert net.sent == sent and b.statistics()["waiting_for_join"] == 1
+    net.advance(1.0)
+    assert b.events() == []
+    overlay.state = NodeState.JOINED
+    b.handle_overlay_event(Joined(overlay.node_id, 3), net.now)
+    net.run()
+    got = net.results(b)[rid]
+    assert isinstance(got, GetResult) and [r.value for r in got.records] == [b"v"]
+    assert b.statistics()["sent_get"] == 1
+    # Never joined: every try waits, and the result says timeout.
+    overlay.state = NodeState.JOINING
+    rid = b.get(b"k", net.now)
+    settings = DhtSettings()
+    net.advance(settings.request_timeout_s * settings.request_tries + 1.0)
+    assert net.results(b)[rid] == GetResult(rid, b"k", False, (), "timeout")
+    assert b.statistics()["sent_get"] == 1
 
 
 def test_restarted_owner_goes_past_its_old_sequence() -> None:

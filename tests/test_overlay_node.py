@@ -300,6 +300,42 @@ class TestGreedyRouting:
         # A direct link to the key's node is passed over too, if another one is closer.
         assert n[0].next_hop(n[4].node_id, avoid=(n[4].node_id,)) == n[1].node_id
 
+    def test_message_to_a_crashed_hop_is_rerouted(self) -> None:
+        """A message forwarded over a link silent for a while is kept; if the link's ping
+        goes unanswered, it goes again around the link (the next hop crashed unnoticed)."""
+        mesh = Mesh()
+        n = hand_built_ring(mesh)
+        mesh.allow = lambda msg: isinstance(msg, w.Data | w.RouteError | w.Ping | w.Pong)
+        key = 3 * EIGHTH + 17
+        mesh.now = 10.0  # every link silent since t=0
+        mesh.down.add(addr(4))  # the far link's end has crashed
+        mid = n[0].send_to_key(key, b"via four", mesh.now)
+        mesh.flush()
+        assert mesh.events[addr(3)] == []  # lost at n4
+        n[0].handle_timer(mesh.now + SETTINGS.suspect_after_s - 0.1)
+        mesh.flush()
+        assert mesh.events[addr(3)] == []  # the ping may still be answered
+        mesh.now += SETTINGS.suspect_after_s
+        assert n[0].next_deadline() == mesh.now
+        n[0].handle_timer(mesh.now)
+        mesh.flush()
+        assert mesh.events[addr(3)] == [Delivered(0, key, b"via four", 3, mid, False)]
+        assert n[0].statistics()["rerouted"] == 1
+        # A next hop that answers its ping got the message: nothing is sent again.
+        mesh.down.clear()
+        key = 1 * EIGHTH + 17
+        mid = n[4].send_to_key(key, b"via zero", mesh.now)  # over the far link, silent too
+        mesh.flush()
+        want = [Delivered(4 * EIGHTH, key, b"via zero", 2, mid, False)]
+        assert mesh.events[addr(1)] == want
+        mesh.now += SETTINGS.suspect_after_s
+        for node in n:
+            node.handle_timer(mesh.now)
+        mesh.flush()
+        assert mesh.events[addr(1)] == want
+        assert n[0].statistics()["rerouted"] == 1
+        assert sum(node.statistics().get("rerouted", 0) for node in n) == 1
+
     def test_missing_node_is_reported_back(self) -> None:
         mesh = Mesh()
         n = hand_built_ring(mesh)

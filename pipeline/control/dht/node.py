@@ -45,7 +45,13 @@ Theory of operation:
 - **Requests** time out after ``request_timeout_s`` and are sent again
   (``request_tries`` in all; at once on a ``RouteFailed``); then the result event says
   ``timeout``. A retry after no answer or a ``RouteFailed`` avoids the first hops of the
-  earlier tries (``send_to_key(avoid=...)``), which may have crashed unnoticed.
+  earlier tries (``send_to_key(avoid=...)``), which may have crashed unnoticed; a crashed
+  hop further on (on the way to the key or on the answer's way back) is the overlay's to
+  go around (it re-routes what it forwarded over a link that then stayed silent), so a
+  late answer to an earlier try still completes the request. A try made while the
+  overlay node is not yet on the circle (``state`` idle or joining) waits for its
+  ``Joined`` before it is sent (its timeout running): the answer, routed to this node's
+  id, could not find it before its neighbours link to it.
 
 **Consistency rule for create.** A key's creates are serialised at its responsible node;
 a create succeeds when that node accepted it and a majority of the key's R replicas (the
@@ -85,7 +91,8 @@ from pipeline.control.dht.events import (
     LeaseLost,
 )
 from pipeline.control.dht.wire import Held, Record, Status, check_record, key_position
-from pipeline.control.overlay.events import Delivered, NeighboursChanged, RouteFailed
+from pipeline.control.overlay.events import Delivered, Joined, NeighboursChanged, RouteFailed
+from pipeline.control.overlay.node import NodeState
 from pipeline.crypto.identity import Identity
 from pipeline.errors import RemoteProtocolError
 
@@ -139,6 +146,7 @@ class _Request:
     message_id: int = -1
     first_hop: int | None = None  # where the last try went first
     avoid: tuple[int, ...] = ()  # first hops of tries that got no answer
+    waiting: bool = False  # this try waits for the overlay to join
 
 
 @dataclasses.dataclass(slots=True)
@@ -256,6 +264,11 @@ class Dht:
                 self._retry_or_fail(rid, request, now, "route_failed")
         elif isinstance(event, NeighboursChanged):
             self._handover(now)
+        elif isinstance(event, Joined):
+            for rid, request in list(self._requests.items()):
+                if request.waiting:
+                    request.deadline = now + self.settings.request_timeout_s
+                    self._transmit(rid, request, now)
 
     def handle_timer(self, now: float) -> None:
         self._ensure_timers(now)
@@ -306,6 +319,19 @@ class Dht:
         return rid
 
     def _send_request(self, rid: int, request: _Request, now: float) -> None:
+        """The next try of a request (at once, or on ``Joined`` if the overlay is joining)."""
+        request.tries += 1
+        request.deadline = now + self.settings.request_timeout_s
+        self._by_message.pop(request.message_id, None)
+        request.first_hop = None
+        if getattr(self.overlay, "state", None) in (NodeState.IDLE, NodeState.JOINING):
+            # Not on the circle yet: the answer could not find its way back.
+            request.waiting = True
+            self._stats["waiting_for_join"] += 1
+            return
+        self._transmit(rid, request, now)
+
+    def _transmit(self, rid: int, request: _Request, now: float) -> None:
         msg: w.Message
         if request.kind == "get":
             msg = w.Get(rid, request.key)
@@ -315,9 +341,7 @@ class Dht:
         else:
             assert request.record is not None
             msg = w.Delete(rid, request.record)
-        request.tries += 1
-        request.deadline = now + self.settings.request_timeout_s
-        self._by_message.pop(request.message_id, None)
+        request.waiting = False
         self._stats[f"sent_{request.kind}"] += 1
         pos = key_position(request.key)
         next_hop = getattr(self.overlay, "next_hop", None)

@@ -37,8 +37,9 @@ The API that other cores (the DHT) build on, all re-exported here::
 Ids and keys are ints in [0, 2**160) (``ring.id_from_bytes`` of a 20-byte BLAKE2b-160
 node id). Events: ``LinkAdded``, ``LinkRemoved``, ``NeighboursChanged`` (the DHT's cue
 to hand records over), ``Delivered`` (a message for which this node is the destination),
-``RouteFailed``, ``Joined``. The overlay does not retransmit: a DHT request that gets
-no answer is retried by the DHT.
+``RouteFailed``, ``Joined``. The overlay does not retransmit end to end (a hop only
+re-routes a message it sent over a link that then proved silent: see ``node``): a DHT
+request that gets no answer is retried by the DHT.
 """
 
 from pipeline.control.overlay.events import (

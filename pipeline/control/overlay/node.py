@@ -18,7 +18,8 @@ Theory of operation:
   link silent for ``use_ping_after_s`` pings it too, and a link whose ping has been
   unanswered for ``suspect_after_s`` is routed around (if it is the only link closer than
   this node, this node takes the message as the closest live one), so a crashed hop —
-  even a crashed closest node — is found and avoided soon after it is used.
+  even a crashed closest node — is found and avoided soon after it is used. The message
+  that found it is not lost either: see *Re-routing*.
   A node that gets a Ping or a HelloAck for a link it does not hold answers
   ``Close(unknown)``, so half-open links do not linger.
 - **Joining.** Hello to bootstrap addresses (a few at a time; any one reachable suffices),
@@ -49,8 +50,20 @@ Theory of operation:
 - **Routing** is greedy: to the linked node (or this one) closest to the key, never a leaf
   link unless it is the destination itself or the node has nothing else; at most
   ``max_hops`` hops. ``send_to_key`` delivers at the closest node, ``send_to_node`` only at
-  the node with exactly that id (else a ``RouteError`` goes back to the sender). Datagrams
-  may be lost: the overlay does not retransmit application messages.
+  the node with exactly that id (else a ``RouteError`` goes back to the sender).
+- **Re-routing.** Under churn the links that lead to crashed nodes are the ones silent
+  for a while (a far link is closed only after ``far_dead_after_s`` of silence), and
+  greedy paths run through them: a message lost at any hop of the way there or of the
+  answer's way back costs the requester a whole retry. So a node that forwards an
+  application message (``Data``) over a link silent for ``use_ping_after_s`` — the link
+  it pings on use — keeps it, and if nothing has come from the link ``suspect_after_s``
+  later (the link is then suspect), routes it again from here, passing over that link
+  (delivering here if it was the only closer one). A next hop that shows a sign of life
+  is taken to have the message. A ``send_to_node`` message whose next hop is the node it
+  is for is not kept: there is no way around that one. No datagram is added but the
+  re-routed message, and only hops that were silent anyway keep messages (at most
+  ``HELD_MAX``). Otherwise datagrams may be lost, and the overlay does not retransmit: a
+  message whose ping or pong was lost on a live link can, rarely, arrive twice.
 - **Several circles.** A joined node routes a ConnectRequest for its own id through a
   bootstrap address again ``bootstrap_probe_first_s`` after joining, then at doubling
   intervals up to every ``bootstrap_probe_s``: nodes that started at the same moment with
@@ -75,6 +88,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import heapq
 import math
 import random
 from collections import Counter
@@ -102,6 +116,7 @@ from pipeline.errors import RemoteProtocolError
 LEAF, FAR, NEAR = LinkKind.LEAF, LinkKind.FAR, LinkKind.NEAR
 KNOWN_ADDRESSES = 16  # addresses of recent links kept to re-join through
 OWN_ADDRESSES = 8  # addresses of our own that peers told us, kept
+HELD_MAX = 4096  # messages kept for re-routing at once; beyond, they are not kept
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -178,6 +193,17 @@ class _PendingLink:
     probe: bool = False  # a leaf made to re-join through (bootstrap probe)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Held:
+    """A Data message forwarded over a link that had been silent: re-routed around the
+    link if nothing is heard from it within ``suspect_after_s``."""
+
+    link: int  # the id of the link it went over
+    sent: float
+    msg: w.Data  # as it came here (hops not yet counted)
+    dest: int
+
+
 @dataclasses.dataclass(slots=True)
 class _PendingConnect:
     kind: LinkKind
@@ -241,6 +267,8 @@ class OverlayNode:
         self._probe_interval = settings.bootstrap_probe_first_s
         self._message_id = 0
         self._ping_seq = 0
+        self._held: list[tuple[float, int, _Held]] = []  # a heap by deadline
+        self._held_seq = 0
 
     def __repr__(self) -> str:
         return f"<OverlayNode {ring.short(self.node_id)} {self._state.value} {len(self._links)}>"
@@ -262,14 +290,17 @@ class OverlayNode:
         at once), None once the node has left."""
         if self._state is NodeState.LEFT:
             return None
+        if self._held:
+            return min(self._next_tick, self._held[0][0])
         return self._next_tick
 
     def statistics(self) -> dict[str, int]:
         """Counters: ``sent_<type>`` / ``received_<type>`` per message type, ``bytes_sent``,
         ``bytes_received``, ``dropped_<reason>``, ``links_added_<kind>``,
         ``links_removed_<reason>``, maintenance counts (``pings``, ``connects_<kind>``,
-        ``hello_failed``, ...), routing (``forwarded``, ``delivered``, ``route_failed_<why>``)
-        and gauges (``links_near`` / ``links_far`` / ``links_leaf``, ``estimated_size``)."""
+        ``hello_failed``, ...), routing (``forwarded``, ``delivered``, ``route_failed_<why>``,
+        ``rerouted``) and gauges (``links_near`` / ``links_far`` / ``links_leaf``,
+        ``estimated_size``)."""
         stats = dict(self._stats)
         for kind in LinkKind:
             stats[f"links_{kind.value}"] = 0
@@ -378,6 +409,8 @@ class OverlayNode:
         if self._state is NodeState.LEFT:
             return
         self._ensure_started(now)
+        if self._held and self._held[0][0] <= now:
+            self._reroute(now)
         if now >= self._next_tick:
             self._next_tick = now + self.settings.tick_s * (0.75 + 0.5 * self._rng.random())
             self._tick(now)
@@ -411,6 +444,7 @@ class OverlayNode:
             self._drop_link(link, "left")
         self._pending.clear()
         self._connects.clear()
+        self._held.clear()
         self._state = NodeState.LEFT
 
     # -- dispatch ----------------------------------------------------------------------------
@@ -732,7 +766,11 @@ class OverlayNode:
         return self._state is NodeState.JOINED or bool(self._structured())
 
     def _next_link(
-        self, key: int, exclude: int | None, avoid: Collection[int] = ()
+        self,
+        key: int,
+        exclude: int | None,
+        avoid: Collection[int] = (),
+        dead: int | None = None,
     ) -> _Link | None:
         """The link to forward to, or None if this node is the closest (if ``exclude`` is
         this node: if there is no link to forward to).
@@ -746,9 +784,10 @@ class OverlayNode:
         A link whose ping has gone unanswered for ``suspect_after_s`` is passed over: if
         no other link is closer than this node, this node is taken as the closest. Links
         in ``avoid`` are passed over too, but taken when no other link is closer than this
-        node (a retry around a hop that may have crashed)."""
+        node (a retry around a hop that may have crashed). The link ``dead`` (one that let
+        a message it was given go unacknowledged) is passed over like a suspect one."""
         link = self._links.get(key)
-        if link is not None and key != exclude and key not in avoid:
+        if link is not None and key != exclude and key not in avoid and key != dead:
             return link
         best: _Link | None = None
         candidates = self._structured()
@@ -777,7 +816,7 @@ class OverlayNode:
             if d > ring.HALF:
                 d = ring.SIZE - d
             if d < best_d or (d == best_d and nid < best_id):
-                if link.last_heard < link.ping_since <= cutoff:
+                if nid == dead or link.last_heard < link.ping_since <= cutoff:
                     if d < suspect_d or (d == suspect_d and nid < suspect_id):
                         suspect, suspect_d, suspect_id = link, d, nid
                     continue
@@ -793,12 +832,19 @@ class OverlayNode:
             # this node is then the closest live one (the delivery is at worst premature).
             self._stats["suspect_passed_over"] += 1
             return None
+        if best is None and suspect is not None and suspect.node_id == dead:
+            return None
         return best if best is not None else suspect
 
     def _route(
-        self, msg: w.Routed, dest: int, exclude: int | None, avoid: Collection[int] = ()
+        self,
+        msg: w.Routed,
+        dest: int,
+        exclude: int | None,
+        avoid: Collection[int] = (),
+        dead: int | None = None,
     ) -> None:
-        link = self._next_link(dest, exclude, avoid)
+        link = self._next_link(dest, exclude, avoid, dead)
         if link is None:
             if exclude == self.node_id:
                 self._stats["route_failed_no_route"] += 1
@@ -814,9 +860,35 @@ class OverlayNode:
         self._send(msgspec.structs.replace(msg, hops=msg.hops + 1), link.address)
         now = self._now
         st = self.settings
-        if now - link.last_heard > st.use_ping_after_s and now - link.last_ping >= st.ping_retry_s:
+        if now - link.last_heard <= st.use_ping_after_s:
+            return
+        if now - link.last_ping >= st.ping_retry_s:
             self._stats["pings_on_use"] += 1
             self._ping(link, now)
+        if (
+            isinstance(msg, w.Data)
+            and not (msg.exact and link.node_id == dest)
+            and len(self._held) < HELD_MAX
+        ):
+            # Keep it until the link shows a sign of life: if the ping goes unanswered
+            # (the next hop has crashed), send it around the link (_reroute). Not when
+            # the link is the node it is for: there is no way around that one.
+            self._held_seq += 1
+            held = _Held(link.node_id, now, msg, dest)
+            heapq.heappush(self._held, (now + st.suspect_after_s, self._held_seq, held))
+
+    def _reroute(self, now: float) -> None:
+        """Messages forwarded over links that have stayed silent since (a crashed next
+        hop, most likely) go again, around the link."""
+        due: list[_Held] = []
+        while self._held and self._held[0][0] <= now:
+            due.append(heapq.heappop(self._held)[2])
+        for held in due:
+            link = self._links.get(held.link)
+            if link is not None and link.last_heard >= held.sent:
+                continue  # it answered: it got the message
+            self._stats["rerouted"] += 1
+            self._route(held.msg, held.dest, None, dead=held.link)
 
     def _route_in(self, msg: w.Routed) -> None:
         dest = id_from_bytes(msg.dest)
