@@ -1,0 +1,677 @@
+"""Interface mode against router mode: two sites joined by one rate-limited underlay link.
+
+Two site namespaces ``sa`` and ``sb`` are joined by one veth pair (``wan0``, underlay
+198.18.0.1/.2). The underlay is measured unlimited first (the baseline), then with a token
+bucket (``Testbed.rate_limit``, tbf, on both ends of the veth) of each ``--limits`` rate in
+turn (default 10, 50, 100 and 1000 Mbit/s). Two modes, one after the other, in the same site
+namespaces:
+
+1. **interface**: each site namespace is a host running a node in interface mode (``ha`` in
+   sa founds the overlay, ``hb`` in sb bootstraps from 198.18.0.1), configured with no
+   address: a real DHCP client (ISC dhclient, ``Node.dhcp``) on each node's TAP gets it one.
+   *host-to-host* is 198.18.0.1 -> 198.18.0.2; *virtual-to-virtual* is TAP address ->
+   TAP address. Then the DHCP clients and the nodes are stopped (``supervisor stop``) and
+   the bench waits until their processes, TAPs and UDP ports are gone.
+2. **router**: each site namespace becomes a router: a bridge ``br0``, a node in router mode
+   (``mode = "router"``, ``bridge = "br0"``, ``dhcp_port = 1067``; ``ra`` founds, ``rb``
+   bootstraps) and ``--machines`` machine namespaces per site on veths into the bridge
+   (``ma1``, ``ma2``, ... and ``mb1``, ...), which install nothing but a DHCP client
+   pointed at port 1067. *host-to-host* is 198.18.0.1 -> 198.18.0.2 between the two
+   routers; *virtual-to-virtual* is ``ma1`` -> ``mb1`` (their DHCP addresses).
+
+All nodes are certified by one network authority (Noise handshakes, ChaCha20-Poly1305),
+TAP MTU 1400, one worker per stage. For each mode, limit and path, ``--repeats`` times:
+
+- **TCP throughput**: ``iperf3 -J`` single stream, a->b and b->a (``-R``), ``--seconds``
+  long, from the site-A end; the receiver-side rate.
+- **Ping RTT**: ``--pings`` echo requests 10 ms apart (after a short warm-up); p50 and p90
+  (nearest rank).
+- **Node CPU-seconds per GB** (virtual paths only; host-to-host traffic does not pass the
+  nodes): utime+stime from /proc/PID/stat of every process in both nodes' process trees (the
+  supervisor, whose pid ``status --json`` gives, and all its descendants: the workers),
+  read before and after each iperf3 run (reaped children's time included), divided by the
+  bytes the iperf3 receiver counted (GB = 1e9 bytes). Kernel work (veth, bridge, TAP, TCP/IP,
+  tbf) is done in softirq and charged to no node process: not counted.
+
+Every figure printed is the median over the repeats (throughput: over the runs of that
+direction; CPU: over the per-run values of both directions). Per limit, a table: mode, path,
+Mbit/s a->b and b->a, ping p50 and p90, node CPU-s/GB; a row ``virtual/host`` per mode
+(above 1: more for the virtual path, i.e. faster for Mbit/s, slower for ms) and a row
+``router/interface`` comparing the two modes' virtual paths. The header of each table gives
+the mean CPU (in cores) of the machine's other processes during that limit's iperf3 runs
+(as ``bench/pipeline_bench.py``): well above 0 means the figures were disturbed. After the
+tables, per mode: each worker's restarts and a check that the nodes' overlay carried the
+virtual iperf3 bytes.
+
+Run as root from the repository root::
+
+    python3 bench/router_bench.py [--limits 10,50,100,1000] [--seconds 3] [--repeats 3]
+                                  [--pings 100] [--modes interface,router] [--machines 2]
+                                  [--json]
+
+``--json`` prints the result as JSON instead of the tables; it is always written to
+``bench/results/router-<timestamp>.json`` too. Progress goes to stderr. Everything
+(namespaces, nodes, DHCP clients, iperf3 servers) lives in a ``Testbed``: removed on exit,
+on failure and on Ctrl-C; nothing touches the root namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.pipeline_bench import (  # noqa: E402
+    CLK_TCK,
+    ProcTimes,
+    TcpRun,
+    bounded_int,
+    machine,
+    netns_inode,
+    others_cores,
+    others_snapshot,
+    percentile,
+    ratio,
+    run_iperf,
+    settled_health,
+    start_iperf_server,
+    stop_nodes,
+    ticks_between,
+)
+from supervisor.lab import (  # noqa: E402
+    DOMAIN,
+    Authority,
+    DhcpClient,
+    Machine,
+    Node,
+    node_config,
+    wait_for,
+)
+from supervisor.netns import Namespace, Testbed  # noqa: E402
+
+RESULTS_DIR = REPO / "bench" / "results"
+SITES = ("198.18.0.1", "198.18.0.2")  # the underlay link between site A and site B
+WAN = "wan0"  # the veth's name at both ends
+BRIDGE = "br0"
+DHCP_PORT = 1067
+MODES = ("interface", "router")
+PATHS = ("host", "virtual")
+PATH_NAMES = {"host": "host-to-host", "virtual": "virtual-to-virtual"}
+DEFAULT_LIMITS = (10.0, 50.0, 100.0, 1000.0)
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr, so stdout holds only the tables (or the JSON)."""
+    print(f"[router-bench] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class PingRun:
+    sent: int
+    received: int
+    p50_ms: float
+    p90_ms: float
+
+
+@dataclass
+class Cell:
+    """One mode x limit x path: every run, and where it ran."""
+
+    source: str
+    target: str
+    tcp: list[TcpRun] = field(default_factory=list)
+    pings: list[PingRun] = field(default_factory=list)
+
+    def mbit(self, direction: str) -> float | None:
+        values = [r.mbit_s for r in self.tcp if r.direction == direction]
+        return statistics.median(values) if values else None
+
+    def ping(self, which: str) -> float | None:
+        values = [getattr(p, which) for p in self.pings]
+        return statistics.median(values) if values else None
+
+    def cpu_s_per_gb(self) -> float | None:
+        values = [r.cpu_s / (r.bytes / 1e9) for r in self.tcp if r.cpu_s is not None and r.bytes]
+        return statistics.median(values) if values else None
+
+    def others(self) -> float | None:
+        values = [r.others_cores for r in self.tcp if r.others_cores is not None]
+        return statistics.fmean(values) if values else None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "target": self.target,
+            "tcp_a_to_b_mbit_s": self.mbit("a->b"),
+            "tcp_b_to_a_mbit_s": self.mbit("b->a"),
+            "ping_p50_ms": self.ping("p50_ms"),
+            "ping_p90_ms": self.ping("p90_ms"),
+            "node_cpu_s_per_gb": self.cpu_s_per_gb(),
+            "others_cores_during_iperf3": self.others(),
+        }
+
+
+def limit_label(limit: float | None) -> str:
+    return "unlimited" if limit is None else f"{limit:g} Mbit/s"
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU of a node's process tree
+
+
+def _stat(pid: int) -> tuple[int, ProcTimes] | None:
+    """(ppid, times) of ``pid`` from /proc/PID/stat, or None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    rest = text[text.rfind(")") + 2 :].split()  # rest[0] is field 3 (state)
+    times = ProcTimes(
+        start=int(rest[19]),
+        own=int(rest[11]) + int(rest[12]),
+        children=int(rest[13]) + int(rest[14]),
+    )
+    return int(rest[1]), times
+
+
+def tree_times(roots: Sequence[int]) -> dict[int, ProcTimes]:
+    """Times of every process in the trees under ``roots`` (the roots and all descendants)."""
+    stats: dict[int, tuple[int, ProcTimes]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and (found := _stat(int(entry.name))) is not None:
+            stats[int(entry.name)] = found
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    out: dict[int, ProcTimes] = {}
+    todo = [r for r in roots if r in stats]
+    while todo:
+        pid = todo.pop()
+        if pid not in out:
+            out[pid] = stats[pid][1]
+            todo += children.get(pid, [])
+    return out
+
+
+def supervisor_pids(nodes: Sequence[Node]) -> list[int]:
+    """The supervisor pid of each node (``status --json``), checked to be the root of a tree
+    that holds every worker pid the status lists."""
+    pids = []
+    for n in nodes:
+        st = wait_for(f"{n.name} status", n.status, timeout=15)
+        sup = int(st["supervisor_pid"])
+        workers = {int(w["pid"]) for w in st["workers"] if w.get("pid")}
+        missing = workers - tree_times([sup]).keys()
+        if missing:
+            raise RuntimeError(f"{n.name}: workers {sorted(missing)} not under supervisor {sup}")
+        pids.append(sup)
+    return pids
+
+
+# ----------------------------------------------------------------------------------------------
+# traffic
+
+
+def ping_run(ns: Namespace, target: str, count: int) -> PingRun:
+    res = ns.run(
+        ["ping", "-n", "-c", str(count), "-i", "0.01", "-W", "1", target],
+        check=False,
+        timeout=count * 0.05 + 30,
+    )
+    times = [float(m) for m in re.findall(r"time=([\d.]+) ms", res.stdout)]
+    if not times:
+        raise RuntimeError(f"ping {target}: no replies (rc {res.returncode}): {res.stdout[-300:]}")
+    return PingRun(count, len(times), percentile(times, 50), percentile(times, 90))
+
+
+@dataclass
+class Path_:
+    """Where one path's traffic runs: the client's namespace and address, the target's
+    address and namespace (where the iperf3 server runs), and the node supervisors whose
+    trees are charged (none for host-to-host)."""
+
+    client: Namespace
+    source: str
+    target: str
+    server: Namespace
+    supervisors: list[int]
+
+
+def measure_path(
+    cell: Cell, path: Path_, args: argparse.Namespace, testbed_netns: frozenset[int], what: str
+) -> None:
+    client, target = path.client, path.target
+    client.run(["ping", "-c", "3", "-i", "0.2", "-W", "2", target], check=False, timeout=20)
+    for i in range(args.repeats):
+        cell.pings.append(ping_run(client, target, args.pings))
+        for reverse in (False, True):
+            before = tree_times(path.supervisors) if path.supervisors else None
+            others = others_snapshot(testbed_netns)
+            t0 = time.monotonic()
+            run = run_iperf(client, target, args.seconds, reverse)
+            wall = time.monotonic() - t0
+            if before is not None:
+                run.cpu_s = ticks_between(before, tree_times(path.supervisors)) / CLK_TCK
+            run.others_cores = others_cores(others, others_snapshot(testbed_netns), wall)
+            cell.tcp.append(run)
+            cpu = "" if run.cpu_s is None else f", nodes {run.cpu_s:.2f} cpu-s"
+            log(
+                f"{what} {i + 1}/{args.repeats} {run.direction}: {run.mbit_s:.1f} Mbit/s, "
+                f"retransmits {run.retransmits}{cpu}, others {run.others_cores:.2f} cores; "
+                f"ping p50 {cell.pings[-1].p50_ms:.3f} ms"
+            )
+
+
+def set_limit(tb: Testbed, sites: Sequence[Namespace], limit: float | None) -> None:
+    for ns in sites:
+        if limit is None:
+            tb.clear_qdisc(ns, WAN)
+        else:
+            tb.rate_limit(ns, WAN, limit)
+
+
+# ----------------------------------------------------------------------------------------------
+# the two modes
+
+
+def make_node(
+    ns: Namespace,
+    root: Path,
+    authority: Authority,
+    name: str,
+    underlay: str,
+    *,
+    first: bool,
+    network_lines: tuple[str, ...] = (),
+) -> Node:
+    """A node with no virtual address, certified by ``authority``, knowing only site A's
+    underlay address (site A's node knows none: it founds the overlay)."""
+    node_root = root / name
+    cert = authority.certify(node_root / "state", name)
+    config = node_config(
+        node_root,
+        name,
+        underlay=underlay,
+        virtual=None,
+        ca=authority.path,
+        bootstrap=() if first else (SITES[0],),
+        domain=DOMAIN,
+        network_lines=network_lines,
+    )
+    node = Node(name, ns, config, "", underlay, node_root)
+    node.extra["node_id"] = cert.node_id.hex()
+    return node
+
+
+def start_nodes(nodes: Sequence[Node]) -> None:
+    for n in nodes:
+        n.start()
+    for n in nodes:
+        n.wait_running()
+
+
+def reach(client: Namespace, target: str, what: str) -> None:
+    def ok() -> bool:
+        res = client.run(["ping", "-c", "1", "-W", "1", target], check=False, timeout=10)
+        return res.returncode == 0
+
+    wait_for(what, ok, timeout=60, every=0.5)
+
+
+@dataclass
+class Mode:
+    """A running mode: its nodes, its DHCP clients, its paths and its iperf3 servers."""
+
+    nodes: list[Node]
+    paths: dict[str, Path_]
+    ran: str
+    clients: list[DhcpClient] = field(default_factory=list)
+    servers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+
+def interface_mode(sites: Sequence[Namespace], authority: Authority, root: Path) -> Mode:
+    a, b = sites
+    nodes = [
+        make_node(a, root, authority, "ha", SITES[0], first=True),
+        make_node(b, root, authority, "hb", SITES[1], first=False),
+    ]
+    log("interface mode: starting ha, hb")
+    start_nodes(nodes)
+    for n in nodes:
+        n.dhcp(wait=False)
+    for n in nodes:
+        n.wait_dhcp(60)
+    ha, hb = nodes
+    log(f"interface mode: ha {ha.address}, hb {hb.address} (DHCP on the TAPs)")
+    reach(a, hb.address, "ha to reach hb over the overlay")
+    sups = supervisor_pids(nodes)
+    paths = {
+        "host": Path_(a, SITES[0], SITES[1], b, []),
+        "virtual": Path_(a, ha.address, hb.address, b, sups),
+    }
+    clients = [n.dhcp_client for n in nodes if n.dhcp_client is not None]
+    ran = (
+        f"a node in interface mode in each site namespace (ha {SITES[0]}, hb {SITES[1]}), "
+        f"DHCP on its TAP: host {SITES[0]} -> {SITES[1]}, virtual {ha.address} -> {hb.address}"
+    )
+    return Mode(nodes, paths, ran, clients)
+
+
+def router_mode(
+    tb: Testbed, sites: Sequence[Namespace], authority: Authority, root: Path, machines: int
+) -> Mode:
+    lines = ('mode = "router"', f'bridge = "{BRIDGE}"', f"dhcp_port = {DHCP_PORT}")
+    segment: list[list[Machine]] = []
+    nodes = []
+    for k, (site, ns) in enumerate(zip("ab", sites, strict=True)):
+        bridge = tb.bridge(ns, BRIDGE)
+        here = []
+        for i in range(machines):
+            name = f"m{site}{i + 1}"
+            m_ns = tb.namespace(name)
+            tb.attach(m_ns, ns, bridge, None, ifname="eth0")
+            client = DhcpClient(m_ns, "eth0", root / name, name, server_port=DHCP_PORT)
+            here.append(Machine(name, m_ns, client))
+        segment.append(here)
+        nodes.append(
+            make_node(ns, root, authority, f"r{site}", SITES[k], first=k == 0, network_lines=lines)
+        )
+    log(f"router mode: starting ra, rb; {machines} machines per site")
+    start_nodes(nodes)
+    every = [m for here in segment for m in here]
+    for m in every:
+        m.dhcp.start(wait=False)
+    for m in every:
+        m.address = m.dhcp.wait_bound(60).address
+    log("router mode: " + ", ".join(f"{m.name} {m.address}" for m in every))
+    src, dst = segment[0][0], segment[1][0]
+    reach(src.ns, dst.address, f"{src.name} to reach {dst.name} over the overlay")
+    sups = supervisor_pids(nodes)
+    paths = {
+        "host": Path_(sites[0], SITES[0], SITES[1], sites[1], []),
+        "virtual": Path_(src.ns, src.address, dst.address, dst.ns, sups),
+    }
+    ran = (
+        f"a node in router mode in each site namespace (ra {SITES[0]}, rb {SITES[1]}), "
+        f"bridge {BRIDGE}, {machines} machine namespaces per site with DHCP (port "
+        f"{DHCP_PORT}): host {SITES[0]} -> {SITES[1]}, virtual {src.name} {src.address} -> "
+        f"{dst.name} {dst.address}"
+    )
+    return Mode(nodes, paths, ran, [m.dhcp for m in every])
+
+
+def stop_mode(tb: Testbed, mode: Mode) -> None:
+    """Stop the DHCP clients and iperf3 servers (by pid) and the nodes (``supervisor stop``,
+    then wait until their processes, TAPs and ports are gone)."""
+    for c in mode.clients:
+        c.stop()
+    for s in mode.servers:
+        tb.stop(s)
+    stop_nodes(mode.nodes)
+
+
+def health(mode: Mode, results: dict[str, dict[str, Cell]]) -> dict[str, Any]:
+    """Each worker's restarts, and whether the overlay carried the virtual iperf3 bytes."""
+    settled = settled_health(mode.nodes)
+    sent = sum(h["overlay_bytes_sent"] for h in settled.values())
+    received = sum(r.bytes for cells in results.values() for r in cells["virtual"].tcp)
+    verdict = "ok" if sent >= received else "WARNING: less than iperf3 received, bypassed?"
+    return {
+        "restarts": {name: h["restarts"] for name, h in settled.items()},
+        "overlay_check": f"overlay bytes sent (both nodes) {sent / 1e9:.2f} GB, virtual "
+        f"iperf3 received {received / 1e9:.2f} GB: {verdict}",
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# output
+
+
+def fmt_mbit(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def fmt(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+COLUMNS = (  # title, width
+    ("mode", 17),
+    ("path", 20),
+    ("a->b Mbit/s", 12),
+    ("b->a Mbit/s", 12),
+    ("ping p50 ms", 12),
+    ("ping p90 ms", 12),
+    ("node cpu-s/GB", 14),
+)
+
+
+def row(cells: Sequence[str]) -> str:
+    out = ""
+    for i, (text, (_, width)) in enumerate(zip(cells, COLUMNS, strict=True)):
+        out += f"{text:<{width}}" if i < 2 else f"{text:>{width}}"
+    return out.rstrip()
+
+
+def table(limit: str, by_mode: dict[str, dict[str, Cell]]) -> list[str]:
+    others = [c.others() for cells in by_mode.values() for c in cells.values()]
+    known = [o for o in others if o is not None]
+    shown = f"{statistics.fmean(known):.2f}" if known else "-"
+    head = f"underlay {limit}" + ("" if limit == "unlimited" else " (tbf on both ends of wan0)")
+    lines = [f"{head}; other processes during iperf3: {shown} cores", row([t for t, _ in COLUMNS])]
+
+    def values(c: Cell) -> list[float | None]:
+        return [c.mbit("a->b"), c.mbit("b->a"), c.ping("p50_ms"), c.ping("p90_ms")]
+
+    for mode, cells in by_mode.items():
+        for path in PATHS:
+            c = cells[path]
+            shown_values = [fmt_mbit(v) for v in values(c)[:2]]
+            shown_values += [fmt(v, 3) for v in values(c)[2:]] + [fmt(c.cpu_s_per_gb(), 2)]
+            lines.append(row([mode, PATH_NAMES[path], *shown_values]))
+        v, h = values(cells["virtual"]), values(cells["host"])
+        lines.append(
+            row([mode, "virtual/host", *(ratio(x, y) for x, y in zip(v, h, strict=True)), "-"])
+        )
+    if all(m in by_mode for m in MODES):
+        r, i = by_mode["router"]["virtual"], by_mode["interface"]["virtual"]
+        compared = [ratio(x, y) for x, y in zip(values(r), values(i), strict=True)]
+        compared.append(ratio(r.cpu_s_per_gb(), i.cpu_s_per_gb()))
+        lines.append(row(["router/interface", PATH_NAMES["virtual"], *compared]))
+    return lines
+
+
+def render(result: dict[str, Any], cells: dict[str, dict[str, dict[str, Cell]]]) -> str:
+    m, a = result["machine"], result["args"]
+    lines = [
+        f"autovn router bench  {result['timestamp']}  ({result['elapsed_s']:.0f} s)",
+        f"machine: nproc {m['nproc']}, kernel {m['kernel']}, python {m['python']}, "
+        f"load avg (1 min) at start {m['loadavg']:.2f}",
+        f"iperf3 TCP 1 stream, {a['seconds']} s per direction x {a['repeats']}; "
+        f"{a['repeats']} x {a['pings']} pings at 10 ms; medians",
+        "nodes: encrypted (Noise + ChaCha20-Poly1305), TAP mtu 1400, 1 worker per stage; "
+        "node cpu-s/GB: both nodes' process trees,",
+        "  virtual paths only (host-to-host traffic does not pass the nodes), softirq work "
+        "not counted",
+        "",
+    ]
+    for limit in result["limits"]:
+        by_mode = {mode: cells[mode][limit] for mode in a["modes"]}
+        lines += table(limit, by_mode) + [""]
+    lines.append("what each mode ran (iperf3 client and ping at site A):")
+    for mode in a["modes"]:
+        info = result["modes"][mode]
+        lines.append(f"  {mode}: {info['ran']}")
+        for node, restarts in info["restarts"].items():
+            lines.append(
+                f"  {mode} {node} restarts: " + ", ".join(f"{k}={v}" for k, v in restarts.items())
+            )
+        lines.append(f"  {mode}: {info['overlay_check']}")
+    lines += ["", f"results: {result['file']}"]
+    return "\n".join(lines)
+
+
+def write_json(result: dict[str, Any]) -> None:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"router-{result['timestamp']}.json"
+    result["file"] = str(path.relative_to(REPO))
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+
+
+def parse_limits(text: str) -> list[float]:
+    limits: list[float] = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        try:
+            value = float(item)
+        except ValueError:
+            value = 0.0
+        if not 0.1 <= value <= 100_000:
+            raise argparse.ArgumentTypeError(f"bad limit {item!r}: Mbit/s in 0.1..100000")
+        limits.append(value)
+    return limits
+
+
+def parse_modes(text: str) -> list[str]:
+    chosen = {s.strip() for s in text.split(",") if s.strip()}
+    if not chosen or chosen - set(MODES):
+        raise argparse.ArgumentTypeError(f"bad --modes {text!r}: a subset of {','.join(MODES)}")
+    return [m for m in MODES if m in chosen]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument(
+        "--limits",
+        type=parse_limits,
+        default=list(DEFAULT_LIMITS),
+        help="underlay rate limits in Mbit/s, measured after the unlimited baseline "
+        "(10,50,100,1000; '' for the baseline alone)",
+    )
+    p.add_argument("--seconds", type=bounded_int(1, 120), default=3, help="iperf3 -t (3)")
+    p.add_argument("--repeats", type=bounded_int(1, 20), default=3, help="runs per measurement (3)")
+    p.add_argument(
+        "--pings", type=bounded_int(10, 5000), default=100, help="echo requests per run (100)"
+    )
+    p.add_argument("--modes", type=parse_modes, default=list(MODES), help="interface,router (both)")
+    p.add_argument(
+        "--machines", type=bounded_int(2, 8), default=2, help="machines per site, router mode (2)"
+    )
+    p.add_argument("--json", action="store_true", help="print the JSON result, not the tables")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    limits: list[float | None] = [None, *args.limits]
+    labels = [limit_label(x) for x in limits]
+    result: dict[str, Any] = {
+        "timestamp": datetime.now().strftime("%Y%m%d-%H%M%S"),
+        "machine": machine(),
+        "args": {
+            "limits": args.limits,
+            "seconds": args.seconds,
+            "repeats": args.repeats,
+            "pings": args.pings,
+            "modes": args.modes,
+            "machines": args.machines,
+        },
+        "limits": labels,
+        "modes": {},
+    }
+    cells: dict[str, dict[str, dict[str, Cell]]] = {}
+    t0 = time.monotonic()
+    with Testbed("avr") as tb:
+        sites = [tb.namespace("sa"), tb.namespace("sb")]
+        tb.link(sites[0], sites[1], f"{SITES[0]}/24", f"{SITES[1]}/24", ifnames=(WAN, WAN))
+        authority = Authority.create(tmp / "authority")
+        builders: dict[str, Callable[[], Mode]] = {
+            "interface": lambda: interface_mode(sites, authority, tmp / "interface"),
+            "router": lambda: router_mode(tb, sites, authority, tmp / "router", args.machines),
+        }
+        for n, name in enumerate(args.modes):
+            set_limit(tb, sites, None)
+            try:
+                mode = builders[name]()
+                testbed_netns = frozenset(netns_inode(ns) for ns in tb.namespaces)
+                for server_ns in dict.fromkeys(p.server for p in mode.paths.values()):
+                    mode.servers.append(start_iperf_server(server_ns))
+                cells[name] = {}
+                for limit, label in zip(limits, labels, strict=True):
+                    set_limit(tb, sites, limit)
+                    cells[name][label] = {}
+                    for path in PATHS:
+                        p = mode.paths[path]
+                        cell = Cell(p.source, p.target)
+                        cells[name][label][path] = cell
+                        measure_path(cell, p, args, testbed_netns, f"{name} {label} {path}")
+                set_limit(tb, sites, None)
+                result["modes"][name] = {"ran": mode.ran, **health(mode, cells[name])}
+                if n + 1 < len(args.modes):
+                    log(f"{name} mode: stopping nodes")
+                    stop_mode(tb, mode)
+            except Exception:
+                log_tails(tmp / name)
+                raise
+    result["elapsed_s"] = round(time.monotonic() - t0, 1)
+    result["results"] = {
+        mode: {
+            label: {path: {**c.summary(), "runs": asdict(c)} for path, c in by_path.items()}
+            for label, by_path in by_label.items()
+        }
+        for mode, by_label in cells.items()
+    }
+    return result, cells
+
+
+def log_tails(root: Path, lines: int = 15) -> None:
+    """The end of every node's supervisor output and every DHCP client's log under ``root``
+    (after a failure)."""
+    for path in sorted([*root.glob("*/supervisor.out"), *root.glob("**/dhclient-*.log")]):
+        try:
+            text = "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            continue
+        log(f"{path.relative_to(root)} (tail):\n{text}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("router_bench: needs root (network namespaces)", file=sys.stderr)
+        return 2
+    try:
+        with tempfile.TemporaryDirectory(prefix="autovn-router-bench-") as tmp:
+            result, cells = run(args, Path(tmp))
+    except KeyboardInterrupt:
+        log("interrupted; testbed removed")
+        return 130
+    write_json(result)
+    print(json.dumps(result, indent=2) if args.json else render(result, cells))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
