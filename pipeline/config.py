@@ -129,6 +129,9 @@ class NetworkSettings:
     allowed_macs: tuple[str, ...] = _field(
         (), doc="router mode: the only machines served (empty: every MAC on the segment)"
     )
+    allow_static: bool = _field(
+        False, doc="router mode: a machine with an address of its own in the subnet is registered"
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -387,8 +390,10 @@ def _cross_checks(s: Settings, problems: _Problems) -> None:
             problems.add("network.bridge", "is required in router mode (the segment's bridge)")
         if net.address is not None:
             problems.add("network.address", "a router has no address: its machines get theirs")
-    elif net.bridge is not None or net.allowed_macs or net.dhcp_port != 67:
-        problems.add("network.mode", "bridge, dhcp_port and allowed_macs are for router mode")
+    elif net.bridge is not None or net.allowed_macs or net.dhcp_port != 67 or net.allow_static:
+        problems.add(
+            "network.mode", "bridge, dhcp_port, allowed_macs, allow_static are for router mode"
+        )
     for i, mac in enumerate(net.allowed_macs):
         if not re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}", mac):
             problems.add(

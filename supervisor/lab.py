@@ -496,6 +496,7 @@ def router_segment(
     *,
     dhcp_port: int = 1067,
     allowed: tuple[int, ...] | None = None,
+    allow_static: bool = False,
     start: bool = True,
 ) -> tuple[Node, Node, list[Machine]]:
     """A router-mode node ``gw`` whose TAP is a port of the bridge ``br0`` of its namespace,
@@ -516,6 +517,8 @@ def router_segment(
         client = DhcpClient(ns, "eth0", tmp / f"m{i + 1}", f"m{i + 1}", server_port=dhcp_port)
         segment.append(Machine(f"m{i + 1}", ns, client))
     lines = ['mode = "router"', f'bridge = "{bridge}"', f"dhcp_port = {dhcp_port}"]
+    if allow_static:
+        lines.append("allow_static = true")
     if allowed is not None:
         macs = ", ".join(f'"02:00:5e:10:00:{i:02x}"' for i in allowed)
         lines.append(f"allowed_macs = [{macs}]")

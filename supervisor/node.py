@@ -389,10 +389,28 @@ class NodeSupervisor:
             "peers": (control.stats.get("peers", []) if control else []),
             "overlay": control.stats.get("overlay") if control else None,
             "link_table": control.stats.get("link_table", []) if control else [],
-            "machines": (control.stats.get("addressing") or {}).get("machines", [])
-            if control
-            else [],
+            "machines": self._machines(control),
         }
+
+    def _machines(self, control: Any) -> list[dict[str, Any]]:
+        """Router mode: the machines control leased, with the classifiers' counters."""
+        if control is None:
+            return []
+        machines: list[dict[str, Any]] = (control.stats.get("addressing") or {}).get("machines", [])
+        counts: dict[str, list[int]] = {}
+        for w in self.workers:
+            if w.stage == "classifier":
+                for address, pair in (
+                    (w.stats.get("classifier") or {}).get("machines") or {}
+                ).items():
+                    total = counts.setdefault(address, [0, 0])
+                    total[0] += pair[0]
+                    total[1] += pair[1]
+        return [
+            {**m, "to_overlay": counts.get(m["address"], [0, 0])[0],
+             "from_overlay": counts.get(m["address"], [0, 0])[1]}
+            for m in machines
+        ]  # fmt: skip
 
     # -- shutdown -------------------------------------------------------------------------------
 

@@ -91,8 +91,19 @@ def format_status(st: dict[str, Any]) -> str:
         lines += table([*headers, "routes"], rows)
     if st.get("machines"):
         lines += ["", "machines behind this router"]
-        rows = [[m["address"], m["mac"], m["hostname"], m["lease_age_s"]] for m in st["machines"]]
-        lines += table(["address", "mac", "name", "lease_age_s"], rows)
+        rows = [
+            [
+                m["address"],
+                m["mac"],
+                m["hostname"],
+                m["lease_age_s"],
+                m.get("to_overlay"),
+                m.get("from_overlay"),
+            ]
+            for m in st["machines"]
+        ]
+        headers = ["address", "mac", "name", "lease_age_s", "to_overlay", "from_overlay"]
+        lines += table(headers, rows)
     refused = (st.get("links") or {}).get("refused") or {}
     if refused:
         lines += ["", "handshakes refused"]

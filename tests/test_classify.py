@@ -349,6 +349,7 @@ def test_statistics_add_up(classifier: Classifier) -> None:
         Action.TO_CONTROL: 0,
         Action.RESOLVE: 1,
         Action.VERIFY: 0,
+        Action.CLAIM: 0,
     }
     assert stats.drops[DropReason.MALFORMED] == 2
     assert stats.drops[DropReason.SPOOFED_SOURCE] == 1

@@ -425,6 +425,7 @@ def test_statistics_add_up(router: Classifier) -> None:
         Action.TO_CONTROL: 1,
         Action.RESOLVE: 1,
         Action.VERIFY: 1,
+        Action.CLAIM: 0,
     }
     assert {reason: n for reason, n in stats.drops.items() if n} == {
         DropReason.ARP_LOCAL: 1,
@@ -521,3 +522,51 @@ def test_fuzz_never_raises_and_always_counts(calls: list[tuple[str, int, object]
     assert (stats.from_inside, stats.from_outside) == (inside, outside)
     assert sum(stats.actions.values()) == inside + outside
     assert sum(stats.drops.values()) == stats.actions[Action.DROP]
+
+
+# -- machines with addresses of their own (allow_static), and per-machine counters ----------
+
+
+def test_an_unleased_machine_of_the_subnet_is_claimed_only_when_allowed() -> None:
+    frame = ip_frame(NEW_MAC, UNLEASED, R3)
+    assert_drop(make_router().from_inside(frame), DropReason.NOT_LEASED)
+    allowing = Classifier(
+        subnet=SUBNET,
+        address=None,
+        tap_mac=TAP_MAC,
+        gateway_mac=GW_MAC,
+        gateway=GATEWAY,
+        mode="router",
+        dhcp_port=DHCP_PORT,
+        allow_static=True,
+    )
+    assert allowing.from_inside(frame) == (Action.CLAIM, 0, frame)
+    # the physical network's own hosts are never claimed
+    assert_drop(allowing.from_inside(ip_frame(PHYS_MAC, PHYS, R3)), DropReason.NOT_LEASED)
+    assert_drop(allowing.from_inside(ip_frame(NEW_MAC, GATEWAY, R3)), DropReason.NOT_LEASED)
+    assert allowing.statistics().actions[Action.CLAIM] == 1
+
+
+def test_each_machine_has_its_own_counters(router: Classifier) -> None:
+    for _ in range(3):
+        assert router.from_inside(ip_frame(MAC1, M1, R3))[0] == Action.TO_PEER
+    assert router.from_inside(ip_frame(MAC2, M2, UNROUTED))[0] == Action.RESOLVE
+    assert router.from_outside(3, memoryview(udp_packet(R3, M1)))[0] == Action.TO_TAP
+    machines = router.statistics().machines
+    assert machines == {str(M1): [3, 1], str(M2): [1, 0]}
+
+
+def test_an_unleased_machines_arp_is_a_claim_when_allowed() -> None:
+    """A machine with its own address speaks first with ARP (for the remote address)."""
+    allowing = Classifier(
+        subnet=SUBNET,
+        address=None,
+        tap_mac=TAP_MAC,
+        gateway_mac=GW_MAC,
+        gateway=GATEWAY,
+        mode="router",
+        allow_static=True,
+    )
+    request = arp_request(NEW_MAC, UNLEASED, R3)
+    assert allowing.from_inside(request) == (Action.CLAIM, 0, request)
+    assert_drop(make_router().from_inside(request), DropReason.ARP_FOREIGN_SENDER)

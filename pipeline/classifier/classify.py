@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from ipaddress import IPv4Address, IPv4Network
 from types import MappingProxyType
@@ -61,6 +61,7 @@ class Action(IntEnum):
     TO_CONTROL = 3  # a frame for the node itself: DHCP, or DNS to the virtual gateway
     RESOLVE = 4  # an IP packet to an address without a route: control resolves and sends it
     VERIFY = 5  # from a peer, from a source without a route: control checks whose it is
+    CLAIM = 6  # router mode, allow_static: a frame from an unleased machine of the subnet
 
 
 Verdict = tuple[Action, int, bytes | memoryview | DropReason]
@@ -81,6 +82,8 @@ class ClassifierStats:
     from_outside: int
     actions: dict[Action, int]
     drops: dict[DropReason, int]
+    # router mode: per local address, [packets to the overlay, packets delivered from it]
+    machines: dict[str, list[int]] = field(default_factory=dict)
 
 
 _TO_PEER = Action.TO_PEER
@@ -88,6 +91,7 @@ _TO_TAP = Action.TO_TAP
 _TO_CONTROL = Action.TO_CONTROL
 _RESOLVE = Action.RESOLVE
 _VERIFY = Action.VERIFY
+_CLAIM = Action.CLAIM
 _UDP = 17
 DHCP_SERVER_PORT = 67
 DNS_PORT = 53
@@ -161,6 +165,7 @@ class Classifier:
         gateway: IPv4Address | None = None,
         mode: str = INTERFACE,
         dhcp_port: int = DHCP_SERVER_PORT,
+        allow_static: bool = False,
     ) -> None:
         """``mode``: ``"interface"`` (the TAP is this machine's: frames go to and come from
         ``address``) or ``"router"`` (the TAP is a port of a segment's bridge: frames go to
@@ -173,6 +178,9 @@ class Classifier:
             raise ValueError(f"dhcp_port {dhcp_port!r} outside 1..65535")
         self._router = mode == ROUTER
         self._dhcp_port = dhcp_port
+        self._allow_static = allow_static  # router mode: machines with their own addresses
+        self._to_claim = 0
+        self._per_machine: dict[bytes, list[int]] = {}
         for name, mac in (("tap_mac", tap_mac), ("gateway_mac", gateway_mac)):
             if len(mac) != ethernet.MAC_LEN:
                 raise ValueError(f"{name} must be {ethernet.MAC_LEN} bytes, got {len(mac)}")
@@ -387,6 +395,7 @@ class Classifier:
             + self._inside_to_tap
             + self._to_control
             + self._to_resolve
+            + self._to_claim
             + inside_drops,
             from_outside=self._outside_to_tap + self._to_verify + outside_drops,
             actions={
@@ -396,8 +405,10 @@ class Classifier:
                 Action.TO_CONTROL: self._to_control,
                 Action.RESOLVE: self._to_resolve,
                 Action.VERIFY: self._to_verify,
+                Action.CLAIM: self._to_claim,
             },
             drops=drops,
+            machines={".".join(str(b) for b in a): list(c) for a, c in self._per_machine.items()},
         )
 
     # -- the cold paths ------------------------------------------------------------------
@@ -521,6 +532,7 @@ class Classifier:
                 source_mac = self._local_get(frame[26:30].tobytes())
                 if frame[6:12].tobytes() == source_mac:  # a local machine, from its own MAC
                     self._to_peer += 1
+                    self._count(frame[26:30].tobytes(), 0)
                     return (_TO_PEER, slot, frame[14 : 14 + total])
             return self._router_not_routed(frame, dst4, header_length, total)
         except RemoteProtocolError:
@@ -555,6 +567,7 @@ class Classifier:
                     return self._drop_outside(DropReason.BROADCAST)
                 return self._drop_outside(DropReason.WRONG_DESTINATION)
             self._outside_to_tap += 1
+            self._count(packet[16:20].tobytes(), 1)
             if total == n:
                 return (_TO_TAP, 0, header + packet)
             return (_TO_TAP, 0, header + packet[:total])
@@ -573,8 +586,12 @@ class Classifier:
             if dst_port == self._dhcp_port:
                 self._to_control += 1
                 return (_TO_CONTROL, 0, frame[: 14 + total])
-        mac = self._local_get(frame[26:30].tobytes())
+        src4 = frame[26:30].tobytes()
+        mac = self._local_get(src4)
         if mac is None:
+            if self._claimable(src4, frame):
+                self._to_claim += 1  # a machine with an address of its own: control claims it
+                return (_CLAIM, 0, frame[: 14 + total])
             return self._drop_inside(DropReason.NOT_LEASED)
         if frame[6:12].tobytes() != mac:
             return self._drop_inside(DropReason.SPOOFED_LOCAL)
@@ -593,7 +610,29 @@ class Classifier:
         if dst == self._network and self._subnet_broadcast >= 0:
             return self._drop_inside(DropReason.NO_ROUTE)  # the subnet's own address
         self._to_resolve += 1
+        self._count(src4, 0)
         return (_RESOLVE, 0, frame[14 : 14 + total])
+
+    def _claimable(self, address4: bytes, frame: memoryview) -> bool:
+        """With ``allow_static``: may this unleased sender (a host address of the subnet,
+        from a unicast MAC) be registered as a machine with an address of its own?"""
+        address = int.from_bytes(address4, "big")
+        return (
+            self._allow_static
+            and address & self._mask == self._network
+            and address4 != self._gateway4
+            and not self._is_broadcast(address)
+            and address != self._network
+            and not frame[6] & 1
+        )
+
+    def _count(self, address4: bytes, direction: int) -> None:
+        counts = self._per_machine.get(address4)
+        if counts is None:
+            if len(self._per_machine) >= 4096:
+                return
+            counts = self._per_machine[address4] = [0, 0]
+        counts[direction] += 1
 
     def _router_arp(self, frame: memoryview) -> Verdict:
         """ARP on the segment: answered with the gateway MAC only when a local machine asks
@@ -613,6 +652,9 @@ class Classifier:
             return self._drop_inside(DropReason.ARP_PROBE)
         mac = self._local_get(sender4)
         if mac is None:
+            if self._claimable(sender4, frame):
+                self._to_claim += 1  # its first word on the segment: control claims it
+                return (_CLAIM, 0, frame)
             return self._drop_inside(DropReason.ARP_FOREIGN_SENDER)
         if mac != request.sender_mac:
             return self._drop_inside(DropReason.SPOOFED_LOCAL)

@@ -38,6 +38,7 @@ class ClassifierWorker(Worker):
             gateway=s.gateway_address,
             mode=s.network.mode.value,
             dhcp_port=s.network.dhcp_port,
+            allow_static=s.network.allow_static,
         )
         self.router = s.network.mode is Mode.ROUTER
         taps = s.stages.tap_reader.queues
@@ -130,6 +131,8 @@ class ClassifierWorker(Worker):
                 self.to_control.push(out, RecordKind.FRAME)  # type: ignore[arg-type]
             elif action is Action.RESOLVE:
                 self.to_control.push(out, RecordKind.IP_PACKET)  # type: ignore[arg-type]
+            elif action is Action.CLAIM:  # peer 1 marks a machine's own address to claim
+                self.to_control.push(out, RecordKind.FRAME, 1)  # type: ignore[arg-type]
         consumer.release()
         return len(records)
 

@@ -64,6 +64,7 @@ WAIT_PER_ADDRESS = 16
 WAIT_ADDRESSES = 256
 ICMP_PER_S = 10
 NAME_LEASE_S = 600.0
+STATIC_RETRY_S = 60.0
 DNS_PORT = 53
 
 Client = tuple[IPv4Address, int, bytes]  # a DNS client: address, port, MAC
@@ -84,6 +85,7 @@ class AddressingSettings:
     router: bool = False  # the TAP is a port of a segment: one lease per machine (MAC)
     dhcp_port: int = 67
     allowed_macs: frozenset[bytes] | None = None  # router mode: the only machines served
+    allow_static: bool = False  # router mode: register machines with addresses of their own
     max_machines: int = 1024
 
 
@@ -132,6 +134,8 @@ class Addressing:
         self.machines: dict[IPv4Address, Machine] = {}
         self.machines_version = 0
         self._restored: list[tuple[bytes, IPv4Address]] = []  # records to renew once joined
+        self._static: dict[int, Machine] = {}  # DHT request id -> a static address being claimed
+        self._static_refused: dict[IPv4Address, float] = {}  # held by another node: until
         self._hostname: str | None = None  # the DHCP client's host name
         self._waiting: dict[IPv4Address, deque[tuple[float, bytes]]] = {}
         self._unknown: dict[IPv4Address, deque[tuple[float, int, bytes]]] = {}
@@ -180,6 +184,7 @@ class Addressing:
                     "mac": m.mac.hex(":"),
                     "hostname": m.hostname,
                     "lease_age_s": round(self._now - m.since, 1),
+                    "static": m.static,
                 }
                 for m in sorted(self.machines.values(), key=lambda m: m.address)
             ]
@@ -261,6 +266,34 @@ class Addressing:
         self.core.route_miss(src, now, wall)
         self._flush_unknown()
 
+    def static_seen(self, frame: bytes, now: float) -> None:
+        """Router mode, ``allow_static``: a frame from a machine of the subnet that holds no
+        lease (the classifier's CLAIM: an IPv4 frame, or its ARP request). Its address is
+        claimed in the DHT for this node and, once won, it is a machine like the leased
+        ones."""
+        self._now = now
+        s = self.settings
+        if not (s.router and s.allow_static) or len(frame) < 34:
+            self.counters["dropped_static_not_allowed"] += 1
+            return
+        if frame[12:14] == b"\x08\x06":  # ARP: the sender's addresses
+            address, mac = IPv4Address(frame[28:32]), bytes(frame[22:28])
+        else:
+            address, mac = IPv4Address(frame[26:30]), bytes(frame[6:12])
+        pending = any(m.address == address for m in self._static.values())
+        if address in self.machines or pending or self._static_refused.get(address, 0) > now:
+            return
+        if s.allowed_macs is not None and mac not in s.allowed_macs:
+            self.counters["dropped_static_mac_not_allowed"] += 1
+            return
+        if self.dhcp is not None and any(lease.address == address for lease in self.dhcp.leases()):
+            self.counters["dropped_static_leased_to_another"] += 1
+            return
+        key = f"ip:{s.namespace}:{address}".encode()
+        rid = self.core.dht.create(key, self.core.identity.node_id, float(s.dhcp_lease_s), now)
+        self._static[rid] = Machine(address, mac, None, now, b"static:" + mac, static=True)
+        self._pump()
+
     def dht_result(self, event: DhtEvent, now: float) -> bool:
         """A DHT result the core did not take. True if it answered a request of ours."""
         self._now = now
@@ -298,6 +331,20 @@ class Addressing:
                         {"name": label, "reason": event.reason, "holder": holder},
                     )
                 )
+        elif rid in self._static and isinstance(event, CreateResult):
+            machine = self._static.pop(rid)
+            if event.ok:
+                self.machines[machine.address] = machine
+                self.machines_version += 1
+                self._events.append(
+                    CoreEvent(
+                        "machine_static",
+                        {"address": str(machine.address), "mac": machine.mac.hex(":")},
+                    )
+                )
+            else:
+                self._static_refused[machine.address] = now + STATIC_RETRY_S
+                self.counters["static_refused"] += 1
         elif rid in self._other:
             self._other.discard(rid)
         else:
@@ -447,6 +494,8 @@ class Addressing:
         """A restored machine whose client did not renew within a lease: it is gone."""
         lease = self.settings.dhcp_lease_s
         for address, m in list(self.machines.items()):
+            if m.static:
+                continue  # claimed again by the DHT's renewals while it is ours
             if m.restored and now - m.since > lease and now - m.renewed > lease:
                 del self.machines[address]
                 self.machines_version += 1
@@ -582,6 +631,7 @@ class Machine:
     client_id: bytes
     renewed: float = 0.0
     restored: bool = False  # from the state directory after a restart, not yet renewed
+    static: bool = False  # an address of its own (allow_static), claimed when first seen
 
 
 def _address_of(event: GetResult) -> IPv4Address | None:

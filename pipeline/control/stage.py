@@ -176,6 +176,7 @@ class ControlWorker(Worker):
                 dhcp=s.dhcp,
                 router=s.network.mode is Mode.ROUTER,
                 dhcp_port=s.network.dhcp_port,
+                allow_static=s.network.allow_static,
                 allowed_macs=frozenset(
                     bytes.fromhex(m.replace(":", "")) for m in s.network.allowed_macs
                 )
@@ -391,6 +392,7 @@ class ControlWorker(Worker):
                     m.get("hostname"),
                     now,
                     bytes.fromhex(m["client_id"]),
+                    static=bool(m.get("static", False)),
                 )
                 for m in data
             ]
@@ -408,6 +410,7 @@ class ControlWorker(Worker):
                 "mac": m.mac.hex(),
                 "hostname": m.hostname,
                 "client_id": m.client_id.hex(),
+                "static": m.static,
             }
             for m in machines
         ]
@@ -617,6 +620,8 @@ class ControlWorker(Worker):
             for rec in records:
                 if addressing is None:
                     self.drops["no_addressing"] += 1  # plaintext benchmark mode
+                elif rec.kind == RecordKind.FRAME and rec.peer == 1:
+                    addressing.static_seen(bytes(rec.data), now)
                 elif rec.kind == RecordKind.FRAME:
                     addressing.frame_from_tap(bytes(rec.data), now)
                 elif rec.kind == RecordKind.IP_PACKET and rec.peer:
