@@ -39,7 +39,7 @@ PHYS_MAC = bytes.fromhex("020000000099")
 NEW_MAC = bytes.fromhex("0200000000aa")  # a machine that has no lease yet
 
 
-def make_router(dhcp_port: int = DHCP_PORT) -> Classifier:
+def make_router(dhcp_port: int = DHCP_PORT, *, allow_static: bool = False) -> Classifier:
     router = Classifier(
         subnet=SUBNET,
         address=None,
@@ -48,6 +48,7 @@ def make_router(dhcp_port: int = DHCP_PORT) -> Classifier:
         gateway=GATEWAY,
         mode="router",
         dhcp_port=dhcp_port,
+        allow_static=allow_static,
     )
     router.apply_routes(Routes.from_peers(4, [(3, [R3]), (9, [R9])]))
     router.apply_local(LocalHosts.from_leases(1, LEASES))
@@ -530,16 +531,7 @@ def test_fuzz_never_raises_and_always_counts(calls: list[tuple[str, int, object]
 def test_an_unleased_machine_of_the_subnet_is_claimed_only_when_allowed() -> None:
     frame = ip_frame(NEW_MAC, UNLEASED, R3)
     assert_drop(make_router().from_inside(frame), DropReason.NOT_LEASED)
-    allowing = Classifier(
-        subnet=SUBNET,
-        address=None,
-        tap_mac=TAP_MAC,
-        gateway_mac=GW_MAC,
-        gateway=GATEWAY,
-        mode="router",
-        dhcp_port=DHCP_PORT,
-        allow_static=True,
-    )
+    allowing = make_router(allow_static=True)
     assert allowing.from_inside(frame) == (Action.CLAIM, 0, frame)
     # the physical network's own hosts are never claimed
     assert_drop(allowing.from_inside(ip_frame(PHYS_MAC, PHYS, R3)), DropReason.NOT_LEASED)
@@ -558,15 +550,7 @@ def test_each_machine_has_its_own_counters(router: Classifier) -> None:
 
 def test_an_unleased_machines_arp_is_a_claim_when_allowed() -> None:
     """A machine with its own address speaks first with ARP (for the remote address)."""
-    allowing = Classifier(
-        subnet=SUBNET,
-        address=None,
-        tap_mac=TAP_MAC,
-        gateway_mac=GW_MAC,
-        gateway=GATEWAY,
-        mode="router",
-        allow_static=True,
-    )
+    allowing = make_router(allow_static=True)
     request = arp_request(NEW_MAC, UNLEASED, R3)
     assert allowing.from_inside(request) == (Action.CLAIM, 0, request)
     assert_drop(make_router().from_inside(request), DropReason.ARP_FOREIGN_SENDER)
