@@ -18,7 +18,16 @@ from typing import Any
 
 import pytest
 
-from supervisor.lab import DOMAIN, DhcpClient, Machine, Node, router_segment, wait_for
+from supervisor.lab import (
+    DOMAIN,
+    Authority,
+    DhcpClient,
+    Machine,
+    Node,
+    node_config,
+    router_segment,
+    wait_for,
+)
 from supervisor.netns import Testbed
 
 pytestmark = pytest.mark.netns
@@ -244,3 +253,22 @@ def test_a_machine_with_an_address_of_its_own_is_registered_when_allowed(
             ),
             timeout=5,
         )
+
+
+def test_the_node_makes_its_bridge_when_asked(tmp_path: Path) -> None:
+    with Testbed("rtb") as tb:
+        ns = tb.namespace("gw")
+        ns.ip("link", "set", "lo", "up")
+        authority = Authority.create(tmp_path / "authority")
+        authority.certify(tmp_path / "gw" / "state", "gw")
+        lines = ('mode = "router"', 'bridge = "brx"', "create_bridge = true")
+        config = node_config(
+            tmp_path / "gw", "gw", underlay="127.0.0.1", virtual=None, ca=authority.path,
+            domain=DOMAIN, network_lines=lines,
+        )  # fmt: skip
+        node = Node("gw", ns, config, "", "127.0.0.1", tmp_path / "gw")
+        node.start()
+        node.wait_running()
+        ports = ns.run(["bridge", "link"]).stdout
+        assert "master brx" in ports and ns.run(["ip", "link", "show", "brx"]).returncode == 0
+        assert any(r.get("bridge_made") is True for r in node.log_records())
