@@ -116,7 +116,9 @@ def test_a_foreign_name_is_refused_at_once(net: list[Node]) -> None:
 def test_a_record_forged_by_another_member_is_refused(net: list[Node]) -> None:
     mallory, victim = net[1], net[2]
     victim_id = control_stats(victim)["node_id"]
-    key = "ip:test:100.64.0.253"
+    held = {n.address for n in net}  # DHCP gives random addresses: take one nobody holds
+    free = next(f"100.64.0.{i}" for i in range(253, 1, -1) if f"100.64.0.{i}" not in held)
+    key = f"ip:test:{free}"
     res = mallory.cli("dht", "put", str(mallory.config), key, victim_id, "--hex", check=False)
     assert res.returncode == 2 and "refused" in res.stdout, res.stdout
     got = mallory.cli("dht", "get", str(mallory.config), key, check=False)
