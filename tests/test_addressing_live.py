@@ -179,6 +179,7 @@ def test_two_nodes_that_want_one_address_get_two(tmp_path: Path) -> None:
         nodes = routed_nodes(tb, tmp_path, (3,), start=False)
         for n in nodes[1:]:  # both held 100.64.0.77 before (say, restored from one backup)
             (n.root / "state" / "address").write_text("100.64.0.77\n")
+        (nodes[0].root / "state" / "address").write_text("100.64.0.76\n")  # not by chance
         for n in nodes:
             n.start()
         for n in nodes:
