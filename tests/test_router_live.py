@@ -229,21 +229,22 @@ def test_the_segments_own_dhcp_server_keeps_serving_its_clients(tmp_path: Path) 
 def test_a_machine_with_an_address_of_its_own_is_registered_when_allowed(
     tmp_path: Path,
 ) -> None:
-    """``allow_static``: m2 sets 100.64.0.200 itself (no DHCP); the router claims it in the
+    """``allow_static``: m2 sets an address itself (no DHCP); the router claims it in the
     DHT when it first sees it, and from then on m2 reaches the remote node and is reached."""
     with Testbed("rts") as tb:
         gw, far, machines = router_segment(tb, tmp_path, 2, allow_static=True)
         far.dhcp()
         machines[0].address = machines[0].dhcp.start(wait=True).address  # type: ignore[union-attr]
         own = machines[1]
-        own.ns.ip("addr", "add", "100.64.0.200/24", "dev", "eth0")
-        own.address = "100.64.0.200"
+        taken = {far.address, machines[0].address}  # DHCP gives random addresses
+        own.address = next(f"100.64.0.{i}" for i in range(200, 250) if f"100.64.0.{i}" not in taken)
+        own.ns.ip("addr", "add", f"{own.address}/24", "dev", "eth0")
         wait_for("m2's own address to be registered", lambda: ping(own, far.address, 1), 30)
         assert far.ping(own.address, count=2)
         rows = {m["address"]: m for m in machines_listed(gw)}
-        assert rows["100.64.0.200"]["static"] is True
+        assert rows[own.address]["static"] is True
         assert rows[machines[0].address]["static"] is False
-        got = gw.cli("dht", "get", str(gw.config), "ip:test:100.64.0.200")
+        got = gw.cli("dht", "get", str(gw.config), f"ip:test:{own.address}")
         assert gw.extra["node_id"] in got.stdout  # the record names the router
         wait_for(
             "per-machine counters",
