@@ -99,6 +99,7 @@ from supervisor.lab import (  # noqa: E402
     Machine,
     Node,
     node_config,
+    start_all,
     wait_for,
 )
 from supervisor.netns import Namespace, Testbed  # noqa: E402
@@ -321,13 +322,6 @@ def make_node(
     return node
 
 
-def start_nodes(nodes: Sequence[Node]) -> None:
-    for n in nodes:
-        n.start()
-    for n in nodes:
-        n.wait_running()
-
-
 def reach(client: Namespace, target: str, what: str) -> None:
     def ok() -> bool:
         res = client.run(["ping", "-c", "1", "-W", "1", target], check=False, timeout=10)
@@ -354,7 +348,7 @@ def interface_mode(sites: Sequence[Namespace], authority: Authority, root: Path)
         make_node(b, root, authority, "hb", SITES[1], first=False),
     ]
     log("interface mode: starting ha, hb")
-    start_nodes(nodes)
+    start_all(nodes)
     for n in nodes:
         n.dhcp(wait=False)
     for n in nodes:
@@ -395,7 +389,7 @@ def router_mode(
             make_node(ns, root, authority, f"r{site}", SITES[k], first=k == 0, network_lines=lines)
         )
     log(f"router mode: starting ra, rb; {machines} machines per site")
-    start_nodes(nodes)
+    start_all(nodes)
     every = [m for here in segment for m in here]
     for m in every:
         m.dhcp.start(wait=False)

@@ -402,7 +402,8 @@ def _member(
     return node
 
 
-def _start_all(nodes: Sequence[Node]) -> None:
+def start_all(nodes: Sequence[Node]) -> None:
+    """Start every node, then wait until each one's workers all run."""
     for n in nodes:
         n.start()
     for n in nodes:
@@ -428,7 +429,7 @@ def overlay_nodes(
             _member(ns, tmp, authority, name, underlay, virtual, first=i == 0, stages=stages)
         )
     if start:
-        _start_all(nodes)
+        start_all(nodes)
     return nodes
 
 
@@ -475,7 +476,7 @@ def routed_nodes(
             node.extra["segment"] = k
             nodes.append(node)
     if start:
-        _start_all(nodes)
+        start_all(nodes)
     return nodes
 
 
@@ -532,7 +533,7 @@ def router_segment(
     gw = Node("gw", gw_ns, config, "", "198.18.0.2", root)
     gw.extra["node_id"] = cert.node_id.hex()
     if start:
-        _start_all([far, gw])
+        start_all([far, gw])
     return gw, far, segment
 
 
