@@ -81,12 +81,12 @@ def run(
     grown = sim.now
     sim.run_for(settle)
     say(f"settled {settle:.0f} s")
-    ring_errors = sim.ring_errors(limit=size)
+    circle_errors = sim.circle_errors(limit=size)
     not_joined = len(sim.not_joined())
     joins = [n.joined - n.started for n in sim.live() if n.joined is not None]
     walks = sim.routing_check(pairs)
     keys = sim.routing_check(pairs, keys=True)
-    say(f"ring errors {len(ring_errors)}, walks ok {walks.success:.4f}")
+    say(f"circle errors {len(circle_errors)}, walks ok {walks.success:.4f}")
     probe = sim.probe(probes, wait=10.0)
     say(f"probes ok {probe.success:.4f}")
     traffic = sim.traffic(window)
@@ -103,7 +103,7 @@ def run(
         "join_mean_s": statistics.fmean(joins) if joins else math.nan,
         "join_p99_s": percentile(joins, 0.99),
         "not_joined": not_joined,
-        "ring_errors": len(ring_errors),
+        "circle_errors": len(circle_errors),
         "walk_success": walks.success,
         "key_walk_success": keys.success,
         "hops_mean": statistics.fmean(hops) if hops else math.nan,
@@ -151,7 +151,7 @@ def run_dht(
     sim.run_for(1.0)
     sim.grow(size - 1, rate=rate)
     sim.run_for(30.0)
-    say(f"grown, ring errors {len(sim.ring_errors(limit=size))}")
+    say(f"grown, circle errors {len(sim.circle_errors(limit=size))}")
     keys = [b"ip:bench:%d" % i for i in range(records)]
     made: dict[bytes, bytes] = {}
     create_failed = 0
@@ -283,7 +283,7 @@ def table(results: list[dict[str, object]]) -> str:
         ("join time mean (virtual s)", "join_mean_s", "{:.2f}"),
         ("join time p99 (virtual s)", "join_p99_s", "{:.2f}"),
         ("nodes not joined", "not_joined", "{:.0f}"),
-        ("ring errors (succ/pred wrong)", "ring_errors", "{:.0f}"),
+        ("circle errors (succ/pred wrong)", "circle_errors", "{:.0f}"),
         ("greedy walks ok (node ids)", "walk_success", "{:.4f}"),
         ("greedy walks ok (random keys)", "key_walk_success", "{:.4f}"),
         ("hops mean (walks)", "hops_mean", "{:.2f}"),

@@ -11,9 +11,9 @@ import pytest
 
 from pipeline.control.core import ControlCore, CoreEvent
 from pipeline.control.links import Via
-from pipeline.control.overlay.ring import id_to_bytes
 from pipeline.crypto.cert import RevocationList
 from pipeline.crypto.identity import Identity
+from pipeline.nodeid import id_to_bytes
 from tests.test_links import WALL, ca_pair, member, rng_from
 
 PORT = 4789

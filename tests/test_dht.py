@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline import nodeid
 from pipeline.control.dht import (
     CreateResult,
     DeleteResult,
@@ -26,7 +27,6 @@ from pipeline.control.dht import (
     sign_record,
 )
 from pipeline.control.dht import wire as w
-from pipeline.control.overlay import ring
 from pipeline.control.overlay.events import Delivered, Joined, NeighboursChanged, RouteFailed
 from pipeline.control.overlay.node import NodeState
 from pipeline.crypto.identity import Identity
@@ -49,7 +49,7 @@ class FakeNet:
 
     def add(self, seed: int, *, dht_settings: DhtSettings | None = None, seq_base: int = 0) -> Dht:
         identity = Identity.from_seed(bytes([seed]) * 32)
-        overlay = FakeOverlay(self, ring.id_from_bytes(identity.node_id))
+        overlay = FakeOverlay(self, nodeid.id_from_bytes(identity.node_id))
         self.overlays[overlay.node_id] = overlay
         dht = Dht(
             overlay, identity, rng=random.Random(seed), settings=dht_settings, seq_base=seq_base
@@ -66,7 +66,7 @@ class FakeNet:
             self.queue.append((other, NeighboursChanged((), ())))
 
     def closest(self, key: int) -> int:
-        return ring.closest(key, list(self.overlays))
+        return nodeid.closest(key, list(self.overlays))
 
     def run(self) -> None:
         steps = 0
@@ -116,7 +116,7 @@ class FakeOverlay:
         return self._send(node_id, node_id, payload, True)
 
     def nearest(self, key: int, k: int) -> list[int]:
-        ids = sorted(self.net.overlays, key=lambda i: (ring.ring_distance(i, key), i))
+        ids = sorted(self.net.overlays, key=lambda i: (nodeid.circle_distance(i, key), i))
         return ids[:k]
 
 
@@ -435,8 +435,8 @@ def test_split_brain_converges_and_the_loser_learns_at_renewal(last: int) -> Non
     seed = 100
     while True:  # a newcomer closer to the key than anyone
         seed += 1
-        nid = ring.id_from_bytes(Identity.from_seed(bytes([seed]) * 32).node_id)
-        if ring.closer(pos, nid, net.closest(pos)):
+        nid = nodeid.id_from_bytes(Identity.from_seed(bytes([seed]) * 32).node_id)
+        if nodeid.closer(pos, nid, net.closest(pos)):
             break
     newcomer = net.add(seed)
     net.queue.clear()  # the handover has not arrived yet

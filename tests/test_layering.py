@@ -25,6 +25,7 @@ PURE = [
     "pipeline/control/dht",
     "pipeline/sim",
     "pipeline/records.py",
+    "pipeline/nodeid.py",
     "pipeline/messages.py",
     "pipeline/control/core.py",
     "pipeline/control/dns",

@@ -21,7 +21,7 @@ from pipeline.control.overlay import (
     RouteFailed,
 )
 from pipeline.control.overlay import wire as w
-from pipeline.control.overlay.ring import SIZE, id_to_bytes
+from pipeline.nodeid import SIZE, id_to_bytes
 
 Address = tuple[str, int]
 EIGHTH = SIZE // 8

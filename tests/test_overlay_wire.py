@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from pipeline.control.overlay import HostPortCodec, OverlayNode, OverlaySettings
 from pipeline.control.overlay import wire as w
-from pipeline.control.overlay.ring import id_to_bytes
 from pipeline.errors import RemoteProtocolError
+from pipeline.nodeid import id_to_bytes
 
 id_bytes = st.binary(min_size=20, max_size=20)
 address_bytes = st.binary(max_size=w.MAX_ADDRESS)

@@ -21,10 +21,10 @@ from pipeline import messages, shm_ring
 from pipeline.config import settings_from_mapping
 from pipeline.crypto.datapath import MIN_DATAGRAM, RecvSession, SendSession
 from pipeline.errors import RemoteProtocolError
+from pipeline.nodeid import NODE_ID_LEN, circle_distance
 from pipeline.overlay_io import stage as io_stage
 from pipeline.overlay_io.relay import (
     CACHE_MAX,
-    NODE_ID_LEN,
     PREFIX_LEN,
     RELAY_TTL,
     Action,
@@ -32,7 +32,6 @@ from pipeline.overlay_io.relay import (
     on_relay,
     pack_relay,
     parse_relay,
-    ring_distance,
 )
 from pipeline.overlay_io.udp import RECV_SIZE, Address
 from pipeline.records import RecordKind
@@ -145,7 +144,7 @@ def test_next_hop_wraps_around_the_circle() -> None:
     # and the other way: dest just above 0, the link just below 2^160
     table = RelayTable(nid(1 << 100), [(1, nid(SIZE - 3)), (2, nid(1 << 120))])
     assert table.next_hop(nid(4)) == 1
-    assert ring_distance(SIZE - 3, 4) == 7 == ring_distance(4, SIZE - 3)
+    assert circle_distance(SIZE - 3, 4) == 7 == circle_distance(4, SIZE - 3)
 
 
 def test_no_hop_closer_than_us_is_none() -> None:
@@ -192,13 +191,13 @@ def test_next_hop_is_the_brute_force_choice(own: int, links: list[Any], dest: in
     hops = list({slot: node for slot, node in links}.items())
     table = RelayTable(nid(own), [(slot, nid(node)) for slot, node in hops])
     candidates = [
-        (ring_distance(node, dest), slot)
+        (circle_distance(node, dest), slot)
         for slot, node in hops
-        if ring_distance(node, dest) < ring_distance(own, dest)
+        if circle_distance(node, dest) < circle_distance(own, dest)
     ]
     assert table.next_hop(nid(dest)) == (min(candidates)[1] if candidates else None)
     dist = min(abs(own - dest), SIZE - abs(own - dest))
-    assert ring_distance(own, dest) == dist
+    assert circle_distance(own, dest) == dist
 
 
 # -- the decisions of a relay ----------------------------------------------------------------------

@@ -29,7 +29,7 @@ def grown(size: int, *, seed: int, rate: float, **kwargs: object) -> OverlaySim:
 
 
 def assert_invariants(sim: OverlaySim, *, pairs: int, probes: int) -> None:
-    assert sim.ring_errors() == []
+    assert sim.circle_errors() == []
     assert [n.address for n in sim.not_joined()] == []
     walks = sim.routing_check(pairs)
     assert walks.success == 1.0, walks.failures
@@ -58,7 +58,7 @@ def test_50_nodes_with_loss_and_churn() -> None:
     script = poisson_churn(random.Random(4), start=sim.now, stop=sim.now + 90.0, rate=0.5)
     sim.schedule_churn(script)
     sim.run_for(90.0 + 60.0, max_steps=500_000)
-    assert sim.ring_errors() == []
+    assert sim.circle_errors() == []
     assert sim.routing_check(500).success == 1.0
     probe = sim.probe(200)
     assert probe.success > 0.75  # ~5 hops at 5% loss each; the overlay does not retransmit
@@ -87,7 +87,7 @@ def test_partition_then_heal() -> None:
     sim.sim.network.partition([[n.address for n in left]])
     sim.run_for(90.0)
     # Each side has closed its own circle.
-    assert sim.ring_errors(among=left) == [] and sim.ring_errors(among=right) == []
+    assert sim.circle_errors(among=left) == [] and sim.circle_errors(among=right) == []
     sim.sim.network.heal()
     sim.run_for(120.0)
     assert_invariants(sim, pairs=300, probes=100)
@@ -132,7 +132,7 @@ def test_1000_nodes_with_churn() -> None:
     sim.schedule_churn(script)
     sim.run_for(60.0, max_steps=1_500_000)
     sim.run_for(60.0, max_steps=1_500_000)
-    assert sim.ring_errors() == []
+    assert sim.circle_errors() == []
     assert [n.address for n in sim.not_joined()] == []
     walks = sim.routing_check(2000)
     assert walks.success == 1.0, walks.failures

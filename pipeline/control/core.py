@@ -66,10 +66,10 @@ from pipeline.control.overlay import (
     OverlaySettings,
 )
 from pipeline.control.overlay import wire as ow
-from pipeline.control.overlay.ring import id_from_bytes, id_to_bytes
 from pipeline.crypto.cert import Certificate, RevocationList
 from pipeline.crypto.identity import Identity
 from pipeline.errors import RemoteProtocolError
+from pipeline.nodeid import id_from_bytes, id_to_bytes
 
 HANDSHAKE_TAG = b"H"  # an overlay Data payload that carries a handshake datagram
 QUEUE_PER_ENDPOINT = 16

@@ -42,10 +42,10 @@ from pipeline.control.core import ControlCore, CoreEvent
 from pipeline.control.dht import CreateResult, GetResult, key_position
 from pipeline.control.links import EventKind, LinkEvent, LinkSettings, PeerSpec, Via
 from pipeline.control.overlay import wire as overlay_wire
-from pipeline.control.overlay.ring import id_to_bytes
 from pipeline.control.peers import PeerState, PeerTable
 from pipeline.crypto.keyfiles import KeyFileError, load_membership, read_revocation_list
 from pipeline.errors import StageIOError
+from pipeline.nodeid import id_to_bytes
 from pipeline.records import ENDPOINT_LEN, RecordKind, pack_endpoint, unpack_endpoint
 from pipeline.worker import CONTROL_PUB_SOCKET, CONTROL_SOCKET, Worker, endpoint, ring_name
 

@@ -22,12 +22,13 @@ import nacl.bindings
 import nacl.exceptions
 import nacl.signing
 
+from pipeline.nodeid import NODE_ID_LEN
+
 NodeId = NewType("NodeId", bytes)
 
 SEED_LEN = 32
 PUBLIC_KEY_LEN = 32
 SIGNATURE_LEN = 64
-NODE_ID_LEN = 20
 
 
 def node_id(public_key: bytes) -> NodeId:

@@ -29,11 +29,11 @@ from typing import NamedTuple
 
 from pipeline.crypto.datapath import MIN_DATAGRAM
 from pipeline.errors import RemoteProtocolError
+from pipeline.nodeid import NODE_ID_LEN, circle_distance
 from pipeline.wire.overlay import RELAY_TTL, VERSION, DatagramType
 
 __all__ = [
     "CACHE_MAX",
-    "NODE_ID_LEN",
     "PREFIX_LEN",
     "RELAY_TTL",
     "Action",
@@ -42,16 +42,11 @@ __all__ = [
     "on_relay",
     "pack_relay",
     "parse_relay",
-    "ring_distance",
 ]
 
-NODE_ID_LEN = 20
 PREFIX_LEN = NODE_ID_LEN + 1  # dest id and ttl, before the inner datagram
 CACHE_MAX = 4096  # next hops remembered per table (dests come from authenticated peers)
 
-_SIZE = 1 << (8 * NODE_ID_LEN)
-_MASK = _SIZE - 1
-_HALF = _SIZE >> 1
 _TTL = tuple(bytes((i,)) for i in range(256))
 _INNER_TYPES = frozenset((DatagramType.DATA, DatagramType.OVERLAY))
 _MISSING = -1
@@ -82,18 +77,12 @@ def parse_relay(payload: ReadableBuffer) -> tuple[bytes, int, memoryview]:
     return bytes(view[:NODE_ID_LEN]), view[NODE_ID_LEN], inner
 
 
-def ring_distance(a: int, b: int) -> int:
-    """min(|a - b|, 2^160 - |a - b|): how far apart two ids are on the circle."""
-    d = (b - a) & _MASK
-    return _SIZE - d if d > _HALF else d
-
-
 class RelayTable:
     """The greedy next hop towards a node id, among the direct links of the whole node.
 
     Built from ``(slot, node_id)`` of every direct, confirmed link (of every overlay_io worker:
     whether this worker may seal for the hop is the sender's question) and this node's id.
-    ``next_hop(dest)`` is the slot whose id is closest to ``dest`` by ring distance, if that
+    ``next_hop(dest)`` is the slot whose id is closest to ``dest`` by circle distance, if that
     is strictly closer than our own id (else None: the payload would not get closer); ties go
     to the smaller slot. Answers are cached per dest; the table is rebuilt, cache and all,
     whenever the links change. Ids that are not 20 bytes are left out; with no valid own id
@@ -136,10 +125,10 @@ class RelayTable:
         if len(dest) != NODE_ID_LEN or not self._hops:
             return None
         target = int.from_bytes(dest, "big")
-        best = ring_distance(self._own, target)
+        best = circle_distance(self._own, target)
         choice: int | None = None
         for slot, node in self._hops:  # by slot: on a tie the first (smallest) slot stays
-            d = ring_distance(node, target)
+            d = circle_distance(node, target)
             if d < best:
                 best, choice = d, slot
         return choice

@@ -14,9 +14,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 
+from pipeline import nodeid
 from pipeline.control.dht.events import DhtEvent, LeaseLost
 from pipeline.control.dht.node import Dht, DhtSettings
-from pipeline.control.overlay import ring
 from pipeline.control.overlay.events import OverlayEvent
 from pipeline.control.overlay.node import OverlayNode, OverlaySettings
 from pipeline.control.overlay.wire import Address
@@ -105,7 +105,7 @@ class DhtSim(OverlaySim):
     ) -> SimNode:
         if node_id is None:
             identity = Identity.from_seed(self.rng.randbytes(32))
-            node_id = ring.id_from_bytes(identity.node_id)
+            node_id = nodeid.id_from_bytes(identity.node_id)
             self.identities[node_id] = identity
         return super().add_node(node_id=node_id, bootstrap=bootstrap)
 

@@ -3,7 +3,7 @@
 ``OverlaySim`` puts ``OverlayNode`` cores (the same code as live) at integer addresses of a
 ``Simulator`` and knows which are alive. Checks:
 
-- ``ring_errors()``: every live node's successor and predecessor (its nearest links
+- ``circle_errors()``: every live node's successor and predecessor (its nearest links
   clockwise and counter-clockwise) are the true ones among the live nodes.
 - ``routing_check(pairs)``: greedy walks through the nodes' routing tables, as the
   messages would go, from sampled sources to sampled node ids (and to random keys): each
@@ -23,7 +23,7 @@ import random
 from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
 
-from pipeline.control.overlay import ring
+from pipeline import nodeid
 from pipeline.control.overlay.events import Delivered, Joined, RouteFailed
 from pipeline.control.overlay.node import NodeState, OverlayNode, OverlaySettings
 from pipeline.control.overlay.wire import Address
@@ -119,9 +119,9 @@ class OverlaySim:
         """A new node, now, joining through ``bootstrap`` addresses (by default a few random
         live nodes; none for the first)."""
         if node_id is None:
-            node_id = self.rng.getrandbits(ring.BITS)
+            node_id = self.rng.getrandbits(nodeid.BITS)
             while node_id in self._by_id:
-                node_id = self.rng.getrandbits(ring.BITS)
+                node_id = self.rng.getrandbits(nodeid.BITS)
         if bootstrap is None:
             live = [n.address for n in self.nodes.values() if n.alive]
             bootstrap = self.rng.sample(live, min(self.bootstrap_count, len(live)))
@@ -230,9 +230,11 @@ class OverlaySim:
     def true_closest(self, key: int) -> int:
         ids = self.live_ids()
         i = bisect.bisect_left(ids, key)
-        return ring.closest(key, [ids[i % len(ids)], ids[i - 1]])
+        return nodeid.closest(key, [ids[i % len(ids)], ids[i - 1]])
 
-    def ring_errors(self, limit: int = 10, *, among: Iterable[SimNode] | None = None) -> list[str]:
+    def circle_errors(
+        self, limit: int = 10, *, among: Iterable[SimNode] | None = None
+    ) -> list[str]:
         """Nodes whose successor or predecessor is wrong (up to ``limit`` lines). ``among``:
         check the circle these live nodes should form by themselves (one side of a
         partition); by default all live nodes."""
@@ -249,7 +251,7 @@ class OverlaySim:
             succ, pred = node.successor(), node.predecessor()
             if succ != want_succ or pred != want_pred:
                 errors.append(
-                    f"{ring.short(nid)} ({node.state.value}): successor {_short(succ)}"
+                    f"{nodeid.short(nid)} ({node.state.value}): successor {_short(succ)}"
                     f" (want {_short(want_succ)}), predecessor {_short(pred)}"
                     f" (want {_short(want_pred)})"
                 )
@@ -269,7 +271,7 @@ class OverlaySim:
         for _ in range(pairs):
             src = self.rng.choice(live)
             if keys:
-                key = self.rng.getrandbits(ring.BITS)
+                key = self.rng.getrandbits(nodeid.BITS)
                 want = self.true_closest(key)
             else:
                 key = want = self.rng.choice(live).node_id
@@ -280,17 +282,19 @@ class OverlaySim:
                     break
                 entry = self._by_id.get(nxt)
                 if entry is None or not entry.alive:
-                    problem = f"hop {count} to dead node {ring.short(nxt)}"
+                    problem = f"hop {count} to dead node {nodeid.short(nxt)}"
                     break
                 cur, count = entry, count + 1
                 if count > max_hops:
                     problem = "hop limit"
                     break
             if not problem and cur.node_id != want:
-                problem = f"ended at {ring.short(cur.node_id)}, want {ring.short(want)}"
+                problem = f"ended at {nodeid.short(cur.node_id)}, want {nodeid.short(want)}"
             if problem:
                 if len(failures) < 5:
-                    failures.append(f"{ring.short(src.node_id)} -> {ring.short(key)}: {problem}")
+                    failures.append(
+                        f"{nodeid.short(src.node_id)} -> {nodeid.short(key)}: {problem}"
+                    )
             else:
                 ok += 1
                 hops.append(count)
@@ -316,7 +320,7 @@ class OverlaySim:
                 ok += 1
                 hops.append(got.hops)
             elif len(failures) < 5:
-                failures.append(f"{ring.short(src.node_id)} -> {ring.short(dst.node_id)} lost")
+                failures.append(f"{nodeid.short(src.node_id)} -> {nodeid.short(dst.node_id)} lost")
         return RoutingReport(pairs, ok, tuple(hops), tuple(failures))
 
     def traffic(self, seconds: float) -> Traffic:
@@ -354,4 +358,4 @@ class OverlaySim:
 
 
 def _short(node_id: int | None) -> str:
-    return "-" if node_id is None else ring.short(node_id)
+    return "-" if node_id is None else nodeid.short(node_id)

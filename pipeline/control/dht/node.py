@@ -8,7 +8,7 @@ randomness is the ``rng`` given (request ids).
 Theory of operation:
 
 - **Placement.** A key (bytes, e.g. ``b"ip:lab:100.64.0.7"``) sits at BLAKE2b-160(key) on
-  the ring. Its *responsible* node is the live node closest to that point (where
+  the circle. Its *responsible* node is the live node closest to that point (where
   ``send_to_key`` delivers); its *replicas* are the ``replicas`` (R, default 4) nodes
   nearest the point as the responsible node sees them (``nearest(key, R)``, itself first).
 - **Records** are signed by their owner (``wire.Record``); every node checks the signature

@@ -156,7 +156,7 @@ def decode(payload: bytes) -> Message:
 
 
 def key_position(key: bytes) -> int:
-    """A key's position on the ring: BLAKE2b-160 of its bytes, as an int."""
+    """A key's position on the circle: BLAKE2b-160 of its bytes, as an int."""
     return int.from_bytes(hashlib.blake2b(key, digest_size=20).digest(), "big")
 
 

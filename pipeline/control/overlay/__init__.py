@@ -2,7 +2,6 @@
 
 Modules:
 
-- ``ring``: arithmetic on the circle of 2^160 (distances, "between", id <-> 20 bytes).
 - ``wire``: the messages and their versioned binary codec; ``AddressCodec``.
 - ``events``: ``LinkAdded``, ``LinkRemoved``, ``NeighboursChanged``, ``Delivered``,
   ``RouteFailed``, ``Joined``; ``LinkKind``, ``LinkInfo``.
@@ -34,7 +33,7 @@ The API that other cores (the DHT) build on, all re-exported here::
     node.estimated_size() -> int
     node.state -> NodeState; node.address -> Address | None
 
-Ids and keys are ints in [0, 2**160) (``ring.id_from_bytes`` of a 20-byte BLAKE2b-160
+Ids and keys are ints in [0, 2**160) (``pipeline.nodeid.id_from_bytes`` of a 20-byte BLAKE2b-160
 node id). Events: ``LinkAdded``, ``LinkRemoved``, ``NeighboursChanged`` (the DHT's cue
 to hand records over), ``Delivered`` (a message for which this node is the destination),
 ``RouteFailed``, ``Joined``. The overlay does not retransmit end to end (a hop only

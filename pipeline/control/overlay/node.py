@@ -2,7 +2,7 @@
 
 Theory of operation:
 
-- **The circle.** Node ids are positions on a circle of 2^160 (``ring``). A node keeps
+- **The circle.** Node ids are positions on a circle of 2^160 (``pipeline.nodeid``). A node keeps
   *links* (logical overlay connections to other nodes' addresses): ``near`` links to the
   ``near_per_side`` (2) nearest nodes on each side, ``far`` links (Symphony shortcuts) to
   about ``⌈½·log2 N⌉`` nodes drawn at distances ∝ 1/d, and ``leaf`` links to bootstrap
@@ -96,7 +96,7 @@ from collections.abc import Collection, Sequence
 
 import msgspec
 
-from pipeline.control.overlay import ring
+from pipeline import nodeid
 from pipeline.control.overlay import wire as w
 from pipeline.control.overlay.events import (
     Delivered,
@@ -109,9 +109,9 @@ from pipeline.control.overlay.events import (
     OverlayEvent,
     RouteFailed,
 )
-from pipeline.control.overlay.ring import clockwise, id_from_bytes, id_to_bytes, ring_distance
 from pipeline.control.overlay.wire import Address, AddressCodec, CloseReason, HostPortCodec
 from pipeline.errors import RemoteProtocolError
+from pipeline.nodeid import circle_distance, clockwise, id_from_bytes, id_to_bytes
 
 LEAF, FAR, NEAR = LinkKind.LEAF, LinkKind.FAR, LinkKind.NEAR
 KNOWN_ADDRESSES = 16  # addresses of recent links kept to re-join through
@@ -227,7 +227,7 @@ class OverlayNode:
         settings: OverlaySettings = OverlaySettings(),
         bootstrap: Sequence[Address] = (),
     ) -> None:
-        if not 0 <= node_id < ring.SIZE:
+        if not 0 <= node_id < nodeid.SIZE:
             raise ValueError(f"a node id is in [0, 2**160), got {node_id}")
         self.node_id = node_id
         self.settings = settings
@@ -250,7 +250,7 @@ class OverlayNode:
         self._out: list[tuple[bytes, Address]] = []
         self._events: list[OverlayEvent] = []
         self._stats: Counter[str] = Counter()
-        self._ring_cache: tuple[list[int], list[int]] | None = None
+        self._circle_cache: tuple[list[int], list[int]] | None = None
         self._routing_cache: list[_Link] | None = None
         self._size_cache: int | None = None
         self._announced: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
@@ -271,7 +271,7 @@ class OverlayNode:
         self._held_seq = 0
 
     def __repr__(self) -> str:
-        return f"<OverlayNode {ring.short(self.node_id)} {self._state.value} {len(self._links)}>"
+        return f"<OverlayNode {nodeid.short(self.node_id)} {self._state.value} {len(self._links)}>"
 
     # -- outputs -----------------------------------------------------------------------------
 
@@ -330,25 +330,25 @@ class OverlayNode:
     def neighbours(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(successors, predecessors): the ``near_per_side`` nearest linked nodes clockwise
         and counter-clockwise, nearest first (leaf links not counted)."""
-        succ, pred = self._ring()
+        succ, pred = self._circle_view()
         k = self.settings.near_per_side
         return tuple(succ[:k]), tuple(pred[:k])
 
     def successor(self) -> int | None:
         """The nearest linked node clockwise, or None without structured links."""
-        succ, _ = self._ring()
+        succ, _ = self._circle_view()
         return succ[0] if succ else None
 
     def predecessor(self) -> int | None:
         """The nearest linked node counter-clockwise, or None without structured links."""
-        _, pred = self._ring()
+        _, pred = self._circle_view()
         return pred[0] if pred else None
 
     def nearest(self, key: int, k: int) -> list[int]:
         """The ids of the k known nodes (this one and its near and far links) nearest to key,
         nearest first: where DHT replicas of key go."""
         ids = [self.node_id, *(lk.node_id for lk in self._structured())]
-        ids.sort(key=lambda i: (ring_distance(i, key), i))
+        ids.sort(key=lambda i: (circle_distance(i, key), i))
         return ids[:k]
 
     def is_responsible(self, key: int) -> bool:
@@ -356,7 +356,7 @@ class OverlayNode:
         succ, pred = self.neighbours()
         best = self.node_id
         for nid in (*succ, *pred):
-            if ring.closer(key, nid, best):
+            if nodeid.closer(key, nid, best):
                 best = nid
         return best == self.node_id
 
@@ -370,14 +370,14 @@ class OverlayNode:
         """N, the estimated number of nodes: the larger of (structured links + 1) and
         2^160 over the mean spacing of the ``near_per_side`` nearest links on each side."""
         if self._size_cache is None:
-            succ, pred = self._ring()
+            succ, pred = self._circle_view()
             n = len(succ)
             st = self.settings
             size = n + 1
             if n >= 2 * st.near_per_side:
                 m = st.near_per_side
                 spread = clockwise(self.node_id, succ[m - 1]) + clockwise(pred[m - 1], self.node_id)
-                size = max(size, ring.SIZE * 2 * m // max(spread, 1))
+                size = max(size, nodeid.SIZE * 2 * m // max(spread, 1))
             self._size_cache = size
         return self._size_cache
 
@@ -607,7 +607,7 @@ class OverlayNode:
         self._changed()
 
     def _changed(self) -> None:
-        self._ring_cache = None
+        self._circle_cache = None
         self._routing_cache = None
         self._size_cache = None
 
@@ -675,7 +675,7 @@ class OverlayNode:
         """Link to each candidate that would be among our nearest ``near_per_side`` on a side."""
         now = self._now
         me = self.node_id
-        candidates.sort(key=lambda c: ring_distance(c[0], me))
+        candidates.sort(key=lambda c: circle_distance(c[0], me))
         for nid, address in candidates:
             if nid == me or address in self._own_addresses:
                 continue
@@ -705,27 +705,27 @@ class OverlayNode:
         ccw = sorted(clockwise(i, me) for i in ids)
         return clockwise(nid, me) < ccw[k - 1]
 
-    # -- the ring view -----------------------------------------------------------------------
+    # -- the circle view -----------------------------------------------------------------------
 
     def _structured(self) -> list[_Link]:
         if self._routing_cache is None:
             self._routing_cache = [lk for lk in self._links.values() if lk.kind is not LEAF]
         return self._routing_cache
 
-    def _ring(self) -> tuple[list[int], list[int]]:
+    def _circle_view(self) -> tuple[list[int], list[int]]:
         """Structured link ids sorted clockwise (successors) and counter-clockwise."""
-        if self._ring_cache is None:
+        if self._circle_cache is None:
             me = self.node_id
             ids = [lk.node_id for lk in self._structured()]
             succ = sorted(ids, key=lambda i: clockwise(me, i))
-            self._ring_cache = (succ, succ[::-1])
-        return self._ring_cache
+            self._circle_cache = (succ, succ[::-1])
+        return self._circle_cache
 
     def _after_input(self, now: float) -> None:
         """Announce a changed near set, and see whether we have joined."""
         if self._state is NodeState.LEFT:
             return
-        succ, pred = self._ring()
+        succ, pred = self._circle_view()
         k = self.settings.near_per_side
         current = (tuple(succ[:k]), tuple(pred[:k]))
         if current != self._announced:
@@ -742,7 +742,7 @@ class OverlayNode:
             self._check_joined(now)
 
     def _check_joined(self, now: float) -> None:
-        succ, pred = self._ring()
+        succ, pred = self._circle_view()
         if not succ:
             return
         s, p = self._links[succ[0]], self._links[pred[0]]
@@ -750,7 +750,7 @@ class OverlayNode:
             return
         me = self.node_id
         live = [x for x in (*s.view, *p.view) if self._suspects.get(x, -math.inf) <= now]
-        if any(ring.between(me, x, s.node_id) or ring.between(p.node_id, x, me) for x in live):
+        if any(nodeid.between(me, x, s.node_id) or nodeid.between(p.node_id, x, me) for x in live):
             return
         self._state = NodeState.JOINED
         self._joined_at = now
@@ -795,12 +795,12 @@ class OverlayNode:
             links = [lk for lk in self._links.values() if lk.node_id != exclude]
             entry = [lk for lk in links if lk.on_circle]
             if entry:
-                return min(entry, key=lambda lk: (ring_distance(lk.node_id, key), lk.node_id))
+                return min(entry, key=lambda lk: (circle_distance(lk.node_id, key), lk.node_id))
             candidates = links
         if exclude == self.node_id:
-            best_d, best_id = ring.SIZE, -1
+            best_d, best_id = nodeid.SIZE, -1
         else:
-            best_d, best_id = ring_distance(self.node_id, key), self.node_id
+            best_d, best_id = circle_distance(self.node_id, key), self.node_id
         # A link whose ping has gone unanswered for suspect_after_s is probably dead: route
         # around it, and deliver here if it is the only link closer than this node.
         cutoff = self._now - self.settings.suspect_after_s
@@ -812,9 +812,9 @@ class OverlayNode:
             nid = link.node_id
             if nid == exclude:
                 continue
-            d = (nid - key) & ring.MASK
-            if d > ring.HALF:
-                d = ring.SIZE - d
+            d = (nid - key) & nodeid.MASK
+            if d > nodeid.HALF:
+                d = nodeid.SIZE - d
             if d < best_d or (d == best_d and nid < best_id):
                 if nid == dead or link.last_heard < link.ping_since <= cutoff:
                     if d < suspect_d or (d == suspect_d and nid < suspect_id):
@@ -1110,7 +1110,7 @@ class OverlayNode:
     def _ask_neighbours(self, *, periodic: bool = False) -> None:
         """Exchange neighbour lists with the nearest node on each side; periodically, not
         with one whose list came lately (it asked us: one exchange a pair is enough)."""
-        succ, pred = self._ring()
+        succ, pred = self._circle_view()
         fresh = self._now - 0.75 * self.settings.stabilize_s
         for nid in dict.fromkeys(succ[:1] + pred[:1]):
             link = self._links[nid]
@@ -1140,9 +1140,9 @@ class OverlayNode:
         if len(self._far_links()) >= self._far_target():
             return
         log_n = math.log2(self.estimated_size())
-        exponent = (ring.BITS - 1) - (1.0 - self._rng.random()) * (log_n - 1)
-        d = min(int(2.0**exponent), ring.HALF)
-        target = (self.node_id + d if self._rng.random() < 0.5 else self.node_id - d) & ring.MASK
+        exponent = (nodeid.BITS - 1) - (1.0 - self._rng.random()) * (log_n - 1)
+        d = min(int(2.0**exponent), nodeid.HALF)
+        target = (self.node_id + d if self._rng.random() < 0.5 else self.node_id - d) & nodeid.MASK
         self._next_far = now + self.settings.tick_s
         self._connect(FAR, target)
 
@@ -1161,12 +1161,12 @@ class OverlayNode:
             self._drop_link(self._rng.choice(far), "trim_far", CloseReason.TRIM)
         if now - self._near_changed < st.trim_quiet_s:
             return
-        succ, pred = self._ring()
+        succ, pred = self._circle_view()
         keep = {*succ[: st.near_keep_per_side], *pred[: st.near_keep_per_side]}
         extra = [lk for lk in self._structured() if lk.kind is NEAR and lk.node_id not in keep]
         if extra:
             me = self.node_id
-            farthest = max(extra, key=lambda lk: ring_distance(lk.node_id, me))
+            farthest = max(extra, key=lambda lk: circle_distance(lk.node_id, me))
             self._drop_link(farthest, "trim_near", CloseReason.TRIM)
 
     def _probe(self, now: float) -> None:

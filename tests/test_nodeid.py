@@ -6,18 +6,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.control.overlay import ring
-from pipeline.control.overlay.ring import (
+from pipeline import nodeid
+from pipeline.nodeid import (
     HALF,
     SIZE,
     between,
+    circle_distance,
     clockwise,
     closer,
     closest,
     distance,
     id_from_bytes,
     id_to_bytes,
-    ring_distance,
 )
 
 ids = st.integers(min_value=0, max_value=SIZE - 1)
@@ -39,18 +39,18 @@ class TestDistance:
         assert distance(0, HALF) == HALF  # the antipode is +2^159, never -2^159
         assert distance(HALF, 0) == HALF
         assert clockwise(5, 3) == SIZE - 2
-        assert ring_distance(SIZE - 1, 1) == 2
+        assert circle_distance(SIZE - 1, 1) == 2
 
     @given(edgy, edgy)
     def test_bounded_and_lands_on_b(self, a: int, b: int) -> None:
         d = distance(a, b)
         assert -HALF < d <= HALF
         assert (a + d) % SIZE == b
-        assert ring_distance(a, b) == abs(d) == ring_distance(b, a)
+        assert circle_distance(a, b) == abs(d) == circle_distance(b, a)
 
     @given(edgy, edgy)
     def test_antisymmetric_except_at_the_antipode(self, a: int, b: int) -> None:
-        if ring_distance(a, b) == HALF:
+        if circle_distance(a, b) == HALF:
             assert distance(a, b) == distance(b, a) == HALF
         else:
             assert distance(a, b) == -distance(b, a)
@@ -62,7 +62,7 @@ class TestDistance:
 
     @given(edgy, edgy, edgy)
     def test_triangle_inequality(self, a: int, b: int, c: int) -> None:
-        assert ring_distance(a, c) <= ring_distance(a, b) + ring_distance(b, c)
+        assert circle_distance(a, c) <= circle_distance(a, b) + circle_distance(b, c)
 
 
 class TestBetween:
@@ -109,7 +109,7 @@ class TestBytes:
 
     def test_big_endian(self) -> None:
         assert id_to_bytes(1) == bytes(19) + b"\x01"
-        assert ring.short(0xDEADBEEF << 128) == "deadbeef"
+        assert nodeid.short(0xDEADBEEF << 128) == "deadbeef"
 
     @pytest.mark.parametrize("bad", [-1, SIZE])
     def test_out_of_range(self, bad: int) -> None:
