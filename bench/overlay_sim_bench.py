@@ -45,7 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.control.dht import CreateResult, GetResult  # noqa: E402
-from pipeline.sim import Action, OverlaySim, poisson_churn  # noqa: E402
+from pipeline.sim import ChurnAction, OverlaySim, poisson_churn  # noqa: E402
 from pipeline.sim.dht import DhtSim  # noqa: E402
 
 LEASE = 600.0
@@ -91,7 +91,7 @@ def run(
     say(f"probes ok {probe.success:.4f}")
     traffic = sim.traffic(window)
     say(f"traffic {traffic.datagrams_per_node_s:.2f} datagrams/node/s")
-    links = [len(n.node.links()) for n in sim.live()]
+    connections = [len(n.node.connections()) for n in sim.live()]
     estimates = [n.node.estimated_size() for n in sim.live()]
     hops = [float(h) for h in walks.hops]
     probe_hops = [float(h) for h in probe.hops]
@@ -114,8 +114,8 @@ def run(
         "probe_hops_p99": percentile(probe_hops, 0.99),
         "log2_n": math.log2(size),
         "target_hops": 0.5 * math.log2(size) + 2,
-        "links_mean": statistics.fmean(links),
-        "links_max": max(links),
+        "connections_mean": statistics.fmean(connections),
+        "connections_max": max(connections),
         "estimate_median": statistics.median(estimates),
         "maintenance_datagrams_per_node_s": traffic.datagrams_per_node_s,
         "maintenance_bytes_per_node_s": traffic.bytes_per_node_s,
@@ -176,7 +176,7 @@ def run_dht(
     per_s = churn * size / 60.0
     start = sim.now
     stop = start + traffic_s + gets_s + 20.0
-    mix = {Action.CRASH: 1.0, Action.JOIN: 1.0}
+    mix = {ChurnAction.CRASH: 1.0, ChurnAction.JOIN: 1.0}
     sim.schedule_churn(
         poisson_churn(rng, start=start, stop=stop, rate=2 * per_s, mix=mix), min_live=size // 2
     )
@@ -294,8 +294,8 @@ def table(results: list[dict[str, object]]) -> str:
         ("hops p99 (probes)", "probe_hops_p99", "{:.0f}"),
         ("log2 N", "log2_n", "{:.2f}"),
         ("target ½·log2 N + 2", "target_hops", "{:.2f}"),
-        ("links per node mean", "links_mean", "{:.1f}"),
-        ("links per node max", "links_max", "{:.0f}"),
+        ("overlay connections per node mean", "connections_mean", "{:.1f}"),
+        ("overlay connections per node max", "connections_max", "{:.0f}"),
         ("estimated N (median)", "estimate_median", "{:.0f}"),
         ("maintenance datagrams/node/s", "maintenance_datagrams_per_node_s", "{:.2f}"),
         ("maintenance bytes/node/s", "maintenance_bytes_per_node_s", "{:.0f}"),

@@ -136,7 +136,7 @@ class DhtPutReply(msgspec.Struct, tag=True, frozen=True):
     holder: str  # hex node id of the owner of the live record, when another one holds it
 
 
-class DhtRecord(msgspec.Struct, frozen=True):
+class DhtRecordSummary(msgspec.Struct, frozen=True):
     value: bytes
     owner_id: str  # hex node id of the signer
     seq: int
@@ -148,7 +148,7 @@ class DhtGetReply(msgspec.Struct, tag=True, frozen=True):
     key: str
     ok: bool
     reason: str
-    records: tuple[DhtRecord, ...]
+    records: tuple[DhtRecordSummary, ...]
     position: str  # hex: the key's place on the circle
     replicas: tuple[str, ...]  # hex node ids that should hold it, nearest first (as seen here)
 

@@ -60,7 +60,7 @@ Batching. Push many then flush once (one index store, at most one eventfd write)
 many then release once. Counters live in the owning process and are published by
 flush()/release(), so the supervisor's stats lag by at most one batch.
 
-Lifetimes and restarts. ``Record.data`` is a view into the ring, valid until ``release()``;
+Lifetimes and restarts. ``RingRecord.data`` is a view into the ring, valid until ``release()``;
 copy it to keep it. ``Ring.close()`` with such views alive defers the unmap until they are
 dropped. Producer and
 Consumer load their indices and counters from the header when built, so a restarted worker
@@ -86,7 +86,7 @@ __all__ = [
     "PAD_KIND",
     "Consumer",
     "Producer",
-    "Record",
+    "RingRecord",
     "Ring",
     "RingError",
     "RingSpec",
@@ -132,7 +132,7 @@ class RingSpec(NamedTuple):
     bell_fd: int
 
 
-class Record(NamedTuple):
+class RingRecord(NamedTuple):
     """One record read in place: ``data`` is a (writable) view into the ring, valid until
     ``Consumer.release()``; the producer may overwrite it after that."""
 
@@ -250,7 +250,7 @@ class Ring:
 
     def close(self) -> None:
         """Unmap; Producer/Consumer of this Ring fail from now on. Never raises: if
-        ``Record.data`` views are still alive (say, held by a traceback in a ``finally``),
+        ``RingRecord.data`` views are still alive (say, held by a traceback in a ``finally``),
         the unmap happens when the last one is dropped."""
         self._q.release()
         self._mv.release()
@@ -457,11 +457,11 @@ class Consumer:
         """The doorbell eventfd, to register for POLLIN."""
         return self._bell
 
-    def pop_batch(self, max_records: int) -> list[Record]:
+    def pop_batch(self, max_records: int) -> list[RingRecord]:
         """Up to ``max_records`` published records, read in place (valid until release())."""
         r = self._r
         w: int = self._q[_W]
-        out: list[Record] = []
+        out: list[RingRecord] = []
         if r == w:
             return out
         mv, mask, cap = self._mv, self._mask, self._cap
@@ -474,7 +474,7 @@ class Consumer:
                 r += cap - pos
                 continue
             start = HEADER_SIZE + REC_HDR + pos
-            append(_new_record(Record, (kind, peer, flags, mv[start : start + n])))
+            append(_new_record(RingRecord, (kind, peer, flags, mv[start : start + n])))
             nbytes += n
             r += (n + 15) & -8
         if r > w:

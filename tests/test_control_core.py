@@ -127,7 +127,7 @@ def test_nodes_given_one_bootstrap_address_form_the_overlay_and_register() -> No
         assert id_to_bytes(succ) in direct_ids(core)  # the successor is an authenticated link
     # every link of the overlay is an authenticated link with the same node id
     for core in lab.cores:
-        for info in core.overlay.links():
+        for info in core.overlay.connections():
             slot = core._slot_of(id_to_bytes(info.node_id))
             assert slot is not None and core.links.links[slot].up
 

@@ -20,7 +20,7 @@ from pipeline.control.dns import (
     static_address,
     static_name,
 )
-from pipeline.control.dns.message import Header, Query, Record
+from pipeline.control.dns.message import Header, Query, ResourceRecord
 
 Client = tuple[str, int]
 CLIENT: Client = ("100.64.0.2", 40000)
@@ -450,7 +450,7 @@ def test_other_classes_and_zone_transfers_are_refused() -> None:
 def test_a_response_too_large_is_truncated() -> None:
     header = Header(77, 0, True, False)
     question = Query(header, (b"x", b"vpn", b"test"), 1, 1, None)
-    many = [Record(question.labels, 60, IPv4Address("100.64.0.1") + i) for i in range(40)]
+    many = [ResourceRecord(question.labels, 60, IPv4Address("100.64.0.1") + i) for i in range(40)]
     wire, truncated = message.write_response(header, 0, query=question, answers=many)
     response = DNSRecord.parse(wire)
     assert truncated and len(wire) <= 512 and response.header.tc and not response.rr

@@ -1,6 +1,6 @@
 """The overlay core driven by hand: joins step by step, greedy routing on a topology built
-link by link, link death, repair, graceful leave. Time is passed explicitly; datagrams
-are moved between nodes by the test (aioquic style)."""
+connection by connection, connection death, repair, graceful leave. Time is passed explicitly;
+datagrams are moved between nodes by the test (aioquic style)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import random
 from collections.abc import Callable, Sequence
 
 from pipeline.control.overlay import (
+    ConnectionAdded,
+    ConnectionKind,
+    ConnectionRemoved,
     Delivered,
     Joined,
-    LinkAdded,
-    LinkKind,
-    LinkRemoved,
     NeighboursChanged,
     NodeState,
     OverlayEvent,
@@ -153,18 +153,18 @@ class TestTwoNodeJoin:
         out = b.datagrams_to_send()
         assert [(k, to) for k, (_, to) in zip(kinds(out), out, strict=True)] == [("Hello", addr(1))]
         hello = w.decode(out[0][0])
-        assert isinstance(hello, w.Hello) and hello.kind == LinkKind.LEAF.code
+        assert isinstance(hello, w.Hello) and hello.kind == ConnectionKind.LEAF.code
 
-        # A links B as a leaf, tells B where it saw it, and learns its own address.
+        # A connections B as a leaf, tells B where it saw it, and learns its own address.
         feed(a, out, addr(2), 0.01)
-        assert a.events() == [LinkAdded(b_id, addr(2), LinkKind.LEAF)]
+        assert a.events() == [ConnectionAdded(b_id, addr(2), ConnectionKind.LEAF)]
         assert a.address == addr(1)
         out = a.datagrams_to_send()
         assert kinds(out) == ["HelloAck"]
 
-        # B: leaf link up; a ConnectRequest for its own id goes in through it.
+        # B: leaf connection up; a ConnectRequest for its own id goes in through it.
         feed(b, out, addr(1), 0.02)
-        assert b.events() == [LinkAdded(a_id, addr(1), LinkKind.LEAF)]
+        assert b.events() == [ConnectionAdded(a_id, addr(1), ConnectionKind.LEAF)]
         assert b.address == addr(2)
         out = b.datagrams_to_send()
         request = w.decode(out[0][0])
@@ -178,11 +178,11 @@ class TestTwoNodeJoin:
             ("ConnectReply", addr(2))
         ]
 
-        # B wants A as a near neighbour: it upgrades the leaf link.
+        # B wants A as a near neighbour: it upgrades the leaf connection.
         feed(b, out, addr(1), 0.04)
         out = b.datagrams_to_send()
         hello = w.decode(out[0][0])
-        assert isinstance(hello, w.Hello) and hello.kind == LinkKind.NEAR.code
+        assert isinstance(hello, w.Hello) and hello.kind == ConnectionKind.NEAR.code
 
         # A upgrades, acks, and, its near set changed, sends its neighbour list.
         feed(a, out, addr(2), 0.05)
@@ -195,13 +195,13 @@ class TestTwoNodeJoin:
         assert b.state is NodeState.JOINED
         assert b.successor() == b.predecessor() == a_id
         assert a.successor() == a.predecessor() == b_id
-        assert {(lk.node_id, lk.kind) for lk in b.links()} == {(a_id, LinkKind.NEAR)}
-        assert {(lk.node_id, lk.kind) for lk in a.links()} == {(b_id, LinkKind.NEAR)}
+        assert {(lk.node_id, lk.kind) for lk in b.connections()} == {(a_id, ConnectionKind.NEAR)}
+        assert {(lk.node_id, lk.kind) for lk in a.connections()} == {(b_id, ConnectionKind.NEAR)}
 
     def test_self_in_bootstrap_list_is_skipped(self) -> None:
         mesh = Mesh()
         a = mesh.add(1, 1 * EIGHTH, bootstrap=[1])  # only itself: waits for others
-        assert a.state is NodeState.JOINING and a.links() == []
+        assert a.state is NodeState.JOINING and a.connections() == []
         b = mesh.add(2, 5 * EIGHTH, bootstrap=[1, 2])
         mesh.run(10.0)
         assert a.successor() == b.node_id and b.successor() == a.node_id
@@ -230,12 +230,12 @@ class TestThreeNodes:
         mesh.run(5.0)
         c = mesh.add(3, 3 * EIGHTH, bootstrap=[2])
         mesh.run(100.0)
-        assert {lk.kind for lk in c.links()} == {LinkKind.NEAR}  # B's leaf became near
-        assert len(c.links()) == 2 and len(a.links()) == 2
+        assert {lk.kind for lk in c.connections()} == {ConnectionKind.NEAR}  # B's leaf became near
+        assert len(c.connections()) == 2 and len(a.connections()) == 2
 
 
 def hand_built_ring(mesh: Mesh) -> list[OverlayNode]:
-    """Eight nodes at k/8 of the circle, each linked to k±1, plus one far link 0–4."""
+    """Eight nodes at k/8 of the circle, each connected to k±1, plus one far connection 0–4."""
     nodes = [
         OverlayNode(k * EIGHTH, rng=random.Random(k), settings=mesh.settings) for k in range(8)
     ]
@@ -243,15 +243,15 @@ def hand_built_ring(mesh: Mesh) -> list[OverlayNode]:
         mesh.nodes[addr(k)] = node
         mesh.events[addr(k)] = []
 
-    def link(i: int, j: int, kind: LinkKind) -> None:
+    def connection(i: int, j: int, kind: ConnectionKind) -> None:
         hello = w.Hello(id_to_bytes(nodes[j].node_id), kind.code, 1, b"", True)
         nodes[i].receive(w.encode(hello), addr(j), 0.0)
 
     for k in range(8):
-        link(k, (k + 1) % 8, LinkKind.NEAR)
-        link((k + 1) % 8, k, LinkKind.NEAR)
-    link(0, 4, LinkKind.FAR)
-    link(4, 0, LinkKind.FAR)
+        connection(k, (k + 1) % 8, ConnectionKind.NEAR)
+        connection((k + 1) % 8, k, ConnectionKind.NEAR)
+    connection(0, 4, ConnectionKind.FAR)
+    connection(4, 0, ConnectionKind.FAR)
     for node in nodes:
         node.datagrams_to_send()
         node.events()
@@ -262,8 +262,8 @@ class TestGreedyRouting:
     def test_next_hops(self) -> None:
         mesh = Mesh()
         n = hand_built_ring(mesh)
-        assert n[0].next_hop(6 * EIGHTH) == n[7].node_id  # 1/8 away beats the far link's 2/8
-        assert n[0].next_hop(3 * EIGHTH) == n[4].node_id  # the far link
+        assert n[0].next_hop(6 * EIGHTH) == n[7].node_id  # 1/8 away beats the far connection's 2/8
+        assert n[0].next_hop(3 * EIGHTH) == n[4].node_id  # the far connection
         assert n[0].next_hop(0 * EIGHTH + 5) is None  # here
         # Half-way between 2 and 3: both are as close; the smaller id wins, everywhere.
         key = 2 * EIGHTH + EIGHTH // 2
@@ -290,25 +290,25 @@ class TestGreedyRouting:
         n = hand_built_ring(mesh)
         mesh.allow = lambda msg: isinstance(msg, w.Data | w.RouteError)
         key = 3 * EIGHTH + 17
-        assert n[0].next_hop(key, avoid=(n[4].node_id,)) == n[1].node_id  # around the far link
+        assert n[0].next_hop(key, avoid=(n[4].node_id,)) == n[1].node_id  # around the far one
         mid = n[0].send_to_key(key, b"around", 1.0, avoid=(n[4].node_id,))
         mesh.flush()
         assert mesh.events[addr(3)] == [Delivered(0, key, b"around", 3, mid, False)]
         assert n[4].statistics().get("forwarded", 0) == 0
-        # Only the avoided link is closer than this node: it is taken all the same.
+        # Only the avoided connection is closer than this node: it is taken all the same.
         assert n[1].next_hop(2 * EIGHTH, avoid=(n[2].node_id,)) == n[2].node_id
-        # A direct link to the key's node is passed over too, if another one is closer.
+        # A direct connection to the key's node is passed over too, if another one is closer.
         assert n[0].next_hop(n[4].node_id, avoid=(n[4].node_id,)) == n[1].node_id
 
     def test_message_to_a_crashed_hop_is_rerouted(self) -> None:
-        """A message forwarded over a link silent for a while is kept; if the link's ping
-        goes unanswered, it goes again around the link (the next hop crashed unnoticed)."""
+        """A message forwarded over a connection silent for a while is kept; if its ping goes
+        unanswered, it goes again around the connection (the next hop crashed unnoticed)."""
         mesh = Mesh()
         n = hand_built_ring(mesh)
         mesh.allow = lambda msg: isinstance(msg, w.Data | w.RouteError | w.Ping | w.Pong)
         key = 3 * EIGHTH + 17
-        mesh.now = 10.0  # every link silent since t=0
-        mesh.down.add(addr(4))  # the far link's end has crashed
+        mesh.now = 10.0  # every connection silent since t=0
+        mesh.down.add(addr(4))  # the far connection's end has crashed
         mid = n[0].send_to_key(key, b"via four", mesh.now)
         mesh.flush()
         assert mesh.events[addr(3)] == []  # lost at n4
@@ -324,7 +324,7 @@ class TestGreedyRouting:
         # A next hop that answers its ping got the message: nothing is sent again.
         mesh.down.clear()
         key = 1 * EIGHTH + 17
-        mid = n[4].send_to_key(key, b"via zero", mesh.now)  # over the far link, silent too
+        mid = n[4].send_to_key(key, b"via zero", mesh.now)  # over the far connection, silent too
         mesh.flush()
         want = [Delivered(4 * EIGHTH, key, b"via zero", 2, mid, False)]
         assert mesh.events[addr(1)] == want
@@ -357,7 +357,7 @@ class TestGreedyRouting:
     def test_size_estimate_from_spacing(self) -> None:
         mesh = Mesh()
         n = hand_built_ring(mesh)
-        assert n[2].estimated_size() == 3  # only 2 structured links: links + 1
+        assert n[2].estimated_size() == 3  # only 2 structured connections: connections + 1
         mesh.allow = lambda msg: True
         mesh.run(30.0)  # neighbour lists fill in the second neighbours on each side
         assert n[2].neighbours() == ((3 * EIGHTH, 4 * EIGHTH), (1 * EIGHTH, 0))
@@ -387,10 +387,10 @@ class TestLinkDeathAndRepair:
         a.statistics()
         pings_before = a.statistics().get("pings", 0)
         mesh.run(60.0)
-        removed = [e for e in mesh.events[addr(1)] if isinstance(e, LinkRemoved)]
-        assert removed == [LinkRemoved(b.node_id, "timeout")]
+        removed = [e for e in mesh.events[addr(1)] if isinstance(e, ConnectionRemoved)]
+        assert removed == [ConnectionRemoved(b.node_id, "timeout")]
         assert a.statistics()["pings"] - pings_before >= 3
-        assert a.links() == [] and a.successor() is None
+        assert a.connections() == [] and a.successor() is None
 
     def test_timeout_is_between_dead_after_and_one_more_tick(self) -> None:
         mesh = Mesh()
@@ -399,7 +399,7 @@ class TestLinkDeathAndRepair:
         mesh.run(10.0)
         mesh.down.add(addr(2))
         last_heard = 10.0
-        while a.links():
+        while a.connections():
             deadline = a.next_deadline()
             assert deadline is not None
             mesh.run(deadline)
@@ -414,7 +414,7 @@ class TestLinkDeathAndRepair:
         for i, node in enumerate(alive):
             assert node.successor() == alive[(i + 1) % 4].node_id
             assert node.predecessor() == alive[i - 1].node_id
-        assert LinkRemoved(n[2].node_id, "timeout") in mesh.events[addr(2)]
+        assert ConnectionRemoved(n[2].node_id, "timeout") in mesh.events[addr(2)]
 
     def test_graceful_leave_repairs_at_once(self) -> None:
         mesh, n = five_node_ring()
@@ -422,7 +422,7 @@ class TestLinkDeathAndRepair:
         mesh.flush()  # same instant: no timer has run
         mesh.down.add(addr(3))
         assert n[1].successor() == n[3].node_id and n[3].predecessor() == n[1].node_id
-        assert LinkRemoved(n[2].node_id, "closed_leave") in mesh.events[addr(2)]
+        assert ConnectionRemoved(n[2].node_id, "closed_leave") in mesh.events[addr(2)]
         assert n[2].next_deadline() is None
         mid = n[2].send_to_key(1, b"late", mesh.now)
         assert n[2].events()[-1] == RouteFailed(mid, 1, "left")
@@ -432,7 +432,7 @@ class TestLinkDeathAndRepair:
         a = mesh.add(1, 1 * EIGHTH)
         b = mesh.add(2, 5 * EIGHTH, bootstrap=[1])
         mesh.run(10.0)
-        # B restarts with its id at its address, knowing nobody; A still holds the link.
+        # B restarts with its id at its address, knowing nobody; A still holds the connection.
         fresh = OverlayNode(b.node_id, rng=random.Random(99))
         fresh.handle_timer(10.0)
         fresh.events()
@@ -440,15 +440,15 @@ class TestLinkDeathAndRepair:
         out = fresh.datagrams_to_send()
         assert kinds(out) == ["Close"] and out[0][1] == addr(1)
         feed(a, out, addr(2), 10.2)
-        assert a.events()[0] == LinkRemoved(b.node_id, "closed_unknown")
-        assert a.links() == []
+        assert a.events()[0] == ConnectionRemoved(b.node_id, "closed_unknown")
+        assert a.connections() == []
 
     def test_unexpected_hello_ack_is_answered_with_close(self) -> None:
         a = OverlayNode(1 * EIGHTH, rng=random.Random(1))
         a.handle_timer(0.0)
         a.receive(w.encode(w.HelloAck(id_to_bytes(7), 2, 99, b"", True)), addr(9), 1.0)
         assert kinds(a.datagrams_to_send()) == ["Close"]
-        assert a.links() == [] and a.statistics()["dropped_unexpected_ack"] == 1
+        assert a.connections() == [] and a.statistics()["dropped_unexpected_ack"] == 1
 
     def test_restarted_peer_is_linked_again(self) -> None:
         mesh, n = five_node_ring()
@@ -487,7 +487,9 @@ class TestStatistics:
         mesh, n = five_node_ring()
         stats = n[0].statistics()
         assert stats["sent_hello_ack"] >= 1 and stats["received_hello"] >= 1
-        assert stats["links_near"] == len(n[0].links()) and stats["links_leaf"] == 0
+        assert (
+            stats["connections_near"] == len(n[0].connections()) and stats["connections_leaf"] == 0
+        )
         assert stats["bytes_sent"] > 0 and stats["estimated_size"] == 5
-        info = n[0].links()[0]
-        assert info.age > 0 and info.kind is LinkKind.NEAR
+        info = n[0].connections()[0]
+        assert info.age > 0 and info.kind is ConnectionKind.NEAR

@@ -27,7 +27,7 @@ from pipeline.overlay_io.relay import (
     CACHE_MAX,
     PREFIX_LEN,
     RELAY_TTL,
-    Action,
+    RelayAction,
     RelayTable,
     on_relay,
     pack_relay,
@@ -207,17 +207,21 @@ def test_on_relay_delivers_forwards_and_drops() -> None:
     table = RelayTable(nid(1000), [(4, nid(100))])
     inner = sealed_inner()
     step = on_relay(table, pack_relay(nid(1000), 0, inner))
-    assert step.action is Action.DELIVER and bytes(step.data) == inner
+    assert step.action is RelayAction.DELIVER and bytes(step.data) == inner
     step = on_relay(table, pack_relay(nid(90), 5, inner))
-    assert (step.action, step.hop, step.data) == (Action.FORWARD, 4, pack_relay(nid(90), 4, inner))
+    assert (step.action, step.hop, step.data) == (
+        RelayAction.FORWARD,
+        4,
+        pack_relay(nid(90), 4, inner),
+    )
     step = on_relay(table, pack_relay(nid(90), 0, inner))
-    assert (step.action, step.reason) == (Action.DROP, "relay_ttl")
+    assert (step.action, step.reason) == (RelayAction.DROP, "relay_ttl")
     step = on_relay(table, pack_relay(nid(1100), 5, inner))
-    assert (step.action, step.reason) == (Action.DROP, "relay_no_route")
+    assert (step.action, step.reason) == (RelayAction.DROP, "relay_no_route")
     step = on_relay(table, pack_relay(nid(1000), 5, sealed_inner(DatagramType.RELAY)))
-    assert (step.action, step.reason) == (Action.DROP, "relay_bad_inner")
+    assert (step.action, step.reason) == (RelayAction.DROP, "relay_bad_inner")
     step = on_relay(table, b"junk")
-    assert (step.action, step.reason) == (Action.DROP, "relay_short")
+    assert (step.action, step.reason) == (RelayAction.DROP, "relay_short")
 
 
 def test_a_payload_never_outlives_its_ttl() -> None:
@@ -225,7 +229,7 @@ def test_a_payload_never_outlives_its_ttl() -> None:
     table = RelayTable(nid(1000), [(1, nid(10))])
     payload = pack_relay(nid(0), RELAY_TTL, sealed_inner())
     hops = 0
-    while (step := on_relay(table, payload)).action is Action.FORWARD:
+    while (step := on_relay(table, payload)).action is RelayAction.FORWARD:
         payload = bytes(step.data)
         hops += 1
     assert hops == RELAY_TTL and step.reason == "relay_ttl"
@@ -253,7 +257,7 @@ def test_inner_datagram_is_sealed_end_to_end_through_a_relay() -> None:
     # the relay: open the hop layer, look at dest/ttl/inner header, pass it on
     at_r = r_from_a.open(memoryview(outer))
     step = on_relay(RelayTable(id_r, [(1, nid(0xAA << 152)), (2, id_b)]), at_r)
-    assert step.action is Action.FORWARD and step.hop == 2
+    assert step.action is RelayAction.FORWARD and step.hop == 2
     _dest, _ttl, seen = parse_relay(at_r)
     assert parse_header(seen).session == 33  # the relay sees the inner header only
     for key in (KEY_AR, KEY_RA, KEY_RB, KEY_BR):  # every key the relay holds
@@ -265,7 +269,7 @@ def test_inner_datagram_is_sealed_end_to_end_through_a_relay() -> None:
     # the destination: open the hop layer, then the inner datagram with the e2e session
     at_b = b_from_r.open(memoryview(hop2))
     step = on_relay(RelayTable(id_b, [(5, id_r)]), at_b)
-    assert step.action is Action.DELIVER
+    assert step.action is RelayAction.DELIVER
     assert parse_header(step.data).type is DatagramType.DATA
     assert b_from_a.open(step.data) == packet
     _, ttl, _ = parse_relay(at_b)

@@ -24,9 +24,9 @@ from pipeline.shm_ring import (
     PAD_KIND,
     Consumer,
     Producer,
-    Record,
     Ring,
     RingError,
+    RingRecord,
     RingSpec,
     RingStats,
     close_spec,
@@ -314,7 +314,7 @@ def test_pad_record_layout(ring: Ring) -> None:
     assert pad[4] == PAD_KIND and int.from_bytes(pad[:4], "little") == 16
     assert bytes(ring._mv[HEADER_SIZE : HEADER_SIZE + 8])[:5] == b"\x11\0\0\0\x03"
     [rec] = cons.pop_batch(10)
-    assert rec == Record(3, 0, 0, memoryview(b"x" * 17)) and isinstance(rec.data, memoryview)
+    assert rec == RingRecord(3, 0, 0, memoryview(b"x" * 17)) and isinstance(rec.data, memoryview)
     del rec
     cons.release()
     assert ring.stats().used_bytes == 0

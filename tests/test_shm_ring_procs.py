@@ -26,8 +26,8 @@ import pytest
 from pipeline.shm_ring import (
     MAX_RECORD,
     Consumer,
-    Record,
     Ring,
+    RingRecord,
     RingSpec,
     close_spec,
     create_ring,
@@ -122,7 +122,7 @@ def tally_gap(t: Tally, seq: int) -> None:
         t.missing_bytes += record_size(gap)
 
 
-def check_batch(batch: list[Record], t: Tally) -> None:
+def check_batch(batch: list[RingRecord], t: Tally) -> None:
     """Verify a batch in place: order, length, header fields, checksum; tally any gap."""
     for rec in batch:
         kind, peer, flags, data = rec

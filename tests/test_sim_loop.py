@@ -8,7 +8,7 @@ from collections.abc import Hashable
 import pytest
 
 from pipeline.sim import ConstantLatency, LogNormalLatency, Network, Simulator, UniformLatency
-from pipeline.sim.churn import Action, poisson_churn
+from pipeline.sim.churn import ChurnAction, poisson_churn
 
 
 class Ticker:
@@ -152,9 +152,11 @@ class TestChurn:
         assert 30 < len(script) < 70
         assert all(10.0 < e.at < 110.0 for e in script)
         assert script == sorted(script)
-        assert {e.action for e in script} == set(Action)
+        assert {e.action for e in script} == set(ChurnAction)
 
     def test_mix_and_zero_rate(self) -> None:
-        only = poisson_churn(random.Random(1), start=0, stop=100, rate=1.0, mix={Action.CRASH: 1.0})
-        assert {e.action for e in only} == {Action.CRASH}
+        only = poisson_churn(
+            random.Random(1), start=0, stop=100, rate=1.0, mix={ChurnAction.CRASH: 1.0}
+        )
+        assert {e.action for e in only} == {ChurnAction.CRASH}
         assert poisson_churn(random.Random(1), start=0, stop=100, rate=0.0) == []

@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.control.overlay import OverlaySettings
 from pipeline.sim import Network, OverlaySim, poisson_churn
-from pipeline.sim.churn import Action
+from pipeline.sim.churn import ChurnAction
 
 
 def grown(size: int, *, seed: int, rate: float, **kwargs: object) -> OverlaySim:
@@ -69,7 +69,7 @@ def test_only_crashes_many_at_once() -> None:
     sim = grown(60, seed=5, rate=5.0)
     sim.run_for(30.0)
     script = poisson_churn(
-        random.Random(5), start=sim.now, stop=sim.now + 2.0, rate=6.0, mix={Action.CRASH: 1}
+        random.Random(5), start=sim.now, stop=sim.now + 2.0, rate=6.0, mix={ChurnAction.CRASH: 1}
     )
     sim.schedule_churn(script)
     sim.run_for(2.0)

@@ -57,10 +57,10 @@ from pipeline.control.links import (
     Via,
 )
 from pipeline.control.overlay import (
+    ConnectionAdded,
+    ConnectionRemoved,
     Delivered,
     Joined,
-    LinkAdded,
-    LinkRemoved,
     OverlayEvent,
     OverlayNode,
     OverlaySettings,
@@ -228,7 +228,7 @@ class ControlCore:
 
     def link_table(self, now: float) -> list[dict[str, Any]]:
         """Every link as ``supervisor status`` shows it."""
-        overlay = {id_to_bytes(info.node_id): info for info in self.overlay.links()}
+        overlay = {id_to_bytes(info.node_id): info for info in self.overlay.connections()}
         routed = {r.node_id for r in self._routes.values()}
         rows = []
         for slot, link in sorted(self.links.links.items()):
@@ -507,13 +507,13 @@ class ControlCore:
             if event.payload[:1] == HANDSHAKE_TAG:
                 source = Via(id_to_bytes(event.src_id))
                 self.links.receive(bytes(event.payload[1:]), source, now, wall)
-        elif isinstance(event, LinkAdded):
+        elif isinstance(event, ConnectionAdded):
             slot = self._slot_of(id_to_bytes(event.node_id))
             if slot is not None:
                 self.links.want(slot)
             self._events.append(
                 CoreEvent(
-                    "overlay_link_added",
+                    "overlay_connection_added",
                     {
                         "node_id": id_to_bytes(event.node_id).hex(),
                         "kind": event.kind.value,
@@ -521,11 +521,13 @@ class ControlCore:
                     },
                 )
             )
-        elif isinstance(event, LinkRemoved):
+        elif isinstance(event, ConnectionRemoved):
             nid = id_to_bytes(event.node_id)
             slot = self._slot_of(nid)
             self._events.append(
-                CoreEvent("overlay_link_removed", {"node_id": nid.hex(), "reason": event.reason})
+                CoreEvent(
+                    "overlay_connection_removed", {"node_id": nid.hex(), "reason": event.reason}
+                )
             )
             if slot is None:
                 return
@@ -674,7 +676,7 @@ class ControlCore:
         if not any(r.node_id == route.node_id for r in self._routes.values()):
             slot = self._slot_of(route.node_id)
             in_overlay = any(
-                id_to_bytes(info.node_id) == route.node_id for info in self.overlay.links()
+                id_to_bytes(info.node_id) == route.node_id for info in self.overlay.connections()
             )
             if slot is not None and not in_overlay:
                 self.links.release(slot)

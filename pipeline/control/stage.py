@@ -311,7 +311,7 @@ class ControlWorker(Worker):
             result.ok,
             result.reason,
             tuple(
-                messages.DhtRecord(r.value, r.owner_id.hex(), r.seq, r.lease_s, r.deleted)
+                messages.DhtRecordSummary(r.value, r.owner_id.hex(), r.seq, r.lease_s, r.deleted)
                 for r in result.records
             ),
             id_to_bytes(position).hex(),
@@ -496,7 +496,7 @@ class ControlWorker(Worker):
         target.push(pack_endpoint(*to) + datagram, RecordKind.HANDSHAKE)
 
     def _on_core_event(self, ev: CoreEvent) -> None:
-        warn = ev.name in ("address_not_registered", "address_lost", "overlay_link_removed")
+        warn = ev.name in ("address_not_registered", "address_lost", "overlay_connection_removed")
         (self.log.warning if warn else self.log.info)(ev.name, **ev.fields)
 
     def _log_link_event(self, ev: LinkEvent) -> None:

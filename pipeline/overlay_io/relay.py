@@ -36,7 +36,7 @@ __all__ = [
     "CACHE_MAX",
     "PREFIX_LEN",
     "RELAY_TTL",
-    "Action",
+    "RelayAction",
     "RelayTable",
     "Step",
     "on_relay",
@@ -134,14 +134,14 @@ class RelayTable:
         return choice
 
 
-class Action(enum.Enum):
+class RelayAction(enum.Enum):
     DELIVER = "deliver"  # the inner datagram is for this node: open it as if from the network
     FORWARD = "forward"  # seal ``data`` (the relay payload, ttl taken down) for slot ``hop``
     DROP = "drop"  # count ``reason``
 
 
 class Step(NamedTuple):
-    action: Action
+    action: RelayAction
     hop: int = -1  # FORWARD: the slot of the next hop
     data: ReadableBuffer = b""  # DELIVER: the inner datagram; FORWARD: the payload to send on
     reason: str = ""  # DROP: the drop counter
@@ -152,12 +152,12 @@ def on_relay(table: RelayTable, payload: ReadableBuffer) -> Step:
     try:
         dest, ttl, inner = parse_relay(payload)
     except RemoteProtocolError as exc:
-        return Step(Action.DROP, reason=exc.reason)
+        return Step(RelayAction.DROP, reason=exc.reason)
     if dest == table.own_id:
-        return Step(Action.DELIVER, data=inner)
+        return Step(RelayAction.DELIVER, data=inner)
     if ttl == 0:
-        return Step(Action.DROP, reason="relay_ttl")
+        return Step(RelayAction.DROP, reason="relay_ttl")
     hop = table.next_hop(dest)
     if hop is None:
-        return Step(Action.DROP, reason="relay_no_route")
-    return Step(Action.FORWARD, hop=hop, data=pack_relay(dest, ttl - 1, inner))
+        return Step(RelayAction.DROP, reason="relay_no_route")
+    return Step(RelayAction.FORWARD, hop=hop, data=pack_relay(dest, ttl - 1, inner))

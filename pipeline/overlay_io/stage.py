@@ -40,7 +40,7 @@ from pipeline import messages
 from pipeline.classifier.routes import worker_for_peer
 from pipeline.crypto.datapath import RecvSession, SendSession
 from pipeline.errors import RemoteProtocolError
-from pipeline.overlay_io.relay import Action, RelayTable, on_relay, pack_relay
+from pipeline.overlay_io.relay import RelayAction, RelayTable, on_relay, pack_relay
 from pipeline.overlay_io.udp import Address, UdpPort
 from pipeline.records import ENDPOINT_LEN, RecordKind, pack_endpoint, unpack_endpoint
 from pipeline.route_feed import RouteFeed
@@ -304,10 +304,10 @@ class OverlayIoWorker(Worker):
     def _relay(self, payload: bytes, source: Address) -> None:
         """A relay payload opened from a RELAY datagram: deliver, pass on, or drop."""
         step = on_relay(self.relay_table, payload)
-        if step.action is Action.DELIVER:
+        if step.action is RelayAction.DELIVER:
             self.relay_delivered += 1
             self._open(memoryview(step.data), source, relayed=True)  # DATA or OVERLAY only
-        elif step.action is Action.FORWARD:
+        elif step.action is RelayAction.FORWARD:
             self.relay_forwarded += 1
             self._to_hop(step.hop, bytes(step.data))
         else:

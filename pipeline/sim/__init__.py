@@ -10,13 +10,13 @@
 One seed is the only source of variation: a run replays exactly.
 """
 
-from pipeline.sim.churn import Action, ChurnEvent, poisson_churn
+from pipeline.sim.churn import ChurnAction, ChurnEvent, poisson_churn
 from pipeline.sim.loop import Core, Simulator
 from pipeline.sim.network import ConstantLatency, LogNormalLatency, Network, UniformLatency
 from pipeline.sim.overlay import IntAddressCodec, OverlaySim, RoutingReport, SimNode, Traffic
 
 __all__ = [
-    "Action",
+    "ChurnAction",
     "ChurnEvent",
     "ConstantLatency",
     "Core",

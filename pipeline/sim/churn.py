@@ -18,7 +18,7 @@ import random
 from collections.abc import Mapping
 
 
-class Action(enum.StrEnum):
+class ChurnAction(enum.StrEnum):
     JOIN = "join"
     CRASH = "crash"
     LEAVE = "leave"
@@ -28,14 +28,14 @@ class Action(enum.StrEnum):
 @dataclasses.dataclass(frozen=True, slots=True, order=True)
 class ChurnEvent:
     at: float
-    action: Action
+    action: ChurnAction
 
 
-DEFAULT_MIX: Mapping[Action, float] = {
-    Action.JOIN: 1.0,
-    Action.CRASH: 1.0,
-    Action.LEAVE: 1.0,
-    Action.RESTART: 1.0,
+DEFAULT_MIX: Mapping[ChurnAction, float] = {
+    ChurnAction.JOIN: 1.0,
+    ChurnAction.CRASH: 1.0,
+    ChurnAction.LEAVE: 1.0,
+    ChurnAction.RESTART: 1.0,
 }
 
 
@@ -45,7 +45,7 @@ def poisson_churn(
     start: float,
     stop: float,
     rate: float,
-    mix: Mapping[Action, float] = DEFAULT_MIX,
+    mix: Mapping[ChurnAction, float] = DEFAULT_MIX,
 ) -> list[ChurnEvent]:
     """Churn events between start and stop, ``rate`` a second on average, the action of
     each drawn with the weights in ``mix``."""

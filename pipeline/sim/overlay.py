@@ -3,7 +3,7 @@
 ``OverlaySim`` puts ``OverlayNode`` cores (the same code as live) at integer addresses of a
 ``Simulator`` and knows which are alive. Checks:
 
-- ``circle_errors()``: every live node's successor and predecessor (its nearest links
+- ``circle_errors()``: every live node's successor and predecessor (its nearest connections
   clockwise and counter-clockwise) are the true ones among the live nodes.
 - ``routing_check(pairs)``: greedy walks through the nodes' routing tables, as the
   messages would go, from sampled sources to sampled node ids (and to random keys): each
@@ -27,7 +27,7 @@ from pipeline import nodeid
 from pipeline.control.overlay.events import Delivered, Joined, RouteFailed
 from pipeline.control.overlay.node import NodeState, OverlayNode, OverlaySettings
 from pipeline.control.overlay.wire import Address
-from pipeline.sim.churn import Action, ChurnEvent
+from pipeline.sim.churn import ChurnAction, ChurnEvent
 from pipeline.sim.loop import Simulator
 from pipeline.sim.network import Network
 
@@ -185,10 +185,10 @@ class OverlaySim:
 
     def _apply(self, event: ChurnEvent, protected: set[int], min_live: int) -> None:
         self.events_seen[f"churn_{event.action.value}"] += 1
-        if event.action is Action.JOIN:
+        if event.action is ChurnAction.JOIN:
             self.add_node()
             return
-        if event.action is Action.RESTART:
+        if event.action is ChurnAction.RESTART:
             dead = [n.address for n in self.nodes.values() if not n.alive]
             if dead:
                 self.restart(self.rng.choice(dead))
@@ -197,7 +197,7 @@ class OverlaySim:
         if not victims or len(self.live()) <= min_live:
             return
         victim = self.rng.choice(victims)
-        if event.action is Action.CRASH:
+        if event.action is ChurnAction.CRASH:
             self.crash(victim)
         else:
             self.leave(victim)

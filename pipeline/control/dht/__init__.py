@@ -2,7 +2,7 @@
 
 Modules:
 
-- ``wire``: ``Record`` (signed by its owner; ``sign_record``, ``check_record``,
+- ``wire``: ``DhtRecord`` (signed by its owner; ``sign_record``, ``check_record``,
   ``key_position``) and the versioned message codec carried as overlay payloads.
 - ``events``: ``CreateResult``, ``GetResult``, ``DeleteResult``, ``LeaseLost``.
 - ``node``: ``Dht`` and ``DhtSettings`` (its docstring has the theory of operation and the
@@ -21,7 +21,7 @@ The API::
     dht.events() -> list[DhtEvent]        # results carry the request id
     dht.next_deadline() -> float | None
     dht.statistics() -> dict[str, int]
-    dht.records(now) -> dict[bytes, Record]  # held here (tests, tools)
+    dht.records(now) -> dict[bytes, DhtRecord]  # held here (tests, tools)
 """
 
 from pipeline.control.dht.events import (
@@ -32,7 +32,7 @@ from pipeline.control.dht.events import (
     LeaseLost,
 )
 from pipeline.control.dht.node import Dht, DhtSettings, OverlayApi
-from pipeline.control.dht.wire import Record, check_record, key_position, sign_record
+from pipeline.control.dht.wire import DhtRecord, check_record, key_position, sign_record
 
 __all__ = [
     "CreateResult",
@@ -43,7 +43,7 @@ __all__ = [
     "GetResult",
     "LeaseLost",
     "OverlayApi",
-    "Record",
+    "DhtRecord",
     "check_record",
     "key_position",
     "sign_record",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from pipeline.control.dht.wire import Record
+from pipeline.control.dht.wire import DhtRecord
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -27,7 +27,7 @@ class GetResult:
     request_id: int
     key: bytes
     ok: bool
-    records: tuple[Record, ...]
+    records: tuple[DhtRecord, ...]
     reason: str
 
 

@@ -11,7 +11,7 @@ Theory of operation:
   the circle. Its *responsible* node is the live node closest to that point (where
   ``send_to_key`` delivers); its *replicas* are the ``replicas`` (R, default 4) nodes
   nearest the point as the responsible node sees them (``nearest(key, R)``, itself first).
-- **Records** are signed by their owner (``wire.Record``); every node checks the signature
+- **Records** are signed by their owner (``wire.DhtRecord``); every node checks the signature
   (and, for ``ip:`` keys, that the value is the owner's node id) on every store and every
   read result, and drops what fails (``statistics()["dropped_invalid_record"]``). A record
   lives until its lease ends on the storing node's clock; tombstones (signed deletes) live
@@ -90,7 +90,7 @@ from pipeline.control.dht.events import (
     GetResult,
     LeaseLost,
 )
-from pipeline.control.dht.wire import Held, Record, Status, check_record, key_position
+from pipeline.control.dht.wire import DhtRecord, Held, Status, check_record, key_position
 from pipeline.control.overlay.events import Delivered, Joined, NeighboursChanged, RouteFailed
 from pipeline.control.overlay.node import NodeState
 from pipeline.crypto.identity import Identity
@@ -127,7 +127,7 @@ class DhtSettings:
 
 @dataclasses.dataclass(slots=True)
 class _Entry:
-    record: Record
+    record: DhtRecord
     expires: float
     sent_to: set[int]
 
@@ -138,7 +138,7 @@ class _Request:
 
     kind: str  # "create" | "get" | "delete"
     key: bytes
-    record: Record | None
+    record: DhtRecord | None
     deadline: float
     tries: int = 0
     internal: bool = False  # a renewal: no CreateResult
@@ -157,7 +157,7 @@ class _Serving:
     key: bytes
     client: int  # the requester's node id
     client_req: int
-    record: Record | None  # write: the record being replicated
+    record: DhtRecord | None  # write: the record being replicated
     waiting: set[int]
     needed: int  # write: acks still wanted from replicas
     deadline: float
@@ -218,7 +218,7 @@ class Dht:
             times.append(self._next_rehandover)
         return min(times) if times else None
 
-    def records(self, now: float) -> dict[bytes, Record]:
+    def records(self, now: float) -> dict[bytes, DhtRecord]:
         """The live (not deleted, unexpired) records this node holds, by key."""
         return {
             k: e.record for k, e in self._store.items() if e.expires > now and not e.record.deleted
@@ -296,7 +296,7 @@ class Dht:
 
     # -- client side -------------------------------------------------------------------------
 
-    def _sign(self, key: bytes, value: bytes, lease_s: float, *, deleted: bool) -> Record:
+    def _sign(self, key: bytes, value: bytes, lease_s: float, *, deleted: bool) -> DhtRecord:
         self._seq += 1
         return w.sign_record(
             self.identity, key, value, seq=self._seq, lease_s=lease_s, deleted=deleted
@@ -309,7 +309,7 @@ class Dht:
         return rid
 
     def _start(
-        self, kind: str, key: bytes, record: Record | None, now: float, *, internal: bool = False
+        self, kind: str, key: bytes, record: DhtRecord | None, now: float, *, internal: bool = False
     ) -> int:
         self._ensure_timers(now)
         rid = self._new_id()
@@ -374,7 +374,7 @@ class Dht:
         ok: bool,
         reason: str,
         holder: bytes | None = None,
-        records: tuple[Record, ...] = (),
+        records: tuple[DhtRecord, ...] = (),
     ) -> None:
         self._requests.pop(rid, None)
         self._by_message.pop(request.message_id, None)
@@ -522,7 +522,7 @@ class Dht:
             self._stats["no_quorum"] += 1
             self._reply(serving.client, serving.client_req, Status.NO_QUORUM, 0, (), now)
 
-    def _on_write(self, src: int, req: int, record: Record, now: float, *, delete: bool) -> None:
+    def _on_write(self, src: int, req: int, record: DhtRecord, now: float, *, delete: bool) -> None:
         """A create or a delete at the node responsible for its key: decide, replicate."""
         reason = check_record(record)
         if reason is not None or record.deleted != delete:
@@ -549,7 +549,7 @@ class Dht:
         self._stats["accepted_delete" if delete else "accepted_create"] += 1
         self._replicate(src, req, record, now)
 
-    def _replicate(self, client: int, client_req: int, record: Record, now: float) -> None:
+    def _replicate(self, client: int, client_req: int, record: DhtRecord, now: float) -> None:
         pos = key_position(record.key)
         me = self.overlay.node_id
         replicas = [r for r in self.overlay.nearest(pos, self.settings.replicas) if r != me]
@@ -603,7 +603,7 @@ class Dht:
             self.overlay.send_to_node(src, payload, now)
 
     def _merge(
-        self, record: Record, remaining_s: float, now: float, src: int
+        self, record: DhtRecord, remaining_s: float, now: float, src: int
     ) -> tuple[Status, _Entry | None]:
         """Keep the better of a stored record and one from another node (a replica or a
         holder handing over); returns the status for the sender and, when its record was
@@ -649,12 +649,12 @@ class Dht:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _lease(self, record: Record) -> float:
+    def _lease(self, record: DhtRecord) -> float:
         if record.deleted:
             return min(record.lease_s, self.settings.tombstone_max_s)
         return record.lease_s
 
-    def _put(self, record: Record, expires: float, src: int) -> None:
+    def _put(self, record: DhtRecord, expires: float, src: int) -> None:
         self._store[record.key] = _Entry(record, expires, {src, self.overlay.node_id})
 
     def _live(self, key: bytes, now: float) -> _Entry | None:

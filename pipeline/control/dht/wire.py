@@ -9,7 +9,7 @@ applications' data too) and are ignored; anything else that does not decode, or 
 limit, raises ``RemoteProtocolError`` from ``decode``, which ``Dht`` turns into a counted
 drop.
 
-A **record** is ``Record(key, value, owner, seq, lease_s, deleted, signature)``: the owner's
+A **record** is ``DhtRecord(key, value, owner, seq, lease_s, deleted, signature)``: the owner's
 32-byte Ed25519 public key signs ``SIGN_CONTEXT + msgpack([key, value, owner, seq, lease_s,
 deleted])``. ``lease_s`` is a duration: each node that stores the record computes its expiry
 on its own clock (``now + lease_s`` when it comes from its owner, ``now + remaining_s`` when
@@ -70,7 +70,7 @@ class Status(enum.IntEnum):
 StatusCode = Annotated[int, msgspec.Meta(ge=0, le=4)]
 
 
-class Record(msgspec.Struct, array_like=True, frozen=True):
+class DhtRecord(msgspec.Struct, array_like=True, frozen=True):
     key: Key
     value: Value
     owner: PublicKey
@@ -86,13 +86,13 @@ class Record(msgspec.Struct, array_like=True, frozen=True):
 
 
 class Held(msgspec.Struct, array_like=True, frozen=True):
-    record: Record
+    record: DhtRecord
     remaining_s: Remaining
 
 
 class Create(msgspec.Struct, tag=1, array_like=True, frozen=True):
     req: U63
-    record: Record
+    record: DhtRecord
 
 
 class Get(msgspec.Struct, tag=2, array_like=True, frozen=True):
@@ -102,7 +102,7 @@ class Get(msgspec.Struct, tag=2, array_like=True, frozen=True):
 
 class Delete(msgspec.Struct, tag=3, array_like=True, frozen=True):
     req: U63
-    record: Record
+    record: DhtRecord
 
 
 class Store(msgspec.Struct, tag=4, array_like=True, frozen=True):
@@ -174,7 +174,7 @@ def sign_record(
     seq: int,
     lease_s: float,
     deleted: bool = False,
-) -> Record:
+) -> DhtRecord:
     """A record signed by ``identity`` (its owner). ValueError if a limit is broken."""
     if not 1 <= len(key) <= MAX_KEY:
         raise ValueError(f"a key is 1 to {MAX_KEY} bytes, got {len(key)}")
@@ -187,10 +187,10 @@ def sign_record(
     owner = identity.public_key
     lease = float(lease_s)
     signature = identity.sign(_signed_bytes(key, value, owner, seq, lease, deleted))
-    return Record(key, value, owner, seq, lease, deleted, signature)
+    return DhtRecord(key, value, owner, seq, lease, deleted, signature)
 
 
-def check_record(record: Record) -> str | None:
+def check_record(record: DhtRecord) -> str | None:
     """Why the record is invalid (a drop reason), or None if it is valid: the owner's
     signature verifies, and a live record for an ``ip:`` key names its owner (its value is
     the owner's 20-byte node id: only the node an address record names may hold it)."""
@@ -208,7 +208,7 @@ def check_record(record: Record) -> str | None:
     return None
 
 
-def tie_break(a: Record, b: Record) -> Record:
+def tie_break(a: DhtRecord, b: DhtRecord) -> DhtRecord:
     """Of two valid live records of one key by different owners (a split brain after
     churn), the one every node keeps: the smaller BLAKE2b of the signature."""
     ha = hashlib.blake2b(a.signature, digest_size=16).digest()

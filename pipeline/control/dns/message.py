@@ -37,7 +37,7 @@ __all__ = [
     "Header",
     "Malformed",
     "Query",
-    "Record",
+    "ResourceRecord",
     "Soa",
     "read_query",
     "write_response",
@@ -114,7 +114,7 @@ class Soa:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Record:
+class ResourceRecord:
     """One resource record of class IN: A (an address), PTR (a name) or SOA."""
 
     owner: tuple[bytes, ...]
@@ -217,8 +217,8 @@ def write_response(
     *,
     query: Query | None = None,
     authoritative: bool = False,
-    answers: Sequence[Record] = (),
-    authority: Sequence[Record] = (),
+    answers: Sequence[ResourceRecord] = (),
+    authority: Sequence[ResourceRecord] = (),
     edns: Edns | None = None,
     payload: int = 1232,
 ) -> tuple[bytes, bool]:
@@ -238,8 +238,8 @@ def _pack(
     rcode: int,
     query: Query | None,
     authoritative: bool,
-    answers: Sequence[Record],
-    authority: Sequence[Record],
+    answers: Sequence[ResourceRecord],
+    authority: Sequence[ResourceRecord],
     edns: Edns | None,
     payload: int,
     *,
@@ -260,7 +260,7 @@ def _pack(
     return wire
 
 
-def _rr(record: Record) -> RR:
+def _rr(record: ResourceRecord) -> RR:
     owner = DNSLabel(list(record.owner))
     data = record.data
     if isinstance(data, IPv4Address):

@@ -47,7 +47,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Generic, NamedTuple, TypeVar
 
 from pipeline.control.dns import message
-from pipeline.control.dns.message import Malformed, Query, Record, Soa
+from pipeline.control.dns.message import Malformed, Query, ResourceRecord, Soa
 from pipeline.control.dns.names import (
     Name,
     NameKind,
@@ -270,27 +270,29 @@ class DnsResponder(Generic[ClientT]):
         if address is None:
             self._negative(query, client, name, message.NXDOMAIN)
         elif _wants(query, message.TYPE_A):
-            self._positive(query, client, name, [Record(query.labels, ttl, address)])
+            self._positive(query, client, name, [ResourceRecord(query.labels, ttl, address)])
         else:
             self._positive(query, client, name, [])
 
-    def _records(self, query: Query, name: Name, now: float) -> list[Record]:
+    def _records(self, query: Query, name: Name, now: float) -> list[ResourceRecord]:
         """The records of ``name`` (a static, pointer or apex name) of ``query``'s type."""
         ttl, owner = self.settings.ttl, query.labels
         kind, address = name.kind, name.address
         if kind is NameKind.STATIC and _wants(query, message.TYPE_A):
             assert address is not None
-            return [Record(owner, ttl, address)]
+            return [ResourceRecord(owner, ttl, address)]
         if kind is NameKind.POINTER and _wants(query, message.TYPE_PTR):
             assert address is not None
             targets = [static_name(address, self.settings.subnet, self.settings.domain)]
             targets += self._host_targets(address, now)
-            return [Record(owner, ttl, target) for target in targets]
+            return [ResourceRecord(owner, ttl, target) for target in targets]
         if kind is NameKind.APEX and _wants(query, message.TYPE_SOA):
-            return [Record(owner, ttl, self._soa())]
+            return [ResourceRecord(owner, ttl, self._soa())]
         return []
 
-    def _positive(self, query: Query, client: ClientT, name: Name, records: list[Record]) -> None:
+    def _positive(
+        self, query: Query, client: ClientT, name: Name, records: list[ResourceRecord]
+    ) -> None:
         if records:
             self._reply(client, query, message.NOERROR, answers=records)
         else:
@@ -298,7 +300,7 @@ class DnsResponder(Generic[ClientT]):
 
     def _negative(self, query: Query, client: ClientT, name: Name, rcode: int) -> None:
         """NXDOMAIN, or NODATA (``rcode`` NOERROR), with the zone's SOA (RFC 2308)."""
-        soa = Record(name.apex, self.settings.negative_ttl, self._soa())
+        soa = ResourceRecord(name.apex, self.settings.negative_ttl, self._soa())
         self._reply(client, query, rcode, authority=[soa])
 
     def _fail(self, waiting: _Waiting[ClientT]) -> None:
@@ -310,8 +312,8 @@ class DnsResponder(Generic[ClientT]):
         query: Query | Malformed,
         rcode: int,
         *,
-        answers: Sequence[Record] = (),
-        authority: Sequence[Record] = (),
+        answers: Sequence[ResourceRecord] = (),
+        authority: Sequence[ResourceRecord] = (),
     ) -> None:
         """Queues the response; a malformed query's has no question section."""
         wire, truncated = message.write_response(

@@ -3,8 +3,8 @@
 Modules:
 
 - ``wire``: the messages and their versioned binary codec; ``AddressCodec``.
-- ``events``: ``LinkAdded``, ``LinkRemoved``, ``NeighboursChanged``, ``Delivered``,
-  ``RouteFailed``, ``Joined``; ``LinkKind``, ``LinkInfo``.
+- ``events``: ``ConnectionAdded``, ``ConnectionRemoved``, ``NeighboursChanged``, ``Delivered``,
+  ``RouteFailed``, ``Joined``; ``ConnectionKind``, ``ConnectionInfo``.
 - ``node``: ``OverlayNode`` and ``OverlaySettings`` (its docstring has the theory of
   operation).
 
@@ -24,30 +24,30 @@ The API that other cores (the DHT) build on, all re-exported here::
     node.events() -> list[OverlayEvent]
     node.statistics() -> dict[str, int]
     # queries
-    node.links() -> list[LinkInfo]
+    node.connections() -> list[ConnectionInfo]
     node.neighbours() -> (successors, predecessors)  # near_per_side each, nearest first
     node.successor() / node.predecessor() -> int | None
-    node.nearest(key, k) -> list[int]       # this node and its links, nearest key first
+    node.nearest(key, k) -> list[int]       # this node and its connections, nearest key first
     node.is_responsible(key) -> bool        # closest to key among itself and neighbours
     node.next_hop(key) -> int | None        # None: this node is the closest it knows
     node.estimated_size() -> int
     node.state -> NodeState; node.address -> Address | None
 
 Ids and keys are ints in [0, 2**160) (``pipeline.nodeid.id_from_bytes`` of a 20-byte BLAKE2b-160
-node id). Events: ``LinkAdded``, ``LinkRemoved``, ``NeighboursChanged`` (the DHT's cue
+node id). Events: ``ConnectionAdded``, ``ConnectionRemoved``, ``NeighboursChanged`` (the DHT's cue
 to hand records over), ``Delivered`` (a message for which this node is the destination),
 ``RouteFailed``, ``Joined``. The overlay does not retransmit end to end (a hop only
-re-routes a message it sent over a link that then proved silent: see ``node``): a DHT
+re-routes a message it sent over a connection that then proved silent: see ``node``): a DHT
 request that gets no answer is retried by the DHT.
 """
 
 from pipeline.control.overlay.events import (
+    ConnectionAdded,
+    ConnectionInfo,
+    ConnectionKind,
+    ConnectionRemoved,
     Delivered,
     Joined,
-    LinkAdded,
-    LinkInfo,
-    LinkKind,
-    LinkRemoved,
     NeighboursChanged,
     OverlayEvent,
     RouteFailed,
@@ -61,10 +61,10 @@ __all__ = [
     "Delivered",
     "HostPortCodec",
     "Joined",
-    "LinkAdded",
-    "LinkInfo",
-    "LinkKind",
-    "LinkRemoved",
+    "ConnectionAdded",
+    "ConnectionInfo",
+    "ConnectionKind",
+    "ConnectionRemoved",
     "NeighboursChanged",
     "NodeState",
     "OverlayEvent",

@@ -1,4 +1,4 @@
-"""What an ``OverlayNode`` tells its user, and what it shows of its links. Pure."""
+"""What an ``OverlayNode`` tells its user, and what it shows of its connections. Pure."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import enum
 from collections.abc import Hashable
 
 
-class LinkKind(enum.StrEnum):
-    """Why a link exists. ``leaf``: a bootstrap link, not used for routing (only for exact
-    hits and for a joining node's first hop), closed once the node has joined. ``near``: a
+class ConnectionKind(enum.StrEnum):
+    """Why a connection exists. ``leaf``: a bootstrap connection, not used for routing (only
+    for exact hits and for a joining node's first hop), closed once the node has joined. ``near``: a
     neighbour on the circle. ``far``: a Symphony shortcut drawn at a distance ∝ 1/d."""
 
     LEAF = "leaf"
@@ -22,26 +22,26 @@ class LinkKind(enum.StrEnum):
         return _CODES[self]
 
     @classmethod
-    def from_code(cls, code: int) -> LinkKind:
+    def from_code(cls, code: int) -> ConnectionKind:
         return _KINDS[code]
 
 
-_KINDS = (LinkKind.LEAF, LinkKind.FAR, LinkKind.NEAR)
+_KINDS = (ConnectionKind.LEAF, ConnectionKind.FAR, ConnectionKind.NEAR)
 _CODES = {kind: code for code, kind in enumerate(_KINDS)}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class LinkAdded:
-    """A link to ``node_id`` at ``address`` is up."""
+class ConnectionAdded:
+    """A connection to ``node_id`` at ``address`` is up."""
 
     node_id: int
     address: Hashable
-    kind: LinkKind
+    kind: ConnectionKind
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class LinkRemoved:
-    """The link to ``node_id`` is gone. ``reason``: ``timeout`` (silent too long),
+class ConnectionRemoved:
+    """The connection to ``node_id`` is gone. ``reason``: ``timeout`` (silent too long),
     ``trim_near`` / ``trim_far`` / ``trim_leaf`` (surplus, closed by us), ``closed_<why>``
     (closed by the peer: ``closed_trim``, ``closed_leave``, ``closed_unknown``, ...),
     ``replaced`` (another node answered at its address), ``left`` (we left)."""
@@ -52,7 +52,7 @@ class LinkRemoved:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class NeighboursChanged:
-    """The near neighbourhood changed: the nearest ``near_per_side`` linked nodes clockwise
+    """The near neighbourhood changed: the nearest ``near_per_side`` connected nodes clockwise
     (``successors``, nearest first) and counter-clockwise (``predecessors``). In a small
     overlay one node can be in both. The DHT hands records over on this event."""
 
@@ -77,7 +77,7 @@ class Delivered:
 @dataclasses.dataclass(frozen=True, slots=True)
 class RouteFailed:
     """A message this node sent was not delivered, as far as the overlay can tell.
-    ``reason``: ``no_route`` (no link to send on), ``ttl`` (hop limit reached),
+    ``reason``: ``no_route`` (no connection to send on), ``ttl`` (hop limit reached),
     ``no_such_node`` (``send_to_node`` found no node with that id), ``left`` (this node has
     left). A lost datagram gives no event: callers that need delivery use their own
     timeouts and retries."""
@@ -92,24 +92,26 @@ class Joined:
     """The node has its place on the circle: a successor and a predecessor, and neither
     of them knows a node between itself and this one (Brunet's "connected" test). The
     first node of an overlay (empty bootstrap list) is joined at once. A node that loses
-    every near and far link joins anew, and says ``Joined`` again when it has."""
+    every near and far connection joins anew, and says ``Joined`` again when it has."""
 
     node_id: int
     estimated_size: int
 
 
-OverlayEvent = LinkAdded | LinkRemoved | NeighboursChanged | Delivered | RouteFailed | Joined
+OverlayEvent = (
+    ConnectionAdded | ConnectionRemoved | NeighboursChanged | Delivered | RouteFailed | Joined
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class LinkInfo:
-    """One link as ``OverlayNode.links()`` shows it. ``kind`` is why the link was made (a
-    far link may also be a near neighbour by position: see ``OverlayNode.neighbours``);
+class ConnectionInfo:
+    """One connection as ``OverlayNode.connections()`` shows it. ``kind`` is why it was made
+    (a far connection may also be a near neighbour by position: see ``OverlayNode.neighbours``);
     ``rtt`` is a smoothed ping round trip in seconds (None before the first pong); ``age``
-    is seconds since the link came up, at the time of the node's latest input."""
+    is seconds since the connection came up, at the time of the node's latest input."""
 
     node_id: int
     address: Hashable
-    kind: LinkKind
+    kind: ConnectionKind
     rtt: float | None
     age: float

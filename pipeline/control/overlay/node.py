@@ -2,86 +2,85 @@
 
 Theory of operation:
 
-- **The circle.** Node ids are positions on a circle of 2^160 (``pipeline.nodeid``). A node keeps
-  *links* (logical overlay connections to other nodes' addresses): ``near`` links to the
-  ``near_per_side`` (2) nearest nodes on each side, ``far`` links (Symphony shortcuts) to
-  about ``⌈½·log2 N⌉`` nodes drawn at distances ∝ 1/d, and ``leaf`` links to bootstrap
-  addresses while it joins. N is estimated from the spacing of the near neighbours.
-- **Links.** ``Hello`` → ``HelloAck`` makes a link on both sides (either side may start,
-  both may start at once; a Hello on an existing link refreshes or upgrades it). Any
-  datagram from a linked address counts as a sign of life (routed traffic and neighbour
-  lists too), so only a silent link is pinged: a leaf link or one of the
+- **The circle.** Node ids are positions on a circle of 2^160 (``pipeline.nodeid``). A node
+  keeps *connections* (logical overlay connections to other nodes' addresses): ``near``
+  connections to the ``near_per_side`` (2) nearest nodes on each side, ``far`` connections
+  (Symphony shortcuts) to about ``⌈½·log2 N⌉`` nodes drawn at distances ∝ 1/d, and ``leaf``
+  connections to bootstrap addresses while it joins. N is estimated from the spacing of the near
+  neighbours.
+- **Connections.** ``Hello`` → ``HelloAck`` makes a connection on both sides (either side may
+  start, both may start at once; a Hello on an existing connection refreshes or upgrades it).
+  Any datagram from a connected address counts as a sign of life (routed traffic and neighbour
+  lists too), so only a silent connection is pinged: a leaf connection or one of the
   ``near_per_side`` nearest on a side when silent for ``ping_after_s``, any other (far
-  links, surplus near links) for ``far_ping_after_s``, each stretched by a per-link random
-  factor (``ping_jitter``) so the two ends seldom both ping; then every ``ping_retry_s``,
-  and closed after ``dead_after_s`` (``far_dead_after_s``) of silence. Forwarding over a
-  link silent for ``use_ping_after_s`` pings it too, and a link whose ping has been
-  unanswered for ``suspect_after_s`` is routed around (if it is the only link closer than
-  this node, this node takes the message as the closest live one), so a crashed hop —
-  even a crashed closest node — is found and avoided soon after it is used. The message
-  that found it is not lost either: see *Re-routing*.
-  A node that gets a Ping or a HelloAck for a link it does not hold answers
-  ``Close(unknown)``, so half-open links do not linger.
-- **Joining.** Hello to bootstrap addresses (a few at a time; any one reachable suffices),
-  then a ``ConnectRequest`` toward the node's own id through each leaf peer that says it is
-  on the circle (through any leaf peer if none is): routed greedily, never to the
-  requester itself, it ends at the node closest to the requester, which answers with its
-  neighbours nearest the requester. The requester links to the
-  candidates that fall among its ``near_per_side`` nearest on a side, and refines with the
-  neighbour lists its new neighbours send. It is *joined* when its successor and
-  predecessor both know no node between themselves and it.
-- **Keeping the circle.** Whenever a node's near set changes it sends its neighbour list
-  (its links nearest the receiver, ``neighbour_list_per_side`` a side) to each near
-  neighbour, asking the nearest on each side (and new ones) for theirs; every
-  ``stabilize_s`` it asks its nearest on each side again (not one whose list came within
-  the last ¾ of that: it asked us, and one exchange a pair suffices). A list naming a
-  node nearer than the current near neighbours makes a link to it. So a lost neighbour
-  is repaired by asking the next one on that side; a graceful leaver's ``Close`` carries
-  its neighbours.
-- **Far links.** Once joined and N > ``shortcut_min_size``, while it has fewer than
-  ``⌈shortcut_factor·log2 N⌉`` far links (not counting those among the near neighbours), a
-  node draws a distance d with log2 d uniform between log2(2^160/N) and 159, a random
-  side, and routes a ``ConnectRequest`` to that point; the node closest to it answers and
-  they link. Both ends count the link. More than twice the wanted number: one random far
-  link is closed.
-- **Trimming** (as Brunet): after ``trim_quiet_s`` without a change of the near set, a
-  near link more than ``near_keep_per_side`` places away on both sides is closed (the
-  farthest first); leaf links close ``leaf_linger_s`` after the node has joined.
-- **Routing** is greedy: to the linked node (or this one) closest to the key, never a leaf
-  link unless it is the destination itself or the node has nothing else; at most
-  ``max_hops`` hops. ``send_to_key`` delivers at the closest node, ``send_to_node`` only at
-  the node with exactly that id (else a ``RouteError`` goes back to the sender).
-- **Re-routing.** Under churn the links that lead to crashed nodes are the ones silent
-  for a while (a far link is closed only after ``far_dead_after_s`` of silence), and
-  greedy paths run through them: a message lost at any hop of the way there or of the
-  answer's way back costs the requester a whole retry. So a node that forwards an
-  application message (``Data``) over a link silent for ``use_ping_after_s`` — the link
-  it pings on use — keeps it, and if nothing has come from the link ``suspect_after_s``
-  later (the link is then suspect), routes it again from here, passing over that link
-  (delivering here if it was the only closer one). A next hop that shows a sign of life
-  is taken to have the message. A ``send_to_node`` message whose next hop is the node it
-  is for is not kept: there is no way around that one. No datagram is added but the
-  re-routed message, and only hops that were silent anyway keep messages (at most
-  ``HELD_MAX``). Otherwise datagrams may be lost, and the overlay does not retransmit: a
-  message whose ping or pong was lost on a live link can, rarely, arrive twice.
-- **Several circles.** A joined node routes a ConnectRequest for its own id through a
-  bootstrap address again ``bootstrap_probe_first_s`` after joining, then at doubling
-  intervals up to every ``bootstrap_probe_s``: nodes that started at the same moment with
-  the same bootstrap list may have founded more than one circle, and a partition leaves
-  one on each side; that is how they find each other and zip together. A node that had
-  structured links and lost them all joins anew, through its bootstrap addresses and the
-  addresses of its last ``KNOWN_ADDRESSES`` links.
+  connections, surplus near connections) for ``far_ping_after_s``, each stretched by a
+  per-connection random factor (``ping_jitter``) so the two ends seldom both ping; then every
+  ``ping_retry_s``, and closed after ``dead_after_s`` (``far_dead_after_s``) of silence.
+  Forwarding over a connection silent for ``use_ping_after_s`` pings it too, and a connection
+  whose ping has been unanswered for ``suspect_after_s`` is routed around (if it is the only
+  connection closer than this node, this node takes the message as the closest live one), so a
+  crashed hop — even a crashed closest node — is found and avoided soon after it is used. The
+  message that found it is not lost either: see *Re-routing*. A node that gets a Ping or a
+  HelloAck for a connection it does not hold answers ``Close(unknown)``, so half-open
+  connections do not linger.
+- **Joining.** Hello to bootstrap addresses (a few at a time; any one reachable suffices), then
+  a ``ConnectRequest`` toward the node's own id through each leaf peer that says it is on the
+  circle (through any leaf peer if none is): routed greedily, never to the requester itself, it
+  ends at the node closest to the requester, which answers with its neighbours nearest the
+  requester. The requester connects to the candidates that fall among its ``near_per_side``
+  nearest on a side, and refines with the neighbour lists its new neighbours send. It is
+  *joined* when its successor and predecessor both know no node between themselves and it.
+- **Keeping the circle.** Whenever a node's near set changes it sends its neighbour list (its
+  connections nearest the receiver, ``neighbour_list_per_side`` a side) to each near neighbour,
+  asking the nearest on each side (and new ones) for theirs; every ``stabilize_s`` it asks its
+  nearest on each side again (not one whose list came within the last ¾ of that: it asked us,
+  and one exchange a pair suffices). A list naming a node nearer than the current near
+  neighbours makes a connection to it. So a lost neighbour is repaired by asking the next one on
+  that side; a graceful leaver's ``Close`` carries its neighbours.
+- **Far connections.** Once joined and N > ``shortcut_min_size``, while it has fewer than
+  ``⌈shortcut_factor·log2 N⌉`` far connections (not counting those among the near neighbours), a
+  node draws a distance d with log2 d uniform between log2(2^160/N) and 159, a random side, and
+  routes a ``ConnectRequest`` to that point; the node closest to it answers and they connect.
+  Both ends count the connection. More than twice the wanted number: one random far connection
+  is closed.
+- **Trimming** (as Brunet): after ``trim_quiet_s`` without a change of the near set, a near
+  connection more than ``near_keep_per_side`` places away on both sides is closed (the farthest
+  first); leaf connections close ``leaf_linger_s`` after the node has joined.
+- **Routing** is greedy: to the connected node (or this one) closest to the key, never a leaf
+  connection unless it is the destination itself or the node has nothing else; at most
+  ``max_hops`` hops. ``send_to_key`` delivers at the closest node, ``send_to_node`` only at the
+  node with exactly that id (else a ``RouteError`` goes back to the sender).
+- **Re-routing.** Under churn the connections that lead to crashed nodes are the ones silent for
+  a while (a far connection is closed only after ``far_dead_after_s`` of silence), and greedy
+  paths run through them: a message lost at any hop of the way there or of the answer's way back
+  costs the requester a whole retry. So a node that forwards an application message (``Data``)
+  over a connection silent for ``use_ping_after_s`` — the connection it pings on use — keeps it,
+  and if nothing has come from the connection ``suspect_after_s`` later (the connection is then
+  suspect), routes it again from here, passing over that connection (delivering here if it was
+  the only closer one). A next hop that shows a sign of life is taken to have the message. A
+  ``send_to_node`` message whose next hop is the node it is for is not kept: there is no way
+  around that one. No datagram is added but the re-routed message, and only hops that were
+  silent anyway keep messages (at most ``HELD_MAX``). Otherwise datagrams may be lost, and the
+  overlay does not retransmit: a message whose ping or pong was lost on a live connection can,
+  rarely, arrive twice.
+- **Several circles.** A joined node routes a ConnectRequest for its own id through a bootstrap
+  address again ``bootstrap_probe_first_s`` after joining, then at doubling intervals up to
+  every ``bootstrap_probe_s``: nodes that started at the same moment with the same bootstrap
+  list may have founded more than one circle, and a partition leaves one on each side; that is
+  how they find each other and zip together. A node that had structured connections and lost
+  them all joins anew, through its bootstrap addresses and the addresses of its last
+  ``KNOWN_ADDRESSES`` connections.
 
 Drive it like aioquic's connection: inputs ``receive(message, source, now)``,
 ``handle_timer(now)``, ``send_to_key``, ``send_to_node``, ``leave``; after each, drain
 ``datagrams_to_send()`` and ``events()`` and arm one timer at ``next_deadline()``. ``now`` is
-seconds on the caller's monotonic clock; all randomness comes from the ``rng`` given.
-Nothing from the network raises out of ``receive``: malformed input is a counted drop
+seconds on the caller's monotonic clock; all randomness comes from the ``rng`` given. Nothing
+from the network raises out of ``receive``: malformed input is a counted drop
 (``statistics()["dropped_<reason>"]``).
 
-The core trusts the ``sender`` ids in messages: live, the driver must only hand it
-datagrams from authenticated links (``pipeline/control/links.py``), and check that a
-link's authenticated id is the id it claims.
+The core trusts the ``sender`` ids in messages: live, the driver must only hand it datagrams
+from authenticated connections (``pipeline/control/connections.py``), and check that a
+connection's authenticated id is the id it claims.
 """
 
 from __future__ import annotations
@@ -99,12 +98,12 @@ import msgspec
 from pipeline import nodeid
 from pipeline.control.overlay import wire as w
 from pipeline.control.overlay.events import (
+    ConnectionAdded,
+    ConnectionInfo,
+    ConnectionKind,
+    ConnectionRemoved,
     Delivered,
     Joined,
-    LinkAdded,
-    LinkInfo,
-    LinkKind,
-    LinkRemoved,
     NeighboursChanged,
     OverlayEvent,
     RouteFailed,
@@ -113,8 +112,8 @@ from pipeline.control.overlay.wire import Address, AddressCodec, CloseReason, Ho
 from pipeline.errors import RemoteProtocolError
 from pipeline.nodeid import circle_distance, clockwise, id_from_bytes, id_to_bytes
 
-LEAF, FAR, NEAR = LinkKind.LEAF, LinkKind.FAR, LinkKind.NEAR
-KNOWN_ADDRESSES = 16  # addresses of recent links kept to re-join through
+LEAF, FAR, NEAR = ConnectionKind.LEAF, ConnectionKind.FAR, ConnectionKind.NEAR
+KNOWN_ADDRESSES = 16  # addresses of recent connections kept to re-join through
 OWN_ADDRESSES = 8  # addresses of our own that peers told us, kept
 HELD_MAX = 4096  # messages kept for re-routing at once; beyond, they are not kept
 
@@ -124,29 +123,31 @@ class OverlaySettings:
     """Every knob of the overlay core; times in seconds. Defaults follow Brunet."""
 
     near_per_side: int = 2  # near neighbours wanted on each side
-    near_keep_per_side: int = 4  # near links this many places away on both sides are trimmed
+    near_keep_per_side: int = 4  # near connections this many places away on both sides are trimmed
     neighbour_list_per_side: int = 4  # entries a side in a neighbour list
-    shortcut_factor: float = 0.5  # far links wanted: ceil(factor * log2 N) ...
+    shortcut_factor: float = 0.5  # far connections wanted: ceil(factor * log2 N) ...
     shortcut_min_size: int = 10  # ... once the estimated size N is above this
     max_hops: int = 64  # hop limit of routed messages
-    max_links: int = 128  # Hellos beyond this many links are refused
+    max_connections: int = 128  # Hellos beyond this many connections are refused
     tick_s: float = 1.0  # the maintenance heartbeat (jittered by ±25%)
     hello_retry_s: float = 1.0
     hello_tries: int = 4
     connect_timeout_s: float = 4.0
-    ping_after_s: float = 15.0  # a near or leaf link silent this long is pinged ...
+    ping_after_s: float = 15.0  # a near or leaf connection silent this long is pinged ...
     ping_retry_s: float = 2.0  # ... this often ...
     dead_after_s: float = 25.0  # ... and closed when silent this long
-    far_ping_after_s: float = 40.0  # the same for the other links (far links, near links
+    far_ping_after_s: float = (
+        40.0  # the same for the other connections (far connections, near connections
+    )
     far_dead_after_s: float = 50.0  # beyond the near_per_side nearest on a side)
-    ping_jitter: float = 0.2  # each link's ping_after is stretched by a random 0..this
-    use_ping_after_s: float = 2.0  # forwarding over a link silent this long pings it too
-    suspect_after_s: float = 2.0  # a link whose ping is unanswered this long is routed around
+    ping_jitter: float = 0.2  # each connection's ping_after is stretched by a random 0..this
+    use_ping_after_s: float = 2.0  # forwarding over a connection silent this long pings it too
+    suspect_after_s: float = 2.0  # a connection whose ping is unanswered this long is routed around
     stabilize_s: float = 15.0  # ask the nearest neighbour on each side for its list
-    far_retry_s: float = 5.0  # back-off after a failed far-link attempt, doubling ...
+    far_retry_s: float = 5.0  # back-off after a failed far-connection attempt, doubling ...
     far_retry_max_s: float = 60.0  # ... up to this
     trim_quiet_s: float = 30.0  # near trimming waits this long after a near-set change
-    leaf_linger_s: float = 60.0  # leaf links close this long after joining
+    leaf_linger_s: float = 60.0  # leaf connections close this long after joining
     suspect_s: float = 60.0  # a node that did not answer a Hello is not tried again for this long
     bootstrap_fanout: int = 2  # bootstrap addresses tried at once
     bootstrap_retry_s: float = 2.0  # back-off between bootstrap rounds, doubling ...
@@ -164,11 +165,11 @@ class NodeState(enum.Enum):
 
 
 @dataclasses.dataclass(slots=True)
-class _Link:
+class _Connection:
     node_id: int
     address: Address
     address_bytes: bytes
-    kind: LinkKind
+    kind: ConnectionKind
     since: float
     last_heard: float
     rtt: float | None = None
@@ -177,16 +178,16 @@ class _Link:
     view: tuple[int, ...] | None = None  # the ids in its latest neighbour list
     view_at: float = -math.inf  # when that list came
     ping_since: float = math.inf  # first ping not yet answered (when last_heard is older)
-    jitter: float = 1.0  # this link's ping_after factor, 1 .. 1 + ping_jitter
+    jitter: float = 1.0  # this connection's ping_after factor, 1 .. 1 + ping_jitter
 
 
 @dataclasses.dataclass(slots=True)
-class _PendingLink:
+class _PendingConnection:
     """A Hello waiting for its HelloAck."""
 
     address: Address
     node_id: int | None  # None: a bootstrap address, id unknown
-    kind: LinkKind
+    kind: ConnectionKind
     token: int
     tries: int
     next_try: float
@@ -195,10 +196,10 @@ class _PendingLink:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Held:
-    """A Data message forwarded over a link that had been silent: re-routed around the
-    link if nothing is heard from it within ``suspect_after_s``."""
+    """A Data message forwarded over a connection that had been silent: re-routed around the
+    connection if nothing is heard from it within ``suspect_after_s``."""
 
-    link: int  # the id of the link it went over
+    connection: int  # the id of the connection it went over
     sent: float
     msg: w.Data  # as it came here (hops not yet counted)
     dest: int
@@ -206,7 +207,7 @@ class _Held:
 
 @dataclasses.dataclass(slots=True)
 class _PendingConnect:
-    kind: LinkKind
+    kind: ConnectionKind
     target: int
     deadline: float
 
@@ -217,7 +218,7 @@ _RECEIVED = {cls: f"received_{name}" for cls, name in _NAMES.items()}
 
 
 class OverlayNode:
-    """One overlay node: links, joining, maintenance and greedy routing. See the module."""
+    """One overlay node: connections, joining, maintenance and greedy routing. See the module."""
 
     def __init__(
         self,
@@ -238,20 +239,20 @@ class OverlayNode:
         self._bootstrap_queue: list[Address] = []
         self._state = NodeState.IDLE
         self._now = 0.0
-        self._links: dict[int, _Link] = {}
+        self._connections: dict[int, _Connection] = {}
         self._by_address: dict[Address, int] = {}
-        self._pending: dict[Address, _PendingLink] = {}
+        self._pending: dict[Address, _PendingConnection] = {}
         self._connects: dict[int, _PendingConnect] = {}
         self._suspects: dict[int, float] = {}
         self._own_addresses: dict[Address, None] = {}
-        self._known: dict[Address, None] = {}  # addresses of recent links, oldest first
+        self._known: dict[Address, None] = {}  # addresses of recent connections, oldest first
         self._address: Address | None = None
         self._address_bytes = b""
         self._out: list[tuple[bytes, Address]] = []
         self._events: list[OverlayEvent] = []
         self._stats: Counter[str] = Counter()
         self._circle_cache: tuple[list[int], list[int]] | None = None
-        self._routing_cache: list[_Link] | None = None
+        self._routing_cache: list[_Connection] | None = None
         self._size_cache: int | None = None
         self._announced: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
         self._near_changed = 0.0
@@ -271,7 +272,8 @@ class OverlayNode:
         self._held_seq = 0
 
     def __repr__(self) -> str:
-        return f"<OverlayNode {nodeid.short(self.node_id)} {self._state.value} {len(self._links)}>"
+        state, count = self._state.value, len(self._connections)
+        return f"<OverlayNode {nodeid.short(self.node_id)} {state} {count}>"
 
     # -- outputs -----------------------------------------------------------------------------
 
@@ -296,16 +298,16 @@ class OverlayNode:
 
     def statistics(self) -> dict[str, int]:
         """Counters: ``sent_<type>`` / ``received_<type>`` per message type, ``bytes_sent``,
-        ``bytes_received``, ``dropped_<reason>``, ``links_added_<kind>``,
-        ``links_removed_<reason>``, maintenance counts (``pings``, ``connects_<kind>``,
+        ``bytes_received``, ``dropped_<reason>``, ``connections_added_<kind>``,
+        ``connections_removed_<reason>``, maintenance counts (``pings``, ``connects_<kind>``,
         ``hello_failed``, ...), routing (``forwarded``, ``delivered``, ``route_failed_<why>``,
-        ``rerouted``) and gauges (``links_near`` / ``links_far`` / ``links_leaf``,
+        ``rerouted``) and gauges (``connections_near`` / ``connections_far`` / ``connections_leaf``,
         ``estimated_size``)."""
         stats = dict(self._stats)
-        for kind in LinkKind:
-            stats[f"links_{kind.value}"] = 0
-        for link in self._links.values():
-            stats[f"links_{link.kind.value}"] += 1
+        for kind in ConnectionKind:
+            stats[f"connections_{kind.value}"] = 0
+        for connection in self._connections.values():
+            stats[f"connections_{connection.kind.value}"] += 1
         stats["estimated_size"] = self.estimated_size()
         return stats
 
@@ -320,32 +322,32 @@ class OverlayNode:
         """This node's own address as its peers see it (from Hello/HelloAck), if known."""
         return self._address
 
-    def links(self) -> list[LinkInfo]:
-        """Every link, in the order they were made."""
+    def connections(self) -> list[ConnectionInfo]:
+        """Every connection, in the order they were made."""
         return [
-            LinkInfo(lk.node_id, lk.address, lk.kind, lk.rtt, self._now - lk.since)
-            for lk in self._links.values()
+            ConnectionInfo(lk.node_id, lk.address, lk.kind, lk.rtt, self._now - lk.since)
+            for lk in self._connections.values()
         ]
 
     def neighbours(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """(successors, predecessors): the ``near_per_side`` nearest linked nodes clockwise
-        and counter-clockwise, nearest first (leaf links not counted)."""
+        """(successors, predecessors): the ``near_per_side`` nearest connected nodes clockwise
+        and counter-clockwise, nearest first (leaf connections not counted)."""
         succ, pred = self._circle_view()
         k = self.settings.near_per_side
         return tuple(succ[:k]), tuple(pred[:k])
 
     def successor(self) -> int | None:
-        """The nearest linked node clockwise, or None without structured links."""
+        """The nearest connected node clockwise, or None without structured connections."""
         succ, _ = self._circle_view()
         return succ[0] if succ else None
 
     def predecessor(self) -> int | None:
-        """The nearest linked node counter-clockwise, or None without structured links."""
+        """The nearest connected node counter-clockwise, or None without structured connections."""
         _, pred = self._circle_view()
         return pred[0] if pred else None
 
     def nearest(self, key: int, k: int) -> list[int]:
-        """The ids of the k known nodes (this one and its near and far links) nearest to key,
+        """The ids of the k known nodes (this one and its near and far connections) nearest to key,
         nearest first: where DHT replicas of key go."""
         ids = [self.node_id, *(lk.node_id for lk in self._structured())]
         ids.sort(key=lambda i: (circle_distance(i, key), i))
@@ -361,14 +363,14 @@ class OverlayNode:
         return best == self.node_id
 
     def next_hop(self, key: int, avoid: Collection[int] = ()) -> int | None:
-        """The id of the link a message for key goes to next (passing over ``avoid`` as
+        """The id of the connection a message for key goes to next (passing over ``avoid`` as
         ``send_to_key`` does), or None when this node is the closest it knows."""
-        link = self._next_link(key, None, avoid)
-        return None if link is None else link.node_id
+        connection = self._next_connection(key, None, avoid)
+        return None if connection is None else connection.node_id
 
     def estimated_size(self) -> int:
-        """N, the estimated number of nodes: the larger of (structured links + 1) and
-        2^160 over the mean spacing of the ``near_per_side`` nearest links on each side."""
+        """N, the estimated number of nodes: the larger of (structured connections + 1) and
+        2^160 over the mean spacing of the ``near_per_side`` nearest connections on each side."""
         if self._size_cache is None:
             succ, pred = self._circle_view()
             n = len(succ)
@@ -396,8 +398,8 @@ class OverlayNode:
             self._stats[_RECEIVED[type(msg)]] += 1
             nid = self._by_address.get(source)
             if nid is not None:
-                link = self._links[nid]
-                link.last_heard = now
+                connection = self._connections[nid]
+                connection.last_heard = now
             self._dispatch(msg, source, now)
         except RemoteProtocolError as exc:
             self._stats[f"dropped_{exc.reason}"] += 1
@@ -421,7 +423,7 @@ class OverlayNode:
     ) -> int:
         """Route payload greedily to the node closest to key; returns the message id that a
         ``RouteFailed`` would carry. Delivered there as a ``Delivered`` event. The first
-        hop passes over the links in ``avoid`` unless none other is closer than this node
+        hop passes over the connections in ``avoid`` unless none other is closer than this node
         (a retry that goes around a first hop that may have crashed)."""
         return self._send_data(key, payload, now, exact=False, avoid=avoid)
 
@@ -434,14 +436,14 @@ class OverlayNode:
         return self._send_data(node_id, payload, now, exact=True, avoid=avoid)
 
     def leave(self, now: float) -> None:
-        """Leave gracefully: every link gets a Close carrying our neighbours."""
+        """Leave gracefully: every connection gets a Close carrying our neighbours."""
         self._now = now
         if self._state is NodeState.LEFT:
             return
-        for link in list(self._links.values()):
-            entries = self._entries_for(link.node_id)
-            self._send(w.Close(self._id, CloseReason.LEAVE, entries), link.address)
-            self._drop_link(link, "left")
+        for connection in list(self._connections.values()):
+            entries = self._entries_for(connection.node_id)
+            self._send(w.Close(self._id, CloseReason.LEAVE, entries), connection.address)
+            self._drop_connection(connection, "left")
         self._pending.clear()
         self._connects.clear()
         self._held.clear()
@@ -478,7 +480,7 @@ class OverlayNode:
         else:
             self._stats["dropped_after_leave"] += 1
 
-    # -- links -------------------------------------------------------------------------------
+    # -- connections -------------------------------------------------------------------------------
 
     def _on_hello(self, msg: w.Hello, source: Address, now: float) -> None:
         sender = id_from_bytes(msg.sender)
@@ -487,18 +489,21 @@ class OverlayNode:
             self._remember_own(source)
             self._send(w.HelloAck(self._id, msg.kind, msg.token, msg.to, False), source)
             return
-        kind = LinkKind.from_code(msg.kind)
-        if sender not in self._links and len(self._links) >= self.settings.max_links:
+        kind = ConnectionKind.from_code(msg.kind)
+        if (
+            sender not in self._connections
+            and len(self._connections) >= self.settings.max_connections
+        ):
             self._send(w.Close(self._id, CloseReason.FULL), source)
             self._stats["hellos_refused"] += 1
             return
         observed = self._encode_address(source)
         pending = self._pending.pop(source, None)
         if pending is not None and pending.kind.code > kind.code:
-            kind = pending.kind  # we were making a stronger link at the same moment
-        link = self._add_link(sender, source, observed, kind, now)
-        if link is not None:
-            link.on_circle = msg.on_circle
+            kind = pending.kind  # we were making a stronger connection at the same moment
+        connection = self._add_connection(sender, source, observed, kind, now)
+        if connection is not None:
+            connection.on_circle = msg.on_circle
         ack = w.HelloAck(self._id, msg.kind, msg.token, observed, self._on_circle())
         self._send(ack, source)
 
@@ -506,7 +511,7 @@ class OverlayNode:
         sender = id_from_bytes(msg.sender)
         pending = self._pending.get(source)
         if pending is None or pending.token != msg.token:
-            if sender not in self._links and sender != self.node_id:
+            if sender not in self._connections and sender != self.node_id:
                 self._send(w.Close(self._id, CloseReason.UNKNOWN), source)
                 self._stats["dropped_unexpected_ack"] += 1
             return
@@ -515,31 +520,33 @@ class OverlayNode:
         if sender == self.node_id:
             self._remember_own(source)
             return
-        link = self._add_link(sender, source, self._encode_address(source), pending.kind, now)
-        if link is None:
+        connection = self._add_connection(
+            sender, source, self._encode_address(source), pending.kind, now
+        )
+        if connection is None:
             return
-        link.on_circle = msg.on_circle
+        connection.on_circle = msg.on_circle
         if pending.kind is FAR:
             self._far_backoff = self.settings.far_retry_s
             self._next_far = now
         if pending.kind is LEAF and (pending.probe or msg.on_circle):
             # In through a peer on the circle (a joining one could make an island with us).
-            # With near links already made through another leaf, this checks them: the
+            # With near connections already made through another leaf, this checks them: the
             # answer names nodes we know, unless we joined an island, which it then ends.
-            self._connect(NEAR, self.node_id, via=link)
+            self._connect(NEAR, self.node_id, via=connection)
 
     def _on_close(self, msg: w.Close, source: Address) -> None:
         sender = id_from_bytes(msg.sender)
-        link = self._links.get(sender)
+        connection = self._connections.get(sender)
         pending = self._pending.pop(source, None)
         if pending is not None and pending.node_id is not None:
             self._suspects[pending.node_id] = self._now + self.settings.suspect_s
-        if link is not None and link.address == source:
+        if connection is not None and connection.address == source:
             try:
                 why = CloseReason(msg.reason).name.lower()
             except ValueError:
                 why = "other"
-            self._drop_link(link, f"closed_{why}")
+            self._drop_connection(connection, f"closed_{why}")
         if msg.entries:
             self._consider(self._decode_entries(msg.entries))
 
@@ -554,35 +561,37 @@ class OverlayNode:
         if nid is None or nid != id_from_bytes(msg.sender):
             self._stats["dropped_unexpected_pong"] += 1
             return
-        link = self._links[nid]
+        connection = self._connections[nid]
         sample = now - msg.sent
         if 0.0 <= sample < 60.0:
-            link.rtt = sample if link.rtt is None else 0.875 * link.rtt + 0.125 * sample
+            connection.rtt = (
+                sample if connection.rtt is None else 0.875 * connection.rtt + 0.125 * sample
+            )
 
-    def _add_link(
-        self, node_id: int, address: Address, address_bytes: bytes, kind: LinkKind, now: float
-    ) -> _Link | None:
-        """Make or refresh the link; an existing one moves to ``address`` and keeps the
+    def _add_connection(
+        self, node_id: int, address: Address, address_bytes: bytes, kind: ConnectionKind, now: float
+    ) -> _Connection | None:
+        """Make or refresh the connection; an existing one moves to ``address`` and keeps the
         stronger kind."""
         other = self._by_address.get(address)
-        if other is not None and other != node_id and other in self._links:
-            self._drop_link(self._links[other], "replaced")
-        link = self._links.get(node_id)
-        if link is not None:
-            if link.address != address:
-                if self._by_address.get(link.address) == node_id:
-                    del self._by_address[link.address]
-                link.address, link.address_bytes = address, address_bytes
+        if other is not None and other != node_id and other in self._connections:
+            self._drop_connection(self._connections[other], "replaced")
+        connection = self._connections.get(node_id)
+        if connection is not None:
+            if connection.address != address:
+                if self._by_address.get(connection.address) == node_id:
+                    del self._by_address[connection.address]
+                connection.address, connection.address_bytes = address, address_bytes
                 self._by_address[address] = node_id
-            if kind.code > link.kind.code:
-                link.kind = kind
+            if kind.code > connection.kind.code:
+                connection.kind = kind
                 self._had_structured |= kind is not LEAF
                 self._changed()
-            link.last_heard = now
-            return link
-        link = _Link(node_id, address, address_bytes, kind, now, now)
-        link.jitter = 1.0 + self.settings.ping_jitter * self._rng.random()
-        self._links[node_id] = link
+            connection.last_heard = now
+            return connection
+        connection = _Connection(node_id, address, address_bytes, kind, now, now)
+        connection.jitter = 1.0 + self.settings.ping_jitter * self._rng.random()
+        self._connections[node_id] = connection
         self._known.pop(address, None)
         self._known[address] = None
         if len(self._known) > KNOWN_ADDRESSES:
@@ -590,20 +599,22 @@ class OverlayNode:
         self._by_address[address] = node_id
         self._suspects.pop(node_id, None)
         self._had_structured |= kind is not LEAF
-        self._stats[f"links_added_{kind.value}"] += 1
-        self._events.append(LinkAdded(node_id, address, kind))
+        self._stats[f"connections_added_{kind.value}"] += 1
+        self._events.append(ConnectionAdded(node_id, address, kind))
         self._changed()
-        return link
+        return connection
 
-    def _drop_link(self, link: _Link, reason: str, notify: CloseReason | None = None) -> None:
-        if self._links.pop(link.node_id, None) is None:
+    def _drop_connection(
+        self, connection: _Connection, reason: str, notify: CloseReason | None = None
+    ) -> None:
+        if self._connections.pop(connection.node_id, None) is None:
             return
-        if self._by_address.get(link.address) == link.node_id:
-            del self._by_address[link.address]
+        if self._by_address.get(connection.address) == connection.node_id:
+            del self._by_address[connection.address]
         if notify is not None:
-            self._send(w.Close(self._id, notify), link.address)
-        self._stats[f"links_removed_{reason}"] += 1
-        self._events.append(LinkRemoved(link.node_id, reason))
+            self._send(w.Close(self._id, notify), connection.address)
+        self._stats[f"connections_removed_{reason}"] += 1
+        self._events.append(ConnectionRemoved(connection.node_id, reason))
         self._changed()
 
     def _changed(self) -> None:
@@ -612,7 +623,7 @@ class OverlayNode:
         self._size_cache = None
 
     def _hello(
-        self, address: Address, node_id: int | None, kind: LinkKind, *, probe: bool = False
+        self, address: Address, node_id: int | None, kind: ConnectionKind, *, probe: bool = False
     ) -> None:
         pending = self._pending.get(address)
         if pending is not None:
@@ -620,13 +631,13 @@ class OverlayNode:
                 pending.kind = kind
             return
         token = self._rng.getrandbits(32)
-        pending = _PendingLink(
+        pending = _PendingConnection(
             address, node_id, kind, token, 1, self._now + self.settings.hello_retry_s, probe
         )
         self._pending[address] = pending
         self._send_hello(pending)
 
-    def _send_hello(self, pending: _PendingLink) -> None:
+    def _send_hello(self, pending: _PendingConnection) -> None:
         try:
             to = self._codec.encode(pending.address)
         except ValueError:
@@ -639,26 +650,26 @@ class OverlayNode:
     def _on_neighbours(self, msg: w.Neighbours, source: Address) -> None:
         sender = id_from_bytes(msg.sender)
         candidates = self._decode_entries(msg.entries)
-        link = self._links.get(sender)
-        if link is not None and link.address == source:
-            link.view = tuple(nid for nid, _ in candidates)
-            link.view_at = self._now
-        if sender != self.node_id and (link is None or link.kind is LEAF):
+        connection = self._connections.get(sender)
+        if connection is not None and connection.address == source:
+            connection.view = tuple(nid for nid, _ in candidates)
+            connection.view_at = self._now
+        if sender != self.node_id and (connection is None or connection.kind is LEAF):
             candidates.append((sender, source))
         self._consider(candidates)
         if msg.want_reply:
             self._send(w.Neighbours(self._id, False, self._entries_for(sender)), source)
 
     def _entries_for(self, target: int) -> tuple[w.Entry, ...]:
-        """Our structured links nearest to target: up to ``neighbour_list_per_side`` on each
+        """Our structured connections nearest to target: up to ``neighbour_list_per_side`` on each
         side of it, target itself left out."""
-        links = [lk for lk in self._structured() if lk.node_id != target]
+        connections = [lk for lk in self._structured() if lk.node_id != target]
         per_side = self.settings.neighbour_list_per_side
-        if len(links) > 2 * per_side:
-            after = sorted(links, key=lambda lk: clockwise(target, lk.node_id))[:per_side]
-            before = sorted(links, key=lambda lk: clockwise(lk.node_id, target))[:per_side]
-            links = list({id(lk): lk for lk in (*after, *before)}.values())
-        return tuple((id_to_bytes(lk.node_id), lk.address_bytes) for lk in links)
+        if len(connections) > 2 * per_side:
+            after = sorted(connections, key=lambda lk: clockwise(target, lk.node_id))[:per_side]
+            before = sorted(connections, key=lambda lk: clockwise(lk.node_id, target))[:per_side]
+            connections = list({id(lk): lk for lk in (*after, *before)}.values())
+        return tuple((id_to_bytes(lk.node_id), lk.address_bytes) for lk in connections)
 
     def _decode_entries(self, entries: tuple[w.Entry, ...]) -> list[tuple[int, Address]]:
         out = []
@@ -672,21 +683,22 @@ class OverlayNode:
         return out
 
     def _consider(self, candidates: list[tuple[int, Address]]) -> None:
-        """Link to each candidate that would be among our nearest ``near_per_side`` on a side."""
+        """Connect to each candidate that would be among our nearest ``near_per_side`` on a
+        side."""
         now = self._now
         me = self.node_id
         candidates.sort(key=lambda c: circle_distance(c[0], me))
         for nid, address in candidates:
             if nid == me or address in self._own_addresses:
                 continue
-            link = self._links.get(nid)
-            if link is not None and link.kind is not LEAF:
+            connection = self._connections.get(nid)
+            if connection is not None and connection.kind is not LEAF:
                 continue
             if self._suspects.get(nid, -math.inf) > now:
                 continue
             if not self._wants_near(nid):
                 continue
-            self._hello(link.address if link is not None else address, nid, NEAR)
+            self._hello(connection.address if connection is not None else address, nid, NEAR)
 
     def _wants_near(self, nid: int) -> bool:
         me = self.node_id
@@ -707,13 +719,13 @@ class OverlayNode:
 
     # -- the circle view -----------------------------------------------------------------------
 
-    def _structured(self) -> list[_Link]:
+    def _structured(self) -> list[_Connection]:
         if self._routing_cache is None:
-            self._routing_cache = [lk for lk in self._links.values() if lk.kind is not LEAF]
+            self._routing_cache = [lk for lk in self._connections.values() if lk.kind is not LEAF]
         return self._routing_cache
 
     def _circle_view(self) -> tuple[list[int], list[int]]:
-        """Structured link ids sorted clockwise (successors) and counter-clockwise."""
+        """Structured connection ids sorted clockwise (successors) and counter-clockwise."""
         if self._circle_cache is None:
             me = self.node_id
             ids = [lk.node_id for lk in self._structured()]
@@ -735,9 +747,9 @@ class OverlayNode:
             self._events.append(NeighboursChanged(*current))
             ends = (succ[0], pred[0]) if succ else ()
             for nid in dict.fromkeys((*current[0], *current[1])):
-                link = self._links[nid]
+                connection = self._connections[nid]
                 want = nid in ends or nid not in old
-                self._send(w.Neighbours(self._id, want, self._entries_for(nid)), link.address)
+                self._send(w.Neighbours(self._id, want, self._entries_for(nid)), connection.address)
         if self._state is NodeState.JOINING:
             self._check_joined(now)
 
@@ -745,7 +757,7 @@ class OverlayNode:
         succ, pred = self._circle_view()
         if not succ:
             return
-        s, p = self._links[succ[0]], self._links[pred[0]]
+        s, p = self._connections[succ[0]], self._connections[pred[0]]
         if s.view is None or p.view is None:
             return
         me = self.node_id
@@ -762,73 +774,73 @@ class OverlayNode:
     # -- routing -----------------------------------------------------------------------------
 
     def _on_circle(self) -> bool:
-        """Joined, or holding structured links: this node knows its place on the circle."""
+        """Joined, or holding structured connections: this node knows its place on the circle."""
         return self._state is NodeState.JOINED or bool(self._structured())
 
-    def _next_link(
+    def _next_connection(
         self,
         key: int,
         exclude: int | None,
         avoid: Collection[int] = (),
         dead: int | None = None,
-    ) -> _Link | None:
-        """The link to forward to, or None if this node is the closest (if ``exclude`` is
-        this node: if there is no link to forward to).
+    ) -> _Connection | None:
+        """The connection to forward to, or None if this node is the closest (if ``exclude`` is
+        this node: if there is no connection to forward to).
 
-        A node not on the circle (joining, leaf links only) sends everything into the
+        A node not on the circle (joining, leaf connections only) sends everything into the
         circle through a leaf peer that is on it, whoever is closer: were it to take a
         message for itself, two joining nodes could make an island. Only with no such
-        peer does it route greedily over its leaf links and itself: two lone nodes (a
+        peer does it route greedily over its leaf connections and itself: two lone nodes (a
         fresh overlay whose bootstrap lists name each other) found a circle that way.
 
-        A link whose ping has gone unanswered for ``suspect_after_s`` is passed over: if
-        no other link is closer than this node, this node is taken as the closest. Links
-        in ``avoid`` are passed over too, but taken when no other link is closer than this
-        node (a retry around a hop that may have crashed). The link ``dead`` (one that let
+        A connection whose ping has gone unanswered for ``suspect_after_s`` is passed over: if
+        no other connection is closer than this node, this node is taken as the closest. Connections
+        in ``avoid`` are passed over too, but taken when no other connection is closer than this
+        node (a retry around a hop that may have crashed). The connection ``dead`` (one that let
         a message it was given go unacknowledged) is passed over like a suspect one."""
-        link = self._links.get(key)
-        if link is not None and key != exclude and key not in avoid and key != dead:
-            return link
-        best: _Link | None = None
+        connection = self._connections.get(key)
+        if connection is not None and key != exclude and key not in avoid and key != dead:
+            return connection
+        best: _Connection | None = None
         candidates = self._structured()
         if not candidates and self._state is not NodeState.JOINED:
-            links = [lk for lk in self._links.values() if lk.node_id != exclude]
-            entry = [lk for lk in links if lk.on_circle]
+            connections = [lk for lk in self._connections.values() if lk.node_id != exclude]
+            entry = [lk for lk in connections if lk.on_circle]
             if entry:
                 return min(entry, key=lambda lk: (circle_distance(lk.node_id, key), lk.node_id))
-            candidates = links
+            candidates = connections
         if exclude == self.node_id:
             best_d, best_id = nodeid.SIZE, -1
         else:
             best_d, best_id = circle_distance(self.node_id, key), self.node_id
-        # A link whose ping has gone unanswered for suspect_after_s is probably dead: route
-        # around it, and deliver here if it is the only link closer than this node.
+        # A connection whose ping has gone unanswered for suspect_after_s is probably dead: route
+        # around it, and deliver here if it is the only connection closer than this node.
         cutoff = self._now - self.settings.suspect_after_s
-        suspect: _Link | None = None
+        suspect: _Connection | None = None
         suspect_d, suspect_id = best_d, best_id
-        avoided: _Link | None = None
+        avoided: _Connection | None = None
         avoided_d, avoided_id = best_d, best_id
-        for link in candidates:
-            nid = link.node_id
+        for connection in candidates:
+            nid = connection.node_id
             if nid == exclude:
                 continue
             d = (nid - key) & nodeid.MASK
             if d > nodeid.HALF:
                 d = nodeid.SIZE - d
             if d < best_d or (d == best_d and nid < best_id):
-                if nid == dead or link.last_heard < link.ping_since <= cutoff:
+                if nid == dead or connection.last_heard < connection.ping_since <= cutoff:
                     if d < suspect_d or (d == suspect_d and nid < suspect_id):
-                        suspect, suspect_d, suspect_id = link, d, nid
+                        suspect, suspect_d, suspect_id = connection, d, nid
                     continue
                 if nid in avoid:
                     if d < avoided_d or (d == avoided_d and nid < avoided_id):
-                        avoided, avoided_d, avoided_id = link, d, nid
+                        avoided, avoided_d, avoided_id = connection, d, nid
                     continue
-                best, best_d, best_id = link, d, nid
+                best, best_d, best_id = connection, d, nid
         if best is None and avoided is not None:
-            return avoided  # only an avoided link is closer than this node: take it anyway
+            return avoided  # only an avoided connection is closer than this node: take it anyway
         if best is None and suspect is not None and exclude != self.node_id:
-            # Only a suspect link is closer than this node: it has probably crashed, and
+            # Only a suspect connection is closer than this node: it has probably crashed, and
             # this node is then the closest live one (the delivery is at worst premature).
             self._stats["suspect_passed_over"] += 1
             return None
@@ -844,8 +856,8 @@ class OverlayNode:
         avoid: Collection[int] = (),
         dead: int | None = None,
     ) -> None:
-        link = self._next_link(dest, exclude, avoid, dead)
-        if link is None:
+        connection = self._next_connection(dest, exclude, avoid, dead)
+        if connection is None:
             if exclude == self.node_id:
                 self._stats["route_failed_no_route"] += 1
                 self._fail(msg, "no_route")
@@ -857,38 +869,38 @@ class OverlayNode:
             self._fail(msg, "ttl")
             return
         self._stats["forwarded"] += 1
-        self._send(msgspec.structs.replace(msg, hops=msg.hops + 1), link.address)
+        self._send(msgspec.structs.replace(msg, hops=msg.hops + 1), connection.address)
         now = self._now
         st = self.settings
-        if now - link.last_heard <= st.use_ping_after_s:
+        if now - connection.last_heard <= st.use_ping_after_s:
             return
-        if now - link.last_ping >= st.ping_retry_s:
+        if now - connection.last_ping >= st.ping_retry_s:
             self._stats["pings_on_use"] += 1
-            self._ping(link, now)
+            self._ping(connection, now)
         if (
             isinstance(msg, w.Data)
-            and not (msg.exact and link.node_id == dest)
+            and not (msg.exact and connection.node_id == dest)
             and len(self._held) < HELD_MAX
         ):
-            # Keep it until the link shows a sign of life: if the ping goes unanswered
-            # (the next hop has crashed), send it around the link (_reroute). Not when
-            # the link is the node it is for: there is no way around that one.
+            # Keep it until the connection shows a sign of life: if the ping goes unanswered
+            # (the next hop has crashed), send it around the connection (_reroute). Not when
+            # the connection is the node it is for: there is no way around that one.
             self._held_seq += 1
-            held = _Held(link.node_id, now, msg, dest)
+            held = _Held(connection.node_id, now, msg, dest)
             heapq.heappush(self._held, (now + st.suspect_after_s, self._held_seq, held))
 
     def _reroute(self, now: float) -> None:
-        """Messages forwarded over links that have stayed silent since (a crashed next
-        hop, most likely) go again, around the link."""
+        """Messages forwarded over connections that have stayed silent since (a crashed next
+        hop, most likely) go again, around the connection."""
         due: list[_Held] = []
         while self._held and self._held[0][0] <= now:
             due.append(heapq.heappop(self._held)[2])
         for held in due:
-            link = self._links.get(held.link)
-            if link is not None and link.last_heard >= held.sent:
+            connection = self._connections.get(held.connection)
+            if connection is not None and connection.last_heard >= held.sent:
                 continue  # it answered: it got the message
             self._stats["rerouted"] += 1
-            self._route(held.msg, held.dest, None, dead=held.link)
+            self._route(held.msg, held.dest, None, dead=held.connection)
 
     def _route_in(self, msg: w.Routed) -> None:
         dest = id_from_bytes(msg.dest)
@@ -947,7 +959,9 @@ class OverlayNode:
 
     # -- connect requests --------------------------------------------------------------------
 
-    def _connect(self, kind: LinkKind, target: int, *, via: _Link | None = None) -> None:
+    def _connect(
+        self, kind: ConnectionKind, target: int, *, via: _Connection | None = None
+    ) -> None:
         if self._address is None:
             self._stats["connect_without_address"] += 1
             return
@@ -992,8 +1006,8 @@ class OverlayNode:
             candidates.append((sender, source))
             self._consider(candidates)
             return
-        link = self._links.get(sender)
-        if link is not None and link.kind is not LEAF:
+        connection = self._connections.get(sender)
+        if connection is not None and connection.kind is not LEAF:
             self._stats["far_redundant"] += 1
             self._next_far = now
         else:
@@ -1058,29 +1072,32 @@ class OverlayNode:
         st = self.settings
         succ, pred = self.neighbours()
         close = {*succ, *pred}
-        for link in list(self._links.values()):
-            silent = now - link.last_heard
-            if link.kind is LEAF or link.node_id in close:
+        for connection in list(self._connections.values()):
+            silent = now - connection.last_heard
+            if connection.kind is LEAF or connection.node_id in close:
                 ping_after, dead_after = st.ping_after_s, st.dead_after_s
             else:
                 ping_after, dead_after = st.far_ping_after_s, st.far_dead_after_s
             if silent > dead_after:
-                self._drop_link(link, "timeout")
-            elif silent > ping_after * link.jitter and now - link.last_ping >= st.ping_retry_s:
-                self._ping(link, now)
+                self._drop_connection(connection, "timeout")
+            elif (
+                silent > ping_after * connection.jitter
+                and now - connection.last_ping >= st.ping_retry_s
+            ):
+                self._ping(connection, now)
         if len(self._suspects) > 64:
             self._suspects = {n: t for n, t in self._suspects.items() if t > now}
 
-    def _ping(self, link: _Link, now: float) -> None:
-        if link.last_heard >= link.ping_since or link.ping_since == math.inf:
-            link.ping_since = now
-        link.last_ping = now
+    def _ping(self, connection: _Connection, now: float) -> None:
+        if connection.last_heard >= connection.ping_since or connection.ping_since == math.inf:
+            connection.ping_since = now
+        connection.last_ping = now
         self._ping_seq = (self._ping_seq + 1) & 0xFFFF_FFFF
         self._stats["pings"] += 1
-        self._send(w.Ping(self._id, self._ping_seq, now), link.address)
+        self._send(w.Ping(self._id, self._ping_seq, now), connection.address)
 
     def _join_step(self, now: float) -> None:
-        if not self._links and not self._pending:
+        if not self._connections and not self._pending:
             if now < self._next_bootstrap:
                 return
             candidates = [a for a in self._bootstrap if a not in self._own_addresses]
@@ -1099,8 +1116,8 @@ class OverlayNode:
             )
             return
         if not self._structured():
-            if self._links and not any(c.kind is NEAR for c in self._connects.values()):
-                leaves = list(self._links.values())
+            if self._connections and not any(c.kind is NEAR for c in self._connects.values()):
+                leaves = list(self._connections.values())
                 entry = [lk for lk in leaves if lk.on_circle] or leaves
                 self._connect(NEAR, self.node_id, via=self._rng.choice(entry))
             return
@@ -1113,11 +1130,11 @@ class OverlayNode:
         succ, pred = self._circle_view()
         fresh = self._now - 0.75 * self.settings.stabilize_s
         for nid in dict.fromkeys(succ[:1] + pred[:1]):
-            link = self._links[nid]
-            if periodic and link.view_at > fresh:
+            connection = self._connections[nid]
+            if periodic and connection.view_at > fresh:
                 self._stats["stabilize_skipped"] += 1
                 continue
-            self._send(w.Neighbours(self._id, True, self._entries_for(nid)), link.address)
+            self._send(w.Neighbours(self._id, True, self._entries_for(nid)), connection.address)
 
     def _far_target(self) -> int:
         size = self.estimated_size()
@@ -1125,7 +1142,7 @@ class OverlayNode:
             return 0
         return math.ceil(self.settings.shortcut_factor * math.log2(size))
 
-    def _far_links(self) -> list[_Link]:
+    def _far_connections(self) -> list[_Connection]:
         succ, pred = self.neighbours()
         near = {*succ, *pred}
         return [lk for lk in self._structured() if lk.kind is FAR and lk.node_id not in near]
@@ -1137,7 +1154,7 @@ class OverlayNode:
             return
         if any(p.kind is FAR for p in self._pending.values()):
             return
-        if len(self._far_links()) >= self._far_target():
+        if len(self._far_connections()) >= self._far_target():
             return
         log_n = math.log2(self.estimated_size())
         exponent = (nodeid.BITS - 1) - (1.0 - self._rng.random()) * (log_n - 1)
@@ -1153,12 +1170,12 @@ class OverlayNode:
     def _trim(self, now: float) -> None:
         st = self.settings
         if self._joined_at is not None and now - self._joined_at > st.leaf_linger_s:
-            for link in list(self._links.values()):
-                if link.kind is LEAF and now - link.since > st.leaf_linger_s:
-                    self._drop_link(link, "trim_leaf", CloseReason.TRIM)
-        far = self._far_links()
+            for connection in list(self._connections.values()):
+                if connection.kind is LEAF and now - connection.since > st.leaf_linger_s:
+                    self._drop_connection(connection, "trim_leaf", CloseReason.TRIM)
+        far = self._far_connections()
         if len(far) > 2 * self._far_target():
-            self._drop_link(self._rng.choice(far), "trim_far", CloseReason.TRIM)
+            self._drop_connection(self._rng.choice(far), "trim_far", CloseReason.TRIM)
         if now - self._near_changed < st.trim_quiet_s:
             return
         succ, pred = self._circle_view()
@@ -1167,26 +1184,26 @@ class OverlayNode:
         if extra:
             me = self.node_id
             farthest = max(extra, key=lambda lk: circle_distance(lk.node_id, me))
-            self._drop_link(farthest, "trim_near", CloseReason.TRIM)
+            self._drop_connection(farthest, "trim_near", CloseReason.TRIM)
 
     def _probe(self, now: float) -> None:
         """Re-join through a bootstrap address now and then (soon after joining, then ever
         less often): this merges circles made at once by nodes that started together, or
-        on both sides of a partition. A bootstrap node we have no link to is preferred."""
+        on both sides of a partition. A bootstrap node we have no connection to is preferred."""
         st = self.settings
         if not st.bootstrap_probe_s or now < self._next_probe:
             return
         self._probe_interval = min(2 * self._probe_interval, st.bootstrap_probe_s)
         self._next_probe = now + self._probe_interval * (0.75 + 0.5 * self._rng.random())
         candidates = [a for a in self._bootstrap if a not in self._own_addresses]
-        unlinked = [a for a in candidates if a not in self._by_address]
+        unconnected = [a for a in candidates if a not in self._by_address]
         if not candidates:
             return
-        address = self._rng.choice(unlinked or candidates)
+        address = self._rng.choice(unconnected or candidates)
         self._stats["probes"] += 1
         nid = self._by_address.get(address)
         if nid is not None:
-            self._connect(NEAR, self.node_id, via=self._links[nid])
+            self._connect(NEAR, self.node_id, via=self._connections[nid])
         else:
             self._hello(address, None, LEAF, probe=True)
 
@@ -1210,7 +1227,7 @@ class OverlayNode:
         self._remember_own(address)
 
     def _remember_own(self, address: Address) -> None:
-        """An address that reaches this node (never a candidate to link to)."""
+        """An address that reaches this node (never a candidate to connect to)."""
         self._own_addresses.pop(address, None)
         self._own_addresses[address] = None
         if len(self._own_addresses) > OWN_ADDRESSES:

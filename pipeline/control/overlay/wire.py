@@ -10,21 +10,21 @@ small int); node ids and keys are 20-byte big-endian ``bin`` values, addresses a
 2 of port). Every field is checked on decoding (lengths, ranges, list sizes); anything else
 raises ``RemoteProtocolError`` from ``decode``, which the node turns into a counted drop.
 
-Direct messages (sent to a linked or to-be-linked address):
+Direct messages (sent to a connected or to-be-connected address):
 
-- 1 ``Hello(sender, kind, token, to, on_circle)``: make (or refresh, or upgrade) a link of
+- 1 ``Hello(sender, kind, token, to, on_circle)``: make (or refresh, or upgrade) a connection of
   this kind; ``to`` is the address the Hello was sent to (so a node learns how others
   reach it); ``on_circle``: the sender has its place on the circle (joined, or holding
-  near or far links), so a joining node can enter the circle through it.
-- 2 ``HelloAck(sender, kind, token, observed, on_circle)``: link made; ``observed`` is the
+  near or far connections), so a joining node can enter the circle through it.
+- 2 ``HelloAck(sender, kind, token, observed, on_circle)``: connection made; ``observed`` is the
   address the Hello came from (the sender's reflexive address).
-- 3 ``Close(sender, reason, entries)``: link closed (``CloseReason``); on leave,
+- 3 ``Close(sender, reason, entries)``: connection closed (``CloseReason``); on leave,
   ``entries`` are the leaver's neighbours, so the receivers repair at once.
 - 4 ``Ping(sender, seq, sent)`` / 5 ``Pong(sender, seq, sent)``: liveness of a silent
-  link; ``sent`` (the pinger's clock) is echoed for the RTT.
-- 6 ``Neighbours(sender, want_reply, entries)``: the sender's links nearest the receiver.
+  connection; ``sent`` (the pinger's clock) is echoed for the RTT.
+- 6 ``Neighbours(sender, want_reply, entries)``: the sender's connections nearest the receiver.
 - 8 ``ConnectReply(sender, kind, token, entries)``: the answer to a ConnectRequest, with
-  the sender's links nearest the requester.
+  the sender's connections nearest the requester.
 
 Routed messages (forwarded greedily toward ``dest``; ``hops`` counts the hops taken so
 far, and a node that would exceed ``ttl`` drops the message):
@@ -68,13 +68,13 @@ Kind = Annotated[int, msgspec.Meta(ge=0, le=2)]
 
 
 class CloseReason(enum.IntEnum):
-    """Why a link closed, as carried in ``Close``."""
+    """Why a connection closed, as carried in ``Close``."""
 
-    UNKNOWN = 0  # the receiver holds no such link (a ping or hello after it forgot us)
-    TRIM = 1  # surplus link, trimmed
+    UNKNOWN = 0  # the receiver holds no such connection (a ping or hello after it forgot us)
+    TRIM = 1  # surplus connection, trimmed
     LEAVE = 2  # the sender leaves the overlay
     TIMEOUT = 3  # the sender heard nothing from us
-    FULL = 4  # the sender has no room for another link
+    FULL = 4  # the sender has no room for another connection
 
 
 class Hello(msgspec.Struct, tag=1, array_like=True, frozen=True):
