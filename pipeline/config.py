@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.topology import Stage, Topology
 
 Check = Callable[[Any], str | None]
 
@@ -225,6 +226,20 @@ class StagesSettings:
     heartbeat_timeout_s: float = _field(10.0, check=_between(0.5, 300), doc="silence = hung")
     restart_backoff_max_s: float = _field(5.0, check=_between(0.1, 300), doc="back-off cap")
     stats_interval_s: float = _field(30.0, check=_between(1, 3600), doc="stats log period")
+
+    def topology(self) -> Topology:
+        """The workers and rings these knobs make (``pipeline/topology.py``)."""
+        return Topology(
+            tap_queues=self.tap_reader.queues,
+            classifiers=self.classifier.workers,
+            overlay_ios=self.overlay_io.workers,
+            ring_bytes=(
+                (Stage.TAP_READER, self.tap_reader.ring_bytes),
+                (Stage.CLASSIFIER, self.classifier.ring_bytes),
+                (Stage.OVERLAY_IO, self.overlay_io.ring_bytes),
+                (Stage.CONTROL, self.control.ring_bytes),
+            ),
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -1,19 +1,89 @@
-"""Kinds of records that travel through the shm rings (the ``kind`` byte of a ring record)."""
+"""What travels through the shm rings: the kinds of ring records, and which kinds each edge of
+the ring graph (``pipeline/topology.py``) carries. Pure.
+
+A ring record is an 8-byte header (``length u32 | kind u8 | flags u8 | peer u16``) and its
+bytes (``pipeline/shm_ring.py``). Every kind means one thing on every hop, and ``peer``
+always means the same: the slot of the link the record belongs to (the peer it came from or
+goes to), or 0 when it belongs to no link. ``flags`` is 0.
+
+Per edge of the ring graph, producer → consumer, the kinds it carries:
+
+- tap_reader → classifier: FRAME, an Ethernet frame read from the TAP.
+- classifier → tap_reader: FRAME, an Ethernet frame to write to the TAP.
+- classifier → overlay_io: IP_PACKET, an IPv4 packet (no Ethernet header) to seal for the
+  peer ``peer``.
+- overlay_io → classifier: IP_PACKET, an IPv4 packet opened from the peer ``peer``.
+- classifier → control:
+  - FRAME, a frame for the node itself: DHCP, or DNS to the virtual gateway;
+  - RESOLVE, an IPv4 packet to an address without a route: control holds it while it
+    resolves the address, then sends it (or answers ICMP host unreachable);
+  - VERIFY, an IPv4 packet from the peer ``peer`` whose source address has no route:
+    control delivers it only if that address resolves to that peer;
+  - CLAIM, router mode: a frame from a machine of the segment with an address of its own
+    and no lease: control claims the address for it.
+- control → classifier: FRAME, a frame control made for the TAP (DHCP and DNS answers,
+  ICMP errors, packets that waited for VERIFY).
+- overlay_io → control:
+  - OVERLAY, an overlay message opened from the peer ``peer``;
+  - HANDSHAKE, a HANDSHAKE or COOKIE datagram as received, after its 6-byte source
+    endpoint;
+  - RELAY, a relay payload (dest id, ttl, inner datagram) to seal as a RELAY datagram for
+    the hop ``peer``, which another overlay_io worker owns: control passes it on to that
+    worker unchanged.
+- control → overlay_io:
+  - IP_PACKET, a packet that waited in control for its route, to seal for the peer ``peer``;
+  - OVERLAY, an overlay message to seal for the peer ``peer``;
+  - HANDSHAKE, a HANDSHAKE or COOKIE datagram to send as it is, after its 6-byte
+    destination endpoint;
+  - RELAY, another worker's relay payload for the hop ``peer``, which this worker owns.
+
+``EDGE_KINDS`` holds this as data; a test keeps the table in ``docs/wire.md`` true to it.
+"""
 
 from __future__ import annotations
 
 import enum
 
+from pipeline.topology import Stage
+
+__all__ = [
+    "EDGE_KINDS",
+    "ENDPOINT_LEN",
+    "RecordKind",
+    "pack_endpoint",
+    "unpack_endpoint",
+]
+
 
 class RecordKind(enum.IntEnum):
-    IP_PACKET = 1  # an IPv4 packet without Ethernet header (classifier <-> overlay_io)
-    FRAME = 2  # an Ethernet frame (tap_reader <-> classifier)
-    OVERLAY = 3  # an overlay message, opaque to overlay_io (overlay_io <-> control)
-    HANDSHAKE = 4  # a HANDSHAKE/COOKIE datagram after a 6-byte endpoint (overlay_io <-> control)
-    # A relay payload (dest id, ttl, inner datagram) to seal as a RELAY datagram for the hop
-    # slot ``peer``: overlay_io -> control -> the overlay_io worker that owns that slot.
-    RELAY = 5
+    """The ``kind`` byte of a ring record."""
 
+    IP_PACKET = 1
+    FRAME = 2
+    OVERLAY = 3
+    HANDSHAKE = 4
+    RELAY = 5
+    RESOLVE = 6
+    VERIFY = 7
+    CLAIM = 8
+
+
+_TAP, _CLS, _IO, _CTL = Stage.TAP_READER, Stage.CLASSIFIER, Stage.OVERLAY_IO, Stage.CONTROL
+K = RecordKind
+
+EDGE_KINDS: dict[tuple[Stage, Stage], frozenset[RecordKind]] = {
+    (_TAP, _CLS): frozenset({K.FRAME}),
+    (_CLS, _TAP): frozenset({K.FRAME}),
+    (_CLS, _IO): frozenset({K.IP_PACKET}),
+    (_IO, _CLS): frozenset({K.IP_PACKET}),
+    (_CLS, _CTL): frozenset({K.FRAME, K.RESOLVE, K.VERIFY, K.CLAIM}),
+    (_CTL, _CLS): frozenset({K.FRAME}),
+    (_IO, _CTL): frozenset({K.OVERLAY, K.HANDSHAKE, K.RELAY}),
+    (_CTL, _IO): frozenset({K.IP_PACKET, K.OVERLAY, K.HANDSHAKE, K.RELAY}),
+}
+"""Which kinds each edge of the ring graph carries; a consumer counts any other as a drop."""
+
+del K
 
 ENDPOINT_LEN = 6
 

@@ -8,8 +8,18 @@ ZeroMQ and says ``Ready``. Then it loops:
 1. ``work()``: the stage drains its input rings and devices without blocking, in batches;
 2. if nothing was done, and every input ring is still empty after the pre-sleep check
    (``Consumer.wait_ready``), it sleeps in one ``poll`` on the ring doorbells, its device,
-   its ZeroMQ sockets and the signal pipe, until the next timer is due;
-3. ZeroMQ messages and timers are handled between batches (at least every 10 ms when busy).
+   its ZeroMQ sockets and the signal pipe, until the next periodic timer or its deadline;
+3. ZeroMQ messages, timers and the deadline are handled between batches (at least every
+   10 ms when busy).
+
+Besides periodic timers (``every``: heartbeats, stats) a worker has one re-armable
+*deadline* (``arm``): the stage's core says when it next needs the clock
+(``next_deadline()``), the driver arms it after every input, and ``on_deadline(now)`` runs
+when it is due. A core's timers thus fire when they are due, not on the next tick of a poll.
+
+The worker's rings come from the topology (``pipeline/topology.py``): ``inputs(stage)`` and
+``outputs(stage)`` attach to the rings from and to every worker of another stage, ordered
+by that worker's index.
 
 The worker dies with its supervisor: ``PR_SET_PDEATHSIG`` sends it SIGTERM the moment the
 supervisor exits, even by kill -9, and a heartbeat silence of the supervisor does the same
@@ -39,6 +49,7 @@ from pipeline.config import Settings, settings_from_json
 from pipeline.errors import StageIOError
 from pipeline.log import configure_logging
 from pipeline.shm_ring import Consumer, Producer, Ring, RingSpec
+from pipeline.topology import Stage, WorkerId
 
 _PR_SET_PDEATHSIG = 1
 BUSY_CHECK_S = 0.01
@@ -54,18 +65,16 @@ CONTROL_PUB_SOCKET = "control-pub"
 CONTROL_SOCKET = "control"
 
 
-def ring_name(producer: str, p: int, consumer: str, c: int) -> str:
-    return f"{producer}{p}>{consumer}{c}"
-
-
 class Worker:
     """Base of every stage worker. Subclasses fill in the stage's own parts."""
 
-    stage: str = ""
+    stage: Stage
 
     def __init__(self, settings: Settings, index: int, rings: dict[str, RingSpec]) -> None:
         self.settings = settings
         self.index = index
+        self.id = WorkerId(self.stage, index)
+        self.topology = settings.stages.topology()
         self.log: structlog.typing.FilteringBoundLogger = configure_logging(
             stage=self.stage,
             worker=index,
@@ -81,6 +90,7 @@ class Worker:
         self._handlers: dict[int, Callable[[], None]] = {}
         self._zmq_sockets: list[tuple[zmq.Socket[bytes], Callable[[], None]]] = []
         self._timers: list[tuple[float, float, Callable[[float], None]]] = []
+        self._deadline: float | None = None
         self.running = True
         self.started = time.monotonic()
         self.last_supervisor_msg = self.started
@@ -104,6 +114,14 @@ class Worker:
         self.epoll.register(consumer.bell_fd, select.EPOLLIN)
         return consumer
 
+    def inputs(self, source: Stage) -> list[Consumer]:
+        """Consumers of the rings into this worker from each worker of ``source``."""
+        return [self.consumer(edge.name) for edge in self.topology.inputs(self.id, source)]
+
+    def outputs(self, target: Stage) -> list[Producer]:
+        """Producers of the rings from this worker to each worker of ``target``."""
+        return [self.producer(edge.name) for edge in self.topology.outputs(self.id, target)]
+
     def watch(self, fd_or_socket: int | zmq.Socket[bytes], handler: Callable[[], None]) -> None:
         """Call ``handler`` when ``fd_or_socket`` (a file descriptor or zmq socket) is readable.
 
@@ -120,6 +138,11 @@ class Worker:
     def every(self, interval_s: float, fn: Callable[[float], None]) -> None:
         self._timers.append((time.monotonic() + interval_s, interval_s, fn))
 
+    def arm(self, deadline: float | None) -> None:
+        """Call ``on_deadline`` at ``deadline`` (monotonic seconds), replacing the one armed
+        before; None disarms it."""
+        self._deadline = deadline
+
     # -- the stage's parts ----------------------------------------------------------------------
 
     def setup(self) -> None:
@@ -128,6 +151,9 @@ class Worker:
     def work(self) -> int:
         """Do what is ready without blocking; return how many items were handled."""
         return 0
+
+    def on_deadline(self, now: float) -> None:
+        """The deadline armed with ``arm`` is due (it is disarmed first: re-arm here)."""
 
     def stats(self) -> dict[str, Any]:
         """The worker's counters, sent with every heartbeat and logged periodically."""
@@ -203,7 +229,12 @@ class Worker:
         return found
 
     def _run_timers(self, now: float) -> float:
-        """Fire due timers; return when the next one is due (at most 1 s ahead: a backstop)."""
+        """Fire due timers and the deadline; return when the next is due (at most 1 s ahead:
+        a backstop)."""
+        deadline = self._deadline
+        if deadline is not None and deadline <= now:
+            self._deadline = None
+            self.on_deadline(now)
         next_due = now + 1.0
         for i, (due, interval, fn) in enumerate(self._timers):
             if due <= now:
@@ -211,6 +242,8 @@ class Worker:
                 due = now + interval
                 self._timers[i] = (due, interval, fn)
             next_due = min(next_due, due)
+        if self._deadline is not None:
+            next_due = min(next_due, self._deadline)
         return next_due
 
     def _heartbeat(self, now: float) -> None:

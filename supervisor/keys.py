@@ -69,10 +69,9 @@ from pipeline.crypto.keyfiles import (
     make_dir,
     read_certificate,
     seed_text,
-    write_new,
-    write_replace,
 )
 from pipeline.errors import ConfigError
+from pipeline.statefiles import write_atomic, write_new
 
 BACKDATE_S = 300
 DAY_S = 86400
@@ -302,7 +301,7 @@ def cmd_cert_issue(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise KeyFileError(f"cannot issue: {exc}") from None
     pem = to_pem(cert)
-    write_replace(args.out, pem.encode(), 0o644)
+    write_atomic(args.out, pem.encode(), 0o644)
     print(format_description(describe(cert, now=now, ca_cert=ca_cert)))
     print(pem, end="")
     print(f"wrote {args.out}")

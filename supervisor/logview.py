@@ -33,6 +33,8 @@ from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import IO, Any, TextIO
 
+from pipeline.topology import Stage
+
 __all__ = [
     "LEVELS",
     "STAGES",
@@ -50,7 +52,7 @@ __all__ = [
 #: Log levels from least to most severe.
 LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error", "critical")
 #: Pipeline stages that write to the log.
-STAGES: tuple[str, ...] = ("tap_reader", "classifier", "overlay_io", "control", "supervisor")
+STAGES: tuple[str, ...] = (*(stage.value for stage in Stage), "supervisor")
 
 _LEVEL_RANK: dict[str, int] = {name: rank for rank, name in enumerate(LEVELS)}
 # Spellings other logging stacks use for the same severities.

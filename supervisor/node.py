@@ -41,9 +41,9 @@ from pipeline import messages
 from pipeline.config import Settings
 from pipeline.log import configure_logging
 from pipeline.shm_ring import Ring, RingSpec, create_ring, read_stats
-from pipeline.worker import CLI_SOCKET, SUPERVISOR_SOCKET, endpoint, ring_name
+from pipeline.topology import START_ORDER, Stage
+from pipeline.worker import CLI_SOCKET, SUPERVISOR_SOCKET, endpoint
 
-STAGE_ORDER = ("control", "overlay_io", "classifier", "tap_reader")
 READY_TIMEOUT_S = 20.0
 STOP_GRACE_S = 3.0
 GOOD_RUN_S = 30.0
@@ -56,7 +56,7 @@ class NodeError(Exception):
 
 @dataclasses.dataclass
 class WorkerSlot:
-    stage: str
+    stage: Stage
     index: int
     rings: list[str]
     proc: subprocess.Popen[bytes] | None = None
@@ -78,44 +78,13 @@ class WorkerSlot:
         return self.proc.pid if self.proc is not None else None
 
 
-def ring_plan(s: Settings) -> dict[str, int]:
-    """Every ring of the node with its size: one per producer-consumer pair and direction."""
-    st = s.stages
-    taps, cls, ios = st.tap_reader.queues, st.classifier.workers, st.overlay_io.workers
-    plan: dict[str, int] = {}
-    for t in range(taps):
-        for c in range(cls):
-            plan[ring_name("tap_reader", t, "classifier", c)] = st.classifier.ring_bytes
-            plan[ring_name("classifier", c, "tap_reader", t)] = st.tap_reader.ring_bytes
-    for c in range(cls):
-        for k in range(ios):
-            plan[ring_name("classifier", c, "overlay_io", k)] = st.overlay_io.ring_bytes
-            plan[ring_name("overlay_io", k, "classifier", c)] = st.classifier.ring_bytes
-    for k in range(ios):
-        plan[ring_name("overlay_io", k, "control", 0)] = st.control.ring_bytes
-        plan[ring_name("control", 0, "overlay_io", k)] = st.overlay_io.ring_bytes
-    for c in range(cls):  # DHCP, DNS and packets to resolve; control's answers for the TAP
-        plan[ring_name("classifier", c, "control", 0)] = st.control.ring_bytes
-        plan[ring_name("control", 0, "classifier", c)] = st.classifier.ring_bytes
-    return plan
-
-
 def worker_plan(s: Settings) -> list[WorkerSlot]:
-    st = s.stages
-    counts = {
-        "control": 1,
-        "overlay_io": st.overlay_io.workers,
-        "classifier": st.classifier.workers,
-        "tap_reader": st.tap_reader.queues,
-    }
-    rings = ring_plan(s)
-    slots = []
-    for stage in STAGE_ORDER:
-        for i in range(counts[stage]):
-            mine = f"{stage}{i}"
-            used = [r for r in rings if mine in r.split(">")]
-            slots.append(WorkerSlot(stage, i, used))
-    return slots
+    """A slot for every worker of the node, in start order, with the names of its rings."""
+    topology = s.stages.topology()
+    return [
+        WorkerSlot(w.stage, w.index, [r.name for r in topology.rings_of(w)])
+        for w in topology.workers()
+    ]
 
 
 def make_private_dir(path: Path) -> None:
@@ -162,7 +131,7 @@ class NodeSupervisor:
                 address=str(s.network.address) if s.network.address else "dhcp",
                 workers=len(self.workers),
             )
-            for stage in STAGE_ORDER:
+            for stage in START_ORDER:
                 self._start_stage(stage)
             self.log.info("node_started", startup_s=round(time.monotonic() - self.started, 3))
             self._loop()
@@ -199,12 +168,12 @@ class NodeSupervisor:
         return sock
 
     def _create_rings(self) -> None:
-        for name, size in ring_plan(self.settings).items():
-            spec = create_ring(name, size)
-            self.specs[name] = spec
-            self.rings[name] = Ring.attach(spec)
+        for edge in self.settings.stages.topology().rings():
+            spec = create_ring(edge.name, edge.size)
+            self.specs[edge.name] = spec
+            self.rings[edge.name] = Ring.attach(spec)
 
-    def _start_stage(self, stage: str) -> None:
+    def _start_stage(self, stage: Stage) -> None:
         slots = [w for w in self.workers if w.stage == stage]
         for w in slots:
             self._spawn(w)
@@ -370,7 +339,7 @@ class NodeSupervisor:
                     "stats": w.stats,
                 }
             )
-        control = next((w for w in self.workers if w.stage == "control"), None)
+        control = next((w for w in self.workers if w.stage is Stage.CONTROL), None)
         return {
             "node": s.node.name,
             "namespace": s.network.namespace,
@@ -399,7 +368,7 @@ class NodeSupervisor:
         machines: list[dict[str, Any]] = (control.stats.get("addressing") or {}).get("machines", [])
         counts: dict[str, list[int]] = {}
         for w in self.workers:
-            if w.stage == "classifier":
+            if w.stage is Stage.CLASSIFIER:
                 for address, pair in (
                     (w.stats.get("classifier") or {}).get("machines") or {}
                 ).items():
@@ -416,7 +385,7 @@ class NodeSupervisor:
 
     def _shutdown(self) -> None:
         self.stopping = True
-        for stage in reversed(STAGE_ORDER):
+        for stage in reversed(START_ORDER):
             self._stop_stage(stage)
         for ring in self.rings.values():
             ring.close()
@@ -434,7 +403,7 @@ class NodeSupervisor:
         self.ctx.term()
         self.log.info("node_stopped")
 
-    def _stop_stage(self, stage: str) -> None:
+    def _stop_stage(self, stage: Stage) -> None:
         slots = [w for w in self.workers if w.stage == stage and w.proc and w.proc.poll() is None]
         for w in slots:
             ident = w.name.encode()

@@ -1,5 +1,6 @@
 """The docs stay true: every configuration key is in docs/config.md and configs/interface.toml,
-and every log event the code emits is in LOGGING.md."""
+every log event the code emits is in LOGGING.md, and docs/wire.md's table of ring records is
+the one the code has."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import typing
 from pathlib import Path
 
 from pipeline.config import Endpoint, Settings
+from pipeline.records import EDGE_KINDS, RecordKind
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,3 +47,18 @@ def test_every_logged_event_is_in_logging_md() -> None:
     assert len(events) >= 15
     missing = sorted(e for e in events if f"`{e}`" not in doc)
     assert not missing, missing
+
+
+def test_ring_record_table_is_the_code_s() -> None:
+    """Every (kind, edge) row of docs/wire.md's ring record table is in ``EDGE_KINDS`` and
+    every edge's kind has its row, with the kind's number."""
+    doc = (ROOT / "docs/wire.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| ([A-Z_]+) \| ([a-z_]+) → ([a-z_]+) \|", doc, re.M)
+    documented = {(RecordKind[name], producer, consumer) for _, name, producer, consumer in rows}
+    assert all(RecordKind[name].value == int(number) for number, name, _, _ in rows)
+    in_code = {
+        (kind, producer.value, consumer.value)
+        for (producer, consumer), kinds in EDGE_KINDS.items()
+        for kind in kinds
+    }
+    assert documented == in_code

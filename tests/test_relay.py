@@ -36,8 +36,8 @@ from pipeline.overlay_io.relay import (
 from pipeline.overlay_io.udp import RECV_SIZE, Address
 from pipeline.records import RecordKind
 from pipeline.shm_ring import Consumer, Producer, Ring, RingSpec
+from pipeline.topology import RingEdge, Stage, WorkerId
 from pipeline.wire.overlay import HEADER_LEN, DatagramType, build_header, parse_header
-from pipeline.worker import ring_name
 
 SIZE = 1 << 160
 
@@ -343,11 +343,19 @@ class Node:
         self.to_classifier: list[Consumer] = []
         self.to_control: list[Consumer] = []
         for i in range(workers):
+            io, cls, ctl = (
+                WorkerId(Stage.OVERLAY_IO, i),
+                WorkerId(Stage.CLASSIFIER, 0),
+                WorkerId(Stage.CONTROL, 0),
+            )
             names = {
-                "in": ring_name("classifier", 0, "overlay_io", i),
-                "out": ring_name("overlay_io", i, "classifier", 0),
-                "ctl_in": ring_name("control", 0, "overlay_io", i),
-                "ctl_out": ring_name("overlay_io", i, "control", 0),
+                key: RingEdge(p, c, 0).name
+                for key, p, c in (
+                    ("in", cls, io),
+                    ("out", io, cls),
+                    ("ctl_in", ctl, io),
+                    ("ctl_out", io, ctl),
+                )
             }
             specs = {k: shm_ring.create_ring(n, shm_ring.MIN_CAPACITY) for k, n in names.items()}
             self.specs += specs.values()

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.classifier.routes import Routes, worker_for_flow, worker_for_peer
+from pipeline.classifier.routes import Routes
+from pipeline.topology import worker_for_flow, worker_for_peer
 from pipeline.wire import ipv4
 
 A = IPv4Address

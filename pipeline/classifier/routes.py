@@ -1,16 +1,13 @@
-"""The classifier's immutable route table (virtual address -> peer slot) and worker sharding."""
+"""The classifier's immutable route table (virtual address -> peer slot)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from ipaddress import IPv4Address
 
-__all__ = ["MAX_SLOT", "Routes", "worker_for_flow", "worker_for_peer"]
+__all__ = ["MAX_SLOT", "Routes"]
 
 MAX_SLOT = 0xFFFF
-
-_MASK64 = (1 << 64) - 1
-_GOLDEN64 = 0x9E3779B97F4A7C15  # odd multiplier for Fibonacci hashing
 
 
 class Routes:
@@ -74,26 +71,3 @@ class Routes:
 
     def __repr__(self) -> str:
         return f"Routes(version={self.version}, addresses={len(self)})"
-
-
-def worker_for_peer(slot: int, workers: int) -> int:
-    """The worker (0..workers-1) that handles every frame of peer ``slot``."""
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    return slot % workers
-
-
-def worker_for_flow(packet: memoryview, workers: int) -> int:
-    """A worker (0..workers-1) from a stable hash of the IPv4 (src, dst, protocol); 0 if not IPv4.
-
-    Ports are left out on purpose so that all fragments of a datagram go to the same worker.
-    The hash is arithmetic on the packed bytes, so it is the same in every process (unlike
-    ``hash()``, which is salted per process).
-    """
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    if len(packet) < 20 or packet[0] >> 4 != 4:
-        return 0
-    key = int.from_bytes(packet[12:20], "big") ^ packet[9]
-    mixed = ((key * _GOLDEN64) & _MASK64) >> 32  # the well-mixed high half
-    return (mixed * workers) >> 32

@@ -14,18 +14,19 @@ from typing import Any
 
 from pipeline import messages
 from pipeline.classifier.classify import Action, Classifier, LocalHosts
-from pipeline.classifier.routes import Routes, worker_for_flow, worker_for_peer
+from pipeline.classifier.routes import Routes
 from pipeline.config import GATEWAY_MAC, Mode
 from pipeline.records import RecordKind
 from pipeline.route_feed import RouteFeed
 from pipeline.shm_ring import Consumer, Producer
-from pipeline.worker import Worker, ring_name
+from pipeline.topology import Stage, worker_for_flow, worker_for_peer
+from pipeline.worker import Worker
 
 MISS_REPEAT_S = 1.0
 
 
 class ClassifierWorker(Worker):
-    stage = "classifier"
+    stage = Stage.CLASSIFIER
 
     def setup(self) -> None:
         s = self.settings
@@ -41,23 +42,12 @@ class ClassifierWorker(Worker):
             allow_static=s.network.allow_static,
         )
         self.router = s.network.mode is Mode.ROUTER
-        taps = s.stages.tap_reader.queues
-        ios = s.stages.overlay_io.workers
-        me = self.index
-        self.from_tap = [
-            self.consumer(ring_name("tap_reader", t, "classifier", me)) for t in range(taps)
-        ]
-        self.to_tap = [
-            self.producer(ring_name("classifier", me, "tap_reader", t)) for t in range(taps)
-        ]
-        self.from_io = [
-            self.consumer(ring_name("overlay_io", k, "classifier", me)) for k in range(ios)
-        ]
-        self.to_io = [
-            self.producer(ring_name("classifier", me, "overlay_io", k)) for k in range(ios)
-        ]
-        self.to_control = self.producer(ring_name("classifier", me, "control", 0))
-        self.from_control = self.consumer(ring_name("control", 0, "classifier", me))
+        self.from_tap = self.inputs(Stage.TAP_READER)
+        self.to_tap = self.outputs(Stage.TAP_READER)
+        self.from_io = self.inputs(Stage.OVERLAY_IO)
+        self.to_io = self.outputs(Stage.OVERLAY_IO)
+        (self.to_control,) = self.outputs(Stage.CONTROL)
+        (self.from_control,) = self.inputs(Stage.CONTROL)
         self.producers: list[Producer] = [*self.to_tap, *self.to_io, self.to_control]
         self.routes = RouteFeed(self, self._apply)
         self.misses_told: dict[bytes, float] = {}  # address -> when control was last told
@@ -130,9 +120,9 @@ class ClassifierWorker(Worker):
             elif action is Action.TO_CONTROL:
                 self.to_control.push(out, RecordKind.FRAME)  # type: ignore[arg-type]
             elif action is Action.RESOLVE:
-                self.to_control.push(out, RecordKind.IP_PACKET)  # type: ignore[arg-type]
-            elif action is Action.CLAIM:  # peer 1 marks a machine's own address to claim
-                self.to_control.push(out, RecordKind.FRAME, 1)  # type: ignore[arg-type]
+                self.to_control.push(out, RecordKind.RESOLVE)  # type: ignore[arg-type]
+            elif action is Action.CLAIM:
+                self.to_control.push(out, RecordKind.CLAIM)  # type: ignore[arg-type]
         consumer.release()
         return len(records)
 
@@ -160,7 +150,7 @@ class ClassifierWorker(Worker):
                 target = to_tap[worker_for_flow(rec.data, n) if n > 1 else 0]
                 target.push(out, RecordKind.FRAME)  # type: ignore[arg-type]
             elif action is Action.VERIFY:
-                self.to_control.push(out, RecordKind.IP_PACKET, peer)  # type: ignore[arg-type]
+                self.to_control.push(out, RecordKind.VERIFY, peer)  # type: ignore[arg-type]
         consumer.release()
         return len(records)
 

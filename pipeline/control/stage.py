@@ -35,7 +35,6 @@ from typing import Any
 import zmq
 
 from pipeline import messages
-from pipeline.classifier.routes import worker_for_peer
 from pipeline.config import GATEWAY_MAC, Mode
 from pipeline.control.addressing import Addressing, AddressingSettings, Machine
 from pipeline.control.core import ControlCore, CoreEvent
@@ -47,7 +46,8 @@ from pipeline.crypto.keyfiles import KeyFileError, load_membership, read_revocat
 from pipeline.errors import StageIOError
 from pipeline.nodeid import id_to_bytes
 from pipeline.records import ENDPOINT_LEN, RecordKind, pack_endpoint, unpack_endpoint
-from pipeline.worker import CONTROL_PUB_SOCKET, CONTROL_SOCKET, Worker, endpoint, ring_name
+from pipeline.topology import Stage, worker_for_peer
+from pipeline.worker import CONTROL_PUB_SOCKET, CONTROL_SOCKET, Worker, endpoint
 
 ADDRESS_FILE = "address"  # in state_dir: the address DHCP last granted, asked for first
 LEASES_FILE = "leases.json"  # router mode: each machine's address, kept across restarts
@@ -59,21 +59,15 @@ REFUSALS_LOGGED_PER_S = 10
 
 
 class ControlWorker(Worker):
-    stage = "control"
+    stage = Stage.CONTROL
 
     def setup(self) -> None:
         s = self.settings
-        ios = s.stages.overlay_io.workers
         self.batch = s.stages.control.batch
-        self.from_io = [self.consumer(ring_name("overlay_io", k, "control", 0)) for k in range(ios)]
-        self.to_io = [self.producer(ring_name("control", 0, "overlay_io", k)) for k in range(ios)]
-        classifiers = s.stages.classifier.workers
-        self.from_classifier = [
-            self.consumer(ring_name("classifier", c, "control", 0)) for c in range(classifiers)
-        ]
-        self.to_classifier = [
-            self.producer(ring_name("control", 0, "classifier", c)) for c in range(classifiers)
-        ]
+        self.from_io = self.inputs(Stage.OVERLAY_IO)
+        self.to_io = self.outputs(Stage.OVERLAY_IO)
+        self.from_classifier = self.inputs(Stage.CLASSIFIER)
+        self.to_classifier = self.outputs(Stage.CLASSIFIER)
         self.epoch = int.from_bytes(os.urandom(4), "big")
         self.version = 1
         self.static = [(i + 1, p) for i, p in enumerate(s.peers)]
@@ -620,13 +614,13 @@ class ControlWorker(Worker):
             for rec in records:
                 if addressing is None:
                     self.drops["no_addressing"] += 1  # plaintext benchmark mode
-                elif rec.kind == RecordKind.FRAME and rec.peer == 1:
+                elif rec.kind == RecordKind.CLAIM:
                     addressing.static_seen(bytes(rec.data), now)
                 elif rec.kind == RecordKind.FRAME:
                     addressing.frame_from_tap(bytes(rec.data), now)
-                elif rec.kind == RecordKind.IP_PACKET and rec.peer:
+                elif rec.kind == RecordKind.VERIFY:
                     addressing.packet_from_unknown(rec.peer, bytes(rec.data), now, time.time())
-                elif rec.kind == RecordKind.IP_PACKET:
+                elif rec.kind == RecordKind.RESOLVE:
                     addressing.packet_to_resolve(bytes(rec.data), now, time.time())
                 else:
                     self.drops["unexpected_kind"] += 1

@@ -22,6 +22,7 @@ from pipeline.crypto.cert import (
     verify,
 )
 from pipeline.crypto.identity import SEED_LEN, Identity
+from pipeline.statefiles import write_atomic, write_new
 
 NODE_KEY = "node.key"
 NODE_PUB = "node.pub"
@@ -67,39 +68,6 @@ def is_hex(text: str) -> bool:
     return all(c in "0123456789abcdefABCDEF" for c in text)
 
 
-def write_new(path: Path, data: bytes, mode: int) -> bool:
-    """Create ``path`` holding ``data`` with ``mode``, atomically and only if it does not exist
-    (False then). A crash leaves either no file or the whole file, never a partial one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        return False
-    finally:
-        os.unlink(tmp)
-    return True
-
-
-def write_replace(path: Path, data: bytes, mode: int) -> None:
-    """Write ``path`` (replacing it) atomically with ``mode``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def make_dir(path: Path) -> None:
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -129,7 +97,7 @@ def load_or_create_identity(state_dir: Path) -> Identity:
     pub_text = identity.public_key.hex().encode() + b"\n"
     try:
         if not pub_path.exists() or pub_path.read_bytes() != pub_text:
-            write_replace(pub_path, pub_text, 0o644)
+            write_atomic(pub_path, pub_text, 0o644)
     except OSError as exc:
         raise KeyFileError(f"{pub_path}: cannot write: {exc.strerror}") from None
     return identity

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import messages
-from pipeline.classifier.routes import worker_for_peer
 from pipeline.crypto.datapath import RecvSession, SendSession
 from pipeline.errors import RemoteProtocolError
 from pipeline.overlay_io.relay import RelayAction, RelayTable, on_relay, pack_relay
@@ -45,6 +44,7 @@ from pipeline.overlay_io.udp import Address, UdpPort
 from pipeline.records import ENDPOINT_LEN, RecordKind, pack_endpoint, unpack_endpoint
 from pipeline.route_feed import RouteFeed
 from pipeline.shm_ring import Consumer, Producer
+from pipeline.topology import Stage, worker_for_peer
 from pipeline.wire.overlay import (
     HEADER_LEN,
     RELAY_TTL,
@@ -53,7 +53,7 @@ from pipeline.wire.overlay import (
     build_header,
     parse_header,
 )
-from pipeline.worker import Worker, ring_name
+from pipeline.worker import Worker
 
 _DATA = DatagramType.DATA
 _OVERLAY = DatagramType.OVERLAY
@@ -92,7 +92,7 @@ def _address(text: str) -> Address:
 
 
 class OverlayIoWorker(Worker):
-    stage = "overlay_io"
+    stage = Stage.OVERLAY_IO
 
     def setup(self) -> None:
         s = self.settings
@@ -105,17 +105,11 @@ class OverlayIoWorker(Worker):
             s.overlay.listen_port,
             buffer_bytes=cfg.socket_buffer_bytes,
         )
-        classifiers = s.stages.classifier.workers
-        me = self.index
         self.workers = cfg.workers
-        self.from_classifier = [
-            self.consumer(ring_name("classifier", c, "overlay_io", me)) for c in range(classifiers)
-        ]
-        self.to_classifier = [
-            self.producer(ring_name("overlay_io", me, "classifier", c)) for c in range(classifiers)
-        ]
-        self.from_control = self.consumer(ring_name("control", 0, "overlay_io", me))
-        self.to_control = self.producer(ring_name("overlay_io", me, "control", 0))
+        self.from_classifier = self.inputs(Stage.CLASSIFIER)
+        self.to_classifier = self.outputs(Stage.CLASSIFIER)
+        (self.from_control,) = self.inputs(Stage.CONTROL)
+        (self.to_control,) = self.outputs(Stage.CONTROL)
         self.producers: list[Producer] = [*self.to_classifier, self.to_control]
         self.endpoints: dict[int, Address] = {}
         self.slots: dict[Address, int] = {}

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.classifier.routes import worker_for_flow
 from pipeline.records import RecordKind
 from pipeline.shm_ring import Producer
 from pipeline.tap_reader.device import LinuxTap
-from pipeline.worker import Worker, ring_name
+from pipeline.topology import Stage, worker_for_flow
+from pipeline.worker import Worker
 
 ETH_HEADER = 14
 
 
 class TapReaderWorker(Worker):
-    stage = "tap_reader"
+    stage = Stage.TAP_READER
 
     def setup(self) -> None:
         s = self.settings
@@ -32,15 +32,8 @@ class TapReaderWorker(Worker):
         if s.network.bridge is not None:  # router mode: a port of the segment's bridge
             made = self.tap.attach_to_bridge(s.network.bridge, create=s.network.create_bridge)
             self.log.info("tap_bridged", bridge=s.network.bridge, bridge_made=made)
-        classifiers = s.stages.classifier.workers
-        self.to_classifier: list[Producer] = [
-            self.producer(ring_name("tap_reader", self.index, "classifier", c))
-            for c in range(classifiers)
-        ]
-        self.from_classifier = [
-            self.consumer(ring_name("classifier", c, "tap_reader", self.index))
-            for c in range(classifiers)
-        ]
+        self.to_classifier: list[Producer] = self.outputs(Stage.CLASSIFIER)
+        self.from_classifier = self.inputs(Stage.CLASSIFIER)
         self.watch(self.tap.fileno(), lambda: None)  # wakes the loop; work() reads
         self.frames_read = self.bytes_read = 0
         self.frames_written = self.bytes_written = self.write_drops = 0
