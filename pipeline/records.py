@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import enum
 
-from pipeline.topology import Stage
+from pipeline.topology import EDGES, Stage
 
 __all__ = [
     "EDGE_KINDS",
@@ -95,3 +95,20 @@ def pack_endpoint(host: str, port: int) -> bytes:
 
 def unpack_endpoint(prefix: bytes | memoryview) -> tuple[str, int]:
     return ".".join(str(b) for b in prefix[:4]), int.from_bytes(prefix[4:6], "big")
+
+
+def ring_graph() -> str:
+    """The ring graph with the kinds each edge carries, as ``docs/architecture.md`` draws it
+    (a test keeps the drawing equal to this)."""
+    index = {Stage.TAP_READER: "[t]", Stage.CLASSIFIER: "[c]", Stage.OVERLAY_IO: "[k]"}
+    rows = []
+    for producer, consumer in EDGES:
+        kinds = ", ".join(k.name for k in sorted(EDGE_KINDS[producer, consumer]))
+        left = f"{producer}{index.get(producer, '')}"
+        right = f"{consumer}{index.get(consumer, '')}"
+        rows.append((left, kinds, right))
+    width = max(len(left) for left, _, _ in rows)
+    span = max(len(kinds) for _, kinds, _ in rows) + 4
+    return "\n".join(
+        f"{left:<{width}} ══ {kinds + ' ':═<{span}}▶ {right}" for left, kinds, right in rows
+    )

@@ -101,7 +101,7 @@ class StateDir:
         except (OSError, ValueError):
             return None
 
-    def hold_address(self, address: IPv4Address) -> None:
+    def hold_address(self, address: IPv4Address | str) -> None:
         write_atomic(self.path / ADDRESS_FILE, f"{address}\n".encode())
 
     def held_leases(self) -> tuple[list[dict[str, Any]], str | None]:

@@ -37,6 +37,7 @@ import select
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,8 @@ class Worker:
         self._zmq_sockets: list[tuple[zmq.Socket[bytes], Callable[[], None]]] = []
         self._timers: list[tuple[float, float, Callable[[float], None]]] = []
         self._deadline: float | None = None
+        self._late: deque[float] = deque(maxlen=512)  # how late the last deadlines fired (s)
+        self._deadlines_fired = 0
         self.running = True
         self.started = time.monotonic()
         self.last_supervisor_msg = self.started
@@ -234,6 +237,8 @@ class Worker:
         deadline = self._deadline
         if deadline is not None and deadline <= now:
             self._deadline = None
+            self._deadlines_fired += 1
+            self._late.append(now - deadline)
             self.on_deadline(now)
         next_due = now + 1.0
         for i, (due, interval, fn) in enumerate(self._timers):
@@ -246,8 +251,24 @@ class Worker:
             next_due = min(next_due, self._deadline)
         return next_due
 
+    def deadline_statistics(self) -> dict[str, float | int]:
+        """How many deadlines fired, and how late (ms, over the last 512): a core's timer
+        should fire when it is due, not on the next tick of a poll."""
+        late = sorted(self._late)
+        if not late:
+            return {"fired": 0}
+        return {
+            "fired": self._deadlines_fired,
+            "late_ms_p50": round(late[len(late) // 2] * 1000, 3),
+            "late_ms_p99": round(late[min(len(late) - 1, len(late) * 99 // 100)] * 1000, 3),
+            "late_ms_max": round(late[-1] * 1000, 3),
+        }
+
     def _heartbeat(self, now: float) -> None:
-        beat = messages.Heartbeat(self.stage, self.index, os.getpid(), self.stats())
+        stats = self.stats()
+        if self._deadlines_fired:
+            stats["deadlines"] = self.deadline_statistics()
+        beat = messages.Heartbeat(self.stage, self.index, os.getpid(), stats)
         try:
             self.dealer.send(messages.encode(beat), zmq.NOBLOCK)
         except zmq.Again:

@@ -1,4 +1,4 @@
-"""The addressing core in memory, on ControlCores that form a real overlay and DHT: DHCP
+"""The addressing core in memory, on RoutingCores that form a real overlay and DHT: DHCP
 leases won in the DHT, host names and static names in DNS, packets that wait for their
 route, ICMP host unreachable for an address nobody holds, and junk as counted drops."""
 
@@ -8,12 +8,12 @@ import random
 from ipaddress import IPv4Address, IPv4Network
 
 import dnslib
+from tests.test_routing import Lab
 
+from pipeline.control import events as ev
 from pipeline.control.addressing import Addressing, AddressingSettings
-from pipeline.control.core import CoreEvent
 from pipeline.control.dhcp import DhcpMessage, MessageType, Option, decode, encode
 from pipeline.wire import ethernet, ipv4, udp
-from tests.test_control_core import Lab
 
 SUBNET = IPv4Network("100.64.0.0/24")
 GATEWAY = IPv4Address("100.64.0.254")
@@ -130,10 +130,11 @@ def test_a_lease_is_won_in_the_dht_and_names_are_registered() -> None:
     address = lease(lab, 1)
     assert address in SUBNET and address != GATEWAY
     assert lab.cores[1].address == address
-    events = [e.name for e in lab.addressing[1].events()]
-    assert "lease_granted" in events
+    events = lab.addressing[1].events()
+    assert any(isinstance(e, ev.LeaseGranted) for e in events)
+    assert ev.HoldAddress(str(address)) in events  # the driver keeps it for the next start
     lab.run(2)
-    names = {e.fields["name"] for e in lab.addressing[1].events() if e.name == "name_registered"}
+    names = {e.host for e in lab.addressing[1].events() if isinstance(e, ev.NameRegistered)}
     assert names == {"n1", "host1"}
     # another node finds the address and the host name
     rid = lab.cores[3].dht_get(f"ip:lab:{address}".encode(), lab.now)
@@ -225,4 +226,4 @@ def test_junk_from_the_tap_is_a_counted_drop() -> None:
     dns_formerr = stats["dns"]["answered_formerr"]
     assert dropped + stats["dhcp"].get("dropped_truncated", 0) >= 3
     assert dns_dropped + dns_formerr == 1
-    assert not [e for e in addressing.events() if isinstance(e, CoreEvent) and "lease" in e.name]
+    assert not [e for e in addressing.events() if isinstance(e, ev.LeaseGranted | ev.LeaseEnded)]

@@ -1,238 +1,204 @@
-"""ControlCore in memory: several cores on a fake underlay form the overlay over
-authenticated links, register their addresses in the DHT, resolve each other's, and make
-end-to-end sessions through the overlay with a node they cannot reach directly."""
+"""control's top core in memory, on a virtual clock: two static IK peers link, their pings
+make them up, the overlay_io workers get keys with fresh counter ranges, the route table is
+published on change and every 2 s; timers fire at their deadline, not on a poll's tick; and
+in plaintext mode the static peers are the routes."""
 
 from __future__ import annotations
 
 import random
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
-import pytest
-
-from pipeline.control.core import ControlCore, CoreEvent
-from pipeline.control.links import Via
+from pipeline import messages
+from pipeline.control import events as ev
+from pipeline.control.core import (
+    GENERATION_SHIFT,
+    REPUBLISH_S,
+    ControlCore,
+    ControlSettings,
+    Credentials,
+)
+from pipeline.control.links import PeerSpec
 from pipeline.crypto.cert import RevocationList
-from pipeline.crypto.identity import Identity
-from pipeline.nodeid import id_to_bytes
 from tests.test_links import WALL, ca_pair, member, rng_from
 
-PORT = 4789
+SUBNET = IPv4Network("100.64.0.0/24")
+ENDPOINTS = [("198.18.0.1", 4789), ("198.18.0.2", 4789)]
 
 
-def endpoint(i: int) -> tuple[str, int]:
-    return (f"198.18.0.{i + 1}", PORT)
-
-
-def vip(i: int) -> IPv4Address:
-    return IPv4Address(f"100.64.0.{i + 1}")
-
-
-class Lab:
-    """Cores on an underlay where every endpoint reaches every other, except ``blocked``
-    pairs (both directions)."""
-
-    def __init__(
-        self,
-        n: int,
-        *,
-        blocked: tuple[tuple[int, int], ...] = (),
-        seed: int = 7,
-        dhcp: bool = False,
-    ):
-        ca, ca_cert = ca_pair()
-        self.rng = random.Random(seed)
-        self.blocked = {frozenset(p) for p in blocked}
-        self.idents: list[Identity] = []
-        self.cores: list[ControlCore] = []
-        for i in range(n):
-            ident, cert = member(ca, ca_cert, 30 + i, f"n{i}")
-            self.idents.append(ident)
-            self.cores.append(
-                ControlCore(
-                    identity=ident,
-                    certificate=cert,
-                    ca=ca_cert,
-                    namespace="lab",
-                    address=None if dhcp else vip(i),
-                    peers=[],
-                    bootstrap=[] if i == 0 else [endpoint(0)],
-                    revoked=RevocationList.empty(),
-                    rng=random.Random(seed * 100 + i),
-                    entropy=rng_from(seed * 100 + i),
-                    register_address=not dhcp,
-                )
+def pair(*, encrypted: bool = True, start: float = 100.0) -> list[ControlCore]:
+    """Two cores, each with the other as its static peer (slot 1), public keys known (IK)."""
+    ca, ca_cert = ca_pair()
+    members = [member(ca, ca_cert, 40 + i, f"n{i}") for i in range(2)]
+    cores = []
+    for i in range(2):
+        ident, cert = members[i]
+        other_ident, _ = members[1 - i]
+        peer = PeerSpec(
+            1,
+            f"n{1 - i}",
+            ENDPOINTS[1 - i],
+            other_ident.public_key,
+            (f"100.64.0.{2 - i}",),
+        )
+        settings = ControlSettings(
+            node_name=f"n{i}",
+            namespace="lab",
+            subnet=SUBNET,
+            address=IPv4Address(f"100.64.0.{i + 1}"),
+            peers=(peer,),
+            encrypted=encrypted,
+        )
+        credentials = Credentials(ident, cert, ca_cert, RevocationList.empty())
+        cores.append(
+            ControlCore(
+                settings,
+                credentials=credentials if encrypted else None,
+                rng=random.Random(i),
+                entropy=rng_from(60 + i),
+                epoch=7 + i,
+                now=start,
             )
-        self.now = 1000.0
-        self.by_endpoint = {endpoint(i): i for i in range(n)}
-
-    def wall(self) -> float:
-        return WALL + self.now
-
-    def step(self, dt: float = 0.05) -> None:
-        self.now += dt
-        for core in self.cores:
-            core.handle_timer(self.now, self.wall())
-        self.after_timers()
-        self.deliver()
-
-    def after_timers(self) -> None:
-        """A subclass's cores on top of these run their timers here."""
-
-    def deliver(self) -> None:
-        for _ in range(50):
-            moved = False
-            for i, core in enumerate(self.cores):
-                for datagram, to in core.handshakes_to_send():
-                    j = self.by_endpoint.get(to)
-                    if j is None or frozenset((i, j)) in self.blocked:
-                        continue
-                    moved = True
-                    self.cores[j].receive_handshake(datagram, endpoint(i), self.now, self.wall())
-                for slot, payload in core.overlay_to_send():
-                    link = core.links.links.get(slot)
-                    assert link is not None and isinstance(link.endpoint, tuple)
-                    j = self.by_endpoint[link.endpoint]
-                    if frozenset((i, j)) in self.blocked:
-                        continue
-                    theirs = self.cores[j]._slot_of(self.idents[i].node_id)
-                    if theirs is None:
-                        continue
-                    moved = True
-                    theirs_core = self.cores[j]
-                    theirs_core.receive_overlay(theirs, payload, self.now, self.wall())
-            if not moved:
-                return
-
-    def run(self, seconds: float) -> None:
-        for _ in range(int(seconds / 0.05)):
-            self.step()
+        )
+    return cores
 
 
-def direct_ids(core: ControlCore) -> set[bytes]:
-    return {
-        link.certificate.node_id
-        for link in core.links.links.values()
-        if link.certificate is not None and link.up and isinstance(link.endpoint, tuple)
-    }
+def exchange(cores: list[ControlCore], now: float, *, drop_handshakes: bool = False) -> None:
+    """Carry handshakes and overlay messages between the two, until quiet."""
+    for _ in range(20):
+        moved = False
+        for i, core in enumerate(cores):
+            other = cores[1 - i]
+            for datagram, _to, _slot in core.handshakes_to_send():
+                moved = True
+                if not drop_handshakes:
+                    other.receive_handshake(datagram, ENDPOINTS[i], now, WALL + now)
+            for slot, payload in core.overlay_to_send():
+                assert slot == 1
+                moved = True
+                other.receive_overlay(1, payload, now, WALL + now)
+        if not moved:
+            return
 
 
-def test_nodes_given_one_bootstrap_address_form_the_overlay_and_register() -> None:
-    lab = Lab(5)
-    lab.run(20)
-    for core in lab.cores:
-        assert core.overlay.state.value == "joined", core.statistics()
-        assert core.registered
-        succ = core.overlay.successor()
-        assert succ is not None
-        assert id_to_bytes(succ) in direct_ids(core)  # the successor is an authenticated link
-    # every link of the overlay is an authenticated link with the same node id
-    for core in lab.cores:
-        for info in core.overlay.connections():
-            slot = core._slot_of(id_to_bytes(info.node_id))
-            assert slot is not None and core.links.links[slot].up
+def run(cores: list[ControlCore], now: float, until: float) -> tuple[float, list[object]]:
+    """Step both cores from deadline to deadline up to ``until``, carrying what they send
+    and confirming sessions as overlay_io would; (the time reached, a's events)."""
+    events: list[object] = []
+    while True:
+        for core in cores:
+            core.handle_timer(now, WALL + now)
+        exchange(cores, now)
+        for core in cores:
+            assert core.routing is not None
+            for session in core.routing.links.sessions():
+                if not session.confirmed:
+                    core.session_confirmed(session.recv_index, now, WALL + now)
+            core.snapshot_to_publish(now)
+        events += cores[0].events()
+        cores[1].events()
+        nxt = min(core.next_deadline() for core in cores)
+        if nxt > until:
+            return now, events
+        assert nxt > now  # never a deadline in the past: no busy loop
+        now = nxt
 
 
-def test_a_miss_resolves_through_the_dht_and_relays_the_handshake() -> None:
-    lab = Lab(6, blocked=((1, 4),))
-    lab.run(20)
-    a, c = lab.cores[1], lab.cores[4]
-    assert lab.idents[4].node_id not in direct_ids(a)
-    a.route_miss(vip(4), lab.now, lab.wall())
-    lab.run(3)
-    (route,) = a.routes()
-    assert route.addresses == (str(vip(4)),) and route.up
-    assert route.endpoint == str(Via(lab.idents[4].node_id))
-    # the sessions are end to end: the same keys on both ends, and only there
-    a_keys = {s.send_key for s in a.links.sessions() if s.slot == route.slot}
-    c_slot = c._slot_of(lab.idents[1].node_id)
-    assert c_slot is not None
-    c_keys = {s.recv_key for s in c.links.sessions() if s.slot == c_slot}
-    assert a_keys and a_keys <= c_keys
-    events = [e.name for e in a.events() if isinstance(e, CoreEvent)]
-    assert "route_added" in events
+def test_static_peers_link_ping_and_come_up() -> None:
+    a, _b = cores = pair()
+    now, events = run(cores, 100.0, 103.0)
+    ups = [e for e in events if isinstance(e, ev.PeerUp)]
+    assert [(e.peer, e.slot) for e in ups] == [("n1", 1)]
+    assert any(isinstance(e, ev.LinkFormed) for e in events)
+    snap = a.snapshot()
+    assert snap.peers[0].up and snap.address == "100.64.0.1"
+    assert a.snapshot_to_publish(now) is None  # nothing changed since the last one
+    assert a.snapshot_to_publish(now + REPUBLISH_S) is not None  # resync for late subscribers
 
 
-def test_an_unknown_address_is_a_negative_answer() -> None:
-    lab = Lab(3)
-    lab.run(15)
-    a = lab.cores[1]
-    a.route_miss(IPv4Address("100.64.0.200"), lab.now, lab.wall())
-    lab.run(2)
-    assert not a.routes()
-    assert any(isinstance(e, CoreEvent) and e.name == "resolve_failed" for e in a.events())
-    a.route_miss(IPv4Address("100.64.0.200"), lab.now, lab.wall())
-    assert a.counters["resolve_negative_cached"] == 1
+def test_overlay_io_workers_get_keys_and_a_new_incarnation_a_new_counter_range() -> None:
+    a, _b = cores = pair()
+    for core in cores:
+        core.handle_timer(100.0, WALL + 100)
+    exchange(cores, 100.0)
+    a.io_worker_started(b"overlay_io:0", pid=10)
+    ((worker, keys),) = a.keys_to_send()
+    assert worker == b"overlay_io:0" and keys.entries[0].counter_start == 0
+    assert a.keys_to_send() == []  # nothing new
+    a.io_worker_started(b"overlay_io:0", pid=11)  # the worker restarted
+    ((_, keys),) = a.keys_to_send()
+    assert keys.entries[0].counter_start == 1 << GENERATION_SHIFT
+    a.io_worker_started(b"overlay_io:0", pid=11)  # asked again, same incarnation
+    ((_, keys),) = a.keys_to_send()
+    assert keys.entries[0].counter_start == 1 << GENERATION_SHIFT
 
 
-def test_a_record_signed_by_another_member_is_not_a_route() -> None:
-    lab = Lab(4)
-    lab.run(15)
-    mallory = lab.cores[3]
-    # mallory signs a record naming node 2, which never claimed that address
-    rid = mallory.dht.create(b"ip:lab:100.64.0.99", lab.idents[2].node_id, 300.0, lab.now)
-    lab.run(2)
-    (result,) = mallory.dht_results()
-    assert result.request_id == rid and not result.ok and result.reason == "refused"
-    a = lab.cores[1]
-    a.route_miss(IPv4Address("100.64.0.99"), lab.now, lab.wall())
-    lab.run(2)
-    assert not a.routes()
-    assert any(getattr(e, "name", "") == "resolve_failed" for e in a.events())
+def test_a_handshake_retry_fires_at_its_deadline_not_on_a_tick() -> None:
+    """The first initiation is lost. The link layer says when to try again (when it times
+    out, 5 s later);
+    stepping the core from deadline to deadline, the retry goes at exactly that time, never
+    before, and the core was woken for it then, not at some later tick."""
+    a, _b = pair()
+    a.handle_timer(100.0, WALL + 100)
+    assert len(a.handshakes_to_send()) == 1  # lost
+    assert a.routing is not None
+    retry = a.routing.links.next_deadline()
+    assert retry == 105.0
+    now = 100.0
+    sent_at = []
+    while now < 106.0:
+        a.snapshot_to_publish(now)
+        now = a.next_deadline()
+        assert now <= retry or sent_at  # no wake-up is skipped past the retry
+        a.handle_timer(now, WALL + now)
+        if a.handshakes_to_send():
+            sent_at.append(now)
+    assert sent_at[0] == retry
 
 
-def test_a_dead_neighbour_is_closed_and_its_routes_dropped() -> None:
-    lab = Lab(5)
-    lab.run(20)
-    a = lab.cores[1]
-    a.route_miss(vip(2), lab.now, lab.wall())
-    lab.run(2)
-    assert a.routes()
-    dead = 2
-    lab.blocked |= {frozenset((dead, j)) for j in range(5) if j != dead}
-    lab.run(40)
-    assert not any(r.addresses == (str(vip(dead)),) and r.up for r in a.routes())
-    assert lab.idents[dead].node_id not in direct_ids(a)
+def test_a_dht_request_retries_at_its_deadline() -> None:
+    """A tool's DHT get on a node alone: the DHT's own timers decide when it ends, and the
+    core's deadline is that time (no poll): the answer comes as a Reply effect."""
+    (a, _b) = pair()
+    now = 100.0
+    a.handle_timer(now, WALL + now)
+    a.dht_get(b"cli", "ip:lab:100.64.0.9", now, WALL + now)
+    for _ in range(200):
+        a.snapshot_to_publish(now)
+        deadline = a.next_deadline()
+        assert deadline > now  # never a deadline in the past: no busy loop
+        now = deadline
+        a.handle_timer(now, WALL + now)
+        a.handshakes_to_send()
+        replies = [e for e in a.events() if isinstance(e, ev.Reply)]
+        if replies:
+            break
+    (reply,) = replies
+    assert reply.to == b"cli" and isinstance(reply.message, messages.DhtGetReply)
 
 
-@pytest.mark.parametrize("junk", [b"", b"\x01", b"\x01\x99garbage", bytes(range(256))])
-def test_junk_on_a_link_is_a_counted_drop(junk: bytes) -> None:
-    lab = Lab(2)
-    lab.run(10)
-    a = lab.cores[0]
-    slot = a._slot_of(lab.idents[1].node_id)
-    assert slot is not None
-    a.receive_overlay(slot, junk, lab.now, lab.wall())
-    assert sum(v for k, v in a.counters.items() if k.startswith("overlay_dropped")) == 1
+def test_the_deadline_is_never_in_the_past_once_idle() -> None:
+    """Linked and idle, the cores sleep until their next real timer (pings, rekeys, the
+    overlay's maintenance, republishing), never asking to be woken for nothing."""
+    cores = pair()
+    now, _ = run(cores, 100.0, 160.0)
+    assert now > 159.0
+    wakeups = 0
+    while now < 220.0:
+        now, _ = run(cores, now, now + 0.001)
+        wakeups += 1
+        now = min(core.next_deadline() for core in cores)
+    assert 60 <= wakeups <= 400  # about 1-6 a second over 60 s: pings, publishing, overlay
 
 
-def test_a_restarted_node_resyncs_peers_that_kept_its_old_sessions() -> None:
-    """Node 2 restarts (same key, same endpoint); node 1 still holds sessions with its old
-    incarnation and sends on them. The new node 2 cannot open them, says so
-    (``unknown_session``), and one handshake later node 1 sends on the new session."""
-    lab = Lab(3)
-    lab.run(15)
-    old = lab.cores[2]
-    fresh = ControlCore(
-        identity=old.identity,
-        certificate=old.links.certificate,
-        ca=old.links.ca,
-        namespace="lab",
-        address=vip(2),
-        peers=[],
-        bootstrap=[endpoint(0)],
-        revoked=RevocationList.empty(),
-        rng=random.Random(99),
-        entropy=rng_from(99),
-    )
-    lab.cores[2] = fresh
-    slot = lab.cores[1]._slot_of(lab.idents[2].node_id)
-    assert slot is not None
-    stale = {s.send_key for s in lab.cores[1].links.sessions() if s.slot == slot}
-    fresh.unknown_session(endpoint(1), lab.now, lab.wall())  # overlay_io saw node 1's datagram
-    lab.deliver()
-    newest = lab.cores[1].links.links[slot].sessions[-1]
-    assert newest.send_key not in stale and newest.confirmed
-    assert newest.send_key in {s.recv_key for s in fresh.links.sessions()}
-    assert fresh.counters["resyncs"] == 1
-    fresh.unknown_session(endpoint(1), lab.now, lab.wall())  # just made: no second handshake
-    assert fresh.counters["resyncs"] == 1
+def test_plaintext_static_peers_are_the_routes() -> None:
+    a, b = cores = pair(encrypted=False)
+    a.handle_timer(100.0, WALL + 100)
+    ((slot, ping),) = a.overlay_to_send()
+    b.receive_overlay(slot, ping, 100.0, WALL + 100)
+    a.receive_overlay(1, b.overlay_to_send()[0][1], 100.001, WALL + 100)
+    snap = a.snapshot_to_publish(100.001)
+    assert snap is not None and snap.peers[0].endpoint == "198.18.0.2:4789" and snap.peers[0].up
+    a.receive_handshake(b"\x01\x03" + bytes(30), ENDPOINTS[1], 100.0, WALL + 100)
+    a.frame_from_tap(bytes(60), 100.0, WALL + 100)
+    assert a.counters == {"handshake_without_links": 1, "frame_without_addressing": 1}
+    del cores

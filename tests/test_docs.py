@@ -41,9 +41,12 @@ def test_every_key_is_documented() -> None:
 def test_every_logged_event_is_in_logging_md() -> None:
     doc = (ROOT / "LOGGING.md").read_text()
     sources = list((ROOT / "pipeline").rglob("*.py")) + list((ROOT / "supervisor").rglob("*.py"))
-    # direct calls, and the control core's events, which control logs under their names
-    pattern = re.compile(r"(?:\.(?:debug|info|warning|error|critical)|CoreEvent)\(\s*\"([a-z_]+)\"")
+    # direct calls, and the control core's typed log events, which control logs by name
+    pattern = re.compile(r"\.(?:debug|info|warning|error|critical)\(\s*\"([a-z_]+)\"")
     events = {m for p in sources for m in pattern.findall(p.read_text())}
+    typed = re.compile(r"^    name = \"([a-z_]+)\"$", re.M)
+    events |= set(typed.findall((ROOT / "pipeline/control/events.py").read_text()))
+    assert "route_added" in events and "handshake_refused" in events
     assert len(events) >= 15
     missing = sorted(e for e in events if f"`{e}`" not in doc)
     assert not missing, missing

@@ -42,7 +42,7 @@ from collections import Counter, deque
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from pipeline.control.core import ControlCore, CoreEvent
+from pipeline.control import events as ev
 from pipeline.control.dhcp import (
     Claim,
     DhcpServer,
@@ -56,6 +56,7 @@ from pipeline.control.dhcp import (
 )
 from pipeline.control.dht import CreateResult, DhtEvent, GetResult, LeaseLost
 from pipeline.control.dns import DnsResponder, DnsSettings, host_key, host_label
+from pipeline.control.routing import RoutingCore
 from pipeline.errors import RemoteProtocolError
 from pipeline.wire import ethernet, ipv4, udp
 
@@ -92,7 +93,7 @@ class AddressingSettings:
 class Addressing:
     def __init__(
         self,
-        core: ControlCore,
+        core: RoutingCore,
         settings: AddressingSettings,
         *,
         rng: random.Random,
@@ -141,7 +142,7 @@ class Addressing:
         self._unknown: dict[IPv4Address, deque[tuple[float, int, bytes]]] = {}
         self._tap_out: list[bytes] = []
         self._send_out: list[tuple[int, bytes]] = []
-        self._events: list[CoreEvent] = []
+        self._events: list[ev.ControlEvent] = []
         self._icmp_window = 0.0
         self._icmp_sent = 0
         self._now = 0.0
@@ -157,7 +158,7 @@ class Addressing:
         out, self._send_out = self._send_out, []
         return out
 
-    def events(self) -> list[CoreEvent]:
+    def events(self) -> list[ev.ControlEvent]:
         out, self._events = self._events, []
         return out
 
@@ -167,6 +168,12 @@ class Addressing:
             times.append(self.dhcp.next_deadline())
         times += [q[0][0] + WAIT_S for q in self._waiting.values() if q]
         times += [q[0][0] + WAIT_S for q in self._unknown.values() if q]
+        lease = self.settings.dhcp_lease_s
+        times += [
+            max(m.since, m.renewed) + lease
+            for m in self.machines.values()
+            if m.restored and not m.static
+        ]
         due = [t for t in times if t is not None]
         return min(due) if due else None
 
@@ -316,31 +323,21 @@ class Addressing:
         elif rid in self._names and isinstance(event, CreateResult):
             label = self._names.pop(rid)
             if event.ok:
-                self._events.append(
-                    CoreEvent(
-                        "name_registered",
-                        {"name": label, "address": str(self._registered.get(label))},
-                    )
-                )
+                address = str(self._registered.get(label))
+                self._events.append(ev.NameRegistered(host=label, address=address))
             else:
                 self._registered.pop(label, None)
                 holder = event.holder.hex() if event.holder else None
                 self._events.append(
-                    CoreEvent(
-                        "name_not_registered",
-                        {"name": label, "reason": event.reason, "holder": holder},
-                    )
+                    ev.NameNotRegistered(host=label, reason=event.reason, holder=holder)
                 )
         elif rid in self._static and isinstance(event, CreateResult):
             machine = self._static.pop(rid)
             if event.ok:
                 self.machines[machine.address] = machine
-                self.machines_version += 1
+                self._machines_changed()
                 self._events.append(
-                    CoreEvent(
-                        "machine_static",
-                        {"address": str(machine.address), "mac": machine.mac.hex(":")},
-                    )
+                    ev.MachineStatic(address=str(machine.address), mac=machine.mac.hex(":"))
                 )
             else:
                 self._static_refused[machine.address] = now + STATIC_RETRY_S
@@ -364,7 +361,7 @@ class Addressing:
         self._expire_waiting(now)
         self._forget_restored(now)
         for src, held in list(self._unknown.items()):
-            while held and now - held[0][0] > WAIT_S:
+            while held and now - held[0][0] >= WAIT_S:
                 held.popleft()
                 self.counters["dropped_source_unresolved"] += 1
             if not held:
@@ -422,27 +419,21 @@ class Addressing:
             self._hostname = host_label(event.hostname) if event.hostname else None
             self.core.set_address(event.address)
             self._events.append(
-                CoreEvent(
-                    "lease_granted",
-                    {
-                        "address": str(event.address),
-                        "mac": event.mac.hex(":"),
-                        "hostname": event.hostname,
-                        "lease_s": event.lease_s,
-                    },
+                ev.LeaseGranted(
+                    address=str(event.address),
+                    mac=event.mac.hex(":"),
+                    hostname=event.hostname,
+                    lease_s=event.lease_s,
                 )
             )
+            self._events.append(ev.HoldAddress(str(event.address)))
             self._register_names()
         elif isinstance(event, LeaseRenewed):
             self.counters["leases_renewed"] += 1
         elif isinstance(event, LeaseReleased | LeaseExpired | LeaseRevoked):
             self.core.set_address(None)
-            self._events.append(
-                CoreEvent(
-                    "lease_ended",
-                    {"address": str(event.address), "why": type(event).__name__[5:].lower()},
-                )
-            )
+            why = type(event).__name__[5:].lower()
+            self._events.append(ev.LeaseEnded(address=str(event.address), why=why))
         else:
             self.counters[f"dhcp_{type(event).__name__}"] += 1
 
@@ -455,15 +446,10 @@ class Addressing:
                 event.address, event.mac, label, self._now if old is None else old.since,
                 event.client_id,
             )  # fmt: skip
-            self.machines_version += 1
+            self._machines_changed()
             self._events.append(
-                CoreEvent(
-                    "machine_leased",
-                    {
-                        "address": str(event.address),
-                        "mac": event.mac.hex(":"),
-                        "hostname": event.hostname,
-                    },
+                ev.MachineLeased(
+                    address=str(event.address), mac=event.mac.hex(":"), hostname=event.hostname
                 )
             )
             if label is not None:
@@ -476,15 +462,12 @@ class Addressing:
                 machine.restored = False
         elif isinstance(event, LeaseReleased | LeaseExpired | LeaseRevoked):
             if self.machines.pop(event.address, None) is not None:
-                self.machines_version += 1
+                self._machines_changed()
             self._events.append(
-                CoreEvent(
-                    "machine_gone",
-                    {
-                        "address": str(event.address),
-                        "mac": event.mac.hex(":"),
-                        "why": type(event).__name__[5:].lower(),
-                    },
+                ev.MachineGone(
+                    address=str(event.address),
+                    mac=event.mac.hex(":"),
+                    why=type(event).__name__[5:].lower(),
                 )
             )
         else:
@@ -496,15 +479,30 @@ class Addressing:
         for address, m in list(self.machines.items()):
             if m.static:
                 continue  # claimed again by the DHT's renewals while it is ours
-            if m.restored and now - m.since > lease and now - m.renewed > lease:
+            if m.restored and now - m.since >= lease and now - m.renewed >= lease:
                 del self.machines[address]
-                self.machines_version += 1
+                self._machines_changed()
                 key = f"ip:{self.settings.namespace}:{address}".encode()
                 self._other.add(self.core.dht.delete(key, now))
                 self._events.append(
-                    CoreEvent("machine_gone", {"address": str(address), "mac": m.mac.hex(":"),
-                                               "why": "not_back"})
-                )  # fmt: skip
+                    ev.MachineGone(address=str(address), mac=m.mac.hex(":"), why="not_back")
+                )
+
+    def _machines_changed(self) -> None:
+        """Router mode: the machines changed: the classifier learns them with the routes, and
+        the state directory keeps their leases."""
+        self.machines_version += 1
+        leases = tuple(
+            {
+                "address": str(m.address),
+                "mac": m.mac.hex(),
+                "hostname": m.hostname,
+                "client_id": m.client_id.hex(),
+                "static": m.static,
+            }
+            for m in self.machines.values()
+        )
+        self._events.append(ev.HoldLeases(leases))
 
     def is_local(self, address: IPv4Address) -> bool:
         """Is ``address`` this node's (interface mode) or a machine's behind it (router)?"""
@@ -531,7 +529,7 @@ class Addressing:
             key = f"ip:{self.settings.namespace}:{machine.address}".encode()
             self._restored.append((key, machine.address))
         if machines:
-            self.machines_version += 1
+            self.machines_version += 1  # restored from the state directory: nothing to save
 
     def register_names(self) -> None:
         """Register this node's host names for its current address (after it changes)."""
@@ -592,7 +590,7 @@ class Addressing:
 
     def _expire_waiting(self, now: float) -> None:
         for address, queue in list(self._waiting.items()):
-            while queue and now - queue[0][0] > WAIT_S:
+            while queue and now - queue[0][0] >= WAIT_S:
                 self._unreachable(queue.popleft()[1])
             if not queue:
                 del self._waiting[address]
@@ -640,3 +638,22 @@ def _address_of(event: GetResult) -> IPv4Address | None:
         if not record.deleted and len(record.value) == 4:
             return IPv4Address(bytes(record.value))
     return None
+
+
+def machines_from_leases(leases: list[dict[str, Any]], now: float) -> list[Machine]:
+    """Router mode: the machines of leases kept in the state directory (``HoldLeases``).
+    ValueError for a malformed entry (the caller restores none of them then)."""
+    try:
+        return [
+            Machine(
+                IPv4Address(m["address"]),
+                bytes.fromhex(m["mac"]),
+                m.get("hostname"),
+                now,
+                bytes.fromhex(m["client_id"]),
+                static=bool(m.get("static", False)),
+            )
+            for m in leases
+        ]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"malformed lease: {exc!r}") from None

@@ -1,688 +1,613 @@
-"""The control stage's core: links, the overlay, its DHT and the routes of the virtual
-network, as one sans-I/O object. Pure.
+"""control's top core: everything the control stage decides, as one sans-I/O object. Pure.
 
-Theory of operation:
+Theory of operation (the shape of aioquic's ``H3Connection`` over its ``QuicConnection``):
 
-- **Links carry the overlay.** The overlay core (``overlay.OverlayNode``) names its peers
-  by underlay endpoint. A message it sends to an endpoint goes out on the authenticated
-  link (``links.LinkManager``) at that endpoint, as an OVERLAY payload sealed by
-  overlay_io. Where there is no link yet (a bootstrap address, a node named in a neighbour
-  list) this core asks the link manager for one (Noise XX: whoever answers must hold a
-  certificate of this network) and holds the overlay's messages for that endpoint until
-  the link is up (at most ``QUEUE_PER_ENDPOINT`` of them, for ``QUEUE_S``). Any certified
-  member may link to us. A message that arrives on a link is handed to the overlay with
-  the link's endpoint as its source, and only if the sender id it claims is the node id
-  the link authenticated (the overlay core trusts those ids).
-- **Link lifetimes follow the overlay.** A link the overlay adds is kept (rekeyed) from
-  this side; one it trims is released (it expires unless the peer keeps it, or a route
-  uses it); one it finds dead is closed at once, so data stops going into the void.
-- **Relayed links.** A node with no direct link is reached by a handshake routed through
-  the overlay to its node id (``Data`` payloads tagged ``H``; ``links.Via``): its sessions
-  are end to end, and overlay_io relays their datagrams greedily over direct links (a
-  relay opens only the hop layer).
-- **Addresses and routes.** Once joined, the node creates the DHT record
-  ``ip:<namespace>:<address>`` naming its node id (renewed by the DHT before its lease
-  ends). A frame to an address without a route is a *miss* (from the classifier): a DHT
-  get of that key, a record whose signer hashes to the node id inside it (else it is a
-  forgery, dropped), then a link to that node (direct if one exists, else relayed) and a
-  route. Routes are re-checked every ``ROUTE_REFRESH_S`` (a moved or released address is
-  followed) and an address that resolved to nothing is not asked again for
-  ``NEGATIVE_S``.
-
-Inputs: ``receive_overlay(slot, payload, now, wall)``, ``receive_handshake(datagram, source,
-now, wall)``, ``handle_timer(now, wall)``, ``route_miss(address, now, wall)``,
-``dht_get(key, now)``. Outputs: ``overlay_to_send()`` (slot, payload), ``handshakes_to_send()``
-(datagram, endpoint), ``events()`` (link, overlay, address and route events, for the log),
-``dht_results()``, ``routes()`` and ``routes_version``; the link manager's sessions.
+- ``ControlCore`` owns the layers and is the only thing its driver talks to. Under it,
+  ``RoutingCore`` (routing.py) runs the links, the overlay, the DHT and the routes they
+  give; ``Addressing`` (addressing.py) sits on that layer and answers DHCP and DNS and holds
+  packets that wait for a route; ``PeerTable`` (peers.py) keeps the static peers' liveness.
+  After every input the core moves what each layer produced to the others until all are
+  quiet (DHT results to addressing, addressing's DHT requests into the DHT, ...), so the
+  driver never glues layers.
+- **Inputs** (``now`` is the monotonic clock in seconds, ``wall`` unix seconds):
+  ``receive_overlay`` (an OVERLAY record: an overlay message, or a static peer's ping),
+  ``receive_handshake``, ``frame_from_tap`` / ``packet_to_resolve`` /
+  ``packet_from_unknown`` / ``claim`` (the classifier's FRAME, RESOLVE, VERIFY and CLAIM
+  records), ``route_misses``, the overlay_io workers' messages (``io_worker_started``,
+  ``session_confirmed``, ``rekey_requested``, ``unknown_session``), tool requests
+  (``dht_get``, ``dht_put``), ``set_revocations`` and ``handle_timer``.
+- **Outputs**, drained by the driver after every input: ``handshakes_to_send()`` (datagram,
+  endpoint, the slot whose overlay_io worker sends it), ``overlay_to_send()`` and
+  ``packets_to_send()`` (slot, bytes), ``frames_to_tap()``, ``keys_to_send()`` (one
+  ``SessionKeys`` per overlay_io worker that needs them), ``snapshot_to_publish()`` (the
+  route table when it changed, and every ``REPUBLISH_S`` so a subscriber that missed one
+  resyncs), ``events()`` (typed: log events and effects, events.py) and ``next_deadline()``,
+  the one time the driver must call ``handle_timer`` (it arms it after every input).
+- **Nonces never repeat across overlay_io restarts.** Every session key goes to each
+  overlay_io worker with a send counter range of that worker's incarnation: incarnation g
+  of a worker sends from ``g << GENERATION_SHIFT``; a worker that comes back with a new pid
+  gets the next g for every key it held.
+- **The log is not a flood target.** At most ``REFUSALS_LOGGED_PER_S`` handshake refusals a
+  second become log events; the rest are counted (``links.refused``) and summed up in one
+  ``handshake_refusals_suppressed`` event.
+- **Plaintext** (``encrypted`` off, for measuring the pipeline alone): no identity, no links,
+  overlay or DHT; the static peers are the routes, pinged in the clear. Inputs that need the
+  network's layers are counted drops.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Sequence
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from pipeline.control.dht import Dht, DhtEvent, DhtSettings, GetResult
-from pipeline.control.dht.events import CreateResult, LeaseLost
-from pipeline.control.links import (
-    Address,
-    LinkEvent,
-    LinkManager,
-    LinkSettings,
-    PeerSpec,
-    Target,
-    Via,
-)
-from pipeline.control.overlay import (
-    ConnectionAdded,
-    ConnectionRemoved,
-    Delivered,
-    Joined,
-    OverlayEvent,
-    OverlayNode,
-    OverlaySettings,
-)
-from pipeline.control.overlay import wire as ow
+import msgspec
+
+from pipeline import messages
+from pipeline.control import events as ev
+from pipeline.control.addressing import Addressing, AddressingSettings, machines_from_leases
+from pipeline.control.dht import CreateResult, GetResult, key_position
+from pipeline.control.links import Address, LinkSettings, PeerSpec, Via
+from pipeline.control.overlay import wire as overlay_wire
+from pipeline.control.peers import PeerState, PeerTable
+from pipeline.control.routing import RoutingCore
 from pipeline.crypto.cert import Certificate, RevocationList
 from pipeline.crypto.identity import Identity
-from pipeline.errors import RemoteProtocolError
-from pipeline.nodeid import id_from_bytes, id_to_bytes
+from pipeline.nodeid import id_to_bytes
 
-HANDSHAKE_TAG = b"H"  # an overlay Data payload that carries a handshake datagram
-QUEUE_PER_ENDPOINT = 16
-QUEUE_S = 6.0
-ROUTE_REFRESH_S = 30.0
-NEGATIVE_S = 3.0
-REGISTER_RETRY_S = 5.0
-MAX_PUMP_ROUNDS = 16
-RESYNC_S = 5.0
+REPUBLISH_S = 2.0
+GENERATION_SHIFT = 40  # send counters of incarnation g start at g << 40
+REFUSALS_LOGGED_PER_S = 10
+MAX_MISSES_PER_MESSAGE = 64
+
+_OVERLAY_VERSION = overlay_wire.VERSION
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class CoreEvent:
-    """Something for the log (``name`` is the log event) or for a waiting request."""
+class ControlSettings:
+    """What control's core is told about the node (the driver builds it from the config)."""
 
-    name: str
-    fields: dict[str, Any]
-
-
-@dataclasses.dataclass(slots=True)
-class Route:
-    address: IPv4Address
-    node_id: bytes
-    name: str
-    since: float
-    checked: float
+    node_name: str
+    namespace: str
+    subnet: IPv4Network
+    address: IPv4Address | None  # static; None: DHCP (or router mode)
+    peers: tuple[PeerSpec, ...] = ()  # the static peers, slots 1..n
+    bootstrap: tuple[Address, ...] = ()
+    networks: tuple[str, ...] = ()  # other virtual networks sharing the overlay
+    keepalive_interval_s: float = 1.0
+    peer_timeout_s: float = 5.0
+    links: LinkSettings = LinkSettings()
+    addressing: AddressingSettings | None = None
+    encrypted: bool = True
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class RouteEntry:
-    """One route as the classifier and overlay_io get it."""
+class Credentials:
+    """This node's membership: its identity, certificate, the authority, the revocations."""
 
-    slot: int
-    name: str
-    addresses: tuple[str, ...]
-    endpoint: str  # "host:port", or "via:<node id>" for a relayed link
-    up: bool
+    identity: Identity
+    certificate: Certificate
+    ca: Certificate
+    revoked: RevocationList
 
 
 class ControlCore:
     def __init__(
         self,
+        settings: ControlSettings,
         *,
-        identity: Identity,
-        certificate: Certificate,
-        ca: Certificate,
-        namespace: str,
-        address: IPv4Address | None,
-        peers: Sequence[PeerSpec],
-        bootstrap: Sequence[Address],
-        revoked: RevocationList,
+        credentials: Credentials | None,
         rng: random.Random,
         entropy: Callable[[int], bytes],
-        link_settings: LinkSettings | None = None,
-        overlay_settings: OverlaySettings | None = None,
-        dht_settings: DhtSettings | None = None,
-        lease_s: float = 300.0,
-        register_address: bool = True,
-        networks: Sequence[str] = (),
+        epoch: int,
+        preferred: IPv4Address | None = None,
+        held_leases: Sequence[dict[str, Any]] = (),
+        now: float = 0.0,
     ) -> None:
-        self.identity = identity
-        self.namespace = namespace
-        self.address = address
-        self.lease_s = lease_s
-        self.register_address = register_address  # False: DHCP claims the address records
-        self.links = LinkManager(
-            identity=identity,
-            certificate=certificate,
-            ca=ca,
-            network=namespace,
-            peers=peers,
-            revoked=revoked,
-            rng=entropy,
-            settings=link_settings or LinkSettings(),
-            accept_members=True,
-            networks=networks,
-        )
-        self.overlay_id = id_from_bytes(identity.node_id)
-        seeds = list(dict.fromkeys([*bootstrap, *(p.endpoint for p in peers)]))
-        self.overlay = OverlayNode(
-            self.overlay_id,
-            rng=random.Random(rng.getrandbits(64)),
-            settings=overlay_settings or OverlaySettings(),
-            bootstrap=seeds,
-        )
-        self.dht = Dht(
-            self.overlay,
-            identity,
-            rng=random.Random(rng.getrandbits(64)),
-            settings=dht_settings or DhtSettings(),
-        )
+        """``credentials`` None only in plaintext mode. ``epoch``: a random number that
+        changes with every start of control (route snapshots of another epoch replace any
+        version). ``preferred``: the address DHCP granted before; ``held_leases``: router
+        mode's machines from before (both from the state directory)."""
+        self.settings = settings
+        self.epoch = epoch
         self.counters: Counter[str] = Counter()
-        self.routes_version = 0
-        self._routes: dict[IPv4Address, Route] = {}
-        self._resolving: dict[int, IPv4Address] = {}
-        self._negative: dict[IPv4Address, float] = {}
-        self._waiting: dict[Address, deque[tuple[float, bytes]]] = {}
+        self.liveness = PeerTable(
+            settings.node_name,
+            [(p.slot, p.name) for p in settings.peers],
+            interval_s=settings.keepalive_interval_s,
+            timeout_s=settings.peer_timeout_s,
+        )
+        self.routing: RoutingCore | None = None
+        self.addressing: Addressing | None = None
+        if settings.encrypted:
+            if credentials is None:
+                raise ValueError("an encrypted node needs credentials")
+            self._make_layers(settings, credentials, rng, entropy, preferred, held_leases, now)
+        self._handshakes_out: list[tuple[bytes, Address, int]] = []
         self._overlay_out: list[tuple[int, bytes]] = []
-        self._handshakes_out: list[tuple[bytes, Address]] = []
-        self._events: list[CoreEvent | LinkEvent] = []
-        self._dht_results: list[DhtEvent] = []
-        self._registration: int | None = None  # request id of the address record's create
-        self.registered = False
-        self._register_at: float | None = None
-        self._joined = False
-        self._now = 0.0
-        self._wall = 0.0
+        self._packets_out: list[tuple[int, bytes]] = []
+        self._tap_out: list[bytes] = []
+        self._events: list[ev.ControlEvent] = []
+        self._tool_requests: dict[int, tuple[bytes, str]] = {}  # DHT request id -> (to, key)
+        self._io_workers: dict[bytes, int] = {}  # overlay_io worker -> its pid
+        self._generations: dict[tuple[int, bytes], int] = {}  # (send index, worker) -> g
+        self._keys_due: set[bytes] = set()
+        self._keys_version = -1
+        self._version = 1  # of the route snapshot
+        self._layers_seen = (0, 0, 0)  # the routes, sessions and machines versions it holds
+        self._published_version = -1
+        self._publish_at = now
+        self._refusal_window = -1.0
+        self._refusals_logged = 0
+        self._refusals_suppressed = 0
+        self._now = now
+
+    def _make_layers(
+        self,
+        s: ControlSettings,
+        cred: Credentials,
+        rng: random.Random,
+        entropy: Callable[[int], bytes],
+        preferred: IPv4Address | None,
+        held_leases: Sequence[dict[str, Any]],
+        now: float,
+    ) -> None:
+        dhcp = s.addressing is not None and s.addressing.dhcp
+        routing = RoutingCore(
+            identity=cred.identity,
+            certificate=cred.certificate,
+            ca=cred.ca,
+            namespace=s.namespace,
+            address=s.address,
+            peers=s.peers,
+            bootstrap=s.bootstrap,
+            revoked=cred.revoked,
+            rng=random.Random(rng.getrandbits(64)),
+            entropy=entropy,
+            link_settings=s.links,
+            register_address=not dhcp,
+            networks=s.networks,
+        )
+        self.routing = routing
+        if s.addressing is None:
+            return
+        addressing = Addressing(
+            routing,
+            s.addressing,
+            rng=random.Random(rng.getrandbits(64)),
+            preferred=preferred if dhcp else None,
+        )
+        self.addressing = addressing
+        if s.addressing.router and held_leases:
+            try:
+                addressing.restore(machines_from_leases(list(held_leases), now))
+            except ValueError as exc:
+                self._events.append(ev.LeasesNotRestored(error=str(exc)))
+        if not dhcp:
+            addressing.register_names()
 
     # -- outputs ---------------------------------------------------------------------------------
 
-    def overlay_to_send(self) -> list[tuple[int, bytes]]:
-        out, self._overlay_out = self._overlay_out, []
-        return out
-
-    def handshakes_to_send(self) -> list[tuple[bytes, Address]]:
+    def handshakes_to_send(self) -> list[tuple[bytes, Address, int]]:
+        """(datagram, endpoint, slot): HANDSHAKE and COOKIE datagrams to send as they are;
+        ``slot`` is the link at that endpoint (0: none), whose overlay_io worker sends it."""
         out, self._handshakes_out = self._handshakes_out, []
         return out
 
-    def events(self) -> list[CoreEvent | LinkEvent]:
+    def overlay_to_send(self) -> list[tuple[int, bytes]]:
+        """(slot, payload): overlay messages and static peers' pings, to seal for a link."""
+        out, self._overlay_out = self._overlay_out, []
+        return out
+
+    def packets_to_send(self) -> list[tuple[int, bytes]]:
+        """(slot, packet): IP packets that waited here for their route."""
+        out, self._packets_out = self._packets_out, []
+        return out
+
+    def frames_to_tap(self) -> list[bytes]:
+        """Ethernet frames for the TAP: DHCP and DNS answers, ICMP errors, verified packets."""
+        out, self._tap_out = self._tap_out, []
+        return out
+
+    def events(self) -> list[ev.ControlEvent]:
         out, self._events = self._events, []
         return out
 
-    def dht_results(self) -> list[DhtEvent]:
-        """Results of ``dht_get`` (and of other requests made on ``dht`` directly)."""
-        out, self._dht_results = self._dht_results, []
+    def keys_to_send(self) -> list[tuple[bytes, messages.SessionKeys]]:
+        """(overlay_io worker, its SessionKeys): to every worker when the sessions changed,
+        and to a worker that (re)started."""
+        routing = self.routing
+        if routing is None:
+            self._keys_due.clear()
+            return []
+        if routing.links.sessions_version != self._keys_version:
+            self._keys_version = routing.links.sessions_version
+            self._keys_due |= set(self._io_workers)
+        out = [(worker, self._session_keys(worker)) for worker in sorted(self._keys_due)]
+        self._keys_due.clear()
         return out
 
-    def routes(self) -> list[RouteEntry]:
-        """The resolved routes, by link slot (several addresses of one node share one)."""
-        by_slot: dict[int, list[Route]] = {}
-        for route in self._routes.values():
-            slot = self._slot_of(route.node_id)
-            if slot is not None and self._member(slot):
-                by_slot.setdefault(slot, []).append(route)
-        out = []
-        for slot, routes in sorted(by_slot.items()):
-            link = self.links.links[slot]
-            out.append(
-                RouteEntry(
-                    slot,
-                    routes[0].name,
-                    tuple(str(r.address) for r in routes),
-                    _target_text(link.endpoint),
-                    any(s.confirmed for s in link.sessions),
-                )
-            )
-        return out
+    def snapshot_to_publish(self, now: float) -> messages.RouteSnapshot | None:
+        """The route table, when it changed since it was last published or ``REPUBLISH_S``
+        have passed; else None."""
+        self._sync_version()
+        if self._version == self._published_version and now < self._publish_at:
+            return None
+        self._published_version = self._version
+        self._publish_at = now + REPUBLISH_S
+        return self.snapshot()
 
-    def link_node_ids(self) -> dict[int, bytes]:
-        """The authenticated node id of every link that has one, by slot."""
-        return {
-            slot: link.certificate.node_id
-            for slot, link in self.links.links.items()
-            if link.certificate is not None
-        }
+    def next_deadline(self) -> float:
+        """When ``handle_timer`` must next be called."""
+        times = [self.liveness.next_deadline(), self._publish_at]
+        if self.routing is not None:
+            times.append(self.routing.next_deadline())
+        if self.addressing is not None:
+            times.append(self.addressing.next_deadline())
+        return min(t for t in times if t is not None)
 
-    def link_table(self, now: float) -> list[dict[str, Any]]:
-        """Every link as ``supervisor status`` shows it."""
-        overlay = {id_to_bytes(info.node_id): info for info in self.overlay.connections()}
-        routed = {r.node_id for r in self._routes.values()}
-        rows = []
-        for slot, link in sorted(self.links.links.items()):
-            cert = link.certificate
-            nid = cert.node_id if cert is not None else link.want_id
-            info = overlay.get(nid) if nid is not None else None
-            kinds = [info.kind.value] if info is not None else []
-            if isinstance(link.endpoint, Via):
-                kinds.append("relayed")
-            elif nid in routed and info is None:
-                kinds.append("shortcut")
-            newest = link.sessions[-1] if link.sessions else None
-            rows.append(
-                {
-                    "slot": slot,
-                    "name": link.spec.name or None,
-                    "node_id": nid.hex() if nid else None,
-                    "kind": "+".join(kinds) or ("static" if not link.dynamic else "idle"),
-                    "endpoint": _target_text(link.endpoint),
-                    "up": link.up,
-                    "rtt_ms": None
-                    if info is None or info.rtt is None
-                    else round(info.rtt * 1000, 3),
-                    "age_s": None if newest is None else round(now - newest.created, 1),
-                    "routes": sorted(
-                        str(r.address) for r in self._routes.values() if r.node_id == nid
-                    ),
-                }
-            )
-        return rows
-
-    def next_deadline(self) -> float | None:
-        times = [self.overlay.next_deadline(), self.dht.next_deadline(), self._register_at]
-        times.append(self.links.next_deadline())
-        due = [t for t in times if t is not None]
-        return min(due) if due else None
-
-    def statistics(self) -> dict[str, Any]:
-        return {
-            "node_id": self.identity.node_id.hex(),
-            "state": self.overlay.state.value,
-            "estimated_size": self.overlay.estimated_size(),
-            "registered": self.registered,
-            "routes": len(self._routes),
-            "counters": dict(self.counters),
-            "overlay": self.overlay.statistics(),
-            "dht": self.dht.statistics(),
-            "links": self.links.statistics(),
-        }
-
-    # -- inputs ----------------------------------------------------------------------------------
+    # -- inputs: records -------------------------------------------------------------------------
 
     def receive_overlay(self, slot: int, payload: bytes, now: float, wall: float) -> None:
-        """An overlay message that arrived sealed on link ``slot``."""
-        self._now, self._wall = now, wall
-        link = self.links.links.get(slot)
-        if link is None or link.certificate is None or not isinstance(link.endpoint, tuple):
-            self.counters["overlay_not_on_a_direct_link"] += 1
+        """An OVERLAY record from link ``slot``: an overlay message (its codec's version byte
+        first), or a static peer's ping or pong (a msgpack map)."""
+        self._now = now
+        if payload[:1] == bytes((_OVERLAY_VERSION,)):
+            if self.routing is None:
+                self.counters["overlay_without_links"] += 1
+                return
+            self.routing.receive_overlay(slot, payload, now, wall)
+            self._after(now, wall)
             return
         try:
-            msg = ow.decode(payload)
-        except RemoteProtocolError as exc:
-            self.counters[f"overlay_dropped_{exc.reason}"] += 1
+            msg = messages.decode_overlay(payload)
+        except (ValueError, msgspec.DecodeError):  # and UnicodeDecodeError alike
+            self.counters["undecodable_overlay"] += 1
             return
-        sender = getattr(msg, "sender", None)
-        if sender is not None and sender != link.certificate.node_id:
-            self.counters["overlay_sender_mismatch"] += 1
-            return
-        self.overlay.receive(payload, link.endpoint, now)
-        self._pump()
+        reply = self.liveness.receive(slot, msg, now)
+        if reply is not None:
+            self._overlay_out.append((slot, messages.encode_overlay(reply)))
+        self._liveness_events()
 
     def receive_handshake(self, datagram: bytes, source: Address, now: float, wall: float) -> None:
-        self._now, self._wall = now, wall
-        self.links.receive(datagram, source, now, wall)
-        self._pump()
-
-    def handle_timer(self, now: float, wall: float) -> None:
-        self._now, self._wall = now, wall
-        self.links.handle_timer(now, wall)
-        deadline = self.overlay.next_deadline()
-        if deadline is None or deadline <= now:
-            self.overlay.handle_timer(now)
-        dht_due = self.dht.next_deadline()
-        if dht_due is not None and dht_due <= now:
-            self.dht.handle_timer(now)
-        if self._register_at is not None and now >= self._register_at:
-            self._register(now)
-        self._expire_waiting(now)
-        self._refresh_routes(now, wall)
-        self._pump()
-
-    def route_miss(self, address: IPv4Address, now: float, wall: float) -> None:
-        """A frame to ``address`` found no route: find its node in the DHT."""
-        self._now, self._wall = now, wall
-        if address in self._routes or address == self.address:
+        """A HANDSHAKE or COOKIE datagram from ``source``."""
+        self._now = now
+        if self.routing is None:
+            self.counters["handshake_without_links"] += 1
             return
-        if address in self._resolving.values():
-            return
-        if self._negative.get(address, -1.0) > now:
-            self.counters["resolve_negative_cached"] += 1
-            return
-        rid = self.dht.get(self._address_key(address), now)
-        self._resolving[rid] = address
-        self.counters["resolves"] += 1
-        self._pump()
+        self.routing.receive_handshake(datagram, source, now, wall)
+        self._after(now, wall)
 
-    def set_address(self, address: IPv4Address | None) -> None:
-        """This node's address changed (DHCP granted or ended a lease)."""
-        if address == self.address:
+    def frame_from_tap(self, frame: bytes, now: float, wall: float) -> None:
+        """A FRAME from the classifier: DHCP, or DNS to the virtual gateway."""
+        if self._addressing_missing("frame"):
             return
-        self.address = address
-        self.routes_version += 1  # the classifier learns it with the routes
-        if address is not None:
-            self._drop_route(address, "ours")
+        assert self.addressing is not None
+        self.addressing.frame_from_tap(frame, now)
+        self._after(now, wall)
 
-    def route_slot(self, address: IPv4Address) -> int | None:
-        """The slot to send to ``address`` on now (its route's link, with a confirmed
-        session), or None."""
-        route = self._routes.get(address)
-        if route is None:
-            return None
-        slot = self._slot_of(route.node_id)
-        if slot is None or not any(s.confirmed for s in self.links.links[slot].sessions):
-            return None
-        return slot if self._member(slot) else None
+    def packet_to_resolve(self, packet: bytes, now: float, wall: float) -> None:
+        """A RESOLVE record: a packet to an address without a route."""
+        if self._addressing_missing("resolve"):
+            return
+        assert self.addressing is not None
+        self.addressing.packet_to_resolve(packet, now, wall)
+        self._after(now, wall)
 
-    def _member(self, slot: int) -> bool:
-        """Is the node on link ``slot`` certified for our virtual network? (Members of other
-        networks may share the overlay, and could sign address records of ours: they never
-        get a route.)"""
-        cert = self.links.links[slot].certificate
-        if cert is None or self.namespace in cert.networks:
-            return True  # not authenticated yet: no confirmed session, nothing is sent
-        self.counters["route_to_foreign_network"] += 1
+    def packet_from_unknown(self, slot: int, packet: bytes, now: float, wall: float) -> None:
+        """A VERIFY record: a packet from link ``slot`` whose source has no route."""
+        if self._addressing_missing("verify"):
+            return
+        assert self.addressing is not None
+        self.addressing.packet_from_unknown(slot, packet, now, wall)
+        self._after(now, wall)
+
+    def claim(self, frame: bytes, now: float, wall: float) -> None:
+        """A CLAIM record (router mode): a frame from a machine with an address of its own."""
+        if self._addressing_missing("claim"):
+            return
+        assert self.addressing is not None
+        self.addressing.static_seen(frame, now)
+        self._after(now, wall)
+
+    def _addressing_missing(self, what: str) -> bool:
+        if self.addressing is None:
+            self.counters[f"{what}_without_addressing"] += 1
+            return True
         return False
 
-    def unresolvable(self, address: IPv4Address, now: float) -> bool:
-        """True while ``address`` is known to have no record (asked again after a while)."""
-        return self._negative.get(address, -1.0) > now
+    # -- inputs: messages from the workers and tools ---------------------------------------------
 
-    @property
-    def joined(self) -> bool:
-        """The node has had its place on the circle (DHT requests can reach their keys)."""
-        return self._joined
-
-    def pump(self) -> None:
-        """Move what other users of ``dht`` and ``overlay`` made (the addressing core)."""
-        self._pump()
-
-    def unknown_session(self, endpoint: Address, now: float, wall: float) -> None:
-        """The peer at ``endpoint`` sent on a session we do not hold: it still has sessions
-        with an earlier incarnation of this node. A new handshake replaces them (unless one
-        was made with it in the last few seconds)."""
-        self._now, self._wall = now, wall
-        for slot, link in self.links.links.items():
-            if link.endpoint == endpoint:
-                if link.pending is not None or any(
-                    now - s.created < RESYNC_S for s in link.sessions
-                ):
-                    return
-                self.links.request_rekey(slot)
-                self.counters["resyncs"] += 1
-                return
-        try:
-            self.links.connect(endpoint, now, wall, want=False)
-        except RemoteProtocolError as exc:
-            self.counters[f"connect_refused_{exc.reason}"] += 1
+    def route_misses(self, addresses: Sequence[str], now: float, wall: float) -> None:
+        """A classifier found no route to (or from) these addresses: resolve them."""
+        routing = self.routing
+        if routing is None:
             return
-        self.counters["resyncs"] += 1
-        self._pump()
+        for text in addresses[:MAX_MISSES_PER_MESSAGE]:
+            try:
+                address = IPv4Address(text)
+            except ValueError:
+                self.counters["bad_route_miss"] += 1
+                continue
+            if address in self.settings.subnet:
+                routing.route_miss(address, now, wall)
+        self._after(now, wall)
 
-    def dht_get(self, key: bytes, now: float) -> int:
-        """A get for a tool (``supervisor dht get``); its ``GetResult`` comes as an event."""
-        rid = self.dht.get(key, now)
-        self._pump()
-        return rid
+    def io_worker_started(self, worker: bytes, pid: int) -> None:
+        """An overlay_io worker asked for the routes: it gets the session keys, and a new
+        incarnation (pid) gets fresh send counter ranges for every key."""
+        if self._io_workers.get(worker) != pid:
+            self._io_workers[worker] = pid
+            for key in [k for k in self._generations if k[1] == worker]:
+                self._generations[key] += 1
+        self._keys_due.add(worker)
 
-    def set_revocations(self, revoked: RevocationList) -> None:
-        self.links.set_revocations(revoked)
-        self._pump()
+    def session_confirmed(self, recv_index: int, now: float, wall: float) -> None:
+        if self.routing is not None:
+            self.routing.confirm(recv_index)
+            self._after(now, wall)
 
-    def confirm(self, recv_index: int) -> None:
-        self.links.confirm(recv_index)
-        self._pump()
+    def rekey_requested(self, slot: int, now: float, wall: float) -> None:
+        if self.routing is not None:
+            self.routing.links.request_rekey(slot)
+            self._after(now, wall)
+
+    def unknown_session(self, endpoint: str, now: float, wall: float) -> None:
+        """A peer at ``endpoint`` ("host:port") sent on a session we do not hold."""
+        host, _, port = endpoint.rpartition(":")
+        if self.routing is None or not port.isdigit():
+            self.counters["bad_unknown_session"] += 1
+            return
+        self.routing.unknown_session((host, int(port)), now, wall)
+        self._after(now, wall)
+
+    def dht_get(self, to: bytes, key: str, now: float, wall: float) -> None:
+        """``supervisor dht get``: the answer comes as a ``Reply`` effect to ``to``."""
+        if self.routing is None:
+            reply = messages.DhtGetReply(key, False, "no_overlay", (), "", ())
+            self._events.append(ev.Reply(to, reply))
+            return
+        self._tool_requests[self.routing.dht_get(key.encode(), now)] = (to, key)
+        self._after(now, wall)
+
+    def dht_put(
+        self, to: bytes, key: str, value: bytes, lease_s: float, now: float, wall: float
+    ) -> None:
+        """``supervisor dht put``: a record signed by this node; the answer is a ``Reply``."""
+        if self.routing is None:
+            self._events.append(ev.Reply(to, messages.DhtPutReply(key, False, "no_overlay", "")))
+            return
+        try:
+            rid = self.routing.dht.create(key.encode(), value, lease_s, now)
+        except ValueError as exc:  # too long, bad lease
+            reply = messages.DhtPutReply(key, False, f"invalid: {exc}", "")
+            self._events.append(ev.Reply(to, reply))
+            return
+        self._tool_requests[rid] = (to, key)
+        self.routing.pump()
+        self._after(now, wall)
+
+    def set_revocations(self, revoked: RevocationList, now: float, wall: float) -> None:
+        if self.routing is not None:
+            self.routing.set_revocations(revoked)
+            self._after(now, wall)
+
+    def handle_timer(self, now: float, wall: float) -> None:
+        self._now = now
+        routing = self.routing
+        linked = None if routing is None else {s.slot for s in routing.links.sessions()}
+        for slot, ping in self.liveness.handle_timer(now):
+            if linked is None or slot in linked:
+                self._overlay_out.append((slot, messages.encode_overlay(ping)))
+        self._liveness_events()
+        if routing is not None:
+            routing.handle_timer(now, wall)
+        if self.addressing is not None:
+            self.addressing.handle_timer(now, wall)
+        self._after(now, wall)
 
     # -- the glue --------------------------------------------------------------------------------
 
-    def _pump(self) -> None:
-        """Move everything the three cores produced until they are quiet."""
-        now, wall = self._now, self._wall
-        for _ in range(MAX_PUMP_ROUNDS):
-            moved = False
-            for event in self.overlay.events():
-                moved = True
-                self.dht.handle_overlay_event(event, now)
-                self._on_overlay_event(event, now, wall)
-            for dht_event in self.dht.events():
-                moved = True
-                self._on_dht_event(dht_event, now, wall)
-            for datagram, target in self.links.datagrams_to_send():
-                moved = True
-                if isinstance(target, Via):
-                    payload = HANDSHAKE_TAG + datagram
-                    self.overlay.send_to_node(id_from_bytes(target.node_id), payload, now)
-                else:
-                    self._handshakes_out.append((datagram, target))
-            for link_event in self.links.events():
-                moved = True
-                self._events.append(link_event)
-            for message, address in self.overlay.datagrams_to_send():
-                moved = True
-                self._send_overlay(message, address, now, wall)
-            moved = self._flush_waiting() or moved
-            if not moved:
-                return
-        self.counters["pump_rounds_exhausted"] += 1
-
-    def _send_overlay(self, message: bytes, address: object, now: float, wall: float) -> None:
-        if not (isinstance(address, tuple) and len(address) == 2):
-            self.counters["overlay_bad_address"] += 1
+    def _after(self, now: float, wall: float) -> None:
+        """Move what the layers produced between them and into the outputs, until quiet."""
+        routing, addressing = self.routing, self.addressing
+        if routing is None:
             return
-        endpoint: Address = (str(address[0]), int(address[1]))
-        slot = self._ready_slot(endpoint)
-        if slot is not None:
-            self._overlay_out.append((slot, message))
-            return
-        queue = self._waiting.setdefault(endpoint, deque(maxlen=QUEUE_PER_ENDPOINT))
-        if len(queue) == QUEUE_PER_ENDPOINT:
-            self.counters["overlay_queue_full"] += 1
-        queue.append((now, message))
-        try:
-            self.links.connect(endpoint, now, wall)
-        except RemoteProtocolError as exc:
-            self.counters[f"connect_refused_{exc.reason}"] += 1
-
-    def _ready_slot(self, endpoint: Address) -> int | None:
-        for slot, link in self.links.links.items():
-            if link.endpoint == endpoint and any(s.confirmed for s in link.sessions):
-                return slot
-        return None
-
-    def _flush_waiting(self) -> bool:
-        moved = False
-        for endpoint in list(self._waiting):
-            slot = self._ready_slot(endpoint)
-            if slot is None:
-                continue
-            for _, message in self._waiting.pop(endpoint):
-                self._overlay_out.append((slot, message))
-                moved = True
-        return moved
-
-    def _expire_waiting(self, now: float) -> None:
-        for endpoint, queue in list(self._waiting.items()):
-            while queue and now - queue[0][0] > QUEUE_S:
-                queue.popleft()
-                self.counters["overlay_queue_expired"] += 1
-            if not queue:
-                del self._waiting[endpoint]
-                slot = self._slot_at(endpoint)
-                if slot is not None and not self.links.links[slot].up:
-                    self.links.release(slot)
-
-    def _slot_at(self, endpoint: Target) -> int | None:
-        return next((s for s, lk in self.links.links.items() if lk.endpoint == endpoint), None)
-
-    def _slot_of(self, node_id: bytes) -> int | None:
-        for slot, link in self.links.links.items():
-            cert = link.certificate
-            if (cert is not None and cert.node_id == node_id) or link.want_id == node_id:
-                return slot
-        return None
-
-    def _on_overlay_event(self, event: OverlayEvent, now: float, wall: float) -> None:
-        if isinstance(event, Delivered):
-            if event.payload[:1] == HANDSHAKE_TAG:
-                source = Via(id_to_bytes(event.src_id))
-                self.links.receive(bytes(event.payload[1:]), source, now, wall)
-        elif isinstance(event, ConnectionAdded):
-            slot = self._slot_of(id_to_bytes(event.node_id))
-            if slot is not None:
-                self.links.want(slot)
-            self._events.append(
-                CoreEvent(
-                    "overlay_connection_added",
-                    {
-                        "node_id": id_to_bytes(event.node_id).hex(),
-                        "kind": event.kind.value,
-                        "endpoint": _target_text(event.address),
-                    },
-                )
-            )
-        elif isinstance(event, ConnectionRemoved):
-            nid = id_to_bytes(event.node_id)
-            slot = self._slot_of(nid)
-            self._events.append(
-                CoreEvent(
-                    "overlay_connection_removed", {"node_id": nid.hex(), "reason": event.reason}
-                )
-            )
-            if slot is None:
-                return
-            if event.reason in ("timeout", "closed_leave"):
-                self.links.close(slot, f"overlay_{event.reason}")
-                self._drop_routes_to(nid, f"overlay_{event.reason}")
-            elif not any(r.node_id == nid for r in self._routes.values()):
-                self.links.release(slot)
-        elif isinstance(event, Joined):
-            self._events.append(
-                CoreEvent(
-                    "overlay_joined",
-                    {
-                        "node_id": self.identity.node_id.hex(),
-                        "estimated_size": event.estimated_size,
-                    },
-                )
-            )
-            if not self._joined:
-                self._joined = True
-                self._register(now)
-
-    # -- the address record and routes -------------------------------------------------------------
-
-    def _address_key(self, address: IPv4Address) -> bytes:
-        return f"ip:{self.namespace}:{address}".encode()
-
-    def _register(self, now: float) -> None:
-        self._register_at = None
-        if not self.register_address or self.address is None:
-            return
-        self._registration = self.dht.create(
-            self._address_key(self.address), self.identity.node_id, self.lease_s, now
-        )
-
-    def _on_dht_event(self, event: DhtEvent, now: float, wall: float) -> None:
-        if isinstance(event, CreateResult) and event.request_id == self._registration:
-            self._registration = None
-            if event.ok:
-                if not self.registered:
-                    self._events.append(
-                        CoreEvent("address_registered", {"address": str(self.address)})
-                    )
-                self.registered = True
-                return
-            holder = event.holder.hex() if event.holder else None
-            self._events.append(
-                CoreEvent(
-                    "address_not_registered",
-                    {"address": str(self.address), "reason": event.reason, "holder": holder},
-                )
-            )
-            self._register_at = now + REGISTER_RETRY_S
-        elif isinstance(event, LeaseLost):
-            self._dht_results.append(event)  # DHCP's address, perhaps
-            self.registered = False
-            holder = event.holder.hex() if event.holder else None
-            self._events.append(
-                CoreEvent(
-                    "address_lost", {"key": event.key.decode(errors="replace"), "holder": holder}
-                )
-            )
-        elif isinstance(event, GetResult) and event.request_id in self._resolving:
-            self._resolved(self._resolving.pop(event.request_id), event, now, wall)
-        else:
-            self._dht_results.append(event)
-
-    def _resolved(self, address: IPv4Address, result: GetResult, now: float, wall: float) -> None:
-        node_id = None
-        for record in result.records:
-            if record.deleted:
-                continue
-            if record.owner_id != record.value:  # signed by someone else than the node named
-                self.counters["resolve_forged_record"] += 1
-                continue
-            node_id = bytes(record.value)
-        old = self._routes.get(address)
-        if node_id is None or node_id == self.identity.node_id:
-            self._negative[address] = now + NEGATIVE_S
-            if old is not None:
-                self._drop_route(address, "released")
+        while True:
+            results = routing.dht_results()
+            for result in results:
+                request = self._tool_requests.pop(getattr(result, "request_id", -1), None)
+                if request is not None:
+                    self._reply(request, result)
+                elif addressing is not None:
+                    addressing.dht_result(result, now)
+            if not results:
+                break
+        if addressing is not None:
+            self._tap_out += addressing.frames_to_tap()
+            self._packets_out += addressing.packets_to_send()
+            self._events += addressing.events()
+        links = routing.links.links
+        for datagram, to in routing.handshakes_to_send():
+            slot = next((sl for sl, lk in links.items() if lk.endpoint == to), 0)
+            self._handshakes_out.append((datagram, to, slot))
+        self._overlay_out += routing.overlay_to_send()
+        for event in routing.events():
+            if isinstance(event, ev.HandshakeRefused):
+                self._log_refusal(event, now)
             else:
-                self._events.append(
-                    CoreEvent(
-                        "resolve_failed",
-                        {
-                            "address": str(address),
-                            "reason": result.reason if not result.ok else "no_record",
-                        },
+                self._events.append(event)
+
+    def _reply(self, request: tuple[bytes, str], result: object) -> None:
+        to, key = request
+        if isinstance(result, GetResult):
+            assert self.routing is not None
+            position = key_position(key.encode())
+            replicas = self.routing.overlay.nearest(position, self.routing.dht.settings.replicas)
+            reply: messages.Message = messages.DhtGetReply(
+                key,
+                result.ok,
+                result.reason,
+                tuple(
+                    messages.DhtRecordSummary(
+                        r.value, r.owner_id.hex(), r.seq, r.lease_s, r.deleted
                     )
-                )
-            return
-        if old is not None and old.node_id == node_id:
-            old.checked = now
-            self._ensure_link(node_id, now, wall)
-            return
-        slot = self._ensure_link(node_id, now, wall)
-        if slot is None:
-            return
-        name = self.links.links[slot].spec.name
-        self._routes[address] = Route(address, node_id, name, now, now)
-        self.routes_version += 1
-        self._events.append(
-            CoreEvent(
-                "route_added",
-                {
-                    "address": str(address),
-                    "node_id": node_id.hex(),
-                    "slot": slot,
-                    "moved": old is not None,
-                },
+                    for r in result.records
+                ),
+                id_to_bytes(position).hex(),
+                tuple(id_to_bytes(n).hex() for n in replicas),
             )
+        elif isinstance(result, CreateResult):
+            holder = result.holder.hex() if result.holder else ""
+            reply = messages.DhtPutReply(key, result.ok, result.reason, holder)
+        else:
+            return
+        self._events.append(ev.Reply(to, reply))
+
+    def _log_refusal(self, event: ev.HandshakeRefused, now: float) -> None:
+        if now - self._refusal_window >= 1.0:
+            if self._refusals_suppressed:
+                self._events.append(ev.HandshakeRefusalsSuppressed(self._refusals_suppressed))
+            self._refusal_window, self._refusals_logged, self._refusals_suppressed = now, 0, 0
+        if self._refusals_logged >= REFUSALS_LOGGED_PER_S:
+            self._refusals_suppressed += 1
+            return
+        self._refusals_logged += 1
+        self._events.append(event)
+
+    def _liveness_events(self) -> None:
+        for change in self.liveness.events():
+            self._version += 1
+            rtt_ms = None if change.rtt_s is None else round(change.rtt_s * 1000, 3)
+            if change.state is PeerState.UP:
+                self._events.append(ev.PeerUp(change.name, change.slot, rtt_ms))
+            else:
+                self._events.append(ev.PeerDown(change.name, change.slot))
+
+    # -- routes and keys -------------------------------------------------------------------------
+
+    def _sync_version(self) -> None:
+        """Bump the snapshot version if a layer's table changed since the last look."""
+        routing, addressing = self.routing, self.addressing
+        seen = (
+            routing.routes_version if routing else 0,
+            routing.links.sessions_version if routing else 0,
+            addressing.machines_version if addressing else 0,
+        )
+        if seen != self._layers_seen:
+            self._layers_seen = seen
+            self._version += 1
+
+    @property
+    def address(self) -> IPv4Address | None:
+        return self.routing.address if self.routing is not None else self.settings.address
+
+    def snapshot(self) -> messages.RouteSnapshot:
+        """The route table as classifier and overlay_io workers get it."""
+        peers = tuple(
+            messages.PeerRoute(
+                slot=p.slot,
+                name=p.name,
+                addresses=p.addresses,
+                endpoint=f"{p.endpoint[0]}:{p.endpoint[1]}",
+                up=self.liveness.peers[p.slot].state is PeerState.UP,
+            )
+            for p in self.settings.peers
+        )
+        if self.routing is not None:
+            peers += tuple(
+                messages.PeerRoute(r.slot, r.name, r.addresses, r.endpoint, r.up)
+                for r in self.routing.routes()
+            )
+        local: tuple[tuple[str, str], ...] = ()
+        addressing = self.addressing
+        if addressing is not None and addressing.settings.router:
+            local = tuple((str(m.address), m.mac.hex()) for m in addressing.machines.values())
+        address = self.address
+        return messages.RouteSnapshot(
+            self.epoch, self._version, peers, str(address) if address else "", local
         )
 
-    def _ensure_link(self, node_id: bytes, now: float, wall: float) -> int | None:
-        slot = self._slot_of(node_id)
-        if slot is not None and self.links.links[slot].up:
-            self.links.want(slot)
-            return slot
-        try:
-            return self.links.connect(Via(node_id), now, wall, node_id=node_id)
-        except RemoteProtocolError as exc:
-            self.counters[f"connect_refused_{exc.reason}"] += 1
-            return None
-
-    def _refresh_routes(self, now: float, wall: float) -> None:
-        for address, route in list(self._routes.items()):
-            if now - route.checked >= ROUTE_REFRESH_S and address not in self._resolving.values():
-                route.checked = now
-                rid = self.dht.get(self._address_key(address), now)
-                self._resolving[rid] = address
-        for address, until in list(self._negative.items()):
-            if until <= now:
-                del self._negative[address]
-
-    def _drop_routes_to(self, node_id: bytes, reason: str) -> None:
-        for address in [a for a, r in self._routes.items() if r.node_id == node_id]:
-            self._drop_route(address, reason)
-
-    def _drop_route(self, address: IPv4Address, reason: str) -> None:
-        route = self._routes.pop(address, None)
-        if route is None:
-            return
-        self.routes_version += 1
-        self._events.append(CoreEvent("route_removed", {"address": str(address), "reason": reason}))
-        if not any(r.node_id == route.node_id for r in self._routes.values()):
-            slot = self._slot_of(route.node_id)
-            in_overlay = any(
-                id_to_bytes(info.node_id) == route.node_id for info in self.overlay.connections()
+    def _session_keys(self, worker: bytes) -> messages.SessionKeys:
+        assert self.routing is not None
+        links = self.routing.links
+        entries = []
+        for sess in links.sessions():
+            gen = self._generations.setdefault((sess.send_index, worker), 0)
+            link = links.links[sess.slot]
+            direct = isinstance(link.endpoint, tuple)
+            entries.append(
+                messages.KeyEntry(
+                    slot=sess.slot,
+                    recv_index=sess.recv_index,
+                    recv_key=sess.recv_key,
+                    send_index=sess.send_index,
+                    send_key=sess.send_key,
+                    counter_start=gen << GENERATION_SHIFT,
+                    created=sess.created,
+                    confirmed=sess.confirmed,
+                    endpoint=_text(link.endpoint) if direct else "",
+                    node_id=link.certificate.node_id if link.certificate else b"",
+                )
             )
-            if slot is not None and not in_overlay:
-                self.links.release(slot)
+        return messages.SessionKeys(
+            links.sessions_version, tuple(entries), self.routing.identity.node_id
+        )
+
+    # -- what status shows -----------------------------------------------------------------------
+
+    def status(self, now: float) -> dict[str, Any]:
+        """control's part of ``supervisor status``."""
+        routing = self.routing
+        links = routing.links if routing is not None else None
+        sessions = links.sessions() if links is not None else []
+        peers = []
+        for p in self.settings.peers:
+            live = self.liveness.peers[p.slot]
+            link = links.links.get(p.slot) if links is not None else None
+            mine = [x for x in sessions if x.slot == p.slot]
+            cert = link.certificate if link is not None else None
+            peers.append(
+                {
+                    "name": p.name,
+                    "slot": p.slot,
+                    "endpoint": _text(link.endpoint if link is not None else p.endpoint),
+                    "addresses": list(p.addresses),
+                    "state": live.state.value,
+                    "rtt_ms": None if live.rtt_s is None else round(live.rtt_s * 1000, 3),
+                    "last_heard_s": None
+                    if live.last_heard is None
+                    else round(now - live.last_heard, 1),
+                    "pings_sent": live.pings_sent,
+                    "pongs_received": live.pongs_received,
+                    "node_id": cert.node_id.hex() if cert is not None else None,
+                    "sessions": len(mine),
+                    "session_age_s": round(now - mine[-1].created, 1) if mine else None,
+                    "pattern": mine[-1].pattern.name if mine else None,
+                    "handshakes": link.handshakes if link is not None else 0,
+                }
+            )
+        address = self.address
+        out: dict[str, Any] = {
+            "peers": peers,
+            "route_version": self._version,
+            "drops": dict(self.counters),
+            "address": str(address) if address else None,
+        }
+        if self.addressing is not None:
+            out["addressing"] = self.addressing.statistics()
+        if routing is not None:
+            out["node_id"] = routing.identity.node_id.hex()
+            out["links"] = routing.links.statistics()
+            out["overlay"] = routing.statistics()
+            out["link_table"] = routing.link_table(now)
+        return out
 
 
-def _target_text(target: object) -> str:
+def _text(target: object) -> str:
     if isinstance(target, Via):
         return str(target)
     if isinstance(target, tuple) and len(target) == 2:

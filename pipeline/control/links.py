@@ -237,12 +237,30 @@ class LinkManager:
         return [s for link in self.links.values() for s in link.sessions]
 
     def next_deadline(self) -> float:
-        due = [link.next_attempt for link in self.links.values()]
+        """When ``handle_timer`` must next run: a handshake to start or retry, one that times
+        out, a session to rekey or drop, the cookie secret to change. Never in the past
+        unless something is due now."""
+        st = self.settings
+        due = [self._secret_changed + COOKIE_SECRET_S]
+        if self._responding:
+            oldest = next(iter(self._responding.values()))
+            due.append(oldest.started + st.handshake_timeout_s)
         for link in self.links.values():
-            for s in link.sessions:
-                due.append(s.created + self.settings.rekey_after_s)
-                due.append(s.created + self.settings.reject_after_s)
-        return min(due, default=self._secret_changed + COOKIE_SECRET_S)
+            if link.pending is not None:
+                due.append(link.pending.started + st.handshake_timeout_s)
+            elif link.wanted:
+                due.append(max(link.next_attempt, self._handshake_due(link)))
+            if link.sessions:
+                due.append(min(s.created for s in link.sessions) + st.reject_after_s)
+        return min(due)
+
+    def _handshake_due(self, link: Link) -> float:
+        """When a wanted link with no handshake under way wants one (see
+        ``_wants_handshake``)."""
+        if link.rekey_wanted or not any(s.confirmed for s in link.sessions):
+            return link.next_attempt
+        newest = link.sessions[-1]
+        return newest.created + self.settings.rekey_after_s + (0 if newest.initiator else 10.0)
 
     def statistics(self) -> dict[str, object]:
         return {**self.counters, "refused": dict(self.refusals)}
@@ -251,17 +269,17 @@ class LinkManager:
 
     def handle_timer(self, now: float, wall: float) -> None:
         st = self.settings
-        if now - self._secret_changed > COOKIE_SECRET_S:
+        if now - self._secret_changed >= COOKIE_SECRET_S:
             self._secrets = [self.rng(32), *self._secrets[:1]]
             self._secret_changed = now
         for index, resp in list(self._responding.items()):
-            if now - resp.started > st.handshake_timeout_s:
+            if now - resp.started >= st.handshake_timeout_s:
                 del self._responding[index]
         for link in list(self.links.values()):
             self._expire(link, now)
             if link.spec.slot not in self.links:
                 continue
-            if link.pending and now - link.pending.started > st.handshake_timeout_s:
+            if link.pending and now - link.pending.started >= st.handshake_timeout_s:
                 link.pending = None
                 self.counters["handshake_timeouts"] += 1
             if (
@@ -279,7 +297,7 @@ class LinkManager:
         newest = link.sessions[-1]
         age = now - newest.created
         due = self.settings.rekey_after_s + (0 if newest.initiator else 10.0)
-        return link.rekey_wanted or age > due
+        return link.rekey_wanted or age >= due
 
     def _expire(self, link: Link, now: float) -> None:
         keep = [s for s in link.sessions if now - s.created < self.settings.reject_after_s]

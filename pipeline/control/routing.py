@@ -1,0 +1,679 @@
+"""Routing: links, the overlay, its DHT and the routes of the virtual network they give, as
+one sans-I/O object. Pure. The layer under ``Addressing``; ``ControlCore`` (core.py) owns
+both.
+
+Theory of operation:
+
+- **Links carry the overlay.** The overlay core (``overlay.OverlayNode``) names its peers
+  by underlay endpoint. A message it sends to an endpoint goes out on the authenticated
+  link (``links.LinkManager``) at that endpoint, as an OVERLAY payload sealed by
+  overlay_io. Where there is no link yet (a bootstrap address, a node named in a neighbour
+  list) this core asks the link manager for one (Noise XX: whoever answers must hold a
+  certificate of this network) and holds the overlay's messages for that endpoint until
+  the link is up (at most ``QUEUE_PER_ENDPOINT`` of them, for ``QUEUE_S``). Any certified
+  member may link to us. A message that arrives on a link is handed to the overlay with
+  the link's endpoint as its source, and only if the sender id it claims is the node id
+  the link authenticated (the overlay core trusts those ids).
+- **Link lifetimes follow the overlay.** A link the overlay adds is kept (rekeyed) from
+  this side; one it trims is released (it expires unless the peer keeps it, or a route
+  uses it); one it finds dead is closed at once, so data stops going into the void.
+- **Relayed links.** A node with no direct link is reached by a handshake routed through
+  the overlay to its node id (``Data`` payloads tagged ``H``; ``links.Via``): its sessions
+  are end to end, and overlay_io relays their datagrams greedily over direct links (a
+  relay opens only the hop layer).
+- **Addresses and routes.** Once joined, the node creates the DHT record
+  ``ip:<namespace>:<address>`` naming its node id (renewed by the DHT before its lease
+  ends). A frame to an address without a route is a *miss* (from the classifier): a DHT
+  get of that key, a record whose signer hashes to the node id inside it (else it is a
+  forgery, dropped), then a link to that node (direct if one exists, else relayed) and a
+  route. Routes are re-checked every ``ROUTE_REFRESH_S`` (a moved or released address is
+  followed) and an address that resolved to nothing is not asked again for
+  ``NEGATIVE_S``.
+
+Inputs: ``receive_overlay(slot, payload, now, wall)``, ``receive_handshake(datagram, source,
+now, wall)``, ``handle_timer(now, wall)``, ``route_miss(address, now, wall)``,
+``dht_get(key, now)``; the layer above makes DHT requests on ``dht`` and calls ``pump()``.
+Outputs: ``overlay_to_send()`` (slot, payload), ``handshakes_to_send()`` (datagram,
+endpoint), ``events()`` (typed log events: links, overlay, address record, routes),
+``dht_results()`` (the DHT results this layer did not take), ``routes()`` and
+``routes_version``; the link manager's sessions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from ipaddress import IPv4Address
+from typing import Any
+
+from pipeline.control import events as ev
+from pipeline.control.dht import Dht, DhtEvent, DhtSettings, GetResult
+from pipeline.control.dht.events import CreateResult, LeaseLost
+from pipeline.control.links import (
+    Address,
+    EventKind,
+    LinkEvent,
+    LinkManager,
+    LinkSettings,
+    PeerSpec,
+    Target,
+    Via,
+)
+from pipeline.control.overlay import (
+    ConnectionAdded,
+    ConnectionRemoved,
+    Delivered,
+    Joined,
+    OverlayEvent,
+    OverlayNode,
+    OverlaySettings,
+)
+from pipeline.control.overlay import wire as ow
+from pipeline.crypto.cert import Certificate, RevocationList
+from pipeline.crypto.identity import Identity
+from pipeline.errors import RemoteProtocolError
+from pipeline.nodeid import id_from_bytes, id_to_bytes
+
+HANDSHAKE_TAG = b"H"  # an overlay Data payload that carries a handshake datagram
+QUEUE_PER_ENDPOINT = 16
+QUEUE_S = 6.0
+ROUTE_REFRESH_S = 30.0
+NEGATIVE_S = 3.0
+REGISTER_RETRY_S = 5.0
+MAX_PUMP_ROUNDS = 16
+RESYNC_S = 5.0
+
+
+@dataclasses.dataclass(slots=True)
+class Route:
+    address: IPv4Address
+    node_id: bytes
+    name: str
+    since: float
+    checked: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RouteEntry:
+    """One route as the classifier and overlay_io get it."""
+
+    slot: int
+    name: str
+    addresses: tuple[str, ...]
+    endpoint: str  # "host:port", or "via:<node id>" for a relayed link
+    up: bool
+
+
+class RoutingCore:
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        certificate: Certificate,
+        ca: Certificate,
+        namespace: str,
+        address: IPv4Address | None,
+        peers: Sequence[PeerSpec],
+        bootstrap: Sequence[Address],
+        revoked: RevocationList,
+        rng: random.Random,
+        entropy: Callable[[int], bytes],
+        link_settings: LinkSettings | None = None,
+        overlay_settings: OverlaySettings | None = None,
+        dht_settings: DhtSettings | None = None,
+        lease_s: float = 300.0,
+        register_address: bool = True,
+        networks: Sequence[str] = (),
+    ) -> None:
+        self.identity = identity
+        self.namespace = namespace
+        self.address = address
+        self.lease_s = lease_s
+        self.register_address = register_address  # False: DHCP claims the address records
+        self.links = LinkManager(
+            identity=identity,
+            certificate=certificate,
+            ca=ca,
+            network=namespace,
+            peers=peers,
+            revoked=revoked,
+            rng=entropy,
+            settings=link_settings or LinkSettings(),
+            accept_members=True,
+            networks=networks,
+        )
+        self.overlay_id = id_from_bytes(identity.node_id)
+        seeds = list(dict.fromkeys([*bootstrap, *(p.endpoint for p in peers)]))
+        self.overlay = OverlayNode(
+            self.overlay_id,
+            rng=random.Random(rng.getrandbits(64)),
+            settings=overlay_settings or OverlaySettings(),
+            bootstrap=seeds,
+        )
+        self.dht = Dht(
+            self.overlay,
+            identity,
+            rng=random.Random(rng.getrandbits(64)),
+            settings=dht_settings or DhtSettings(),
+        )
+        self.counters: Counter[str] = Counter()
+        self.routes_version = 0
+        self._routes: dict[IPv4Address, Route] = {}
+        self._resolving: dict[int, IPv4Address] = {}
+        self._negative: dict[IPv4Address, float] = {}
+        self._waiting: dict[Address, deque[tuple[float, bytes]]] = {}
+        self._overlay_out: list[tuple[int, bytes]] = []
+        self._handshakes_out: list[tuple[bytes, Address]] = []
+        self._events: list[ev.LogEvent] = []
+        self._dht_results: list[DhtEvent] = []
+        self._registration: int | None = None  # request id of the address record's create
+        self.registered = False
+        self._register_at: float | None = None
+        self._joined = False
+        self._now = 0.0
+        self._wall = 0.0
+
+    # -- outputs ---------------------------------------------------------------------------------
+
+    def overlay_to_send(self) -> list[tuple[int, bytes]]:
+        out, self._overlay_out = self._overlay_out, []
+        return out
+
+    def handshakes_to_send(self) -> list[tuple[bytes, Address]]:
+        out, self._handshakes_out = self._handshakes_out, []
+        return out
+
+    def events(self) -> list[ev.LogEvent]:
+        out, self._events = self._events, []
+        return out
+
+    def dht_results(self) -> list[DhtEvent]:
+        """Results of ``dht_get`` (and of other requests made on ``dht`` directly)."""
+        out, self._dht_results = self._dht_results, []
+        return out
+
+    def routes(self) -> list[RouteEntry]:
+        """The resolved routes, by link slot (several addresses of one node share one)."""
+        by_slot: dict[int, list[Route]] = {}
+        for route in self._routes.values():
+            slot = self._slot_of(route.node_id)
+            if slot is not None and self._member(slot):
+                by_slot.setdefault(slot, []).append(route)
+        out = []
+        for slot, routes in sorted(by_slot.items()):
+            link = self.links.links[slot]
+            out.append(
+                RouteEntry(
+                    slot,
+                    routes[0].name,
+                    tuple(str(r.address) for r in routes),
+                    _target_text(link.endpoint),
+                    any(s.confirmed for s in link.sessions),
+                )
+            )
+        return out
+
+    def link_node_ids(self) -> dict[int, bytes]:
+        """The authenticated node id of every link that has one, by slot."""
+        return {
+            slot: link.certificate.node_id
+            for slot, link in self.links.links.items()
+            if link.certificate is not None
+        }
+
+    def link_table(self, now: float) -> list[dict[str, Any]]:
+        """Every link as ``supervisor status`` shows it."""
+        overlay = {id_to_bytes(info.node_id): info for info in self.overlay.connections()}
+        routed = {r.node_id for r in self._routes.values()}
+        rows = []
+        for slot, link in sorted(self.links.links.items()):
+            cert = link.certificate
+            nid = cert.node_id if cert is not None else link.want_id
+            info = overlay.get(nid) if nid is not None else None
+            kinds = [info.kind.value] if info is not None else []
+            if isinstance(link.endpoint, Via):
+                kinds.append("relayed")
+            elif nid in routed and info is None:
+                kinds.append("shortcut")
+            newest = link.sessions[-1] if link.sessions else None
+            rows.append(
+                {
+                    "slot": slot,
+                    "name": link.spec.name or None,
+                    "node_id": nid.hex() if nid else None,
+                    "kind": "+".join(kinds) or ("static" if not link.dynamic else "idle"),
+                    "endpoint": _target_text(link.endpoint),
+                    "up": link.up,
+                    "rtt_ms": None
+                    if info is None or info.rtt is None
+                    else round(info.rtt * 1000, 3),
+                    "age_s": None if newest is None else round(now - newest.created, 1),
+                    "routes": sorted(
+                        str(r.address) for r in self._routes.values() if r.node_id == nid
+                    ),
+                }
+            )
+        return rows
+
+    def next_deadline(self) -> float | None:
+        """When ``handle_timer`` must next run: the soonest of the overlay's, the DHT's and
+        the links' timers, a registration retry, held overlay messages expiring, a route due
+        for its re-check, a negative answer expiring."""
+        times = [self.overlay.next_deadline(), self.dht.next_deadline(), self._register_at]
+        times.append(self.links.next_deadline())
+        times += [queue[0][0] + QUEUE_S for queue in self._waiting.values() if queue]
+        resolving = set(self._resolving.values())
+        times += [
+            r.checked + ROUTE_REFRESH_S for a, r in self._routes.items() if a not in resolving
+        ]
+        times += self._negative.values()
+        due = [t for t in times if t is not None]
+        return min(due) if due else None
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "node_id": self.identity.node_id.hex(),
+            "state": self.overlay.state.value,
+            "estimated_size": self.overlay.estimated_size(),
+            "registered": self.registered,
+            "routes": len(self._routes),
+            "counters": dict(self.counters),
+            "overlay": self.overlay.statistics(),
+            "dht": self.dht.statistics(),
+            "links": self.links.statistics(),
+        }
+
+    # -- inputs ----------------------------------------------------------------------------------
+
+    def receive_overlay(self, slot: int, payload: bytes, now: float, wall: float) -> None:
+        """An overlay message that arrived sealed on link ``slot``."""
+        self._now, self._wall = now, wall
+        link = self.links.links.get(slot)
+        if link is None or link.certificate is None or not isinstance(link.endpoint, tuple):
+            self.counters["overlay_not_on_a_direct_link"] += 1
+            return
+        try:
+            msg = ow.decode(payload)
+        except RemoteProtocolError as exc:
+            self.counters[f"overlay_dropped_{exc.reason}"] += 1
+            return
+        sender = getattr(msg, "sender", None)
+        if sender is not None and sender != link.certificate.node_id:
+            self.counters["overlay_sender_mismatch"] += 1
+            return
+        self.overlay.receive(payload, link.endpoint, now)
+        self._pump()
+
+    def receive_handshake(self, datagram: bytes, source: Address, now: float, wall: float) -> None:
+        self._now, self._wall = now, wall
+        self.links.receive(datagram, source, now, wall)
+        self._pump()
+
+    def handle_timer(self, now: float, wall: float) -> None:
+        self._now, self._wall = now, wall
+        self.links.handle_timer(now, wall)
+        deadline = self.overlay.next_deadline()
+        if deadline is None or deadline <= now:
+            self.overlay.handle_timer(now)
+        dht_due = self.dht.next_deadline()
+        if dht_due is not None and dht_due <= now:
+            self.dht.handle_timer(now)
+        if self._register_at is not None and now >= self._register_at:
+            self._register(now)
+        self._expire_waiting(now)
+        self._refresh_routes(now, wall)
+        self._pump()
+
+    def route_miss(self, address: IPv4Address, now: float, wall: float) -> None:
+        """A frame to ``address`` found no route: find its node in the DHT."""
+        self._now, self._wall = now, wall
+        if address in self._routes or address == self.address:
+            return
+        if address in self._resolving.values():
+            return
+        if self._negative.get(address, -1.0) > now:
+            self.counters["resolve_negative_cached"] += 1
+            return
+        rid = self.dht.get(self._address_key(address), now)
+        self._resolving[rid] = address
+        self.counters["resolves"] += 1
+        self._pump()
+
+    def set_address(self, address: IPv4Address | None) -> None:
+        """This node's address changed (DHCP granted or ended a lease)."""
+        if address == self.address:
+            return
+        self.address = address
+        self.routes_version += 1  # the classifier learns it with the routes
+        if address is not None:
+            self._drop_route(address, "ours")
+
+    def route_slot(self, address: IPv4Address) -> int | None:
+        """The slot to send to ``address`` on now (its route's link, with a confirmed
+        session), or None."""
+        route = self._routes.get(address)
+        if route is None:
+            return None
+        slot = self._slot_of(route.node_id)
+        if slot is None or not any(s.confirmed for s in self.links.links[slot].sessions):
+            return None
+        return slot if self._member(slot) else None
+
+    def _member(self, slot: int) -> bool:
+        """Is the node on link ``slot`` certified for our virtual network? (Members of other
+        networks may share the overlay, and could sign address records of ours: they never
+        get a route.)"""
+        cert = self.links.links[slot].certificate
+        if cert is None or self.namespace in cert.networks:
+            return True  # not authenticated yet: no confirmed session, nothing is sent
+        self.counters["route_to_foreign_network"] += 1
+        return False
+
+    def unresolvable(self, address: IPv4Address, now: float) -> bool:
+        """True while ``address`` is known to have no record (asked again after a while)."""
+        return self._negative.get(address, -1.0) > now
+
+    @property
+    def joined(self) -> bool:
+        """The node has had its place on the circle (DHT requests can reach their keys)."""
+        return self._joined
+
+    def pump(self) -> None:
+        """Move what other users of ``dht`` and ``overlay`` made (the addressing core)."""
+        self._pump()
+
+    def unknown_session(self, endpoint: Address, now: float, wall: float) -> None:
+        """The peer at ``endpoint`` sent on a session we do not hold: it still has sessions
+        with an earlier incarnation of this node. A new handshake replaces them (unless one
+        was made with it in the last few seconds)."""
+        self._now, self._wall = now, wall
+        for slot, link in self.links.links.items():
+            if link.endpoint == endpoint:
+                if link.pending is not None or any(
+                    now - s.created < RESYNC_S for s in link.sessions
+                ):
+                    return
+                self.links.request_rekey(slot)
+                self.counters["resyncs"] += 1
+                return
+        try:
+            self.links.connect(endpoint, now, wall, want=False)
+        except RemoteProtocolError as exc:
+            self.counters[f"connect_refused_{exc.reason}"] += 1
+            return
+        self.counters["resyncs"] += 1
+        self._pump()
+
+    def dht_get(self, key: bytes, now: float) -> int:
+        """A get for a tool (``supervisor dht get``); its ``GetResult`` comes as an event."""
+        rid = self.dht.get(key, now)
+        self._pump()
+        return rid
+
+    def set_revocations(self, revoked: RevocationList) -> None:
+        self.links.set_revocations(revoked)
+        self._pump()
+
+    def confirm(self, recv_index: int) -> None:
+        self.links.confirm(recv_index)
+        self._pump()
+
+    # -- the glue --------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Move everything the three cores produced until they are quiet."""
+        now, wall = self._now, self._wall
+        for _ in range(MAX_PUMP_ROUNDS):
+            moved = False
+            for event in self.overlay.events():
+                moved = True
+                self.dht.handle_overlay_event(event, now)
+                self._on_overlay_event(event, now, wall)
+            for dht_event in self.dht.events():
+                moved = True
+                self._on_dht_event(dht_event, now, wall)
+            for datagram, target in self.links.datagrams_to_send():
+                moved = True
+                if isinstance(target, Via):
+                    payload = HANDSHAKE_TAG + datagram
+                    self.overlay.send_to_node(id_from_bytes(target.node_id), payload, now)
+                else:
+                    self._handshakes_out.append((datagram, target))
+            for link_event in self.links.events():
+                moved = True
+                self._events.append(_log_event(link_event))
+            for message, address in self.overlay.datagrams_to_send():
+                moved = True
+                self._send_overlay(message, address, now, wall)
+            moved = self._flush_waiting() or moved
+            if not moved:
+                return
+        self.counters["pump_rounds_exhausted"] += 1
+
+    def _send_overlay(self, message: bytes, address: object, now: float, wall: float) -> None:
+        if not (isinstance(address, tuple) and len(address) == 2):
+            self.counters["overlay_bad_address"] += 1
+            return
+        endpoint: Address = (str(address[0]), int(address[1]))
+        slot = self._ready_slot(endpoint)
+        if slot is not None:
+            self._overlay_out.append((slot, message))
+            return
+        queue = self._waiting.setdefault(endpoint, deque(maxlen=QUEUE_PER_ENDPOINT))
+        if len(queue) == QUEUE_PER_ENDPOINT:
+            self.counters["overlay_queue_full"] += 1
+        queue.append((now, message))
+        try:
+            self.links.connect(endpoint, now, wall)
+        except RemoteProtocolError as exc:
+            self.counters[f"connect_refused_{exc.reason}"] += 1
+
+    def _ready_slot(self, endpoint: Address) -> int | None:
+        for slot, link in self.links.links.items():
+            if link.endpoint == endpoint and any(s.confirmed for s in link.sessions):
+                return slot
+        return None
+
+    def _flush_waiting(self) -> bool:
+        moved = False
+        for endpoint in list(self._waiting):
+            slot = self._ready_slot(endpoint)
+            if slot is None:
+                continue
+            for _, message in self._waiting.pop(endpoint):
+                self._overlay_out.append((slot, message))
+                moved = True
+        return moved
+
+    def _expire_waiting(self, now: float) -> None:
+        for endpoint, queue in list(self._waiting.items()):
+            while queue and now - queue[0][0] >= QUEUE_S:
+                queue.popleft()
+                self.counters["overlay_queue_expired"] += 1
+            if not queue:
+                del self._waiting[endpoint]
+                slot = self._slot_at(endpoint)
+                if slot is not None and not self.links.links[slot].up:
+                    self.links.release(slot)
+
+    def _slot_at(self, endpoint: Target) -> int | None:
+        return next((s for s, lk in self.links.links.items() if lk.endpoint == endpoint), None)
+
+    def _slot_of(self, node_id: bytes) -> int | None:
+        for slot, link in self.links.links.items():
+            cert = link.certificate
+            if (cert is not None and cert.node_id == node_id) or link.want_id == node_id:
+                return slot
+        return None
+
+    def _on_overlay_event(self, event: OverlayEvent, now: float, wall: float) -> None:
+        if isinstance(event, Delivered):
+            if event.payload[:1] == HANDSHAKE_TAG:
+                source = Via(id_to_bytes(event.src_id))
+                self.links.receive(bytes(event.payload[1:]), source, now, wall)
+        elif isinstance(event, ConnectionAdded):
+            slot = self._slot_of(id_to_bytes(event.node_id))
+            if slot is not None:
+                self.links.want(slot)
+            self._events.append(
+                ev.OverlayConnectionAdded(
+                    node_id=id_to_bytes(event.node_id).hex(),
+                    kind=event.kind.value,
+                    endpoint=_target_text(event.address),
+                )
+            )
+        elif isinstance(event, ConnectionRemoved):
+            nid = id_to_bytes(event.node_id)
+            slot = self._slot_of(nid)
+            self._events.append(ev.OverlayConnectionRemoved(node_id=nid.hex(), reason=event.reason))
+            if slot is None:
+                return
+            if event.reason in ("timeout", "closed_leave"):
+                self.links.close(slot, f"overlay_{event.reason}")
+                self._drop_routes_to(nid, f"overlay_{event.reason}")
+            elif not any(r.node_id == nid for r in self._routes.values()):
+                self.links.release(slot)
+        elif isinstance(event, Joined):
+            self._events.append(
+                ev.OverlayJoined(
+                    node_id=self.identity.node_id.hex(), estimated_size=event.estimated_size
+                )
+            )
+            if not self._joined:
+                self._joined = True
+                self._register(now)
+
+    # -- the address record and routes -------------------------------------------------------------
+
+    def _address_key(self, address: IPv4Address) -> bytes:
+        return f"ip:{self.namespace}:{address}".encode()
+
+    def _register(self, now: float) -> None:
+        self._register_at = None
+        if not self.register_address or self.address is None:
+            return
+        self._registration = self.dht.create(
+            self._address_key(self.address), self.identity.node_id, self.lease_s, now
+        )
+
+    def _on_dht_event(self, event: DhtEvent, now: float, wall: float) -> None:
+        if isinstance(event, CreateResult) and event.request_id == self._registration:
+            self._registration = None
+            if event.ok:
+                if not self.registered:
+                    self._events.append(ev.AddressRegistered(address=str(self.address)))
+                self.registered = True
+                return
+            holder = event.holder.hex() if event.holder else None
+            self._events.append(
+                ev.AddressNotRegistered(
+                    address=str(self.address), reason=event.reason, holder=holder
+                )
+            )
+            self._register_at = now + REGISTER_RETRY_S
+        elif isinstance(event, LeaseLost):
+            self._dht_results.append(event)  # DHCP's address, perhaps
+            self.registered = False
+            holder = event.holder.hex() if event.holder else None
+            self._events.append(
+                ev.AddressLost(key=event.key.decode(errors="replace"), holder=holder)
+            )
+        elif isinstance(event, GetResult) and event.request_id in self._resolving:
+            self._resolved(self._resolving.pop(event.request_id), event, now, wall)
+        else:
+            self._dht_results.append(event)
+
+    def _resolved(self, address: IPv4Address, result: GetResult, now: float, wall: float) -> None:
+        node_id = None
+        for record in result.records:
+            if record.deleted:
+                continue
+            if record.owner_id != record.value:  # signed by someone else than the node named
+                self.counters["resolve_forged_record"] += 1
+                continue
+            node_id = bytes(record.value)
+        old = self._routes.get(address)
+        if node_id is None or node_id == self.identity.node_id:
+            self._negative[address] = now + NEGATIVE_S
+            if old is not None:
+                self._drop_route(address, "released")
+            else:
+                reason = result.reason if not result.ok else "no_record"
+                self._events.append(ev.ResolveFailed(address=str(address), reason=reason))
+            return
+        if old is not None and old.node_id == node_id:
+            old.checked = now
+            self._ensure_link(node_id, now, wall)
+            return
+        slot = self._ensure_link(node_id, now, wall)
+        if slot is None:
+            return
+        name = self.links.links[slot].spec.name
+        self._routes[address] = Route(address, node_id, name, now, now)
+        self.routes_version += 1
+        self._events.append(
+            ev.RouteAdded(
+                address=str(address), node_id=node_id.hex(), slot=slot, moved=old is not None
+            )
+        )
+
+    def _ensure_link(self, node_id: bytes, now: float, wall: float) -> int | None:
+        slot = self._slot_of(node_id)
+        if slot is not None and self.links.links[slot].up:
+            self.links.want(slot)
+            return slot
+        try:
+            return self.links.connect(Via(node_id), now, wall, node_id=node_id)
+        except RemoteProtocolError as exc:
+            self.counters[f"connect_refused_{exc.reason}"] += 1
+            return None
+
+    def _refresh_routes(self, now: float, wall: float) -> None:
+        for address, route in list(self._routes.items()):
+            if now - route.checked >= ROUTE_REFRESH_S and address not in self._resolving.values():
+                route.checked = now
+                rid = self.dht.get(self._address_key(address), now)
+                self._resolving[rid] = address
+        for address, until in list(self._negative.items()):
+            if until <= now:
+                del self._negative[address]
+
+    def _drop_routes_to(self, node_id: bytes, reason: str) -> None:
+        for address in [a for a, r in self._routes.items() if r.node_id == node_id]:
+            self._drop_route(address, reason)
+
+    def _drop_route(self, address: IPv4Address, reason: str) -> None:
+        route = self._routes.pop(address, None)
+        if route is None:
+            return
+        self.routes_version += 1
+        self._events.append(ev.RouteRemoved(address=str(address), reason=reason))
+        if not any(r.node_id == route.node_id for r in self._routes.values()):
+            slot = self._slot_of(route.node_id)
+            in_overlay = any(
+                id_to_bytes(info.node_id) == route.node_id for info in self.overlay.connections()
+            )
+            if slot is not None and not in_overlay:
+                self.links.release(slot)
+
+
+def _target_text(target: object) -> str:
+    if isinstance(target, Via):
+        return str(target)
+    if isinstance(target, tuple) and len(target) == 2:
+        return f"{target[0]}:{target[1]}"
+    return str(target)
+
+
+def _log_event(event: LinkEvent) -> ev.LogEvent:
+    """A link manager's event as the log has it."""
+    source = _target_text(event.source) if event.source is not None else None
+    if event.kind is EventKind.LINK_FORMED:
+        return ev.LinkFormed(event.peer, event.slot, event.node_id, event.pattern, source)
+    if event.kind is EventKind.SESSION_ESTABLISHED:
+        return ev.SessionEstablished(event.peer, event.slot, event.pattern)
+    if event.kind is EventKind.LINK_CLOSED:
+        return ev.LinkClosed(event.peer, event.slot, event.reason)
+    return ev.HandshakeRefused(event.reason, source, event.detail)

@@ -1,0 +1,238 @@
+"""RoutingCore in memory: several cores on a fake underlay form the overlay over
+authenticated links, register their addresses in the DHT, resolve each other's, and make
+end-to-end sessions through the overlay with a node they cannot reach directly."""
+
+from __future__ import annotations
+
+import random
+from ipaddress import IPv4Address
+
+import pytest
+
+from pipeline.control import events as ev
+from pipeline.control.links import Via
+from pipeline.control.routing import RoutingCore
+from pipeline.crypto.cert import RevocationList
+from pipeline.crypto.identity import Identity
+from pipeline.nodeid import id_to_bytes
+from tests.test_links import WALL, ca_pair, member, rng_from
+
+PORT = 4789
+
+
+def endpoint(i: int) -> tuple[str, int]:
+    return (f"198.18.0.{i + 1}", PORT)
+
+
+def vip(i: int) -> IPv4Address:
+    return IPv4Address(f"100.64.0.{i + 1}")
+
+
+class Lab:
+    """Cores on an underlay where every endpoint reaches every other, except ``blocked``
+    pairs (both directions)."""
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        blocked: tuple[tuple[int, int], ...] = (),
+        seed: int = 7,
+        dhcp: bool = False,
+    ):
+        ca, ca_cert = ca_pair()
+        self.rng = random.Random(seed)
+        self.blocked = {frozenset(p) for p in blocked}
+        self.idents: list[Identity] = []
+        self.cores: list[RoutingCore] = []
+        for i in range(n):
+            ident, cert = member(ca, ca_cert, 30 + i, f"n{i}")
+            self.idents.append(ident)
+            self.cores.append(
+                RoutingCore(
+                    identity=ident,
+                    certificate=cert,
+                    ca=ca_cert,
+                    namespace="lab",
+                    address=None if dhcp else vip(i),
+                    peers=[],
+                    bootstrap=[] if i == 0 else [endpoint(0)],
+                    revoked=RevocationList.empty(),
+                    rng=random.Random(seed * 100 + i),
+                    entropy=rng_from(seed * 100 + i),
+                    register_address=not dhcp,
+                )
+            )
+        self.now = 1000.0
+        self.by_endpoint = {endpoint(i): i for i in range(n)}
+
+    def wall(self) -> float:
+        return WALL + self.now
+
+    def step(self, dt: float = 0.05) -> None:
+        self.now += dt
+        for core in self.cores:
+            core.handle_timer(self.now, self.wall())
+        self.after_timers()
+        self.deliver()
+
+    def after_timers(self) -> None:
+        """A subclass's cores on top of these run their timers here."""
+
+    def deliver(self) -> None:
+        for _ in range(50):
+            moved = False
+            for i, core in enumerate(self.cores):
+                for datagram, to in core.handshakes_to_send():
+                    j = self.by_endpoint.get(to)
+                    if j is None or frozenset((i, j)) in self.blocked:
+                        continue
+                    moved = True
+                    self.cores[j].receive_handshake(datagram, endpoint(i), self.now, self.wall())
+                for slot, payload in core.overlay_to_send():
+                    link = core.links.links.get(slot)
+                    assert link is not None and isinstance(link.endpoint, tuple)
+                    j = self.by_endpoint[link.endpoint]
+                    if frozenset((i, j)) in self.blocked:
+                        continue
+                    theirs = self.cores[j]._slot_of(self.idents[i].node_id)
+                    if theirs is None:
+                        continue
+                    moved = True
+                    theirs_core = self.cores[j]
+                    theirs_core.receive_overlay(theirs, payload, self.now, self.wall())
+            if not moved:
+                return
+
+    def run(self, seconds: float) -> None:
+        for _ in range(int(seconds / 0.05)):
+            self.step()
+
+
+def direct_ids(core: RoutingCore) -> set[bytes]:
+    return {
+        link.certificate.node_id
+        for link in core.links.links.values()
+        if link.certificate is not None and link.up and isinstance(link.endpoint, tuple)
+    }
+
+
+def test_nodes_given_one_bootstrap_address_form_the_overlay_and_register() -> None:
+    lab = Lab(5)
+    lab.run(20)
+    for core in lab.cores:
+        assert core.overlay.state.value == "joined", core.statistics()
+        assert core.registered
+        succ = core.overlay.successor()
+        assert succ is not None
+        assert id_to_bytes(succ) in direct_ids(core)  # the successor is an authenticated link
+    # every link of the overlay is an authenticated link with the same node id
+    for core in lab.cores:
+        for info in core.overlay.connections():
+            slot = core._slot_of(id_to_bytes(info.node_id))
+            assert slot is not None and core.links.links[slot].up
+
+
+def test_a_miss_resolves_through_the_dht_and_relays_the_handshake() -> None:
+    lab = Lab(6, blocked=((1, 4),))
+    lab.run(20)
+    a, c = lab.cores[1], lab.cores[4]
+    assert lab.idents[4].node_id not in direct_ids(a)
+    a.route_miss(vip(4), lab.now, lab.wall())
+    lab.run(3)
+    (route,) = a.routes()
+    assert route.addresses == (str(vip(4)),) and route.up
+    assert route.endpoint == str(Via(lab.idents[4].node_id))
+    # the sessions are end to end: the same keys on both ends, and only there
+    a_keys = {s.send_key for s in a.links.sessions() if s.slot == route.slot}
+    c_slot = c._slot_of(lab.idents[1].node_id)
+    assert c_slot is not None
+    c_keys = {s.recv_key for s in c.links.sessions() if s.slot == c_slot}
+    assert a_keys and a_keys <= c_keys
+    assert any(isinstance(e, ev.RouteAdded) for e in a.events())
+
+
+def test_an_unknown_address_is_a_negative_answer() -> None:
+    lab = Lab(3)
+    lab.run(15)
+    a = lab.cores[1]
+    a.route_miss(IPv4Address("100.64.0.200"), lab.now, lab.wall())
+    lab.run(2)
+    assert not a.routes()
+    assert any(isinstance(e, ev.ResolveFailed) for e in a.events())
+    a.route_miss(IPv4Address("100.64.0.200"), lab.now, lab.wall())
+    assert a.counters["resolve_negative_cached"] == 1
+
+
+def test_a_record_signed_by_another_member_is_not_a_route() -> None:
+    lab = Lab(4)
+    lab.run(15)
+    mallory = lab.cores[3]
+    # mallory signs a record naming node 2, which never claimed that address
+    rid = mallory.dht.create(b"ip:lab:100.64.0.99", lab.idents[2].node_id, 300.0, lab.now)
+    lab.run(2)
+    (result,) = mallory.dht_results()
+    assert result.request_id == rid and not result.ok and result.reason == "refused"
+    a = lab.cores[1]
+    a.route_miss(IPv4Address("100.64.0.99"), lab.now, lab.wall())
+    lab.run(2)
+    assert not a.routes()
+    assert any(getattr(e, "name", "") == "resolve_failed" for e in a.events())
+
+
+def test_a_dead_neighbour_is_closed_and_its_routes_dropped() -> None:
+    lab = Lab(5)
+    lab.run(20)
+    a = lab.cores[1]
+    a.route_miss(vip(2), lab.now, lab.wall())
+    lab.run(2)
+    assert a.routes()
+    dead = 2
+    lab.blocked |= {frozenset((dead, j)) for j in range(5) if j != dead}
+    lab.run(40)
+    assert not any(r.addresses == (str(vip(dead)),) and r.up for r in a.routes())
+    assert lab.idents[dead].node_id not in direct_ids(a)
+
+
+@pytest.mark.parametrize("junk", [b"", b"\x01", b"\x01\x99garbage", bytes(range(256))])
+def test_junk_on_a_link_is_a_counted_drop(junk: bytes) -> None:
+    lab = Lab(2)
+    lab.run(10)
+    a = lab.cores[0]
+    slot = a._slot_of(lab.idents[1].node_id)
+    assert slot is not None
+    a.receive_overlay(slot, junk, lab.now, lab.wall())
+    assert sum(v for k, v in a.counters.items() if k.startswith("overlay_dropped")) == 1
+
+
+def test_a_restarted_node_resyncs_peers_that_kept_its_old_sessions() -> None:
+    """Node 2 restarts (same key, same endpoint); node 1 still holds sessions with its old
+    incarnation and sends on them. The new node 2 cannot open them, says so
+    (``unknown_session``), and one handshake later node 1 sends on the new session."""
+    lab = Lab(3)
+    lab.run(15)
+    old = lab.cores[2]
+    fresh = RoutingCore(
+        identity=old.identity,
+        certificate=old.links.certificate,
+        ca=old.links.ca,
+        namespace="lab",
+        address=vip(2),
+        peers=[],
+        bootstrap=[endpoint(0)],
+        revoked=RevocationList.empty(),
+        rng=random.Random(99),
+        entropy=rng_from(99),
+    )
+    lab.cores[2] = fresh
+    slot = lab.cores[1]._slot_of(lab.idents[2].node_id)
+    assert slot is not None
+    stale = {s.send_key for s in lab.cores[1].links.sessions() if s.slot == slot}
+    fresh.unknown_session(endpoint(1), lab.now, lab.wall())  # overlay_io saw node 1's datagram
+    lab.deliver()
+    newest = lab.cores[1].links.links[slot].sessions[-1]
+    assert newest.send_key not in stale and newest.confirmed
+    assert newest.send_key in {s.recv_key for s in fresh.links.sessions()}
+    assert fresh.counters["resyncs"] == 1
+    fresh.unknown_session(endpoint(1), lab.now, lab.wall())  # just made: no second handshake
+    assert fresh.counters["resyncs"] == 1
