@@ -8,12 +8,12 @@ import random
 from ipaddress import IPv4Address, IPv4Network
 
 import dnslib
-from tests.test_routing import Lab
 
 from pipeline.control import events as ev
 from pipeline.control.addressing import Addressing, AddressingSettings
 from pipeline.control.dhcp import DhcpMessage, MessageType, Option, decode, encode
 from pipeline.wire import ethernet, ipv4, udp
+from tests.test_routing import Lab
 
 SUBNET = IPv4Network("100.64.0.0/24")
 GATEWAY = IPv4Address("100.64.0.254")
