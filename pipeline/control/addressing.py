@@ -323,8 +323,8 @@ class Addressing:
         elif rid in self._names and isinstance(event, CreateResult):
             label = self._names.pop(rid)
             if event.ok:
-                address = str(self._registered.get(label))
-                self._events.append(ev.NameRegistered(host=label, address=address))
+                held = str(self._registered.get(label))
+                self._events.append(ev.NameRegistered(host=label, address=held))
             else:
                 self._registered.pop(label, None)
                 holder = event.holder.hex() if event.holder else None

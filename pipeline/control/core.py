@@ -242,7 +242,7 @@ class ControlCore:
 
     def next_deadline(self) -> float:
         """When ``handle_timer`` must next be called."""
-        times = [self.liveness.next_deadline(), self._publish_at]
+        times: list[float | None] = [self.liveness.next_deadline(), self._publish_at]
         if self.routing is not None:
             times.append(self.routing.next_deadline())
         if self.addressing is not None:
