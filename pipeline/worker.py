@@ -168,41 +168,68 @@ class Worker:
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self) -> int:
+        """The worker's life in its own process: start, loop until told to stop, close."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         self.watch(wake_r, lambda: _drain_fd(wake_r))
-        self.dealer = self.zmq.socket(zmq.DEALER)
-        self.dealer.setsockopt(zmq.LINGER, 0)
-        self.dealer.setsockopt(zmq.SNDHWM, 100)
-        self.dealer.setsockopt(zmq.IDENTITY, f"{self.stage}:{self.index}".encode())
-        self.dealer.connect(endpoint(self.settings.node.runtime_dir, SUPERVISOR_SOCKET))
-        self.watch(self.dealer, self._on_supervisor)
         try:
-            self.setup()
+            self.start()
         except StageIOError as exc:
             self.log.error("worker_failed", phase="setup", error=str(exc))
             return 1
-        stages = self.settings.stages
-        self.every(stages.heartbeat_interval_s, self._heartbeat)
-        self.every(
-            stages.stats_interval_s, lambda now: self.log.info("stats_reported", **self.stats())
-        )
-        self.dealer.send(messages.encode(messages.Ready(self.stage, self.index, os.getpid())))
-        self.log.info("worker_started")
         try:
             self._loop()
         except StageIOError as exc:
             self.log.error("worker_failed", error=str(exc))
             return 1
         finally:
-            self.teardown()
-            for ring in self._rings:
-                ring.close()
+            self.close()
         self.log.info("worker_stopped", **self.stats())
-        self.dealer.close(0)
         return 0
+
+    def start(self) -> None:
+        """Connect to the supervisor, set the stage up, say READY. Raises StageIOError."""
+        self.dealer = self.zmq.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.setsockopt(zmq.SNDHWM, 100)
+        self.dealer.setsockopt(zmq.IDENTITY, str(self.id).encode())
+        self.dealer.connect(endpoint(self.settings.node.runtime_dir, SUPERVISOR_SOCKET))
+        self.watch(self.dealer, self._on_supervisor)
+        self.setup()
+        stages = self.settings.stages
+        self.every(stages.heartbeat_interval_s, self._heartbeat)
+        self.every(
+            stages.stats_interval_s, lambda now: self.log.info("stats_reported", **self.stats())
+        )
+        ready = messages.Ready(self.stage, self.index, os.getpid())
+        self.dealer.send(messages.encode(ready), zmq.NOBLOCK)
+        self.log.info("worker_started")
+
+    def step(self, timeout: float = 0.0) -> int:
+        """One turn of the loop, for running several workers in one process (tests): do what
+        is ready, handle ZeroMQ, timers and the deadline, then wait at most ``timeout``
+        seconds for a file to become readable. Returns how many items ``work`` handled."""
+        done = self.work()
+        pending = self._service_zmq()
+        now = time.monotonic()
+        due = self._run_timers(now)
+        wait = 0.0 if (done or pending) else min(timeout, max(0.0, due - now))
+        for fd, _ in self.epoll.poll(wait):
+            handler = self._handlers.get(fd)
+            if handler is not None:
+                handler()
+        return done
+
+    def close(self) -> None:
+        """Close devices, sockets and rings (after ``start``)."""
+        self.teardown()
+        for ring in self._rings:
+            ring.close()
+        self._rings.clear()
+        if hasattr(self, "dealer"):
+            self.dealer.close(0)
 
     def _loop(self) -> None:
         last_check = 0.0
