@@ -22,8 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from supervisor.lab import Node, routed_nodes  # noqa: E402
-from supervisor.netns import Testbed  # noqa: E402
+from supervisor.testbed import Node, Testbed, routed_nodes  # noqa: E402
 
 DOMAIN = "vpn.test"
 GATEWAY = "100.64.0.254"

@@ -1,7 +1,7 @@
 """End-to-end benchmark: autovn, plaintext and encrypted, against the bare veth and Debian VPNs.
 
 What it measures, in one run, for up to six setups built on the same pair of network
-namespaces (``supervisor.lab.two_nodes``: a veth pair with underlay 198.18.0.1/.2), one after
+namespaces (``supervisor.testbed.two_nodes``: a veth pair with underlay 198.18.0.1/.2), one after
 the other in this order:
 
 1. **raw veth** - before any node is started: traffic between the underlay addresses
@@ -12,7 +12,7 @@ the other in this order:
    overlay_io -> classifier -> tap_reader -> TAP. The nodes are then stopped
    (``supervisor stop``) and the bench waits until their processes, TAP and UDP port are gone.
 3. **encrypted** - new nodes with new configs and state in the same namespaces, both certified
-   by a fresh network authority (``supervisor.lab.Authority``) and naming each other's key
+   by a fresh network authority (``supervisor.testbed.Authority``) and naming each other's key
    (Noise IK handshake), every frame sealed with ChaCha20-Poly1305: the same traffic again.
    The nodes are stopped like the plaintext ones if Debian peers follow.
 4. **tinc** - Debian's ``tincd`` 1.0, one per namespace, switch mode over a TAP (MTU 1400, as
@@ -100,18 +100,19 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.peers.debian import PEERS, PeerDaemon  # noqa: E402
-from supervisor.lab import (  # noqa: E402
+from supervisor.testbed import (  # noqa: E402
     DEVICE,
     PORT,
     UNDERLAY,
     VIRTUAL,
     Authority,
+    Namespace,
     Node,
+    Testbed,
     two_nodes,
     wait_for,
     write_config,
 )
-from supervisor.netns import Namespace, Testbed  # noqa: E402
 
 RESULTS_DIR = REPO / "bench" / "results"
 IDLE_SECONDS = 10.0
@@ -598,7 +599,7 @@ def settled_health(nodes: list[Node], timeout: float = 10.0) -> dict[str, dict[s
     """:func:`node_health` of ``nodes`` once their counters have caught up with the traffic.
 
     Worker counters reach ``status`` with the workers' heartbeats (every
-    ``heartbeat_interval_s``, 1 s in the lab), so right after the last iperf3 run they may lack
+    ``heartbeat_interval_s``, 1 s in the test bed), so right after the last iperf3 run they may lack
     its final second. Read until the overlay bytes sent grow by less than 1 MB (keepalives only)
     between two reads more than a heartbeat apart.
     """

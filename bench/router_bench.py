@@ -92,17 +92,18 @@ from bench.pipeline_bench import (  # noqa: E402
     stop_nodes,
     ticks_between,
 )
-from supervisor.lab import (  # noqa: E402
+from supervisor.testbed import (  # noqa: E402
     DOMAIN,
     Authority,
     DhcpClient,
     Machine,
+    Namespace,
     Node,
+    Testbed,
     node_config,
     start_all,
     wait_for,
 )
-from supervisor.netns import Namespace, Testbed  # noqa: E402
 
 RESULTS_DIR = REPO / "bench" / "results"
 SITES = ("198.18.0.1", "198.18.0.2")  # the underlay link between site A and site B

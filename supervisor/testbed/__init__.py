@@ -1,0 +1,90 @@
+"""The test bed: real autovn nodes in throw-away network namespaces on this one machine.
+
+The integration tests, the benchmarks in ``bench/`` and ``supervisor demo`` build their
+networks with it; the product (``supervisor start`` and its workers) never imports it.
+
+Modules:
+
+- ``netns``: ``Testbed`` and ``Namespace``: namespaces, veth links, bridges, tc, processes
+  started inside and ended by pid, and the cleanup that removes all of it (also on signals);
+  pure standard library, and the place of the project's network rules.
+- ``nodes``: ``Node`` (one ``supervisor start`` in a namespace, and its waits), its config
+  (``node_config``, ``write_config``), ``Authority``, ``start_all``, ``wait_for`` and the
+  test network's addresses.
+- ``layouts``: ready-made networks: ``two_nodes``, ``overlay_nodes``, ``routed_nodes``,
+  ``router_segment``.
+- ``dhclient``: ``DhcpClient``, ISC dhclient kept inside its namespace, and its leases.
+- ``demo``: ``supervisor demo``, five nodes on two segments, shown working.
+
+The API, re-exported here::
+
+    with Testbed("avx") as tb:                       # removed on exit, failure, Ctrl-C
+        a, b = two_nodes(tb, tmp)                    # started, peers up
+        a.ping(b.address)
+        a.status()                                   # status --json, parsed
+"""
+
+from supervisor.testbed.dhclient import DhcpClient, DhcpError, DhcpLease, parse_leases
+from supervisor.testbed.layouts import (
+    Machine,
+    overlay_nodes,
+    routed_nodes,
+    router_segment,
+    two_nodes,
+)
+from supervisor.testbed.netns import (
+    CommandError,
+    Namespace,
+    NetnsError,
+    QdiscUnavailable,
+    Testbed,
+    leftover_etc_netns,
+    leftover_namespaces,
+    require_root,
+)
+from supervisor.testbed.nodes import (
+    DEVICE,
+    DOMAIN,
+    PORT,
+    SUBNET,
+    UNDERLAY,
+    VIRTUAL,
+    Authority,
+    Node,
+    node_config,
+    start_all,
+    wait_for,
+    write_config,
+)
+
+__all__ = [
+    "DEVICE",
+    "DOMAIN",
+    "PORT",
+    "SUBNET",
+    "UNDERLAY",
+    "VIRTUAL",
+    "Authority",
+    "CommandError",
+    "DhcpClient",
+    "DhcpError",
+    "DhcpLease",
+    "Machine",
+    "Namespace",
+    "NetnsError",
+    "Node",
+    "QdiscUnavailable",
+    "Testbed",
+    "leftover_etc_netns",
+    "leftover_namespaces",
+    "node_config",
+    "overlay_nodes",
+    "parse_leases",
+    "require_root",
+    "routed_nodes",
+    "router_segment",
+    "start_all",
+    "two_nodes",
+    "wait_for",
+    "write_config",
+]
