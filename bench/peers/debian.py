@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.harness import tail
 from supervisor.testbed import UNDERLAY, Namespace, Testbed, wait_for
 
 MTU = 1400  # same as the autovn nodes' device (supervisor/testbed/nodes.py)
@@ -59,11 +60,7 @@ class PeerDaemon:
         return self.proc.pid, []
 
     def tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_file.read_text(errors="replace")
-        except OSError:
-            return "(no output)"
-        return "\n".join(text.splitlines()[-lines:])
+        return tail(self.log_file, lines, missing="(no output)")
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,11 @@ Modules:
   started inside and ended by pid, and the cleanup that removes all of it (also on signals);
   pure standard library, and the place of the project's network rules.
 - ``nodes``: ``Node`` (one ``supervisor start`` in a namespace, and its waits), its config
-  (``node_config``, ``write_config``), ``Authority``, ``start_all``, ``wait_for`` and the
-  test network's addresses.
-- ``layouts``: ready-made networks: ``two_nodes``, ``overlay_nodes``, ``routed_nodes``,
-  ``router_segment``.
+  (``node_config``, ``write_config``), ``Authority``, ``start_all``, ``stop_all``,
+  ``wait_for`` and the test network's addresses.
+- ``layouts``: ready-made networks: ``two_nodes`` (and its parts ``veth_pair`` and
+  ``node_pair``), ``overlay_nodes``, ``routed_nodes``, ``router_segment`` (and ``member``,
+  one node of them).
 - ``dhclient``: ``DhcpClient``, ISC dhclient kept inside its namespace, and its leases.
 - ``demo``: ``supervisor demo``, five nodes on two segments, shown working.
 
@@ -22,15 +23,19 @@ The API, re-exported here::
         a, b = two_nodes(tb, tmp)                    # started, peers up
         a.ping(b.address)
         a.status()                                   # status --json, parsed
+        stop_all([a, b])                             # supervisor stop; gone
 """
 
 from supervisor.testbed.dhclient import DhcpClient, DhcpError, DhcpLease, parse_leases
 from supervisor.testbed.layouts import (
     Machine,
+    member,
+    node_pair,
     overlay_nodes,
     routed_nodes,
     router_segment,
     two_nodes,
+    veth_pair,
 )
 from supervisor.testbed.netns import (
     CommandError,
@@ -53,6 +58,7 @@ from supervisor.testbed.nodes import (
     Node,
     node_config,
     start_all,
+    stop_all,
     wait_for,
     write_config,
 )
@@ -77,14 +83,18 @@ __all__ = [
     "Testbed",
     "leftover_etc_netns",
     "leftover_namespaces",
+    "member",
     "node_config",
+    "node_pair",
     "overlay_nodes",
     "parse_leases",
     "require_root",
     "routed_nodes",
     "router_segment",
     "start_all",
+    "stop_all",
     "two_nodes",
+    "veth_pair",
     "wait_for",
     "write_config",
 ]

@@ -1,14 +1,16 @@
 """The networks of the test bed: namespaces, links and the nodes on them.
 
-- ``two_nodes``: two namespaces joined by a veth pair (underlay 198.18.0.1/.2) and a node in
-  each (virtual 100.64.0.1/.2) naming the other as a static peer;
+- ``two_nodes``: two namespaces joined by a veth pair (``veth_pair``: underlay
+  198.18.0.1/.2) and a node in each (virtual 100.64.0.1/.2) naming the other as a static
+  peer (``node_pair``: such two nodes, also for a benchmark's next pair);
 - ``overlay_nodes``: nodes on one bridged segment that know only the first node's address;
 - ``routed_nodes``: nodes on several segments joined by a router namespace, with no virtual
   address in their configs (``Node.dhcp`` gets each one);
 - ``router_segment``: a router-mode node serving machine namespaces on its bridge, and a
   remote node in interface mode.
 
-Each certifies its nodes with a fresh ``Authority`` and starts them unless told not to.
+Each certifies its nodes with a fresh ``Authority`` (``member``: one node of such a
+network) and starts them unless told not to.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from supervisor.testbed.nodes import (
     write_config,
 )
 
+NAMES = ("alpha", "beta")  # the nodes of two_nodes, in namespaces "a" and "b"
+
 
 def two_nodes(
     testbed: Testbed,
@@ -44,44 +48,70 @@ def two_nodes(
     """Two nodes on a veth pair, certified by a fresh authority (``secure``; with
     ``peer_keys`` each names the other's public key, so the handshake is Noise IK, else XX),
     or in plaintext for measuring the pipeline alone."""
+    ns_a, ns_b = veth_pair(testbed)
+    a, b = node_pair(
+        ns_a,
+        ns_b,
+        tmp,
+        secure=secure,
+        peer_keys=peer_keys,
+        security_lines=security_lines,
+        stages=stages,
+    )
+    if start:
+        start_all((a, b), peers_up=True)
+    return a, b
+
+
+def veth_pair(testbed: Testbed) -> tuple[Namespace, Namespace]:
+    """The namespaces of :func:`two_nodes`, "a" and "b", joined by a veth pair with the
+    underlay addresses 198.18.0.1/24 and .2/24."""
     ns_a = testbed.namespace("a")
     ns_b = testbed.namespace("b")
     testbed.link(ns_a, ns_b, f"{UNDERLAY[0]}/24", f"{UNDERLAY[1]}/24")
-    names = ("alpha", "beta")
-    authority = Authority.create(tmp / "authority") if secure else None
+    return ns_a, ns_b
+
+
+def node_pair(
+    ns_a: Namespace,
+    ns_b: Namespace,
+    root: Path,
+    *,
+    secure: bool = True,
+    peer_keys: bool = True,
+    security_lines: tuple[str, ...] = (),
+    stages: dict[str, int] | None = None,
+) -> tuple[Node, Node]:
+    """The two nodes of :func:`two_nodes` (alpha in ``ns_a``, beta in ``ns_b``), not
+    started, with their directories under ``root/alpha`` and ``root/beta`` (and, if
+    ``secure``, a fresh authority in ``root/authority``)."""
+    authority = Authority.create(root / "authority") if secure else None
     keys: list[str | None] = [None, None]
     if authority is not None:
-        for me, name in enumerate(names):
-            keys[me] = authority.certify(tmp / name / "state", name).public_key.hex()
+        for me, name in enumerate(NAMES):
+            keys[me] = authority.certify(root / name / "state", name).public_key.hex()
     nodes = []
-    for me, (name, ns) in enumerate(zip(names, (ns_a, ns_b), strict=True)):
+    for me, (name, ns) in enumerate(zip(NAMES, (ns_a, ns_b), strict=True)):
         peer = 1 - me
-        root = tmp / name
         config = write_config(
-            root,
+            root / name,
             name,
             me,
             peer,
-            names[peer],
+            NAMES[peer],
             ca=authority.path if authority else None,
             peer_key=keys[peer] if peer_keys else None,
             stages=stages,
             security_lines=security_lines,
         )
-        node = Node(name, ns, config, VIRTUAL[me], UNDERLAY[me], root)
+        node = Node(name, ns, config, VIRTUAL[me], UNDERLAY[me], root / name)
         node.extra["authority"] = authority
         nodes.append(node)
     a, b = nodes
-    if start:
-        for n in (a, b):
-            n.start()
-        for n in (a, b):
-            n.wait_running()
-            n.wait_peers_up()
     return a, b
 
 
-def _member(
+def member(
     ns: Namespace,
     tmp: Path,
     authority: Authority,
@@ -90,11 +120,13 @@ def _member(
     virtual: str | None,
     *,
     first: bool,
-    stages: dict[str, int],
+    stages: dict[str, int] | None = None,
     domain: str | None = None,
+    network_lines: tuple[str, ...] = (),
 ) -> Node:
     """A node certified by ``authority`` that knows only 198.18.0.1 (the first node's
-    underlay address; the first knows none: it founds the overlay)."""
+    underlay address; the first knows none: it founds the overlay), with its directories
+    under ``tmp/<name>``; ``network_lines`` go to its ``[network]`` table."""
     root = tmp / name
     cert = authority.certify(root / "state", name)
     config = node_config(
@@ -106,6 +138,7 @@ def _member(
         bootstrap=() if first else ("198.18.0.1",),
         stages=stages,
         domain=domain,
+        network_lines=network_lines,
     )
     node = Node(name, ns, config, virtual or "", underlay, root)
     node.extra["authority"] = authority
@@ -129,7 +162,7 @@ def overlay_nodes(
         underlay, virtual = f"198.18.0.{i + 1}", f"100.64.0.{i + 1}"
         testbed.attach(ns, hub, bridge, f"{underlay}/24")
         nodes.append(
-            _member(ns, tmp, authority, name, underlay, virtual, first=i == 0, stages=stages)
+            member(ns, tmp, authority, name, underlay, virtual, first=i == 0, stages=stages)
         )
     if start:
         start_all(nodes)
@@ -172,7 +205,7 @@ def routed_nodes(
             for other in range(len(sizes)):
                 if other != k:
                     ns.ip("route", "add", f"198.18.{other}.0/24", "via", f"198.18.{k}.254")
-            node = _member(
+            node = member(
                 ns, tmp, authority, name, underlay, None,
                 first=not nodes, stages=stages, domain=domain,
             )  # fmt: skip
@@ -226,15 +259,9 @@ def router_segment(
     if allowed is not None:
         macs = ", ".join(f'"02:00:5e:10:00:{i:02x}"' for i in allowed)
         lines.append(f"allowed_macs = [{macs}]")
-    far = _member(far_ns, tmp, authority, "far", "198.18.0.1", None, first=True, stages={},
-                  domain=DOMAIN)  # fmt: skip
-    root = tmp / "gw"
-    cert = authority.certify(root / "state", "gw")
-    config = node_config(root, "gw", underlay="198.18.0.2", virtual=None, ca=authority.path,
-                         bootstrap=("198.18.0.1",), domain=DOMAIN,
-                         network_lines=tuple(lines))  # fmt: skip
-    gw = Node("gw", gw_ns, config, "", "198.18.0.2", root)
-    gw.extra["node_id"] = cert.node_id.hex()
+    far = member(far_ns, tmp, authority, "far", "198.18.0.1", None, first=True, domain=DOMAIN)
+    gw = member(gw_ns, tmp, authority, "gw", "198.18.0.2", None, first=False, domain=DOMAIN,
+                network_lines=tuple(lines))  # fmt: skip
     if start:
         start_all([far, gw])
     return gw, far, segment

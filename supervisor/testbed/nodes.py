@@ -2,11 +2,11 @@
 
 A ``Node`` is one ``supervisor start`` in a namespace of a ``Testbed``, with its config,
 state and runtime directories under its own root; it answers for its status, its logs, its
-waits (running, peers up) and its DHCP client (:mod:`supervisor.testbed.dhclient`).
+waits (running, peers up, gone) and its DHCP client (:mod:`supervisor.testbed.dhclient`).
 ``node_config`` writes the config of a test network (the addresses below; ``mtu`` 1400,
 fast keepalives and heartbeats), ``write_config`` that of one of two static peers, and
-``Authority`` is a network authority made for the run. ``start_all`` starts several nodes
-at once. Where the nodes sit is :mod:`supervisor.testbed.layouts`.
+``Authority`` is a network authority made for the run. ``start_all`` and ``stop_all`` start
+and stop several nodes at once. Where the nodes sit is :mod:`supervisor.testbed.layouts`.
 Every wait is bounded; every process belongs to the testbed, which ends it by pid.
 """
 
@@ -48,6 +48,16 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 20.0, every: 
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
 
 
+def _started(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (field 22 of /proc/PID/stat), or None
+    if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(text[text.rfind(")") + 2 :].split()[19])  # after "pid (comm) ": field 3 on
+
+
 @dataclass
 class Node:
     """A node of the test bed. ``address`` is its virtual address: "" for a node configured
@@ -67,6 +77,11 @@ class Node:
     def log_file(self) -> Path:
         return self.root / "run" / "node.log"
 
+    @property
+    def output_file(self) -> Path:
+        """Where the supervisor's stdout and stderr go (appended to at every start)."""
+        return self.root / "supervisor.out"
+
     def cli(
         self, *args: str, check: bool = True, timeout: float = 30
     ) -> subprocess.CompletedProcess[str]:
@@ -74,7 +89,7 @@ class Node:
         return self.ns.run(argv, check=check, timeout=timeout)
 
     def start(self) -> None:
-        with open(self.root / "supervisor.out", "ab") as out:  # the child keeps its own copy
+        with open(self.output_file, "ab") as out:  # the child keeps its own copy
             self.proc = self.ns.popen(
                 [sys.executable, "-m", "supervisor", "start", str(self.config)],
                 stdout=out,
@@ -107,6 +122,41 @@ class Node:
 
         result: dict[str, Any] = wait_for(f"{self.name} peers up", up, timeout)
         return result
+
+    def pids(self) -> tuple[int, list[int]]:
+        """The supervisor's pid and every worker's, from ``status --json``."""
+        st = wait_for(f"{self.name} status", self.status, timeout=15)
+        workers = [int(w["pid"]) for w in st["workers"] if w.get("pid")]
+        return int(st["supervisor_pid"]), workers
+
+    def processes(self) -> list[tuple[int, int]]:
+        """(pid, start time) of the supervisor and each worker: what :meth:`wait_gone`
+        waits for (the start time tells a reused pid apart)."""
+        sup, workers = self.pids()
+        return [(pid, t) for pid in (sup, *workers) if (t := _started(pid)) is not None]
+
+    def wait_gone(self, processes: Sequence[tuple[int, int]], timeout: float = 20.0) -> None:
+        """Wait until the supervisor has exited, ``processes`` (from :meth:`processes`, taken
+        before the stop) are gone, and the TAP device and the UDP port no longer exist in the
+        namespace: the next node can start there."""
+        ns = self.ns
+
+        def exited() -> bool:
+            return self.proc is None or self.proc.poll() is not None
+
+        def processes_gone() -> bool:
+            return all(_started(pid) != start for pid, start in processes)
+
+        def device_gone() -> bool:
+            return ns.run(["ip", "link", "show", "dev", DEVICE], check=False).returncode != 0
+
+        def port_free() -> bool:
+            return not ns.run(["ss", "-Huln", f"sport = :{PORT}"], check=False).stdout.strip()
+
+        wait_for(f"{self.name} supervisor exit", exited, timeout=timeout)
+        wait_for(f"{self.name} processes gone", processes_gone, timeout=timeout)
+        wait_for(f"{self.name} {DEVICE} gone", device_gone, timeout=timeout)
+        wait_for(f"{self.name} UDP port {PORT} free", port_free, timeout=timeout)
 
     def worker_pid(self, stage: str, index: int = 0) -> int:
         st = self.wait_running()
@@ -318,9 +368,24 @@ endpoint = "{UNDERLAY[peer]}:{PORT}"
     )
 
 
-def start_all(nodes: Sequence[Node]) -> None:
-    """Start every node, then wait until each one's workers all run."""
+def start_all(nodes: Sequence[Node], *, peers_up: bool = False) -> None:
+    """Start every node, then wait until each one's workers all run (and, with ``peers_up``,
+    its static peers are up)."""
     for n in nodes:
         n.start()
     for n in nodes:
         n.wait_running()
+        if peers_up:
+            n.wait_peers_up()
+
+
+def stop_all(nodes: Sequence[Node]) -> None:
+    """``supervisor stop`` each node, then wait until each is gone (:meth:`Node.wait_gone`),
+    so that the next nodes start in clean namespaces."""
+    running = [n.processes() for n in nodes]
+    for n in nodes:
+        res = n.cli("stop", str(n.config), check=False, timeout=40)
+        if res.returncode != 0:
+            raise RuntimeError(f"supervisor stop {n.name}: rc {res.returncode}: {res.stderr}")
+    for n, processes in zip(nodes, running, strict=True):
+        n.wait_gone(processes)
