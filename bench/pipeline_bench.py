@@ -66,12 +66,25 @@ setup also the handshake counters of each node's control stage (``links`` in ``s
 --json``) and the pattern, handshakes and sessions of its peer. Results also go to
 ``bench/results/pipeline-<timestamp>.json``.
 
+**Before and after** (``--baseline REV``): the autovn setups (plain, enc) are measured for
+the code of the git revision REV too, in the same run. The bench checks REV out into a
+temporary ``git worktree`` (removed at exit) and starts that tree's nodes with their working
+directory there (``Node.source_tree``: ``python -m`` imports the tree's own ``supervisor`` and
+``pipeline`` first, and the supervisor starts its workers in the same directory); the current
+nodes run this checkout's code. Both run in the same namespaces, never at once, alternating:
+``--repeats`` rounds, each starting the baseline's nodes, measuring one repeat (idle CPU over
+10 s / ``--repeats``, ``--pings`` / ``--repeats`` pings, one iperf3 run each way) and stopping
+them, then the same for the current nodes; so noise on a shared machine hits both alike.
+The baseline gets its own columns (``plaintext@<commit>``) and a block of current/baseline
+ratios: throughput both ways, ping p50 and p99, CPU-s per GB and idle CPU. The configs are
+written by this checkout, so REV must read them (any revision with today's keys).
+
 Run as root from the repository root::
 
     python3 bench/pipeline_bench.py [--setups raw,plain,enc,tinc,tinc-plain,openvpn]
                                     [--seconds 5] [--repeats 3]
                                     [--pings 200] [--scale queues=2,classifier=2,overlay_io=2]
-                                    [--json-only]
+                                    [--baseline REV] [--json-only]
 
 Everything (namespaces, nodes, peer daemons, iperf3 server) lives in a ``Testbed`` and is
 removed on exit, on failure and on Ctrl-C. Nothing touches the root namespace.
@@ -81,10 +94,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +128,15 @@ AUTOVN_RAN = {
     f"UDP {testbed.PORT}",
 }
 NAMES = ("alpha", "beta")
+BASE = "@base"  # the key of a setup measured with the baseline's code: "plain@base"
+COMPARED = (  # the summary's figures in the current/baseline block
+    "tcp_a_to_b_mbit_s",
+    "tcp_b_to_a_mbit_s",
+    "ping_p50_ms",
+    "ping_p99_ms",
+    "cpu_s_per_gb",
+    "idle_cpu_percent_alpha",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,7 +167,7 @@ class PingResult:
 
 @dataclass
 class SetupResult:
-    key: str  # "raw", "plain", "enc", "tinc", "tinc-plain" or "openvpn"
+    key: str  # "raw", "plain", "enc", "tinc", "tinc-plain", "openvpn"; "plain@base", ...
     name: str  # column title
     source: str
     target: str
@@ -264,23 +288,35 @@ def measure(
     log(f"{setup.name}: {args.pings} pings {setup.source} -> {setup.target}")
     setup.ping = run_ping(a.ns, setup.target, args.pings)
     for i in range(args.repeats):
-        for reverse in (False, True):
-            before = cpu_snapshot(cpu_nodes) if cpu_nodes else None
-            others = harness.others_snapshot(testbed_netns)
-            t0 = time.monotonic()
-            run = harness.run_iperf(a.ns, setup.target, args.seconds, reverse, log)
-            wall = time.monotonic() - t0
-            run.others_cores = harness.others_cores(
-                others, harness.others_snapshot(testbed_netns), wall
-            )
-            if before is not None and cpu_nodes:
-                run.cpu_s = cpu_seconds_since(before, cpu_nodes)
-            setup.tcp.append(run)
-            log(
-                f"{setup.name}: run {i + 1}/{args.repeats} {run.direction}: "
-                f"{run.mbit_s:.0f} Mbit/s, retransmits {run.retransmits}, "
-                f"other processes {run.others_cores:.2f} cores"
-            )
+        tcp_round(setup, a, args, cpu_nodes, testbed_netns, i)
+
+
+def tcp_round(
+    setup: SetupResult,
+    a: Vpn,
+    args: argparse.Namespace,
+    cpu_nodes: Sequence[Vpn] | None,
+    testbed_netns: frozenset[int],
+    i: int,
+) -> None:
+    """Repeat ``i``: one iperf3 run a->b and one b->a, with the CPU as :func:`measure` says."""
+    for reverse in (False, True):
+        before = cpu_snapshot(cpu_nodes) if cpu_nodes else None
+        others = harness.others_snapshot(testbed_netns)
+        t0 = time.monotonic()
+        run = harness.run_iperf(a.ns, setup.target, args.seconds, reverse, log)
+        wall = time.monotonic() - t0
+        run.others_cores = harness.others_cores(
+            others, harness.others_snapshot(testbed_netns), wall
+        )
+        if before is not None and cpu_nodes:
+            run.cpu_s = cpu_seconds_since(before, cpu_nodes)
+        setup.tcp.append(run)
+        log(
+            f"{setup.name}: run {i + 1}/{args.repeats} {run.direction}: "
+            f"{run.mbit_s:.0f} Mbit/s, retransmits {run.retransmits}, "
+            f"other processes {run.others_cores:.2f} cores"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,6 +409,138 @@ def measure_peer(
 
 
 # ----------------------------------------------------------------------------------------------
+# the baseline: the same setups with the code of another revision, measured alternately
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A temporary ``git worktree`` of the revision ``--baseline`` names."""
+
+    rev: str  # as given
+    commit: str
+    subject: str
+    root: Path
+
+    @property
+    def short(self) -> str:
+        return self.commit[:7]
+
+
+def git(*args: str) -> str:
+    res = subprocess.run(
+        ["git", "-C", str(harness.REPO), *args], capture_output=True, text=True, timeout=120
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)}: {res.stderr.strip() or res.returncode}")
+    return res.stdout.strip()
+
+
+@contextlib.contextmanager
+def baseline_tree(rev: str, root: Path) -> Iterator[Baseline]:
+    """``rev`` checked out (detached) into the new worktree ``root``; removed on the way out,
+    also on failure and Ctrl-C. Checks that Python started there imports that tree's
+    ``supervisor`` and ``pipeline``, as its nodes will (``-c``, like ``-m``, puts the working
+    directory first on ``sys.path``, before the finder of an editable install)."""
+    commit = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    subject = git("log", "-1", "--format=%s", commit)
+    git("worktree", "add", "--detach", "--quiet", str(root), commit)
+    try:
+        code = "import pipeline, supervisor; print(pipeline.__file__, supervisor.__file__)"
+        res = subprocess.run(
+            [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60
+        )
+        found = [Path(f).resolve() for f in res.stdout.split()]
+        inside = root.resolve()
+        if res.returncode != 0 or not found or any(not f.is_relative_to(inside) for f in found):
+            raise RuntimeError(f"python in {root} imports {found or res.stderr.strip()}")
+        yield Baseline(rev, commit, subject, inside)
+    finally:
+        with contextlib.suppress(Exception):  # an error inside matters more
+            git("worktree", "remove", "--force", str(root))
+
+
+class IperfServer:
+    """The ``iperf3 -s`` the setups measure against, started afresh before each: one whose
+    last test went over a tunnel that was just taken down can stay "busy" for minutes."""
+
+    def __init__(self, tb: testbed.Testbed, ns: testbed.Namespace) -> None:
+        self.tb, self.ns = tb, ns
+        self.proc = harness.start_iperf_server(ns)
+
+    def fresh(self) -> None:
+        self.tb.stop(self.proc)
+        self.proc = harness.start_iperf_server(self.ns)
+
+
+def check_tree(nodes: Sequence[testbed.Node]) -> None:
+    """Each node's supervisor and workers run in its ``source_tree`` (their working
+    directory), so they run that tree's code."""
+    for n in nodes:
+        assert n.source_tree is not None
+        sup, workers = n.pids()
+        for pid in (sup, *workers):
+            cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+            if cwd.resolve() != n.source_tree.resolve():
+                raise RuntimeError(f"{n.name}: pid {pid} runs in {cwd}, not {n.source_tree}")
+
+
+def add_counts(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """``total`` plus ``more``, key by key, in nested dicts of counts."""
+    out = dict(total)
+    for key, value in more.items():
+        if isinstance(value, dict):
+            out[key] = add_counts(out.get(key, {}), value)
+        else:
+            out[key] = out.get(key, 0) + value
+    return out
+
+
+def measure_alternately(
+    setups: tuple[SetupResult, SetupResult],
+    pairs: tuple[list[testbed.Node], list[testbed.Node]],
+    server: IperfServer,
+    args: argparse.Namespace,
+    testbed_netns: frozenset[int],
+) -> None:
+    """The baseline's setup and the current one (``setups``, ``pairs``: baseline first), in
+    ``repeats`` rounds of one repeat each: start the nodes, idle CPU over ``IDLE_SECONDS /
+    repeats``, ``pings / repeats`` pings, one iperf3 run each way, read the counters, stop.
+
+    Across the rounds, each setup's pings are pooled for p50 and p99, its idle CPU is the
+    mean of the rounds', its counters are summed, and its handshakes are the last round's.
+    """
+    count = -(-args.pings // args.repeats)
+    idle_s = IDLE_SECONDS / args.repeats
+    times: dict[str, list[float]] = {s.key: [] for s in setups}
+    idle: dict[str, list[dict[str, float]]] = {s.key: [] for s in setups}
+    rounds = [(i, s, n) for i in range(args.repeats) for s, n in zip(setups, pairs, strict=True)]
+    for k, (i, setup, nodes) in enumerate(rounds):
+        if k > 0:
+            server.fresh()  # (the caller gave the first round a fresh one)
+        encrypted = setup.key.removesuffix(BASE) == "enc"
+        log(f"{setup.name}: round {i + 1}/{args.repeats}: starting nodes")
+        testbed.start_all(nodes, peers_up=True)
+        check_security(nodes, encrypted)
+        check_tree(nodes)
+        log(f"{setup.name}: idle CPU over {idle_s:.1f} s")
+        idle[setup.key].append(idle_cpu_percent(nodes, idle_s))
+        log(f"{setup.name}: {count} pings {setup.source} -> {setup.target}")
+        harness.warm_up(nodes[0].ns, setup.target)
+        times[setup.key] += harness.ping_times(nodes[0].ns, setup.target, count)
+        tcp_round(setup, nodes[0], args, nodes, testbed_netns, i)
+        setup.health = add_counts(setup.health, harness.settled_health(nodes))
+        if encrypted:
+            setup.links = {n.name: handshakes(n) for n in nodes}
+        log(f"{setup.name}: stopping nodes")
+        testbed.stop_all(nodes)
+    for setup in setups:
+        setup.ping = PingResult.of(count * args.repeats, times[setup.key])
+        each = idle[setup.key]
+        setup.idle_cpu_percent = {n: statistics.fmean(r[n] for r in each) for n in each[0]}
+        setup.overlay_check = check_overlay_carried(setup)
+
+
+# ----------------------------------------------------------------------------------------------
 # output
 
 
@@ -429,6 +597,13 @@ def render(result: dict[str, Any], setups: dict[str, SetupResult]) -> str:
         f" ({result['elapsed_s']:.0f} s)",
         "",
     ]
+    if base := result.get("baseline"):
+        lines[-1:] = [
+            f"baseline {base['rev']} = {base['commit'][:7]} ({base['subject']}): measured "
+            f"alternately with the current code, baseline first, one repeat per round "
+            f"({a['repeats']} rounds, nodes started afresh in each)",
+            "",
+        ]
     for key, why in result.get("skipped", {}).items():
         lines.append(f"NOTE: {SETUPS[key]} not measured, column left out: {why}")
     if result.get("skipped"):
@@ -444,6 +619,9 @@ def render(result: dict[str, Any], setups: dict[str, SetupResult]) -> str:
         blocks.append(("ratios against raw veth", to_raw, [f"{n}/{d}" for n, d in to_raw]))
     if versus:
         blocks.append(("autovn against the Debian peers", versus, [f"{n}/{d}" for n, d in versus]))
+    to_base: Cols = [(k, k + BASE) for k in AUTOVN if k + BASE in setups]
+    if to_base:
+        blocks.append(("current/baseline", to_base, [f"{n}/base" for n, _ in to_base]))
     for title, cols, labels in blocks:
         widths = [max(11, len(label) + 2) for label in labels]
         head = "".join(f"{label:>{w}}" for label, w in zip(labels, widths, strict=True))
@@ -464,7 +642,7 @@ def render(result: dict[str, Any], setups: dict[str, SetupResult]) -> str:
     for s in setups.values():
         lines.append(f"  {s.name:<11} {s.source} -> {s.target}: {s.ran}")
     for s in setups.values():
-        if s.key not in ("plain", "enc"):
+        if s.key.removesuffix(BASE) not in ("plain", "enc"):
             continue
         lines.append("")
         for node, health in s.health.items():
@@ -549,14 +727,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="stage knobs for all nodes, e.g. queues=2,classifier=2,overlay_io=2",
     )
     p.add_argument(
+        "--baseline",
+        metavar="REV",
+        default=None,
+        help="also measure plain and enc with the code of git revision REV (a temporary "
+        "worktree), alternately with the current code, and print current/baseline ratios",
+    )
+    p.add_argument(
         "--json-only", action="store_true", help="print the JSON result instead of the table"
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.baseline is not None and not {"plain", "enc"} & set(args.setups):
+        p.error("--baseline compares autovn's code: --setups must hold plain or enc")
+    return args
 
 
 def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, SetupResult]]:
+    if args.baseline is None:
+        return run_setups(args, tmp, None)
+    with baseline_tree(args.baseline, tmp / "baseline") as base:
+        log(f"baseline {base.rev} = {base.short} ({base.subject}) in {base.root}")
+        return run_setups(args, tmp, base)
+
+
+def run_setups(
+    args: argparse.Namespace, tmp: Path, base: Baseline | None
+) -> tuple[dict[str, Any], dict[str, SetupResult]]:
+    """Measure the setups of ``args`` (and, with ``base``, the autovn ones with its code)."""
     result = BENCH.new_result(args, "setups", "seconds", "repeats", "pings")
     result["stages"] = args.scale
+    if base is not None:
+        result["args"]["baseline"] = base.rev
+        result["baseline"] = {"rev": base.rev, "commit": base.commit, "subject": base.subject}
     setups: dict[str, SetupResult] = {}
     skipped: dict[str, str] = {}  # Debian peer setups not measured -> why
     for key in args.setups:
@@ -569,6 +771,13 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, 
             setups[key] = SetupResult(key, peer.title, *peer.virtual, ran=peer.describe)
             continue
         ends = testbed.UNDERLAY if key == "raw" else testbed.VIRTUAL
+        if base is not None and key != "raw":
+            setups[key + BASE] = SetupResult(
+                key + BASE,
+                f"{SETUPS[key]}@{base.short}",
+                *ends,
+                ran=f"{AUTOVN_RAN[key]}; the code of {base.rev} ({base.short})",
+            )
         setups[key] = SetupResult(key, SETUPS[key], ends[0], ends[1], ran=AUTOVN_RAN[key])
     started: list[testbed.Node] = []
     t0 = time.monotonic()
@@ -576,26 +785,39 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, 
         # The namespaces and the veth, once; every pair of nodes runs in them in turn.
         ns_a, ns_b = testbed.veth_pair(tb)
         testbed_netns = frozenset(harness.netns_inode(ns) for ns in (ns_a, ns_b))
-        pairs = {"plain": list(testbed.node_pair(ns_a, ns_b, tmp / "plain", secure=False,
-                                                 stages=args.scale))}  # fmt: skip
+
+        def pair(key: str, tree: Path) -> list[testbed.Node]:
+            secure = key.removesuffix(BASE) == "enc"
+            alpha, beta = testbed.node_pair(
+                ns_a, ns_b, tmp / key, secure=secure, stages=args.scale, source_tree=tree
+            )
+            return [alpha, beta]
+
+        # The plaintext pair always: alpha's namespace is where the raw veth is measured from.
+        pairs = {"plain": pair("plain", harness.REPO)}
         if "enc" in setups:
-            pairs["enc"] = list(testbed.node_pair(ns_a, ns_b, tmp / "enc", stages=args.scale))
-        a = pairs["plain"][0]  # alpha's namespace is where the raw veth is measured from too
+            pairs["enc"] = pair("enc", harness.REPO)
+        if base is not None:
+            pairs |= {k + BASE: pair(k + BASE, base.root) for k in AUTOVN if k + BASE in setups}
+        a = pairs["plain"][0]
         try:
-            server = harness.start_iperf_server(ns_b)
+            server = IperfServer(tb, ns_b)
             if "raw" in setups:
                 measure(setups["raw"], a, args, None, testbed_netns)
-            vpns = [k for k in setups if k != "raw"]
+            vpns = [k for k in setups if k != "raw" and not k.endswith(BASE)]
             for i, key in enumerate(vpns):
                 if i > 0 or "raw" in setups:
-                    # A fresh server per setup: one whose last test's connections went over a
-                    # tunnel that was just taken down can stay "busy" for minutes.
-                    tb.stop(server)
-                    server = harness.start_iperf_server(ns_b)
+                    server.fresh()
+                if key + BASE in setups:
+                    both = (setups[key + BASE], setups[key])
+                    trees = (pairs[key + BASE], pairs[key])
+                    started += trees[0] + trees[1]
+                    measure_alternately(both, trees, server, args, testbed_netns)
+                    continue
                 if key in PEERS:
                     try:
                         measure_peer(setups[key], tb, ns_a, ns_b, tmp / key, args, testbed_netns)
-                    except Exception as exc:  # a baseline that fails must not cost the run
+                    except Exception as exc:  # a peer that fails must not cost the run
                         skipped[key] = f"failed: {exc}"
                         log(f"{setups[key].name}: failed, column dropped: {exc!r}")
                         del setups[key]
@@ -630,7 +852,17 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, 
         }
         for k, s in setups.items()
     }
+    if base is not None:
+        result["baseline"]["current_over_baseline"] = {
+            k: over_baseline(result["summary"], k) for k in AUTOVN if k + BASE in setups
+        }
     return result, setups
+
+
+def over_baseline(summary: dict[str, dict[str, Any]], key: str) -> dict[str, float | None]:
+    """current/baseline of each figure the ratio block shows, for setup ``key``."""
+    now, then = summary[key], summary[key + BASE]
+    return {m: now[m] / then[m] if now[m] is not None and then[m] else None for m in COMPARED}
 
 
 def main(argv: list[str] | None = None) -> int:

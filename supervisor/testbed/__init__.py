@@ -24,6 +24,9 @@ The API, re-exported here::
         a.ping(b.address)
         a.status()                                   # status --json, parsed
         stop_all([a, b])                             # supervisor stop; gone
+
+A node runs the code its working directory finds: ``Node.source_tree`` names another
+checkout (see ``nodes``).
 """
 
 from supervisor.testbed.dhclient import DhcpClient, DhcpError, DhcpLease, parse_leases

@@ -81,10 +81,12 @@ def node_pair(
     peer_keys: bool = True,
     security_lines: tuple[str, ...] = (),
     stages: dict[str, int] | None = None,
+    source_tree: Path | None = None,
 ) -> tuple[Node, Node]:
     """The two nodes of :func:`two_nodes` (alpha in ``ns_a``, beta in ``ns_b``), not
     started, with their directories under ``root/alpha`` and ``root/beta`` (and, if
-    ``secure``, a fresh authority in ``root/authority``)."""
+    ``secure``, a fresh authority in ``root/authority``); ``source_tree``: the code they
+    run (see :class:`Node`)."""
     authority = Authority.create(root / "authority") if secure else None
     keys: list[str | None] = [None, None]
     if authority is not None:
@@ -104,7 +106,9 @@ def node_pair(
             stages=stages,
             security_lines=security_lines,
         )
-        node = Node(name, ns, config, VIRTUAL[me], UNDERLAY[me], root / name)
+        node = Node(
+            name, ns, config, VIRTUAL[me], UNDERLAY[me], root / name, source_tree=source_tree
+        )
         node.extra["authority"] = authority
         nodes.append(node)
     a, b = nodes

@@ -61,7 +61,16 @@ def _started(pid: int) -> int | None:
 @dataclass
 class Node:
     """A node of the test bed. ``address`` is its virtual address: "" for a node configured
-    without one until :meth:`dhcp` has got it a lease."""
+    without one until :meth:`dhcp` has got it a lease.
+
+    ``source_tree``: the root of the source tree whose code the node runs (None: the code
+    the working directory finds). The supervisor and every command of :meth:`cli` start as
+    ``python -m supervisor`` with their working directory there, and ``-m`` puts the
+    working directory first on ``sys.path``, before the finder of an editable install; the
+    supervisor starts its workers as ``python -m pipeline.<stage>`` in the same directory.
+    So a benchmark can run the nodes of two checkouts (one a ``git worktree`` of an older
+    revision) one after the other and compare them.
+    """
 
     name: str
     ns: Namespace
@@ -72,6 +81,7 @@ class Node:
     proc: subprocess.Popen[bytes] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     dhcp_client: DhcpClient | None = None
+    source_tree: Path | None = None
 
     @property
     def log_file(self) -> Path:
@@ -86,7 +96,7 @@ class Node:
         self, *args: str, check: bool = True, timeout: float = 30
     ) -> subprocess.CompletedProcess[str]:
         argv = [sys.executable, "-m", "supervisor", *args]
-        return self.ns.run(argv, check=check, timeout=timeout)
+        return self.ns.run(argv, check=check, timeout=timeout, cwd=self.source_tree)
 
     def start(self) -> None:
         with open(self.output_file, "ab") as out:  # the child keeps its own copy
@@ -94,6 +104,7 @@ class Node:
                 [sys.executable, "-m", "supervisor", "start", str(self.config)],
                 stdout=out,
                 stderr=out,
+                cwd=self.source_tree,
             )
 
     def status(self) -> dict[str, Any] | None:
