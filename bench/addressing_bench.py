@@ -130,7 +130,7 @@ def main() -> int:
                 cached.append(ms)
         out["dns_static_ms"] = summary(static)
         out["dns_host_first_ms"] = summary(host)
-        out["dns_host_cached_ms"] = summary(cached)
+        out["dns_host_cached_ms"] = summary(cached) if cached else None
         out["dns_foreign_refused_ms"] = summary(foreign)
     print(json.dumps(out, indent=2))
     if args.json:
