@@ -476,14 +476,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="underlay rate limits in Mbit/s, measured after the unlimited baseline "
         "(10,50,100,1000; '' for the baseline alone)",
     )
-    harness.traffic_options(
-        p,
-        seconds=3,
-        repeats="runs per measurement",
-        pings=100,
-        fewest_pings=10,
-        pings_per="per run",
-    )
+    harness.traffic_options(p, seconds=3, pings=100, fewest_pings=10,
+                            repeats="runs per measurement", pings_per="per run")  # fmt: skip
     p.add_argument("--modes", type=parse_modes, default=list(MODES), help="interface,router (both)")
     p.add_argument(
         "--machines",
