@@ -95,6 +95,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -102,6 +103,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -459,6 +461,10 @@ def baseline_tree(rev: str, root: Path) -> Iterator[Baseline]:
             git("worktree", "remove", "--force", str(root))
 
 
+def terminated(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
 class IperfServer:
     """The ``iperf3 -s`` the setups measure against, started afresh before each: one whose
     last test went over a tunnel that was just taken down can stay "busy" for minutes."""
@@ -737,14 +743,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--json-only", action="store_true", help="print the JSON result instead of the table"
     )
     args = p.parse_args(argv)
-    if args.baseline is not None and not {"plain", "enc"} & set(args.setups):
-        p.error("--baseline compares autovn's code: --setups must hold plain or enc")
+    if args.baseline is not None:
+        if not {"plain", "enc"} & set(args.setups):
+            p.error("--baseline compares autovn's code: --setups must hold plain or enc")
+        try:
+            git("rev-parse", "--verify", "--quiet", f"{args.baseline}^{{commit}}")
+        except RuntimeError:
+            p.error(f"--baseline {args.baseline}: no such commit in {harness.REPO}")
     return args
 
 
 def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, SetupResult]]:
     if args.baseline is None:
         return run_setups(args, tmp, None)
+    # SIGTERM then ends the run with an exception, as Ctrl-C does (once the testbed's handler
+    # has removed the namespaces), so that the worktree goes too.
+    signal.signal(signal.SIGTERM, terminated)
     with baseline_tree(args.baseline, tmp / "baseline") as base:
         log(f"baseline {base.rev} = {base.short} ({base.subject}) in {base.root}")
         return run_setups(args, tmp, base)
