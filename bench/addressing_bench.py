@@ -22,8 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from supervisor.lab import Node, routed_nodes  # noqa: E402
-from supervisor.netns import Testbed  # noqa: E402
+from supervisor.testbed import Node, Testbed, routed_nodes  # noqa: E402
 
 DOMAIN = "vpn.test"
 GATEWAY = "100.64.0.254"
@@ -131,7 +130,7 @@ def main() -> int:
                 cached.append(ms)
         out["dns_static_ms"] = summary(static)
         out["dns_host_first_ms"] = summary(host)
-        out["dns_host_cached_ms"] = summary(cached)
+        out["dns_host_cached_ms"] = summary(cached) if cached else None
         out["dns_foreign_refused_ms"] = summary(foreign)
     print(json.dumps(out, indent=2))
     if args.json:

@@ -1,7 +1,7 @@
 """End-to-end benchmark: autovn, plaintext and encrypted, against the bare veth and Debian VPNs.
 
 What it measures, in one run, for up to six setups built on the same pair of network
-namespaces (``supervisor.lab.two_nodes``: a veth pair with underlay 198.18.0.1/.2), one after
+namespaces (``supervisor.testbed.two_nodes``: a veth pair with underlay 198.18.0.1/.2), one after
 the other in this order:
 
 1. **raw veth** - before any node is started: traffic between the underlay addresses
@@ -12,7 +12,7 @@ the other in this order:
    overlay_io -> classifier -> tap_reader -> TAP. The nodes are then stopped
    (``supervisor stop``) and the bench waits until their processes, TAP and UDP port are gone.
 3. **encrypted** - new nodes with new configs and state in the same namespaces, both certified
-   by a fresh network authority (``supervisor.lab.Authority``) and naming each other's key
+   by a fresh network authority (``supervisor.testbed.Authority``) and naming each other's key
    (Noise IK handshake), every frame sealed with ChaCha20-Poly1305: the same traffic again.
    The nodes are stopped like the plaintext ones if Debian peers follow.
 4. **tinc** - Debian's ``tincd`` 1.0, one per namespace, switch mode over a TAP (MTU 1400, as
@@ -66,12 +66,25 @@ setup also the handshake counters of each node's control stage (``links`` in ``s
 --json``) and the pattern, handshakes and sessions of its peer. Results also go to
 ``bench/results/pipeline-<timestamp>.json``.
 
+**Before and after** (``--baseline REV``): the autovn setups (plain, enc) are measured for
+the code of the git revision REV too, in the same run. The bench checks REV out into a
+temporary ``git worktree`` (removed at exit) and starts that tree's nodes with their working
+directory there (``Node.source_tree``: ``python -m`` imports the tree's own ``supervisor`` and
+``pipeline`` first, and the supervisor starts its workers in the same directory); the current
+nodes run this checkout's code. Both run in the same namespaces, never at once, alternating:
+``--repeats`` rounds, each starting the baseline's nodes, measuring one repeat (idle CPU over
+10 s / ``--repeats``, ``--pings`` / ``--repeats`` pings, one iperf3 run each way) and stopping
+them, then the same for the current nodes; so noise on a shared machine hits both alike.
+The baseline gets its own columns (``plaintext@<commit>``) and a block of current/baseline
+ratios: throughput both ways, ping p50 and p99, CPU-s per GB and idle CPU. The configs are
+written by this checkout, so REV must read them (any revision with today's keys).
+
 Run as root from the repository root::
 
     python3 bench/pipeline_bench.py [--setups raw,plain,enc,tinc,tinc-plain,openvpn]
                                     [--seconds 5] [--repeats 3]
                                     [--pings 200] [--scale queues=2,classifier=2,overlay_io=2]
-                                    [--json-only]
+                                    [--baseline REV] [--json-only]
 
 Everything (namespaces, nodes, peer daemons, iperf3 server) lives in a ``Testbed`` and is
 removed on exit, on failure and on Ctrl-C. Nothing touches the root namespace.
@@ -81,43 +94,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
-import re
+import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import harness  # noqa: E402
 from bench.peers.debian import PEERS, PeerDaemon  # noqa: E402
-from supervisor.lab import (  # noqa: E402
-    DEVICE,
-    PORT,
-    UNDERLAY,
-    VIRTUAL,
-    Authority,
-    Node,
-    two_nodes,
-    wait_for,
-    write_config,
-)
-from supervisor.netns import Namespace, Testbed  # noqa: E402
+from supervisor import testbed  # noqa: E402
 
-RESULTS_DIR = REPO / "bench" / "results"
+BENCH = harness.Script("pipeline_bench", "bench", "pipeline")
+log = BENCH.log
 IDLE_SECONDS = 10.0
 SCALE_KEYS = ("queues", "classifier", "overlay_io")
-IPERF_PORT = 5201
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 AUTOVN = {"raw": "raw veth", "plain": "plaintext", "enc": "encrypted"}
 SETUPS = AUTOVN | {k: p.title for k, p in PEERS.items()}  # in measuring order
 # (numerator, denominator): every setup against the raw veth, then autovn against the peers
@@ -127,29 +125,24 @@ RATIOS = TO_RAW + VERSUS
 AUTOVN_RAN = {
     "raw": "no VPN: the veth between the underlay addresses 198.18.0.1 <-> 198.18.0.2",
     "plain": "autovn, security.insecure_plaintext = true, 100.64.0.1/.2 (TAP mtu 1400), "
-    f"UDP {PORT}",
-    "enc": f"autovn, Noise IK + ChaCha20-Poly1305, 100.64.0.1/.2 (TAP mtu 1400), UDP {PORT}",
+    f"UDP {testbed.PORT}",
+    "enc": "autovn, Noise IK + ChaCha20-Poly1305, 100.64.0.1/.2 (TAP mtu 1400), "
+    f"UDP {testbed.PORT}",
 }
 NAMES = ("alpha", "beta")
-
-
-def log(msg: str) -> None:
-    """Progress goes to stderr, so stdout holds only the table (or the JSON)."""
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+BASE = "@base"  # the key of a setup measured with the baseline's code: "plain@base"
+COMPARED = (  # the summary's figures in the current/baseline block
+    "tcp_a_to_b_mbit_s",
+    "tcp_b_to_a_mbit_s",
+    "ping_p50_ms",
+    "ping_p99_ms",
+    "cpu_s_per_gb",
+    "idle_cpu_percent_alpha",
+)
 
 
 # ----------------------------------------------------------------------------------------------
 # results
-
-
-@dataclass
-class TcpRun:
-    direction: str  # "a->b" or "b->a"
-    mbit_s: float  # receiver side
-    bytes: int  # receiver side
-    retransmits: int | None  # sender side, if iperf3 reports it
-    cpu_s: float | None = None  # node CPU during the run (autovn only)
-    others_cores: float | None = None  # CPU of processes outside the testbed, in cores
 
 
 @dataclass
@@ -161,16 +154,28 @@ class PingResult:
     mean_ms: float
     max_ms: float
 
+    @classmethod
+    def of(cls, sent: int, times: list[float]) -> PingResult:
+        """From the RTTs (ms) of the replies to ``sent`` echo requests."""
+        return cls(
+            sent=sent,
+            received=len(times),
+            p50_ms=harness.percentile(times, 50),
+            p99_ms=harness.percentile(times, 99),
+            mean_ms=statistics.fmean(times),
+            max_ms=max(times),
+        )
+
 
 @dataclass
 class SetupResult:
-    key: str  # "raw", "plain", "enc", "tinc", "tinc-plain" or "openvpn"
+    key: str  # "raw", "plain", "enc", "tinc", "tinc-plain", "openvpn"; "plain@base", ...
     name: str  # column title
     source: str
     target: str
     ran: str = ""  # what the column ran
     ping: PingResult | None = None
-    tcp: list[TcpRun] = field(default_factory=list)
+    tcp: list[harness.TcpRun] = field(default_factory=list)
     # VPN setups only (idle CPU and CPU per GB also for the Debian peers):
     idle_cpu_percent: dict[str, float] = field(default_factory=dict)  # node name -> % of a core
     health: dict[str, dict[str, Any]] = field(default_factory=dict)  # node name -> node_health
@@ -202,54 +207,26 @@ class SetupResult:
 # CPU accounting from /proc
 
 
-@dataclass(frozen=True)
-class ProcTimes:
-    start: int  # starttime in ticks since boot: tells a reused pid apart
-    own: int  # utime + stime
-    children: int  # cutime + cstime (reaped children)
-
-
-def proc_times(pid: int) -> ProcTimes | None:
-    """utime+stime and cutime+cstime of ``pid`` in clock ticks, or None if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    rest = text[text.rfind(")") + 2 :].split()  # rest[0] is field 3 (state)
-    return ProcTimes(
-        start=int(rest[19]),
-        own=int(rest[11]) + int(rest[12]),
-        children=int(rest[13]) + int(rest[14]),
-    )
-
-
-Vpn = Node | PeerDaemon  # what the CPU accounting reads: autovn nodes or Debian peer daemons
-
-
-def node_pids(node: Vpn) -> tuple[int, list[int]]:
-    """The supervisor pid and every worker pid of ``node``, from ``status --json``; for a
-    Debian peer, its daemon's pid (counted like a supervisor: own and reaped children's CPU)."""
-    if isinstance(node, PeerDaemon):
-        return node.pids()
-    st = wait_for(f"{node.name} status", node.status, timeout=15)
-    workers = [int(w["pid"]) for w in st["workers"] if w.get("pid")]
-    return int(st["supervisor_pid"]), workers
+# What the CPU accounting reads: autovn nodes or Debian peer daemons. ``pids()`` gives a node's
+# supervisor pid and its workers' (``status --json``), a peer's daemon pid and none (counted
+# like a supervisor: its own and its reaped children's CPU).
+Vpn = testbed.Node | PeerDaemon
 
 
 @dataclass
 class CpuSnapshot:
-    times: dict[int, ProcTimes]
+    times: dict[int, harness.ProcTimes]
     supervisors: list[int]
 
 
 def cpu_snapshot(nodes: Sequence[Vpn]) -> CpuSnapshot:
-    times: dict[int, ProcTimes] = {}
+    times: dict[int, harness.ProcTimes] = {}
     supervisors: list[int] = []
     for node in nodes:
-        sup, workers = node_pids(node)
+        sup, workers = node.pids()
         supervisors.append(sup)
         for pid in (sup, *workers):
-            t = proc_times(pid)
+            t = harness.proc_times(pid)
             if t is not None:
                 times[pid] = t
     return CpuSnapshot(times, supervisors)
@@ -265,19 +242,19 @@ def cpu_seconds_since(before: CpuSnapshot, nodes: Sequence[Vpn]) -> float:
     """
     ticks = 0
     for pid, old in before.times.items():
-        new = proc_times(pid)
+        new = harness.proc_times(pid)
         if new is None or new.start != old.start:
             continue
         ticks += new.own - old.own
         if pid in before.supervisors:
             ticks += new.children - old.children
     for node in nodes:
-        for pid in node_pids(node)[1]:
+        for pid in node.pids()[1]:
             was = before.times.get(pid)
-            now = proc_times(pid)
+            now = harness.proc_times(pid)
             if now is not None and (was is None or now.start != was.start):
                 ticks += now.own
-    return ticks / CLK_TCK
+    return ticks / harness.CLK_TCK
 
 
 def idle_cpu_percent(nodes: Sequence[Vpn], seconds: float) -> dict[str, float]:
@@ -289,160 +266,13 @@ def idle_cpu_percent(nodes: Sequence[Vpn], seconds: float) -> dict[str, float]:
     return {n.name: 100.0 * cpu_seconds_since(snaps[n.name], [n]) / wall for n in nodes}
 
 
-PF_KTHREAD = 0x00200000
-
-
-def netns_inode(ns: Namespace) -> int:
-    return os.stat(f"/run/netns/{ns.name}").st_ino
-
-
-@dataclass(frozen=True)
-class OthersSnapshot:
-    others: dict[int, ProcTimes]  # user-space processes outside the testbed, but this one
-    ours: dict[int, ProcTimes]  # processes inside the testbed's namespaces
-    bench: float  # CPU seconds of this process and its reaped children
-    busy: int  # ticks all CPUs spent in user, nice, system, irq and softirq (/proc/stat)
-
-
-def others_snapshot(testbed_netns: frozenset[int]) -> OthersSnapshot:
-    """What :func:`others_cores` compares: the other work on a possibly shared machine."""
-    me = os.getpid()
-    others: dict[int, ProcTimes] = {}
-    ours: dict[int, ProcTimes] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        pid = int(entry.name)
-        try:
-            inside = os.stat(f"/proc/{pid}/ns/net").st_ino in testbed_netns
-            text = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        rest = text[text.rfind(")") + 2 :].split()  # rest[0] is field 3 (state)
-        if int(rest[6]) & PF_KTHREAD:  # field 9 (flags); kernel threads: see others_cores
-            continue
-        times = ProcTimes(
-            start=int(rest[19]),
-            own=int(rest[11]) + int(rest[12]),
-            children=int(rest[13]) + int(rest[14]),
-        )
-        (ours if inside else others)[pid] = times
-    t = os.times()
-    cpu = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]
-    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in cpu)
-    return OthersSnapshot(
-        others=others,
-        ours=ours,
-        bench=t.user + t.system + t.children_user + t.children_system,
-        busy=user + nice + system + irq + softirq,
-    )
-
-
-def ticks_between(before: dict[int, ProcTimes], after: dict[int, ProcTimes]) -> int:
-    """CPU ticks of the processes of ``after`` since ``before``: what survivors used (own and
-    reaped children's), plus all of what processes started meanwhile used."""
-    ticks = 0
-    for pid, new in after.items():
-        old = before.get(pid)
-        if old is None or old.start != new.start:
-            ticks += new.own + new.children
-        else:
-            ticks += new.own - old.own + new.children - old.children
-    return ticks
-
-
-def others_cores(before: OthersSnapshot, after: OthersSnapshot, wall: float) -> float:
-    """Mean CPU, in cores, of the work that is not the bench's between two snapshots.
-
-    Two estimates, each too high in its own way; the smaller is reported. By process: the
-    user-space processes outside the testbed's namespaces, except the bench; a child reaped
-    meanwhile counts its whole life, even the part before ``before``. By machine: all the busy
-    CPU time of /proc/stat minus the testbed's processes and the bench (with its reaped
-    children: iperf3 client, ping); this also counts kernel work done for the bench's traffic
-    but charged to no process of it (ksoftirqd, irq time).
-    """
-    by_process = ticks_between(before.others, after.others) / CLK_TCK
-    ours = ticks_between(before.ours, after.ours) / CLK_TCK + after.bench - before.bench
-    by_machine = (after.busy - before.busy) / CLK_TCK - ours
-    return max(0.0, min(by_process, by_machine)) / wall
-
-
 # ----------------------------------------------------------------------------------------------
 # traffic
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile, ``q`` in (0, 100]."""
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * q // 100))  # ceil(n * q / 100)
-    return ordered[int(rank) - 1]
-
-
-def run_ping(ns: Namespace, target: str, count: int) -> PingResult:
-    ns.run(["ping", "-c", "3", "-i", "0.2", "-W", "2", target], check=False, timeout=20)  # warm-up
-    res = ns.run(
-        ["ping", "-n", "-c", str(count), "-i", "0.01", "-W", "1", target],
-        check=False,
-        timeout=count * 0.05 + 30,
-    )
-    times = [float(m) for m in re.findall(r"time=([\d.]+) ms", res.stdout)]
-    if not times:
-        raise RuntimeError(f"ping {target}: no replies (rc {res.returncode}): {res.stdout[-300:]}")
-    return PingResult(
-        sent=count,
-        received=len(times),
-        p50_ms=percentile(times, 50),
-        p99_ms=percentile(times, 99),
-        mean_ms=statistics.fmean(times),
-        max_ms=max(times),
-    )
-
-
-def start_iperf_server(ns: Namespace) -> subprocess.Popen[bytes]:
-    """``iperf3 -s`` in ``ns`` (all addresses), tracked by the testbed; waits until it listens."""
-    server = ns.popen(
-        ["iperf3", "-s", "-p", str(IPERF_PORT)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def listening() -> bool:
-        out = ns.run(["ss", "-Htln", f"sport = :{IPERF_PORT}"], check=False).stdout
-        return bool(out.strip())
-
-    wait_for("iperf3 server", listening, timeout=10)
-    return server
-
-
-def iperf_once(ns: Namespace, target: str, seconds: int, reverse: bool) -> dict[str, Any]:
-    argv = ["iperf3", "-c", target, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
-    argv += ["--connect-timeout", "5000", *(["-R"] if reverse else [])]
-    res = ns.run(argv, check=False, timeout=seconds + 40)
-    try:
-        report: dict[str, Any] = json.loads(res.stdout)
-    except json.JSONDecodeError:
-        report = {"error": f"no JSON (rc {res.returncode}): {res.stderr.strip()[-300:]}"}
-    if res.returncode != 0 and "error" not in report:
-        report["error"] = f"rc {res.returncode}"
-    return report
-
-
-def run_iperf(ns: Namespace, target: str, seconds: int, reverse: bool) -> TcpRun:
-    """One iperf3 TCP run (retried once after an error, e.g. "server is busy")."""
-    report = iperf_once(ns, target, seconds, reverse)
-    if "error" in report:
-        log(f"iperf3 to {target} failed ({report['error']}); retrying once")
-        time.sleep(2)
-        report = iperf_once(ns, target, seconds, reverse)
-        if "error" in report:
-            raise RuntimeError(f"iperf3 to {target}: {report['error']}")
-    end = report["end"]
-    return TcpRun(
-        direction="b->a" if reverse else "a->b",
-        mbit_s=end["sum_received"]["bits_per_second"] / 1e6,
-        bytes=int(end["sum_received"]["bytes"]),
-        retransmits=end.get("sum_sent", {}).get("retransmits"),
-    )
+def run_ping(ns: testbed.Namespace, target: str, count: int) -> PingResult:
+    harness.warm_up(ns, target)
+    return PingResult.of(count, harness.ping_times(ns, target, count))
 
 
 def measure(
@@ -460,67 +290,46 @@ def measure(
     log(f"{setup.name}: {args.pings} pings {setup.source} -> {setup.target}")
     setup.ping = run_ping(a.ns, setup.target, args.pings)
     for i in range(args.repeats):
-        for reverse in (False, True):
-            before = cpu_snapshot(cpu_nodes) if cpu_nodes else None
-            others = others_snapshot(testbed_netns)
-            t0 = time.monotonic()
-            run = run_iperf(a.ns, setup.target, args.seconds, reverse)
-            wall = time.monotonic() - t0
-            run.others_cores = others_cores(others, others_snapshot(testbed_netns), wall)
-            if before is not None and cpu_nodes:
-                run.cpu_s = cpu_seconds_since(before, cpu_nodes)
-            setup.tcp.append(run)
-            log(
-                f"{setup.name}: run {i + 1}/{args.repeats} {run.direction}: "
-                f"{run.mbit_s:.0f} Mbit/s, retransmits {run.retransmits}, "
-                f"other processes {run.others_cores:.2f} cores"
-            )
+        tcp_round(setup, a, args, cpu_nodes, testbed_netns, i)
+
+
+def tcp_round(
+    setup: SetupResult,
+    a: Vpn,
+    args: argparse.Namespace,
+    cpu_nodes: Sequence[Vpn] | None,
+    testbed_netns: frozenset[int],
+    i: int,
+) -> None:
+    """Repeat ``i``: one iperf3 run a->b and one b->a, with the CPU as :func:`measure` says."""
+    for reverse in (False, True):
+        before = cpu_snapshot(cpu_nodes) if cpu_nodes else None
+        others = harness.others_snapshot(testbed_netns)
+        t0 = time.monotonic()
+        run = harness.run_iperf(a.ns, setup.target, args.seconds, reverse, log)
+        wall = time.monotonic() - t0
+        run.others_cores = harness.others_cores(
+            others, harness.others_snapshot(testbed_netns), wall
+        )
+        if before is not None and cpu_nodes:
+            run.cpu_s = cpu_seconds_since(before, cpu_nodes)
+        setup.tcp.append(run)
+        log(
+            f"{setup.name}: run {i + 1}/{args.repeats} {run.direction}: "
+            f"{run.mbit_s:.0f} Mbit/s, retransmits {run.retransmits}, "
+            f"other processes {run.others_cores:.2f} cores"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # nodes
 
 
-def certified_pair(
-    ns_a: Namespace, ns_b: Namespace, root: Path, stages: dict[str, int]
-) -> list[Node]:
-    """Two nodes for the namespaces ``two_nodes`` built, as ``two_nodes(secure=True)`` makes
-    them: certified by a fresh authority, each naming the other's public key (Noise IK). New
-    configs, state and runtime directories under ``root``; not started."""
-    authority = Authority.create(root / "authority")
-    keys = [authority.certify(root / name / "state", name).public_key.hex() for name in NAMES]
-    nodes = []
-    for me, (name, ns) in enumerate(zip(NAMES, (ns_a, ns_b), strict=True)):
-        peer = 1 - me
-        config = write_config(
-            root / name,
-            name,
-            me,
-            peer,
-            NAMES[peer],
-            ca=authority.path,
-            peer_key=keys[peer],
-            stages=stages,
-        )
-        node = Node(name, ns, config, VIRTUAL[me], UNDERLAY[me], root / name)
-        node.extra["authority"] = authority
-        nodes.append(node)
-    return nodes
-
-
-def start_nodes(nodes: list[Node]) -> None:
-    for n in nodes:
-        n.start()
-    for n in nodes:
-        n.wait_running()
-        n.wait_peers_up()
-
-
-def check_security(nodes: list[Node], encrypted: bool) -> None:
+def check_security(nodes: list[testbed.Node], encrypted: bool) -> None:
     """The nodes really run the setup they are measured as (the supervisor's and every
     overlay_io worker's ``encrypted`` flag)."""
     for n in nodes:
-        st = wait_for(f"{n.name} status", n.status, timeout=15)
+        st = testbed.wait_for(f"{n.name} status", n.status, timeout=15)
         flags = [bool(st.get("encrypted"))]
         flags += [
             bool((w.get("stats") or {}).get("encrypted"))
@@ -531,92 +340,10 @@ def check_security(nodes: list[Node], encrypted: bool) -> None:
             raise RuntimeError(f"{n.name}: encrypted flags {flags}, expected {encrypted}")
 
 
-def stop_nodes(nodes: list[Node]) -> None:
-    """``supervisor stop`` each node and wait until it is gone (:func:`wait_gone`), so the
-    next nodes start in clean namespaces."""
-    procs: dict[str, list[tuple[int, int]]] = {}
-    for n in nodes:
-        sup, workers = node_pids(n)
-        procs[n.name] = [(pid, t.start) for pid in (sup, *workers) if (t := proc_times(pid))]
-    for n in nodes:
-        res = n.cli("stop", str(n.config), check=False, timeout=40)
-        if res.returncode != 0:
-            raise RuntimeError(f"supervisor stop {n.name}: rc {res.returncode}: {res.stderr}")
-    for n in nodes:
-        wait_gone(n, procs[n.name])
-
-
-def wait_gone(node: Node, procs: list[tuple[int, int]]) -> None:
-    """Wait until ``node``'s supervisor has exited, its processes (pid, start time) are gone,
-    and its TAP device and UDP port no longer exist in its namespace."""
-    ns = node.ns
-
-    def exited() -> bool:
-        return node.proc is None or node.proc.poll() is not None
-
-    def processes_gone() -> bool:
-        return all((t := proc_times(pid)) is None or t.start != start for pid, start in procs)
-
-    def device_gone() -> bool:
-        return ns.run(["ip", "link", "show", "dev", DEVICE], check=False).returncode != 0
-
-    def port_free() -> bool:
-        return not ns.run(["ss", "-Huln", f"sport = :{PORT}"], check=False).stdout.strip()
-
-    wait_for(f"{node.name} supervisor exit", exited, timeout=20)
-    wait_for(f"{node.name} processes gone", processes_gone, timeout=20)
-    wait_for(f"{node.name} {DEVICE} gone", device_gone, timeout=20)
-    wait_for(f"{node.name} UDP port {PORT} free", port_free, timeout=20)
-
-
-def node_health(node: Node) -> dict[str, Any]:
-    """Workers' restarts, ring drops, non-zero worker drop counters and overlay bytes sent."""
-    st = wait_for(f"{node.name} status", node.status, timeout=15)
-    workers = {f"{w['stage']}:{w['worker']}": int(w["restarts"]) for w in st["workers"]}
-    rings = {r["name"]: int(r["drops"]) for r in st["rings"]}
-    worker_drops: dict[str, int] = {}
-    for w in st["workers"]:
-        stats = w.get("stats") or {}
-        found = dict(stats.get("drops") or {})
-        found.update((stats.get("classifier") or {}).get("drops") or {})
-        for key in ("write_drops", "send_errors"):
-            if stats.get(key):
-                found[key] = stats[key]
-        for reason, count in found.items():
-            if count:
-                worker_drops[f"{w['stage']}:{w['worker']} {reason}"] = int(count)
-    sent = sum(int((w.get("stats") or {}).get("bytes_sent") or 0) for w in st["workers"])
-    return {
-        "restarts": workers,
-        "ring_drops": rings,
-        "worker_drops": worker_drops,
-        "overlay_bytes_sent": sent,
-    }
-
-
-def settled_health(nodes: list[Node], timeout: float = 10.0) -> dict[str, dict[str, Any]]:
-    """:func:`node_health` of ``nodes`` once their counters have caught up with the traffic.
-
-    Worker counters reach ``status`` with the workers' heartbeats (every
-    ``heartbeat_interval_s``, 1 s in the lab), so right after the last iperf3 run they may lack
-    its final second. Read until the overlay bytes sent grow by less than 1 MB (keepalives only)
-    between two reads more than a heartbeat apart.
-    """
-    deadline = time.monotonic() + timeout
-    health = {n.name: node_health(n) for n in nodes}
-    while True:
-        time.sleep(1.5)
-        again = {n.name: node_health(n) for n in nodes}
-        grown = sum(again[k]["overlay_bytes_sent"] - health[k]["overlay_bytes_sent"] for k in again)
-        health = again
-        if grown < 1_000_000 or time.monotonic() > deadline:
-            return health
-
-
-def handshakes(node: Node) -> dict[str, Any]:
+def handshakes(node: testbed.Node) -> dict[str, Any]:
     """The control stage's link counters (``links``) and, per peer, pattern, handshakes and
     sessions, from ``status --json``."""
-    st = wait_for(f"{node.name} status", node.status, timeout=15)
+    st = testbed.wait_for(f"{node.name} status", node.status, timeout=15)
     peers = {
         p["name"]: {k: p.get(k) for k in ("state", "pattern", "handshakes", "sessions")}
         for p in st.get("peers") or []
@@ -627,26 +354,24 @@ def handshakes(node: Node) -> dict[str, Any]:
 def check_overlay_carried(avn: SetupResult) -> str:
     """The nodes' overlay_io must have sent at least what the iperf3 receivers got."""
     sent = sum(h["overlay_bytes_sent"] for h in avn.health.values())
-    received = sum(r.bytes for r in avn.tcp)
-    verdict = "ok" if sent >= received else "WARNING: less than iperf3 received, bypassed?"
-    return (
-        f"overlay bytes sent (both nodes) {sent / 1e9:.2f} GB, "
-        f"iperf3 received {received / 1e9:.2f} GB: {verdict}"
-    )
+    return harness.overlay_check(sent, sum(r.bytes for r in avn.tcp))
 
 
 def measure_autovn(
-    setup: SetupResult, nodes: list[Node], args: argparse.Namespace, testbed_netns: frozenset[int]
+    setup: SetupResult,
+    nodes: list[testbed.Node],
+    args: argparse.Namespace,
+    testbed_netns: frozenset[int],
 ) -> None:
     """Start ``nodes``, measure idle CPU, then traffic, then read their counters."""
     encrypted = setup.key == "enc"
     log(f"{setup.name}: starting nodes (stages {scale_text(args.scale)})")
-    start_nodes(nodes)
+    testbed.start_all(nodes, peers_up=True)
     check_security(nodes, encrypted)
     log(f"{setup.name}: idle CPU over {IDLE_SECONDS:.0f} s")
     setup.idle_cpu_percent = idle_cpu_percent(nodes, IDLE_SECONDS)
     measure(setup, nodes[0], args, nodes, testbed_netns)
-    setup.health = settled_health(nodes)
+    setup.health = harness.settled_health(nodes)
     setup.overlay_check = check_overlay_carried(setup)
     if encrypted:
         setup.links = {n.name: handshakes(n) for n in nodes}
@@ -654,9 +379,9 @@ def measure_autovn(
 
 def measure_peer(
     setup: SetupResult,
-    tb: Testbed,
-    ns_a: Namespace,
-    ns_b: Namespace,
+    tb: testbed.Testbed,
+    ns_a: testbed.Namespace,
+    ns_b: testbed.Namespace,
     root: Path,
     args: argparse.Namespace,
     testbed_netns: frozenset[int],
@@ -685,35 +410,144 @@ def measure_peer(
     peer.stop(tb, daemons)
 
 
-def tail(path: Path, lines: int = 15) -> str:
+# ----------------------------------------------------------------------------------------------
+# the baseline: the same setups with the code of another revision, measured alternately
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A temporary ``git worktree`` of the revision ``--baseline`` names."""
+
+    rev: str  # as given
+    commit: str
+    subject: str
+    root: Path
+
+    @property
+    def short(self) -> str:
+        return self.commit[:7]
+
+
+def git(*args: str) -> str:
+    res = subprocess.run(
+        ["git", "-C", str(harness.REPO), *args], capture_output=True, text=True, timeout=120
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)}: {res.stderr.strip() or res.returncode}")
+    return res.stdout.strip()
+
+
+@contextlib.contextmanager
+def baseline_tree(rev: str, root: Path) -> Iterator[Baseline]:
+    """``rev`` checked out (detached) into the new worktree ``root``; removed on the way out,
+    also on failure and Ctrl-C. Checks that Python started there imports that tree's
+    ``supervisor`` and ``pipeline``, as its nodes will (``-c``, like ``-m``, puts the working
+    directory first on ``sys.path``, before the finder of an editable install)."""
+    commit = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    subject = git("log", "-1", "--format=%s", commit)
+    git("worktree", "add", "--detach", "--quiet", str(root), commit)
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(none)"
+        code = "import pipeline, supervisor; print(pipeline.__file__, supervisor.__file__)"
+        res = subprocess.run(
+            [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60
+        )
+        found = [Path(f).resolve() for f in res.stdout.split()]
+        inside = root.resolve()
+        if res.returncode != 0 or not found or any(not f.is_relative_to(inside) for f in found):
+            raise RuntimeError(f"python in {root} imports {found or res.stderr.strip()}")
+        yield Baseline(rev, commit, subject, inside)
+    finally:
+        with contextlib.suppress(Exception):  # an error inside matters more
+            git("worktree", "remove", "--force", str(root))
+
+
+def terminated(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+class IperfServer:
+    """The ``iperf3 -s`` the setups measure against, started afresh before each: one whose
+    last test went over a tunnel that was just taken down can stay "busy" for minutes."""
+
+    def __init__(self, tb: testbed.Testbed, ns: testbed.Namespace) -> None:
+        self.tb, self.ns = tb, ns
+        self.proc = harness.start_iperf_server(ns)
+
+    def fresh(self) -> None:
+        self.tb.stop(self.proc)
+        self.proc = harness.start_iperf_server(self.ns)
+
+
+def check_tree(nodes: Sequence[testbed.Node]) -> None:
+    """Each node's supervisor and workers run in its ``source_tree`` (their working
+    directory), so they run that tree's code."""
+    for n in nodes:
+        assert n.source_tree is not None
+        sup, workers = n.pids()
+        for pid in (sup, *workers):
+            cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+            if cwd.resolve() != n.source_tree.resolve():
+                raise RuntimeError(f"{n.name}: pid {pid} runs in {cwd}, not {n.source_tree}")
+
+
+def add_counts(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """``total`` plus ``more``, key by key, in nested dicts of counts."""
+    out = dict(total)
+    for key, value in more.items():
+        if isinstance(value, dict):
+            out[key] = add_counts(out.get(key, {}), value)
+        else:
+            out[key] = out.get(key, 0) + value
+    return out
+
+
+def measure_alternately(
+    setups: tuple[SetupResult, SetupResult],
+    pairs: tuple[list[testbed.Node], list[testbed.Node]],
+    server: IperfServer,
+    args: argparse.Namespace,
+    testbed_netns: frozenset[int],
+) -> None:
+    """The baseline's setup and the current one (``setups``, ``pairs``: baseline first), in
+    ``repeats`` rounds of one repeat each: start the nodes, idle CPU over ``IDLE_SECONDS /
+    repeats``, ``pings / repeats`` pings, one iperf3 run each way, read the counters, stop.
+
+    Across the rounds, each setup's pings are pooled for p50 and p99, its idle CPU is the
+    mean of the rounds', its counters are summed, and its handshakes are the last round's.
+    """
+    count = -(-args.pings // args.repeats)
+    idle_s = IDLE_SECONDS / args.repeats
+    times: dict[str, list[float]] = {s.key: [] for s in setups}
+    idle: dict[str, list[dict[str, float]]] = {s.key: [] for s in setups}
+    rounds = [(i, s, n) for i in range(args.repeats) for s, n in zip(setups, pairs, strict=True)]
+    for k, (i, setup, nodes) in enumerate(rounds):
+        if k > 0:
+            server.fresh()  # (the caller gave the first round a fresh one)
+        encrypted = setup.key.removesuffix(BASE) == "enc"
+        log(f"{setup.name}: round {i + 1}/{args.repeats}: starting nodes")
+        testbed.start_all(nodes, peers_up=True)
+        check_security(nodes, encrypted)
+        check_tree(nodes)
+        log(f"{setup.name}: idle CPU over {idle_s:.1f} s")
+        idle[setup.key].append(idle_cpu_percent(nodes, idle_s))
+        log(f"{setup.name}: {count} pings {setup.source} -> {setup.target}")
+        harness.warm_up(nodes[0].ns, setup.target)
+        times[setup.key] += harness.ping_times(nodes[0].ns, setup.target, count)
+        tcp_round(setup, nodes[0], args, nodes, testbed_netns, i)
+        setup.health = add_counts(setup.health, harness.settled_health(nodes))
+        if encrypted:
+            setup.links = {n.name: handshakes(n) for n in nodes}
+        log(f"{setup.name}: stopping nodes")
+        testbed.stop_all(nodes)
+    for setup in setups:
+        setup.ping = PingResult.of(count * args.repeats, times[setup.key])
+        each = idle[setup.key]
+        setup.idle_cpu_percent = {n: statistics.fmean(r[n] for r in each) for n in each[0]}
+        setup.overlay_check = check_overlay_carried(setup)
 
 
 # ----------------------------------------------------------------------------------------------
 # output
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "nproc": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "loadavg": os.getloadavg()[0],
-    }
-
-
-def fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def ratio(num: float | None, den: float | None) -> str:
-    if num is None or den is None or den == 0:
-        return "-"
-    value = num / den
-    return f"{value:.1f}" if value >= 10 else f"{value:.2f}" if value >= 0.1 else f"{value:.4f}"
 
 
 @dataclass
@@ -762,28 +596,39 @@ def render(result: dict[str, Any], setups: dict[str, SetupResult]) -> str:
         f"load avg (1 min) at start {m['loadavg']:.2f}",
         f"CPU of other processes on the machine during the iperf3 runs, mean cores (of "
         f"{m['nproc']}): "
-        + ", ".join(f"{s.name} {fmt(s.others_cores(), 2)}" for s in setups.values()),
+        + ", ".join(f"{s.name} {harness.fmt(s.others_cores(), 2)}" for s in setups.values()),
         f"iperf3 TCP 1 stream, {a['seconds']} s x {a['repeats']} per direction; "
         f"{a['pings']} pings at 10 ms; stages {scale_text(result['stages'])}",
         f"measured in this order, same namespaces: {', '.join(s.name for s in setups.values())}"
         f" ({result['elapsed_s']:.0f} s)",
         "",
     ]
+    if base := result.get("baseline"):
+        lines[-1:] = [
+            f"baseline {base['rev']} = {base['commit'][:7]} ({base['subject']}): measured "
+            f"alternately with the current code, baseline first, one repeat per round "
+            f"({a['repeats']} rounds, nodes started afresh in each)",
+            "",
+        ]
     for key, why in result.get("skipped", {}).items():
         lines.append(f"NOTE: {SETUPS[key]} not measured, column left out: {why}")
     if result.get("skipped"):
         lines.append("")
     rows = table_rows(setups, a["repeats"])
     Cols = list[tuple[str, str | None]]  # (setup, None) for values, (num, den) for ratios
-    blocks: list[tuple[str, Cols]] = [("values", [(k, None) for k in setups])]
+    blocks: list[tuple[str, Cols, list[str]]] = [
+        ("values", [(k, None) for k in setups], [s.name for s in setups.values()])
+    ]
     to_raw: Cols = [(n, d) for n, d in TO_RAW if n in setups and d in setups]
     versus: Cols = [(n, d) for n, d in VERSUS if n in setups and d in setups]
     if to_raw:
-        blocks.append(("ratios against raw veth", to_raw))
+        blocks.append(("ratios against raw veth", to_raw, [f"{n}/{d}" for n, d in to_raw]))
     if versus:
-        blocks.append(("autovn against the Debian peers", versus))
-    for title, cols in blocks:
-        labels = [setups[n].name if d is None else f"{n}/{d}" for n, d in cols]
+        blocks.append(("autovn against the Debian peers", versus, [f"{n}/{d}" for n, d in versus]))
+    to_base: Cols = [(k, k + BASE) for k in AUTOVN if k + BASE in setups]
+    if to_base:
+        blocks.append(("current/baseline", to_base, [f"{n}/base" for n, _ in to_base]))
+    for title, cols, labels in blocks:
         widths = [max(11, len(label) + 2) for label in labels]
         head = "".join(f"{label:>{w}}" for label, w in zip(labels, widths, strict=True))
         lines.append(f"{title:<34}" + head)
@@ -793,9 +638,9 @@ def render(result: dict[str, Any], setups: dict[str, SetupResult]) -> str:
             line = f"{row.name:<34}"
             for (n, d), w in zip(cols, widths, strict=True):
                 if d is None:
-                    shown = fmt(row.values[n], row.digits)
+                    shown = harness.fmt(row.values[n], row.digits)
                 else:
-                    shown = ratio(row.values[n], row.values[d])
+                    shown = harness.ratio(row.values[n], row.values[d])
                 line += f"{shown:>{w}}"
             lines.append(line)
         lines.append("")
@@ -803,7 +648,7 @@ def render(result: dict[str, Any], setups: dict[str, SetupResult]) -> str:
     for s in setups.values():
         lines.append(f"  {s.name:<11} {s.source} -> {s.target}: {s.ran}")
     for s in setups.values():
-        if s.key not in ("plain", "enc"):
+        if s.key.removesuffix(BASE) not in ("plain", "enc"):
             continue
         lines.append("")
         for node, health in s.health.items():
@@ -830,14 +675,6 @@ def render(result: dict[str, Any], setups: dict[str, SetupResult]) -> str:
     lines.append("")
     lines.append(f"results: {result['file']}")
     return "\n".join(lines)
-
-
-def write_json(result: dict[str, Any]) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"pipeline-{result['timestamp']}.json"
-    result["file"] = str(path.relative_to(REPO))
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -873,16 +710,6 @@ def scale_text(knobs: dict[str, int]) -> str:
     return ",".join(f"{k}={v}" for k, v in knobs.items()) or "default"
 
 
-def bounded_int(lo: int, hi: int) -> Any:
-    def check(text: str) -> int:
-        value = int(text)
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"{value} not in {lo}..{hi}")
-        return value
-
-    return check
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument(
@@ -891,18 +718,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=list(SETUPS),
         help=f"which setups to measure, measured in this order ({','.join(SETUPS)})",
     )
-    p.add_argument("--seconds", type=bounded_int(1, 120), default=5, help="iperf3 -t (5)")
-    p.add_argument(
-        "--repeats",
-        type=bounded_int(1, 20),
-        default=3,
-        help="iperf3 runs per direction and setup (3)",
-    )
-    p.add_argument(
-        "--pings",
-        type=bounded_int(200, 5000),
-        default=200,
-        help="echo requests per setup, 10 ms apart (200)",
+    harness.traffic_options(
+        p,
+        seconds=5,
+        repeats="iperf3 runs per direction and setup",
+        pings=200,
+        fewest_pings=200,
+        pings_per="per setup, 10 ms apart",
     )
     p.add_argument(
         "--scale",
@@ -911,23 +733,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="stage knobs for all nodes, e.g. queues=2,classifier=2,overlay_io=2",
     )
     p.add_argument(
+        "--baseline",
+        metavar="REV",
+        default=None,
+        help="also measure plain and enc with the code of git revision REV (a temporary "
+        "worktree), alternately with the current code, and print current/baseline ratios",
+    )
+    p.add_argument(
         "--json-only", action="store_true", help="print the JSON result instead of the table"
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.baseline is not None:
+        if not {"plain", "enc"} & set(args.setups):
+            p.error("--baseline compares autovn's code: --setups must hold plain or enc")
+        try:
+            git("rev-parse", "--verify", "--quiet", f"{args.baseline}^{{commit}}")
+        except RuntimeError:
+            p.error(f"--baseline {args.baseline}: no such commit in {harness.REPO}")
+    return args
 
 
 def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, SetupResult]]:
-    result: dict[str, Any] = {
-        "timestamp": datetime.now().strftime("%Y%m%d-%H%M%S"),
-        "machine": machine(),
-        "args": {
-            "setups": args.setups,
-            "seconds": args.seconds,
-            "repeats": args.repeats,
-            "pings": args.pings,
-        },
-        "stages": args.scale,
-    }
+    if args.baseline is None:
+        return run_setups(args, tmp, None)
+    # SIGTERM then ends the run with an exception, as Ctrl-C does (once the testbed's handler
+    # has removed the namespaces), so that the worktree goes too.
+    signal.signal(signal.SIGTERM, terminated)
+    with baseline_tree(args.baseline, tmp / "baseline") as base:
+        log(f"baseline {base.rev} = {base.short} ({base.subject}) in {base.root}")
+        return run_setups(args, tmp, base)
+
+
+def run_setups(
+    args: argparse.Namespace, tmp: Path, base: Baseline | None
+) -> tuple[dict[str, Any], dict[str, SetupResult]]:
+    """Measure the setups of ``args`` (and, with ``base``, the autovn ones with its code)."""
+    result = BENCH.new_result(args, "setups", "seconds", "repeats", "pings")
+    result["stages"] = args.scale
+    if base is not None:
+        result["args"]["baseline"] = base.rev
+        result["baseline"] = {"rev": base.rev, "commit": base.commit, "subject": base.subject}
     setups: dict[str, SetupResult] = {}
     skipped: dict[str, str] = {}  # Debian peer setups not measured -> why
     for key in args.setups:
@@ -939,32 +784,54 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, 
                 continue
             setups[key] = SetupResult(key, peer.title, *peer.virtual, ran=peer.describe)
             continue
-        ends = UNDERLAY if key == "raw" else VIRTUAL
+        ends = testbed.UNDERLAY if key == "raw" else testbed.VIRTUAL
+        if base is not None and key != "raw":
+            setups[key + BASE] = SetupResult(
+                key + BASE,
+                f"{SETUPS[key]}@{base.short}",
+                *ends,
+                ran=f"{AUTOVN_RAN[key]}; the code of {base.rev} ({base.short})",
+            )
         setups[key] = SetupResult(key, SETUPS[key], ends[0], ends[1], ran=AUTOVN_RAN[key])
-    started: list[Node] = []
+    started: list[testbed.Node] = []
     t0 = time.monotonic()
-    with Testbed("avb") as tb:
-        # The namespaces and the veth, once; the nodes two_nodes makes are the plaintext ones.
-        a, b = two_nodes(tb, tmp / "plain", start=False, secure=False, **args.scale)
-        pairs = {"plain": [a, b]}
-        testbed_netns = frozenset(netns_inode(ns) for ns in (a.ns, b.ns))
+    with testbed.Testbed("avb") as tb:
+        # The namespaces and the veth, once; every pair of nodes runs in them in turn.
+        ns_a, ns_b = testbed.veth_pair(tb)
+        testbed_netns = frozenset(harness.netns_inode(ns) for ns in (ns_a, ns_b))
+
+        def pair(key: str, tree: Path) -> list[testbed.Node]:
+            secure = key.removesuffix(BASE) == "enc"
+            alpha, beta = testbed.node_pair(
+                ns_a, ns_b, tmp / key, secure=secure, stages=args.scale, source_tree=tree
+            )
+            return [alpha, beta]
+
+        # The plaintext pair always: alpha's namespace is where the raw veth is measured from.
+        pairs = {"plain": pair("plain", harness.REPO)}
         if "enc" in setups:
-            pairs["enc"] = certified_pair(a.ns, b.ns, tmp / "enc", args.scale)
+            pairs["enc"] = pair("enc", harness.REPO)
+        if base is not None:
+            pairs |= {k + BASE: pair(k + BASE, base.root) for k in AUTOVN if k + BASE in setups}
+        a = pairs["plain"][0]
         try:
-            server = start_iperf_server(b.ns)
+            server = IperfServer(tb, ns_b)
             if "raw" in setups:
                 measure(setups["raw"], a, args, None, testbed_netns)
-            vpns = [k for k in setups if k != "raw"]
+            vpns = [k for k in setups if k != "raw" and not k.endswith(BASE)]
             for i, key in enumerate(vpns):
                 if i > 0 or "raw" in setups:
-                    # A fresh server per setup: one whose last test's connections went over a
-                    # tunnel that was just taken down can stay "busy" for minutes.
-                    tb.stop(server)
-                    server = start_iperf_server(b.ns)
+                    server.fresh()
+                if key + BASE in setups:
+                    both = (setups[key + BASE], setups[key])
+                    trees = (pairs[key + BASE], pairs[key])
+                    started += trees[0] + trees[1]
+                    measure_alternately(both, trees, server, args, testbed_netns)
+                    continue
                 if key in PEERS:
                     try:
-                        measure_peer(setups[key], tb, a.ns, b.ns, tmp / key, args, testbed_netns)
-                    except Exception as exc:  # a baseline that fails must not cost the run
+                        measure_peer(setups[key], tb, ns_a, ns_b, tmp / key, args, testbed_netns)
+                    except Exception as exc:  # a peer that fails must not cost the run
                         skipped[key] = f"failed: {exc}"
                         log(f"{setups[key].name}: failed, column dropped: {exc!r}")
                         del setups[key]
@@ -974,12 +841,12 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, 
                 measure_autovn(setups[key], nodes, args, testbed_netns)
                 if i + 1 < len(vpns):
                     log(f"{setups[key].name}: stopping nodes")
-                    stop_nodes(nodes)
+                    testbed.stop_all(nodes)
         except Exception:
             for n in started:
                 log(
                     f"{n.root.parent.name} {n.name} supervisor output (tail):\n"
-                    f"{tail(n.root / 'supervisor.out')}"
+                    f"{harness.tail(n.output_file)}"
                 )
             raise
     result["elapsed_s"] = round(time.monotonic() - t0, 1)
@@ -999,23 +866,22 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, 
         }
         for k, s in setups.items()
     }
+    if base is not None:
+        result["baseline"]["current_over_baseline"] = {
+            k: over_baseline(result["summary"], k) for k in AUTOVN if k + BASE in setups
+        }
     return result, setups
+
+
+def over_baseline(summary: dict[str, dict[str, Any]], key: str) -> dict[str, float | None]:
+    """current/baseline of each figure the ratio block shows, for setup ``key``."""
+    now, then = summary[key], summary[key + BASE]
+    return {m: now[m] / then[m] if now[m] is not None and then[m] else None for m in COMPARED}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("pipeline_bench: needs root (network namespaces)", file=sys.stderr)
-        return 2
-    try:
-        with tempfile.TemporaryDirectory(prefix="autovn-bench-") as tmp:
-            result, setups = run(args, Path(tmp))
-    except KeyboardInterrupt:
-        log("interrupted; testbed removed")
-        return 130
-    write_json(result)
-    print(json.dumps(result, indent=2) if args.json_only else render(result, setups))
-    return 0
+    return BENCH.main(args, run, render, as_json=args.json_only)
 
 
 if __name__ == "__main__":

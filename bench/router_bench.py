@@ -58,53 +58,22 @@ on failure and on Ctrl-C; nothing touches the root namespace.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.pipeline_bench import (  # noqa: E402
-    CLK_TCK,
-    ProcTimes,
-    TcpRun,
-    bounded_int,
-    machine,
-    netns_inode,
-    others_cores,
-    others_snapshot,
-    percentile,
-    ratio,
-    run_iperf,
-    settled_health,
-    start_iperf_server,
-    stop_nodes,
-    ticks_between,
-)
-from supervisor.lab import (  # noqa: E402
-    DOMAIN,
-    Authority,
-    DhcpClient,
-    Machine,
-    Node,
-    node_config,
-    start_all,
-    wait_for,
-)
-from supervisor.netns import Namespace, Testbed  # noqa: E402
+from bench import harness  # noqa: E402
+from supervisor import testbed  # noqa: E402
 
-RESULTS_DIR = REPO / "bench" / "results"
+BENCH = harness.Script("router_bench", "router-bench", "router")
+log = BENCH.log
 SITES = ("198.18.0.1", "198.18.0.2")  # the underlay link between site A and site B
 WAN = "wan0"  # the veth's name at both ends
 BRIDGE = "br0"
@@ -113,11 +82,6 @@ MODES = ("interface", "router")
 PATHS = ("host", "virtual")
 PATH_NAMES = {"host": "host-to-host", "virtual": "virtual-to-virtual"}
 DEFAULT_LIMITS = (10.0, 50.0, 100.0, 1000.0)
-
-
-def log(msg: str) -> None:
-    """Progress goes to stderr, so stdout holds only the tables (or the JSON)."""
-    print(f"[router-bench] {msg}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,7 +102,7 @@ class Cell:
 
     source: str
     target: str
-    tcp: list[TcpRun] = field(default_factory=list)
+    tcp: list[harness.TcpRun] = field(default_factory=list)
     pings: list[PingRun] = field(default_factory=list)
 
     def mbit(self, direction: str) -> float | None:
@@ -178,49 +142,13 @@ def limit_label(limit: float | None) -> str:
 # CPU of a node's process tree
 
 
-def _stat(pid: int) -> tuple[int, ProcTimes] | None:
-    """(ppid, times) of ``pid`` from /proc/PID/stat, or None if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    rest = text[text.rfind(")") + 2 :].split()  # rest[0] is field 3 (state)
-    times = ProcTimes(
-        start=int(rest[19]),
-        own=int(rest[11]) + int(rest[12]),
-        children=int(rest[13]) + int(rest[14]),
-    )
-    return int(rest[1]), times
-
-
-def tree_times(roots: Sequence[int]) -> dict[int, ProcTimes]:
-    """Times of every process in the trees under ``roots`` (the roots and all descendants)."""
-    stats: dict[int, tuple[int, ProcTimes]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and (found := _stat(int(entry.name))) is not None:
-            stats[int(entry.name)] = found
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    out: dict[int, ProcTimes] = {}
-    todo = [r for r in roots if r in stats]
-    while todo:
-        pid = todo.pop()
-        if pid not in out:
-            out[pid] = stats[pid][1]
-            todo += children.get(pid, [])
-    return out
-
-
-def supervisor_pids(nodes: Sequence[Node]) -> list[int]:
+def supervisor_pids(nodes: Sequence[testbed.Node]) -> list[int]:
     """The supervisor pid of each node (``status --json``), checked to be the root of a tree
     that holds every worker pid the status lists."""
     pids = []
     for n in nodes:
-        st = wait_for(f"{n.name} status", n.status, timeout=15)
-        sup = int(st["supervisor_pid"])
-        workers = {int(w["pid"]) for w in st["workers"] if w.get("pid")}
-        missing = workers - tree_times([sup]).keys()
+        sup, workers = n.pids()
+        missing = set(workers) - harness.tree_times([sup]).keys()
         if missing:
             raise RuntimeError(f"{n.name}: workers {sorted(missing)} not under supervisor {sup}")
         pids.append(sup)
@@ -231,16 +159,9 @@ def supervisor_pids(nodes: Sequence[Node]) -> list[int]:
 # traffic
 
 
-def ping_run(ns: Namespace, target: str, count: int) -> PingRun:
-    res = ns.run(
-        ["ping", "-n", "-c", str(count), "-i", "0.01", "-W", "1", target],
-        check=False,
-        timeout=count * 0.05 + 30,
-    )
-    times = [float(m) for m in re.findall(r"time=([\d.]+) ms", res.stdout)]
-    if not times:
-        raise RuntimeError(f"ping {target}: no replies (rc {res.returncode}): {res.stdout[-300:]}")
-    return PingRun(count, len(times), percentile(times, 50), percentile(times, 90))
+def ping_run(ns: testbed.Namespace, target: str, count: int) -> PingRun:
+    times = harness.ping_times(ns, target, count)
+    return PingRun(count, len(times), harness.percentile(times, 50), harness.percentile(times, 90))
 
 
 @dataclass
@@ -249,10 +170,10 @@ class Path_:
     address and namespace (where the iperf3 server runs), and the node supervisors whose
     trees are charged (none for host-to-host)."""
 
-    client: Namespace
+    client: testbed.Namespace
     source: str
     target: str
-    server: Namespace
+    server: testbed.Namespace
     supervisors: list[int]
 
 
@@ -260,18 +181,23 @@ def measure_path(
     cell: Cell, path: Path_, args: argparse.Namespace, testbed_netns: frozenset[int], what: str
 ) -> None:
     client, target = path.client, path.target
-    client.run(["ping", "-c", "3", "-i", "0.2", "-W", "2", target], check=False, timeout=20)
+    harness.warm_up(client, target)
     for i in range(args.repeats):
         cell.pings.append(ping_run(client, target, args.pings))
         for reverse in (False, True):
-            before = tree_times(path.supervisors) if path.supervisors else None
-            others = others_snapshot(testbed_netns)
+            before = harness.tree_times(path.supervisors) if path.supervisors else None
+            others = harness.others_snapshot(testbed_netns)
             t0 = time.monotonic()
-            run = run_iperf(client, target, args.seconds, reverse)
+            run = harness.run_iperf(client, target, args.seconds, reverse, log)
             wall = time.monotonic() - t0
             if before is not None:
-                run.cpu_s = ticks_between(before, tree_times(path.supervisors)) / CLK_TCK
-            run.others_cores = others_cores(others, others_snapshot(testbed_netns), wall)
+                run.cpu_s = (
+                    harness.ticks_between(before, harness.tree_times(path.supervisors))
+                    / harness.CLK_TCK
+                )
+            run.others_cores = harness.others_cores(
+                others, harness.others_snapshot(testbed_netns), wall
+            )
             cell.tcp.append(run)
             cpu = "" if run.cpu_s is None else f", nodes {run.cpu_s:.2f} cpu-s"
             log(
@@ -281,7 +207,7 @@ def measure_path(
             )
 
 
-def set_limit(tb: Testbed, sites: Sequence[Namespace], limit: float | None) -> None:
+def set_limit(tb: testbed.Testbed, sites: Sequence[testbed.Namespace], limit: float | None) -> None:
     for ns in sites:
         if limit is None:
             tb.clear_qdisc(ns, WAN)
@@ -293,62 +219,37 @@ def set_limit(tb: Testbed, sites: Sequence[Namespace], limit: float | None) -> N
 # the two modes
 
 
-def make_node(
-    ns: Namespace,
-    root: Path,
-    authority: Authority,
-    name: str,
-    underlay: str,
-    *,
-    first: bool,
-    network_lines: tuple[str, ...] = (),
-) -> Node:
-    """A node with no virtual address, certified by ``authority``, knowing only site A's
-    underlay address (site A's node knows none: it founds the overlay)."""
-    node_root = root / name
-    cert = authority.certify(node_root / "state", name)
-    config = node_config(
-        node_root,
-        name,
-        underlay=underlay,
-        virtual=None,
-        ca=authority.path,
-        bootstrap=() if first else (SITES[0],),
-        domain=DOMAIN,
-        network_lines=network_lines,
-    )
-    node = Node(name, ns, config, "", underlay, node_root)
-    node.extra["node_id"] = cert.node_id.hex()
-    return node
-
-
-def reach(client: Namespace, target: str, what: str) -> None:
+def reach(client: testbed.Namespace, target: str, what: str) -> None:
     def ok() -> bool:
         res = client.run(["ping", "-c", "1", "-W", "1", target], check=False, timeout=10)
         return res.returncode == 0
 
-    wait_for(what, ok, timeout=60, every=0.5)
+    testbed.wait_for(what, ok, timeout=60, every=0.5)
 
 
 @dataclass
 class Mode:
     """A running mode: its nodes, its DHCP clients, its paths and its iperf3 servers."""
 
-    nodes: list[Node]
+    nodes: list[testbed.Node]
     paths: dict[str, Path_]
     ran: str
-    clients: list[DhcpClient] = field(default_factory=list)
+    clients: list[testbed.DhcpClient] = field(default_factory=list)
     servers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
 
-def interface_mode(sites: Sequence[Namespace], authority: Authority, root: Path) -> Mode:
+def interface_mode(
+    sites: Sequence[testbed.Namespace], authority: testbed.Authority, root: Path
+) -> Mode:
     a, b = sites
     nodes = [
-        make_node(a, root, authority, "ha", SITES[0], first=True),
-        make_node(b, root, authority, "hb", SITES[1], first=False),
+        testbed.member(a, root, authority, "ha", SITES[0], None, first=True, domain=testbed.DOMAIN),
+        testbed.member(
+            b, root, authority, "hb", SITES[1], None, first=False, domain=testbed.DOMAIN
+        ),
     ]
     log("interface mode: starting ha, hb")
-    start_all(nodes)
+    testbed.start_all(nodes)
     for n in nodes:
         n.dhcp(wait=False)
     for n in nodes:
@@ -370,10 +271,14 @@ def interface_mode(sites: Sequence[Namespace], authority: Authority, root: Path)
 
 
 def router_mode(
-    tb: Testbed, sites: Sequence[Namespace], authority: Authority, root: Path, machines: int
+    tb: testbed.Testbed,
+    sites: Sequence[testbed.Namespace],
+    authority: testbed.Authority,
+    root: Path,
+    machines: int,
 ) -> Mode:
     lines = ('mode = "router"', f'bridge = "{BRIDGE}"', f"dhcp_port = {DHCP_PORT}")
-    segment: list[list[Machine]] = []
+    segment: list[list[testbed.Machine]] = []
     nodes = []
     for k, (site, ns) in enumerate(zip("ab", sites, strict=True)):
         bridge = tb.bridge(ns, BRIDGE)
@@ -382,14 +287,24 @@ def router_mode(
             name = f"m{site}{i + 1}"
             m_ns = tb.namespace(name)
             tb.attach(m_ns, ns, bridge, None, ifname="eth0")
-            client = DhcpClient(m_ns, "eth0", root / name, name, server_port=DHCP_PORT)
-            here.append(Machine(name, m_ns, client))
+            client = testbed.DhcpClient(m_ns, "eth0", root / name, name, server_port=DHCP_PORT)
+            here.append(testbed.Machine(name, m_ns, client))
         segment.append(here)
         nodes.append(
-            make_node(ns, root, authority, f"r{site}", SITES[k], first=k == 0, network_lines=lines)
+            testbed.member(
+                ns,
+                root,
+                authority,
+                f"r{site}",
+                SITES[k],
+                None,
+                first=k == 0,
+                domain=testbed.DOMAIN,
+                network_lines=lines,
+            )
         )
     log(f"router mode: starting ra, rb; {machines} machines per site")
-    start_all(nodes)
+    testbed.start_all(nodes)
     every = [m for here in segment for m in here]
     for m in every:
         m.dhcp.start(wait=False)
@@ -412,26 +327,24 @@ def router_mode(
     return Mode(nodes, paths, ran, [m.dhcp for m in every])
 
 
-def stop_mode(tb: Testbed, mode: Mode) -> None:
+def stop_mode(tb: testbed.Testbed, mode: Mode) -> None:
     """Stop the DHCP clients and iperf3 servers (by pid) and the nodes (``supervisor stop``,
     then wait until their processes, TAPs and ports are gone)."""
     for c in mode.clients:
         c.stop()
     for s in mode.servers:
         tb.stop(s)
-    stop_nodes(mode.nodes)
+    testbed.stop_all(mode.nodes)
 
 
 def health(mode: Mode, results: dict[str, dict[str, Cell]]) -> dict[str, Any]:
     """Each worker's restarts, and whether the overlay carried the virtual iperf3 bytes."""
-    settled = settled_health(mode.nodes)
+    settled = harness.settled_health(mode.nodes)
     sent = sum(h["overlay_bytes_sent"] for h in settled.values())
     received = sum(r.bytes for cells in results.values() for r in cells["virtual"].tcp)
-    verdict = "ok" if sent >= received else "WARNING: less than iperf3 received, bypassed?"
     return {
         "restarts": {name: h["restarts"] for name, h in settled.items()},
-        "overlay_check": f"overlay bytes sent (both nodes) {sent / 1e9:.2f} GB, virtual "
-        f"iperf3 received {received / 1e9:.2f} GB: {verdict}",
+        "overlay_check": harness.overlay_check(sent, received, "virtual iperf3"),
     }
 
 
@@ -443,10 +356,6 @@ def fmt_mbit(value: float | None) -> str:
     if value is None:
         return "-"
     return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
-
-
-def fmt(value: float | None, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 COLUMNS = (  # title, width
@@ -481,16 +390,25 @@ def table(limit: str, by_mode: dict[str, dict[str, Cell]]) -> list[str]:
         for path in PATHS:
             c = cells[path]
             shown_values = [fmt_mbit(v) for v in values(c)[:2]]
-            shown_values += [fmt(v, 3) for v in values(c)[2:]] + [fmt(c.cpu_s_per_gb(), 2)]
+            shown_values += [harness.fmt(v, 3) for v in values(c)[2:]] + [
+                harness.fmt(c.cpu_s_per_gb(), 2)
+            ]
             lines.append(row([mode, PATH_NAMES[path], *shown_values]))
         v, h = values(cells["virtual"]), values(cells["host"])
         lines.append(
-            row([mode, "virtual/host", *(ratio(x, y) for x, y in zip(v, h, strict=True)), "-"])
+            row(
+                [
+                    mode,
+                    "virtual/host",
+                    *(harness.ratio(x, y) for x, y in zip(v, h, strict=True)),
+                    "-",
+                ]
+            )
         )
     if all(m in by_mode for m in MODES):
         r, i = by_mode["router"]["virtual"], by_mode["interface"]["virtual"]
-        compared = [ratio(x, y) for x, y in zip(values(r), values(i), strict=True)]
-        compared.append(ratio(r.cpu_s_per_gb(), i.cpu_s_per_gb()))
+        compared = [harness.ratio(x, y) for x, y in zip(values(r), values(i), strict=True)]
+        compared.append(harness.ratio(r.cpu_s_per_gb(), i.cpu_s_per_gb()))
         lines.append(row(["router/interface", PATH_NAMES["virtual"], *compared]))
     return lines
 
@@ -523,13 +441,6 @@ def render(result: dict[str, Any], cells: dict[str, dict[str, dict[str, Cell]]])
         lines.append(f"  {mode}: {info['overlay_check']}")
     lines += ["", f"results: {result['file']}"]
     return "\n".join(lines)
-
-
-def write_json(result: dict[str, Any]) -> None:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"router-{result['timestamp']}.json"
-    result["file"] = str(path.relative_to(REPO))
-    path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -565,14 +476,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="underlay rate limits in Mbit/s, measured after the unlimited baseline "
         "(10,50,100,1000; '' for the baseline alone)",
     )
-    p.add_argument("--seconds", type=bounded_int(1, 120), default=3, help="iperf3 -t (3)")
-    p.add_argument("--repeats", type=bounded_int(1, 20), default=3, help="runs per measurement (3)")
-    p.add_argument(
-        "--pings", type=bounded_int(10, 5000), default=100, help="echo requests per run (100)"
-    )
+    harness.traffic_options(p, seconds=3, pings=100, fewest_pings=10,
+                            repeats="runs per measurement", pings_per="per run")  # fmt: skip
     p.add_argument("--modes", type=parse_modes, default=list(MODES), help="interface,router (both)")
     p.add_argument(
-        "--machines", type=bounded_int(2, 8), default=2, help="machines per site, router mode (2)"
+        "--machines",
+        type=harness.bounded_int(2, 8),
+        default=2,
+        help="machines per site, router mode (2)",
     )
     p.add_argument("--json", action="store_true", help="print the JSON result, not the tables")
     return p.parse_args(argv)
@@ -581,26 +492,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     limits: list[float | None] = [None, *args.limits]
     labels = [limit_label(x) for x in limits]
-    result: dict[str, Any] = {
-        "timestamp": datetime.now().strftime("%Y%m%d-%H%M%S"),
-        "machine": machine(),
-        "args": {
-            "limits": args.limits,
-            "seconds": args.seconds,
-            "repeats": args.repeats,
-            "pings": args.pings,
-            "modes": args.modes,
-            "machines": args.machines,
-        },
-        "limits": labels,
-        "modes": {},
-    }
+    options = ("limits", "seconds", "repeats", "pings", "modes", "machines")
+    result = BENCH.new_result(args, *options) | {"limits": labels, "modes": {}}
     cells: dict[str, dict[str, dict[str, Cell]]] = {}
     t0 = time.monotonic()
-    with Testbed("avr") as tb:
+    with testbed.Testbed("avr") as tb:
         sites = [tb.namespace("sa"), tb.namespace("sb")]
         tb.link(sites[0], sites[1], f"{SITES[0]}/24", f"{SITES[1]}/24", ifnames=(WAN, WAN))
-        authority = Authority.create(tmp / "authority")
+        authority = testbed.Authority.create(tmp / "authority")
         builders: dict[str, Callable[[], Mode]] = {
             "interface": lambda: interface_mode(sites, authority, tmp / "interface"),
             "router": lambda: router_mode(tb, sites, authority, tmp / "router", args.machines),
@@ -609,9 +508,9 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, 
             set_limit(tb, sites, None)
             try:
                 mode = builders[name]()
-                testbed_netns = frozenset(netns_inode(ns) for ns in tb.namespaces)
+                testbed_netns = frozenset(harness.netns_inode(ns) for ns in tb.namespaces)
                 for server_ns in dict.fromkeys(p.server for p in mode.paths.values()):
-                    mode.servers.append(start_iperf_server(server_ns))
+                    mode.servers.append(harness.start_iperf_server(server_ns))
                 cells[name] = {}
                 for limit, label in zip(limits, labels, strict=True):
                     set_limit(tb, sites, limit)
@@ -644,27 +543,12 @@ def log_tails(root: Path, lines: int = 15) -> None:
     """The end of every node's supervisor output and every DHCP client's log under ``root``
     (after a failure)."""
     for path in sorted([*root.glob("*/supervisor.out"), *root.glob("**/dhclient-*.log")]):
-        try:
-            text = "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            continue
-        log(f"{path.relative_to(root)} (tail):\n{text}")
+        log(f"{path.relative_to(root)} (tail):\n{harness.tail(path, lines)}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("router_bench: needs root (network namespaces)", file=sys.stderr)
-        return 2
-    try:
-        with tempfile.TemporaryDirectory(prefix="autovn-router-bench-") as tmp:
-            result, cells = run(args, Path(tmp))
-    except KeyboardInterrupt:
-        log("interrupted; testbed removed")
-        return 130
-    write_json(result)
-    print(json.dumps(result, indent=2) if args.json else render(result, cells))
-    return 0
+    return BENCH.main(args, run, render, as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -227,7 +227,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from supervisor.demo import run_demo
+    from supervisor.testbed.demo import run_demo
 
     return run_demo(seconds=args.seconds, pings=args.pings, nodes=args.nodes)
 

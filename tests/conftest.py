@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from supervisor.netns import Testbed, leftover_namespaces, require_root
+from supervisor.testbed import Testbed, leftover_namespaces, require_root
 
 
 def require_netns() -> None:

@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.lab import Node, routed_nodes, wait_for
-from supervisor.netns import Testbed
+from supervisor.testbed import Node, Testbed, routed_nodes, wait_for
 
 pytestmark = pytest.mark.netns
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.demo import HEADERS, static_name
-from supervisor.netns import leftover_etc_netns, leftover_namespaces
+from supervisor.testbed import leftover_etc_netns, leftover_namespaces
+from supervisor.testbed.demo import HEADERS, static_name
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(180)]
 

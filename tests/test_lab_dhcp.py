@@ -1,4 +1,4 @@
-"""The lab's real DHCP client (supervisor.lab.DhcpClient, ISC dhclient) against a stand-in
+"""The test bed's real DHCP client (supervisor.testbed.DhcpClient, ISC dhclient) against a stand-in
 server: the project's DHCP core on a TAP, every claim won at once. The client gets a lease
 with every option, writes its namespace's resolv.conf, and leaves the machine's host name,
 resolv.conf and /etc/dhcp alone; release, restart and teardown leave nothing behind."""
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.lab import _LAUNCH, DhcpClient, DhcpError, parse_leases, wait_for
-from supervisor.netns import Namespace, Testbed
+from supervisor.testbed import DhcpClient, DhcpError, Namespace, Testbed, parse_leases, wait_for
+from supervisor.testbed.dhclient import _LAUNCH
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
 

@@ -157,3 +157,32 @@ def test_the_fence_catches_a_violation(tmp_path: Path) -> None:
     assert "overlay_io" in stages
     relative = ast.parse("from ..overlay_io import relay\n")
     assert "pipeline.overlay_io" in imported(relative, "pipeline.classifier.stage")
+
+
+def _imports_testbed(node: ast.AST) -> bool:
+    if isinstance(node, ast.Import):
+        return any(a.name.startswith("supervisor.testbed") for a in node.names)
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        if node.module == "supervisor":
+            return any(a.name == "testbed" for a in node.names)
+        return node.module.startswith("supervisor.testbed")
+    return False
+
+
+def test_the_product_does_not_import_the_test_bed() -> None:
+    """The test bed (``supervisor/testbed/``) is for tests, benchmarks and ``supervisor demo``:
+    no module of the product imports it, but the demo command, when it runs."""
+    product = list((ROOT / "pipeline").rglob("*.py")) + [
+        p for p in (ROOT / "supervisor").rglob("*.py") if "testbed" not in p.relative_to(ROOT).parts
+    ]
+    assert len(product) >= 20
+    for path in product:
+        tree = ast.parse(path.read_text())
+        allowed: set[ast.AST] = set()
+        if path == ROOT / "supervisor" / "cli.py":
+            (demo,) = [
+                n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "cmd_demo"
+            ]
+            allowed = set(ast.walk(demo))
+        found = [n for n in ast.walk(tree) if _imports_testbed(n) and n not in allowed]
+        assert not found, f"{path.relative_to(ROOT)}:{found[0].lineno} imports the test bed"

@@ -1,4 +1,4 @@
-"""The network-namespace testbed (supervisor/netns.py): links, bridges, cleanup, signals, tc.
+"""The namespace testbed (supervisor/testbed/netns.py): links, bridges, cleanup, signals, tc.
 
 Needs root and iproute2: skipped without them, but a failure under CI (which runs as root).
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.netns import (
+from supervisor.testbed.netns import (
     CommandError,
     Namespace,
     NetnsError,
@@ -183,7 +183,7 @@ def test_close_on_exception_in_with_block() -> None:
 CHILD = textwrap.dedent(
     """
     import signal, sys, time
-    from supervisor.netns import Testbed
+    from supervisor.testbed import Testbed
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as an interactive python
     tb = Testbed(prefix="avnt")
     a, b = tb.namespace("a"), tb.namespace("b")
@@ -195,7 +195,7 @@ CHILD = textwrap.dedent(
         sys.exit(0)  # no close(): atexit must clean up
     if sys.argv[1] == "fork":  # a forked child that exits normally must not clean up
         import os
-        from supervisor import netns
+        from supervisor.testbed import netns
         child = os.fork()
         if child == 0:
             sys.exit(0)  # runs atexit in the forked child
@@ -206,7 +206,7 @@ CHILD = textwrap.dedent(
         sys.exit(0)
     if sys.argv[1] == "deferred":  # a signal during creation/close waits until it is done
         import os
-        from supervisor import netns
+        from supervisor.testbed import netns
         with netns._signals_deferred():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.3)

@@ -18,8 +18,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.lab import Node, overlay_nodes, wait_for
-from supervisor.netns import Testbed
+from supervisor.testbed import Node, Testbed, overlay_nodes, wait_for
 
 pytestmark = pytest.mark.netns
 

@@ -18,17 +18,17 @@ from typing import Any
 
 import pytest
 
-from supervisor.lab import (
+from supervisor.testbed import (
     DOMAIN,
     Authority,
     DhcpClient,
     Machine,
     Node,
+    Testbed,
     node_config,
     router_segment,
     wait_for,
 )
-from supervisor.netns import Testbed
 
 pytestmark = pytest.mark.netns
 

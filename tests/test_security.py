@@ -27,18 +27,19 @@ from typing import Any
 import pytest
 
 from pipeline.wire.overlay import HEADER_LEN
-from supervisor.lab import (
+from supervisor.testbed import (
     DEVICE,
     PORT,
     UNDERLAY,
     VIRTUAL,
     Authority,
+    Namespace,
     Node,
+    Testbed,
     two_nodes,
     wait_for,
     write_config,
 )
-from supervisor.netns import Namespace, Testbed
 
 pytestmark = pytest.mark.netns
 

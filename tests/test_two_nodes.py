@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.lab import DEVICE, PORT, UNDERLAY, Node, two_nodes, wait_for
-from supervisor.netns import Testbed
+from supervisor.testbed import DEVICE, PORT, UNDERLAY, Node, Testbed, two_nodes, wait_for
 
 pytestmark = pytest.mark.netns
 

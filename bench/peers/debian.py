@@ -1,8 +1,8 @@
 """tinc and OpenVPN from Debian's packages, as baselines for ``bench/pipeline_bench.py``.
 
-Each peer setup runs one daemon in each of the two namespaces ``supervisor.lab.two_nodes``
+Each peer setup runs one daemon in each of the two namespaces ``supervisor.testbed.two_nodes``
 built (underlay 198.18.0.1/.2 on a veth pair), over a TAP device with MTU 1400 (autovn's
-``mtu`` in the lab), with its own virtual addresses from 100.64.0.0/10 and its own UDP port,
+``mtu`` in the test bed), with its own virtual addresses from 100.64.0.0/10 and its own UDP port,
 configured in a temporary directory. The daemons run in the foreground, started with the
 testbed's ``Namespace.popen`` (``ip netns exec`` execs the daemon, so the tracked pid is the
 daemon's own), and are ended by that pid (``Testbed.stop``); the testbed ends them too on
@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from supervisor.lab import UNDERLAY, wait_for
-from supervisor.netns import Namespace, Testbed
+from bench.harness import tail
+from supervisor.testbed import UNDERLAY, Namespace, Testbed, wait_for
 
-MTU = 1400  # same as the autovn nodes' device in supervisor/lab.py
+MTU = 1400  # same as the autovn nodes' device (supervisor/testbed/nodes.py)
 NAMES = ("alpha", "beta")
 
 
@@ -60,11 +60,7 @@ class PeerDaemon:
         return self.proc.pid, []
 
     def tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_file.read_text(errors="replace")
-        except OSError:
-            return "(no output)"
-        return "\n".join(text.splitlines()[-lines:])
+        return tail(self.log_file, lines, missing="(no output)")
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from supervisor.lab import DOMAIN, Node, routed_nodes, wait_for
-from supervisor.netns import Testbed, require_root
 from supervisor.status import table
+from supervisor.testbed.layouts import routed_nodes
+from supervisor.testbed.netns import Testbed, require_root
+from supervisor.testbed.nodes import DOMAIN, Node, wait_for
 
 TOOLS = ("ping", "iperf3", "dhclient", "getent", "unshare")
 HEADERS = ["node", "address", "name", "static name", "rtt_ms p50", "tcp Mbit/s", "path"]

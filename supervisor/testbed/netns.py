@@ -135,6 +135,7 @@ def _cmd(
     timeout: float = _CMD_TIMEOUT,
     capture: bool = True,
     env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a command in its own session; on timeout kill its whole process group."""
     args = list(argv)
@@ -146,6 +147,7 @@ def _cmd(
         stderr=pipe,
         text=True,
         env=dict(env) if env is not None else None,
+        cwd=cwd,
         # Own session: a Ctrl-C on the terminal does not hit our helper commands (a cleanup
         # `ip netns del` must not die half way), and a timeout can kill the whole group.
         start_new_session=True,
@@ -535,13 +537,15 @@ class Namespace:
         timeout: float = 30,
         capture: bool = True,
         env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` inside this namespace (``ip netns exec NAME argv...``) and wait.
 
         Text mode. ``capture`` collects stdout/stderr; ``check`` raises :class:`CommandError`
         (a ``CalledProcessError``) on a non-zero exit; on ``timeout`` the command's process
         group is killed and ``subprocess.TimeoutExpired`` raised. ``env`` replaces the
-        environment, as in ``subprocess``.
+        environment and ``cwd`` sets the working directory, as in ``subprocess`` (``ip netns
+        exec`` keeps it).
         """
         self._alive()
         return _cmd(
@@ -550,6 +554,7 @@ class Namespace:
             timeout=timeout,
             capture=capture,
             env=env,
+            cwd=cwd,
         )
 
     def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

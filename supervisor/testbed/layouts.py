@@ -1,0 +1,271 @@
+"""The networks of the test bed: namespaces, links and the nodes on them.
+
+- ``two_nodes``: two namespaces joined by a veth pair (``veth_pair``: underlay
+  198.18.0.1/.2) and a node in each (virtual 100.64.0.1/.2) naming the other as a static
+  peer (``node_pair``: such two nodes, also for a benchmark's next pair);
+- ``overlay_nodes``: nodes on one bridged segment that know only the first node's address;
+- ``routed_nodes``: nodes on several segments joined by a router namespace, with no virtual
+  address in their configs (``Node.dhcp`` gets each one);
+- ``router_segment``: a router-mode node serving machine namespaces on its bridge, and a
+  remote node in interface mode.
+
+Each certifies its nodes with a fresh ``Authority`` (``member``: one node of such a
+network) and starts them unless told not to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from supervisor.testbed.dhclient import DhcpClient
+from supervisor.testbed.netns import Namespace, Testbed
+from supervisor.testbed.nodes import (
+    DOMAIN,
+    UNDERLAY,
+    VIRTUAL,
+    Authority,
+    Node,
+    node_config,
+    start_all,
+    write_config,
+)
+
+NAMES = ("alpha", "beta")  # the nodes of two_nodes, in namespaces "a" and "b"
+
+
+def two_nodes(
+    testbed: Testbed,
+    tmp: Path,
+    *,
+    start: bool = True,
+    secure: bool = True,
+    peer_keys: bool = True,
+    security_lines: tuple[str, ...] = (),
+    **stages: int,
+) -> tuple[Node, Node]:
+    """Two nodes on a veth pair, certified by a fresh authority (``secure``; with
+    ``peer_keys`` each names the other's public key, so the handshake is Noise IK, else XX),
+    or in plaintext for measuring the pipeline alone."""
+    ns_a, ns_b = veth_pair(testbed)
+    a, b = node_pair(
+        ns_a,
+        ns_b,
+        tmp,
+        secure=secure,
+        peer_keys=peer_keys,
+        security_lines=security_lines,
+        stages=stages,
+    )
+    if start:
+        start_all((a, b), peers_up=True)
+    return a, b
+
+
+def veth_pair(testbed: Testbed) -> tuple[Namespace, Namespace]:
+    """The namespaces of :func:`two_nodes`, "a" and "b", joined by a veth pair with the
+    underlay addresses 198.18.0.1/24 and .2/24."""
+    ns_a = testbed.namespace("a")
+    ns_b = testbed.namespace("b")
+    testbed.link(ns_a, ns_b, f"{UNDERLAY[0]}/24", f"{UNDERLAY[1]}/24")
+    return ns_a, ns_b
+
+
+def node_pair(
+    ns_a: Namespace,
+    ns_b: Namespace,
+    root: Path,
+    *,
+    secure: bool = True,
+    peer_keys: bool = True,
+    security_lines: tuple[str, ...] = (),
+    stages: dict[str, int] | None = None,
+    source_tree: Path | None = None,
+) -> tuple[Node, Node]:
+    """The two nodes of :func:`two_nodes` (alpha in ``ns_a``, beta in ``ns_b``), not
+    started, with their directories under ``root/alpha`` and ``root/beta`` (and, if
+    ``secure``, a fresh authority in ``root/authority``); ``source_tree``: the code they
+    run (see :class:`Node`)."""
+    authority = Authority.create(root / "authority") if secure else None
+    keys: list[str | None] = [None, None]
+    if authority is not None:
+        for me, name in enumerate(NAMES):
+            keys[me] = authority.certify(root / name / "state", name).public_key.hex()
+    nodes = []
+    for me, (name, ns) in enumerate(zip(NAMES, (ns_a, ns_b), strict=True)):
+        peer = 1 - me
+        config = write_config(
+            root / name,
+            name,
+            me,
+            peer,
+            NAMES[peer],
+            ca=authority.path if authority else None,
+            peer_key=keys[peer] if peer_keys else None,
+            stages=stages,
+            security_lines=security_lines,
+        )
+        node = Node(
+            name, ns, config, VIRTUAL[me], UNDERLAY[me], root / name, source_tree=source_tree
+        )
+        node.extra["authority"] = authority
+        nodes.append(node)
+    a, b = nodes
+    return a, b
+
+
+def member(
+    ns: Namespace,
+    tmp: Path,
+    authority: Authority,
+    name: str,
+    underlay: str,
+    virtual: str | None,
+    *,
+    first: bool,
+    stages: dict[str, int] | None = None,
+    domain: str | None = None,
+    network_lines: tuple[str, ...] = (),
+) -> Node:
+    """A node certified by ``authority`` that knows only 198.18.0.1 (the first node's
+    underlay address; the first knows none: it founds the overlay), with its directories
+    under ``tmp/<name>``; ``network_lines`` go to its ``[network]`` table."""
+    root = tmp / name
+    cert = authority.certify(root / "state", name)
+    config = node_config(
+        root,
+        name,
+        underlay=underlay,
+        virtual=virtual,
+        ca=authority.path,
+        bootstrap=() if first else ("198.18.0.1",),
+        stages=stages,
+        domain=domain,
+        network_lines=network_lines,
+    )
+    node = Node(name, ns, config, virtual or "", underlay, root)
+    node.extra["authority"] = authority
+    node.extra["node_id"] = cert.node_id.hex()
+    return node
+
+
+def overlay_nodes(
+    testbed: Testbed, tmp: Path, count: int, *, start: bool = True, **stages: int
+) -> list[Node]:
+    """``count`` nodes on one bridged segment (underlay 198.18.0.1.., virtual 100.64.0.1..),
+    certified by one authority, with no static peers: each knows only the first node's
+    address (the first knows none: it founds the overlay)."""
+    hub = testbed.namespace("seg")
+    bridge = testbed.bridge(hub, "br0")
+    authority = Authority.create(tmp / "authority")
+    nodes = []
+    for i in range(count):
+        name = f"n{i + 1}"
+        ns = testbed.namespace(name)
+        underlay, virtual = f"198.18.0.{i + 1}", f"100.64.0.{i + 1}"
+        testbed.attach(ns, hub, bridge, f"{underlay}/24")
+        nodes.append(
+            member(ns, tmp, authority, name, underlay, virtual, first=i == 0, stages=stages)
+        )
+    if start:
+        start_all(nodes)
+    return nodes
+
+
+def routed_nodes(
+    testbed: Testbed,
+    tmp: Path,
+    sizes: Sequence[int] = (3, 2),
+    *,
+    start: bool = True,
+    domain: str = DOMAIN,
+    **stages: int,
+) -> list[Node]:
+    """Nodes on ``len(sizes)`` segments joined by a router, configured without a virtual
+    address (each gets one with :meth:`Node.dhcp`), in DNS domain ``domain``.
+
+    Segment k is a bridge ``brk`` in namespace ``segk`` with underlay 198.18.k.0/24; the
+    router (namespace ``rt``, forwarding on inside it only) is 198.18.k.254 on each, and
+    every node routes the other segments through it. Nodes are n1, n2, ... in segment
+    order, ``sizes[k]`` of them on segment k at 198.18.k.1, .2, ... (``extra["segment"]``
+    says which); all are certified by one authority and know only the first node's address.
+    """
+    if not 1 <= len(sizes) <= 16 or not all(1 <= n <= 200 for n in sizes):
+        raise ValueError(f"sizes {tuple(sizes)}: 1 to 16 segments of 1 to 200 nodes")
+    authority = Authority.create(tmp / "authority")
+    router = testbed.namespace("rt")
+    router.sysctl("net.ipv4.ip_forward", "1")
+    nodes: list[Node] = []
+    for k, size in enumerate(sizes):
+        hub = testbed.namespace(f"seg{k}")
+        bridge = testbed.bridge(hub, f"br{k}")
+        testbed.attach(router, hub, bridge, f"198.18.{k}.254/24", ifname=f"seg{k}")
+        for i in range(size):
+            name = f"n{len(nodes) + 1}"
+            ns = testbed.namespace(name)
+            underlay = f"198.18.{k}.{i + 1}"
+            testbed.attach(ns, hub, bridge, f"{underlay}/24", ifname="eth0")
+            for other in range(len(sizes)):
+                if other != k:
+                    ns.ip("route", "add", f"198.18.{other}.0/24", "via", f"198.18.{k}.254")
+            node = member(
+                ns, tmp, authority, name, underlay, None,
+                first=not nodes, stages=stages, domain=domain,
+            )  # fmt: skip
+            node.extra["segment"] = k
+            nodes.append(node)
+    if start:
+        start_all(nodes)
+    return nodes
+
+
+@dataclass
+class Machine:
+    """A machine behind a router-mode node: a namespace on the segment, with a DHCP client."""
+
+    name: str
+    ns: Namespace
+    dhcp: DhcpClient
+    address: str = ""
+
+
+def router_segment(
+    testbed: Testbed,
+    tmp: Path,
+    machines: int = 3,
+    *,
+    dhcp_port: int = 1067,
+    allowed: tuple[int, ...] | None = None,
+    allow_static: bool = False,
+    start: bool = True,
+) -> tuple[Node, Node, list[Machine]]:
+    """A router-mode node ``gw`` whose TAP is a port of the bridge ``br0`` of its namespace,
+    ``machines`` machine namespaces (m1, ...) on veths into that bridge, each with a DHCP
+    client pointed at ``dhcp_port``, and a remote node ``far`` in interface mode (DHCP on its
+    own TAP) across the underlay (198.18.0.1 far, 198.18.0.2 gw). ``allowed``: the machines
+    (1-based) in the router's ``allowed_macs`` (None: no list)."""
+    authority = Authority.create(tmp / "authority")
+    far_ns, gw_ns = testbed.namespace("far"), testbed.namespace("gw")
+    testbed.link(far_ns, gw_ns, "198.18.0.1/24", "198.18.0.2/24")
+    bridge = testbed.bridge(gw_ns, "br0")
+    segment = []
+    for i in range(machines):
+        ns = testbed.namespace(f"m{i + 1}")
+        testbed.attach(ns, gw_ns, bridge, None, ifname="eth0")
+        mac = f"02:00:5e:10:00:{i + 1:02x}"
+        ns.ip("link", "set", "dev", "eth0", "address", mac)
+        client = DhcpClient(ns, "eth0", tmp / f"m{i + 1}", f"m{i + 1}", server_port=dhcp_port)
+        segment.append(Machine(f"m{i + 1}", ns, client))
+    lines = ['mode = "router"', f'bridge = "{bridge}"', f"dhcp_port = {dhcp_port}"]
+    if allow_static:
+        lines.append("allow_static = true")
+    if allowed is not None:
+        macs = ", ".join(f'"02:00:5e:10:00:{i:02x}"' for i in allowed)
+        lines.append(f"allowed_macs = [{macs}]")
+    far = member(far_ns, tmp, authority, "far", "198.18.0.1", None, first=True, domain=DOMAIN)
+    gw = member(gw_ns, tmp, authority, "gw", "198.18.0.2", None, first=False, domain=DOMAIN,
+                network_lines=tuple(lines))  # fmt: skip
+    if start:
+        start_all([far, gw])
+    return gw, far, segment
