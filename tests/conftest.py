@@ -7,8 +7,14 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from supervisor.testbed import Testbed, leftover_namespaces, require_root
+
+# Property tests check what code does, not how fast: on a busy machine (CI shares its cores)
+# one slow example must not fail a run, so there is no per-example deadline.
+settings.register_profile("autovn", deadline=None)
+settings.load_profile("autovn")
 
 
 def require_netns() -> None:

@@ -24,7 +24,8 @@ floats = st.floats(allow_nan=False)
 def message_strategy(
     ids: st.SearchStrategy[bytes], addresses: st.SearchStrategy[bytes]
 ) -> st.SearchStrategy[w.Message]:
-    entries = st.lists(st.tuples(ids, addresses), max_size=w.MAX_ENTRIES).map(tuple)
+    entries = st.lists(st.tuples(ids, addresses, st.booleans()), max_size=w.MAX_ENTRIES).map(tuple)
+    paths = st.lists(ids, max_size=w.MAX_PATH).map(tuple)
     message_ids = st.integers(0, (1 << 63) - 1)
     return st.one_of(
         st.builds(w.Hello, ids, kinds, u32, addresses, st.booleans()),
@@ -33,8 +34,9 @@ def message_strategy(
         st.builds(w.Ping, ids, u32, floats),
         st.builds(w.Pong, ids, u32, floats),
         st.builds(w.Neighbours, ids, st.booleans(), entries),
-        st.builds(w.ConnectRequest, ids, ids, u8, u8, kinds, u32, addresses),
-        st.builds(w.ConnectReply, ids, kinds, u32, entries),
+        st.builds(w.ConnectRequest, ids, ids, u8, u8, kinds, u32, addresses, paths),
+        st.builds(w.ConnectReply, ids, kinds, u32, entries, ids, addresses, paths),
+        st.builds(w.Forward, ids, ids, addresses, ids, st.binary(max_size=200)),
         st.builds(w.Data, ids, ids, st.booleans(), u8, u8, message_ids, st.binary(max_size=200)),
         st.builds(w.RouteError, ids, ids, u8, u8, message_ids, ids, st.text(max_size=32)),
     )

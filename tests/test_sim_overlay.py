@@ -146,3 +146,29 @@ def test_1000_nodes_with_churn() -> None:
     traffic = sim.traffic(30.0)
     assert traffic.datagrams_per_node_s < 3.0, traffic
     assert sim.sim.steps < 5_000_000
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_nodes_behind_nats_keep_the_circle_through_tunnels(seed: int) -> None:
+    """Half of 40 nodes sit behind NATs that no other NATed node gets through (hard NATs on
+    both sides): circle neighbours that cannot reach each other connect through a node that
+    reaches both (a tunnel), so the circle, greedy routing and real messages stay right."""
+    sim = OverlaySim(seed=seed)
+    public = [sim.add_node(bootstrap=[]).address]
+    sim.run_for(1.0)
+    for _ in range(9):
+        public.append(sim.add_node(bootstrap=public[:3]).address)
+        sim.run_for(0.2)
+    nated = []
+    for i in range(30):
+        node = sim.add_node(bootstrap=sim.rng.sample(public, 3))
+        if i % 3:
+            sim.sim.network.behind_nat([node.address])
+            nated.append(node.address)
+        sim.run_for(0.2)
+    sim.run_for(120.0, max_steps=2_000_000)
+    assert sim.sim.network.filtered > 0  # the NATs did stop something
+    tunnels = sum(n.node.statistics().get("tunnels_tried", 0) for n in sim.live())
+    relayed = sum(n.node.statistics().get("forwarded_tunnel", 0) for n in sim.live())
+    assert tunnels > 0 and relayed > 0
+    assert_invariants(sim, pairs=500, probes=300)

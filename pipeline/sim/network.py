@@ -6,6 +6,13 @@ from a ``LatencyModel``; each datagram adds jitter (so datagrams can be reordere
 lost with probability ``loss``. ``partition(groups)`` cuts the addresses into groups that
 cannot reach each other (every address not named forms one more group); ``heal()`` joins
 them again. All randomness comes from the ``random.Random`` given.
+
+``behind_nat(addresses)`` puts addresses behind NATs that filter what comes in: a datagram
+to such an address arrives only from an address it has sent to before (its NAT then holds a
+mapping for that peer), and never from another address behind a NAT (port-randomising,
+"hard" NATs on both sides: no punching gets through). So NATed nodes reach every public
+node, public nodes reach a NATed one only once it has spoken to them, and two NATed nodes
+never reach each other: the case the overlay's tunnels are for.
 """
 
 from __future__ import annotations
@@ -71,14 +78,23 @@ class Network:
         self.jitter = jitter
         self._base: dict[tuple[Hashable, Hashable], float] = {}
         self._group: dict[Hashable, int] = {}
+        self._nat: set[Hashable] = set()
+        self._mapped: set[tuple[Hashable, Hashable]] = set()  # (inside, peer) it sent to
         self.lost = 0
         self.cut = 0
+        self.filtered = 0
 
     def transit(self, src: Hashable, dst: Hashable) -> float | None:
         """Seconds from src to dst for one datagram, or None if it is lost."""
         if self._group and self._group.get(src, -1) != self._group.get(dst, -1):
             self.cut += 1
             return None
+        if self._nat:
+            if src in self._nat:
+                self._mapped.add((src, dst))
+            if dst in self._nat and (src in self._nat or (dst, src) not in self._mapped):
+                self.filtered += 1
+                return None
         rng = self.rng
         if self.loss and rng.random() < self.loss:
             self.lost += 1
@@ -97,6 +113,10 @@ class Network:
         for index, group in enumerate(groups):
             for address in group:
                 self._group[address] = index
+
+    def behind_nat(self, addresses: Iterable[Hashable]) -> None:
+        """These addresses sit behind filtering, port-randomising NATs (see the module)."""
+        self._nat.update(addresses)
 
     def heal(self) -> None:
         self._group = {}

@@ -108,7 +108,13 @@ from pipeline.control.overlay.events import (
     OverlayEvent,
     RouteFailed,
 )
-from pipeline.control.overlay.wire import Address, AddressCodec, CloseReason, HostPortCodec
+from pipeline.control.overlay.wire import (
+    Address,
+    AddressCodec,
+    CloseReason,
+    HostPortCodec,
+    Tunnel,
+)
 from pipeline.errors import RemoteProtocolError
 from pipeline.nodeid import circle_distance, clockwise, id_from_bytes, id_to_bytes
 
@@ -116,6 +122,8 @@ LEAF, FAR, NEAR = ConnectionKind.LEAF, ConnectionKind.FAR, ConnectionKind.NEAR
 KNOWN_ADDRESSES = 16  # addresses of recent connections kept to re-join through
 OWN_ADDRESSES = 8  # addresses of our own that peers told us, kept
 HELD_MAX = 4096  # messages kept for re-routing at once; beyond, they are not kept
+INTRODUCERS_MAX = 1024  # who named which node to us, kept for tunnels
+TUNNEL_AFTER_TRIES = 2  # unanswered Hellos to a near candidate before a tunnel is tried too
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -270,6 +278,7 @@ class OverlayNode:
         self._ping_seq = 0
         self._held: list[tuple[float, int, _Held]] = []  # a heap by deadline
         self._held_seq = 0
+        self._introducers: dict[int, int] = {}  # node id -> the node that named it to us
 
     def __repr__(self) -> str:
         state, count = self._state.value, len(self._connections)
@@ -368,6 +377,14 @@ class OverlayNode:
         connection = self._next_connection(key, None, avoid)
         return None if connection is None else connection.node_id
 
+    def tunnel_relay(self, node_id: int) -> int | None:
+        """The id of the node our connection to ``node_id`` is relayed through, if it is a
+        tunnel (None: a direct connection, or none)."""
+        connection = self._connections.get(node_id)
+        if connection is None or not isinstance(connection.address, Tunnel):
+            return None
+        return self._by_address.get(connection.address.relay)
+
     def estimated_size(self) -> int:
         """N, the estimated number of nodes: the larger of (structured connections + 1) and
         2^160 over the mean spacing of the ``near_per_side`` nearest connections on each side."""
@@ -452,7 +469,9 @@ class OverlayNode:
     # -- dispatch ----------------------------------------------------------------------------
 
     def _dispatch(self, msg: w.Message, source: Address, now: float) -> None:
-        if isinstance(msg, w.Data | w.ConnectRequest | w.RouteError):
+        if isinstance(msg, w.Forward):
+            self._on_forward(msg, source, now)
+        elif isinstance(msg, w.Data | w.ConnectRequest | w.RouteError):
             self._route_in(msg)
         elif isinstance(msg, w.Ping):
             self._on_ping(msg, source)
@@ -468,6 +487,40 @@ class OverlayNode:
             self._on_close(msg, source)
         else:
             self._on_connect_reply(msg, source, now)
+
+    def _on_forward(self, msg: w.Forward, source: Address, now: float) -> None:
+        """A message relayed for a tunnel: ours to handle, or to pass on to ``dest``."""
+        if isinstance(source, Tunnel):
+            raise RemoteProtocolError("nested_forward")
+        dest = id_from_bytes(msg.dest)
+        origin = id_from_bytes(msg.origin)
+        if dest != self.node_id:
+            # As the relay: only from the origin itself, only to a node we reach directly.
+            connection = self._connections.get(dest)
+            if msg.sender != msg.origin or self._by_address.get(source) != origin:
+                raise RemoteProtocolError("forward_not_from_origin")
+            if connection is None or isinstance(connection.address, Tunnel):
+                raise RemoteProtocolError("forward_no_connection")
+            seen = self._codec_encode_or_empty(source)
+            relayed = w.Forward(self._id, msg.origin, seen, msg.dest, msg.payload)
+            self._stats["forwarded_tunnel"] += 1
+            self._send(relayed, connection.address)
+            return
+        inner = w.decode(msg.payload)
+        if isinstance(inner, w.Forward):
+            raise RemoteProtocolError("nested_forward")
+        tunnel = Tunnel(source, origin, msg.origin_address)
+        nid = self._by_address.get(tunnel)
+        if nid is not None:
+            self._connections[nid].last_heard = now
+        self._stats[_RECEIVED[type(inner)]] += 1
+        self._dispatch(inner, tunnel, now)
+
+    def _codec_encode_or_empty(self, address: Address) -> bytes:
+        try:
+            return self._codec.encode(address)
+        except ValueError:
+            return b""
 
     def _receive_after_leave(self, message: bytes, source: Address) -> None:
         try:
@@ -616,6 +669,14 @@ class OverlayNode:
         self._stats[f"connections_removed_{reason}"] += 1
         self._events.append(ConnectionRemoved(connection.node_id, reason))
         self._changed()
+        if not isinstance(connection.address, Tunnel):
+            # the tunnels through it are gone too (tried again through others when needed)
+            for other in list(self._connections.values()):
+                if isinstance(other.address, Tunnel) and other.address.relay == connection.address:
+                    self._drop_connection(other, "relay_gone")
+            for address in [a for a in self._pending if isinstance(a, Tunnel)]:
+                if address.relay == connection.address:
+                    del self._pending[address]
 
     def _changed(self) -> None:
         self._circle_cache = None
@@ -654,6 +715,7 @@ class OverlayNode:
         if connection is not None and connection.address == source:
             connection.view = tuple(nid for nid, _ in candidates)
             connection.view_at = self._now
+        self._introduced(msg.entries, sender)
         if sender != self.node_id and (connection is None or connection.kind is LEAF):
             candidates.append((sender, source))
         self._consider(candidates)
@@ -669,11 +731,14 @@ class OverlayNode:
             after = sorted(connections, key=lambda lk: clockwise(target, lk.node_id))[:per_side]
             before = sorted(connections, key=lambda lk: clockwise(lk.node_id, target))[:per_side]
             connections = list({id(lk): lk for lk in (*after, *before)}.values())
-        return tuple((id_to_bytes(lk.node_id), lk.address_bytes) for lk in connections)
+        return tuple(
+            (id_to_bytes(lk.node_id), lk.address_bytes, not isinstance(lk.address, Tunnel))
+            for lk in connections
+        )
 
     def _decode_entries(self, entries: tuple[w.Entry, ...]) -> list[tuple[int, Address]]:
         out = []
-        for id_bytes, address_bytes in entries:
+        for id_bytes, address_bytes, _direct in entries:
             try:
                 address = self._codec.decode(address_bytes)
             except ValueError:
@@ -869,7 +934,17 @@ class OverlayNode:
             self._fail(msg, "ttl")
             return
         self._stats["forwarded"] += 1
-        self._send(msgspec.structs.replace(msg, hops=msg.hops + 1), connection.address)
+        if (
+            isinstance(msg, w.ConnectRequest)
+            and msg.src != self._id  # the requester is the route's end anyway
+            and len(msg.path) < w.MAX_PATH
+        ):
+            forwarded: w.Routed = msgspec.structs.replace(
+                msg, hops=msg.hops + 1, path=(*msg.path, self._id)
+            )
+        else:
+            forwarded = msgspec.structs.replace(msg, hops=msg.hops + 1)
+        self._send(forwarded, connection.address)
         now = self._now
         st = self.settings
         if now - connection.last_heard <= st.use_ping_after_s:
@@ -985,24 +1060,51 @@ class OverlayNode:
             self._route(msg, target, self.node_id)
 
     def _answer_connect(self, msg: w.ConnectRequest) -> None:
+        """Answer back along the request's path, over connections (a requester behind a
+        filtering NAT hears nothing from a node it did not speak to first); straight to the
+        requester's address only if the path is broken here."""
         src = id_from_bytes(msg.src)
         if src == self.node_id:
             return
-        address = self._decode_address(msg.address)
         entries = self._entries_for(src) if msg.kind == NEAR.code else ()
         self._stats["connects_answered"] += 1
-        self._send(w.ConnectReply(self._id, msg.kind, msg.token, entries), address)
+        route = (*reversed(msg.path), msg.src)
+        reply = w.ConnectReply(
+            self._id, msg.kind, msg.token, entries, self._id, self._address_bytes, route[1:]
+        )
+        first = self._connections.get(id_from_bytes(route[0]))
+        if first is not None:
+            self._send(reply, first.address)
+        else:
+            self._stats["connect_replies_direct"] += 1
+            reply = msgspec.structs.replace(reply, route=())
+            self._send(reply, self._decode_address(msg.address))
+
+    def _pass_reply_on(self, msg: w.ConnectReply) -> None:
+        """A ConnectReply going back along its request's path: on to the next hop."""
+        nxt = self._connections.get(id_from_bytes(msg.route[0]))
+        if nxt is None:
+            self._stats["dropped_reply_no_route"] += 1
+            return
+        self._stats["connect_replies_passed"] += 1
+        self._send(msgspec.structs.replace(msg, sender=self._id, route=msg.route[1:]), nxt.address)
 
     def _on_connect_reply(self, msg: w.ConnectReply, source: Address, now: float) -> None:
+        if msg.route:
+            self._pass_reply_on(msg)
+            return
         pending = self._connects.pop(msg.token, None)
         if pending is None:
             self._stats["dropped_stale_connect_reply"] += 1
             return
-        sender = id_from_bytes(msg.sender)
+        sender = id_from_bytes(msg.responder)
         if sender == self.node_id:
             return
+        if msg.sender != msg.responder and msg.address:
+            source = self._decode_address(msg.address)  # it came back along the path
         if pending.kind is NEAR:
             candidates = self._decode_entries(msg.entries)
+            self._introduced(msg.entries, sender)
             candidates.append((sender, source))
             self._consider(candidates)
             return
@@ -1056,9 +1158,14 @@ class OverlayNode:
         for address, pending in list(self._pending.items()):
             if now < pending.next_try:
                 continue
+            if pending.tries == TUNNEL_AFTER_TRIES:
+                self._tunnel_instead(pending)  # and go on trying directly: the first wins
             if pending.tries >= st.hello_tries:
                 del self._pending[address]
                 self._stats["hello_failed"] += 1
+                nid = pending.node_id
+                if nid is not None and (nid in self._connections or self._tunnelling(nid)):
+                    continue
                 if pending.node_id is not None:
                     self._suspects[pending.node_id] = now + st.suspect_s
                 if pending.kind is FAR:
@@ -1067,6 +1174,38 @@ class OverlayNode:
             pending.tries += 1
             pending.next_try = now + st.hello_retry_s
             self._send_hello(pending)
+
+    def _tunnel_instead(self, pending: _PendingConnection) -> bool:
+        """Hellos to a near candidate go unanswered (it sits behind a NAT or firewall we
+        cannot cross): try through the node that named it to us too, if we reach that one
+        directly (a tunnel). True if a tunnel Hello went out."""
+        nid = pending.node_id
+        if nid is None or pending.kind is LEAF or isinstance(pending.address, Tunnel):
+            return False
+        relay_id = self._introducers.get(nid)
+        relay = self._connections.get(relay_id) if relay_id is not None else None
+        if relay is None or relay_id == nid or isinstance(relay.address, Tunnel):
+            return False
+        seen = self._codec_encode_or_empty(pending.address)
+        self._stats["tunnels_tried"] += 1
+        self._hello(Tunnel(relay.address, nid, seen), nid, pending.kind)
+        return True
+
+    def _tunnelling(self, nid: int) -> bool:
+        return any(isinstance(a, Tunnel) and a.node_id == nid for a in self._pending)
+
+    def _introduced(self, entries: tuple[w.Entry, ...], relay: int) -> None:
+        """Node ``relay`` named these nodes to us, and reaches those marked direct: if we
+        reach it directly, it can be their relay should we fail to reach them."""
+        for id_bytes, _, direct in entries:
+            if not direct:
+                continue
+            nid = id_from_bytes(id_bytes)
+            if nid != relay and nid != self.node_id:
+                self._introducers.pop(nid, None)
+                self._introducers[nid] = relay
+        while len(self._introducers) > INTRODUCERS_MAX:
+            del self._introducers[next(iter(self._introducers))]
 
     def _check_liveness(self, now: float) -> None:
         st = self.settings
@@ -1211,6 +1350,12 @@ class OverlayNode:
 
     def _send(self, msg: w.Message, address: Address) -> None:
         data = w.encode(msg)
+        if isinstance(address, Tunnel):
+            # through the relay: wrapped for the node, sent to the relay's address
+            self._stats[_SENT[type(msg)]] += 1
+            msg = w.Forward(self._id, self._id, b"", id_to_bytes(address.node_id), data)
+            data = w.encode(msg)
+            address = address.relay
         self._out.append((data, address))
         self._stats[_SENT[type(msg)]] += 1
         self._stats["bytes_sent"] += len(data)
@@ -1240,6 +1385,8 @@ class OverlayNode:
             raise RemoteProtocolError("bad_address") from None
 
     def _encode_address(self, address: Address) -> bytes:
+        if isinstance(address, Tunnel):
+            return address.address_bytes  # where the relay sees the node ("" if unknown)
         try:
             return self._codec.encode(address)
         except ValueError:

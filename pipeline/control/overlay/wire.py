@@ -23,23 +23,36 @@ Direct messages (sent to a connected or to-be-connected address):
 - 4 ``Ping(sender, seq, sent)`` / 5 ``Pong(sender, seq, sent)``: liveness of a silent
   connection; ``sent`` (the pinger's clock) is echoed for the RTT.
 - 6 ``Neighbours(sender, want_reply, entries)``: the sender's connections nearest the receiver.
-- 8 ``ConnectReply(sender, kind, token, entries)``: the answer to a ConnectRequest, with
-  the sender's connections nearest the requester.
+- 8 ``ConnectReply(sender, kind, token, entries, responder, address, route)``: the answer
+  to a ConnectRequest from ``responder`` (reachable at ``address``, if it knows its own),
+  with its connections nearest the requester. It goes back the way the request came, hop by
+  hop over connections (``route``: the ids still to visit, the requester last; each hop
+  puts its own id in ``sender``), so a requester behind a NAT that lets in only what it
+  asked for gets it too.
+- 11 ``Forward(sender, origin, origin_address, dest, payload)``: a direct message (any of
+  the above but Forward) for ``dest`` that ``origin`` cannot reach directly, through the
+  sender, a node connected to both: a *tunnel* (Brunet's tunnel edges). The origin sends it
+  to the relay with ``sender == origin`` and an empty ``origin_address``; the relay passes
+  it to ``dest`` over its own connection with ``sender`` its own id and ``origin_address``
+  the address it sees the origin at.
 
 Routed messages (forwarded greedily toward ``dest``; ``hops`` counts the hops taken so
 far, and a node that would exceed ``ttl`` drops the message):
 
-- 7 ``ConnectRequest(src, dest, hops, ttl, kind, token, address)``: "the node closest to
-  dest, other than src: answer src at ``address``".
+- 7 ``ConnectRequest(src, dest, hops, ttl, kind, token, address, path)``: "the node closest
+  to dest, other than src: answer src" (at ``address`` if it cannot go back along ``path``,
+  the ids of the nodes that forwarded the request, appended by each).
 - 9 ``Data(src, dest, exact, hops, ttl, message_id, payload)``: an application message.
 - 10 ``RouteError(src, dest, hops, ttl, message_id, key, reason)``: the Data message
   ``message_id`` that ``dest`` sent to ``key`` was not delivered.
 
-An *entry* is ``[node id, address]``.
+An *entry* is ``[node id, address, direct]``: ``direct`` is false for a node the lister
+reaches only through a tunnel (it cannot be a tunnel's relay for it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 from collections.abc import Hashable
@@ -53,13 +66,14 @@ VERSION = 1
 MAX_ENTRIES = 32
 MAX_PAYLOAD = 65_535
 MAX_ADDRESS = 64
+MAX_PATH = 32  # hops a ConnectRequest remembers to send its reply back along
 
 Address = Hashable
 """Where a node is reached: opaque to the overlay (a (host, port) tuple live)."""
 
 IdBytes = Annotated[bytes, msgspec.Meta(min_length=20, max_length=20)]
 AddressBytes = Annotated[bytes, msgspec.Meta(max_length=MAX_ADDRESS)]
-Entry = tuple[IdBytes, AddressBytes]
+Entry = tuple[IdBytes, AddressBytes, bool]
 Entries = Annotated[tuple[Entry, ...], msgspec.Meta(max_length=MAX_ENTRIES)]
 U8 = Annotated[int, msgspec.Meta(ge=0, le=255)]
 U32 = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF_FFFF)]
@@ -117,6 +131,9 @@ class Neighbours(msgspec.Struct, tag=6, array_like=True, frozen=True):
     entries: Entries
 
 
+Path = Annotated[tuple[IdBytes, ...], msgspec.Meta(max_length=MAX_PATH)]
+
+
 class ConnectRequest(msgspec.Struct, tag=7, array_like=True, frozen=True):
     src: IdBytes
     dest: IdBytes
@@ -125,6 +142,7 @@ class ConnectRequest(msgspec.Struct, tag=7, array_like=True, frozen=True):
     kind: Kind
     token: U32
     address: AddressBytes
+    path: Path = ()
 
 
 class ConnectReply(msgspec.Struct, tag=8, array_like=True, frozen=True):
@@ -132,6 +150,9 @@ class ConnectReply(msgspec.Struct, tag=8, array_like=True, frozen=True):
     kind: Kind
     token: U32
     entries: Entries
+    responder: IdBytes
+    address: AddressBytes = b""
+    route: Path = ()
 
 
 class Data(msgspec.Struct, tag=9, array_like=True, frozen=True):
@@ -141,6 +162,14 @@ class Data(msgspec.Struct, tag=9, array_like=True, frozen=True):
     hops: U8
     ttl: U8
     message_id: U63
+    payload: Annotated[bytes, msgspec.Meta(max_length=MAX_PAYLOAD)]
+
+
+class Forward(msgspec.Struct, tag=11, array_like=True, frozen=True):
+    sender: IdBytes
+    origin: IdBytes
+    origin_address: AddressBytes
+    dest: IdBytes
     payload: Annotated[bytes, msgspec.Meta(max_length=MAX_PAYLOAD)]
 
 
@@ -165,6 +194,7 @@ Message = (
     | ConnectReply
     | Data
     | RouteError
+    | Forward
 )
 Routed = ConnectRequest | Data | RouteError
 
@@ -179,6 +209,7 @@ MESSAGE_NAMES: dict[type, str] = {
     ConnectReply: "connect_reply",
     Data: "data",
     RouteError: "route_error",
+    Forward: "forward",
 }
 
 _encoder = msgspec.msgpack.Encoder()
@@ -205,6 +236,20 @@ def decode(datagram: bytes) -> Message:
 
 
 # -- addresses ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Tunnel:
+    """The address of a node reached through a relay: messages to it go to ``relay`` inside a
+    ``Forward`` for ``node_id``. ``address_bytes`` is where the relay sees the node (what
+    neighbour lists name it by); it does not tell two tunnels apart."""
+
+    relay: Address
+    node_id: int
+    address_bytes: bytes = dataclasses.field(default=b"", compare=False)
+
+    def __str__(self) -> str:
+        return f"tunnel:{self.node_id:040x}@{self.relay}"
 
 
 class AddressCodec(Protocol):
