@@ -25,8 +25,6 @@ __all__ = [
 ]
 
 
-MAX_MISSES = 64
-
 
 class DropReason(StrEnum):
     MALFORMED = "malformed"
@@ -215,7 +213,6 @@ class Classifier:
         self._outside_to_tap = 0
         self._inside_drops = dict.fromkeys(DropReason, 0)
         self._outside_drops = dict.fromkeys(DropReason, 0)
-        self._misses: set[bytes] = set()  # addresses in the subnet that found no route
 
     def set_address(self, address: IPv4Address | None) -> None:
         """This node's virtual address (None: not known yet, the TAP waits for DHCP).
@@ -247,13 +244,6 @@ class Classifier:
     @property
     def dhcp_port(self) -> int:
         return self._dhcp_port
-
-    def take_misses(self) -> set[bytes]:
-        """The packed addresses in the subnet without a route since the last call (frames to
-        them, and frames from them that a peer sent): control resolves them. At most
-        ``MAX_MISSES`` are kept between calls."""
-        misses, self._misses = self._misses, set()
-        return misses
 
     @property
     def routes(self) -> Routes:

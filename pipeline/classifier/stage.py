@@ -8,7 +8,6 @@ The decisions are in the sans-I/O ``Classifier``; this file only moves records.
 
 from __future__ import annotations
 
-import time
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -21,8 +20,6 @@ from pipeline.route_feed import RouteFeed
 from pipeline.shm_ring import Consumer, Producer
 from pipeline.topology import Stage, worker_for_flow, worker_for_peer
 from pipeline.worker import Worker
-
-MISS_REPEAT_S = 1.0
 
 
 class ClassifierWorker(Worker):
@@ -50,7 +47,6 @@ class ClassifierWorker(Worker):
         (self.from_control,) = self.inputs(Stage.CONTROL)
         self.producers: list[Producer] = [*self.to_tap, *self.to_io, self.to_control]
         self.routes = RouteFeed(self, self._apply)
-        self.misses_told: dict[bytes, float] = {}  # address -> when control was last told
 
     def _apply(self, snap: messages.RouteSnapshot) -> None:
         address = IPv4Address(snap.address) if snap.address else None
@@ -82,27 +78,7 @@ class ClassifierWorker(Worker):
         if done:
             for p in self.producers:
                 p.flush()
-            self._tell_misses()
         return done
-
-    def _tell_misses(self) -> None:
-        """Ask control to resolve addresses without a route, each at most once a second."""
-        misses = self.core.take_misses()
-        if not misses:
-            return
-        now = time.monotonic()
-        fresh = [
-            a for a in misses if now - self.misses_told.get(a, -MISS_REPEAT_S) >= MISS_REPEAT_S
-        ]
-        if not fresh:
-            return
-        for a in fresh:
-            self.misses_told[a] = now
-        if len(self.misses_told) > 4096:
-            self.misses_told = {
-                a: t for a, t in self.misses_told.items() if now - t < MISS_REPEAT_S
-            }
-        self.routes.tell(messages.RouteMiss(tuple(str(IPv4Address(a)) for a in fresh)))
 
     def _outbound(self, consumer: Consumer, back: Producer) -> int:
         records = consumer.pop_batch(self.batch)
