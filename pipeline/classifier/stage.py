@@ -8,11 +8,13 @@
 - from control: FRAMEs for the TAP (DHCP and DNS answers, ICMP errors, verified packets).
 
 The core is chosen once, at setup, from ``network.mode``: an ``InterfaceClassifier`` or a
-``RouterClassifier``; it decides every frame and counts its drops by reason.
+``RouterClassifier``; it decides every frame and counts its drops by reason. A record of a
+kind its ring does not carry (``pipeline/records.py``) is counted here (``unexpected_kind``).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -34,8 +36,8 @@ _TO_CONTROL = FrameAction.TO_CONTROL
 _RESOLVE = FrameAction.RESOLVE
 _VERIFY = FrameAction.VERIFY
 _CLAIM = FrameAction.CLAIM
-_FRAME = RecordKind.FRAME
-_IP_PACKET = RecordKind.IP_PACKET
+_FRAME = int(RecordKind.FRAME)  # plain ints: the loops compare kinds with them, per record
+_IP_PACKET = int(RecordKind.IP_PACKET)
 
 
 class ClassifierWorker(Worker):
@@ -72,6 +74,7 @@ class ClassifierWorker(Worker):
         (self.to_control,) = self.outputs(Stage.CONTROL)
         (self.from_control,) = self.inputs(Stage.CONTROL)
         self.producers: list[Producer] = [*self.to_tap, *self.to_io, self.to_control]
+        self.drops: Counter[str] = Counter()
         self.routes = RouteFeed(self, self._apply)
 
     def _apply(self, snap: messages.RouteSnapshot) -> None:
@@ -122,8 +125,11 @@ class ClassifierWorker(Worker):
         n = len(to_io)
         to_control = self.to_control
         from_inside = self.core.from_inside
-        for rec in records:
-            action, peer, out = from_inside(rec.data)
+        for kind, _, _, data in records:
+            if kind != _FRAME:
+                self.drops["unexpected_kind"] += 1
+                continue
+            action, peer, out = from_inside(data)
             if action is _TO_PEER:
                 to_io[worker_for_peer(peer, n)].push(out, _IP_PACKET, peer)
             elif action is _TO_TAP:
@@ -144,10 +150,13 @@ class ClassifierWorker(Worker):
         to_tap = self.to_tap
         n = len(to_tap)
         from_outside = self.core.from_outside
-        for rec in records:
-            action, slot, out = from_outside(rec.peer, rec.data)
+        for kind, peer, _, data in records:
+            if kind != _IP_PACKET:
+                self.drops["unexpected_kind"] += 1
+                continue
+            action, slot, out = from_outside(peer, data)
             if action is _TO_TAP:
-                to_tap[worker_for_flow(rec.data, n) if n > 1 else 0].push(out, _FRAME)
+                to_tap[worker_for_flow(data, n) if n > 1 else 0].push(out, _FRAME)
             elif action is _VERIFY:
                 self.to_control.push(out, RecordKind.VERIFY, slot)
         consumer.release()
@@ -161,12 +170,14 @@ class ClassifierWorker(Worker):
         for rec in records:
             if rec.kind == _FRAME:
                 self.to_tap[0].push(rec.data, _FRAME)
+            else:
+                self.drops["unexpected_kind"] += 1
         self.from_control.release()
         return len(records)
 
     def stats(self) -> dict[str, Any]:
         st = self.core.statistics()
-        return {"classifier": _plain(st)}
+        return {"classifier": _plain(st), "drops": dict(self.drops)}
 
 
 def _plain(value: Any) -> Any:
