@@ -1,9 +1,13 @@
-"""The inside of a node in one process: a classifier worker (and, with a MemoryTap, its
-tap_reader) on real shm rings, with a stand-in for control on real ZeroMQ sockets. The test
-holds the far ends of the rings to overlay_io and control. No root, no TAP, no namespace."""
+"""The inside of a node in one process: a tap_reader worker on a MemoryTap and a classifier
+worker, on real shm rings, with a stand-in for control on real ZeroMQ sockets; the test holds
+the far ends of the rings to overlay_io and control. No root, no TAP, no namespace."""
 
 from __future__ import annotations
 
+import functools
+import os
+import select
+import threading
 import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
@@ -21,6 +25,8 @@ from pipeline.classifier.stage import ClassifierWorker
 from pipeline.config import GATEWAY_MAC, Settings, settings_from_mapping
 from pipeline.records import RecordKind
 from pipeline.shm_ring import Consumer, Producer, Ring, RingSpec
+from pipeline.tap_reader.device import MemoryTap, TapSettings
+from pipeline.tap_reader.stage import TapReaderWorker
 from pipeline.topology import Stage, WorkerId
 from pipeline.wire import arp, ethernet, ipv4, udp
 from pipeline.worker import CONTROL_PUB_SOCKET, CONTROL_SOCKET, Worker, endpoint
@@ -277,3 +283,151 @@ def test_the_stage_picks_its_classifier_once_from_network_mode(
         worker = ClassifierWorker(settings, 0, inside.specs)
         inside.start(worker)
         assert type(worker.core) is cls and worker.core.mode == settings.network.mode
+
+
+# -- a MemoryTap, and a tap_reader on it -------------------------------------------------------
+
+
+def test_a_memory_tap_is_readable_exactly_while_frames_wait() -> None:
+    tap = MemoryTap()
+    poller = select.epoll()
+    try:
+        poller.register(tap.fileno(), select.EPOLLIN)
+        assert poller.poll(0) == [] and tap.read() is None
+        tap.inject(b"first")
+        tap.inject(memoryview(b"second and longer"))
+        assert poller.poll(0) == [(tap.fileno(), select.EPOLLIN)]
+        assert tap.read() == b"first"
+        assert poller.poll(0) != []  # one still waits
+        buffer = bytearray(6)
+        assert tap.read_into(memoryview(buffer)) == 6 and buffer == b"second"  # cut, as a TAP
+        assert (
+            poller.poll(0) == []
+            and tap.read() is None
+            and tap.read_into(memoryview(buffer)) is None
+        )
+        assert tap.write(memoryview(b"out")) and list(tap.written) == [b"out"]
+    finally:
+        poller.close()
+        tap.close()
+
+
+def test_a_tap_reader_on_a_memory_tap_in_router_mode(
+    tmp_path: Path, made: list[Inside | Control]
+) -> None:
+    """configure and attach_to_bridge are recorded; frames go both ways; a record of a kind
+    its ring does not carry is counted, not written."""
+    settings = node_settings(tmp_path, router=True)
+    inside = Inside(settings, {TAP_READER})
+    made.append(inside)
+    tap = MemoryTap()
+    worker = TapReaderWorker(settings, 0, inside.specs, open_tap=lambda name, *, multi_queue: tap)
+    inside.start(worker)
+    net = settings.network
+    assert tap.settings == [TapSettings(settings.tap_mac, net.mtu, None, net.subnet)]
+    assert tap.bridges == [("br-lab", True)]
+    frame = from_tap(packet(A("100.64.0.11"), PEER), settings)
+    tap.inject(frame)
+    inside.send("classifier0>tap_reader0", [(K.FRAME, 0, b"to the segment"), (K.RESOLVE, 0, b"?")])
+    inside.pump()
+    assert inside.received("tap_reader0>classifier0") == [(K.FRAME, 0, frame)]
+    assert list(tap.written) == [b"to the segment"]
+    stats = worker.stats()
+    assert (stats["frames_read"], stats["frames_written"]) == (1, 1)
+    assert stats["drops"] == {"unexpected_kind": 1}
+
+
+class Loops:
+    """Workers running their own loops, each on a thread: each sleeps in its epoll on its
+    ring doorbells, its device and its ZeroMQ sockets, as it does in a process of its own."""
+
+    def __init__(self, workers: list[Worker]) -> None:
+        self.threads: list[threading.Thread] = []
+        self.wakes: list[int] = []
+        self.failures: list[BaseException] = []
+        self.workers = workers
+        for worker in workers:
+            wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            worker.watch(wake, functools.partial(_drain, wake))
+            self.wakes.append(wake)
+            thread = threading.Thread(target=self._run, args=(worker,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _run(self, worker: Worker) -> None:
+        try:
+            worker._loop()
+        except BaseException as exc:  # re-raised in the test by stop()
+            self.failures.append(exc)
+
+    def stop(self) -> None:
+        for worker, wake in zip(self.workers, self.wakes, strict=True):
+            worker.running = False
+            os.eventfd_write(wake, 1)
+        for thread in self.threads:
+            thread.join(10)
+            assert not thread.is_alive(), "a worker loop did not stop"
+        for wake in self.wakes:
+            os.close(wake)
+        if self.failures:
+            raise self.failures[0]
+
+
+def _drain(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
+
+
+def wait_for(what: str, done: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_arp_and_packets_through_a_tap_reader_and_a_classifier(
+    tmp_path: Path, made: list[Inside | Control]
+) -> None:
+    """The two workers of the inside run their loops; the kernel's side is a MemoryTap."""
+    settings = node_settings(tmp_path)
+    control = Control(settings)
+    made.append(control)
+    inside = Inside(settings, {TAP_READER, CLASSIFIER})
+    made.append(inside)
+    tap = MemoryTap()
+    inside.start(
+        TapReaderWorker(settings, 0, inside.specs, open_tap=lambda name, *, multi_queue: tap)
+    )
+    classifier = inside.start(ClassifierWorker(settings, 0, inside.specs))
+    assert isinstance(classifier, ClassifierWorker)
+    loops = Loops(inside.workers)
+    try:
+        control.answer(snapshot())
+        wait_for("routes", lambda: classifier.core.routes.version == 1)
+        # the kernel asks for another virtual address: the classifier answers on the TAP
+        tap.inject(arp_request(A("100.64.0.77"), settings))
+        wait_for("the ARP reply", lambda: len(tap.written) == 1)
+        assert tap.written.popleft() == arp_reply(A("100.64.0.77"), settings)
+        # a packet to a routed address goes to overlay_io, for the peer's link
+        outbound = packet(ME, PEER)
+        tap.inject(from_tap(outbound, settings))
+        got: list[tuple[int, int, bytes]] = []
+
+        def arrived() -> bool:
+            got.extend(inside.received("classifier0>overlay_io0"))
+            return bool(got)
+
+        wait_for("the packet", arrived)
+        assert got == [(K.IP_PACKET, SLOT, outbound)]
+        # and the peer's answer reaches the TAP, framed
+        inside.send("overlay_io0>classifier0", [(K.IP_PACKET, SLOT, packet(PEER, ME))])
+        wait_for("the answer", lambda: len(tap.written) == 1)
+        assert tap.written.popleft() == to_tap(packet(PEER, ME), settings)
+    finally:
+        loops.stop()
+    assert tap.settings == [
+        TapSettings(settings.tap_mac, settings.network.mtu, ME, settings.network.subnet)
+    ]
+    assert tap.bridges == []
