@@ -1,19 +1,27 @@
-"""classifier: parses each frame once and sends it where it belongs.
+"""classifier: the driver of the classifier core. It only moves ring records.
 
-outbound: tap_reader ring -> ``Classifier.from_inside`` -> an overlay_io ring (chosen by a hash
-of the peer) or, for an ARP reply, straight back to the tap_reader ring it came from.
-inbound: overlay_io ring -> ``Classifier.from_outside`` -> a tap_reader ring (by flow hash).
-The decisions are in the sans-I/O ``Classifier``; this file only moves records.
+- outbound: a tap_reader ring -> ``from_inside`` -> an IP_PACKET to the overlay_io worker of
+  the peer (by its slot), a FRAME back to the tap_reader it came from (an ARP reply), or a
+  FRAME, RESOLVE or CLAIM to control;
+- inbound: an overlay_io ring -> ``from_outside`` -> a FRAME to a tap_reader (by flow hash),
+  or a VERIFY to control;
+- from control: FRAMEs for the TAP (DHCP and DNS answers, ICMP errors, verified packets).
+
+The core is chosen once, at setup, from ``network.mode``: an ``InterfaceClassifier`` or a
+``RouterClassifier``; it decides every frame and counts its drops by reason. A record of a
+kind its ring does not carry (``pipeline/records.py``) is counted here (``unexpected_kind``).
 """
 
 from __future__ import annotations
 
-import time
+from collections import Counter
 from ipaddress import IPv4Address
 from typing import Any
 
 from pipeline import messages
-from pipeline.classifier.classify import Action, Classifier, LocalHosts
+from pipeline.classifier.classify import Classifier, FrameAction
+from pipeline.classifier.interface import InterfaceClassifier
+from pipeline.classifier.router import LocalHosts, RouterClassifier
 from pipeline.classifier.routes import Routes
 from pipeline.config import GATEWAY_MAC, Mode
 from pipeline.records import RecordKind
@@ -22,7 +30,14 @@ from pipeline.shm_ring import Consumer, Producer
 from pipeline.topology import Stage, worker_for_flow, worker_for_peer
 from pipeline.worker import Worker
 
-MISS_REPEAT_S = 1.0
+_TO_PEER = FrameAction.TO_PEER
+_TO_TAP = FrameAction.TO_TAP
+_TO_CONTROL = FrameAction.TO_CONTROL
+_RESOLVE = FrameAction.RESOLVE
+_VERIFY = FrameAction.VERIFY
+_CLAIM = FrameAction.CLAIM
+_FRAME = int(RecordKind.FRAME)  # plain ints: the loops compare kinds with them, per record
+_IP_PACKET = int(RecordKind.IP_PACKET)
 
 
 class ClassifierWorker(Worker):
@@ -30,18 +45,28 @@ class ClassifierWorker(Worker):
 
     def setup(self) -> None:
         s = self.settings
+        net = s.network
         self.batch = s.stages.classifier.batch
-        self.core = Classifier(
-            subnet=s.network.subnet,
-            address=s.network.address,
-            tap_mac=s.tap_mac,
-            gateway_mac=GATEWAY_MAC,
-            gateway=s.gateway_address,
-            mode=s.network.mode.value,
-            dhcp_port=s.network.dhcp_port,
-            allow_static=s.network.allow_static,
-        )
-        self.router = s.network.mode is Mode.ROUTER
+        self.interface: InterfaceClassifier | None = None
+        self.router: RouterClassifier | None = None
+        self.core: Classifier
+        if net.mode is Mode.ROUTER:
+            self.core = self.router = RouterClassifier(
+                subnet=net.subnet,
+                gateway_mac=GATEWAY_MAC,
+                gateway=s.gateway_address,
+                dhcp_port=net.dhcp_port,
+                allow_static=net.allow_static,
+            )
+        else:
+            self.core = self.interface = InterfaceClassifier(
+                subnet=net.subnet,
+                address=net.address,
+                tap_mac=s.tap_mac,
+                gateway_mac=GATEWAY_MAC,
+                gateway=s.gateway_address,
+                dhcp_port=net.dhcp_port,
+            )
         self.from_tap = self.inputs(Stage.TAP_READER)
         self.to_tap = self.outputs(Stage.TAP_READER)
         self.from_io = self.inputs(Stage.OVERLAY_IO)
@@ -49,28 +74,36 @@ class ClassifierWorker(Worker):
         (self.to_control,) = self.outputs(Stage.CONTROL)
         (self.from_control,) = self.inputs(Stage.CONTROL)
         self.producers: list[Producer] = [*self.to_tap, *self.to_io, self.to_control]
+        self.drops: Counter[str] = Counter()
         self.routes = RouteFeed(self, self._apply)
-        self.misses_told: dict[bytes, float] = {}  # address -> when control was last told
 
     def _apply(self, snap: messages.RouteSnapshot) -> None:
-        address = IPv4Address(snap.address) if snap.address else None
-        if address != self.core.address:
-            try:
-                self.core.set_address(address)
-            except ValueError as exc:
-                self.log.error("address_rejected", address=snap.address, error=str(exc))
-            else:
-                self.log.info("address_applied", address=snap.address or None)
-        if self.router:
-            try:
-                local = LocalHosts.from_leases(
-                    snap.version, [(IPv4Address(a), bytes.fromhex(m)) for a, m in snap.local]
-                )
-                self.core.apply_local(local)
-            except ValueError as exc:
-                self.log.error("machines_rejected", error=str(exc))
+        if self.interface is not None:
+            self._apply_address(self.interface, snap)
+        if self.router is not None:
+            self._apply_local(self.router, snap)
         peers = [(p.slot, [IPv4Address(a) for a in p.addresses]) for p in snap.peers]
         self.core.apply_routes(Routes.from_peers(snap.version, peers))
+
+    def _apply_address(self, core: InterfaceClassifier, snap: messages.RouteSnapshot) -> None:
+        address = IPv4Address(snap.address) if snap.address else None
+        if address == core.address:
+            return
+        try:
+            core.set_address(address)
+        except ValueError as exc:
+            self.log.error("address_rejected", address=snap.address, error=str(exc))
+        else:
+            self.log.info("address_applied", address=snap.address or None)
+
+    def _apply_local(self, core: RouterClassifier, snap: messages.RouteSnapshot) -> None:
+        try:
+            local = LocalHosts.from_leases(
+                snap.version, [(IPv4Address(a), bytes.fromhex(m)) for a, m in snap.local]
+            )
+            core.apply_local(local)
+        except ValueError as exc:
+            self.log.error("machines_rejected", error=str(exc))
 
     def work(self) -> int:
         done = 0
@@ -82,27 +115,7 @@ class ClassifierWorker(Worker):
         if done:
             for p in self.producers:
                 p.flush()
-            self._tell_misses()
         return done
-
-    def _tell_misses(self) -> None:
-        """Ask control to resolve addresses without a route, each at most once a second."""
-        misses = self.core.take_misses()
-        if not misses:
-            return
-        now = time.monotonic()
-        fresh = [
-            a for a in misses if now - self.misses_told.get(a, -MISS_REPEAT_S) >= MISS_REPEAT_S
-        ]
-        if not fresh:
-            return
-        for a in fresh:
-            self.misses_told[a] = now
-        if len(self.misses_told) > 4096:
-            self.misses_told = {
-                a: t for a, t in self.misses_told.items() if now - t < MISS_REPEAT_S
-            }
-        self.routes.tell(messages.RouteMiss(tuple(str(IPv4Address(a)) for a in fresh)))
 
     def _outbound(self, consumer: Consumer, back: Producer) -> int:
         records = consumer.pop_batch(self.batch)
@@ -110,31 +123,24 @@ class ClassifierWorker(Worker):
             return 0
         to_io = self.to_io
         n = len(to_io)
+        to_control = self.to_control
         from_inside = self.core.from_inside
-        for rec in records:
-            action, peer, out = from_inside(rec.data)
-            if action is Action.TO_PEER:
-                to_io[worker_for_peer(peer, n)].push(out, RecordKind.IP_PACKET, peer)  # type: ignore[arg-type]
-            elif action is Action.TO_TAP:
-                back.push(out, RecordKind.FRAME)  # type: ignore[arg-type]
-            elif action is Action.TO_CONTROL:
-                self.to_control.push(out, RecordKind.FRAME)  # type: ignore[arg-type]
-            elif action is Action.RESOLVE:
-                self.to_control.push(out, RecordKind.RESOLVE)  # type: ignore[arg-type]
-            elif action is Action.CLAIM:
-                self.to_control.push(out, RecordKind.CLAIM)  # type: ignore[arg-type]
+        for kind, _, _, data in records:
+            if kind != _FRAME:
+                self.drops["unexpected_kind"] += 1
+                continue
+            action, peer, out = from_inside(data)
+            if action is _TO_PEER:
+                to_io[worker_for_peer(peer, n)].push(out, _IP_PACKET, peer)
+            elif action is _TO_TAP:
+                back.push(out, _FRAME)
+            elif action is _TO_CONTROL:
+                to_control.push(out, _FRAME)
+            elif action is _RESOLVE:
+                to_control.push(out, RecordKind.RESOLVE)
+            elif action is _CLAIM:
+                to_control.push(out, RecordKind.CLAIM)
         consumer.release()
-        return len(records)
-
-    def _from_control(self) -> int:
-        """Frames control made for the TAP: DHCP and DNS answers, ICMP errors."""
-        records = self.from_control.pop_batch(self.batch)
-        if not records:
-            return 0
-        for rec in records:
-            if rec.kind == RecordKind.FRAME:
-                self.to_tap[0].push(rec.data, RecordKind.FRAME)
-        self.from_control.release()
         return len(records)
 
     def _inbound(self, consumer: Consumer) -> int:
@@ -144,19 +150,34 @@ class ClassifierWorker(Worker):
         to_tap = self.to_tap
         n = len(to_tap)
         from_outside = self.core.from_outside
-        for rec in records:
-            action, peer, out = from_outside(rec.peer, rec.data)
-            if action is Action.TO_TAP:
-                target = to_tap[worker_for_flow(rec.data, n) if n > 1 else 0]
-                target.push(out, RecordKind.FRAME)  # type: ignore[arg-type]
-            elif action is Action.VERIFY:
-                self.to_control.push(out, RecordKind.VERIFY, peer)  # type: ignore[arg-type]
+        for kind, peer, _, data in records:
+            if kind != _IP_PACKET:
+                self.drops["unexpected_kind"] += 1
+                continue
+            action, slot, out = from_outside(peer, data)
+            if action is _TO_TAP:
+                to_tap[worker_for_flow(data, n) if n > 1 else 0].push(out, _FRAME)
+            elif action is _VERIFY:
+                self.to_control.push(out, RecordKind.VERIFY, slot)
         consumer.release()
+        return len(records)
+
+    def _from_control(self) -> int:
+        """Frames control made for the TAP: DHCP and DNS answers, ICMP errors."""
+        records = self.from_control.pop_batch(self.batch)
+        if not records:
+            return 0
+        for rec in records:
+            if rec.kind == _FRAME:
+                self.to_tap[0].push(rec.data, _FRAME)
+            else:
+                self.drops["unexpected_kind"] += 1
+        self.from_control.release()
         return len(records)
 
     def stats(self) -> dict[str, Any]:
         st = self.core.statistics()
-        return {"classifier": _plain(st)}
+        return {"classifier": _plain(st), "drops": dict(self.drops)}
 
 
 def _plain(value: Any) -> Any:

@@ -1,15 +1,21 @@
 """The TAP device: open (single- or multi-queue), configure, read and write frames.
 
-``TapDevice`` is the seam: ``LinuxTap`` is the real one; tests of stage logic can use any
-object with the same methods.
+``TapDevice`` is the seam, and ``OpenTap`` how a tap_reader gets one: ``LinuxTap`` is the
+real one; ``MemoryTap`` is its in-memory twin (after wireguard-go's ``tun/tuntest``), for
+tests that run a tap_reader without root: frames "from the kernel" are injected, the frames
+the worker writes are collected, and its descriptor wakes the worker's epoll loop as a TAP's
+does. Frames are plain bytes both ways, so a TAP that adds a virtio-net header (TSO) changes
+what they hold, not the seam.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import shutil
 import subprocess
+from collections import deque
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 from typing import Protocol
@@ -22,11 +28,21 @@ READ_SIZE = 65536 + 64
 
 
 class TapDevice(Protocol):
+    def configure(
+        self, *, mac: bytes, mtu: int, address: IPv4Address | None, subnet: IPv4Network
+    ) -> None: ...
+    def attach_to_bridge(self, bridge: str, *, create: bool) -> bool: ...
     def fileno(self) -> int: ...
     def read(self) -> bytes | None: ...
     def read_into(self, buffer: memoryview) -> int | None: ...
     def write(self, frame: bytes | memoryview) -> bool: ...
     def close(self) -> None: ...
+
+
+class OpenTap(Protocol):
+    """Opens the TAP queue ``name``: ``LinuxTap`` itself, or a test's stand-in."""
+
+    def __call__(self, name: str, *, multi_queue: bool) -> TapDevice: ...
 
 
 class LinuxTap:
@@ -115,6 +131,90 @@ class LinuxTap:
 
     def close(self) -> None:
         self._dev.close()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TapSettings:
+    """What ``configure`` was asked to set (``MemoryTap`` records it)."""
+
+    mac: bytes
+    mtu: int
+    address: IPv4Address | None
+    subnet: IPv4Network
+
+
+class MemoryTap:
+    """The in-memory twin of ``LinuxTap``: a test ``inject``s the frames the kernel would
+    send, and finds the frames the worker wrote in ``written``. ``fileno()`` is an eventfd
+    that is readable exactly while injected frames wait to be read, as a TAP's descriptor is,
+    so a worker's epoll loop wakes for them. ``configure`` and ``attach_to_bridge`` are
+    recorded (``settings``, ``bridges``), not executed.
+
+    ``inject`` may be called from another thread than the worker's.
+    """
+
+    def __init__(self, name: str = "memtap0", *, multi_queue: bool = False) -> None:
+        self.name = name
+        self.multi_queue = multi_queue
+        self.settings: list[TapSettings] = []  # every configure(), in order
+        self.bridges: list[tuple[str, bool]] = []  # every attach_to_bridge(bridge, create)
+        self.written: deque[bytes] = deque()  # what the worker wrote, oldest first
+        self._inbox: deque[bytes] = deque()
+        self._bell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def inject(self, frame: bytes | memoryview) -> None:
+        """A frame from the kernel: the next ``read`` returns it (after those before it)."""
+        self._inbox.append(bytes(frame))
+        os.eventfd_write(self._bell, 1)
+
+    def configure(
+        self, *, mac: bytes, mtu: int, address: IPv4Address | None, subnet: IPv4Network
+    ) -> None:
+        self.settings.append(TapSettings(mac, mtu, address, subnet))
+
+    def attach_to_bridge(self, bridge: str, *, create: bool) -> bool:
+        """Recorded; True (the bridge was made) the first time ``create`` names it."""
+        made = create and all(name != bridge for name, _ in self.bridges)
+        self.bridges.append((bridge, create))
+        return made
+
+    def fileno(self) -> int:
+        return self._bell
+
+    def read(self) -> bytes | None:
+        try:
+            frame = self._inbox.popleft()
+        except IndexError:
+            return None
+        if not self._inbox:
+            self._quiet()
+        return frame
+
+    def read_into(self, buffer: memoryview) -> int | None:
+        """As a TAP's read: a frame longer than ``buffer`` is cut to its length."""
+        frame = self.read()
+        if frame is None:
+            return None
+        n = min(len(frame), len(buffer))
+        buffer[:n] = frame[:n]
+        return n
+
+    def write(self, frame: bytes | memoryview) -> bool:
+        self.written.append(bytes(frame))
+        return True
+
+    def close(self) -> None:
+        os.close(self._bell)
+
+    def _quiet(self) -> None:
+        """The inbox is empty: the descriptor stops being readable (unless a frame was
+        injected meanwhile, which rings again)."""
+        try:
+            os.eventfd_read(self._bell)
+        except BlockingIOError:
+            pass
+        if self._inbox:
+            os.eventfd_write(self._bell, 1)
 
 
 def _ip(*args: str) -> None:

@@ -1,31 +1,47 @@
 """tap_reader: the inside edge. TAP -> classifier rings (outbound); classifier rings -> TAP.
 
 Outbound frames go to the classifier worker chosen by a hash of the flow, so a flow never
-reorders; inbound frames from every classifier worker are written to this worker's queue.
+reorders; inbound FRAME records from every classifier worker are written to this worker's
+queue (a record of another kind is counted, ``unexpected_kind``). The device is opened by
+``open_tap``: ``LinuxTap``, or in tests a ``MemoryTap``.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
+from pipeline.config import Settings
 from pipeline.records import RecordKind
-from pipeline.shm_ring import Producer
-from pipeline.tap_reader.device import LinuxTap
+from pipeline.shm_ring import Producer, RingSpec
+from pipeline.tap_reader.device import LinuxTap, OpenTap, TapDevice
 from pipeline.topology import Stage, worker_for_flow
 from pipeline.worker import Worker
 
 ETH_HEADER = 14
+_FRAME = int(RecordKind.FRAME)
 
 
 class TapReaderWorker(Worker):
     stage = Stage.TAP_READER
+
+    def __init__(
+        self,
+        settings: Settings,
+        index: int,
+        rings: dict[str, RingSpec],
+        *,
+        open_tap: OpenTap = LinuxTap,
+    ) -> None:
+        super().__init__(settings, index, rings)
+        self.open_tap = open_tap
 
     def setup(self) -> None:
         s = self.settings
         queues = s.stages.tap_reader.queues
         self.batch = s.stages.tap_reader.batch
         self.frame_max = s.network.mtu + ETH_HEADER + 4  # room for an 802.1Q tag
-        self.tap = LinuxTap(s.network.device, multi_queue=queues > 1)
+        self.tap: TapDevice = self.open_tap(s.network.device, multi_queue=queues > 1)
         self.tap.configure(
             mac=s.tap_mac, mtu=s.network.mtu, address=s.network.address, subnet=s.network.subnet
         )
@@ -37,6 +53,7 @@ class TapReaderWorker(Worker):
         self.watch(self.tap.fileno(), lambda: None)  # wakes the loop; work() reads
         self.frames_read = self.bytes_read = 0
         self.frames_written = self.bytes_written = self.write_drops = 0
+        self.drops: Counter[str] = Counter()
         self.log.info("tap_opened", device=s.network.device, queues=queues, mtu=s.network.mtu)
 
     def work(self) -> int:
@@ -97,10 +114,12 @@ class TapReaderWorker(Worker):
             records = consumer.pop_batch(self.batch)
             if not records:
                 continue
-            for rec in records:
-                if write(rec.data):
+            for kind, _, _, data in records:
+                if kind != _FRAME:
+                    self.drops["unexpected_kind"] += 1
+                elif write(data):
                     self.frames_written += 1
-                    self.bytes_written += len(rec.data)
+                    self.bytes_written += len(data)
                 else:
                     self.write_drops += 1
             consumer.release()
@@ -114,6 +133,7 @@ class TapReaderWorker(Worker):
             "frames_written": self.frames_written,
             "bytes_written": self.bytes_written,
             "write_drops": self.write_drops,
+            "drops": dict(self.drops),
         }
 
     def teardown(self) -> None:

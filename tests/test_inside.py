@@ -1,0 +1,433 @@
+"""The inside of a node in one process: a tap_reader worker on a MemoryTap and a classifier
+worker, on real shm rings, with a stand-in for control on real ZeroMQ sockets; the test holds
+the far ends of the rings to overlay_io and control. No root, no TAP, no namespace."""
+
+from __future__ import annotations
+
+import functools
+import os
+import select
+import threading
+import time
+from collections.abc import Callable, Iterator
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+import zmq
+
+from pipeline import messages, shm_ring
+from pipeline.classifier.interface import InterfaceClassifier
+from pipeline.classifier.router import RouterClassifier
+from pipeline.classifier.stage import ClassifierWorker
+from pipeline.config import GATEWAY_MAC, Settings, settings_from_mapping
+from pipeline.records import RecordKind
+from pipeline.shm_ring import Consumer, Producer, Ring, RingSpec
+from pipeline.tap_reader.device import MemoryTap, TapSettings
+from pipeline.tap_reader.stage import TapReaderWorker
+from pipeline.topology import Stage, WorkerId
+from pipeline.wire import arp, ethernet, ipv4, udp
+from pipeline.worker import CONTROL_PUB_SOCKET, CONTROL_SOCKET, Worker, endpoint
+
+A = IPv4Address
+ME, PEER, UNROUTED, GATEWAY = A("100.64.0.1"), A("100.64.0.2"), A("100.64.0.9"), A("100.64.0.254")
+SLOT = 7  # the link slot of PEER
+CLASSIFIER, TAP_READER = WorkerId(Stage.CLASSIFIER, 0), WorkerId(Stage.TAP_READER, 0)
+IO, CONTROL = WorkerId(Stage.OVERLAY_IO, 0), WorkerId(Stage.CONTROL, 0)
+K = RecordKind
+
+
+def node_settings(tmp: Path, *, router: bool = False) -> Settings:
+    network: dict[str, Any] = {"namespace": "lab", "subnet": "100.64.0.0/24"}
+    if router:
+        network |= {"mode": "router", "bridge": "br-lab", "create_bridge": True}
+    else:
+        network |= {"address": str(ME)}
+    runtime = tmp / "run"
+    runtime.mkdir(parents=True, exist_ok=True)
+    return settings_from_mapping(
+        {
+            "node": {"name": "alpha", "state_dir": str(tmp / "state"), "runtime_dir": str(runtime)},
+            "network": network,
+            "security": {"ca_certificate": str(tmp / "ca.crt")},
+        }
+    )
+
+
+class Control:
+    """Control's side of the ZeroMQ sockets: answers a SnapshotRequest with routes."""
+
+    def __init__(self, settings: Settings) -> None:
+        runtime = settings.node.runtime_dir
+        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self.router = self.context.socket(zmq.ROUTER)
+        self.router.bind(endpoint(runtime, CONTROL_SOCKET))
+        self.pub = self.context.socket(zmq.PUB)
+        self.pub.bind(endpoint(runtime, CONTROL_PUB_SOCKET))
+
+    def answer(self, snapshot: messages.RouteSnapshot, timeout_s: float = 10.0) -> None:
+        """Wait for a worker's SnapshotRequest and answer it."""
+        assert self.router.poll(int(timeout_s * 1000)), "no SnapshotRequest came"
+        ident, data = self.router.recv_multipart()
+        assert isinstance(messages.decode(data), messages.SnapshotRequest)
+        self.router.send_multipart([ident, messages.encode(snapshot)])
+
+    def close(self) -> None:
+        self.router.close(0)
+        self.pub.close(0)
+
+
+def snapshot(version: int = 1) -> messages.RouteSnapshot:
+    peer = messages.PeerRoute(SLOT, "beta", (str(PEER),), "198.18.0.2:4789", True)
+    return messages.RouteSnapshot(epoch=1, version=version, peers=(peer,), address=str(ME))
+
+
+class Inside:
+    """The rings of the workers in ``local`` (created here, as the supervisor would), those
+    workers, and the test's ends of every ring whose other worker is not here."""
+
+    def __init__(self, settings: Settings, local: set[WorkerId]) -> None:
+        self.settings = settings
+        self.specs: dict[str, RingSpec] = {}
+        self.rings: list[Ring] = []
+        self.push: dict[str, Producer] = {}  # ring name -> the test's producer
+        self.pop: dict[str, Consumer] = {}  # ring name -> the test's consumer
+        for edge in settings.stages.topology().rings():
+            if not {edge.producer, edge.consumer} & local:
+                continue
+            spec = self.specs[edge.name] = shm_ring.create_ring(edge.name, shm_ring.MIN_CAPACITY)
+            if edge.producer not in local:
+                self.push[edge.name] = Producer(self._attach(spec))
+            if edge.consumer not in local:
+                self.pop[edge.name] = Consumer(self._attach(spec))
+        self.workers: list[Worker] = []
+
+    def _attach(self, spec: RingSpec) -> Ring:
+        ring = Ring.attach(spec)
+        self.rings.append(ring)
+        return ring
+
+    def start(self, worker: Worker) -> Worker:
+        worker.setup()
+        self.workers.append(worker)
+        return worker
+
+    def send(self, ring: str, records: list[tuple[int, int, bytes]]) -> None:
+        """Push (kind, peer, bytes) records into ``ring`` and flush."""
+        producer = self.push[ring]
+        for kind, peer, data in records:
+            assert producer.push(data, kind, peer)
+        producer.flush()
+
+    def received(self, ring: str) -> list[tuple[int, int, bytes]]:
+        """The (kind, peer, bytes) records waiting on ``ring``."""
+        consumer = self.pop[ring]
+        got = [(rec.kind, rec.peer, bytes(rec.data)) for rec in consumer.pop_batch(1000)]
+        consumer.release()
+        return got
+
+    def pump(self) -> None:
+        """Run every worker's work and ZeroMQ handlers until nothing moves."""
+        for _ in range(50):
+            moved = 0
+            for worker in self.workers:
+                moved += worker.work() + worker._service_zmq()
+            if not moved:
+                return
+        raise AssertionError("the workers never went quiet")
+
+    def pump_until(self, what: str, done: Callable[[], bool], timeout_s: float = 10.0) -> None:
+        """Pump until ``done()`` (ZeroMQ delivers on its own threads, a moment later)."""
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            self.pump()
+            time.sleep(0.002)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.teardown()
+            feed = getattr(worker, "routes", None)
+            if feed is not None:
+                feed.close()
+            for ring in worker._rings:
+                ring.close()
+            worker.epoll.close()
+        for ring in self.rings:
+            ring.close()
+        for spec in self.specs.values():
+            shm_ring.close_spec(spec)
+
+
+@pytest.fixture(autouse=True)
+def quiet_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pipeline.worker.configure_logging", lambda **kw: structlog.get_logger())
+
+
+@pytest.fixture
+def made(tmp_path: Path) -> Iterator[list[Inside | Control]]:
+    """What a test made, closed after it."""
+    things: list[Inside | Control] = []
+    try:
+        yield things
+    finally:
+        for thing in reversed(things):
+            thing.close()
+
+
+# -- frames ------------------------------------------------------------------------------------
+
+
+def arp_request(target: IPv4Address, settings: Settings) -> bytes:
+    request = arp.ArpPacket(arp.ArpOp.REQUEST, settings.tap_mac, ME, bytes(6), target)
+    body = arp.build(request)
+    return ethernet.build(ethernet.BROADCAST, settings.tap_mac, ethernet.ETHERTYPE_ARP, body)
+
+
+def arp_reply(target: IPv4Address, settings: Settings) -> bytes:
+    reply = arp.ArpPacket(arp.ArpOp.REPLY, GATEWAY_MAC, target, settings.tap_mac, ME)
+    return ethernet.build(settings.tap_mac, GATEWAY_MAC, ethernet.ETHERTYPE_ARP, arp.build(reply))
+
+
+def packet(src: IPv4Address, dst: IPv4Address, dport: int = 5001) -> bytes:
+    payload = udp.build(40000, dport, b"payload" * 20)
+    return ipv4.build(src=src, dst=dst, protocol=ipv4.Protocol.UDP, payload=payload)
+
+
+def from_tap(ip_packet: bytes, settings: Settings) -> bytes:
+    return ethernet.build(GATEWAY_MAC, settings.tap_mac, ethernet.ETHERTYPE_IPV4, ip_packet)
+
+
+def to_tap(ip_packet: bytes, settings: Settings) -> bytes:
+    return ethernet.build(settings.tap_mac, GATEWAY_MAC, ethernet.ETHERTYPE_IPV4, ip_packet)
+
+
+# -- the classifier worker alone ---------------------------------------------------------------
+
+
+def classifier_alone(tmp: Path, made: list[Inside | Control]) -> tuple[Inside, ClassifierWorker]:
+    settings = node_settings(tmp)
+    control = Control(settings)
+    made.append(control)
+    inside = Inside(settings, {CLASSIFIER})
+    made.append(inside)
+    worker = ClassifierWorker(settings, 0, inside.specs)
+    inside.start(worker)
+    control.answer(snapshot())
+    inside.pump_until("routes", lambda: worker.core.routes.version == 1)
+    return inside, worker
+
+
+def test_each_verdict_becomes_the_record_its_edge_carries(
+    tmp_path: Path, made: list[Inside | Control]
+) -> None:
+    inside, worker = classifier_alone(tmp_path, made)
+    s = inside.settings
+    routed, unrouted = packet(ME, PEER), packet(ME, UNROUTED)
+    dhcp = from_tap(packet(A("0.0.0.0"), A("255.255.255.255"), 67), s)
+    inside.send(
+        "tap_reader0>classifier0",
+        [
+            (K.FRAME, 0, arp_request(PEER, s)),
+            (K.FRAME, 0, from_tap(routed, s)),
+            (K.FRAME, 0, dhcp),
+            (K.FRAME, 0, from_tap(unrouted, s)),
+        ],
+    )
+    unverified = packet(UNROUTED, ME)
+    inside.send(
+        "overlay_io0>classifier0",
+        [(K.IP_PACKET, SLOT, packet(PEER, ME)), (K.IP_PACKET, SLOT, unverified)],
+    )
+    inside.send("control0>classifier0", [(K.FRAME, 0, b"an answer from control")])
+    inside.pump()
+    assert inside.received("classifier0>overlay_io0") == [(K.IP_PACKET, SLOT, routed)]
+    assert inside.received("classifier0>tap_reader0") == [
+        (K.FRAME, 0, arp_reply(PEER, s)),
+        (K.FRAME, 0, to_tap(packet(PEER, ME), s)),
+        (K.FRAME, 0, b"an answer from control"),
+    ]
+    assert inside.received("classifier0>control0") == [
+        (K.FRAME, 0, dhcp),
+        (K.RESOLVE, 0, unrouted),
+        (K.VERIFY, SLOT, unverified),
+    ]
+    assert worker.stats()["drops"] == {}
+
+
+def test_a_record_of_a_kind_its_ring_does_not_carry_is_a_counted_drop(
+    tmp_path: Path, made: list[Inside | Control]
+) -> None:
+    inside, worker = classifier_alone(tmp_path, made)
+    s = inside.settings
+    inside.send("tap_reader0>classifier0", [(K.IP_PACKET, 0, packet(ME, PEER))])
+    inside.send("overlay_io0>classifier0", [(K.FRAME, SLOT, to_tap(packet(PEER, ME), s))])
+    inside.send("control0>classifier0", [(K.RESOLVE, 0, packet(ME, UNROUTED))])
+    inside.pump()
+    for ring in ("classifier0>overlay_io0", "classifier0>tap_reader0", "classifier0>control0"):
+        assert inside.received(ring) == []
+    stats = worker.stats()
+    assert stats["drops"] == {"unexpected_kind": 3}
+    assert stats["classifier"]["from_inside"] == stats["classifier"]["from_outside"] == 0
+
+
+def test_the_stage_picks_its_classifier_once_from_network_mode(
+    tmp_path: Path, made: list[Inside | Control]
+) -> None:
+    for router, cls in ((False, InterfaceClassifier), (True, RouterClassifier)):
+        settings = node_settings(tmp_path / cls.mode, router=router)
+        inside = Inside(settings, {CLASSIFIER})
+        made.append(inside)
+        worker = ClassifierWorker(settings, 0, inside.specs)
+        inside.start(worker)
+        assert type(worker.core) is cls and worker.core.mode == settings.network.mode
+
+
+# -- a MemoryTap, and a tap_reader on it -------------------------------------------------------
+
+
+def test_a_memory_tap_is_readable_exactly_while_frames_wait() -> None:
+    tap = MemoryTap()
+    poller = select.epoll()
+    try:
+        poller.register(tap.fileno(), select.EPOLLIN)
+        assert poller.poll(0) == [] and tap.read() is None
+        tap.inject(b"first")
+        tap.inject(memoryview(b"second and longer"))
+        assert poller.poll(0) == [(tap.fileno(), select.EPOLLIN)]
+        assert tap.read() == b"first"
+        assert poller.poll(0) != []  # one still waits
+        buffer = bytearray(6)
+        assert tap.read_into(memoryview(buffer)) == 6 and buffer == b"second"  # cut, as a TAP
+        assert (
+            poller.poll(0) == []
+            and tap.read() is None
+            and tap.read_into(memoryview(buffer)) is None
+        )
+        assert tap.write(memoryview(b"out")) and list(tap.written) == [b"out"]
+    finally:
+        poller.close()
+        tap.close()
+
+
+def test_a_tap_reader_on_a_memory_tap_in_router_mode(
+    tmp_path: Path, made: list[Inside | Control]
+) -> None:
+    """configure and attach_to_bridge are recorded; frames go both ways; a record of a kind
+    its ring does not carry is counted, not written."""
+    settings = node_settings(tmp_path, router=True)
+    inside = Inside(settings, {TAP_READER})
+    made.append(inside)
+    tap = MemoryTap()
+    worker = TapReaderWorker(settings, 0, inside.specs, open_tap=lambda name, *, multi_queue: tap)
+    inside.start(worker)
+    net = settings.network
+    assert tap.settings == [TapSettings(settings.tap_mac, net.mtu, None, net.subnet)]
+    assert tap.bridges == [("br-lab", True)]
+    frame = from_tap(packet(A("100.64.0.11"), PEER), settings)
+    tap.inject(frame)
+    inside.send("classifier0>tap_reader0", [(K.FRAME, 0, b"to the segment"), (K.RESOLVE, 0, b"?")])
+    inside.pump()
+    assert inside.received("tap_reader0>classifier0") == [(K.FRAME, 0, frame)]
+    assert list(tap.written) == [b"to the segment"]
+    stats = worker.stats()
+    assert (stats["frames_read"], stats["frames_written"]) == (1, 1)
+    assert stats["drops"] == {"unexpected_kind": 1}
+
+
+class Loops:
+    """Workers running their own loops, each on a thread: each sleeps in its epoll on its
+    ring doorbells, its device and its ZeroMQ sockets, as it does in a process of its own."""
+
+    def __init__(self, workers: list[Worker]) -> None:
+        self.threads: list[threading.Thread] = []
+        self.wakes: list[int] = []
+        self.failures: list[BaseException] = []
+        self.workers = workers
+        for worker in workers:
+            wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            worker.watch(wake, functools.partial(_drain, wake))
+            self.wakes.append(wake)
+            thread = threading.Thread(target=self._run, args=(worker,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _run(self, worker: Worker) -> None:
+        try:
+            worker._loop()
+        except BaseException as exc:  # re-raised in the test by stop()
+            self.failures.append(exc)
+
+    def stop(self) -> None:
+        for worker, wake in zip(self.workers, self.wakes, strict=True):
+            worker.running = False
+            os.eventfd_write(wake, 1)
+        for thread in self.threads:
+            thread.join(10)
+            assert not thread.is_alive(), "a worker loop did not stop"
+        for wake in self.wakes:
+            os.close(wake)
+        if self.failures:
+            raise self.failures[0]
+
+
+def _drain(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
+
+
+def wait_for(what: str, done: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_arp_and_packets_through_a_tap_reader_and_a_classifier(
+    tmp_path: Path, made: list[Inside | Control]
+) -> None:
+    """The two workers of the inside run their loops; the kernel's side is a MemoryTap."""
+    settings = node_settings(tmp_path)
+    control = Control(settings)
+    made.append(control)
+    inside = Inside(settings, {TAP_READER, CLASSIFIER})
+    made.append(inside)
+    tap = MemoryTap()
+    inside.start(
+        TapReaderWorker(settings, 0, inside.specs, open_tap=lambda name, *, multi_queue: tap)
+    )
+    classifier = inside.start(ClassifierWorker(settings, 0, inside.specs))
+    assert isinstance(classifier, ClassifierWorker)
+    loops = Loops(inside.workers)
+    try:
+        control.answer(snapshot())
+        wait_for("routes", lambda: classifier.core.routes.version == 1)
+        # the kernel asks for another virtual address: the classifier answers on the TAP
+        tap.inject(arp_request(A("100.64.0.77"), settings))
+        wait_for("the ARP reply", lambda: len(tap.written) == 1)
+        assert tap.written.popleft() == arp_reply(A("100.64.0.77"), settings)
+        # a packet to a routed address goes to overlay_io, for the peer's link
+        outbound = packet(ME, PEER)
+        tap.inject(from_tap(outbound, settings))
+        got: list[tuple[int, int, bytes]] = []
+
+        def arrived() -> bool:
+            got.extend(inside.received("classifier0>overlay_io0"))
+            return bool(got)
+
+        wait_for("the packet", arrived)
+        assert got == [(K.IP_PACKET, SLOT, outbound)]
+        # and the peer's answer reaches the TAP, framed
+        inside.send("overlay_io0>classifier0", [(K.IP_PACKET, SLOT, packet(PEER, ME))])
+        wait_for("the answer", lambda: len(tap.written) == 1)
+        assert tap.written.popleft() == to_tap(packet(PEER, ME), settings)
+    finally:
+        loops.stop()
+    assert tap.settings == [
+        TapSettings(settings.tap_mac, settings.network.mtu, ME, settings.network.subnet)
+    ]
+    assert tap.bridges == []
