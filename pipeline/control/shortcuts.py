@@ -84,8 +84,8 @@ class Candidate:
 
 
 class PathOffer(msgspec.Struct, tag=True, frozen=True):
-    """"Here are my candidates; in round ``round`` the sender probes first if
-    ``sender_first``.\""""
+    """Here are my candidates; in round ``round`` the sender probes first if
+    ``sender_first``."""
 
     round: int
     sender_first: bool
@@ -286,8 +286,10 @@ class Shortcuts:
         """A path message that came over link ``slot`` (node ``node_id``)."""
         p = self._paths.get(slot)
         if isinstance(message, PathOffer):
-            if p is None or p.phase in (_Phase.IDLE, _Phase.QUIET, _Phase.DIRECT) or (
-                p.phase is _Phase.OFFERED and self._own_id < node_id
+            if (
+                p is None
+                or p.phase in (_Phase.IDLE, _Phase.QUIET, _Phase.DIRECT)
+                or (p.phase is _Phase.OFFERED and self._own_id < node_id)
             ):
                 p = p or _Path(slot, node_id, initiator=False)
                 self._paths[slot] = p
