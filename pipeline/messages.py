@@ -109,12 +109,6 @@ class UnknownSession(msgspec.Struct, tag=True, frozen=True):
     endpoint: str  # "host:port"
 
 
-class RouteMiss(msgspec.Struct, tag=True, frozen=True):
-    """Frames to these virtual addresses found no route (classifier -> control)."""
-
-    addresses: tuple[str, ...]
-
-
 class DhtGetRequest(msgspec.Struct, tag=True, frozen=True):
     """``supervisor dht get`` (DEALER -> control's ROUTER)."""
 
@@ -171,7 +165,6 @@ Message = (
     | SessionKeys
     | SessionConfirmed
     | RekeyRequest
-    | RouteMiss
     | UnknownSession
     | DhtGetRequest
     | DhtGetReply

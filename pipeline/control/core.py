@@ -13,7 +13,7 @@ Theory of operation (the shape of aioquic's ``H3Connection`` over its ``QuicConn
   ``receive_overlay`` (an OVERLAY record: an overlay message, or a static peer's ping),
   ``receive_handshake``, ``frame_from_tap`` / ``packet_to_resolve`` /
   ``packet_from_unknown`` / ``claim`` (the classifier's FRAME, RESOLVE, VERIFY and CLAIM
-  records), ``route_misses``, the overlay_io workers' messages (``io_worker_started``,
+  records), the overlay_io workers' messages (``io_worker_started``,
   ``session_confirmed``, ``rekey_requested``, ``unknown_session``), tool requests
   (``dht_get``, ``dht_put``), ``set_revocations`` and ``handle_timer``.
 - **Outputs**, drained by the driver after every input: ``handshakes_to_send()`` (datagram,
@@ -61,7 +61,6 @@ from pipeline.nodeid import id_to_bytes
 REPUBLISH_S = 2.0
 GENERATION_SHIFT = 40  # send counters of incarnation g start at g << 40
 REFUSALS_LOGGED_PER_S = 10
-MAX_MISSES_PER_MESSAGE = 64
 
 _OVERLAY_VERSION = overlay_wire.VERSION
 
@@ -320,21 +319,6 @@ class ControlCore:
         return False
 
     # -- inputs: messages from the workers and tools ---------------------------------------------
-
-    def route_misses(self, addresses: Sequence[str], now: float, wall: float) -> None:
-        """A classifier found no route to (or from) these addresses: resolve them."""
-        routing = self.routing
-        if routing is None:
-            return
-        for text in addresses[:MAX_MISSES_PER_MESSAGE]:
-            try:
-                address = IPv4Address(text)
-            except ValueError:
-                self.counters["bad_route_miss"] += 1
-                continue
-            if address in self.settings.subnet:
-                routing.route_miss(address, now, wall)
-        self._after(now, wall)
 
     def io_worker_started(self, worker: bytes, pid: int) -> None:
         """An overlay_io worker asked for the routes: it gets the session keys, and a new

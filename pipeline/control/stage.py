@@ -227,8 +227,6 @@ class ControlWorker(Worker):
                 core.rekey_requested(msg.slot, now, wall)
             elif isinstance(msg, messages.UnknownSession):
                 core.unknown_session(msg.endpoint, now, wall)
-            elif isinstance(msg, messages.RouteMiss):
-                core.route_misses(msg.addresses, now, wall)
             elif isinstance(msg, messages.DhtGetRequest):
                 core.dht_get(sender, msg.key, now, wall)
             elif isinstance(msg, messages.DhtPutRequest):
