@@ -44,8 +44,6 @@ from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-import msgspec
-
 from pipeline import messages
 from pipeline.control import events as ev
 from pipeline.control.addressing import Addressing, AddressingSettings, machines_from_leases
@@ -54,6 +52,7 @@ from pipeline.control.links import Address, LinkSettings, PeerSpec, Via
 from pipeline.control.overlay import wire as overlay_wire
 from pipeline.control.peers import PeerState, PeerTable
 from pipeline.control.routing import RoutingCore
+from pipeline.control.shortcuts import decode_path
 from pipeline.crypto.cert import Certificate, RevocationList
 from pipeline.crypto.identity import Identity
 from pipeline.nodeid import id_to_bytes
@@ -127,6 +126,7 @@ class ControlCore:
             self._make_layers(settings, credentials, rng, entropy, preferred, held_leases, now)
         self._handshakes_out: list[tuple[bytes, Address, int]] = []
         self._overlay_out: list[tuple[int, bytes]] = []
+        self._probes_out: list[tuple[int, Address, bytes]] = []
         self._packets_out: list[tuple[int, bytes]] = []
         self._tap_out: list[bytes] = []
         self._events: list[ev.ControlEvent] = []
@@ -206,6 +206,12 @@ class ControlCore:
         out, self._packets_out = self._packets_out, []
         return out
 
+    def probes_to_send(self) -> list[tuple[int, Address, bytes]]:
+        """(slot, endpoint, payload): PROBE datagrams for overlay_io to seal with link
+        ``slot``'s session and send to ``endpoint``."""
+        out, self._probes_out = self._probes_out, []
+        return out
+
     def frames_to_tap(self) -> list[bytes]:
         """Ethernet frames for the TAP: DHCP and DNS answers, ICMP errors, verified packets."""
         out, self._tap_out = self._tap_out, []
@@ -263,13 +269,41 @@ class ControlCore:
             return
         try:
             msg = messages.decode_overlay(payload)
-        except (ValueError, msgspec.DecodeError):  # and UnicodeDecodeError alike
-            self.counters["undecodable_overlay"] += 1
+        except ValueError:  # msgspec's errors and UnicodeDecodeError alike
+            self._receive_path(slot, payload, now, wall)
             return
         reply = self.liveness.receive(slot, msg, now)
         if reply is not None:
             self._overlay_out.append((slot, messages.encode_overlay(reply)))
         self._liveness_events()
+
+    def _receive_path(self, slot: int, payload: bytes, now: float, wall: float) -> None:
+        """A shortcut message (offer, answer, go) over a link, or junk."""
+        try:
+            msg = decode_path(payload)
+        except ValueError:
+            self.counters["undecodable_overlay"] += 1
+            return
+        if self.routing is None:
+            self.counters["path_without_links"] += 1
+            return
+        self.routing.receive_path(slot, msg, now, wall)
+        self._after(now, wall)
+
+    def receive_probe(
+        self, slot: int, payload: bytes, source: Address, now: float, wall: float
+    ) -> None:
+        """A PROBE record: a probe or its answer that came on link ``slot`` from ``source``."""
+        if self.routing is None:
+            self.counters["probe_without_links"] += 1
+            return
+        self.routing.receive_probe(slot, payload, source, now, wall)
+        self._after(now, wall)
+
+    def set_endpoints(self, local: Sequence[Address]) -> None:
+        """The local endpoints of the node's UDP port (its addresses on its interfaces)."""
+        if self.routing is not None:
+            self.routing.set_endpoints(local)
 
     def receive_handshake(self, datagram: bytes, source: Address, now: float, wall: float) -> None:
         """A HANDSHAKE or COOKIE datagram from ``source``."""
@@ -419,6 +453,7 @@ class ControlCore:
             slot = next((sl for sl, lk in links.items() if lk.endpoint == to), 0)
             self._handshakes_out.append((datagram, to, slot))
         self._overlay_out += routing.overlay_to_send()
+        self._probes_out += routing.probes_to_send()
         for event in routing.events():
             if isinstance(event, ev.HandshakeRefused):
                 self._log_refusal(event, now)

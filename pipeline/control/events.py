@@ -90,6 +90,39 @@ class HandshakeRefusalsSuppressed(LogEvent):
     count: int
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ShortcutFormed(LogEvent):
+    """A link that was relayed through the overlay now goes straight to ``endpoint``."""
+
+    name = "shortcut_formed"
+    peer: str | None
+    slot: int
+    endpoint: str
+    kind: str  # the candidate that worked: local, mapped, reflexive
+    rtt_ms: float
+    round: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ShortcutLost(LogEvent):
+    name = "shortcut_lost"
+    level = Level.WARNING
+    peer: str | None
+    slot: int
+    endpoint: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ShortcutFailed(LogEvent):
+    """No direct path after every round: the link stays relayed, tried again later."""
+
+    name = "shortcut_failed"
+    peer: str | None
+    slot: int
+    rounds: int
+    retry_in_s: float
+
+
 # -- static peers ------------------------------------------------------------------------------
 
 

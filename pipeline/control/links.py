@@ -386,6 +386,16 @@ class LinkManager:
         self.links[slot] = link
         return link
 
+    def set_endpoint(self, slot: int, target: Target) -> None:
+        """The link's datagrams go to ``target`` from now on: a direct path found to a peer
+        reached through the overlay (a shortcut), or back through the overlay when it is
+        lost. The sessions stay; overlay_io learns the endpoint with the keys."""
+        link = self.links.get(slot)
+        if link is None or link.endpoint == target:
+            return
+        link.endpoint = target
+        self._changed()
+
     def request_rekey(self, slot: int) -> None:
         link = self.links.get(slot)
         if link is not None:

@@ -123,6 +123,9 @@ class ControlWorker(Worker):
                     core.receive_handshake(datagram, unpack_endpoint(rec.data), now, wall)
                 elif kind == RecordKind.RELAY:
                     self._to_io(rec.peer).push(rec.data, RecordKind.RELAY, rec.peer)
+                elif kind == RecordKind.PROBE:
+                    payload = bytes(rec.data[ENDPOINT_LEN:])
+                    core.receive_probe(rec.peer, payload, unpack_endpoint(rec.data), now, wall)
                 else:
                     self.drops["unexpected_kind"] += 1
             if records:
@@ -164,6 +167,8 @@ class ControlWorker(Worker):
             self._to_io(slot).push(pack_endpoint(*to) + datagram, RecordKind.HANDSHAKE)
         for slot, payload in core.overlay_to_send():
             self._to_io(slot).push(payload, RecordKind.OVERLAY, slot)
+        for slot, to, payload in core.probes_to_send():
+            self._to_io(slot).push(pack_endpoint(*to) + payload, RecordKind.PROBE, slot)
         for slot, packet in core.packets_to_send():
             self._to_io(slot).push(packet, RecordKind.IP_PACKET, slot)
         for frame in core.frames_to_tap():
