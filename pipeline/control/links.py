@@ -51,6 +51,7 @@ from pipeline.crypto.identity import Identity, x25519_public_from_ed25519
 from pipeline.crypto.noise import CipherState, HandshakeState, NoiseError
 from pipeline.errors import RemoteProtocolError
 from pipeline.wire.overlay import HEADER_LEN, DatagramType
+from pipeline.wire.stun import MAGIC_COOKIE as STUN_MAGIC_COOKIE
 
 Address = tuple[str, int]
 MAX_SESSIONS = 3
@@ -464,7 +465,9 @@ class LinkManager:
         used |= set(self._responding)
         while True:
             index = int.from_bytes(self.rng(4), "big")
-            if index and index not in used:
+            # never the STUN magic cookie: it is how a STUN answer on the node's port is told
+            # apart from our own datagrams (pipeline/wire/stun.py, ``is_stun``)
+            if index and index not in used and index != STUN_MAGIC_COOKIE:
                 return index
 
     # -- receiving -------------------------------------------------------------------------------
