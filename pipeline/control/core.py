@@ -49,10 +49,11 @@ from pipeline.control import events as ev
 from pipeline.control.addressing import Addressing, AddressingSettings, machines_from_leases
 from pipeline.control.dht import CreateResult, GetResult, key_position
 from pipeline.control.links import Address, LinkSettings, PeerSpec, Via
+from pipeline.control.nat.discovery import NatDiscovery
 from pipeline.control.overlay import wire as overlay_wire
 from pipeline.control.peers import PeerState, PeerTable
 from pipeline.control.routing import RoutingCore
-from pipeline.control.shortcuts import decode_path
+from pipeline.control.shortcuts import CandidateKind, decode_path
 from pipeline.crypto.cert import Certificate, RevocationList
 from pipeline.crypto.identity import Identity
 from pipeline.nodeid import id_to_bytes
@@ -80,6 +81,10 @@ class ControlSettings:
     links: LinkSettings = LinkSettings()
     addressing: AddressingSettings | None = None
     encrypted: bool = True
+    listen_port: int = 4789
+    stun_servers: tuple[Address, ...] = ()
+    port_mapping: bool = False
+    shortcuts: bool = True
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -120,6 +125,8 @@ class ControlCore:
         )
         self.routing: RoutingCore | None = None
         self.addressing: Addressing | None = None
+        self.nat: NatDiscovery | None = None
+        self._candidates_seen = -1
         if settings.encrypted:
             if credentials is None:
                 raise ValueError("an encrypted node needs credentials")
@@ -169,8 +176,16 @@ class ControlCore:
             link_settings=s.links,
             register_address=not dhcp,
             networks=s.networks,
+            shortcuts=s.shortcuts,
         )
         self.routing = routing
+        self.nat = NatDiscovery(
+            port=s.listen_port,
+            stun_servers=s.stun_servers,
+            port_mapping=s.port_mapping,
+            rng=random.Random(rng.getrandbits(64)),
+            now=now,
+        )
         if s.addressing is None:
             return
         addressing = Addressing(
@@ -205,6 +220,14 @@ class ControlCore:
         """(slot, packet): IP packets that waited here for their route."""
         out, self._packets_out = self._packets_out, []
         return out
+
+    def stun_to_send(self) -> list[tuple[bytes, Address]]:
+        """(datagram, server): STUN requests to send from the node's UDP port (overlay_io)."""
+        return self.nat.stun_to_send() if self.nat is not None else []
+
+    def portmap_to_send(self) -> list[tuple[bytes, Address]]:
+        """(datagram, gateway): PCP and NAT-PMP requests for the driver's own socket."""
+        return self.nat.portmap_to_send() if self.nat is not None else []
 
     def probes_to_send(self) -> list[tuple[int, Address, bytes]]:
         """(slot, endpoint, payload): PROBE datagrams for overlay_io to seal with link
@@ -252,6 +275,8 @@ class ControlCore:
             times.append(self.routing.next_deadline())
         if self.addressing is not None:
             times.append(self.addressing.next_deadline())
+        if self.nat is not None:
+            times.append(self.nat.next_deadline())
         return min(t for t in times if t is not None)
 
     # -- inputs: records -------------------------------------------------------------------------
@@ -300,10 +325,34 @@ class ControlCore:
         self.routing.receive_probe(slot, payload, source, now, wall)
         self._after(now, wall)
 
-    def set_endpoints(self, local: Sequence[Address]) -> None:
-        """The local endpoints of the node's UDP port (its addresses on its interfaces)."""
-        if self.routing is not None:
-            self.routing.set_endpoints(local)
+    def set_local_addresses(
+        self, addresses: Sequence[str], gateway: str | None, now: float, wall: float
+    ) -> None:
+        """The addresses of the node's interfaces (not the TAP's) and its default gateway,
+        at start and whenever they change (the node moved)."""
+        if self.nat is not None:
+            self.nat.set_local(addresses, gateway, now)
+            self._after(now, wall)
+
+    def receive_stun(self, datagram: bytes, source: Address, now: float, wall: float) -> None:
+        """A STUN record: a STUN datagram that came to the node's UDP port."""
+        if self.nat is None or not self.nat.receive_stun(datagram, source, now):
+            self.counters["stun_unexpected"] += 1
+            return
+        self._after(now, wall)
+
+    def receive_portmap(self, datagram: bytes, source: Address, now: float, wall: float) -> None:
+        """An answer of the gateway on the driver's port mapping socket."""
+        if self.nat is None or not self.nat.receive_portmap(datagram, source, now):
+            self.counters["portmap_unexpected"] += 1
+            return
+        self._after(now, wall)
+
+    def stop(self, now: float, wall: float) -> None:
+        """The node stops: give the gateway its port back."""
+        if self.nat is not None:
+            self.nat.stop(now)
+            self._after(now, wall)
 
     def receive_handshake(self, datagram: bytes, source: Address, now: float, wall: float) -> None:
         """A HANDSHAKE or COOKIE datagram from ``source``."""
@@ -421,6 +470,8 @@ class ControlCore:
             if linked is None or slot in linked:
                 self._overlay_out.append((slot, messages.encode_overlay(ping)))
         self._liveness_events()
+        if self.nat is not None:
+            self.nat.handle_timer(now)
         if routing is not None:
             routing.handle_timer(now, wall)
         if self.addressing is not None:
@@ -431,9 +482,19 @@ class ControlCore:
 
     def _after(self, now: float, wall: float) -> None:
         """Move what the layers produced between them and into the outputs, until quiet."""
-        routing, addressing = self.routing, self.addressing
+        routing, addressing, nat = self.routing, self.addressing, self.nat
         if routing is None:
             return
+        if nat is not None:
+            self._events += nat.events()
+            if nat.candidates_version != self._candidates_seen:
+                self._candidates_seen = nat.candidates_version
+                found = nat.candidates()
+                local = [c.endpoint for c in found if c.kind is CandidateKind.LOCAL]
+                routing.set_endpoints(
+                    local, [c for c in found if c.kind is not CandidateKind.LOCAL]
+                )
+                routing.pump()
         while True:
             results = routing.dht_results()
             for result in results:

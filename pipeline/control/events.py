@@ -123,6 +123,63 @@ class ShortcutFailed(LogEvent):
     retry_in_s: float
 
 
+# -- the NAT picture ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StunAnswered(LogEvent):
+    name = "stun_answered"
+    server: str
+    reflexive: str
+    rtt_ms: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NatVaries(LogEvent):
+    """STUN servers see the node at different ports: its NAT maps per destination."""
+
+    name = "nat_varies"
+    level = Level.WARNING
+    answers: dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PortMapped(LogEvent):
+    name = "port_mapped"
+    protocol: str
+    external: str
+    lifetime_s: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PortMappingLost(LogEvent):
+    name = "port_mapping_lost"
+    level = Level.WARNING
+    protocol: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PortMappingFailed(LogEvent):
+    name = "port_mapping_failed"
+    reasons: dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PortUnmapped(LogEvent):
+    name = "port_unmapped"
+    protocol: str
+    confirmed: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CandidatesChanged(LogEvent):
+    """The node's own candidate endpoints changed (local, mapped, reflexive)."""
+
+    name = "candidates_changed"
+    candidates: tuple[str, ...]
+
+
 # -- static peers ------------------------------------------------------------------------------
 
 

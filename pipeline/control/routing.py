@@ -134,6 +134,7 @@ class RoutingCore:
         lease_s: float = 300.0,
         register_address: bool = True,
         networks: Sequence[str] = (),
+        shortcuts: bool = True,
     ) -> None:
         self.identity = identity
         self.namespace = namespace
@@ -167,6 +168,7 @@ class RoutingCore:
             settings=dht_settings or DhtSettings(),
         )
         self.shortcuts = Shortcuts(identity.node_id, random.Random(rng.getrandbits(64)))
+        self._shortcuts_on = shortcuts
         self._local_endpoints: tuple[Address, ...] = ()
         self._extra_candidates: tuple[Candidate, ...] = ()
         self._candidates_from: tuple[object, ...] = ()
@@ -472,7 +474,7 @@ class RoutingCore:
 
     def _want_shortcut(self, slot: int, node_id: bytes, now: float) -> None:
         link = self.links.links.get(slot)
-        if link is not None and link.up and isinstance(link.endpoint, Via):
+        if self._shortcuts_on and link is not None and link.up and isinstance(link.endpoint, Via):
             self._refresh_candidates()
             self.shortcuts.want(slot, node_id, now)
 
