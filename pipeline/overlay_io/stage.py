@@ -125,12 +125,12 @@ class OverlayIoWorker(Worker):
     def work(self) -> int:
         now = _monotonic()
         done = self._receive(now)
-        sealed = 0
+        outbound = 0
         for consumer in self.from_classifier:
-            sealed += self._seal_and_send(consumer, _DATA)
-        if sealed:
+            outbound += self._seal_and_send(consumer, _DATA)
+        if outbound:
             self.sessions.check_rekeys(now)
-        done += sealed + self._from_control()
+        done += outbound + self._from_control()
         if done:
             for msg in self.sessions.reports_to_send():
                 self.routes.tell(msg)
