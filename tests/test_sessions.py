@@ -299,7 +299,8 @@ class TestNullSessions:
             ADDR_2: (2, 0),
         }
         assert all(e.confirmed for e in t.by_source.values()) and t.recv == {}
-        assert b"".join(t.send[1].seal(DatagramType.DATA, b"p")) == build_header(1) + b"p"
+        plain = build_header(DatagramType.DATA) + b"p"
+        assert b"".join(t.send[1].seal(DatagramType.DATA, b"p")) == plain
         assert t.version == 4 and t.statistics() == {"receive": 0, "send": 0}
         t.install_routes(messages.RouteSnapshot(1, 5, peers[:1]))
         assert list(t.send) == [1] and list(t.by_source) == [ADDR_1]
