@@ -88,6 +88,9 @@ class SessionKeys(msgspec.Struct, tag=True, frozen=True):
     version: int
     entries: tuple[KeyEntry, ...]
     node_id: bytes = b""  # this node's own 20-byte node id (relay payloads for it stop here)
+    # (node id, node id of its relay): overlay neighbours reached through a tunnel; relay
+    # payloads for them go to the relay's link
+    tunnels: tuple[tuple[bytes, bytes], ...] = ()
 
 
 class SessionConfirmed(msgspec.Struct, tag=True, frozen=True):

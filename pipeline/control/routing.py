@@ -236,6 +236,16 @@ class RoutingCore:
             )
         return out
 
+    def tunnels(self) -> tuple[tuple[bytes, bytes], ...]:
+        """(node id, node id of its relay) of each overlay neighbour we reach only through
+        a tunnel: overlay_io relays for them through the relay's link."""
+        out = []
+        for info in self.overlay.connections():
+            relay = self.overlay.tunnel_relay(info.node_id)
+            if relay is not None:
+                out.append((id_to_bytes(info.node_id), id_to_bytes(relay)))
+        return tuple(sorted(out))
+
     def link_node_ids(self) -> dict[int, bytes]:
         """The authenticated node id of every link that has one, by slot."""
         return {
@@ -470,6 +480,24 @@ class RoutingCore:
             self.counters["probe_unlinked"] += 1
             return
         self.shortcuts.receive_probe(slot, payload, source, now)
+        self._pump()
+
+    def moved(self, now: float, wall: float) -> None:
+        """This node's addresses changed (it roamed): its shortcuts are gone, and every
+        direct link handshakes again from the new address, which tells each peer where we
+        are now (a link takes the endpoint a handshake came from)."""
+        self._now, self._wall = now, wall
+        self.shortcuts.moved(now)
+        self._pump()
+        for slot, link in self.links.links.items():
+            if link.up and isinstance(link.endpoint, tuple):
+                self.links.want(slot)  # peer-made links too: the peer must hear of the move
+                self.links.request_rekey(slot)
+        for route in self._routes.values():
+            routed = self._slot_of(route.node_id)
+            if routed is not None:
+                self._want_shortcut(routed, route.node_id, now)
+        self.counters["moved"] += 1
         self._pump()
 
     def _want_shortcut(self, slot: int, node_id: bytes, now: float) -> None:
