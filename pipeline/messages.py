@@ -150,6 +150,14 @@ class DhtGetReply(msgspec.Struct, tag=True, frozen=True):
     replicas: tuple[str, ...]  # hex node ids that should hold it, nearest first (as seen here)
 
 
+class NetcheckRequest(msgspec.Struct, tag=True, frozen=True):
+    """``supervisor netcheck``: the node's NAT picture (DEALER -> control's ROUTER)."""
+
+
+class NetcheckReply(msgspec.Struct, tag=True, frozen=True):
+    picture: dict[str, Any]
+
+
 class StatusRequest(msgspec.Struct, tag=True, frozen=True):
     pass
 
@@ -173,6 +181,8 @@ Message = (
     | DhtGetReply
     | DhtPutRequest
     | DhtPutReply
+    | NetcheckRequest
+    | NetcheckReply
     | StatusRequest
     | StatusReply
 )

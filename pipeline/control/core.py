@@ -462,6 +462,20 @@ class ControlCore:
         self.routing.pump()
         self._after(now, wall)
 
+    def netcheck(self, to: bytes, now: float) -> None:
+        """``supervisor netcheck``: the NAT picture (local, reflexive and mapped endpoints,
+        whether the mapping depends on the destination, the port mapping) as a Reply."""
+        picture: dict[str, Any] = {"encrypted": self.routing is not None}
+        if self.nat is not None:
+            picture.update(self.nat.picture())
+        if self.routing is not None:
+            overlay = self.routing.overlay.address
+            picture["overlay_reflexive"] = (
+                f"{overlay[0]}:{overlay[1]}" if isinstance(overlay, tuple) else None
+            )
+            picture["shortcuts"] = self.routing.shortcuts.paths(now)
+        self._events.append(ev.Reply(to, messages.NetcheckReply(picture)))
+
     def set_revocations(self, revoked: RevocationList, now: float, wall: float) -> None:
         if self.routing is not None:
             self.routing.set_revocations(revoked)

@@ -258,6 +258,7 @@ class RoutingCore:
         """Every link as ``supervisor status`` shows it."""
         overlay = {id_to_bytes(info.node_id): info for info in self.overlay.connections()}
         routed = {r.node_id for r in self._routes.values()}
+        paths = self.shortcuts.paths(now)
         rows = []
         for slot, link in sorted(self.links.links.items()):
             cert = link.certificate
@@ -284,9 +285,21 @@ class RoutingCore:
                     "routes": sorted(
                         str(r.address) for r in self._routes.values() if r.node_id == nid
                     ),
+                    "path": "relayed" if isinstance(link.endpoint, Via) else "direct",
+                    "via": self._relayed_via(nid) if isinstance(link.endpoint, Via) else None,
+                    "shortcut": paths.get(slot),
                 }
             )
         return rows
+
+    def _relayed_via(self, node_id: bytes | None) -> str | None:
+        """The node (hex id) a relayed link's datagrams go to first: the overlay's next hop
+        toward it (its tunnel's relay, if it is a tunnel neighbour)."""
+        if node_id is None:
+            return None
+        nid = id_from_bytes(node_id)
+        hop = self.overlay.tunnel_relay(nid) or self.overlay.next_hop(nid)
+        return None if hop is None else id_to_bytes(hop).hex()
 
     def next_deadline(self) -> float | None:
         """When ``handle_timer`` must next run: the soonest of the overlay's, the DHT's and
