@@ -223,6 +223,18 @@ def run_demo(
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
+    bad = [
+        f"--{name} must be {want}, got {value}"
+        for name, value, ok, want in (
+            ("nodes", nodes, 2 <= nodes <= 20, "between 2 and 20"),
+            ("pings", pings, pings >= 1, "at least 1"),
+            ("seconds", seconds, seconds >= 0, "at least 0"),
+        )
+        if not ok
+    ]
+    if bad:
+        print("\n".join(f"demo: {b}" for b in bad), file=err)
+        return 2
     problem = require_root()
     missing = [t for t in TOOLS if shutil.which(t, path="/usr/sbin:/usr/bin:/sbin:/bin") is None]
     if problem or missing:
@@ -231,9 +243,6 @@ def run_demo(
             f"{problem or ', '.join(missing)}",
             file=err,
         )
-        return 2
-    if not 2 <= nodes <= 20 or pings < 1 or seconds < 0:
-        print("demo: --nodes 2..20, --pings at least 1, --seconds at least 0", file=err)
         return 2
     say = Progress(err)
     try:
