@@ -131,9 +131,7 @@ def test_status_json_of_a_stopped_node_is_json(tmp_path: Path) -> None:
         (["--since", "yesterday-ish"], "error: --since: invalid time 'yesterday-ish'"),
     ],
 )
-def test_logs_errors_are_in_the_command_s_words(
-    tmp_path: Path, argv: list[str], said: str
-) -> None:
+def test_logs_errors_are_in_the_command_s_words(tmp_path: Path, argv: list[str], said: str) -> None:
     res = supervisor("logs", str(config(tmp_path)), *argv)
     assert res.returncode in (1, 2)
     assert res.stderr.startswith(said), res.stderr
