@@ -47,11 +47,14 @@ def _processes_mentioning(*words: str) -> list[str]:
     return found
 
 
-def _nothing_left(run_id: str) -> None:
+def _nothing_left(run_id: str, tmp: str) -> None:
+    """Nothing of this run is left: its namespaces, /etc/netns entries, temporary directory
+    and processes (named by the run, not by any demo: other runs may share the machine)."""
     assert leftover_namespaces(run_id) == []
     assert leftover_etc_netns(run_id) == []
+    assert not Path(tmp).exists(), "the demo's keys are left behind"
     deadline = time.monotonic() + 5  # a process ends a moment after its namespace is gone
-    while (left := _processes_mentioning(run_id, "autovn-demo-")) and time.monotonic() < deadline:
+    while (left := _processes_mentioning(run_id, tmp)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert left == []
     assert glob.glob("/etc/resolv.conf.dhclient-new.*") == []
@@ -92,8 +95,8 @@ def test_demo_prints_a_table_and_leaves_nothing() -> None:
         assert text in res.stderr, text
     assert all(x.startswith("[demo ") for x in res.stderr.splitlines()), res.stderr
     tmp = TMP_DIR.search(res.stderr)
-    assert tmp and not Path(tmp.group(1)).exists()
-    _nothing_left(match.group(1))
+    assert tmp, res.stderr
+    _nothing_left(match.group(1), tmp.group(1))
     assert _machine() == before
 
 
@@ -166,6 +169,5 @@ def test_a_signal_removes_everything(sig: signal.Signals, after: str) -> None:
     assert match, seen
     tmp = TMP_DIR.search(seen)
     assert tmp, seen
-    assert not Path(tmp.group(1)).exists(), "the demo's keys are left behind"
-    _nothing_left(match.group(1))
+    _nothing_left(match.group(1), tmp.group(1))
     assert _machine() == before
