@@ -24,6 +24,8 @@ import os
 import signal
 import sys
 import time
+import tomllib
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ import msgspec
 import zmq
 
 from pipeline import messages
-from pipeline.config import Settings, load_settings
+from pipeline.config import Settings, check_files, load_settings
 from pipeline.crypto.keyfiles import KeyFileError, load_membership
 from pipeline.errors import ConfigError
 from pipeline.worker import CLI_SOCKET, CONTROL_SOCKET, endpoint
@@ -42,9 +44,27 @@ EXIT_CONFIG = 1
 EXIT_NOT_RUNNING = 3
 
 
-def _load(path: Path) -> Settings:
+def version() -> str:
+    """autovn's version: the installed package's, else the source tree's pyproject.toml."""
     try:
-        return load_settings(path)
+        return metadata.version("autovn")
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as f:
+            return str(tomllib.load(f)["project"]["version"]) + " (source tree)"
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "unknown"
+
+
+def _load(path: Path, *, files: bool = False) -> Settings:
+    """The settings of ``path``, or every problem on stderr and exit 1. ``files``: also the
+    files the node needs (``check_files``)."""
+    try:
+        settings = load_settings(path)
+        if files:
+            check_files(settings)
+        return settings
     except ConfigError as exc:
         print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
         for key, msg in exc.problems:
@@ -53,7 +73,7 @@ def _load(path: Path) -> Settings:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    settings = _load(args.file)
+    settings = _load(args.file, files=True)
     print(settings.to_json())
     return 0
 
@@ -61,7 +81,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_start(args: argparse.Namespace) -> int:
     from supervisor.node import NodeError, NodeSupervisor
 
-    settings = _load(args.file)
+    settings = _load(args.file, files=True)
     sec = settings.security
     if sec.insecure_plaintext:
         print(
@@ -145,15 +165,18 @@ def query_status(settings: Settings, timeout_s: float = 3.0) -> dict[str, Any] |
 
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _load(args.file)
-    if _running_pid(settings) is None:
-        print(f"node {settings.node.name} is not running", file=sys.stderr)
-        return EXIT_NOT_RUNNING
-    status = query_status(settings)
-    if status is None:
-        print(f"node {settings.node.name} did not answer", file=sys.stderr)
-        return 1
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
-    return 0
+    name = settings.node.name
+    status = query_status(settings) if _running_pid(settings) is not None else None
+    if status is not None:
+        print(json.dumps(status, indent=2) if args.json else format_status(status))
+        return 0
+    running = _running_pid(settings) is not None
+    state = "not answering" if running else "not running"
+    if args.json:  # a script reads stdout: it gets JSON whatever the state
+        print(json.dumps({"node": name, "running": running, "state": state}, indent=2))
+    else:
+        print(f"node {name} is {state}", file=sys.stderr)
+    return 1 if running else EXIT_NOT_RUNNING
 
 
 def _ask_control(args: argparse.Namespace, request: messages.Message) -> messages.Message | int:
@@ -232,10 +255,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(seconds=args.seconds, pings=args.pings, nodes=args.nodes)
 
 
+def whole_number(lo: int, hi: int | None = None) -> Any:
+    """An argparse type: a whole number from ``lo`` (to ``hi``), with a message that says so."""
+
+    def parse(text: str) -> int:
+        want = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be a whole number {want}, got {text!r}"
+            ) from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {value}")
+        return value
+
+    return parse
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="supervisor", description="Run and inspect an autovn node."
     )
+    parser.add_argument("--version", action="version", version=f"supervisor (autovn) {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
@@ -246,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("start", cmd_start, "run the node in the foreground until SIGINT/SIGTERM")
     stop = command("stop", cmd_stop, "stop the running node")
-    stop.add_argument("--timeout", type=float, default=20.0, help="seconds to wait")
+    stop.add_argument(
+        "--timeout", type=seconds, default=20.0, help="seconds to wait (default: %(default)s)"
+    )
     status = command("status", cmd_status, "show the node, its workers, rings and peers")
     status.add_argument("--json", action="store_true", help="print JSON")
     logs = command("logs", cmd_logs, "show the node's log, filtered; --follow to keep reading")
@@ -257,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     get = dht_sub.add_parser("get", help="show a key's records and the nodes that keep them")
     get.add_argument("file", type=Path, help="the node's TOML configuration")
     get.add_argument("key", help="e.g. ip:<namespace>:<address>")
-    get.add_argument("--timeout", type=float, default=10.0, help="seconds to wait")
+    get.add_argument(
+        "--timeout", type=seconds, default=10.0, help="seconds to wait (default: %(default)s)"
+    )
     get.add_argument("--json", action="store_true", help="print JSON")
     get.set_defaults(fn=cmd_dht_get)
     put = dht_sub.add_parser("put", help="create a record signed by this node (for tests)")
@@ -265,8 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     put.add_argument("key")
     put.add_argument("value", help="text, or hex digits with --hex")
     put.add_argument("--hex", action="store_true", help="the value is hex digits")
-    put.add_argument("--lease", type=float, default=300.0, help="lease in seconds")
-    put.add_argument("--timeout", type=float, default=10.0, help="seconds to wait")
+    put.add_argument(
+        "--lease", type=seconds, default=300.0, help="lease in seconds (default: %(default)s)"
+    )
+    put.add_argument(
+        "--timeout", type=seconds, default=10.0, help="seconds to wait (default: %(default)s)"
+    )
     put.set_defaults(fn=cmd_dht_put)
     demo = sub.add_parser(
         "demo",
@@ -275,9 +336,21 @@ def build_parser() -> argparse.ArgumentParser:
         "DHCP client on its TAP, ping every node by name, run iperf3 across the segments, "
         "print a table, and remove everything (needs root, dhclient, ping, dig, iperf3).",
     )
-    demo.add_argument("--nodes", type=int, default=5, help="nodes (2 to 20)")
-    demo.add_argument("--seconds", type=int, default=3, help="iperf3 time")
-    demo.add_argument("--pings", type=int, default=20, help="pings per direction")
+    demo.add_argument(
+        "--nodes", type=whole_number(2, 20), default=5, help="nodes, 2 to 20 (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--seconds",
+        type=whole_number(0, 3600),
+        default=3,
+        help="iperf3 time, 0 for none (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--pings",
+        type=whole_number(1, 10000),
+        default=20,
+        help="pings per node (default: %(default)s)",
+    )
     demo.set_defaults(fn=cmd_demo)
     keys.add_commands(sub)
     return parser
@@ -285,4 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    sys.exit(args.fn(args))
+    try:
+        code = args.fn(args)
+    except KeyboardInterrupt:  # Ctrl-C in a command that does not handle it: no traceback
+        code = 128 + signal.SIGINT
+    sys.exit(code)
