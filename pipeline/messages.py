@@ -105,6 +105,15 @@ class RekeyRequest(msgspec.Struct, tag=True, frozen=True):
     slot: int
 
 
+class PeerMoved(msgspec.Struct, tag=True, frozen=True):
+    """An authentic datagram of link ``slot``'s direct session came from a new ``endpoint``
+    (overlay_io -> control): the peer roamed, or its NAT gave it another mapping; control
+    sends to it there from now on."""
+
+    slot: int
+    endpoint: str  # "host:port"
+
+
 class UnknownSession(msgspec.Struct, tag=True, frozen=True):
     """A datagram came from ``endpoint`` on a session we do not hold (overlay_io -> control):
     the peer kept sessions with an earlier incarnation of this node; a handshake resyncs."""
@@ -177,6 +186,7 @@ Message = (
     | SessionConfirmed
     | RekeyRequest
     | UnknownSession
+    | PeerMoved
     | DhtGetRequest
     | DhtGetReply
     | DhtPutRequest

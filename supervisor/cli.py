@@ -8,7 +8,8 @@ supervisor check-config FILE   print the effective settings, or every error (exi
 supervisor dht get FILE KEY    look KEY up in the DHT: its records and where they are kept
 supervisor dht put FILE KEY V  create KEY with value V (text, or hex with --hex), signed by
                                this node (a tool for tests: records others may refuse)
-supervisor demo                a two-node network in namespaces on this machine
+supervisor netcheck FILE       the node's NAT picture: local, reflexive and mapped endpoints
+supervisor demo                a small network in namespaces on this machine
 supervisor ca init DIR         make a network authority: DIR/ca.key (0600), DIR/ca.crt
 supervisor cert issue ...      sign a node's public key for some networks
 supervisor cert show FILE      print a certificate's fields and whether it is valid now
@@ -244,6 +245,55 @@ def format_dht_reply(reply: messages.DhtGetReply) -> str:
     return "\n".join(lines)
 
 
+def cmd_netcheck(args: argparse.Namespace) -> int:
+    reply = _ask_control(args, messages.NetcheckRequest())
+    if isinstance(reply, int):
+        return reply
+    if not isinstance(reply, messages.NetcheckReply):
+        print("unexpected answer from control", file=sys.stderr)
+        return 1
+    picture = reply.picture
+    if args.json:
+        print(json.dumps(picture, indent=2))
+    else:
+        print(format_netcheck(picture))
+    return 0
+
+
+def format_netcheck(picture: dict[str, Any]) -> str:
+    """The NAT picture for a human: where the node is, and how others see it."""
+    if not picture.get("encrypted"):
+        return "plaintext mode: no links, no NAT traversal"
+    mapping = picture.get("port_mapping") or {}
+    stun = picture.get("stun") or {}
+    varies = picture.get("mapping_varies")
+    lines = [
+        f"local endpoints     {', '.join(picture.get('local') or []) or '-'}",
+        f"default gateway     {picture.get('gateway') or '-'}",
+        f"reflexive (STUN)    {picture.get('reflexive') or '-'}",
+        f"reflexive (overlay) {picture.get('overlay_reflexive') or '-'}",
+    ]
+    for server, seen in (stun.get("answers") or {}).items():
+        lines.append(f"  {server:<20} sees {seen}")
+    for server, why in (stun.get("failed") or {}).items():
+        lines.append(f"  {server:<20} {why}")
+    if varies is None:
+        verdict = "unknown (fewer than two STUN answers)"
+    else:
+        verdict = "yes: the NAT maps per destination (hard to punch)" if varies else "no"
+    lines.append(f"mapping varies      {verdict}")
+    if mapping.get("enabled"):
+        answered = mapping.get("protocol") or "none answered"
+        lines.append(f"port mapping        {mapping.get('external') or '-'} ({answered})")
+    else:
+        lines.append("port mapping        off")
+    lines.append(f"candidates          {', '.join(picture.get('candidates') or []) or '-'}")
+    for slot, path in (picture.get("shortcuts") or {}).items():
+        where = path.get("endpoint") or "relayed"
+        lines.append(f"  link {slot}: {path.get('phase')} {where} (round {path.get('round')})")
+    return "\n".join(lines)
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     settings = _load(args.file)
     return logview.run(args, settings.log_file, sys.stdout)
@@ -307,6 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
     logs = command("logs", cmd_logs, "show the node's log, filtered; --follow to keep reading")
     logview.add_arguments(logs)
     command("check-config", cmd_check_config, "validate FILE and print the effective settings")
+    netcheck = command(
+        "netcheck",
+        cmd_netcheck,
+        "show the node's NAT picture: local, reflexive (STUN) and port-mapped endpoints, "
+        "whether its NAT maps per destination, its shortcut attempts",
+    )
+    netcheck.add_argument(
+        "--timeout", type=seconds, default=10.0, help="seconds to wait (default: %(default)s)"
+    )
+    netcheck.add_argument("--json", action="store_true", help="print JSON")
     dht = sub.add_parser("dht", help="ask the running node's DHT")
     dht_sub = dht.add_subparsers(dest="dht_command", required=True)
     get = dht_sub.add_parser("get", help="show a key's records and the nodes that keep them")

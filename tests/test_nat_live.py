@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -108,7 +109,7 @@ def build(nat_testbed: Testbed, tmp_path: Path) -> Iterator[Any]:
         yield _build
     finally:
         for pair in made:
-            stop_all(pair.nodes)
+            stop_all([n for n in pair.nodes if n.proc is not None and n.proc.poll() is None])
             pair.lab.close()
 
 
@@ -169,7 +170,8 @@ CASES = [
     ("no-nat", "none", "none", True, 12),
     ("masquerade-one-side", "eim", "none", True, 12),
     ("masquerade-both", "eim", "eim", True, 12),
-    ("stale-conntrack", "eim_open", "eim", True, 50),
+    ("stale-conntrack-first", "eim_open", "eim", True, 12),  # the open gateway's node starts
+    ("stale-conntrack-second", "eim", "eim_open", True, 55),  # ...or answers: round 2
     ("same-lan", "eim", None, True, 12),
     ("random-one-side", "random", "eim", False, 12),
     ("random-both", "random", "random", False, 12),
@@ -240,15 +242,17 @@ def test_a_node_whose_address_changes_resumes_its_flows(build: Any) -> None:
     time.sleep(4)
     old = pair.lab.address(a.ns)
     prefix = old.rsplit(".", 1)[0]
+    a.ns.ip("addr", "del", f"{old}/24", "dev", "eth0")  # (takes the default route with it)
     a.ns.ip("addr", "add", f"{prefix}.77/24", "dev", "eth0")
-    a.ns.ip("addr", "del", f"{old}/24", "dev", "eth0")
     a.ns.ip("route", "replace", "default", "via", f"{prefix}.1")
     out, _ = client.communicate(timeout=60)
     ping_out, _ = pinger.communicate(timeout=60)
     server.wait(timeout=10)
     result = json.loads(out or b"{}")
     assert client.returncode == 0 and "error" not in result
-    received = int(ping_out.decode().split(" received")[0].rsplit(" ", 1)[-1])
-    print(ping_out.decode().splitlines()[-2:])
-    assert received >= 150  # at most ~5 s of 20 lost around the move
+    seqs = [int(m) for m in re.findall(r"icmp_seq=(\d+)", ping_out.decode())]
+    gaps = [b - a for a, b in zip(seqs, seqs[1:], strict=False)]
+    longest = (max(gaps) - 1) * 0.1 if gaps else 20.0
+    print(f"ping: {len(seqs)} of 200 answered, longest gap {longest:.1f} s")
+    assert len(seqs) >= 150 and longest <= 3.0
     assert any(r.get("event") == "addresses_moved" for r in a.log_records())

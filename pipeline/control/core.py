@@ -436,6 +436,15 @@ class ControlCore:
         self.routing.unknown_session((host, int(port)), now, wall)
         self._after(now, wall)
 
+    def peer_moved(self, slot: int, endpoint: str, now: float, wall: float) -> None:
+        """An authentic datagram of link ``slot`` came from a new ``endpoint`` ("host:port")."""
+        host, _, port = endpoint.rpartition(":")
+        if self.routing is None or not port.isdigit():
+            self.counters["bad_peer_moved"] += 1
+            return
+        self.routing.peer_moved(slot, (host, int(port)), now, wall)
+        self._after(now, wall)
+
     def dht_get(self, to: bytes, key: str, now: float, wall: float) -> None:
         """``supervisor dht get``: the answer comes as a ``Reply`` effect to ``to``."""
         if self.routing is None:

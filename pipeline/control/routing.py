@@ -348,6 +348,10 @@ class RoutingCore:
         if sender is not None and sender != link.certificate.node_id:
             self.counters["overlay_sender_mismatch"] += 1
             return
+        nid = id_from_bytes(link.certificate.node_id)
+        known = self.overlay.address_of(nid)
+        if known is not None and known != link.endpoint and isinstance(known, tuple):
+            self.overlay.readdress(nid, link.endpoint)  # it moved: its link follows it
         self.overlay.receive(payload, link.endpoint, now)
         self._pump()
 
@@ -511,6 +515,20 @@ class RoutingCore:
             if routed is not None:
                 self._want_shortcut(routed, route.node_id, now)
         self.counters["moved"] += 1
+        self._pump()
+
+    def peer_moved(self, slot: int, endpoint: Address, now: float, wall: float) -> None:
+        """Link ``slot``'s peer sent an authentic datagram from ``endpoint``, a new place
+        (WireGuard's roaming): a direct link sends there from now on, and the overlay's
+        connection follows. A relayed link stays relayed (its datagrams' source is a relay)."""
+        self._now, self._wall = now, wall
+        link = self.links.links.get(slot)
+        if link is None or not isinstance(link.endpoint, tuple) or link.endpoint == endpoint:
+            return
+        self.links.set_endpoint(slot, endpoint)
+        if link.certificate is not None:
+            self.overlay.readdress(id_from_bytes(link.certificate.node_id), endpoint)
+        self.counters["peers_moved"] += 1
         self._pump()
 
     def _want_shortcut(self, slot: int, node_id: bytes, now: float) -> None:

@@ -385,6 +385,25 @@ class OverlayNode:
             return None
         return self._by_address.get(connection.address.relay)
 
+    def address_of(self, node_id: int) -> Address | None:
+        """The address our connection to ``node_id`` uses, if we have one."""
+        connection = self._connections.get(node_id)
+        return None if connection is None else connection.address
+
+    def readdress(self, node_id: int, address: Address) -> None:
+        """The node moved: its authenticated datagrams now come from ``address`` (the layer
+        under the overlay knows: the link's handshake came from there). The connection
+        follows it, so the node's next messages are not taken for a stranger's."""
+        connection = self._connections.get(node_id)
+        if connection is None or connection.address == address:
+            return
+        if self._by_address.get(connection.address) == node_id:
+            del self._by_address[connection.address]
+        connection.address = address
+        connection.address_bytes = self._codec_encode_or_empty(address)
+        self._by_address[address] = node_id
+        self._stats["readdressed"] += 1
+
     def estimated_size(self) -> int:
         """N, the estimated number of nodes: the larger of (structured connections + 1) and
         2^160 over the mean spacing of the ``near_per_side`` nearest connections on each side."""
