@@ -66,7 +66,9 @@ class Node:
         plaintext: bool = False,
     ) -> None:
         self.name, self.address, self.node_id = name, (host, 4789), node_id
-        security = {"insecure_plaintext": True} if plaintext else {"ca_certificate": "ca.crt"}
+        security = (
+            {"insecure_plaintext": True} if plaintext else {"ca_certificate": str(tmp / "ca.crt")}
+        )
         data = {
             "node": {"name": name, "state_dir": str(tmp / name), "runtime_dir": str(tmp / name)},
             "network": {"namespace": "lab", "subnet": "100.64.0.0/24", "address": "100.64.0.1"},
