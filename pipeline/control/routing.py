@@ -286,13 +286,13 @@ class RoutingCore:
                         str(r.address) for r in self._routes.values() if r.node_id == nid
                     ),
                     "path": "relayed" if isinstance(link.endpoint, Via) else "direct",
-                    "via": self._relayed_via(nid) if isinstance(link.endpoint, Via) else None,
+                    "via": self.relayed_via(nid) if isinstance(link.endpoint, Via) else None,
                     "shortcut": paths.get(slot),
                 }
             )
         return rows
 
-    def _relayed_via(self, node_id: bytes | None) -> str | None:
+    def relayed_via(self, node_id: bytes | None) -> str | None:
         """The node (hex id) a relayed link's datagrams go to first: the overlay's next hop
         toward it (its tunnel's relay, if it is a tunnel neighbour)."""
         if node_id is None:
@@ -708,10 +708,14 @@ class RoutingCore:
             self._events.append(ev.OverlayConnectionRemoved(node_id=nid.hex(), reason=event.reason))
             if slot is None:
                 return
-            if event.reason in ("timeout", "closed_leave"):
+            relayed = isinstance(self.links.links[slot].endpoint, Via)
+            if event.reason == "closed_leave" or (event.reason == "timeout" and not relayed):
+                # the node is gone: its link goes at once, so nothing is sent into the void
                 self.links.close(slot, f"overlay_{event.reason}")
                 self._drop_routes_to(nid, f"overlay_{event.reason}")
             elif not any(r.node_id == nid for r in self._routes.values()):
+                # (a tunnel that timed out says only that its relay lost the way: a link
+                # relayed end to end that routes use stays, it has its own liveness)
                 self.links.release(slot)
         elif isinstance(event, Joined):
             self._events.append(
