@@ -159,6 +159,25 @@ class DhtGetReply(msgspec.Struct, tag=True, frozen=True):
     replicas: tuple[str, ...]  # hex node ids that should hold it, nearest first (as seen here)
 
 
+class PingRequest(msgspec.Struct, tag=True, frozen=True):
+    """``supervisor ping``: probe the link to ``peer`` (a node name, a virtual address or a
+    node id) once; ``seq`` tells the answers apart."""
+
+    peer: str
+    seq: int
+
+
+class PingReply(msgspec.Struct, tag=True, frozen=True):
+    peer: str
+    seq: int
+    ok: bool
+    reason: str  # "" when ok; else why not: "unknown_peer", "resolving", "no_link"...
+    rtt_ms: float = 0.0
+    path: str = ""  # "direct" or "relayed"
+    endpoint: str = ""  # direct: "host:port"; relayed: the node id of the first relay
+    node: str = ""  # the peer's name and node id, as its certificate says
+
+
 class NetcheckRequest(msgspec.Struct, tag=True, frozen=True):
     """``supervisor netcheck``: the node's NAT picture (DEALER -> control's ROUTER)."""
 
@@ -191,6 +210,8 @@ Message = (
     | DhtGetReply
     | DhtPutRequest
     | DhtPutReply
+    | PingRequest
+    | PingReply
     | NetcheckRequest
     | NetcheckReply
     | StatusRequest

@@ -9,6 +9,8 @@ supervisor dht get FILE KEY    look KEY up in the DHT: its records and where the
 supervisor dht put FILE KEY V  create KEY with value V (text, or hex with --hex), signed by
                                this node (a tool for tests: records others may refuse)
 supervisor netcheck FILE       the node's NAT picture: local, reflexive and mapped endpoints
+supervisor ping FILE PEER      probe the link to PEER (a name, a virtual address, a node id):
+                               the path (direct endpoint, or relayed via which node), the RTT
 supervisor demo                a small network in namespaces on this machine
 supervisor ca init DIR         make a network authority: DIR/ca.key (0600), DIR/ca.crt
 supervisor cert issue ...      sign a node's public key for some networks
@@ -245,6 +247,62 @@ def format_dht_reply(reply: messages.DhtGetReply) -> str:
     return "\n".join(lines)
 
 
+def cmd_ping(args: argparse.Namespace) -> int:
+    """Like ``tailscale ping``: a probe a line, the path each took, and a line when the path
+    changes. Exit 0 if any probe was answered."""
+    settings = _load(args.file)
+    if _running_pid(settings) is None:
+        print(f"node {settings.node.name} is not running", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    answered = 0
+    last_path: tuple[str, str] | None = None
+    try:
+        sock.connect(endpoint(settings.node.runtime_dir, CONTROL_SOCKET))
+        for seq in range(args.count):
+            started = time.monotonic()
+            sock.send(messages.encode(messages.PingRequest(args.peer, seq)))
+            reply = _ping_reply(sock, seq, started + args.timeout)
+            if reply is None:
+                print(f"{args.peer}: no answer in {args.timeout:g} s")
+            elif not reply.ok:
+                print(f"{args.peer}: {reply.reason.replace('_', ' ')}")
+            else:
+                answered += 1
+                path = (reply.path, reply.endpoint)
+                if last_path is not None and path != last_path:
+                    print(f"path changed: {_path_text(*last_path)} -> {_path_text(*path)}")
+                last_path = path
+                print(f"pong from {reply.node} {_path_text(*path)} in {reply.rtt_ms:.3f} ms")
+            pause = args.interval - (time.monotonic() - started)
+            if seq + 1 < args.count and pause > 0:
+                time.sleep(pause)
+    finally:
+        sock.close(0)
+    return 0 if answered else 1
+
+
+def _ping_reply(sock: Any, seq: int, deadline: float) -> messages.PingReply | None:
+    while (left := deadline - time.monotonic()) > 0:
+        if not sock.poll(int(left * 1000) + 1):
+            return None
+        try:
+            reply = messages.decode(sock.recv())
+        except ValueError:
+            continue
+        if isinstance(reply, messages.PingReply) and reply.seq == seq:
+            return reply
+    return None
+
+
+def _path_text(path: str, where: str) -> str:
+    if path == "direct":
+        return f"direct via {where}"
+    return f"relayed via node {where[:16]}" if where else "relayed"
+
+
 def cmd_netcheck(args: argparse.Namespace) -> int:
     reply = _ask_control(args, messages.NetcheckRequest())
     if isinstance(reply, int):
@@ -357,6 +415,18 @@ def build_parser() -> argparse.ArgumentParser:
     logs = command("logs", cmd_logs, "show the node's log, filtered; --follow to keep reading")
     logview.add_arguments(logs)
     command("check-config", cmd_check_config, "validate FILE and print the effective settings")
+    ping = command("ping", cmd_ping, "probe the link to a peer: its path and RTT, probe by probe")
+    ping.add_argument("peer", help="a node name, a virtual address or a node id (hex)")
+    ping.add_argument("-c", "--count", type=int, default=10, help="probes (default: %(default)s)")
+    ping.add_argument(
+        "-i", "--interval", type=seconds, default=1.0, help="seconds apart (default: %(default)s)"
+    )
+    ping.add_argument(
+        "--timeout",
+        type=seconds,
+        default=2.0,
+        help="seconds to wait a probe (default: %(default)s)",
+    )
     netcheck = command(
         "netcheck",
         cmd_netcheck,

@@ -280,6 +280,8 @@ class ControlWorker(Worker):
                 core.dht_put(sender, msg.key, msg.value, msg.lease_s, now, wall)
             elif isinstance(msg, messages.NetcheckRequest):
                 core.netcheck(sender, now)
+            elif isinstance(msg, messages.PingRequest):
+                core.ping(sender, msg.peer, msg.seq, now, wall)
             else:
                 self.drops["unexpected_request"] += 1
         self._flush(now)
