@@ -186,6 +186,20 @@ class NetcheckReply(msgspec.Struct, tag=True, frozen=True):
     picture: dict[str, Any]
 
 
+class MapRequest(msgspec.Struct, tag=True, frozen=True):
+    """``supervisor map``: crawl the overlay from this node (DEALER -> control's ROUTER);
+    at most ``max_nodes`` nodes asked, for at most ``timeout_s``."""
+
+    max_nodes: int = 200
+    timeout_s: float = 20.0
+
+
+class MapReply(msgspec.Struct, tag=True, frozen=True):
+    """The crawl (``pipeline/control/crawl.py``, ``Crawl.result``), or ``{"error": ...}``."""
+
+    map: dict[str, Any]
+
+
 class StatusRequest(msgspec.Struct, tag=True, frozen=True):
     pass
 
@@ -214,6 +228,8 @@ Message = (
     | PingReply
     | NetcheckRequest
     | NetcheckReply
+    | MapRequest
+    | MapReply
     | StatusRequest
     | StatusReply
 )

@@ -45,6 +45,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from pipeline import messages
+from pipeline.control import crawl
 from pipeline.control import events as ev
 from pipeline.control.addressing import Addressing, AddressingSettings, machines_from_leases
 from pipeline.control.dht import CreateResult, GetResult, key_position
@@ -56,6 +57,7 @@ from pipeline.control.routing import RoutingCore
 from pipeline.control.shortcuts import CandidateKind, decode_path
 from pipeline.crypto.cert import Certificate, RevocationList
 from pipeline.crypto.identity import Identity
+from pipeline.errors import RemoteProtocolError
 from pipeline.nodeid import id_to_bytes
 
 REPUBLISH_S = 2.0
@@ -63,6 +65,8 @@ GENERATION_SHIFT = 40  # send counters of incarnation g start at g << 40
 REFUSALS_LOGGED_PER_S = 10
 TOOL_PING_BASE = 1 << 31  # supervisor ping's Ping seqs start here (liveness's stay below)
 TOOL_PING_KEEP_S = 10.0
+MAP_NODES_MAX = 10_000  # what a supervisor map request may ask for, at most
+MAP_TIMEOUT_MAX_S = 600.0
 
 _OVERLAY_VERSION = overlay_wire.VERSION
 
@@ -87,6 +91,7 @@ class ControlSettings:
     stun_servers: tuple[Address, ...] = ()
     port_mapping: bool = False
     shortcuts: bool = True
+    map_answers_per_s: float = crawl.ANSWERS_PER_S  # crawl queries answered a second
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -142,6 +147,11 @@ class ControlCore:
         self._tool_requests: dict[int, tuple[bytes, str]] = {}  # DHT request id -> (to, key)
         # supervisor ping: Ping seq -> (to, peer, the tool's seq, slot, sent)
         self._tool_pings: dict[int, tuple[bytes, str, int, int, float]] = {}
+        # supervisor map: crawl id -> (to, the crawl); query ids are unique across crawls
+        self._crawls: dict[int, tuple[bytes, crawl.Crawl]] = {}
+        self._query_id = 0
+        self._crawl_seq = 0
+        self._answers = crawl.AnswerLimiter(settings.map_answers_per_s)
         self._io_workers: dict[bytes, int] = {}  # overlay_io worker -> its pid
         self._generations: dict[tuple[int, bytes], int] = {}  # (send index, worker) -> g
         self._keys_due: set[bytes] = set()
@@ -282,6 +292,7 @@ class ControlCore:
             times.append(self.addressing.next_deadline())
         if self.nat is not None:
             times.append(self.nat.next_deadline())
+        times += [c.next_deadline() for _, c in self._crawls.values()]
         return min(t for t in times if t is not None)
 
     # -- inputs: records -------------------------------------------------------------------------
@@ -575,6 +586,8 @@ class ControlCore:
             routing.handle_timer(now, wall)
         if self.addressing is not None:
             self.addressing.handle_timer(now, wall)
+        for _, c in self._crawls.values():
+            c.handle(now)
         self._after(now, wall)
 
     # -- the glue --------------------------------------------------------------------------------
@@ -594,6 +607,7 @@ class ControlCore:
                     local, [c for c in found if c.kind is not CandidateKind.LOCAL]
                 )
                 routing.pump()
+        self._links_step(now, wall)
         while True:
             results = routing.dht_results()
             for result in results:
@@ -619,6 +633,95 @@ class ControlCore:
                 self._log_refusal(event, now)
             else:
                 self._events.append(event)
+
+    # -- supervisor map: the crawl -----------------------------------------------------------------
+
+    def map(self, to: bytes, max_nodes: int, timeout_s: float, now: float, wall: float) -> None:
+        """``supervisor map``: crawl the overlay breadth first through the overlay (crawl.py);
+        the map is a ``MapReply`` when the crawl ends (complete, at ``max_nodes`` nodes, or
+        after ``timeout_s``)."""
+        self._now = now
+        if self.routing is None:
+            self._events.append(ev.Reply(to, messages.MapReply({"error": "no_overlay"})))
+            return
+        job = crawl.Crawl(
+            self._own_links(),
+            now=now,
+            timeout_s=min(max(timeout_s, 0.1), MAP_TIMEOUT_MAX_S),
+            next_id=self._new_query_id,
+            max_nodes=min(max(max_nodes, 1), MAP_NODES_MAX),
+        )
+        self._crawl_seq += 1
+        self._crawls[self._crawl_seq] = (to, job)
+        self._after(now, wall)
+
+    def _new_query_id(self) -> int:
+        self._query_id = (self._query_id + 1) & 0xFFFF_FFFF
+        return self._query_id
+
+    def _own_links(self) -> crawl.NodeLinks:
+        assert self.routing is not None
+        address = self.address
+        return crawl.own_links(
+            self.routing.identity.node_id,
+            self.settings.node_name,
+            [str(address)] if address is not None else [],
+            self.routing.map_connections(),
+        )
+
+    def _links_step(self, now: float, wall: float) -> None:
+        """Answer crawl queries, take crawl answers, send the crawls' queries, reply for the
+        crawls that ended."""
+        routing = self.routing
+        assert routing is not None
+        links = routing.links
+        for src, payload in routing.links_messages():
+            try:
+                msg = crawl.decode(payload)
+            except RemoteProtocolError as exc:
+                self.counters[f"map_dropped_{exc.reason}"] += 1
+                continue
+            if isinstance(msg, crawl.LinksQuery):
+                if not self._answers.allow(now):
+                    self.counters["map_queries_dropped"] += 1
+                    continue
+                self.counters["map_queries_answered"] += 1
+                answer = crawl.make_answer(
+                    self._own_links(),
+                    crawler=src,
+                    query_id=msg.query_id,
+                    identity=routing.identity,
+                    certificate=links.certificate,
+                )
+                routing.send_links(src, answer, now, wall)
+                continue
+            job = next((c for _, c in self._crawls.values() if c.expects(msg.query_id)), None)
+            if job is None:
+                self.counters["map_answer_unexpected"] += 1
+                continue
+            try:
+                found = crawl.check_answer(
+                    msg,
+                    src=src,
+                    crawler=routing.identity.node_id,
+                    ca=links.ca,
+                    revoked=links.revoked,
+                    networks=links.networks,
+                    wall=wall,
+                )
+            except RemoteProtocolError as exc:
+                self.counters[f"map_refused_{exc.reason}"] += 1
+                job.refused += 1
+                continue
+            if not job.answer(msg.query_id, found, now):
+                self.counters["map_refused_wrong_node"] += 1
+                job.refused += 1
+        for key, (to, job) in list(self._crawls.items()):
+            for node_id, query_id in job.queries_to_send():
+                routing.send_links(node_id, crawl.encode(crawl.LinksQuery(query_id)), now, wall)
+            if job.finished:
+                del self._crawls[key]
+                self._events.append(ev.Reply(to, messages.MapReply(job.result())))
 
     def _reply(self, request: tuple[bytes, str], result: object) -> None:
         to, key = request

@@ -48,6 +48,7 @@ from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address
 from typing import Any
 
+from pipeline.control import crawl
 from pipeline.control import events as ev
 from pipeline.control.dht import Dht, DhtEvent, DhtSettings, GetResult
 from pipeline.control.dht.events import CreateResult, LeaseLost
@@ -92,6 +93,7 @@ NEGATIVE_S = 3.0
 REGISTER_RETRY_S = 5.0
 MAX_PUMP_ROUNDS = 16
 RESYNC_S = 5.0
+LINKS_QUEUE = 256  # crawl messages held for the layer above between two of its looks
 
 
 @dataclasses.dataclass(slots=True)
@@ -183,6 +185,7 @@ class RoutingCore:
         self._probes_out: list[tuple[int, Address, bytes]] = []
         self._events: list[ev.LogEvent] = []
         self._dht_results: list[DhtEvent] = []
+        self._links_in: list[tuple[bytes, bytes]] = []  # (source node id, crawl payload)
         self._registration: int | None = None  # request id of the address record's create
         self.registered = False
         self._register_at: float | None = None
@@ -214,6 +217,43 @@ class RoutingCore:
         """Results of ``dht_get`` (and of other requests made on ``dht`` directly)."""
         out, self._dht_results = self._dht_results, []
         return out
+
+    def links_messages(self) -> list[tuple[bytes, bytes]]:
+        """(source node id as routed, payload): the crawl's messages (``crawl``, ``b"L"``)
+        delivered to this node since the last call."""
+        out, self._links_in = self._links_in, []
+        return out
+
+    def send_links(self, node_id: bytes, payload: bytes, now: float, wall: float) -> None:
+        """Route a crawl message to exactly ``node_id``."""
+        self._now, self._wall = now, wall
+        self.overlay.send_to_node(id_from_bytes(node_id), payload, now)
+        self._pump()
+
+    def map_connections(self) -> list[crawl.Connection]:
+        """This node's connections as a crawl answer lists them: every overlay connection
+        (``tunnel`` if it goes through a relay, else its kind), and every link made for
+        routes that is no overlay connection (``shortcut``: direct once punched, relayed
+        until then), the same rows ``link_table`` shows."""
+        out: dict[bytes, crawl.Connection] = {}
+        for info in self.overlay.connections():
+            nid = id_to_bytes(info.node_id)
+            relay = self.overlay.tunnel_relay(info.node_id)
+            if relay is not None or isinstance(info.address, ow.Tunnel):
+                via = id_to_bytes(relay) if relay is not None else b""
+                out[nid] = crawl.Connection(nid, "tunnel", True, via)
+            else:
+                out[nid] = crawl.Connection(nid, info.kind.value, False)
+        routed = {r.node_id for r in self._routes.values()}
+        for link in self.links.links.values():
+            cert = link.certificate
+            if cert is None or cert.node_id in out or cert.node_id not in routed:
+                continue
+            relayed = isinstance(link.endpoint, Via)
+            hop = self.relayed_via(cert.node_id) if relayed else None
+            via = bytes.fromhex(hop) if hop else b""
+            out[cert.node_id] = crawl.Connection(cert.node_id, "shortcut", relayed, via)
+        return list(out.values())
 
     def routes(self) -> list[RouteEntry]:
         """The resolved routes, by link slot (several addresses of one node share one)."""
@@ -691,6 +731,11 @@ class RoutingCore:
             if event.payload[:1] == HANDSHAKE_TAG:
                 source = Via(id_to_bytes(event.src_id))
                 self.links.receive(bytes(event.payload[1:]), source, now, wall)
+            elif crawl.is_links(event.payload) and event.exact:
+                if len(self._links_in) >= LINKS_QUEUE:
+                    self.counters["map_queue_full"] += 1
+                else:
+                    self._links_in.append((id_to_bytes(event.src_id), bytes(event.payload)))
         elif isinstance(event, ConnectionAdded):
             slot = self._slot_of(id_to_bytes(event.node_id))
             if slot is not None:

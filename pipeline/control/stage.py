@@ -282,6 +282,8 @@ class ControlWorker(Worker):
                 core.netcheck(sender, now)
             elif isinstance(msg, messages.PingRequest):
                 core.ping(sender, msg.peer, msg.seq, now, wall)
+            elif isinstance(msg, messages.MapRequest):
+                core.map(sender, msg.max_nodes, msg.timeout_s, now, wall)
             else:
                 self.drops["unexpected_request"] += 1
         self._flush(now)
