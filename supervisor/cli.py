@@ -11,6 +11,8 @@ supervisor dht put FILE KEY V  create KEY with value V (text, or hex with --hex)
 supervisor netcheck FILE       the node's NAT picture: local, reflexive and mapped endpoints
 supervisor ping FILE PEER      probe the link to PEER (a name, a virtual address, a node id):
                                the path (direct endpoint, or relayed via which node), the RTT
+supervisor map FILE            crawl the overlay through the overlay and draw its circle: SVG
+                               (map.svg, or --svg PATH), --png PATH (optional cairosvg), --json
 supervisor demo                a small network in namespaces on this machine
 supervisor ca init DIR         make a network authority: DIR/ca.key (0600), DIR/ca.crt
 supervisor cert issue ...      sign a node's public key for some networks
@@ -362,6 +364,43 @@ def format_netcheck(picture: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cmd_map(args: argparse.Namespace) -> int:
+    """Crawl the overlay from the running node (control does it, through the overlay) and
+    draw it: the SVG always (``--svg``, default map.svg here), a PNG if asked and cairosvg is
+    there, the crawl as JSON (``--json``) or as text."""
+    from supervisor import mapview
+
+    request = messages.MapRequest(args.max_nodes, args.timeout)
+    args.timeout += 5.0  # control answers when the crawl ends: at its deadline at the latest
+    reply = _ask_control(args, request)
+    if isinstance(reply, int):
+        return reply
+    if not isinstance(reply, messages.MapReply):
+        print("unexpected answer from control", file=sys.stderr)
+        return 1
+    found = reply.map
+    if "error" in found:
+        print(mapview.format_map(found), file=sys.stderr)
+        return 1
+    say = sys.stderr if args.json else sys.stdout
+    print(json.dumps(found, indent=2) if args.json else mapview.format_map(found))
+    svg = mapview.render_svg(found)
+    path = args.svg if args.svg is not None else Path("map.svg")
+    try:
+        path.write_text(svg)
+    except OSError as exc:
+        print(f"cannot write {path}: {exc}", file=sys.stderr)
+        return 1
+    print(f"map written to {path.resolve()}", file=say)
+    if args.png is not None:
+        why = mapview.write_png(svg, args.png)
+        if why is not None:
+            print(why, file=sys.stderr)
+            return 1
+        print(f"PNG written to {args.png.resolve()}", file=say)
+    return 0
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     settings = _load(args.file)
     return logview.run(args, settings.log_file, sys.stdout)
@@ -370,7 +409,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from supervisor.testbed.demo import run_demo
 
-    return run_demo(seconds=args.seconds, pings=args.pings, nodes=args.nodes)
+    return run_demo(seconds=args.seconds, pings=args.pings, nodes=args.nodes, map_path=args.map)
 
 
 def whole_number(lo: int, hi: int | None = None) -> Any:
@@ -447,6 +486,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=seconds, default=10.0, help="seconds to wait (default: %(default)s)"
     )
     netcheck.add_argument("--json", action="store_true", help="print JSON")
+    crawl = command(
+        "map",
+        cmd_map,
+        "crawl the overlay from this node, through the overlay (each node lists its "
+        "connections, signed), and draw the circle as SVG",
+    )
+    crawl.add_argument(
+        "--max-nodes",
+        type=whole_number(1, 10_000),
+        default=200,
+        help="ask at most this many nodes; beyond, the map is a sample (default: %(default)s)",
+    )
+    crawl.add_argument(
+        "--timeout",
+        type=seconds,
+        default=20.0,
+        help="seconds the crawl may take (default: %(default)s)",
+    )
+    crawl.add_argument("--json", action="store_true", help="print the crawl as JSON")
+    crawl.add_argument(
+        "--svg", type=Path, default=None, help="write the SVG here (default: ./map.svg)"
+    )
+    crawl.add_argument(
+        "--png", type=Path, default=None, help="also a PNG (needs the extra autovn[map])"
+    )
     dht = sub.add_parser("dht", help="ask the running node's DHT")
     dht_sub = dht.add_subparsers(dest="dht_command", required=True)
     get = dht_sub.add_parser("get", help="show a key's records and the nodes that keep them")
@@ -490,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=whole_number(1, 10000),
         default=20,
         help="pings per node (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--map", type=Path, default=None, help="save the demo network's map (SVG) here"
     )
     demo.set_defaults(fn=cmd_demo)
     keys.add_commands(sub)

@@ -413,3 +413,98 @@ def test_a_forged_or_foreign_answer_is_refused_and_counted(lab: CoreLab) -> None
     assert out["refused"] == 2 and out["complete"]
     n4 = next(n for n in out["nodes"] if n["node_id"] == target.hex())
     assert n4["connections"]  # n4's own answer, not the forgeries (which listed none)
+
+
+# -- the drawing --------------------------------------------------------------------------------
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def sample_crawl() -> dict[str, Any]:
+    """Five nodes answered: a ring of near links, a far link seen as near from its other
+    end, a tunnel through n3, a relayed shortcut and a leaf; n9 named but silent."""
+
+    def c(i: int, kind: str, relayed: bool = False, via: int = 0) -> crawl.Connection:
+        return crawl.Connection(nid(i), kind, relayed, nid(via) if via else b"")
+
+    graph = {
+        1: [c(2, "near"), c(5, "near"), c(3, "far"), c(9, "leaf")],
+        2: [c(1, "near"), c(3, "near"), c(4, "tunnel", True, 3)],
+        3: [c(2, "near"), c(4, "near"), c(1, "near")],
+        4: [c(3, "near"), c(5, "near"), c(2, "tunnel", True, 3), c(1, "shortcut", True, 5)],
+        5: [c(4, "near"), c(1, "near")],
+        9: [],
+    }
+    job = crawl.Crawl(
+        crawl.own_links(nid(1), "n1", ["100.64.0.1"], graph[1]),
+        now=0.0,
+        timeout_s=10.0,
+        next_id=Ids(),
+        max_nodes=200,
+        query_timeout_s=1.0,
+        tries=1,
+    )
+    now = 0.0
+    while not job.finished:
+        for node, qid in job.queries_to_send():
+            i = node[0]
+            if i != 9:
+                links = crawl.own_links(node, f"n{i}", [f"100.64.0.{i}"], graph[i])
+                job.answer(qid, links, now)
+        now += 0.5
+        job.handle(now)
+    return job.result()
+
+
+def test_links_are_pairs_once_with_the_strongest_kind() -> None:
+    from supervisor.mapview import links_of
+
+    links = {(lk["a"][:2], lk["b"][:2]): lk for lk in links_of(sample_crawl())}
+    assert len(links) == 9  # 1-2 1-3 1-4 1-5 1-9 2-3 2-4 3-4 4-5
+    assert links[("01", "03")]["kind"] == "near" and links[("01", "03")]["kinds"] == ["near", "far"]
+    assert links[("02", "04")]["kind"] == "tunnel" and links[("02", "04")]["relayed"]
+    assert links[("02", "04")]["via"] == [nid(3).hex()]
+    assert links[("01", "04")]["kind"] == "shortcut" and links[("01", "04")]["relayed"]
+
+
+def test_the_svg_has_a_circle_a_node_and_a_line_a_link_in_the_kind_s_style() -> None:
+    import xml.etree.ElementTree as ET
+
+    from supervisor.mapview import STYLE, links_of, render_svg
+
+    found = sample_crawl()
+    assert found["unanswered"] == [nid(9).hex()]
+    root = ET.fromstring(render_svg(found))  # well-formed
+    nodes = [e for e in root.iter(f"{SVG}circle") if "node" in e.get("class", "").split()]
+    assert sorted(e.get("data-node-id") for e in nodes) == sorted(
+        [n["node_id"] for n in found["nodes"]] + found["unanswered"]
+    )
+    assert [e.get("class") for e in nodes].count("node unanswered") == 1
+    lines = [e for e in root.iter(f"{SVG}line") if "link" in e.get("class", "").split()]
+    links = links_of(found)
+    assert len(lines) == len(links)
+    for line, link in zip(lines, links, strict=True):
+        classes = line.get("class", "").split()
+        assert f"kind-{link['kind']}" in classes
+        assert line.get("stroke") == STYLE[link["kind"]][0]
+        assert ("relayed" in classes) == link["relayed"] == (line.get("stroke-dasharray") == "7,4")
+    kinds = {c.split("-", 1)[1] for e in lines for c in e.get("class", "").split() if "kind-" in c}
+    assert kinds == {"near", "tunnel", "shortcut", "leaf"}
+    labels = [e.text or "" for e in root.iter(f"{SVG}text") if e.get("class") == "label"]
+    assert "n4 100.64.0.4" in labels
+    legend = "".join(e.text or "" for g in root.iter(f"{SVG}g") for e in g.iter(f"{SVG}text"))
+    for word in ("near", "far", "leaf", "tunnel", "shortcut", "relayed"):
+        assert word in legend
+    # placed by node id: n1 (0x01...) just right of the top, n9 (0x09...) further round
+    n1 = next(e for e in nodes if e.get("data-node-id") == nid(1).hex())
+    assert float(n1.get("cx", 0)) > 440 and float(n1.get("cy", 0)) < 470
+
+
+def test_the_map_as_text_says_whether_it_sampled() -> None:
+    from supervisor.mapview import format_map
+
+    text = format_map(sample_crawl())
+    assert text.splitlines()[0].startswith("5 nodes, 9 links")
+    assert "1 did not answer" in text and "tunnel    n4" in text and "via n3" in text
+    sampled = dict(sample_crawl(), sampled=True, stopped="max_nodes", not_asked=["ab" * 20])
+    assert "a sample: stopped at 200 nodes (1 not asked)" in format_map(sampled)

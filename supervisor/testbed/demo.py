@@ -35,6 +35,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
+from supervisor.mapview import summary
 from supervisor.status import table
 from supervisor.testbed.layouts import routed_nodes
 from supervisor.testbed.netns import (
@@ -164,7 +165,14 @@ def _sizes(nodes: int) -> tuple[int, int]:
 
 
 def _run(
-    tb: Testbed, tmp: Path, *, seconds: int, pings: int, nodes: int, say: Progress
+    tb: Testbed,
+    tmp: Path,
+    *,
+    seconds: int,
+    pings: int,
+    nodes: int,
+    say: Progress,
+    map_path: Path | None = None,
 ) -> list[Row]:
     sizes = _sizes(nodes)
     say(
@@ -224,8 +232,27 @@ def _run(
     st = first.status()
     for row in rows:
         row.path = "self" if row.node is first else _path(st, row.node.address)
+    if map_path is not None:
+        _save_map(first, map_path, say)
     say("stopping the nodes and DHCP clients, removing namespaces and files")
     return rows
+
+
+def _save_map(node: Node, path: Path, say: Progress) -> None:
+    """``supervisor map`` on ``node``: the SVG at ``path`` (a ``.png`` path: the PNG there,
+    if cairosvg is installed, and the SVG beside it)."""
+    path = path.resolve()
+    svg = path.with_suffix(".svg") if path.suffix == ".png" else path
+    argv = ["map", str(node.config), "--json", "--svg", str(svg)]
+    if path.suffix == ".png":
+        argv += ["--png", str(path)]
+    res = node.cli(*argv, check=False, timeout=60)
+    if res.returncode != 0 and not svg.exists():
+        say(f"map: supervisor map failed (rc {res.returncode}): {res.stderr.strip()}")
+        return
+    found = json.loads(res.stdout)
+    png = f", PNG not made: {res.stderr.strip()}" if res.returncode != 0 else ""
+    say(f"map crawled from {node.name}: {summary(found)}; written to {svg}{png}")
 
 
 def run_demo(
@@ -233,6 +260,7 @@ def run_demo(
     seconds: int = 3,
     pings: int = 20,
     nodes: int = 5,
+    map_path: Path | None = None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
@@ -271,7 +299,15 @@ def run_demo(
                 with Testbed("avdemo") as tb:
                     run_id = tb.run_id
                     try:
-                        rows = _run(tb, tmp, seconds=seconds, pings=pings, nodes=nodes, say=say)
+                        rows = _run(
+                            tb,
+                            tmp,
+                            seconds=seconds,
+                            pings=pings,
+                            nodes=nodes,
+                            say=say,
+                            map_path=map_path,
+                        )
                     except Exception:
                         _tails(tmp, say)
                         raise
