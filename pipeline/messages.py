@@ -14,6 +14,9 @@ Who sends what:
   session keys travel here). overlay_io tells control ``SessionConfirmed`` and
   ``RekeyRequest``.
 - supervisor CLI -> supervisor (REQ -> ROUTER): ``StatusRequest`` -> ``StatusReply``.
+- supervisor CLI -> control (DEALER -> ROUTER): ``DhtGetRequest``, ``DhtPutRequest``,
+  ``PingRequest``, ``NetcheckRequest``, ``MapRequest`` (the overlay crawl; ``MapReply``
+  when it ends).
 """
 
 from __future__ import annotations

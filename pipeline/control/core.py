@@ -15,7 +15,9 @@ Theory of operation (the shape of aioquic's ``H3Connection`` over its ``QuicConn
   ``packet_from_unknown`` / ``claim`` (the classifier's FRAME, RESOLVE, VERIFY and CLAIM
   records), the overlay_io workers' messages (``io_worker_started``,
   ``session_confirmed``, ``rekey_requested``, ``unknown_session``), tool requests
-  (``dht_get``, ``dht_put``), ``set_revocations`` and ``handle_timer``.
+  (``dht_get``, ``dht_put``, ``ping``, ``netcheck``, ``map``: the overlay crawl of
+  crawl.py, whose queries this core also answers), ``set_revocations`` and
+  ``handle_timer``.
 - **Outputs**, drained by the driver after every input: ``handshakes_to_send()`` (datagram,
   endpoint, the slot whose overlay_io worker sends it), ``overlay_to_send()`` and
   ``packets_to_send()`` (slot, bytes), ``frames_to_tap()``, ``keys_to_send()`` (one

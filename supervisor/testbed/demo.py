@@ -14,6 +14,9 @@ or SIGHUP: the ``Testbed`` owns every namespace, process and /etc/netns file and
 first, then the demo removes its temporary directory (every node's private key is there),
 checks that nothing is left and says so in one line. Progress goes to stderr, the table to
 stdout; the test bed's own notes stay off the terminal unless something is left behind.
+With ``map_path`` (``--map PATH``) the first node also crawls the overlay
+(``supervisor map``) before the nodes stop, and the SVG (a ``.png`` path: the PNG, with the
+optional cairosvg, and the SVG beside it) is kept at that path.
 Needs root, iproute2, ping, iperf3 and dhclient (isc-dhcp-client).
 """
 
