@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -508,3 +509,33 @@ def test_the_map_as_text_says_whether_it_sampled() -> None:
     assert "1 did not answer" in text and "tunnel    n4" in text and "via n3" in text
     sampled = dict(sample_crawl(), sampled=True, stopped="max_nodes", not_asked=["ab" * 20])
     assert "a sample: stopped at 200 nodes (1 not asked)" in format_map(sampled)
+
+
+def test_png_only_with_the_optional_extra(tmp_path: Path) -> None:
+    from supervisor.mapview import render_svg, write_png
+
+    svg = render_svg(sample_crawl())
+    try:
+        import cairosvg  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
+    except (ImportError, OSError):
+        why = write_png(svg, tmp_path / "map.png")
+        assert why is not None and "autovn[map]" in why
+        assert not (tmp_path / "map.png").exists()
+        return
+    assert write_png(svg, tmp_path / "map.png") is None
+    assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_map_and_demo_map_arguments() -> None:
+    from supervisor.cli import build_parser
+
+    args = build_parser().parse_args(["map", "node.toml"])
+    assert (args.max_nodes, args.timeout, args.svg, args.png, args.json) == (
+        200,
+        20.0,
+        None,
+        None,
+        False,
+    )
+    args = build_parser().parse_args(["demo", "--map", "demo.svg"])
+    assert args.map == Path("demo.svg")
