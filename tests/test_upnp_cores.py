@@ -432,12 +432,22 @@ def test_client_without_an_igd_discovers_again_next_time(fake: Any) -> None:
     client.close(1.0)
 
 
+def test_client_does_not_discover_to_delete_what_it_never_mapped(fake: Any) -> None:
+    client = UpnpClient(lambda interface: fake(interface, devices=0))
+    client.submit(UpnpMap(1, CLIENT, 40000, 3600, "autovn"))
+    client.submit(UpnpDelete(2, CLIENT, 40000))  # the node stops behind a gateway without IGD
+    assert [r.error for r in wait_results(client, 2)] == ["no_igd", "no_igd"]
+    assert len(fake.instances) == 1 and client.statistics()["discoveries"] == 1
+    client.close(1.0)
+
+
 def test_client_leaves_another_host_s_mapping_alone(fake: Any) -> None:
     igd = fake("198.19.1.10")
     igd.table[40000] = ("198.19.1.99", 40000, "theirs", True, 600)
     client = UpnpClient(lambda interface: igd)
-    client.submit(UpnpDelete(1, CLIENT, 40000))
-    assert wait_results(client, 1) == [UpnpResult(1, False, error="not_ours")]
+    client.submit(UpnpMap(1, ("198.19.1.10", 40001), 40001, 600, "autovn"))
+    client.submit(UpnpDelete(2, CLIENT, 40000))
+    assert wait_results(client, 2)[1] == UpnpResult(2, False, error="not_ours")
     assert 40000 in igd.table
     client.close(1.0)
 

@@ -11,11 +11,12 @@ went away, both in the thread.
 
 The thread keeps the IGD it found (discovery from the node's LAN address, miniupnpc's
 choice among the devices that answered) until a call fails for a reason that says it is
-gone (``nat.upnp.igd_gone``): the next command discovers again. Any exception of a call
-becomes a failed result with a reason, never the thread's end. ``close(timeout)`` lets the
-thread finish the commands it has (the delete of the mapping when the node stops), waiting
-at most ``timeout`` seconds, and gives back the results that came: the thread is a daemon,
-and one stuck in a call does not keep the process.
+gone (``nat.upnp.igd_gone``): the next command discovers again (a delete when nothing was
+ever mapped does not: the node stops behind a gateway without an IGD at once). Any
+exception of a call becomes a failed result with a reason, never the thread's end.
+``close(timeout)`` lets the thread finish the commands it has (the delete of the mapping
+when the node stops), waiting at most ``timeout`` seconds, and gives back the results that
+came: the thread is a daemon, and one stuck in a call does not keep the process.
 
 ``upnp_factory`` makes the miniupnpc ``UPnP`` object (``miniupnpc.UPnP`` by default): tests
 pass a fake.
@@ -137,6 +138,8 @@ class UpnpClient:
 
     def _execute(self, command: UpnpCommand) -> UpnpResult:
         host, port = command.internal
+        if isinstance(command, UpnpDelete) and self._igd is None and not self.counters["mapped"]:
+            raise UpnpFailure(NO_IGD)  # nothing was ever mapped: no discovery to delete nothing
         igd = self._find_igd(host)
         if isinstance(command, UpnpMap):
             external = str(igd.externalipaddress() or "")
