@@ -374,10 +374,12 @@ class ControlWorker(Worker):
                 with contextlib.suppress(OSError):
                     self._portmap.sendto(datagram, to)
             self._portmap.close()
-            for command in self.core.upnp_to_run():
-                self._upnp.submit(command)
-            for result in self._upnp.close(UPNP_STOP_WAIT_S):
-                self.core.receive_upnp(result, time.monotonic(), time.time())
+            upnp = getattr(self, "_upnp", None)
+            if upnp is not None:  # the UPnP thread deletes its mapping (2 s at most)
+                for command in self.core.upnp_to_run():
+                    upnp.submit(command)
+                for result in upnp.close(UPNP_STOP_WAIT_S):
+                    self.core.receive_upnp(result, time.monotonic(), time.time())
             for event in self.core.events():
                 if isinstance(event, ev.LogEvent):  # port_unmapped
                     self._on_event(event)
