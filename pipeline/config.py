@@ -78,6 +78,12 @@ class Mode(enum.StrEnum):
     ROUTER = "router"
 
 
+class PortMapProtocol(enum.StrEnum):
+    PCP = "pcp"
+    NATPMP = "nat-pmp"
+    UPNP = "upnp"  # UPnP IGD
+
+
 class LogLevel(enum.StrEnum):
     DEBUG = "debug"
     INFO = "info"
@@ -186,6 +192,14 @@ def metrics_endpoint(text: str) -> Endpoint:
         raise ValueError(
             f"must be 'IPv4:port' (e.g. '127.0.0.1:9477') or a port alone, got {text!r}"
         ) from None
+
+
+def _protocols(v: tuple[PortMapProtocol, ...]) -> str | None:
+    if not v:
+        return "must name at least one protocol (port_mapping = false turns port mapping off)"
+    if len(set(v)) != len(v):
+        return f"names a protocol twice: {[p.value for p in v]}"
+    return None
 
 
 def _public_key(v: str) -> str | None:
@@ -307,7 +321,14 @@ class NatSettings:
         (), doc="STUN servers 'IPv4:port' that tell the node where it is seen from"
     )
     port_mapping: bool = _field(
-        True, doc="ask the gateway for a UDP port mapping (PCP, NAT-PMP) and advertise it"
+        True,
+        doc="ask the gateway for a UDP port mapping (PCP, NAT-PMP, UPnP IGD) and advertise it",
+    )
+    port_mapping_protocols: tuple[PortMapProtocol, ...] = _field(
+        (PortMapProtocol.PCP, PortMapProtocol.NATPMP, PortMapProtocol.UPNP),
+        check=_protocols,
+        doc="the port mapping protocols, asked in this order until one maps the port: "
+        "'pcp', 'nat-pmp', 'upnp' (UPnP IGD)",
     )
     shortcuts: bool = _field(
         True, doc="punch direct paths for links that are relayed and carry traffic"

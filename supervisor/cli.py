@@ -354,7 +354,12 @@ def format_netcheck(picture: dict[str, Any]) -> str:
     lines.append(f"mapping varies      {verdict}")
     if mapping.get("enabled"):
         answered = mapping.get("protocol") or "none answered"
+        lifetime = mapping.get("lifetime_s")
+        if mapping.get("external") and lifetime is not None:
+            answered += ", permanent" if lifetime == 0 else f", lease {lifetime} s"
         lines.append(f"port mapping        {mapping.get('external') or '-'} ({answered})")
+        if mapping.get("protocols"):
+            lines.append(f"  asks               {', '.join(mapping['protocols'])}, in this order")
     else:
         lines.append("port mapping        off")
     lines.append(f"candidates          {', '.join(picture.get('candidates') or []) or '-'}")

@@ -446,6 +446,7 @@ class NodeSupervisor:
             "links": control.stats.get("links", {}) if control else {},
             "peers": (control.stats.get("peers", []) if control else []),
             "overlay": control.stats.get("overlay") if control else None,
+            "port_mapping": control.stats.get("port_mapping") if control else None,
             "link_table": control.stats.get("link_table", []) if control else [],
             "machines": self._machines(control),
         }

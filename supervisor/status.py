@@ -77,6 +77,9 @@ def format_status(st: dict[str, Any]) -> str:
             f"address {'registered' if overlay['registered'] else 'not registered'}, "
             f"{overlay['routes']} resolved routes",
         ]
+    mapping_line = port_mapping_line(st.get("port_mapping"))
+    if mapping_line:
+        lines += [mapping_line] if overlay else ["", mapping_line]
     if st.get("link_table"):
         rows = [
             [
@@ -119,6 +122,22 @@ def format_status(st: dict[str, Any]) -> str:
         lines += ["", "drops"]
         lines += table(["worker", "reason", "count"], drops)
     return "\n".join(lines)
+
+
+def port_mapping_line(mapping: dict[str, Any] | None) -> str | None:
+    """``port mapping  198.18.90.11:4789 (upnp, lease 7200 s)``; None when there is nothing
+    to say (plaintext, or an old node's status)."""
+    if not mapping:
+        return None
+    if not mapping.get("enabled"):
+        return "port mapping  off"
+    external = mapping.get("external")
+    if external:
+        lifetime = mapping.get("lifetime_s")
+        lease = "permanent" if lifetime == 0 else f"lease {lifetime} s"
+        return f"port mapping  {external} ({mapping.get('protocol')}, {lease})"
+    asked = ", ".join(mapping.get("protocols") or []) or "-"
+    return f"port mapping  none ({mapping.get('phase') or 'no gateway'}; asks {asked})"
 
 
 def _drops(st: dict[str, Any]) -> list[list[Any]]:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import settings
 
 from supervisor.testbed import Testbed, leftover_namespaces, require_root
+from supervisor.testbed.nat import missing_programs
 
 # Property tests check what code does, not how fast: on a busy machine (CI shares its cores)
 # one slow example must not fail a run, so there is no per-example deadline.
@@ -45,3 +46,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     """Every test marked ``netns`` needs root and iproute2 (checked before its fixtures)."""
     if item.get_closest_marker("netns") is not None:
         require_netns()
+
+
+@pytest.fixture
+def nat_testbed(testbed: Testbed) -> Testbed:
+    """A testbed for the NAT lab: its Debian packages present (under CI: must be)."""
+    missing = missing_programs()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"the NAT lab needs Debian packages: {missing}")
+        pytest.skip(f"the NAT lab needs Debian packages: {missing}")
+    return testbed

@@ -14,6 +14,7 @@ import pytest
 from pipeline.config import (
     Endpoint,
     Mode,
+    PortMapProtocol,
     Settings,
     load_settings,
     settings_from_json,
@@ -268,6 +269,26 @@ class TestIssue14:
     def test_metrics_listen_refused(self) -> None:
         found = problems(minimal() | {"metrics": {"listen": "localhost:99999"}})
         assert "must be 'IPv4:port'" in found["metrics.listen"]
+
+    def test_port_mapping_protocols(self) -> None:
+        s = settings_from_mapping(minimal())
+        assert [p.value for p in s.nat.port_mapping_protocols] == ["pcp", "nat-pmp", "upnp"]
+        alone = settings_from_mapping(minimal() | {"nat": {"port_mapping_protocols": ["upnp"]}})
+        assert alone.nat.port_mapping_protocols == (PortMapProtocol.UPNP,)
+        assert settings_from_json(alone.to_json()) == alone
+
+    @pytest.mark.parametrize(
+        ("protocols", "found"),
+        [
+            ([], "at least one protocol"),
+            (["upnp", "pcp", "upnp"], "twice"),
+            (["igd"], "must be one of 'pcp', 'nat-pmp', 'upnp'"),
+        ],
+    )
+    def test_port_mapping_protocols_refused(self, protocols: list[str], found: str) -> None:
+        got = problems(minimal() | {"nat": {"port_mapping_protocols": protocols}})
+        where = "nat.port_mapping_protocols" + ("[0]" if protocols == ["igd"] else "")
+        assert found in got[where]
 
     def test_interface_example_does_not_call_dhcp_future_work(self) -> None:
         text = (ROOT / "configs/interface.toml").read_text()

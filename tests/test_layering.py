@@ -31,6 +31,7 @@ DRIVERS = frozenset(
         "pipeline/overlay_io/udp.py",
         "pipeline/control/__main__.py",
         "pipeline/control/stage.py",
+        "pipeline/control/upnp_client.py",  # UPnP IGD's blocking calls, in a thread
         # what every driver shares: the run loop, the rings, route snapshots, logs
         "pipeline/worker.py",
         "pipeline/shm_ring.py",

@@ -18,7 +18,6 @@ the path ends direct where the NATs allow it, in the time the shortcut's rounds 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
@@ -30,19 +29,8 @@ from typing import Any
 import pytest
 
 from supervisor.testbed import NatPair, Testbed, link_row, nat_pair, stop_all, wait_for
-from supervisor.testbed.nat import missing_programs
 
 pytestmark = pytest.mark.netns
-
-
-@pytest.fixture
-def nat_testbed(testbed: Testbed) -> Testbed:
-    missing = missing_programs()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"the NAT lab needs Debian packages: {missing}")
-        pytest.skip(f"the NAT lab needs Debian packages: {missing}")
-    return testbed
 
 
 @pytest.fixture

@@ -62,3 +62,19 @@ def test_a_node_without_peers_says_so() -> None:
     lines = format_status(st).splitlines()
     assert lines[lines.index("peers") + 1] == "  none yet"
     assert "static peers" not in lines
+
+
+def test_the_port_mapping_is_shown_under_the_overlay() -> None:
+    mapping = {"enabled": True, "protocols": ["pcp", "nat-pmp", "upnp"], "protocol": "upnp",
+               "external": "198.18.90.11:4789", "lifetime_s": 7200, "phase": "mapped"}  # fmt: skip
+    lines = format_status(status() | {"port_mapping": mapping}).splitlines()
+    overlay = next(i for i, line in enumerate(lines) if line.startswith("overlay "))
+    assert lines[overlay + 1] == "port mapping  198.18.90.11:4789 (upnp, lease 7200 s)"
+    permanent = mapping | {"lifetime_s": 0}
+    assert "(upnp, permanent)" in format_status(status() | {"port_mapping": permanent})
+    none = mapping | {"external": None, "phase": "failed"}
+    assert "port mapping  none (failed; asks pcp, nat-pmp, upnp)" in format_status(
+        status() | {"port_mapping": none}
+    )
+    assert "port mapping  off" in format_status(status() | {"port_mapping": {"enabled": False}})
+    assert "port mapping" not in format_status(status())  # an older node says nothing

@@ -53,6 +53,8 @@ from pipeline.control.addressing import Addressing, AddressingSettings, machines
 from pipeline.control.dht import CreateResult, GetResult, key_position
 from pipeline.control.links import Address, LinkSettings, PeerSpec, Via
 from pipeline.control.nat.discovery import NatDiscovery
+from pipeline.control.nat.portmap import PortMapSettings, Protocol
+from pipeline.control.nat.upnp import UpnpCommand, UpnpResult
 from pipeline.control.overlay import wire as overlay_wire
 from pipeline.control.peers import PeerState, PeerTable
 from pipeline.control.routing import RoutingCore
@@ -92,6 +94,7 @@ class ControlSettings:
     listen_port: int = 4789
     stun_servers: tuple[Address, ...] = ()
     port_mapping: bool = False
+    port_mapping_protocols: tuple[str, ...] = ("pcp", "nat-pmp", "upnp")  # asked in this order
     shortcuts: bool = True
     map_answers_per_s: float = crawl.ANSWERS_PER_S  # crawl queries answered a second
 
@@ -201,6 +204,10 @@ class ControlCore:
             port_mapping=s.port_mapping,
             rng=random.Random(rng.getrandbits(64)),
             now=now,
+            portmap=PortMapSettings(
+                protocols=tuple(Protocol(p) for p in s.port_mapping_protocols),
+                description=f"autovn {s.node_name}"[:64],
+            ),
         )
         if s.addressing is None:
             return
@@ -244,6 +251,11 @@ class ControlCore:
     def portmap_to_send(self) -> list[tuple[bytes, Address]]:
         """(datagram, gateway): PCP and NAT-PMP requests for the driver's own socket."""
         return self.nat.portmap_to_send() if self.nat is not None else []
+
+    def upnp_to_run(self) -> list[UpnpCommand]:
+        """UPnP IGD commands (``nat/upnp.py``) for the driver to run off its event loop, in
+        order; each one's result comes back through ``receive_upnp``."""
+        return self.nat.upnp_to_run() if self.nat is not None else []
 
     def probes_to_send(self) -> list[tuple[int, Address, bytes]]:
         """(slot, endpoint, payload): PROBE datagrams for overlay_io to seal with link
@@ -372,6 +384,13 @@ class ControlCore:
         """An answer of the gateway on the driver's port mapping socket."""
         if self.nat is None or not self.nat.receive_portmap(datagram, source, now):
             self.counters["portmap_unexpected"] += 1
+            return
+        self._after(now, wall)
+
+    def receive_upnp(self, result: UpnpResult, now: float, wall: float) -> None:
+        """The result of a UPnP command the driver ran."""
+        if self.nat is None or not self.nat.receive_upnp(result, now):
+            self.counters["upnp_unexpected"] += 1
             return
         self._after(now, wall)
 
@@ -886,6 +905,8 @@ class ControlCore:
         }
         if self.addressing is not None:
             out["addressing"] = self.addressing.statistics()
+        if self.nat is not None:
+            out["port_mapping"] = self.nat.port_mapping()
         if routing is not None:
             out["node_id"] = routing.identity.node_id.hex()
             out["links"] = routing.links.statistics()

@@ -11,7 +11,9 @@ this file moves bytes, messages and time between it and the world:
   input; the revocation list's file is looked at every second (a file, so the driver's);
 - the node's own addresses: its interfaces' IPv4 addresses and its default gateway, read at
   start and again when a netlink notification says they changed (roaming); a UDP socket of
-  its own for the gateway's port mapping answers (PCP, NAT-PMP);
+  its own for the gateway's port mapping answers (PCP, NAT-PMP); UPnP IGD's blocking calls
+  in a thread of their own (``upnp_client.py``), whose results come back through a
+  socketpair the loop watches;
 - effects: the leased address and the machines' leases are kept in the state directory
   (``pipeline/statefiles.py``), log events are logged.
 """
@@ -38,6 +40,7 @@ from pipeline.control import events as ev
 from pipeline.control.addressing import AddressingSettings
 from pipeline.control.core import ControlCore, ControlSettings, Credentials
 from pipeline.control.links import LinkSettings, PeerSpec
+from pipeline.control.upnp_client import UpnpClient
 from pipeline.crypto.keyfiles import KeyFileError, load_membership, read_revocation_list
 from pipeline.errors import StageIOError
 from pipeline.records import ENDPOINT_LEN, RecordKind, pack_endpoint, unpack_endpoint
@@ -47,6 +50,7 @@ from pipeline.worker import CONTROL_PUB_SOCKET, CONTROL_SOCKET, Worker, endpoint
 
 REVOCATION_CHECK_S = 1.0
 NETLINK_SETTLE_S = 0.2  # quiet after the last address or route notification before reading
+UPNP_STOP_WAIT_S = 2.0  # at stop, how long the UPnP thread may take to delete the mapping
 
 
 class ControlWorker(Worker):
@@ -94,6 +98,8 @@ class ControlWorker(Worker):
             self._portmap.setblocking(False)
             self._portmap.bind(("0.0.0.0", 0))
             self.watch(self._portmap.fileno(), self._on_portmap)
+            self._upnp = UpnpClient()
+            self.watch(self._upnp.fileno(), self._on_upnp)
             self._netlink = _netlink_socket()
             if self._netlink is not None:
                 self.watch(self._netlink.fileno(), self._on_netlink)
@@ -209,6 +215,8 @@ class ControlWorker(Worker):
                 self._portmap.sendto(datagram, to)
             except OSError:
                 self.drops["portmap_unsent"] += 1
+        for command in core.upnp_to_run():
+            self._upnp.submit(command)
         for slot, packet in core.packets_to_send():
             self._to_io(slot).push(packet, RecordKind.IP_PACKET, slot)
         for frame in core.frames_to_tap():
@@ -301,6 +309,12 @@ class ControlWorker(Worker):
             self.core.receive_portmap(datagram, (source[0], source[1]), now, wall)
         self._flush(now)
 
+    def _on_upnp(self) -> None:
+        now, wall = time.monotonic(), time.time()
+        for result in self._upnp.results():
+            self.core.receive_upnp(result, now, wall)
+        self._flush(now)
+
     def _on_netlink(self) -> None:
         assert self._netlink is not None
         while True:
@@ -349,6 +363,9 @@ class ControlWorker(Worker):
     def stats(self) -> dict[str, Any]:
         out = self.core.status(time.monotonic())
         out["drops"] = {**out["drops"], **self.drops}
+        upnp = getattr(self, "_upnp", None)
+        if upnp is not None and "port_mapping" in out:
+            out["port_mapping"]["upnp_client"] = upnp.statistics()
         return out
 
     def teardown(self) -> None:
@@ -359,6 +376,15 @@ class ControlWorker(Worker):
                 with contextlib.suppress(OSError):
                     self._portmap.sendto(datagram, to)
             self._portmap.close()
+            upnp = getattr(self, "_upnp", None)
+            if upnp is not None:  # the UPnP thread deletes its mapping (2 s at most)
+                for command in self.core.upnp_to_run():
+                    upnp.submit(command)
+                for result in upnp.close(UPNP_STOP_WAIT_S):
+                    self.core.receive_upnp(result, time.monotonic(), time.time())
+            for event in self.core.events():
+                if isinstance(event, ev.LogEvent):  # port_unmapped
+                    self._on_event(event)
         netlink = getattr(self, "_netlink", None)
         if netlink is not None:
             netlink.close()
@@ -413,6 +439,7 @@ def control_settings(s: Settings) -> ControlSettings:
         listen_port=s.overlay.listen_port,
         stun_servers=tuple((str(e.host), e.port) for e in s.nat.stun_servers),
         port_mapping=s.nat.port_mapping,
+        port_mapping_protocols=tuple(p.value for p in s.nat.port_mapping_protocols),
         shortcuts=s.nat.shortcuts,
     )
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -342,6 +342,7 @@ def nat_pair(
     port_mapping: bool = False,
     roaming: bool = False,
     shortcuts: bool = True,
+    a_gateway: Mapping[str, Any] | None = None,
 ) -> NatPair:
     """Node A (virtual 100.64.0.1) behind a gateway of ``a_kind``, node B (100.64.0.2) behind
     one of ``b_kind`` (None: on A's LAN), and four public nodes on the lab's internet, every
@@ -349,29 +350,35 @@ def nat_pair(
 
     The keys are chosen so that two public nodes lie between A and B on each side of the
     circle: A and B are not overlay neighbours, so A reaches B first through the overlay
-    (relayed), and any direct path is the shortcut's doing. ``roaming``: A binds 0.0.0.0
-    (its address may change). ``shortcuts=False``: the pair stays relayed.
+    (relayed), and any direct path is the shortcut's doing. ``port_mapping``: A and B ask
+    their gateways for a port mapping (the public nodes never do). ``roaming``: A binds
+    0.0.0.0 (its address may change). ``shortcuts=False``: the pair stays relayed.
+    ``a_gateway``: options for A's gateway (``NatLab.gateway``, e.g. ``natpmp=False``).
+    The lab's ``sites`` are A's, then B's.
     """
     lab = NatLab(testbed, tmp / "lab")
     try:
         authority = Authority.create(tmp / "ca")
         seeds = circle_seeds(6)  # A at 0, B at 3, public nodes at 1, 2, 4, 5
         stun = ", ".join(f'"{h}:{p}"' for h, p in lab.stun_servers)
-        nat_lines = (
-            f"stun_servers = [{stun}]",
-            f"port_mapping = {str(port_mapping).lower()}",
-            f"shortcuts = {str(shortcuts).lower()}",
-        )
+
+        def nat_lines(mapping: bool) -> tuple[str, ...]:
+            return (
+                f"stun_servers = [{stun}]",
+                f"port_mapping = {str(mapping).lower()}",
+                f"shortcuts = {str(shortcuts).lower()}",
+            )
+
         publics: list[Node] = []
         for i, seat in enumerate((1, 2, 4, 5)):
             ns = lab.internet_host(f"p{i}")
             node = member(
                 ns, tmp, authority, f"p{i}", lab.address(ns), f"100.64.0.{10 + i}",
                 first=i == 0, bootstrap=(lab.address(publics[0].ns),) if publics else (),
-                nat_lines=nat_lines, seed=seeds[seat],
+                nat_lines=nat_lines(False), seed=seeds[seat],
             )  # fmt: skip
             publics.append(node)
-        site_a = lab.gateway(a_kind)
+        site_a = lab.gateway(a_kind, **(a_gateway or {}))
         site_b = site_a if b_kind is None else lab.gateway(b_kind)
         ends = []
         for name, site, seat, virtual in (
@@ -382,7 +389,8 @@ def nat_pair(
             address = "0.0.0.0" if roaming and name == "a" else lab.address(ns)
             node = member(
                 ns, tmp, authority, name, address, virtual, first=False,
-                bootstrap=(publics[0].underlay,), nat_lines=nat_lines, seed=seeds[seat],
+                bootstrap=(publics[0].underlay,), nat_lines=nat_lines(port_mapping),
+                seed=seeds[seat],
             )  # fmt: skip
             ends.append(node)
     except BaseException:

@@ -37,7 +37,9 @@ Gateway kinds (:class:`NatKind`; the rules are :func:`gateway_ruleset`, one nft 
 - ``upnp``: ``eim`` plus miniupnpd (nftables flavour) on the LAN serving NAT-PMP and PCP
   (UDP 5351) and UPnP IGD; its WAN address lies in a reserved range, so it checks it with
   STUN against the lab's stund (``ext_perform_stun``), for which the gateway's input also
-  accepts UDP from stund's addresses and ports.
+  accepts UDP from stund's addresses and ports. ``lab.gateway("upnp", natpmp=False)``
+  turns NAT-PMP and PCP off (miniupnpd 2.3.1's ``enable_natpmp=no`` covers both: nothing
+  listens on 5351), leaving UPnP IGD alone.
 
 Processes (STUN servers, miniupnpd) are the testbed's, started with ``Namespace.popen``
 and stopped by pid; their files live in the lab's work directory. Programs come from the
@@ -105,6 +107,8 @@ _READY_TIMEOUT = 15.0
 _BRIDGE_NF = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")  # present if br_netfilter is
 # miniupnpd logs this once its STUN check enabled forwarding and its NAT-PMP/PCP socket is up
 _MINIUPNPD_READY = "Listening for NAT-PMP/PCP traffic on port 5351"
+# ... and this (after the STUN check) when NAT-PMP/PCP is off: its SOAP server is up
+_MINIUPNPD_HTTP_READY = "HTTP listening on port"
 
 
 def _program(name: str) -> str | None:
@@ -326,11 +330,14 @@ class StunServer:
 class Site:
     """A gateway of one kind and the LAN behind it. Made by :meth:`NatLab.gateway`."""
 
-    def __init__(self, lab: NatLab, index: int, kind: NatKind, ns: Namespace) -> None:
+    def __init__(
+        self, lab: NatLab, index: int, kind: NatKind, ns: Namespace, *, natpmp: bool = True
+    ) -> None:
         self.lab = lab
         self.index = index
         self.kind = kind
         self.ns = ns
+        self.natpmp = natpmp  # a upnp gateway's miniupnpd serves NAT-PMP and PCP too
         self.wan_address = str(INTERNET[FIRST_GATEWAY - 1 + index])
         self.lan_network = ipaddress.IPv4Network(f"198.19.{index}.0/24")
         self.lan_address = str(self.lan_network[1])
@@ -510,15 +517,18 @@ class NatLab:
 
     # -- sites ---------------------------------------------------------------------------------
 
-    def gateway(self, kind: NatKind | str) -> Site:
-        """A new site: a gateway of ``kind`` between the internet and a new LAN."""
+    def gateway(self, kind: NatKind | str, *, natpmp: bool = True) -> Site:
+        """A new site: a gateway of ``kind`` between the internet and a new LAN. ``natpmp``
+        False: a ``upnp`` gateway serves UPnP IGD only (no NAT-PMP, no PCP)."""
         kind = NatKind(kind)
         stund = [s.ns for s in self.servers if s.program == "stund"]
         if kind is NatKind.UPNP and not stund:
             raise ValueError("a upnp gateway checks its WAN address with the lab's stund")
+        if not natpmp and kind is not NatKind.UPNP:
+            raise ValueError("natpmp=False is for a upnp gateway (only miniupnpd serves it)")
         index = len(self.sites) + 1
         ns = self.testbed.namespace(f"gw{index}")
-        site = Site(self, index, kind, ns)
+        site = Site(self, index, kind, ns, natpmp=natpmp)
         site.workdir.mkdir(parents=True, exist_ok=True)
         self._attach_internet(ns, site.wan_address, WAN)
         self.testbed.bridge(ns, LAN)
@@ -548,7 +558,8 @@ class NatLab:
                     f"ext_ifname={WAN}",
                     f"listening_ip={LAN}",
                     "http_port=5000",
-                    "enable_natpmp=yes",  # NAT-PMP and PCP, UDP 5351
+                    # NAT-PMP and PCP, UDP 5351 (one switch for both in 2.3.1)
+                    f"enable_natpmp={'yes' if site.natpmp else 'no'}",
                     "enable_upnp=yes",
                     # 198.18.0.0/15 is reserved: forwarding stays off unless STUN vouches
                     "ext_perform_stun=yes",
@@ -569,7 +580,8 @@ class NatLab:
         with log:
             site.miniupnpd = site.ns.popen(argv, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + _READY_TIMEOUT
-        while _MINIUPNPD_READY not in site.miniupnpd_log():
+        ready = _MINIUPNPD_READY if site.natpmp else _MINIUPNPD_HTTP_READY
+        while ready not in site.miniupnpd_log():
             if site.miniupnpd.poll() is not None or time.monotonic() > deadline:
                 raise NetnsError(f"miniupnpd did not get ready:\n{site.miniupnpd_log()}")
             time.sleep(0.05)

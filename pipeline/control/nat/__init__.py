@@ -6,7 +6,9 @@ Modules:
   (its reflexive address) and whether the answer depends on the server (a NAT that maps
   per destination); ``NatReport`` is what it saw.
 - ``portmap``: ``PortMapper`` gets, renews and deletes a UDP port mapping on the gateway
-  with PCP or NAT-PMP.
+  with PCP, NAT-PMP or UPnP IGD.
+- ``upnp``: the UPnP IGD commands ``PortMapper`` hands the driver (which runs them with
+  miniupnpc in a thread of its own), their results, and what an IGD's error means.
 - ``retransmit``: ``Retransmission``, the doubling timer both use.
 
 Both take datagrams, their source and the time, and give back datagrams to send, events
@@ -24,6 +26,8 @@ and their next deadline (aioquic's shape)::
     probe.events()                            # MappingObserved, ServerFailed, ProbeDone
     probe.report().varies                     # True: the mapping depends on the destination
     mapper.mapping                            # Mapping(protocol, external, ...) or None
+    mapper.upnp_to_run() -> list[UpnpCommand] # UpnpMap, UpnpDelete: for the driver's thread
+    mapper.receive_upnp(UpnpResult(...), now) # its result, matched by command id
 
 The codecs are ``pipeline/wire/stun.py``, ``pipeline/wire/pcp.py`` and
 ``pipeline/wire/natpmp.py``.
@@ -51,6 +55,7 @@ from pipeline.control.nat.stun_probe import (
     ServerFailed,
     StunProbe,
 )
+from pipeline.control.nat.upnp import UpnpCommand, UpnpDelete, UpnpMap, UpnpResult
 
 __all__ = [
     "Mapping",
@@ -71,4 +76,8 @@ __all__ = [
     "Protocol",
     "ServerFailed",
     "StunProbe",
+    "UpnpCommand",
+    "UpnpDelete",
+    "UpnpMap",
+    "UpnpResult",
 ]

@@ -12,9 +12,11 @@ Theory of operation:
   punching alone will not cross). Asked at start, every ``STUN_EVERY_S`` and at once when
   the local addresses change.
 - **Mapped.** With ``port_mapping`` and a default gateway, ``PortMapper`` asks it for a UDP
-  port mapping of the node's port (PCP, then NAT-PMP), renews it, and deletes it on
-  ``stop``. Its datagrams go out of the driver's own socket (``portmap_to_send``,
-  ``receive_portmap``). A granted mapping is a *mapped* candidate.
+  port mapping of the node's port (the protocols of ``portmap.protocols`` in turn: PCP,
+  NAT-PMP, UPnP IGD by default), renews it, and deletes it on ``stop``. Its datagrams go
+  out of the driver's own socket (``portmap_to_send``, ``receive_portmap``), its UPnP
+  commands to the driver's UPnP thread (``upnp_to_run``, ``receive_upnp``). A granted
+  mapping is a *mapped* candidate.
 - Its events are log events (``pipeline/control/events.py``); ``candidates_version``
   changes with the candidate set, so the owner hands them to the shortcut logic;
   ``picture()`` is what ``supervisor netcheck`` prints.
@@ -33,8 +35,10 @@ from pipeline.control.nat.portmap import (
     MappingFailed,
     MappingLost,
     PortMapper,
+    PortMapSettings,
 )
 from pipeline.control.nat.stun_probe import MappingObserved, ProbeDone, StunProbe
+from pipeline.control.nat.upnp import UpnpCommand, UpnpResult
 from pipeline.control.shortcuts import Candidate, CandidateKind
 
 Address = tuple[str, int]
@@ -51,10 +55,12 @@ class NatDiscovery:
         port_mapping: bool,
         rng: random.Random,
         now: float,
+        portmap: PortMapSettings | None = None,
     ) -> None:
         self.port = port
         self._servers = tuple(stun_servers)
         self._port_mapping = port_mapping
+        self._portmap_settings = portmap or PortMapSettings()
         self._rng = rng
         self._local: tuple[str, ...] = ()
         self._settled: tuple[str, ...] = ()  # the last addresses that were not none
@@ -69,6 +75,7 @@ class NatDiscovery:
         self._candidates: tuple[Candidate, ...] = ()
         self._stun_out: list[tuple[bytes, Address]] = []
         self._portmap_out: list[tuple[bytes, Address]] = []
+        self._upnp_out: list[UpnpCommand] = []
         self._events: list[ev.LogEvent] = []
         self.candidates_version = 0
 
@@ -84,6 +91,13 @@ class NatDiscovery:
         if self.mapper is not None:
             self._portmap_out += self.mapper.datagrams_to_send()
         out, self._portmap_out = self._portmap_out, []
+        return out
+
+    def upnp_to_run(self) -> list[UpnpCommand]:
+        """UPnP IGD commands for the driver's UPnP thread, in order."""
+        if self.mapper is not None:
+            self._upnp_out += self.mapper.upnp_to_run()
+        out, self._upnp_out = self._upnp_out, []
         return out
 
     def events(self) -> list[ev.LogEvent]:
@@ -106,20 +120,29 @@ class NatDiscovery:
 
     def picture(self) -> dict[str, Any]:
         """The node's NAT picture, for ``supervisor netcheck``."""
-        mapping = self.mapper.mapping if self.mapper is not None else None
         return {
             "local": [f"{a}:{self.port}" for a in self._local],
             "gateway": self._gateway,
             "stun": self._report,
             "reflexive": _text(self._reflexive) if self._reflexive else None,
             "mapping_varies": self._report.get("varies"),
-            "port_mapping": {
-                "enabled": self._port_mapping,
-                "protocol": mapping.protocol.value if mapping else self._mapper_protocol,
-                "external": _text(mapping.external) if mapping else None,
-                "phase": self.mapper.phase.value if self.mapper is not None else None,
-            },
+            "port_mapping": self.port_mapping(),
             "candidates": [f"{_text(c.endpoint)} {c.kind}" for c in self._candidates],
+        }
+
+    def port_mapping(self) -> dict[str, Any]:
+        """The port mapping: which protocol answered, the external endpoint, its lifetime
+        (0: permanent), the mapper's phase and counters (``PortMapper.statistics``)."""
+        mapper = self.mapper
+        mapping = mapper.mapping if mapper is not None else None
+        return {
+            "enabled": self._port_mapping,
+            "protocols": [p.value for p in self._portmap_settings.protocols],
+            "protocol": mapping.protocol.value if mapping else self._mapper_protocol,
+            "external": _text(mapping.external) if mapping else None,
+            "lifetime_s": mapping.lifetime_s if mapping else None,
+            "phase": mapper.phase.value if mapper is not None else None,
+            "statistics": mapper.statistics() if mapper is not None else {},
         }
 
     # -- inputs ----------------------------------------------------------------------------------
@@ -157,6 +180,13 @@ class NatDiscovery:
         self._mapper_events(now)
         return True
 
+    def receive_upnp(self, result: UpnpResult, now: float) -> bool:
+        """A UPnP command's result from the driver. True if it was the mapper's."""
+        if self.mapper is None or not self.mapper.receive_upnp(result, now):
+            return False
+        self._mapper_events(now)
+        return True
+
     def handle_timer(self, now: float) -> None:
         if self._servers and self._probe is None and now >= self._next_probe:
             self._probe = StunProbe(self._servers, now, random.Random(self._rng.getrandbits(64)))
@@ -182,13 +212,18 @@ class NatDiscovery:
         if self.mapper is not None:
             self.mapper.stop(now)
             self._portmap_out += self.mapper.datagrams_to_send()
+            self._upnp_out += self.mapper.upnp_to_run()
             self.mapper = None
             self._mapped = None
         if self._gateway is None or not self._local:
             return
         client = (self._local[0], self.port)
         self.mapper = PortMapper(
-            self._gateway, client, now, random.Random(self._rng.getrandbits(64))
+            self._gateway,
+            client,
+            now,
+            random.Random(self._rng.getrandbits(64)),
+            self._portmap_settings,
         )
 
     def _probe_events(self) -> None:
