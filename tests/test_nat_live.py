@@ -103,15 +103,17 @@ def traverse(pair: NatPair, within: float, *, want_direct: bool) -> Outcome:
 # overlay's own Hellos may punch the pair through before any round: all three happen, and
 # under heavy load round 2 has been seen to fail too. So those cases assert the relayed
 # start and the stream, and report the rest (``bench/nat_bench.py`` counts it over repeats).
+# Where direct must happen the wait is 60 s too: a round 1 lost to a loaded machine (seen
+# once for masquerade-both) gets its round 2 at ~42 s; the time is printed, not asserted.
 CASES = [
     # (name, a's gateway, b's gateway (None: a's LAN), direct: must / must not / None: may,
     #  seconds to wait for direct)
-    ("no-nat", "none", "none", True, 12),
-    ("masquerade-one-side", "eim", "none", True, 12),
-    ("masquerade-both", "eim", "eim", True, 12),
+    ("no-nat", "none", "none", True, 60),
+    ("masquerade-one-side", "eim", "none", True, 60),
+    ("masquerade-both", "eim", "eim", True, 60),
     ("stale-conntrack-first", "eim_open", "eim", None, 60),
     ("stale-conntrack-second", "eim", "eim_open", None, 60),
-    ("same-lan", "eim", None, True, 12),
+    ("same-lan", "eim", None, True, 60),
     ("random-one-side", "random", "eim", False, 12),
     ("random-both", "random", "random", False, 12),
 ]
