@@ -193,6 +193,10 @@ class TapReaderSettings:
     queues: int = _field(1, check=_between(1, 16), doc="TAP queues, one worker each")
     ring_bytes: int = _field(1 << 22, check=_RING, doc="size of each ring this stage reads")
     batch: int = _field(64, check=_between(1, 1024), doc="frames handled per wake-up")
+    offloads: bool = _field(
+        False,
+        doc="virtio-net headers and TSO on the TAP: 64 KiB super-frames (if the kernel agrees)",
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
