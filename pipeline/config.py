@@ -253,6 +253,19 @@ class LogSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class NatSettings:
+    stun_servers: tuple[Endpoint, ...] = _field(
+        (), doc="STUN servers 'IPv4:port' that tell the node where it is seen from"
+    )
+    port_mapping: bool = _field(
+        True, doc="ask the gateway for a UDP port mapping (PCP, NAT-PMP) and advertise it"
+    )
+    shortcuts: bool = _field(
+        True, doc="punch direct paths for links that are relayed and carry traffic"
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
     node: NodeSettings = _field()
     network: NetworkSettings = _field()
@@ -261,6 +274,7 @@ class Settings:
     security: SecuritySettings = _field(SecuritySettings())
     stages: StagesSettings = _field(StagesSettings())
     log: LogSettings = _field(LogSettings())
+    nat: NatSettings = _field(NatSettings())
 
     @property
     def log_file(self) -> Path:

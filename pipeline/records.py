@@ -47,13 +47,22 @@ Per edge of the ring graph, producer → consumer, the kinds it carries:
     endpoint;
   - RELAY, a relay payload (dest id, ttl, inner datagram) to seal as a RELAY datagram for
     the hop ``peer``, which another overlay_io worker owns: control passes it on to that
-    worker unchanged.
+    worker unchanged;
+  - PROBE, the payload of a PROBE datagram opened with the session of the link ``peer``,
+    after its 6-byte source endpoint (a shortcut probe or its answer: where it came from
+    is the point);
+  - STUN, a STUN datagram that came to the node's port (an answer to control's binding
+    request), after its 6-byte source endpoint.
 - control → overlay_io:
   - IP_PACKET, a packet that waited in control for its route, to seal for the peer ``peer``;
   - OVERLAY, an overlay message to seal for the peer ``peer``;
   - HANDSHAKE, a HANDSHAKE or COOKIE datagram to send as it is, after its 6-byte
     destination endpoint;
-  - RELAY, another worker's relay payload for the hop ``peer``, which this worker owns.
+  - RELAY, another worker's relay payload for the hop ``peer``, which this worker owns;
+  - PROBE, a payload to seal with the session of the link ``peer`` as a PROBE datagram and
+    send to the 6-byte endpoint before it (not to the link's own endpoint);
+  - STUN, a STUN binding request to send as it is from the node's port to the 6-byte
+    endpoint before it.
 
 ``EDGE_KINDS`` holds this as data; a test keeps the table in ``docs/wire.md`` true to it.
 """
@@ -85,6 +94,8 @@ class RecordKind(enum.IntEnum):
     RESOLVE = 6
     VERIFY = 7
     CLAIM = 8
+    PROBE = 9
+    STUN = 10
 
 
 _TAP, _CLS, _IO, _CTL = Stage.TAP_READER, Stage.CLASSIFIER, Stage.OVERLAY_IO, Stage.CONTROL
@@ -97,8 +108,8 @@ EDGE_KINDS: dict[tuple[Stage, Stage], frozenset[RecordKind]] = {
     (_IO, _CLS): frozenset({K.IP_PACKET}),
     (_CLS, _CTL): frozenset({K.FRAME, K.RESOLVE, K.VERIFY, K.CLAIM}),
     (_CTL, _CLS): frozenset({K.FRAME}),
-    (_IO, _CTL): frozenset({K.OVERLAY, K.HANDSHAKE, K.RELAY}),
-    (_CTL, _IO): frozenset({K.IP_PACKET, K.OVERLAY, K.HANDSHAKE, K.RELAY}),
+    (_IO, _CTL): frozenset({K.OVERLAY, K.HANDSHAKE, K.RELAY, K.PROBE, K.STUN}),
+    (_CTL, _IO): frozenset({K.IP_PACKET, K.OVERLAY, K.HANDSHAKE, K.RELAY, K.PROBE, K.STUN}),
 }
 """Which kinds each edge of the ring graph carries; a consumer counts any other as a drop."""
 

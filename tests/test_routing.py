@@ -12,6 +12,7 @@ import pytest
 from pipeline.control import events as ev
 from pipeline.control.links import Via
 from pipeline.control.routing import RoutingCore
+from pipeline.control.shortcuts import decode_path
 from pipeline.crypto.cert import RevocationList
 from pipeline.crypto.identity import Identity
 from pipeline.nodeid import id_to_bytes
@@ -91,16 +92,35 @@ class Lab:
                     self.cores[j].receive_handshake(datagram, endpoint(i), self.now, self.wall())
                 for slot, payload in core.overlay_to_send():
                     link = core.links.links.get(slot)
-                    assert link is not None and isinstance(link.endpoint, tuple)
-                    j = self.by_endpoint[link.endpoint]
-                    if frozenset((i, j)) in self.blocked:
-                        continue
+                    assert link is not None and link.certificate is not None
+                    if isinstance(link.endpoint, Via):  # relayed: overlay_io's job, done here
+                        j = self.idents.index(
+                            next(x for x in self.idents if x.node_id == link.certificate.node_id)
+                        )
+                    else:
+                        j = self.by_endpoint[link.endpoint]
+                        if frozenset((i, j)) in self.blocked:
+                            continue
                     theirs = self.cores[j]._slot_of(self.idents[i].node_id)
                     if theirs is None:
                         continue
                     moved = True
                     theirs_core = self.cores[j]
-                    theirs_core.receive_overlay(theirs, payload, self.now, self.wall())
+                    if payload[:1] == b"\x01":  # the overlay codec's version byte
+                        theirs_core.receive_overlay(theirs, payload, self.now, self.wall())
+                    else:
+                        path = decode_path(payload)
+                        theirs_core.receive_path(theirs, path, self.now, self.wall())
+                for _slot, to, payload in core.probes_to_send():
+                    j = self.by_endpoint.get(to)
+                    if j is None or frozenset((i, j)) in self.blocked:
+                        continue
+                    theirs = self.cores[j]._slot_of(self.idents[i].node_id)
+                    if theirs is not None:
+                        moved = True
+                        self.cores[j].receive_probe(
+                            theirs, payload, endpoint(i), self.now, self.wall()
+                        )
             if not moved:
                 return
 
@@ -236,3 +256,41 @@ def test_a_restarted_node_resyncs_peers_that_kept_its_old_sessions() -> None:
     assert fresh.counters["resyncs"] == 1
     fresh.unknown_session(endpoint(1), lab.now, lab.wall())  # just made: no second handshake
     assert fresh.counters["resyncs"] == 1
+
+
+def test_a_relayed_link_that_carries_traffic_becomes_a_shortcut() -> None:
+    """A resolves the address of a node it has no link with: the link is made through the
+    overlay (relayed); the candidates go over it, the probes find the node's endpoint, and
+    both ends go direct."""
+    lab = Lab(10)
+    lab.run(20)
+    a = lab.cores[1]
+    for i, core in enumerate(lab.cores):
+        core.set_endpoints([endpoint(i)])
+    j = next(j for j in range(2, 10) if lab.idents[j].node_id not in direct_ids(a))
+    c = lab.cores[j]
+    a.route_miss(vip(j), lab.now, lab.wall())
+    lab.run(5)
+    (route,) = a.routes()
+    assert route.endpoint == f"{endpoint(j)[0]}:{endpoint(j)[1]}"
+    formed = [e for e in a.events() if isinstance(e, ev.ShortcutFormed)]
+    assert formed and formed[0].endpoint == f"198.18.0.{j + 1}:4789"
+    c_slot = c._slot_of(lab.idents[1].node_id)
+    assert c_slot is not None and c.links.links[c_slot].endpoint == endpoint(1)
+    (row,) = [r for r in a.link_table(lab.now) if r["routes"] == [str(vip(j))]]
+    assert row["kind"] == "shortcut"
+
+
+def test_a_shortcut_that_cannot_be_punched_stays_relayed() -> None:
+    lab = Lab(10)
+    lab.run(20)
+    a = lab.cores[1]
+    for i, core in enumerate(lab.cores):
+        core.set_endpoints([endpoint(i)])
+    j = next(j for j in range(2, 10) if lab.idents[j].node_id not in direct_ids(a))
+    lab.blocked.add(frozenset((1, j)))
+    a.route_miss(vip(j), lab.now, lab.wall())
+    lab.run(60)
+    (route,) = a.routes()
+    assert route.endpoint == str(Via(lab.idents[j].node_id)) and route.up
+    assert [e for e in a.events() if isinstance(e, ev.ShortcutFailed)][0].rounds == 2

@@ -44,16 +44,16 @@ from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-import msgspec
-
 from pipeline import messages
 from pipeline.control import events as ev
 from pipeline.control.addressing import Addressing, AddressingSettings, machines_from_leases
 from pipeline.control.dht import CreateResult, GetResult, key_position
 from pipeline.control.links import Address, LinkSettings, PeerSpec, Via
+from pipeline.control.nat.discovery import NatDiscovery
 from pipeline.control.overlay import wire as overlay_wire
 from pipeline.control.peers import PeerState, PeerTable
 from pipeline.control.routing import RoutingCore
+from pipeline.control.shortcuts import CandidateKind, decode_path
 from pipeline.crypto.cert import Certificate, RevocationList
 from pipeline.crypto.identity import Identity
 from pipeline.nodeid import id_to_bytes
@@ -81,6 +81,10 @@ class ControlSettings:
     links: LinkSettings = LinkSettings()
     addressing: AddressingSettings | None = None
     encrypted: bool = True
+    listen_port: int = 4789
+    stun_servers: tuple[Address, ...] = ()
+    port_mapping: bool = False
+    shortcuts: bool = True
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -121,12 +125,15 @@ class ControlCore:
         )
         self.routing: RoutingCore | None = None
         self.addressing: Addressing | None = None
+        self.nat: NatDiscovery | None = None
+        self._candidates_seen = -1
         if settings.encrypted:
             if credentials is None:
                 raise ValueError("an encrypted node needs credentials")
             self._make_layers(settings, credentials, rng, entropy, preferred, held_leases, now)
         self._handshakes_out: list[tuple[bytes, Address, int]] = []
         self._overlay_out: list[tuple[int, bytes]] = []
+        self._probes_out: list[tuple[int, Address, bytes]] = []
         self._packets_out: list[tuple[int, bytes]] = []
         self._tap_out: list[bytes] = []
         self._events: list[ev.ControlEvent] = []
@@ -169,8 +176,16 @@ class ControlCore:
             link_settings=s.links,
             register_address=not dhcp,
             networks=s.networks,
+            shortcuts=s.shortcuts,
         )
         self.routing = routing
+        self.nat = NatDiscovery(
+            port=s.listen_port,
+            stun_servers=s.stun_servers,
+            port_mapping=s.port_mapping,
+            rng=random.Random(rng.getrandbits(64)),
+            now=now,
+        )
         if s.addressing is None:
             return
         addressing = Addressing(
@@ -204,6 +219,20 @@ class ControlCore:
     def packets_to_send(self) -> list[tuple[int, bytes]]:
         """(slot, packet): IP packets that waited here for their route."""
         out, self._packets_out = self._packets_out, []
+        return out
+
+    def stun_to_send(self) -> list[tuple[bytes, Address]]:
+        """(datagram, server): STUN requests to send from the node's UDP port (overlay_io)."""
+        return self.nat.stun_to_send() if self.nat is not None else []
+
+    def portmap_to_send(self) -> list[tuple[bytes, Address]]:
+        """(datagram, gateway): PCP and NAT-PMP requests for the driver's own socket."""
+        return self.nat.portmap_to_send() if self.nat is not None else []
+
+    def probes_to_send(self) -> list[tuple[int, Address, bytes]]:
+        """(slot, endpoint, payload): PROBE datagrams for overlay_io to seal with link
+        ``slot``'s session and send to ``endpoint``."""
+        out, self._probes_out = self._probes_out, []
         return out
 
     def frames_to_tap(self) -> list[bytes]:
@@ -246,6 +275,8 @@ class ControlCore:
             times.append(self.routing.next_deadline())
         if self.addressing is not None:
             times.append(self.addressing.next_deadline())
+        if self.nat is not None:
+            times.append(self.nat.next_deadline())
         return min(t for t in times if t is not None)
 
     # -- inputs: records -------------------------------------------------------------------------
@@ -263,13 +294,65 @@ class ControlCore:
             return
         try:
             msg = messages.decode_overlay(payload)
-        except (ValueError, msgspec.DecodeError):  # and UnicodeDecodeError alike
-            self.counters["undecodable_overlay"] += 1
+        except ValueError:  # msgspec's errors and UnicodeDecodeError alike
+            self._receive_path(slot, payload, now, wall)
             return
         reply = self.liveness.receive(slot, msg, now)
         if reply is not None:
             self._overlay_out.append((slot, messages.encode_overlay(reply)))
         self._liveness_events()
+
+    def _receive_path(self, slot: int, payload: bytes, now: float, wall: float) -> None:
+        """A shortcut message (offer, answer, go) over a link, or junk."""
+        try:
+            msg = decode_path(payload)
+        except ValueError:
+            self.counters["undecodable_overlay"] += 1
+            return
+        if self.routing is None:
+            self.counters["path_without_links"] += 1
+            return
+        self.routing.receive_path(slot, msg, now, wall)
+        self._after(now, wall)
+
+    def receive_probe(
+        self, slot: int, payload: bytes, source: Address, now: float, wall: float
+    ) -> None:
+        """A PROBE record: a probe or its answer that came on link ``slot`` from ``source``."""
+        if self.routing is None:
+            self.counters["probe_without_links"] += 1
+            return
+        self.routing.receive_probe(slot, payload, source, now, wall)
+        self._after(now, wall)
+
+    def set_local_addresses(
+        self, addresses: Sequence[str], gateway: str | None, now: float, wall: float
+    ) -> None:
+        """The addresses of the node's interfaces (not the TAP's) and its default gateway,
+        at start and whenever they change (the node moved)."""
+        if self.nat is not None:
+            self.nat.set_local(addresses, gateway, now)
+            self._after(now, wall)
+
+    def receive_stun(self, datagram: bytes, source: Address, now: float, wall: float) -> None:
+        """A STUN record: a STUN datagram that came to the node's UDP port."""
+        if self.nat is None or not self.nat.receive_stun(datagram, source, now):
+            self.counters["stun_unexpected"] += 1
+            return
+        self._after(now, wall)
+
+    def receive_portmap(self, datagram: bytes, source: Address, now: float, wall: float) -> None:
+        """An answer of the gateway on the driver's port mapping socket."""
+        if self.nat is None or not self.nat.receive_portmap(datagram, source, now):
+            self.counters["portmap_unexpected"] += 1
+            return
+        self._after(now, wall)
+
+    def stop(self, now: float, wall: float) -> None:
+        """The node stops: give the gateway its port back."""
+        if self.nat is not None:
+            self.nat.stop(now)
+            self._after(now, wall)
 
     def receive_handshake(self, datagram: bytes, source: Address, now: float, wall: float) -> None:
         """A HANDSHAKE or COOKIE datagram from ``source``."""
@@ -387,6 +470,8 @@ class ControlCore:
             if linked is None or slot in linked:
                 self._overlay_out.append((slot, messages.encode_overlay(ping)))
         self._liveness_events()
+        if self.nat is not None:
+            self.nat.handle_timer(now)
         if routing is not None:
             routing.handle_timer(now, wall)
         if self.addressing is not None:
@@ -397,9 +482,19 @@ class ControlCore:
 
     def _after(self, now: float, wall: float) -> None:
         """Move what the layers produced between them and into the outputs, until quiet."""
-        routing, addressing = self.routing, self.addressing
+        routing, addressing, nat = self.routing, self.addressing, self.nat
         if routing is None:
             return
+        if nat is not None:
+            self._events += nat.events()
+            if nat.candidates_version != self._candidates_seen:
+                self._candidates_seen = nat.candidates_version
+                found = nat.candidates()
+                local = [c.endpoint for c in found if c.kind is CandidateKind.LOCAL]
+                routing.set_endpoints(
+                    local, [c for c in found if c.kind is not CandidateKind.LOCAL]
+                )
+                routing.pump()
         while True:
             results = routing.dht_results()
             for result in results:
@@ -419,6 +514,7 @@ class ControlCore:
             slot = next((sl for sl, lk in links.items() if lk.endpoint == to), 0)
             self._handshakes_out.append((datagram, to, slot))
         self._overlay_out += routing.overlay_to_send()
+        self._probes_out += routing.probes_to_send()
         for event in routing.events():
             if isinstance(event, ev.HandshakeRefused):
                 self._log_refusal(event, now)

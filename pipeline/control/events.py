@@ -90,6 +90,96 @@ class HandshakeRefusalsSuppressed(LogEvent):
     count: int
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ShortcutFormed(LogEvent):
+    """A link that was relayed through the overlay now goes straight to ``endpoint``."""
+
+    name = "shortcut_formed"
+    peer: str | None
+    slot: int
+    endpoint: str
+    kind: str  # the candidate that worked: local, mapped, reflexive
+    rtt_ms: float
+    round: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ShortcutLost(LogEvent):
+    name = "shortcut_lost"
+    level = Level.WARNING
+    peer: str | None
+    slot: int
+    endpoint: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ShortcutFailed(LogEvent):
+    """No direct path after every round: the link stays relayed, tried again later."""
+
+    name = "shortcut_failed"
+    peer: str | None
+    slot: int
+    rounds: int
+    retry_in_s: float
+
+
+# -- the NAT picture ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StunAnswered(LogEvent):
+    name = "stun_answered"
+    server: str
+    reflexive: str
+    rtt_ms: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NatVaries(LogEvent):
+    """STUN servers see the node at different ports: its NAT maps per destination."""
+
+    name = "nat_varies"
+    level = Level.WARNING
+    answers: dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PortMapped(LogEvent):
+    name = "port_mapped"
+    protocol: str
+    external: str
+    lifetime_s: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PortMappingLost(LogEvent):
+    name = "port_mapping_lost"
+    level = Level.WARNING
+    protocol: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PortMappingFailed(LogEvent):
+    name = "port_mapping_failed"
+    reasons: dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PortUnmapped(LogEvent):
+    name = "port_unmapped"
+    protocol: str
+    confirmed: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CandidatesChanged(LogEvent):
+    """The node's own candidate endpoints changed (local, mapped, reflexive)."""
+
+    name = "candidates_changed"
+    candidates: tuple[str, ...]
+
+
 # -- static peers ------------------------------------------------------------------------------
 
 

@@ -51,6 +51,7 @@ from pipeline.crypto.identity import Identity, x25519_public_from_ed25519
 from pipeline.crypto.noise import CipherState, HandshakeState, NoiseError
 from pipeline.errors import RemoteProtocolError
 from pipeline.wire.overlay import HEADER_LEN, DatagramType
+from pipeline.wire.stun import MAGIC_COOKIE as STUN_MAGIC_COOKIE
 
 Address = tuple[str, int]
 MAX_SESSIONS = 3
@@ -399,6 +400,16 @@ class LinkManager:
         self.links[slot] = link
         return link
 
+    def set_endpoint(self, slot: int, target: Target) -> None:
+        """The link's datagrams go to ``target`` from now on: a direct path found to a peer
+        reached through the overlay (a shortcut), or back through the overlay when it is
+        lost. The sessions stay; overlay_io learns the endpoint with the keys."""
+        link = self.links.get(slot)
+        if link is None or link.endpoint == target:
+            return
+        link.endpoint = target
+        self._changed()
+
     def request_rekey(self, slot: int) -> None:
         link = self.links.get(slot)
         if link is not None:
@@ -470,7 +481,9 @@ class LinkManager:
         used |= set(self._responding)
         while True:
             index = int.from_bytes(self.rng(4), "big")
-            if index and index not in used:
+            # never the STUN magic cookie: it is how a STUN answer on the node's port is told
+            # apart from our own datagrams (pipeline/wire/stun.py, ``is_stun``)
+            if index and index not in used and index != STUN_MAGIC_COOKIE:
                 return index
 
     # -- receiving -------------------------------------------------------------------------------

@@ -71,6 +71,14 @@ from pipeline.control.overlay import (
     OverlaySettings,
 )
 from pipeline.control.overlay import wire as ow
+from pipeline.control.shortcuts import (
+    Candidate,
+    CandidateKind,
+    PathFound,
+    PathLost,
+    PathMessage,
+    Shortcuts,
+)
 from pipeline.crypto.cert import Certificate, RevocationList
 from pipeline.crypto.identity import Identity
 from pipeline.errors import RemoteProtocolError
@@ -126,6 +134,7 @@ class RoutingCore:
         lease_s: float = 300.0,
         register_address: bool = True,
         networks: Sequence[str] = (),
+        shortcuts: bool = True,
     ) -> None:
         self.identity = identity
         self.namespace = namespace
@@ -158,6 +167,11 @@ class RoutingCore:
             rng=random.Random(rng.getrandbits(64)),
             settings=dht_settings or DhtSettings(),
         )
+        self.shortcuts = Shortcuts(identity.node_id, random.Random(rng.getrandbits(64)))
+        self._shortcuts_on = shortcuts
+        self._local_endpoints: tuple[Address, ...] = ()
+        self._extra_candidates: tuple[Candidate, ...] = ()
+        self._candidates_from: tuple[object, ...] = ()
         self.counters: Counter[str] = Counter()
         self.routes_version = 0
         self._routes: dict[IPv4Address, Route] = {}
@@ -166,6 +180,7 @@ class RoutingCore:
         self._waiting: dict[Address, deque[tuple[float, bytes]]] = {}
         self._overlay_out: list[tuple[int, bytes]] = []
         self._handshakes_out: list[tuple[bytes, Address]] = []
+        self._probes_out: list[tuple[int, Address, bytes]] = []
         self._events: list[ev.LogEvent] = []
         self._dht_results: list[DhtEvent] = []
         self._registration: int | None = None  # request id of the address record's create
@@ -183,6 +198,12 @@ class RoutingCore:
 
     def handshakes_to_send(self) -> list[tuple[bytes, Address]]:
         out, self._handshakes_out = self._handshakes_out, []
+        return out
+
+    def probes_to_send(self) -> list[tuple[int, Address, bytes]]:
+        """(slot, endpoint, payload): PROBE datagrams to seal with the link's session and
+        send to that endpoint (not the link's own): shortcut probes and path keepalives."""
+        out, self._probes_out = self._probes_out, []
         return out
 
     def events(self) -> list[ev.LogEvent]:
@@ -269,6 +290,7 @@ class RoutingCore:
             r.checked + ROUTE_REFRESH_S for a, r in self._routes.items() if a not in resolving
         ]
         times += self._negative.values()
+        times.append(self.shortcuts.next_deadline())
         due = [t for t in times if t is not None]
         return min(due) if due else None
 
@@ -324,6 +346,7 @@ class RoutingCore:
             self._register(now)
         self._expire_waiting(now)
         self._refresh_routes(now, wall)
+        self.shortcuts.handle_timer(now)
         self._pump()
 
     def route_miss(self, address: IPv4Address, now: float, wall: float) -> None:
@@ -406,6 +429,94 @@ class RoutingCore:
         self.counters["resyncs"] += 1
         self._pump()
 
+    # -- shortcuts ---------------------------------------------------------------------------------
+
+    def set_endpoints(self, local: Sequence[Address] = (), extra: Sequence[Candidate] = ()) -> None:
+        """This node's own endpoints: the local addresses of its port, and candidates found
+        otherwise (STUN, port mapping). The overlay's reflexive address is added here."""
+        self._local_endpoints = tuple(local)
+        self._extra_candidates = tuple(extra)
+        self._candidates_from = ()  # recomputed at the next pump
+
+    def _refresh_candidates(self) -> None:
+        reflexive = self.overlay.address
+        key = (self._local_endpoints, self._extra_candidates, reflexive)
+        if key == self._candidates_from:
+            return
+        self._candidates_from = key
+        candidates = [Candidate(e, CandidateKind.LOCAL) for e in self._local_endpoints]
+        candidates += self._extra_candidates
+        if isinstance(reflexive, tuple) and len(reflexive) == 2:
+            endpoint = (str(reflexive[0]), int(reflexive[1]))
+            candidates.append(Candidate(endpoint, CandidateKind.REFLEXIVE))
+        self.shortcuts.set_candidates(candidates)
+
+    def receive_path(self, slot: int, message: PathMessage, now: float, wall: float) -> None:
+        """A shortcut message (offer, answer, go) that came over link ``slot``."""
+        self._now, self._wall = now, wall
+        link = self.links.links.get(slot)
+        if link is None or link.certificate is None:
+            self.counters["path_message_unlinked"] += 1
+            return
+        self.shortcuts.receive(slot, message, link.certificate.node_id, now)
+        self._pump()
+
+    def receive_probe(
+        self, slot: int, payload: bytes, source: Address, now: float, wall: float
+    ) -> None:
+        """A PROBE datagram that came on link ``slot``'s session from ``source``."""
+        self._now, self._wall = now, wall
+        if slot not in self.links.links:
+            self.counters["probe_unlinked"] += 1
+            return
+        self.shortcuts.receive_probe(slot, payload, source, now)
+        self._pump()
+
+    def _want_shortcut(self, slot: int, node_id: bytes, now: float) -> None:
+        link = self.links.links.get(slot)
+        if self._shortcuts_on and link is not None and link.up and isinstance(link.endpoint, Via):
+            self._refresh_candidates()
+            self.shortcuts.want(slot, node_id, now)
+
+    def _move_shortcuts(self, now: float) -> bool:
+        shortcuts = self.shortcuts
+        moved = False
+        for slot, payload in shortcuts.messages_to_send():
+            self._overlay_out.append((slot, payload))
+            moved = True
+        for probe in shortcuts.probes_to_send():
+            self._probes_out.append(probe)
+            moved = True
+        for event in shortcuts.events():
+            moved = True
+            link = self.links.links.get(event.slot)
+            cert = link.certificate if link is not None else None
+            peer = cert.name if cert is not None else None
+            if isinstance(event, PathFound):
+                if link is not None and isinstance(link.endpoint, Via):
+                    self.links.set_endpoint(event.slot, event.endpoint)
+                    self.routes_version += 1
+                self._events.append(
+                    ev.ShortcutFormed(
+                        peer,
+                        event.slot,
+                        _target_text(event.endpoint),
+                        event.kind.value,
+                        round(event.rtt * 1000, 3),
+                        event.round,
+                    )
+                )
+            elif isinstance(event, PathLost):
+                if link is not None and cert is not None and link.endpoint == event.endpoint:
+                    self.links.set_endpoint(event.slot, Via(cert.node_id))
+                    self.routes_version += 1
+                self._events.append(ev.ShortcutLost(peer, event.slot, _target_text(event.endpoint)))
+            else:
+                self._events.append(
+                    ev.ShortcutFailed(peer, event.slot, event.rounds, event.retry_in)
+                )
+        return moved
+
     def dht_get(self, key: bytes, now: float) -> int:
         """A get for a tool (``supervisor dht get``); its ``GetResult`` comes as an event."""
         rid = self.dht.get(key, now)
@@ -443,10 +554,18 @@ class RoutingCore:
                     self._handshakes_out.append((datagram, target))
             for link_event in self.links.events():
                 moved = True
+                if link_event.kind is EventKind.LINK_CLOSED and link_event.slot is not None:
+                    self.shortcuts.forget(link_event.slot)
+                elif link_event.kind is EventKind.LINK_FORMED and link_event.slot is not None:
+                    # a relayed link that routes need has come up: time for a shortcut
+                    nid = bytes.fromhex(link_event.node_id)
+                    if any(r.node_id == nid for r in self._routes.values()):
+                        self._want_shortcut(link_event.slot, nid, now)
                 self._events.append(_log_event(link_event))
             for message, address in self.overlay.datagrams_to_send():
                 moved = True
                 self._send_overlay(message, address, now, wall)
+            moved = self._move_shortcuts(now) or moved
             moved = self._flush_waiting() or moved
             if not moved:
                 return
@@ -605,7 +724,9 @@ class RoutingCore:
             return
         if old is not None and old.node_id == node_id:
             old.checked = now
-            self._ensure_link(node_id, now, wall)
+            slot = self._ensure_link(node_id, now, wall)
+            if slot is not None:
+                self._want_shortcut(slot, node_id, now)
             return
         slot = self._ensure_link(node_id, now, wall)
         if slot is None:
@@ -613,6 +734,7 @@ class RoutingCore:
         name = self.links.links[slot].spec.name
         self._routes[address] = Route(address, node_id, name, now, now)
         self.routes_version += 1
+        self._want_shortcut(slot, node_id, now)
         self._events.append(
             ev.RouteAdded(
                 address=str(address), node_id=node_id.hex(), slot=slot, moved=old is not None

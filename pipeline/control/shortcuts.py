@@ -56,6 +56,7 @@ ROUNDS = 2
 QUIET_S = 35.0
 PROBE_TIMES = (0.0, 0.25, 0.5, 1.0, 1.5, 2.5, 4.0)
 ROUND_S = 6.0  # a round without a path ends this long after it started
+OFFER_RETRY_S = 1.0  # an unanswered offer goes again (the link may have been half made)
 RETRY_S = 60.0
 RETRY_MAX_S = 600.0
 PREFER_LOCAL_S = 1.0
@@ -186,6 +187,7 @@ class _Path:
     probes_sent: int = 0
     next_probe: float | None = None
     round_ends: float = 0.0
+    offer_at: float = 0.0
     retry_at: float = 0.0
     backoff: float = RETRY_S
     nonces: dict[int, Candidate] = dataclasses.field(default_factory=dict)
@@ -231,7 +233,9 @@ class Shortcuts:
         for p in self._paths.values():
             if p.phase is _Phase.PROBING and p.next_probe is not None:
                 times.append(p.next_probe)
-            if p.phase in (_Phase.OFFERED, _Phase.PROBING, _Phase.WAITING):
+            if p.phase is _Phase.OFFERED:
+                times.append(min(p.round_ends, p.offer_at))
+            elif p.phase in (_Phase.PROBING, _Phase.WAITING):
                 times.append(p.round_ends)
             elif p.phase is _Phase.QUIET:
                 times.append(p.retry_at)
@@ -307,6 +311,12 @@ class Shortcuts:
                     self._messages.append((slot, encode(PathGo(p.round))))
                 else:
                     p.phase = _Phase.WAITING
+            elif p.round == message.round and not p.initiator and p.phase is not _Phase.OFFERED:
+                # our answer (or the offer's first copy) was lost: answer again
+                self._messages.append((slot, encode(PathAnswer(p.round, _wire(self._own)))))
+                if p.first and p.phase is _Phase.PROBING:
+                    self._messages.append((slot, encode(PathGo(p.round))))
+                self._count("offer_repeated")
             else:
                 self._count("offer_ignored")
         elif isinstance(message, PathAnswer):
@@ -385,6 +395,8 @@ class Shortcuts:
                 self._send_probes(p, now)
             if p.phase in (_Phase.OFFERED, _Phase.PROBING, _Phase.WAITING) and now >= p.round_ends:
                 self._end_round(p, now)
+            elif p.phase is _Phase.OFFERED and now >= p.offer_at:
+                self._send_offer(p, now)  # not answered yet: it may have been lost
             elif p.phase is _Phase.QUIET and now >= p.retry_at:
                 if p.initiator:
                     self._start_round(p, p.round + 1, now)
@@ -404,8 +416,12 @@ class Shortcuts:
         p.round_ends = now + ROUND_S
         p.nonces.clear()
         p.attempts += 1
-        offer = PathOffer(round_, p.first, _wire(self._own))
+        self._send_offer(p, now)
+
+    def _send_offer(self, p: _Path, now: float) -> None:
+        offer = PathOffer(p.round, p.first, _wire(self._own))
         self._messages.append((p.slot, encode(offer)))
+        p.offer_at = now + OFFER_RETRY_S
         self._count("offers_sent")
 
     def _probe_from(self, p: _Path, now: float) -> None:

@@ -9,16 +9,25 @@ this file moves bytes, messages and time between it and the world:
   to each overlay_io worker, the overlay_io workers' messages and the tools' requests;
 - time: the core's ``next_deadline`` is the worker's one deadline, re-armed after every
   input; the revocation list's file is looked at every second (a file, so the driver's);
+- the node's own addresses: its interfaces' IPv4 addresses and its default gateway, read at
+  start and again when a netlink notification says they changed (roaming); a UDP socket of
+  its own for the gateway's port mapping answers (PCP, NAT-PMP);
 - effects: the leased address and the machines' leases are kept in the state directory
   (``pipeline/statefiles.py``), log events are logged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import random
+import socket
+import struct
 import time
 from collections import Counter
+from ipaddress import IPv4Address
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -79,6 +88,14 @@ class ControlWorker(Worker):
         self.watch(self.router, self._on_request)
         if credentials is not None:
             self.every(REVOCATION_CHECK_S, lambda now: self._check_revocations())
+            self._portmap = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self._portmap.setblocking(False)
+            self._portmap.bind(("0.0.0.0", 0))
+            self.watch(self._portmap.fileno(), self._on_portmap)
+            self._netlink = _netlink_socket()
+            if self._netlink is not None:
+                self.watch(self._netlink.fileno(), self._on_netlink)
+            self._addresses_changed(now)
         self._flush(now)
 
     def _credentials(self) -> Credentials:
@@ -123,6 +140,12 @@ class ControlWorker(Worker):
                     core.receive_handshake(datagram, unpack_endpoint(rec.data), now, wall)
                 elif kind == RecordKind.RELAY:
                     self._to_io(rec.peer).push(rec.data, RecordKind.RELAY, rec.peer)
+                elif kind == RecordKind.PROBE:
+                    payload = bytes(rec.data[ENDPOINT_LEN:])
+                    core.receive_probe(rec.peer, payload, unpack_endpoint(rec.data), now, wall)
+                elif kind == RecordKind.STUN:
+                    datagram = bytes(rec.data[ENDPOINT_LEN:])
+                    core.receive_stun(datagram, unpack_endpoint(rec.data), now, wall)
                 else:
                     self.drops["unexpected_kind"] += 1
             if records:
@@ -164,6 +187,15 @@ class ControlWorker(Worker):
             self._to_io(slot).push(pack_endpoint(*to) + datagram, RecordKind.HANDSHAKE)
         for slot, payload in core.overlay_to_send():
             self._to_io(slot).push(payload, RecordKind.OVERLAY, slot)
+        for slot, to, payload in core.probes_to_send():
+            self._to_io(slot).push(pack_endpoint(*to) + payload, RecordKind.PROBE, slot)
+        for datagram, to in core.stun_to_send():
+            self.to_io[0].push(pack_endpoint(*to) + datagram, RecordKind.STUN)
+        for datagram, to in core.portmap_to_send():
+            try:
+                self._portmap.sendto(datagram, to)
+            except OSError:
+                self.drops["portmap_unsent"] += 1
         for slot, packet in core.packets_to_send():
             self._to_io(slot).push(packet, RecordKind.IP_PACKET, slot)
         for frame in core.frames_to_tap():
@@ -235,6 +267,44 @@ class ControlWorker(Worker):
                 self.drops["unexpected_request"] += 1
         self._flush(now)
 
+    def _on_portmap(self) -> None:
+        now, wall = time.monotonic(), time.time()
+        while True:
+            try:
+                datagram, source = self._portmap.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.drops["portmap_receive_error"] += 1
+                break
+            self.core.receive_portmap(datagram, (source[0], source[1]), now, wall)
+        self._flush(now)
+
+    def _on_netlink(self) -> None:
+        assert self._netlink is not None
+        while True:
+            try:
+                self._netlink.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+        self._addresses_changed(time.monotonic())
+
+    def _addresses_changed(self, now: float) -> None:
+        s = self.settings
+        if s.overlay.listen_address != IPv4Address("0.0.0.0"):
+            addresses = [str(s.overlay.listen_address)]
+        else:
+            skip = {"lo", s.network.device, s.network.bridge or ""}
+            addresses = [
+                a
+                for name, a in _interface_addresses()
+                if name not in skip and IPv4Address(a) not in s.network.subnet
+            ]
+        self.core.set_local_addresses(addresses, _default_gateway(), now, time.time())
+        self._flush(now)
+
     def _check_revocations(self) -> None:
         path = self.settings.security.revocation_list
         stamp = _stamp(path)
@@ -257,6 +327,16 @@ class ControlWorker(Worker):
         return out
 
     def teardown(self) -> None:
+        if hasattr(self, "core") and hasattr(self, "_portmap"):
+            now = time.monotonic()
+            self.core.stop(now, time.time())  # the gateway gets its port back
+            for datagram, to in self.core.portmap_to_send():
+                with contextlib.suppress(OSError):
+                    self._portmap.sendto(datagram, to)
+            self._portmap.close()
+        netlink = getattr(self, "_netlink", None)
+        if netlink is not None:
+            netlink.close()
         if hasattr(self, "pub"):
             self.pub.close(0)
             self.router.close(0)
@@ -305,7 +385,52 @@ def control_settings(s: Settings) -> ControlSettings:
         ),
         addressing=addressing,
         encrypted=not sec.insecure_plaintext,
+        listen_port=s.overlay.listen_port,
+        stun_servers=tuple((str(e.host), e.port) for e in s.nat.stun_servers),
+        port_mapping=s.nat.port_mapping,
+        shortcuts=s.nat.shortcuts,
     )
+
+
+_SIOCGIFADDR = 0x8915
+_RTMGRP_IPV4_IFADDR = 0x10
+_RTMGRP_IPV4_ROUTE = 0x40
+
+
+def _interface_addresses() -> list[tuple[str, str]]:
+    """(interface, IPv4 address) of every interface that has one."""
+    out = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", name[:15].encode()))
+            except OSError:
+                continue  # no IPv4 address
+            out.append((name, socket.inet_ntoa(raw[20:24])))
+    return out
+
+
+def _default_gateway() -> str | None:
+    """The IPv4 default route's gateway (``/proc/net/route``), if any."""
+    try:
+        lines = Path("/proc/net/route").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 3 and fields[1] == "00000000" and int(fields[3], 16) & 0x2:
+            return socket.inet_ntoa(struct.pack("<I", int(fields[2], 16)))
+    return None
+
+
+def _netlink_socket() -> socket.socket | None:
+    """A netlink socket that hears of IPv4 address and route changes (the node moved)."""
+    try:
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, 0)
+        s.bind((0, _RTMGRP_IPV4_IFADDR | _RTMGRP_IPV4_ROUTE))
+    except OSError:
+        return None
+    return s
 
 
 def _stamp(path: Any) -> tuple[int, int] | None:

@@ -1,207 +1,139 @@
 """overlay_io: the outside edge. Rings -> UDP (outbound) and UDP -> rings (inbound).
 
+This file is the driver: it moves bytes between the rings and the port, messages between
+control and the session table, and reads the clock once per batch. Every decision is in
+the pure cores beside it: ``sessions.py`` (``SessionTable``: which session seals for a peer
+and where to, which opens a datagram, what to tell control) and ``relay.py`` (relay
+payloads, the greedy next hop).
+
 Outbound, a classifier's IP packet (DATA) or a control message (OVERLAY) is sealed with the
-peer's send session and sent to the peer's endpoint; handshake datagrams that control made
-go out as they are. Inbound, DATA and OVERLAY datagrams are opened with the receive session
-their header names (the replay window and the AEAD tag checked) and go to the classifier
-worker of that peer or to control; HANDSHAKE and COOKIE datagrams go to control with their
-source endpoint. Everything else is a counted drop, before any expensive work.
+peer's send entry (``seal``: ``[header, body]``, the two buffers of one ``sendmsg``) and sent
+to its endpoint; a peer without a direct endpoint gets its datagram sealed end to end,
+wrapped in a relay payload and sealed as RELAY for the entry's ``hop``: here if this worker
+owns the hop's slot, else through control to the worker that does. Handshake datagrams that
+control made go out as they are.
 
-Session keys come from control (``SessionKeys`` over ZeroMQ). A send session is used only
-once confirmed (the peer holds its keys) and only by the worker that owns the peer, starting
-at the counter control reserved for this worker's incarnation. The first datagram opened on
-an unconfirmed session is reported to control (``SessionConfirmed``); a send session that
-carried its volume asks for a new handshake (``RekeyRequest``).
+Inbound, a datagram's header is checked (short, version, type); HANDSHAKE and COOKIE
+datagrams go to control with their source endpoint; DATA, OVERLAY and RELAY ones are opened
+with the receive entry their header's index names (``open``: the replay window and the tag
+checked), or, when the index names none, with the entry of their source endpoint
+(plaintext mode). DATA goes to the classifier worker of that peer, OVERLAY to control; a
+RELAY payload is delivered (its inner datagram handled as if from the network), passed on
+with its TTL taken down, or dropped (``relay.on_relay``). A relay never opens an inner
+datagram. Every failure is a drop counted by its reason, before any expensive work where
+possible.
 
-Relaying (``relay.py``): a peer with an end-to-end session but no direct endpoint gets its
-datagrams sealed with that session as usual, wrapped in a relay payload (its node id, a TTL)
-and sent, sealed as a RELAY datagram with the hop session, to the direct link closest to it
-(``RelayTable``). The hop slot may belong to another worker, which alone may seal for it:
-then the payload goes to control as a RELAY record, and control passes it to that worker's
-ring. A RELAY datagram received is opened with its hop session like DATA; its inner datagram
-is handled as if it had come from the network when it is for this node, or passed on with
-the TTL taken down. A relay never opens an inner datagram (it has no key for it).
+What the table queues for control (``SessionConfirmed``, ``UnknownSession``,
+``RekeyRequest``) is sent after each batch. With ``security.insecure_plaintext`` the
+table holds null sessions (no keys, no handshakes; ``sessions.py``) and this file does not
+change.
 
-With ``security.insecure_plaintext`` datagrams are neither sealed nor opened, and the peer of
-an inbound datagram is known by its source endpoint (for measuring the pipeline alone); there
-is no relaying (RELAY datagrams are ``bad_type``).
+The port is a ``udp.Port``: ``UdpPort`` in a node, a ``MemoryPort`` when a test or benchmark
+hands one to the constructor.
 """
 
 from __future__ import annotations
 
-import itertools
 import struct
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 from pipeline import messages
-from pipeline.crypto.datapath import RecvSession, SendSession
+from pipeline.config import Settings
+from pipeline.crypto.datapath import ReadableBuffer
 from pipeline.errors import RemoteProtocolError
-from pipeline.overlay_io.relay import RelayAction, RelayTable, on_relay, pack_relay
-from pipeline.overlay_io.udp import Address, UdpPort
+from pipeline.overlay_io.relay import RelayAction, on_relay, pack_relay
+from pipeline.overlay_io.sessions import Address, SendEntry, SessionTable
+from pipeline.overlay_io.udp import Port, UdpPort
 from pipeline.records import ENDPOINT_LEN, RecordKind, pack_endpoint, unpack_endpoint
 from pipeline.route_feed import RouteFeed
-from pipeline.shm_ring import Consumer, Producer
-from pipeline.topology import Stage, worker_for_peer
-from pipeline.wire.overlay import (
-    HEADER_LEN,
-    RELAY_TTL,
-    VERSION,
-    DatagramType,
-    build_header,
-    parse_header,
-)
+from pipeline.shm_ring import Consumer, Producer, RingSpec
+from pipeline.topology import Stage
+from pipeline.wire.overlay import HEADER_LEN, RELAY_TTL, VERSION, DatagramType
 from pipeline.worker import Worker
 
-_DATA = DatagramType.DATA
-_OVERLAY = DatagramType.OVERLAY
-_HANDSHAKE = DatagramType.HANDSHAKE
-_COOKIE = DatagramType.COOKIE
-_RELAY = DatagramType.RELAY
-_PLAIN_DATA = build_header(_DATA)
-_PLAIN_OVERLAY = build_header(_OVERLAY)
+# plain ints, not the IntEnum members: Python 3.11 specializes int compares and indexing
+_DATA = int(DatagramType.DATA)
+_OVERLAY = int(DatagramType.OVERLAY)
+_RELAY = int(DatagramType.RELAY)
 _INDEX = struct.Struct("!I")
-UNKNOWN_SESSION_S = 2.0
-
-
-@dataclass(slots=True)
-class _Recv:
-    session: RecvSession
-    slot: int
-    key: bytes
-    confirmed: bool
-
-
-@dataclass(slots=True)
-class _Send:
-    session: SendSession
-    key: bytes
-    endpoint: Address  # relayed sessions: _NO_ENDPOINT (never sent to)
-    rekey_asked: bool = False
-    dest: bytes = b""  # the peer's node id: the dest of relay payloads for a relayed session
-
-
-_NO_ENDPOINT: Address = ("", 0)
-
-
-def _address(text: str) -> Address:
-    host, _, port = text.rpartition(":")
-    return host, int(port)
+_monotonic = time.monotonic
 
 
 class OverlayIoWorker(Worker):
     stage = Stage.OVERLAY_IO
 
+    def __init__(
+        self,
+        settings: Settings,
+        index: int,
+        rings: dict[str, RingSpec],
+        *,
+        port: Port | None = None,
+    ) -> None:
+        """``port``: the port to use (a ``MemoryPort`` in tests); by default ``setup`` binds
+        a ``UdpPort`` at ``overlay.listen_address:listen_port``."""
+        super().__init__(settings, index, rings)
+        self._given_port = port
+
     def setup(self) -> None:
         s = self.settings
         cfg = s.stages.overlay_io
         self.batch = cfg.batch
-        self.secure = not s.security.insecure_plaintext
-        self.rekey_bytes = s.security.rekey_after_bytes
-        self.port = UdpPort(
+        plaintext = s.security.insecure_plaintext
+        self.port: Port = self._given_port or UdpPort(
             str(s.overlay.listen_address),
             s.overlay.listen_port,
             buffer_bytes=cfg.socket_buffer_bytes,
         )
-        self.workers = cfg.workers
         self.from_classifier = self.inputs(Stage.CLASSIFIER)
         self.to_classifier = self.outputs(Stage.CLASSIFIER)
         (self.from_control,) = self.inputs(Stage.CONTROL)
         (self.to_control,) = self.outputs(Stage.CONTROL)
         self.producers: list[Producer] = [*self.to_classifier, self.to_control]
-        self.endpoints: dict[int, Address] = {}
-        self.slots: dict[Address, int] = {}
-        self.recv: dict[int, _Recv] = {}
-        self.send: dict[int, _Send] = {}  # direct sessions of the slots this worker owns
-        self.relayed: dict[int, _Send] = {}  # end-to-end sessions (no endpoint) it owns
-        self.relay_table = RelayTable(b"", ())
-        self.keys_version = -1
-        self.unknown_told: dict[Address, float] = {}
+        self.sessions = SessionTable(
+            worker=self.index,
+            workers=cfg.workers,
+            classifiers=len(self.to_classifier),
+            plaintext=plaintext,
+            rekey_after_bytes=s.security.rekey_after_bytes,
+        )
+        # the table's dicts, updated in place: read per datagram without an attribute hop
+        self.send = self.sessions.send
+        self.recv = self.sessions.recv
+        self.by_source = self.sessions.by_source
+        self.handshake_types = self.sessions.handshake_types
         self.sent = self.sent_bytes = self.received = self.received_bytes = 0
         self.relay_sent = self.relay_forwarded = self.relay_delivered = 0
         self.control_pending = False  # RELAY records pushed to control since the last flush
         self.drops: Counter[str] = Counter()
         self.watch(self.port.fileno(), lambda: None)  # wakes the loop; work() reads
-        self.routes = RouteFeed(self, self._apply_routes, self._on_control)
+        self.routes = RouteFeed(self, self.sessions.install_routes, self._on_control)
         self.log.info(
             "port_bound",
             address=f"{s.overlay.listen_address}:{s.overlay.listen_port}",
-            encrypted=self.secure,
+            encrypted=not plaintext,
         )
 
-    # -- from control ----------------------------------------------------------------------------
-
-    def _apply_routes(self, snap: messages.RouteSnapshot) -> None:
-        if self.secure:
-            return  # endpoints come with the session keys
-        self.endpoints = {peer.slot: _address(peer.endpoint) for peer in snap.peers}
-        self.slots = {addr: slot for slot, addr in self.endpoints.items()}
-
     def _on_control(self, msg: messages.Message) -> None:
-        if isinstance(msg, messages.SessionKeys) and self.secure:
-            self._install(msg)
-
-    def _install(self, keys: messages.SessionKeys) -> None:
-        """Take control's sessions; keep the objects (counters, replay windows) we have."""
-        recv: dict[int, _Recv] = {}
-        newest: dict[int, messages.KeyEntry] = {}
-        for e in keys.entries:
-            old = self.recv.get(e.recv_index)
-            if old is not None and old.key == e.recv_key:
-                old.confirmed = old.confirmed or e.confirmed
-                recv[e.recv_index] = old
-            else:
-                opener = RecvSession(e.recv_key, index=e.recv_index, created=e.created)
-                recv[e.recv_index] = _Recv(opener, e.slot, e.recv_key, e.confirmed)
-            confirmed = recv[e.recv_index].confirmed
-            if confirmed and (e.slot not in newest or newest[e.slot].created < e.created):
-                newest[e.slot] = e
-        send: dict[int, _Send] = {}
-        relayed: dict[int, _Send] = {}
-        hops: list[tuple[int, bytes]] = []  # every direct link, whichever worker owns it
-        for slot, e in newest.items():
-            if e.endpoint:
-                hops.append((slot, e.node_id))
-            if worker_for_peer(slot, self.workers) != self.index:
-                continue
-            # one session object per key, wherever it was: its counter must go on
-            old_send = self.send.get(slot) or self.relayed.get(slot)
-            if old_send is not None and old_send.key == e.send_key:
-                out = old_send
-            else:
-                sealer = SendSession(
-                    e.send_key,
-                    index=e.send_index,
-                    created=e.created,
-                    counter_start=e.counter_start,
-                    rekey_after_bytes=self.rekey_bytes,
-                )
-                out = _Send(sealer, e.send_key, _NO_ENDPOINT)
-            out.dest = e.node_id
-            if e.endpoint:
-                out.endpoint = _address(e.endpoint)
-                send[slot] = out
-            else:
-                out.endpoint = _NO_ENDPOINT
-                relayed[slot] = out
-        self.recv, self.send, self.relayed = recv, send, relayed
-        self.relay_table = RelayTable(keys.node_id, hops)
-        self.keys_version = keys.version
+        if isinstance(msg, messages.SessionKeys):
+            self.sessions.install_keys(msg)
 
     # -- the loop ----------------------------------------------------------------------------------
 
     def work(self) -> int:
-        done = self._receive()
-        if self.secure:
-            for consumer in self.from_classifier:
-                done += self._seal_and_send(consumer, _DATA)
-            done += self._from_control()
-        else:
-            for consumer in self.from_classifier:
-                done += self._send_plain(consumer, _PLAIN_DATA)
-            done += self._send_plain(self.from_control, _PLAIN_OVERLAY)
+        now = _monotonic()
+        done = self._receive(now)
+        outbound = 0
+        for consumer in self.from_classifier:
+            outbound += self._seal_and_send(consumer, _DATA)
+        if outbound:
+            self.sessions.check_rekeys(now)
+        done += outbound + self._from_control()
+        if done:
+            for msg in self.sessions.reports_to_send():
+                self.routes.tell(msg)
         return done
 
     def _seal_and_send(self, consumer: Consumer, dtype: int) -> int:
@@ -210,18 +142,20 @@ class OverlayIoWorker(Worker):
             return 0
         sessions = self.send
         send = self.port.send
+        sent = sent_bytes = 0  # counted here, added once per batch
         for rec in records:
             out = sessions.get(rec.peer)
             if out is None:
                 self._send_relayed(rec.peer, dtype, rec.data)
                 continue
-            header, sealed = out.session.seal(dtype, rec.data)
-            if send([header, sealed], out.endpoint):
-                self.sent += 1
-                self.sent_bytes += HEADER_LEN + len(sealed)
+            parts = out.seal(dtype, rec.data)
+            if send(parts, out.endpoint):
+                sent += 1
+                sent_bytes += len(parts[1])
+        self.sent += sent
+        self.sent_bytes += sent_bytes + HEADER_LEN * sent
         consumer.release()
         self._flush_control()
-        self._ask_rekeys()
         return len(records)
 
     def _from_control(self) -> int:
@@ -242,108 +176,68 @@ class OverlayIoWorker(Worker):
                 if out is None:
                     self.drops["no_session"] += 1
                 else:
-                    self._seal_relay(out, rec.data)
+                    self._seal_to(out, _RELAY, rec.data)
+                continue
+            # an overlay message, or an IP packet that waited for its route in control
+            dtype = _DATA if rec.kind == RecordKind.IP_PACKET else _OVERLAY
+            if out is None:
+                self._send_relayed(rec.peer, dtype, rec.data)
             else:
-                # an overlay message, or an IP packet that waited for its route in control
-                dtype = _DATA if rec.kind == RecordKind.IP_PACKET else _OVERLAY
-                if out is None:
-                    self._send_relayed(rec.peer, dtype, rec.data)
-                    continue
-                header, sealed = out.session.seal(dtype, rec.data)
-                if self.port.send([header, sealed], out.endpoint):
-                    self.sent += 1
+                self._seal_to(out, dtype, rec.data)
         self.from_control.release()
         self._flush_control()
         return len(records)
+
+    def _seal_to(self, out: SendEntry, dtype: int, data: ReadableBuffer) -> None:
+        parts = out.seal(dtype, data)
+        if self.port.send(parts, out.endpoint):
+            self.sent += 1
+            self.sent_bytes += HEADER_LEN + len(parts[1])
 
     # -- relaying ----------------------------------------------------------------------------------
 
     def _send_relayed(self, slot: int, dtype: int, data: memoryview) -> None:
         """Seal for a peer without a direct endpoint and send it as a relay payload."""
-        e2e = self.relayed.get(slot)
-        if e2e is None:
-            self.drops["no_session"] += 1
+        e2e = self.sessions.relay_route(slot)
+        if isinstance(e2e, str):
+            self.drops[e2e] += 1
             return
-        hop = self.relay_table.next_hop(e2e.dest)
-        if hop is None:
-            self.drops["relay_no_route"] += 1
-            return
-        header, sealed = e2e.session.seal(dtype, data)
+        inner = b"".join(e2e.seal(dtype, data))
         self.relay_sent += 1
-        self._to_hop(hop, pack_relay(e2e.dest, RELAY_TTL, header + sealed))
+        self._to_hop(e2e.hop, pack_relay(e2e.dest, RELAY_TTL, inner))
 
     def _to_hop(self, hop: int, payload: bytes) -> None:
         """Send a relay payload to a direct link: sealed here if this worker owns the slot,
         else through control to the worker that does."""
         out = self.send.get(hop)
         if out is not None:
-            self._seal_relay(out, payload)
-        elif worker_for_peer(hop, self.workers) != self.index:
+            self._seal_to(out, _RELAY, payload)
+        elif not self.sessions.owns(hop):
             self.to_control.push(payload, RecordKind.RELAY, hop)
             self.control_pending = True
         else:
             self.drops["no_session"] += 1
-
-    def _seal_relay(self, out: _Send, payload: bytes | memoryview) -> None:
-        header, sealed = out.session.seal(_RELAY, payload)
-        if self.port.send([header, sealed], out.endpoint):
-            self.sent += 1
-            self.sent_bytes += HEADER_LEN + len(sealed)
 
     def _flush_control(self) -> None:
         if self.control_pending:
             self.control_pending = False
             self.to_control.flush()
 
-    def _relay(self, payload: bytes, source: Address) -> None:
+    def _relay(self, payload: ReadableBuffer, source: Address, now: float) -> None:
         """A relay payload opened from a RELAY datagram: deliver, pass on, or drop."""
-        step = on_relay(self.relay_table, payload)
+        step = on_relay(self.sessions.relay_table, payload)
         if step.action is RelayAction.DELIVER:
             self.relay_delivered += 1
-            self._open(memoryview(step.data), source, relayed=True)  # DATA or OVERLAY only
+            self._open(memoryview(step.data), source, now, True)  # DATA or OVERLAY only
         elif step.action is RelayAction.FORWARD:
             self.relay_forwarded += 1
             self._to_hop(step.hop, bytes(step.data))
         else:
             self.drops[step.reason] += 1
 
-    def _unknown_session(self, source: Address) -> None:
-        """A peer sends on a session we do not hold (we restarted, it did not notice): ask
-        control for a handshake with it, at most once every UNKNOWN_SESSION_S a source."""
-        now = time.monotonic()
-        if now - self.unknown_told.get(source, -UNKNOWN_SESSION_S) < UNKNOWN_SESSION_S:
-            return
-        if len(self.unknown_told) >= 1024:
-            self.unknown_told = {
-                s: t for s, t in self.unknown_told.items() if now - t < UNKNOWN_SESSION_S
-            }
-        self.unknown_told[source] = now
-        self.routes.tell(messages.UnknownSession(f"{source[0]}:{source[1]}"))
+    # -- inbound -----------------------------------------------------------------------------------
 
-    def _ask_rekeys(self) -> None:
-        now = time.monotonic()
-        for slot, out in itertools.chain(self.send.items(), self.relayed.items()):
-            if not out.rekey_asked and out.session.needs_rekey(now):
-                out.rekey_asked = True
-                self.routes.tell(messages.RekeyRequest(slot))
-
-    def _send_plain(self, consumer: Consumer, header: bytes) -> int:
-        records = consumer.pop_batch(self.batch)
-        if not records:
-            return 0
-        endpoints = self.endpoints
-        send = self.port.send
-        for rec in records:
-            address = endpoints.get(rec.peer)
-            if address is None:
-                self.drops["no_endpoint"] += 1
-            elif send([header, rec.data], address):
-                self.sent += 1
-                self.sent_bytes += HEADER_LEN + len(rec.data)
-        consumer.release()
-        return len(records)
-
-    def _receive(self) -> int:
+    def _receive(self, now: float) -> int:
         port = self.port
         view = port.view
         count = 0
@@ -353,21 +247,20 @@ class OverlayIoWorker(Worker):
                 break
             count += 1
             length, source = got
-            if self.secure:
-                self._open(view[:length], source)
-            else:
-                self._accept_plain(view[:length], source)
+            self._open(view[:length], source, now)
         if count:
             for p in self.producers:
                 p.flush()
         return count
 
-    def _open(self, datagram: memoryview, source: Address, *, relayed: bool = False) -> None:
+    def _open(
+        self, datagram: memoryview, source: Address, now: float, relayed: bool = False
+    ) -> None:
         if len(datagram) < HEADER_LEN or datagram[0] != VERSION:
             self.drops["short_datagram" if len(datagram) < HEADER_LEN else "bad_version"] += 1
             return
         kind = datagram[1]
-        if kind == _HANDSHAKE or kind == _COOKIE:
+        if kind in self.handshake_types:
             self.to_control.push(pack_endpoint(*source) + datagram, RecordKind.HANDSHAKE)
             return
         if kind != _DATA and kind != _OVERLAY and kind != _RELAY:
@@ -375,49 +268,26 @@ class OverlayIoWorker(Worker):
             return
         entry = self.recv.get(_INDEX.unpack_from(datagram, 4)[0])
         if entry is None:
-            self.drops["unknown_session"] += 1
-            if not relayed:
-                self._unknown_session(source)
-            return
+            entry = self.by_source.get(source)  # plaintext: peers by endpoint, index 0
+            if entry is None:
+                self.drops[self.sessions.unknown(None if relayed else source, now)] += 1
+                return
         try:
-            payload = entry.session.open(datagram)
+            payload = entry.open(datagram)
         except RemoteProtocolError as exc:
             self.drops[exc.reason] += 1
             return
         if not entry.confirmed:
-            entry.confirmed = True
-            self.routes.tell(messages.SessionConfirmed(entry.session.index))
+            self.sessions.confirm(entry)
         self.received += 1
         self.received_bytes += len(datagram)
-        slot = entry.slot
         if kind == _DATA:
-            target = self.to_classifier[worker_for_peer(slot, len(self.to_classifier))]
-            target.push(payload, RecordKind.IP_PACKET, slot)
+            target = self.to_classifier[entry.classifier]
+            target.push(payload, RecordKind.IP_PACKET, entry.slot)
         elif kind == _OVERLAY:
-            self.to_control.push(payload, RecordKind.OVERLAY, slot)
+            self.to_control.push(payload, RecordKind.OVERLAY, entry.slot)
         else:
-            self._relay(payload, source)
-
-    def _accept_plain(self, datagram: memoryview, source: Address) -> None:
-        slot = self.slots.get(source)
-        if slot is None:
-            self.drops["unknown_source"] += 1
-            return
-        try:
-            header = parse_header(datagram)
-        except RemoteProtocolError as exc:
-            self.drops[exc.reason] += 1
-            return
-        payload = datagram[HEADER_LEN:]
-        self.received += 1
-        self.received_bytes += len(datagram)
-        if header.type is DatagramType.DATA:
-            target = self.to_classifier[worker_for_peer(slot, len(self.to_classifier))]
-            target.push(payload, RecordKind.IP_PACKET, slot)
-        elif header.type is DatagramType.OVERLAY:
-            self.to_control.push(payload, RecordKind.OVERLAY, slot)
-        else:
-            self.drops["bad_type"] += 1
+            self._relay(payload, source, now)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -426,8 +296,8 @@ class OverlayIoWorker(Worker):
             "datagrams_received": self.received,
             "bytes_received": self.received_bytes,
             "send_errors": self.port.send_errors,
-            "encrypted": self.secure,
-            "sessions": {"receive": len(self.recv), "send": len(self.send) + len(self.relayed)},
+            "encrypted": not self.sessions.plaintext,
+            "sessions": self.sessions.statistics(),
             # relay payloads this node originated, passed on for others, and took for itself
             # (a delivered inner datagram counts in datagrams_received too)
             "relay_sent": self.relay_sent,

@@ -34,6 +34,7 @@ class DatagramType(enum.IntEnum):
     HANDSHAKE = 3
     COOKIE = 4
     RELAY = 5
+    PROBE = 6
 
 
 RELAY_TTL = 16  # the TTL a relay payload starts with; each relay takes one off

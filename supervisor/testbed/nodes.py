@@ -280,11 +280,13 @@ def node_config(
     security_lines: tuple[str, ...] = (),
     domain: str | None = None,
     network_lines: tuple[str, ...] = (),
+    nat_lines: tuple[str, ...] = (),
 ) -> Path:
     """Write a node's config (``root/<name>.toml``); ``ca`` None means
     ``insecure_plaintext`` (benchmarks of the pipeline). ``peers`` is TOML for static peers.
     ``virtual`` None leaves ``network.address`` out: the node answers DHCP on its TAP.
-    ``domain`` sets ``network.domain`` (the DNS domain of its names)."""
+    ``domain`` sets ``network.domain`` (the DNS domain of its names); ``nat_lines`` go in
+    its ``[nat]`` section."""
     knobs = {"queues": 1, "classifier": 1, "overlay_io": 1} | (stages or {})
     if ca is None:
         security = "insecure_plaintext = true"
@@ -298,6 +300,7 @@ def node_config(
     network += [f'domain = "{domain}"'] if domain is not None else []
     network += list(network_lines)
     network_text = "\n".join(network)
+    nat_text = "\n".join(nat_lines)
     text = f"""
 [node]
 name = "{name}"
@@ -337,6 +340,9 @@ workers = {knobs["overlay_io"]}
 
 [log]
 level = "debug"
+
+[nat]
+{nat_text}
 """
     root.mkdir(parents=True, exist_ok=True)
     path = root / f"{name}.toml"

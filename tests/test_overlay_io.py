@@ -1,0 +1,640 @@
+"""overlay_io workers in one process: real shm rings, memory ports on a ``MemoryNetwork``, no
+root and no ZeroMQ (what a worker tells control is kept by a stand-in feed). Sealed DATA both
+ways, relaying through a third node, plaintext mode, and the memory port itself."""
+
+from __future__ import annotations
+
+import select
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+from pipeline import messages, shm_ring
+from pipeline.config import settings_from_mapping
+from pipeline.crypto.datapath import SendSession
+from pipeline.nodeid import NODE_ID_LEN
+from pipeline.overlay_io import stage as io_stage
+from pipeline.overlay_io.relay import RELAY_TTL, pack_relay, parse_relay
+from pipeline.overlay_io.udp import RECV_SIZE, Address, MemoryNetwork, spread_by_source
+from pipeline.records import RecordKind, pack_endpoint
+from pipeline.shm_ring import Consumer, Producer, Ring, RingSpec
+from pipeline.topology import RingEdge, Stage, WorkerId
+from pipeline.wire.overlay import DatagramType, build_header, parse_header
+
+SIZE = 1 << 160
+KEY_AR, KEY_RA, KEY_RB, KEY_BR, KEY_AB, KEY_BA = (bytes([i]) * 32 for i in range(1, 7))
+KEY_NEW_AR, KEY_NEW_RA = bytes([7]) * 32, bytes([8]) * 32
+
+
+def nid(value: int) -> bytes:
+    return (value % SIZE).to_bytes(NODE_ID_LEN, "big")
+
+
+class FakeFeed:
+    """RouteFeed's interface without ZeroMQ: what the worker tells control is kept, and the
+    test hands it control's messages through the worker's own callbacks."""
+
+    def __init__(
+        self,
+        worker: object,
+        on_snapshot: Callable[[messages.RouteSnapshot], None],
+        on_message: Callable[[messages.Message], None],
+    ) -> None:
+        self.on_snapshot = on_snapshot
+        self.on_message = on_message
+        self.told: list[messages.Message] = []
+
+    def tell(self, msg: messages.Message) -> None:
+        self.told.append(msg)
+
+
+class Node:
+    """One node's overlay_io workers on memory ports, and the other ends of their rings."""
+
+    def __init__(
+        self,
+        net: MemoryNetwork,
+        name: str,
+        host: str,
+        node_id: bytes,
+        tmp: Path,
+        *,
+        workers: int = 1,
+        plaintext: bool = False,
+    ) -> None:
+        self.name, self.address, self.node_id = name, (host, 4789), node_id
+        security = {"insecure_plaintext": True} if plaintext else {"ca_certificate": "ca.crt"}
+        data = {
+            "node": {"name": name, "state_dir": str(tmp / name), "runtime_dir": str(tmp / name)},
+            "network": {"namespace": "lab", "subnet": "100.64.0.0/24", "address": "100.64.0.1"},
+            "security": security,
+            "overlay": {"listen_address": host},
+            "stages": {"overlay_io": {"workers": workers}},
+        }
+        settings = settings_from_mapping(data)
+        self.specs: list[RingSpec] = []
+        self.rings: list[Ring] = []
+        self.workers: list[io_stage.OverlayIoWorker] = []
+        self.to_io: list[Producer] = []  # classifier0 -> overlay_io i
+        self.from_control: list[Producer] = []  # control -> overlay_io i
+        self.to_classifier: list[Consumer] = []
+        self.to_control: list[Consumer] = []
+        cls, ctl = WorkerId(Stage.CLASSIFIER, 0), WorkerId(Stage.CONTROL, 0)
+        for i in range(workers):
+            io = WorkerId(Stage.OVERLAY_IO, i)
+            names = {
+                key: RingEdge(p, c, 0).name
+                for key, p, c in (
+                    ("in", cls, io),
+                    ("out", io, cls),
+                    ("ctl_in", ctl, io),
+                    ("ctl_out", io, ctl),
+                )
+            }
+            specs = {k: shm_ring.create_ring(n, shm_ring.MIN_CAPACITY) for k, n in names.items()}
+            self.specs += specs.values()
+            self.to_io.append(Producer(self._attach(specs["in"])))
+            self.from_control.append(Producer(self._attach(specs["ctl_in"])))
+            self.to_classifier.append(Consumer(self._attach(specs["out"])))
+            self.to_control.append(Consumer(self._attach(specs["ctl_out"])))
+            rings = {s.name: s for s in specs.values()}
+            worker = io_stage.OverlayIoWorker(settings, i, rings, port=net.port(host, 4789))
+            worker.setup()
+            self.workers.append(worker)
+
+    def _attach(self, spec: RingSpec) -> Ring:
+        ring = Ring.attach(spec)
+        self.rings.append(ring)
+        return ring
+
+    def feed(self, i: int = 0) -> FakeFeed:
+        feed = self.workers[i].routes
+        assert isinstance(feed, FakeFeed)
+        return feed
+
+    def install(self, entries: list[messages.KeyEntry]) -> None:
+        for i in range(len(self.workers)):
+            self.feed(i).on_message(messages.SessionKeys(1, tuple(entries), self.node_id))
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.teardown()
+            for ring in w._rings:
+                ring.close()
+            w.epoll.close()
+        for ring in self.rings:
+            ring.close()
+        for spec in self.specs:
+            shm_ring.close_spec(spec)
+
+
+def entry(
+    slot: int,
+    recv: tuple[int, bytes],
+    send: tuple[int, bytes],
+    endpoint: str,
+    node_id: bytes,
+    *,
+    confirmed: bool = True,
+    created: float | None = None,
+) -> messages.KeyEntry:
+    return messages.KeyEntry(
+        slot=slot,
+        recv_index=recv[0],
+        recv_key=recv[1],
+        send_index=send[0],
+        send_key=send[1],
+        counter_start=0,
+        created=time.monotonic() if created is None else created,
+        confirmed=confirmed,
+        endpoint=endpoint,
+        node_id=node_id,
+    )
+
+
+ID_A, ID_R, ID_B = nid(0x80 << 152), nid(0x20 << 152), nid(0x10 << 152)
+HOST_A, HOST_R, HOST_B = "198.18.0.1", "198.18.0.2", "198.18.0.3"
+EP_A, EP_R, EP_B = (f"{h}:4789" for h in (HOST_A, HOST_R, HOST_B))
+# slots: at A, R is 1 and B is 2; at R, A is 2 and B is 1; at B, R is 1 and A is 2
+SLOT_R_AT_A, SLOT_B_AT_A, SLOT_A_AT_R, SLOT_B_AT_R, SLOT_R_AT_B, SLOT_A_AT_B = 1, 2, 2, 1, 1, 2
+PACKET = bytes(range(256)) * 4
+
+
+@pytest.fixture
+def quiet_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(io_stage, "RouteFeed", FakeFeed)
+    monkeypatch.setattr("pipeline.worker.configure_logging", lambda **kw: structlog.get_logger())
+
+
+class Lab:
+    """Nodes on one memory network; every worker is closed at the end."""
+
+    def __init__(self, tmp: Path, **network: object) -> None:
+        self.tmp = tmp
+        self.net = MemoryNetwork(record=True, **network)  # type: ignore[arg-type]
+        self.nodes: dict[str, Node] = {}
+
+    def node(self, key: str, name: str, host: str, node_id: bytes, **kw: object) -> Node:
+        made = self.nodes[key] = Node(self.net, name, host, node_id, self.tmp, **kw)  # type: ignore[arg-type]
+        return made
+
+    def pump(self) -> list[tuple[bytes, Address, Address]]:
+        """Run every worker until nothing moves; the datagrams sent meanwhile are returned as
+        (datagram, from, to)."""
+        log = self.net.sent
+        assert log is not None
+        start = len(log)
+        for _ in range(20):
+            if not sum(w.work() for n in self.nodes.values() for w in n.workers):
+                return log[start:]
+        raise AssertionError("the workers never went quiet")
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            node.close()
+
+
+@pytest.fixture
+def lab(quiet_workers: None, tmp_path: Path) -> Iterator[Lab]:
+    made = Lab(tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def three_nodes(lab: Lab, relay_workers: int = 1, *, r_seen_by_a: bytes = ID_R) -> None:
+    """A and B linked only through R; A and B hold an end-to-end session (no endpoint).
+    ``r_seen_by_a``: the node id A's link to R has (another one moves R on A's circle)."""
+    a = lab.node("a", "alpha", HOST_A, ID_A)
+    r = lab.node("r", "relay", HOST_R, ID_R, workers=relay_workers)
+    b = lab.node("b", "beta", HOST_B, ID_B)
+    a.install(
+        [
+            entry(SLOT_R_AT_A, (101, KEY_RA), (201, KEY_AR), EP_R, r_seen_by_a),
+            entry(SLOT_B_AT_A, (102, KEY_BA), (302, KEY_AB), "", ID_B),
+        ]
+    )
+    r.install(
+        [
+            entry(SLOT_A_AT_R, (201, KEY_AR), (101, KEY_RA), EP_A, ID_A),
+            entry(SLOT_B_AT_R, (202, KEY_BR), (301, KEY_RB), EP_B, ID_B),
+        ]
+    )
+    b.install(
+        [
+            entry(SLOT_R_AT_B, (301, KEY_RB), (202, KEY_BR), EP_R, ID_R),
+            entry(SLOT_A_AT_B, (302, KEY_AB), (102, KEY_BA), "", ID_A),
+        ]
+    )
+
+
+def records(consumer: Consumer) -> list[tuple[int, int, bytes]]:
+    got = [(r.kind, r.peer, bytes(r.data)) for r in consumer.pop_batch(100)]
+    consumer.release()
+    return got
+
+
+def send_ip(node: Node, slot: int, packet: bytes = PACKET, worker: int = 0) -> None:
+    node.to_io[worker].push(packet, RecordKind.IP_PACKET, slot)
+    node.to_io[worker].flush()
+
+
+def wire(log: list[tuple[bytes, Address, Address]]) -> list[tuple[DatagramType, Address, Address]]:
+    return [(parse_header(d).type, src, to) for d, src, to in log]
+
+
+# -- two workers, sealed DATA both ways, and a relayed datagram through a third --------------------
+
+
+def test_two_workers_carry_sealed_data_both_ways_and_through_a_relay(lab: Lab) -> None:
+    three_nodes(lab)
+    a, r, b = lab.nodes["a"], lab.nodes["r"], lab.nodes["b"]
+
+    # A -> R and R -> A: one sealed DATA datagram each way, the packet never in the clear
+    send_ip(a, SLOT_R_AT_A)
+    send_ip(r, SLOT_A_AT_R, PACKET[::-1])
+    log = lab.pump()
+    assert sorted(wire(log)) == [
+        (DatagramType.DATA, a.address, r.address),
+        (DatagramType.DATA, r.address, a.address),
+    ]
+    assert all(PACKET[:64] not in d and PACKET[::-1][:64] not in d for d, _, _ in log)
+    assert records(r.to_classifier[0]) == [(RecordKind.IP_PACKET, SLOT_A_AT_R, PACKET)]
+    assert records(a.to_classifier[0]) == [(RecordKind.IP_PACKET, SLOT_R_AT_A, PACKET[::-1])]
+
+    # A -> B has no direct link: sealed end to end, relayed by R, opened by B only
+    send_ip(a, SLOT_B_AT_A)
+    log = lab.pump()
+    assert wire(log) == [
+        (DatagramType.RELAY, a.address, r.address),
+        (DatagramType.RELAY, r.address, b.address),
+    ]
+    assert records(b.to_classifier[0]) == [(RecordKind.IP_PACKET, SLOT_A_AT_B, PACKET)]
+    assert records(r.to_classifier[0]) == [] and records(r.to_control[0]) == []
+
+    stats = {k: n.workers[0].stats() for k, n in lab.nodes.items()}
+    assert {k: s["datagrams_sent"] for k, s in stats.items()} == {"a": 2, "r": 2, "b": 0}
+    assert {k: s["datagrams_received"] for k, s in stats.items()} == {"a": 1, "r": 2, "b": 2}
+    assert stats["a"]["relay_sent"] == 1 and stats["a"]["sessions"] == {"receive": 2, "send": 2}
+    assert stats["r"]["relay_forwarded"] == 1 and stats["b"]["relay_delivered"] == 1
+    assert all(s["drops"] == {} for s in stats.values())
+    assert all(n.feed().told == [] for n in lab.nodes.values())  # all confirmed already
+
+
+def test_the_port_wakes_the_workers_epoll(lab: Lab) -> None:
+    """A memory port's descriptor is readable while a datagram waits, as a socket is."""
+    three_nodes(lab)
+    a, r = lab.nodes["a"], lab.nodes["r"]
+    w = r.workers[0]
+    fd = w.port.fileno()
+    assert fd not in dict(w.epoll.poll(0))
+    send_ip(a, SLOT_R_AT_A)
+    a.workers[0].work()
+    assert dict(w.epoll.poll(0)).get(fd) == select.EPOLLIN
+    w.work()
+    assert fd not in dict(w.epoll.poll(0))
+    assert records(r.to_classifier[0]) == [(RecordKind.IP_PACKET, SLOT_A_AT_R, PACKET)]
+
+
+def test_first_datagram_on_an_unconfirmed_session_is_reported_once(lab: Lab) -> None:
+    """A new session of the link A-R (a rekey): R holds it unconfirmed, A already sends."""
+    three_nodes(lab)
+    a, r = lab.nodes["a"], lab.nodes["r"]
+    a.install(
+        [
+            entry(SLOT_R_AT_A, (101, KEY_RA), (201, KEY_AR), EP_R, ID_R),
+            entry(SLOT_R_AT_A, (103, KEY_NEW_RA), (203, KEY_NEW_AR), EP_R, ID_R),
+        ]
+    )
+    r.install(
+        [
+            entry(SLOT_A_AT_R, (201, KEY_AR), (101, KEY_RA), EP_A, ID_A),
+            entry(SLOT_A_AT_R, (203, KEY_NEW_AR), (103, KEY_NEW_RA), EP_A, ID_A, confirmed=False),
+        ]
+    )
+    for _ in range(3):
+        send_ip(a, SLOT_R_AT_A)
+    log = lab.pump()
+    assert [parse_header(d).session for d, _, _ in log] == [203] * 3  # the newest session
+    assert len(records(r.to_classifier[0])) == 3
+    assert r.feed().told == [messages.SessionConfirmed(203)]
+
+
+def test_a_datagram_on_an_unknown_session_asks_control_once(lab: Lab) -> None:
+    three_nodes(lab)
+    a, r = lab.nodes["a"], lab.nodes["r"]
+    r.install([entry(SLOT_B_AT_R, (202, KEY_BR), (301, KEY_RB), EP_B, ID_B)])  # A forgotten
+    send_ip(a, SLOT_R_AT_A)
+    send_ip(a, SLOT_R_AT_A)
+    lab.pump()
+    assert r.workers[0].stats()["drops"] == {"unknown_session": 2}
+    assert r.feed().told == [messages.UnknownSession(EP_A)]
+
+
+def test_a_send_session_of_age_asks_for_a_rekey_once(lab: Lab) -> None:
+    three_nodes(lab)
+    a, r = lab.nodes["a"], lab.nodes["r"]
+    old = time.monotonic() - 121.0  # REKEY_AFTER_SECONDS ago, and a little more
+    a.install([entry(SLOT_R_AT_A, (103, KEY_NEW_RA), (203, KEY_NEW_AR), EP_R, ID_R, created=old)])
+    r.install([entry(SLOT_A_AT_R, (203, KEY_NEW_AR), (103, KEY_NEW_RA), EP_A, ID_A)])
+    assert a.feed().told == []  # asked only when it seals
+    for _ in range(3):
+        send_ip(a, SLOT_R_AT_A)
+        lab.pump()
+    assert a.feed().told == [messages.RekeyRequest(SLOT_R_AT_A)]
+    assert len(records(r.to_classifier[0])) == 3  # and it still seals meanwhile
+
+
+def test_handshake_datagrams_pass_through_as_they_are(lab: Lab) -> None:
+    """Both ways, with the endpoint in front; junk headers are counted drops."""
+    three_nodes(lab)
+    a, r = lab.nodes["a"], lab.nodes["r"]
+    hello = build_header(DatagramType.HANDSHAKE) + b"noise message 1"
+    a.from_control[0].push(pack_endpoint(HOST_R, 4789) + hello, RecordKind.HANDSHAKE)
+    a.from_control[0].flush()
+    lab.net.deliver(b"\x01\x01" + bytes(5), (HOST_B, 4789), r.address)
+    lab.net.deliver(b"\x07" + bytes(40), (HOST_B, 4789), r.address)
+    lab.net.deliver(b"\x01\x09" + bytes(40), (HOST_B, 4789), r.address)
+    log = lab.pump()
+    assert log == [(hello, a.address, r.address)]
+    assert records(r.to_control[0]) == [
+        (RecordKind.HANDSHAKE, 0, pack_endpoint(HOST_A, 4789) + hello)
+    ]
+    assert a.workers[0].stats()["datagrams_sent"] == 1
+    assert r.workers[0].stats()["drops"] == {
+        "short_datagram": 1,
+        "bad_version": 1,
+        "bad_type": 1,
+    }
+
+
+# -- relaying ----------------------------------------------------------------------------------
+
+
+def test_worker_relays_data_end_to_end(lab: Lab) -> None:
+    three_nodes(lab)
+    a, r, b = lab.nodes["a"], lab.nodes["r"], lab.nodes["b"]
+    send_ip(a, SLOT_B_AT_A)
+    log = lab.pump()
+    assert [(src, to) for _, src, to in log] == [(a.address, r.address), (r.address, b.address)]
+    for datagram, _, _ in log:
+        assert parse_header(datagram).type is DatagramType.RELAY
+        assert PACKET[:64] not in datagram
+    assert records(b.to_classifier[0]) == [(RecordKind.IP_PACKET, SLOT_A_AT_B, PACKET)]
+    assert records(r.to_classifier[0]) == [] and records(r.to_control[0]) == []
+    stats = {k: n.workers[0].stats() for k, n in lab.nodes.items()}
+    assert stats["a"]["relay_sent"] == 1 and stats["a"]["sessions"]["send"] == 2
+    assert stats["r"]["relay_forwarded"] == 1 and stats["r"]["drops"] == {}
+    assert stats["b"]["relay_delivered"] == 1 and stats["b"]["drops"] == {}
+
+    # the reply, an overlay message from control, takes the same way back
+    b.from_control[0].push(b"\x01pong", RecordKind.OVERLAY, SLOT_A_AT_B)
+    b.from_control[0].flush()
+    log = lab.pump()
+    assert [(src, to) for _, src, to in log] == [(b.address, r.address), (r.address, a.address)]
+    assert records(a.to_control[0]) == [(RecordKind.OVERLAY, SLOT_B_AT_A, b"\x01pong")]
+
+
+def test_direct_data_is_not_relayed(lab: Lab) -> None:
+    three_nodes(lab)
+    a, r = lab.nodes["a"], lab.nodes["r"]
+    send_ip(a, SLOT_R_AT_A)
+    log = lab.pump()
+    assert len(log) == 1 and parse_header(log[0][0]).type is DatagramType.DATA
+    assert records(r.to_classifier[0]) == [(RecordKind.IP_PACKET, SLOT_A_AT_R, PACKET)]
+
+
+def test_hop_of_another_worker_goes_through_control(quiet_workers: None, tmp_path: Path) -> None:
+    """R runs two workers: A's slot (2) is worker 0's, B's (1) worker 1's; R's port hands
+    every datagram to worker 0."""
+    lab = Lab(tmp_path, spread=lambda source, ports: 0)
+    try:
+        three_nodes(lab, relay_workers=2)
+        a, r, b = lab.nodes["a"], lab.nodes["r"], lab.nodes["b"]
+        send_ip(a, SLOT_B_AT_A)
+        lab.pump()
+        assert records(b.to_classifier[0]) == []
+        handed = records(r.to_control[0])
+        assert [(kind, peer) for kind, peer, _ in handed] == [(RecordKind.RELAY, SLOT_B_AT_R)]
+        dest, ttl, _ = parse_relay(handed[0][2])
+        assert (dest, ttl) == (ID_B, RELAY_TTL - 1)
+        assert r.workers[0].stats()["relay_forwarded"] == 1
+
+        # control passes the record on, unchanged, to worker 1, which seals it for B
+        r.from_control[1].push(handed[0][2], RecordKind.RELAY, SLOT_B_AT_R)
+        r.from_control[1].flush()
+        log = lab.pump()
+        assert [(src, to) for _, src, to in log] == [(r.address, b.address)]
+        assert records(b.to_classifier[0]) == [(RecordKind.IP_PACKET, SLOT_A_AT_B, PACKET)]
+
+        # a RELAY record for a hop worker 0 cannot seal for is dropped, never sent back
+        r.from_control[0].push(handed[0][2], RecordKind.RELAY, SLOT_B_AT_R)
+        r.from_control[0].flush()
+        assert lab.pump() == []
+        assert records(r.to_control[0]) == []
+        assert r.workers[0].stats()["drops"] == {"no_session": 1}
+    finally:
+        lab.close()
+
+
+def test_no_route_and_no_session_are_counted_drops(lab: Lab) -> None:
+    # A sees R at 0x90..., not closer to B (0x10...) than A (0x80...): A has no way to B
+    three_nodes(lab, r_seen_by_a=nid(0x90 << 152))
+    a = lab.nodes["a"]
+    send_ip(a, SLOT_B_AT_A)
+    send_ip(a, 9)  # no session at all
+    assert lab.pump() == []
+    stats = a.workers[0].stats()
+    assert stats["drops"] == {"relay_no_route": 1, "no_session": 1}
+    assert stats["relay_sent"] == 0
+
+
+def relay_datagram(payload: bytes) -> bytes:
+    """What A would send R: ``payload`` sealed with A's hop session."""
+    sealer = SendSession(KEY_AR, index=201, created=0.0)
+    return b"".join(sealer.seal(DatagramType.RELAY, payload))
+
+
+@pytest.mark.parametrize(
+    ("dest", "ttl", "inner_type", "reason"),
+    [
+        (ID_B, 0, DatagramType.DATA, "relay_ttl"),
+        (nid(0x28 << 152), 5, DatagramType.DATA, "relay_no_route"),  # R is closest
+        (ID_B, 5, DatagramType.RELAY, "relay_bad_inner"),
+        (ID_R, 5, DatagramType.HANDSHAKE, "relay_bad_inner"),
+        (ID_R, 5, DatagramType.DATA, "unknown_session"),  # for R: opened as from the network
+    ],
+    ids=["ttl", "no_route", "nested_relay", "handshake_inside", "for_us_unknown_session"],
+)
+def test_relay_drops_what_it_must(
+    lab: Lab, dest: bytes, ttl: int, inner_type: int, reason: str
+) -> None:
+    three_nodes(lab)
+    r = lab.nodes["r"]
+    inner = build_header(DatagramType(inner_type), session=999, counter=1) + bytes(40)
+    lab.net.deliver(relay_datagram(pack_relay(dest, ttl, inner)), (HOST_A, 4789), r.address)
+    assert lab.pump() == []
+    stats = r.workers[0].stats()
+    assert stats["drops"] == {reason: 1}
+    assert stats["relay_forwarded"] == 0
+    assert r.feed().told == []  # an inner datagram's source is the relay: never reported
+
+
+def test_a_session_that_gains_an_endpoint_keeps_its_counter(lab: Lab) -> None:
+    """The same key, relayed and then direct: one SendSession, so no nonce is used twice."""
+    three_nodes(lab)
+    a = lab.nodes["a"]
+    send_ip(a, SLOT_B_AT_A)
+    lab.pump()
+    table = a.workers[0].sessions
+    session = table.relayed[SLOT_B_AT_A].session
+    assert isinstance(session, SendSession)
+    assert session.counter == 1 and SLOT_B_AT_A not in table.send
+    a.install(
+        [
+            entry(SLOT_R_AT_A, (101, KEY_RA), (201, KEY_AR), EP_R, ID_R),
+            entry(SLOT_B_AT_A, (102, KEY_BA), (302, KEY_AB), EP_B, ID_B),
+        ]
+    )
+    assert table.send[SLOT_B_AT_A].session is session and not table.relayed
+    assert table.relay_table.slots == [SLOT_R_AT_A, SLOT_B_AT_A]
+    send_ip(a, SLOT_B_AT_A)
+    log = lab.pump()
+    assert [(parse_header(d).type, parse_header(d).counter, to) for d, _, to in log] == [
+        (DatagramType.DATA, 1, (HOST_B, 4789))
+    ]
+    assert records(lab.nodes["b"].to_classifier[0]) == [
+        (RecordKind.IP_PACKET, SLOT_A_AT_B, PACKET),
+        (RecordKind.IP_PACKET, SLOT_A_AT_B, PACKET),
+    ]
+
+
+# -- plaintext ---------------------------------------------------------------------------------
+
+
+def plain_pair(lab: Lab) -> tuple[Node, Node]:
+    a = lab.node("a", "alpha", HOST_A, ID_A, plaintext=True)
+    b = lab.node("b", "beta", HOST_B, ID_B, plaintext=True)
+    for node, slot, other in ((a, 1, EP_B), (b, 1, EP_A)):
+        peer = messages.PeerRoute(slot, "peer", ("100.64.0.9",), other, True)
+        node.feed().on_snapshot(messages.RouteSnapshot(7, 1, (peer,)))
+        # keys are not for plaintext nodes (control has none to give)
+        node.feed().on_message(
+            messages.SessionKeys(1, (entry(1, (5, KEY_AB), (6, KEY_BA), other, ID_B),))
+        )
+    return a, b
+
+
+def test_plaintext_carries_data_in_the_clear_by_configured_endpoint(lab: Lab) -> None:
+    a, b = plain_pair(lab)
+    send_ip(a, 1)
+    send_ip(b, 1, PACKET[::-1])
+    b.from_control[0].push(b"\x81ping", RecordKind.OVERLAY, 1)
+    b.from_control[0].flush()
+    log = lab.pump()
+    header = build_header(DatagramType.DATA)
+    assert sorted((d, src, to) for d, src, to in log) == sorted(
+        [
+            (header + PACKET, a.address, b.address),
+            (header + PACKET[::-1], b.address, a.address),
+            (build_header(DatagramType.OVERLAY) + b"\x81ping", b.address, a.address),
+        ]
+    )
+    assert records(b.to_classifier[0]) == [(RecordKind.IP_PACKET, 1, PACKET)]
+    assert records(a.to_classifier[0]) == [(RecordKind.IP_PACKET, 1, PACKET[::-1])]
+    assert records(a.to_control[0]) == [(RecordKind.OVERLAY, 1, b"\x81ping")]
+    stats = a.workers[0].stats()
+    assert stats["encrypted"] is False and stats["sessions"] == {"receive": 0, "send": 0}
+    assert stats["bytes_sent"] == 16 + len(PACKET) and stats["drops"] == {}
+    assert stats["datagrams_received"] == 2
+
+
+def test_plaintext_drops_what_it_must(lab: Lab) -> None:
+    """Unknown sources and slots, RELAY and handshake datagrams: counted, never passed on."""
+    a, _ = plain_pair(lab)
+    send_ip(a, 9)  # no such peer
+    for dtype in (DatagramType.RELAY, DatagramType.HANDSHAKE, DatagramType.COOKIE):
+        lab.net.deliver(build_header(dtype) + bytes(60), (HOST_B, 4789), a.address)
+    lab.net.deliver(build_header(DatagramType.DATA) + PACKET, ("198.18.0.99", 4789), a.address)
+    lab.net.deliver(b"\x02" + bytes(30), (HOST_B, 4789), a.address)
+    assert lab.pump() == []
+    assert a.workers[0].stats()["drops"] == {
+        "no_endpoint": 1,
+        "bad_type": 3,
+        "unknown_source": 1,
+        "bad_version": 1,
+    }
+    assert records(a.to_control[0]) == [] and records(a.to_classifier[0]) == []
+    assert a.feed().told == []
+
+
+# -- the memory port -----------------------------------------------------------------------------
+
+
+def test_memory_ports_queue_copy_lose_and_drop() -> None:
+    net = MemoryNetwork(queue_max=2)
+    one, two = net.port("198.18.0.1", 1), net.port("198.18.0.2", 2)
+    try:
+        body = bytearray(b"body")
+        assert one.send([b"head", memoryview(body)], ("198.18.0.2", 2))
+        body[:] = b"XXXX"  # a copy was taken, as the kernel does
+        assert one.send([b"x"], ("198.18.0.2", 2))
+        assert one.send([b"y"], ("198.18.0.2", 2))  # the queue is full
+        assert one.send([b"z"], ("198.18.0.9", 9))  # nobody there
+        assert (net.dropped, net.lost) == (1, 1)
+        assert two.recv() == (8, ("198.18.0.1", 1)) and bytes(two.view[:8]) == b"headbody"
+        assert two.recv() == (1, ("198.18.0.1", 1))
+        assert two.recv() is None and one.recv() is None
+        big = bytes(RECV_SIZE + 10)
+        one.send([big], ("198.18.0.2", 2))
+        assert two.recv() == (RECV_SIZE, ("198.18.0.1", 1))  # truncated, as recvfrom does
+    finally:
+        one.close()
+        two.close()
+    assert net.ports == {("198.18.0.1", 1): [], ("198.18.0.2", 2): []}
+    one.send([b"late"], ("198.18.0.2", 2))
+    assert net.lost == 2
+
+
+def test_memory_ports_at_one_address_share_its_datagrams_by_source() -> None:
+    net = MemoryNetwork()
+    ports = [net.port("198.18.0.2", 4789) for _ in range(2)]
+    sender = net.port("198.18.0.1", 4789)
+    try:
+        sources = [("198.18.0.1", p) for p in range(5000, 5016)]
+        for source in sources:
+            net.deliver(b"d", source, ("198.18.0.2", 4789))
+        got = [[src for _, src in p.queue] for p in ports]
+        assert got == [[s for s in sources if spread_by_source(s, 2) == i] for i in range(2)]
+        assert all(got)  # both get some
+        assert spread_by_source(("198.18.0.1", 5000), 2) == spread_by_source(
+            ("198.18.0.1", 5000), 2
+        )
+    finally:
+        for p in [*ports, sender]:
+            p.close()
+
+
+def test_memory_port_descriptor_is_readable_only_while_datagrams_wait() -> None:
+    net = MemoryNetwork()
+    one, two = net.port("198.18.0.1", 1), net.port("198.18.0.2", 2)
+    poller = select.epoll()
+    try:
+        poller.register(two.fileno(), select.EPOLLIN)
+        assert poller.poll(0) == []
+        one.send([b"a"], two.address)
+        one.send([b"b"], two.address)
+        assert poller.poll(0) == [(two.fileno(), select.EPOLLIN)]
+        two.recv()
+        assert poller.poll(0) == [(two.fileno(), select.EPOLLIN)]
+        two.recv()
+        assert poller.poll(0) == []
+    finally:
+        poller.close()
+        one.close()
+        two.close()
+    assert one.fd == -1
