@@ -213,7 +213,7 @@ class Coalescer:
 
     __slots__ = (
         "_emit", "_first", "_parts", "_key", "_hl", "_gso", "_next_seq", "_total", "_closed",
-        "_psh", "_max", "frames", "packets",
+        "_psh", "_max", "_full", "_tail", "_ends", "_ttl", "_lead", "frames", "packets",
     )  # fmt: skip
 
     def __init__(self, emit: Emit, *, max_bytes: int = MAX_IP_PACKET) -> None:
@@ -228,12 +228,32 @@ class Coalescer:
         self._total = 0  # IP total length so far
         self._closed = False
         self._psh = False
+        self._full = 0  # the length of a full segment: the first packet's
+        self._tail = self._ends = self._ttl = self._lead = b""  # the first packet's bytes
         self.frames = 0  # emitted: packets and super-frames
         self.packets = 0  # added
 
     def add(self, packet: Buffer, partial: bool) -> None:
         """One opened packet (kept, not copied, until emitted: it must not change)."""
         self.packets += 1
+        if self._first is not None and partial:
+            # The fast path: the next full segment cut from the same super-frame is, from the
+            # acknowledgment number to the end of the options (flags, window and checksum
+            # seed included: the seed depends on the length), the same bytes as the first.
+            hl = self._hl
+            if (
+                packet[28:hl] == self._tail
+                and packet[12:24] == self._ends
+                and packet[6:10] == self._ttl
+                and packet[:2] == self._lead
+                and len(packet) == self._full
+                and _U32.unpack_from(packet, 24)[0] == self._next_seq
+                and self._total + self._gso <= self._max
+            ):
+                self._parts.append(memoryview(packet)[hl:])
+                self._next_seq = (self._next_seq + self._gso) & 0xFFFFFFFF
+                self._total += self._gso
+                return
         n = len(packet)
         if n < 40 or packet[0] != 0x45 or packet[9] != TCP or packet[6] & 0x3F or packet[7]:
             self.flush()
@@ -260,19 +280,31 @@ class Coalescer:
                 self._next_seq = (seq + size) & 0xFFFFFFFF
                 self._total += size
                 if size < self._gso or flags & PSH:
-                    self._closed = True
-                    self._psh = bool(flags & PSH)
+                    self._close(bool(flags & PSH))
                 return
             self.flush()
         self._first = packet
         self._key = self._key_of(packet, hl)
         self._hl = hl
         self._gso = size
+        self._full = n
         self._next_seq = (seq + size) & 0xFFFFFFFF
         self._total = n
-        self._psh = bool(flags & PSH)
-        self._closed = self._psh
+        self._closed = False
+        self._psh = False
+        self._tail = bytes(packet[28:hl])
+        self._ends = bytes(packet[12:24])
+        self._ttl = bytes(packet[6:10])
+        self._lead = bytes(packet[:2])
         self._parts = []
+        if flags & PSH:
+            self._close(True)
+
+    def _close(self, psh: bool) -> None:
+        """Nothing may join the frame any more (a short or PSH segment ended it)."""
+        self._closed = True
+        self._psh = psh
+        self._tail = b""  # no packet's bytes 28.. are empty: the fast path never matches
 
     @staticmethod
     def _key_of(packet: Buffer, hl: int) -> bytes:
