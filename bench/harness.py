@@ -382,9 +382,12 @@ def start_iperf_server(ns: Namespace) -> subprocess.Popen[bytes]:
     return server
 
 
-def _iperf_once(ns: Namespace, target: str, seconds: int, reverse: bool) -> dict[str, Any]:
+def _iperf_once(
+    ns: Namespace, target: str, seconds: int, reverse: bool, streams: int = 1
+) -> dict[str, Any]:
     argv = ["iperf3", "-c", target, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
     argv += ["--connect-timeout", "5000", *(["-R"] if reverse else [])]
+    argv += ["-P", str(streams)] if streams > 1 else []
     res = ns.run(argv, check=False, timeout=seconds + 40)
     try:
         report: dict[str, Any] = json.loads(res.stdout)
@@ -395,13 +398,16 @@ def _iperf_once(ns: Namespace, target: str, seconds: int, reverse: bool) -> dict
     return report
 
 
-def run_iperf(ns: Namespace, target: str, seconds: int, reverse: bool, log: Log) -> TcpRun:
-    """One iperf3 TCP run from ``ns`` (retried once after an error, e.g. "server is busy")."""
-    report = _iperf_once(ns, target, seconds, reverse)
+def run_iperf(
+    ns: Namespace, target: str, seconds: int, reverse: bool, log: Log, streams: int = 1
+) -> TcpRun:
+    """One iperf3 TCP run from ``ns`` with ``streams`` parallel streams (``-P``; the sums
+    are reported), retried once after an error (e.g. "server is busy")."""
+    report = _iperf_once(ns, target, seconds, reverse, streams)
     if "error" in report:
         log(f"iperf3 to {target} failed ({report['error']}); retrying once")
         time.sleep(2)
-        report = _iperf_once(ns, target, seconds, reverse)
+        report = _iperf_once(ns, target, seconds, reverse, streams)
         if "error" in report:
             raise RuntimeError(f"iperf3 to {target}: {report['error']}")
     end = report["end"]
