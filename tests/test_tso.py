@@ -221,6 +221,16 @@ class TestCoalescer:
         co.flush()
         assert out.frames == [(vnet.parse(vnet.ZERO), p1), (vnet.parse(vnet.ZERO), p2)]
 
+    def test_without_merging_each_goes_alone_with_its_header(self) -> None:
+        segments = split_all(tso_frame(1, bytes(3000), 1000), 1000)
+        out = Collected()
+        co = tso.Coalescer(out, merge=False)
+        for s in segments:
+            co.add(s, True)
+        co.flush()
+        assert [h for h, _ in out.frames] == [(vnet.NEEDS_CSUM, 0, 0, 0, 20, 16)] * 3
+        assert delivered(out.frames) == reference_segments(1, bytes(3000), 1000, 0x18, 7)
+
     def test_never_more_than_64_kib(self) -> None:
         segments = split_all(tso_frame(1, bytes(65000), 1360), 1360)
         segments += split_all(tso_frame(65001, bytes(65000), 1360), 1360)

@@ -216,9 +216,11 @@ class Coalescer:
         "_psh", "_max", "_full", "_tail", "_ends", "_ttl", "_lead", "frames", "packets",
     )  # fmt: skip
 
-    def __init__(self, emit: Emit, *, max_bytes: int = MAX_IP_PACKET) -> None:
+    def __init__(self, emit: Emit, *, max_bytes: int = MAX_IP_PACKET, merge: bool = True) -> None:
+        """``merge`` False: every packet goes alone (for a TAP without virtio-net headers,
+        which would only have them cut again), with its header all the same."""
         self._emit = emit
-        self._max = max_bytes
+        self._max = max_bytes if merge else 0
         self._first: Buffer | None = None  # the first packet of the frame in the making
         self._parts: list[Buffer] = []  # the payloads after the first packet's
         self._key: bytes = b""
@@ -257,6 +259,9 @@ class Coalescer:
         n = len(packet)
         if n < 40 or packet[0] != 0x45 or packet[9] != TCP or packet[6] & 0x3F or packet[7]:
             self.flush()
+            self._alone(packet, partial)
+            return
+        if n > self._max:  # never merged: not even a frame of one (merge False)
             self._alone(packet, partial)
             return
         hl = 20 + ((packet[32] >> 4) << 2)
