@@ -88,6 +88,9 @@ class SessionKeys(msgspec.Struct, tag=True, frozen=True):
     version: int
     entries: tuple[KeyEntry, ...]
     node_id: bytes = b""  # this node's own 20-byte node id (relay payloads for it stop here)
+    # (node id, node id of its relay): overlay neighbours reached through a tunnel; relay
+    # payloads for them go to the relay's link
+    tunnels: tuple[tuple[bytes, bytes], ...] = ()
 
 
 class SessionConfirmed(msgspec.Struct, tag=True, frozen=True):
@@ -147,6 +150,14 @@ class DhtGetReply(msgspec.Struct, tag=True, frozen=True):
     replicas: tuple[str, ...]  # hex node ids that should hold it, nearest first (as seen here)
 
 
+class NetcheckRequest(msgspec.Struct, tag=True, frozen=True):
+    """``supervisor netcheck``: the node's NAT picture (DEALER -> control's ROUTER)."""
+
+
+class NetcheckReply(msgspec.Struct, tag=True, frozen=True):
+    picture: dict[str, Any]
+
+
 class StatusRequest(msgspec.Struct, tag=True, frozen=True):
     pass
 
@@ -170,6 +181,8 @@ Message = (
     | DhtGetReply
     | DhtPutRequest
     | DhtPutReply
+    | NetcheckRequest
+    | NetcheckReply
     | StatusRequest
     | StatusReply
 )

@@ -116,7 +116,9 @@ def test_six_nodes_form_the_overlay_relay_and_repair(
     st_a = a.status()
     assert st_a is not None
     (row,) = [lk for lk in st_a["link_table"] if b.address in lk["routes"]]
-    assert row["kind"] == "relayed" and row["endpoint"] == f"via:{ids[b.name]}"
+    # relayed (the pair cannot reach each other), and an overlay neighbour through a tunnel
+    # if they are near each other on the circle
+    assert "relayed" in row["kind"].split("+") and row["endpoint"] == f"via:{ids[b.name]}"
     text = a.cli("status", str(a.config)).stdout
     assert "relayed" in text and "near" in text
 

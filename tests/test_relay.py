@@ -16,6 +16,7 @@ from pipeline.errors import RemoteProtocolError
 from pipeline.nodeid import NODE_ID_LEN, circle_distance
 from pipeline.overlay_io.relay import (
     CACHE_MAX,
+    DEST_LEN,
     PREFIX_LEN,
     RELAY_TTL,
     RelayAction,
@@ -28,10 +29,12 @@ from pipeline.records import RecordKind
 from pipeline.wire.overlay import HEADER_LEN, DatagramType, build_header, parse_header
 
 SIZE = 1 << 160
+PSIZE = 1 << 56  # relay payloads carry 56-bit id prefixes
 
 
 def nid(value: int) -> bytes:
-    return (value % SIZE).to_bytes(NODE_ID_LEN, "big")
+    """A node id whose 56-bit prefix (what relay payloads carry) is ``value``."""
+    return ((value << 104) % SIZE).to_bytes(NODE_ID_LEN, "big")
 
 
 def sealed_inner(dtype: DatagramType = DatagramType.DATA, body: bytes = b"x" * 40) -> bytes:
@@ -47,10 +50,11 @@ KEY_AR, KEY_RA, KEY_RB, KEY_BR, KEY_AB, KEY_BA = (bytes([i]) * 32 for i in range
 def test_payload_bytes_are_exact() -> None:
     inner = sealed_inner()
     payload = pack_relay(nid(0xABC), 16, inner)
-    assert payload == nid(0xABC) + b"\x10" + inner
+    assert payload == nid(0xABC)[:7] + b"\x10" + inner
     dest, ttl, view = parse_relay(payload)
-    assert (dest, ttl, bytes(view)) == (nid(0xABC), 16, inner)
-    assert PREFIX_LEN == 21 and RELAY_TTL == 16 and int(DatagramType.RELAY) == 5
+    assert (dest, ttl, bytes(view)) == (nid(0xABC)[:7], 16, inner)
+    assert PREFIX_LEN == 8 and DEST_LEN == 7 and RELAY_TTL == 16
+    assert int(DatagramType.RELAY) == 5
     assert int(RecordKind.RELAY) == 5
 
 
@@ -63,22 +67,22 @@ def test_payload_bytes_are_exact() -> None:
 def test_payload_round_trip(dest: bytes, ttl: int, dtype: DatagramType, body: bytes) -> None:
     inner = sealed_inner(dtype, body)
     got_dest, got_ttl, view = parse_relay(pack_relay(dest, ttl, inner))
-    assert (got_dest, got_ttl, bytes(view)) == (dest, ttl, inner)
+    assert (got_dest, got_ttl, bytes(view)) == (dest[:7], ttl, inner)
     # a memoryview payload (as a ring record is) parses the same
-    assert parse_relay(memoryview(pack_relay(dest, ttl, inner)))[0] == dest
+    assert parse_relay(memoryview(pack_relay(dest, ttl, inner)))[0] == dest[:7]
 
 
 @pytest.mark.parametrize(
     ("payload", "reason"),
     [
         (b"", "relay_short"),
-        (nid(1) + b"\x10", "relay_short"),
-        (nid(1) + b"\x10" + sealed_inner(body=b"x" * 15), "relay_short"),
-        (nid(1) + b"\x10" + b"\x02\x01" + bytes(30), "relay_bad_inner"),
-        (nid(1) + b"\x10" + sealed_inner(DatagramType.RELAY), "relay_bad_inner"),
-        (nid(1) + b"\x10" + sealed_inner(DatagramType.HANDSHAKE), "relay_bad_inner"),
-        (nid(1) + b"\x10" + sealed_inner(DatagramType.COOKIE), "relay_bad_inner"),
-        (nid(1) + b"\x10" + b"\x01\x09" + bytes(30), "relay_bad_inner"),
+        (nid(1)[:7] + b"\x10", "relay_short"),
+        (nid(1)[:7] + b"\x10" + sealed_inner(body=b"x" * 15), "relay_short"),
+        (nid(1)[:7] + b"\x10" + b"\x02\x01" + bytes(30), "relay_bad_inner"),
+        (nid(1)[:7] + b"\x10" + sealed_inner(DatagramType.RELAY), "relay_bad_inner"),
+        (nid(1)[:7] + b"\x10" + sealed_inner(DatagramType.HANDSHAKE), "relay_bad_inner"),
+        (nid(1)[:7] + b"\x10" + sealed_inner(DatagramType.COOKIE), "relay_bad_inner"),
+        (nid(1)[:7] + b"\x10" + b"\x01\x09" + bytes(30), "relay_bad_inner"),
     ],
 )
 def test_bad_payloads_name_their_reason(payload: bytes, reason: str) -> None:
@@ -88,12 +92,12 @@ def test_bad_payloads_name_their_reason(payload: bytes, reason: str) -> None:
 
 
 def test_smallest_payload_parses() -> None:
-    payload = nid(1) + b"\x00" + sealed_inner(body=bytes(MIN_DATAGRAM - HEADER_LEN))
+    payload = nid(1)[:7] + b"\x00" + sealed_inner(body=bytes(MIN_DATAGRAM - HEADER_LEN))
     assert parse_relay(payload)[1] == 0
 
 
 _GOOD_PREFIX = st.sampled_from([b"", b"\x01\x01", b"\x01\x02", b"\x01\x05"]).map(
-    lambda head: nid(5) + b"\x03" + head
+    lambda head: nid(5)[:7] + b"\x03" + head
 )
 
 
@@ -107,6 +111,7 @@ def test_junk_raises_only_remote_protocol_error(raw: bytes | tuple[bytes, bytes]
 def test_pack_refuses_bad_arguments() -> None:
     with pytest.raises(ValueError, match="20 bytes"):
         pack_relay(b"short", 1, sealed_inner())
+    assert pack_relay(nid(1)[:7], 1, b"x") == pack_relay(nid(1), 1, b"x")
     with pytest.raises(ValueError, match="u8"):
         pack_relay(nid(1), 256, sealed_inner())
     with pytest.raises(ValueError, match="u8"):
@@ -126,13 +131,24 @@ def test_next_hop_is_the_closest_direct_link() -> None:
 
 
 def test_next_hop_wraps_around_the_circle() -> None:
-    # dest just below 2^160: the id just above 0 is 11 away, the one at 2^159 far
-    table = RelayTable(nid(1 << 100), [(1, nid(1 << 159)), (2, nid(5))])
-    assert table.next_hop(nid(SIZE - 6)) == 2
-    # and the other way: dest just above 0, the link just below 2^160
-    table = RelayTable(nid(1 << 100), [(1, nid(SIZE - 3)), (2, nid(1 << 120))])
+    # dest's prefix just below 2^56: the id just above 0 is 11 away, the one at 2^55 far
+    table = RelayTable(nid(1 << 40), [(1, nid(1 << 55)), (2, nid(5))])
+    assert table.next_hop(nid(PSIZE - 6)) == 2
+    # and the other way: dest just above 0, the link just below 2^56
+    table = RelayTable(nid(1 << 40), [(1, nid(PSIZE - 3)), (2, nid(1 << 50))])
     assert table.next_hop(nid(4)) == 1
     assert circle_distance(SIZE - 3, 4) == 7 == circle_distance(4, SIZE - 3)
+
+
+def test_only_the_prefix_counts() -> None:
+    """Ids that differ below their 56-bit prefix are one place for relaying: the full id and
+    its prefix get the same answer, and a payload for our prefix is ours."""
+    own = nid(1000)
+    table = RelayTable(own, [(1, nid(100)), (2, nid(2000))])
+    dest = (int.from_bytes(nid(120), "big") + 12345).to_bytes(20, "big")
+    assert table.next_hop(dest) == table.next_hop(dest[:7]) == 1
+    step = on_relay(table, pack_relay(own[:7] + bytes(13), 3, sealed_inner()))
+    assert step.action is RelayAction.DELIVER
 
 
 def test_no_hop_closer_than_us_is_none() -> None:
@@ -160,7 +176,7 @@ def test_bad_ids_mean_no_hop() -> None:
 
 
 def test_answers_are_cached_and_the_cache_is_bounded() -> None:
-    table = RelayTable(nid(1 << 159), [(1, nid(0))])
+    table = RelayTable(nid(1 << 55), [(1, nid(0))])
     assert table.next_hop(nid(3)) == 1
     table._hops.clear()  # a stale table would still answer from its cache
     assert table.next_hop(nid(3)) == 1
@@ -171,21 +187,21 @@ def test_answers_are_cached_and_the_cache_is_bounded() -> None:
 
 
 @given(
-    st.integers(0, SIZE - 1),
-    st.lists(st.tuples(st.integers(0, 65535), st.integers(0, SIZE - 1)), max_size=8),
-    st.integers(0, SIZE - 1),
+    st.integers(0, PSIZE - 1),
+    st.lists(st.tuples(st.integers(0, 65535), st.integers(0, PSIZE - 1)), max_size=8),
+    st.integers(0, PSIZE - 1),
 )
 def test_next_hop_is_the_brute_force_choice(own: int, links: list[Any], dest: int) -> None:
     hops = list({slot: node for slot, node in links}.items())
     table = RelayTable(nid(own), [(slot, nid(node)) for slot, node in hops])
+
+    def pdist(a: int, b: int) -> int:  # the circle distance of 56-bit prefixes
+        return min((b - a) % PSIZE, (a - b) % PSIZE)
+
     candidates = [
-        (circle_distance(node, dest), slot)
-        for slot, node in hops
-        if circle_distance(node, dest) < circle_distance(own, dest)
+        (pdist(node, dest), slot) for slot, node in hops if pdist(node, dest) < pdist(own, dest)
     ]
     assert table.next_hop(nid(dest)) == (min(candidates)[1] if candidates else None)
-    dist = min(abs(own - dest), SIZE - abs(own - dest))
-    assert circle_distance(own, dest) == dist
 
 
 # -- the decisions of a relay ----------------------------------------------------------------------
@@ -234,7 +250,7 @@ def test_inner_datagram_is_sealed_end_to_end_through_a_relay() -> None:
     b_from_r = RecvSession(KEY_RB, index=22, created=0.0)
     a_to_b = SendSession(KEY_AB, index=33, created=0.0)  # A and B, end to end
     b_from_a = RecvSession(KEY_AB, index=33, created=0.0)
-    id_b, id_r = nid(0x10 << 152), nid(0x20 << 152)
+    id_b, id_r = nid(0x10 << 48), nid(0x20 << 48)
 
     packet = b"an IPv4 packet for B" * 10
     inner = b"".join(a_to_b.seal(DatagramType.DATA, packet))
@@ -244,7 +260,7 @@ def test_inner_datagram_is_sealed_end_to_end_through_a_relay() -> None:
 
     # the relay: open the hop layer, look at dest/ttl/inner header, pass it on
     at_r = r_from_a.open(memoryview(outer))
-    step = on_relay(RelayTable(id_r, [(1, nid(0xAA << 152)), (2, id_b)]), at_r)
+    step = on_relay(RelayTable(id_r, [(1, nid(0xAA << 48)), (2, id_b)]), at_r)
     assert step.action is RelayAction.FORWARD and step.hop == 2
     _dest, _ttl, seen = parse_relay(at_r)
     assert parse_header(seen).session == 33  # the relay sees the inner header only

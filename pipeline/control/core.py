@@ -141,7 +141,7 @@ class ControlCore:
         self._io_workers: dict[bytes, int] = {}  # overlay_io worker -> its pid
         self._generations: dict[tuple[int, bytes], int] = {}  # (send index, worker) -> g
         self._keys_due: set[bytes] = set()
-        self._keys_version = -1
+        self._keys_version: tuple[int, tuple[tuple[bytes, bytes], ...]] = (-1, ())
         self._version = 1  # of the route snapshot
         self._layers_seen = (0, 0, 0)  # the routes, sessions and machines versions it holds
         self._published_version = -1
@@ -251,8 +251,9 @@ class ControlCore:
         if routing is None:
             self._keys_due.clear()
             return []
-        if routing.links.sessions_version != self._keys_version:
-            self._keys_version = routing.links.sessions_version
+        version = (routing.links.sessions_version, routing.tunnels())
+        if version != self._keys_version:
+            self._keys_version = version
             self._keys_due |= set(self._io_workers)
         out = [(worker, self._session_keys(worker)) for worker in sorted(self._keys_due)]
         self._keys_due.clear()
@@ -331,7 +332,11 @@ class ControlCore:
         """The addresses of the node's interfaces (not the TAP's) and its default gateway,
         at start and whenever they change (the node moved)."""
         if self.nat is not None:
-            self.nat.set_local(addresses, gateway, now)
+            moved = self.nat.set_local(addresses, gateway, now)
+            if moved and self.routing is not None:
+                self._events.append(ev.AddressesMoved(tuple(addresses), gateway))
+                self._after(now, wall)  # the new candidates first
+                self.routing.moved(now, wall)
             self._after(now, wall)
 
     def receive_stun(self, datagram: bytes, source: Address, now: float, wall: float) -> None:
@@ -456,6 +461,20 @@ class ControlCore:
         self._tool_requests[rid] = (to, key)
         self.routing.pump()
         self._after(now, wall)
+
+    def netcheck(self, to: bytes, now: float) -> None:
+        """``supervisor netcheck``: the NAT picture (local, reflexive and mapped endpoints,
+        whether the mapping depends on the destination, the port mapping) as a Reply."""
+        picture: dict[str, Any] = {"encrypted": self.routing is not None}
+        if self.nat is not None:
+            picture.update(self.nat.picture())
+        if self.routing is not None:
+            overlay = self.routing.overlay.address
+            picture["overlay_reflexive"] = (
+                f"{overlay[0]}:{overlay[1]}" if isinstance(overlay, tuple) else None
+            )
+            picture["shortcuts"] = self.routing.shortcuts.paths(now)
+        self._events.append(ev.Reply(to, messages.NetcheckReply(picture)))
 
     def set_revocations(self, revoked: RevocationList, now: float, wall: float) -> None:
         if self.routing is not None:
@@ -634,7 +653,10 @@ class ControlCore:
                 )
             )
         return messages.SessionKeys(
-            links.sessions_version, tuple(entries), self.routing.identity.node_id
+            links.sessions_version,
+            tuple(entries),
+            self.routing.identity.node_id,
+            self.routing.tunnels(),
         )
 
     # -- what status shows -----------------------------------------------------------------------

@@ -173,6 +173,17 @@ class PortUnmapped(LogEvent):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class AddressesMoved(LogEvent):
+    """The node's own underlay addresses changed (it roamed): links handshake again from the
+    new address, shortcuts are punched anew."""
+
+    name = "addresses_moved"
+    level = Level.WARNING
+    addresses: tuple[str, ...]
+    gateway: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class CandidatesChanged(LogEvent):
     """The node's own candidate endpoints changed (local, mapped, reflexive)."""
 

@@ -236,6 +236,16 @@ class RoutingCore:
             )
         return out
 
+    def tunnels(self) -> tuple[tuple[bytes, bytes], ...]:
+        """(node id, node id of its relay) of each overlay neighbour we reach only through
+        a tunnel: overlay_io relays for them through the relay's link."""
+        out = []
+        for info in self.overlay.connections():
+            relay = self.overlay.tunnel_relay(info.node_id)
+            if relay is not None:
+                out.append((id_to_bytes(info.node_id), id_to_bytes(relay)))
+        return tuple(sorted(out))
+
     def link_node_ids(self) -> dict[int, bytes]:
         """The authenticated node id of every link that has one, by slot."""
         return {
@@ -248,6 +258,7 @@ class RoutingCore:
         """Every link as ``supervisor status`` shows it."""
         overlay = {id_to_bytes(info.node_id): info for info in self.overlay.connections()}
         routed = {r.node_id for r in self._routes.values()}
+        paths = self.shortcuts.paths(now)
         rows = []
         for slot, link in sorted(self.links.links.items()):
             cert = link.certificate
@@ -274,9 +285,21 @@ class RoutingCore:
                     "routes": sorted(
                         str(r.address) for r in self._routes.values() if r.node_id == nid
                     ),
+                    "path": "relayed" if isinstance(link.endpoint, Via) else "direct",
+                    "via": self._relayed_via(nid) if isinstance(link.endpoint, Via) else None,
+                    "shortcut": paths.get(slot),
                 }
             )
         return rows
+
+    def _relayed_via(self, node_id: bytes | None) -> str | None:
+        """The node (hex id) a relayed link's datagrams go to first: the overlay's next hop
+        toward it (its tunnel's relay, if it is a tunnel neighbour)."""
+        if node_id is None:
+            return None
+        nid = id_from_bytes(node_id)
+        hop = self.overlay.tunnel_relay(nid) or self.overlay.next_hop(nid)
+        return None if hop is None else id_to_bytes(hop).hex()
 
     def next_deadline(self) -> float | None:
         """When ``handle_timer`` must next run: the soonest of the overlay's, the DHT's and
@@ -470,6 +493,24 @@ class RoutingCore:
             self.counters["probe_unlinked"] += 1
             return
         self.shortcuts.receive_probe(slot, payload, source, now)
+        self._pump()
+
+    def moved(self, now: float, wall: float) -> None:
+        """This node's addresses changed (it roamed): its shortcuts are gone, and every
+        direct link handshakes again from the new address, which tells each peer where we
+        are now (a link takes the endpoint a handshake came from)."""
+        self._now, self._wall = now, wall
+        self.shortcuts.moved(now)
+        self._pump()
+        for slot, link in self.links.links.items():
+            if link.up and isinstance(link.endpoint, tuple):
+                self.links.want(slot)  # peer-made links too: the peer must hear of the move
+                self.links.request_rekey(slot)
+        for route in self._routes.values():
+            routed = self._slot_of(route.node_id)
+            if routed is not None:
+                self._want_shortcut(routed, route.node_id, now)
+        self.counters["moved"] += 1
         self._pump()
 
     def _want_shortcut(self, slot: int, node_id: bytes, now: float) -> None:

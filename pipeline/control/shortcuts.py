@@ -282,6 +282,22 @@ class Shortcuts:
             p.initiator = True
             self._start_round(p, 1, now)
 
+    def moved(self, now: float) -> None:
+        """This node's own addresses changed (it roamed): every direct path is lost (its NAT
+        mappings were those of the old address); the links go back to their relays, and a
+        new attempt follows at the next traffic."""
+        for p in self._paths.values():
+            if p.phase is _Phase.DIRECT and p.endpoint is not None:
+                self._lose(p, now)
+
+    def _lose(self, p: _Path, now: float) -> None:
+        assert p.endpoint is not None
+        self._events.append(PathLost(p.slot, p.endpoint))
+        self._count("paths_lost")
+        p.endpoint, p.kind, p.keepalive_sent = None, None, None
+        p.phase = _Phase.IDLE
+        p.retry_at = now  # try again at the next traffic
+
     def forget(self, slot: int) -> None:
         """The link is gone (or became direct by other means)."""
         self._paths.pop(slot, None)
@@ -297,6 +313,8 @@ class Shortcuts:
             ):
                 p = p or _Path(slot, node_id, initiator=False)
                 self._paths[slot] = p
+                if p.phase is _Phase.DIRECT and p.endpoint is not None:
+                    self._lose(p, now)  # the peer looks for a path again: it moved
                 p.initiator = False
                 p.round = message.round
                 p.first = not message.sender_first
@@ -464,11 +482,7 @@ class Shortcuts:
         if p.keepalive_sent is not None:
             p.unanswered += 1
             if p.unanswered >= LOST_AFTER:
-                self._events.append(PathLost(p.slot, p.endpoint))
-                self._count("paths_lost")
-                p.endpoint, p.kind, p.keepalive_sent = None, None, None
-                p.phase = _Phase.IDLE
-                p.retry_at = now  # try again at the next traffic
+                self._lose(p, now)
                 return
         nonce = self._rng.getrandbits(63)
         p.nonces = {nonce: Candidate(p.endpoint, p.kind)}

@@ -263,6 +263,8 @@ class ControlWorker(Worker):
                 core.dht_get(sender, msg.key, now, wall)
             elif isinstance(msg, messages.DhtPutRequest):
                 core.dht_put(sender, msg.key, msg.value, msg.lease_s, now, wall)
+            elif isinstance(msg, messages.NetcheckRequest):
+                core.netcheck(sender, now)
             else:
                 self.drops["unexpected_request"] += 1
         self._flush(now)

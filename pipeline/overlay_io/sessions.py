@@ -267,6 +267,11 @@ class SessionTable:
             else:
                 out.endpoint = NO_ENDPOINT
                 relayed[slot] = out
+        by_node = {node_id: slot for slot, node_id in hops}
+        for node_id, relay_id in keys.tunnels:  # tunnel neighbours: under their relay's slot
+            relay_slot = by_node.get(relay_id)
+            if relay_slot is not None and node_id not in by_node:
+                hops.append((relay_slot, node_id))
         self.relay_table = RelayTable(keys.node_id, hops)
         for out in relayed.values():
             hop = self.relay_table.next_hop(out.dest)

@@ -13,8 +13,16 @@ wrapped in a relay payload and sealed as RELAY for the entry's ``hop``: here if 
 owns the hop's slot, else through control to the worker that does. Handshake datagrams that
 control made go out as they are.
 
+Control's PROBE records (shortcut probes and their answers) are sealed with the link's
+session, direct or end to end, and sent to the endpoint the record names, not the link's
+own; its STUN records (binding requests) go out as they are, from the node's port.
+
 Inbound, a datagram's header is checked (short, version, type); HANDSHAKE and COOKIE
-datagrams go to control with their source endpoint; DATA, OVERLAY and RELAY ones are opened
+datagrams go to control with their source endpoint; a STUN answer (it looks like DATA, but
+its session index is STUN's magic cookie, which no session has, so it is recognised only
+when the index lookup misses) goes to control as a STUN record; PROBE datagrams opened with
+their link's session go to control with their source endpoint (where a probe came from is
+its point); DATA, OVERLAY and RELAY ones are opened
 with the receive entry their header's index names (``open``: the replay window and the tag
 checked), or, when the index names none, with the entry of their source endpoint
 (plaintext mode). DATA goes to the classifier worker of that peer, OVERLAY to control; a
@@ -51,12 +59,14 @@ from pipeline.route_feed import RouteFeed
 from pipeline.shm_ring import Consumer, Producer, RingSpec
 from pipeline.topology import Stage
 from pipeline.wire.overlay import HEADER_LEN, RELAY_TTL, VERSION, DatagramType
+from pipeline.wire.stun import is_stun
 from pipeline.worker import Worker
 
 # plain ints, not the IntEnum members: Python 3.11 specializes int compares and indexing
 _DATA = int(DatagramType.DATA)
 _OVERLAY = int(DatagramType.OVERLAY)
 _RELAY = int(DatagramType.RELAY)
+_PROBE = int(DatagramType.PROBE)
 _INDEX = struct.Struct("!I")
 _monotonic = time.monotonic
 
@@ -165,10 +175,14 @@ class OverlayIoWorker(Worker):
         if not records:
             return 0
         for rec in records:
-            if rec.kind == RecordKind.HANDSHAKE:
+            kind = rec.kind
+            if kind == RecordKind.HANDSHAKE or kind == RecordKind.STUN:
                 to = unpack_endpoint(rec.data)
                 if self.port.send([rec.data[ENDPOINT_LEN:]], to):
                     self.sent += 1
+                continue
+            if kind == RecordKind.PROBE:
+                self._probe(rec.peer, rec.data)
                 continue
             out = self.send.get(rec.peer)
             if rec.kind == RecordKind.RELAY:
@@ -187,6 +201,18 @@ class OverlayIoWorker(Worker):
         self.from_control.release()
         self._flush_control()
         return len(records)
+
+    def _probe(self, slot: int, data: memoryview) -> None:
+        """A shortcut probe (or its answer) of control's: sealed with the link's session,
+        direct or end to end, and sent to the endpoint control names, not the link's own."""
+        out = self.send.get(slot) or self.sessions.relayed.get(slot)
+        if out is None:
+            self.drops["probe_no_session"] += 1
+            return
+        parts = out.seal(_PROBE, data[ENDPOINT_LEN:])
+        if self.port.send(parts, unpack_endpoint(data)):
+            self.sent += 1
+            self.sent_bytes += HEADER_LEN + len(parts[1])
 
     def _seal_to(self, out: SendEntry, dtype: int, data: ReadableBuffer) -> None:
         parts = out.seal(dtype, data)
@@ -263,13 +289,21 @@ class OverlayIoWorker(Worker):
         if kind in self.handshake_types:
             self.to_control.push(pack_endpoint(*source) + datagram, RecordKind.HANDSHAKE)
             return
-        if kind != _DATA and kind != _OVERLAY and kind != _RELAY:
-            self.drops["bad_type"] += 1
+        if kind != _DATA and kind != _OVERLAY and kind != _RELAY and kind != _PROBE:
+            if not relayed and is_stun(datagram):  # a STUN error answer (0x0111)
+                self.to_control.push(pack_endpoint(*source) + datagram, RecordKind.STUN)
+            else:
+                self.drops["bad_type"] += 1
             return
         entry = self.recv.get(_INDEX.unpack_from(datagram, 4)[0])
         if entry is None:
             entry = self.by_source.get(source)  # plaintext: peers by endpoint, index 0
             if entry is None:
+                # a STUN answer looks like DATA (0x01 0x01) but names the magic cookie as
+                # its session index, which no session has: checked only on this miss
+                if not relayed and is_stun(datagram):
+                    self.to_control.push(pack_endpoint(*source) + datagram, RecordKind.STUN)
+                    return
                 self.drops[self.sessions.unknown(None if relayed else source, now)] += 1
                 return
         try:
@@ -286,8 +320,12 @@ class OverlayIoWorker(Worker):
             target.push(payload, RecordKind.IP_PACKET, entry.slot)
         elif kind == _OVERLAY:
             self.to_control.push(payload, RecordKind.OVERLAY, entry.slot)
-        else:
+        elif kind == _RELAY:
             self._relay(payload, source, now)
+        elif relayed:
+            self.drops["probe_relayed"] += 1  # where a probe came from is its point
+        else:
+            self.to_control.push(pack_endpoint(*source) + payload, RecordKind.PROBE, entry.slot)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -123,12 +123,13 @@ class NatDiscovery:
 
     # -- inputs ----------------------------------------------------------------------------------
 
-    def set_local(self, addresses: Sequence[str], gateway: str | None, now: float) -> None:
+    def set_local(self, addresses: Sequence[str], gateway: str | None, now: float) -> bool:
         """The node's interface addresses (not the TAP's, not loopback) and its default
-        gateway. A change (the node moved) asks STUN again and remakes the port mapping."""
+        gateway. A change (the node moved) asks STUN again and remakes the port mapping.
+        True if the node moved (it had addresses, and they changed)."""
         addresses = tuple(dict.fromkeys(addresses))
         if addresses == self._local and gateway == self._gateway:
-            return
+            return False
         moved = bool(self._local) and addresses != self._local
         self._local, self._gateway = addresses, gateway
         if self._servers and (moved or self._probe is None):
@@ -136,6 +137,7 @@ class NatDiscovery:
         if self._port_mapping:
             self._remap(now)
         self._changed()
+        return moved
 
     def receive_stun(self, datagram: bytes, source: Address, now: float) -> bool:
         """A STUN datagram that came to the node's port. True if it was an answer of ours."""
