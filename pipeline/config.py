@@ -194,8 +194,7 @@ class TapReaderSettings:
     ring_bytes: int = _field(1 << 22, check=_RING, doc="size of each ring this stage reads")
     batch: int = _field(64, check=_between(1, 1024), doc="frames handled per wake-up")
     offloads: bool = _field(
-        False,
-        doc="virtio-net headers and TSO on the TAP: 64 KiB super-frames (if the kernel agrees)",
+        True, doc="virtio-net headers and TSO on the TAP: 64 KiB super-frames (kernel willing)"
     )
 
 
@@ -212,6 +211,7 @@ class OverlayIoSettings:
     ring_bytes: int = _field(1 << 22, check=_RING, doc="size of each ring this stage reads")
     batch: int = _field(64, check=_between(1, 1024), doc="datagrams handled per wake-up")
     socket_buffer_bytes: int = _field(1 << 22, check=_between(1 << 16, 1 << 28), doc="UDP buffers")
+    offloads: bool = _field(True, doc="UDP GSO sends and GRO reads, where the kernel has them")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

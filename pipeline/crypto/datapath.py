@@ -231,9 +231,10 @@ class SendSession:
         they bound the use of the nonce space, whichever incarnation used it)."""
         return self._counter
 
-    def seal(self, dtype: int, payload: ReadableBuffer, *, flags: int = 0) -> list[bytes]:
+    def seal(self, dtype: int, payload: ReadableBuffer, flags: int = 0) -> list[bytes]:
         """``[header, ciphertext + tag]`` for the next counter: the two buffers of one datagram
-        (``socket.sendmsg`` takes them as they are)."""
+        (``socket.sendmsg`` takes them as they are). ``flags`` go in the header (DATA:
+        ``FLAG_PARTIAL``), positional as overlay_io passes them per segment."""
         counter = self._counter
         if counter >= self._reject_after_messages:
             raise KeyExhausted(f"counter {counter} reached the limit")

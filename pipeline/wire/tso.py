@@ -235,24 +235,29 @@ class Coalescer:
         self.frames = 0  # emitted: packets and super-frames
         self.packets = 0  # added
 
+    @property
+    def empty(self) -> bool:
+        """No frame in the making: a packet that cannot merge may pass it by."""
+        return self._first is None
+
     def add(self, packet: Buffer, partial: bool) -> None:
         """One opened packet (kept, not copied, until emitted: it must not change)."""
         self.packets += 1
-        if self._first is not None and partial:
+        if self._first is not None and partial and type(packet) is bytes:
             # The fast path: the next full segment cut from the same super-frame is, from the
             # acknowledgment number to the end of the options (flags, window and checksum
-            # seed included: the seed depends on the length), the same bytes as the first.
-            hl = self._hl
+            # seed included: the seed depends on the length), the same bytes as the first;
+            # compared in place (``startswith`` at an offset allocates nothing).
             if (
-                packet[28:hl] == self._tail
-                and packet[12:24] == self._ends
-                and packet[6:10] == self._ttl
-                and packet[:2] == self._lead
-                and len(packet) == self._full
+                len(packet) == self._full
+                and packet.startswith(self._tail, 28)
+                and packet.startswith(self._ends, 12)
+                and packet.startswith(self._ttl, 6)
+                and packet.startswith(self._lead)
                 and _U32.unpack_from(packet, 24)[0] == self._next_seq
                 and self._total + self._gso <= self._max
             ):
-                self._parts.append(memoryview(packet)[hl:])
+                self._parts.append(memoryview(packet)[self._hl :])
                 self._next_seq = (self._next_seq + self._gso) & 0xFFFFFFFF
                 self._total += self._gso
                 return
@@ -309,7 +314,7 @@ class Coalescer:
         """Nothing may join the frame any more (a short or PSH segment ended it)."""
         self._closed = True
         self._psh = psh
-        self._tail = b""  # no packet's bytes 28.. are empty: the fast path never matches
+        self._full = -1  # no packet has that length: the fast path never matches
 
     @staticmethod
     def _key_of(packet: Buffer, hl: int) -> bytes:
