@@ -56,9 +56,11 @@ false) nothing is merged, since the tap_reader would only have to cut it again.
 
 from __future__ import annotations
 
+import functools
 import struct
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from pipeline import messages
@@ -267,17 +269,10 @@ class OverlayIoWorker(Worker):
                 self._seal_to(out, _DATA, packet, partial)
             return
         pieces: list[ReadableBuffer] = []
-        if out is not None:
-            seal = out.seal
-            if self.plaintext:  # the "sealed" view would be overwritten by the next headers
-
-                def emit(view: memoryview) -> None:
-                    pieces.extend(seal(_DATA, bytes(view), FLAG_PARTIAL))
-            else:
-
-                def emit(view: memoryview) -> None:
-                    pieces.extend(seal(_DATA, view, FLAG_PARTIAL))
-        else:
+        emit: Callable[[memoryview], object]
+        if out is not None:  # one call a segment: seal_into appends header and body
+            emit = functools.partial(out.seal_into, pieces, _DATA, flags=FLAG_PARTIAL)
+        else:  # relayed: kept (the view is overwritten by the next segment's headers)
 
             def emit(view: memoryview) -> None:
                 pieces.append(bytes(view))
@@ -397,25 +392,14 @@ class OverlayIoWorker(Worker):
                 self.coalescer.flush()
                 self._target_slot = entry.slot
                 self._target = self.to_classifier[entry.classifier]
-            lead = bytes(first[:2]) + bytes(first[4:8])  # version, type, session index
-            open_ = entry.open
-            add = self.coalescer.add
-            opened = opened_bytes = 0
-            while at < length:
-                end = at + segment
-                datagram = batch[at:end]
-                if datagram[:2] != lead[:2] or datagram[4:8] != lead[2:]:
-                    break
-                try:
-                    payload = open_(datagram)
-                except RemoteProtocolError as exc:
-                    self.drops[exc.reason] += 1
-                    at = end
-                    continue
-                add(payload, bool(datagram[3] & FLAG_PARTIAL))
-                opened += 1
-                opened_bytes += len(datagram)
-                at = end
+            start = at
+            at, opened, opened_bytes = entry.session.open_run(
+                batch, at, segment, _DATA, self.coalescer.add, self.drops
+            )
+            if at == start:  # opened nothing and moved on: one by one
+                self._open(first, source, now)
+                at += segment
+                continue
             if opened and not entry.confirmed:
                 self.sessions.confirm(entry)
             self.received += opened

@@ -39,6 +39,7 @@ from typing import TypeAlias
 
 from pipeline.wire import vnet
 from pipeline.wire.ipv4 import ones_complement_sum
+from pipeline.wire.overlay import FLAG_PARTIAL
 
 __all__ = [
     "MAX_IP_PACKET",
@@ -240,8 +241,11 @@ class Coalescer:
         """No frame in the making: a packet that cannot merge may pass it by."""
         return self._first is None
 
-    def add(self, packet: Buffer, partial: bool) -> None:
-        """One opened packet (kept, not copied, until emitted: it must not change)."""
+    def add(self, packet: Buffer, partial: int) -> None:
+        """One opened packet (kept, not copied, until emitted: it must not change);
+        ``partial``: true (any non-zero: the DATA header's flags do) if its checksum is
+        partial."""
+        partial &= FLAG_PARTIAL
         self.packets += 1
         if self._first is not None and partial and type(packet) is bytes:
             # The fast path: the next full segment cut from the same super-frame is, from the
@@ -348,7 +352,7 @@ class Coalescer:
         self.frames += 1
         self._emit(_VNET_PACK(_NEEDS_CSUM, _GSO_TCPV4, hl, self._gso, 20, 16), parts)
 
-    def _alone(self, packet: Buffer, partial: bool) -> None:
+    def _alone(self, packet: Buffer, partial: int) -> None:
         """A packet that joins nothing: a TCP or UDP one with a partial checksum gets a fresh
         pseudo-header sum and ``NEEDS_CSUM``; any other goes as it is."""
         self.frames += 1
