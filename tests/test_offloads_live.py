@@ -96,7 +96,7 @@ def test_super_frames_cross_intact_both_ways(offloaded: tuple[Node, Node]) -> No
         assert io["gso_sends"] > 0 and io["segments_sent"] > 2 * io["gso_sends"]
         assert io["gro_reads"] > 0
         assert io["coalesced"]["frames"] < io["coalesced"]["packets"]
-        assert io["drops"] == {}
+        assert set(io["drops"]) <= {"no_session", "unknown_session"}  # at start only
 
 
 def test_a_node_without_offloads_talks_to_one_with(tmp_path: Path) -> None:
