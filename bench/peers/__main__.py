@@ -12,11 +12,12 @@ Two namespaces joined by a veth pair (``supervisor.testbed.veth_pair``: underlay
 For each VPN: ``--starts`` cold starts, each timed from the start of the two daemons (autovn:
 the two ``supervisor start``) to the first echo reply across the tunnel (a pinger sends every
 5 ms from the moment of the start: ``harness.first_reply``); after the first start, idle CPU
-over 10 s, ``--pings`` pings ``--ping-interval`` apart (p50, p99), iperf3 TCP single stream
-``--repeats`` times each way with the CPU of every process of the VPN at both ends (CPU-s per
-GB, per direction), then the goodput a->b under each ``--loss`` (random loss on every underlay
-interface of both namespaces, ``harness.random_loss``: iptables ``statistic``), ``--repeats``
-runs each. The raw veth gets the pings, the iperf3 runs and the losses.
+over 10 s (after 5 s of quiet), ``--pings`` pings ``--ping-interval`` apart (p50, p99),
+iperf3 TCP single stream ``--repeats`` times each way with the CPU of every process of the
+VPN at both ends (CPU-s per GB, per direction), then the goodput a->b under each ``--loss``
+(random loss on every underlay interface of both namespaces, ``harness.random_loss``:
+iptables ``statistic``), ``--repeats`` runs each. The raw veth gets the pings, the iperf3
+runs and the losses.
 
 It prints one row per system (medians) with /proc/loadavg at the start and end of each, then
 autovn against the best peer of the run for each figure (the best: the highest throughput and
@@ -60,6 +61,7 @@ RAW = ("raw", "raw-after")
 SYSTEMS = {"raw": "raw veth", "autovn": "autovn"} | {k: p.title for k, p in PEERS.items()}
 DEFAULT = ("raw", "autovn", "tinc", "openvpn", "wireguard-go", "nebula")
 DIRECTIONS = ("a->b", "b->a")
+SETTLE_S = 5.0
 
 
 @dataclass
@@ -98,6 +100,15 @@ def loss_runs(
                     f"{s.name}: loss {probability:.1%} run {i + 1}/{args.repeats}: "
                     f"{run.mbit_s:.0f} Mbit/s, retransmits {run.retransmits}"
                 )
+
+
+def idle(s: pb.SetupResult, vpns: Sequence[pb.Vpn]) -> None:
+    """Idle CPU over ``IDLE_SECONDS`` of no traffic, after ``SETTLE_S`` of quiet: what a VPN
+    does right after it connected (autovn: joining the overlay, registering its address in
+    the DHT) is not what it costs at rest."""
+    time.sleep(SETTLE_S)
+    log(f"{s.name}: idle CPU over {pb.IDLE_SECONDS:.0f} s")
+    s.idle_cpu_percent = pb.idle_cpu_percent(list(vpns), pb.IDLE_SECONDS)
 
 
 def timed_starts(
@@ -147,8 +158,7 @@ def run_autovn(
 
     def measure() -> None:
         pb.check_security(nodes, True)
-        log(f"{s.name}: idle CPU over {pb.IDLE_SECONDS:.0f} s")
-        s.idle_cpu_percent = pb.idle_cpu_percent(nodes, pb.IDLE_SECONDS)
+        idle(s, nodes)
         pb.measure(s, nodes[0], args, nodes, netns)
         loss_runs(system, nodes[0], nss, args)
         s.health = harness.settled_health(nodes)
@@ -171,8 +181,7 @@ def run_peer(
     daemons: list[PeerDaemon] = peer.prepare(peer, nss[0], nss[1], root)
 
     def measure() -> None:
-        log(f"{s.name}: idle CPU over {pb.IDLE_SECONDS:.0f} s")
-        s.idle_cpu_percent = pb.idle_cpu_percent(list(daemons), pb.IDLE_SECONDS)
+        idle(s, daemons)
         pb.measure(s, daemons[0], args, list(daemons), netns)
         loss_runs(system, daemons[0], nss, args)
         for d in daemons:
