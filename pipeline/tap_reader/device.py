@@ -187,15 +187,7 @@ class LinuxTap:
 
     def write(self, frame: bytes | memoryview) -> bool:
         """False when the kernel refused the frame (queue full, device down): a counted drop."""
-        try:
-            os.write(self._fd, frame)
-            return True
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            if exc.errno in _REFUSED:
-                return False
-            raise StageIOError(f"TAP write failed: {exc}") from exc
+        return self.write_parts([frame])
 
     def write_parts(self, parts: Buffers) -> bool:
         """One frame gathered from ``parts`` (``writev``); False as for ``write``."""
