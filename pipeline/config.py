@@ -67,6 +67,12 @@ def _name(v: str) -> str | None:
     return None if ok else f"must be 1-64 characters of letters, digits, '-', '_', '.', got {v!r}"
 
 
+def _absolute(v: Path) -> str | None:
+    if v.is_absolute():
+        return None
+    return f"must be an absolute path (the node may run from any directory), got {str(v)!r}"
+
+
 class Mode(enum.StrEnum):
     INTERFACE = "interface"
     ROUTER = "router"
@@ -91,7 +97,15 @@ class Endpoint:
         host, sep, port = text.rpartition(":")
         if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise ValueError(f"must be 'IPv4:port', got {text!r}")
-        return cls(IPv4Address(host), int(port))
+        try:
+            address = IPv4Address(host)
+        except ValueError:
+            if re.fullmatch(r"[A-Za-z0-9.-]*[A-Za-z][A-Za-z0-9.-]*", host):
+                raise ValueError(
+                    f"a host name is not supported, give an IPv4 address: got {text!r}"
+                ) from None
+            raise ValueError(f"must be 'IPv4:port', got {text!r}") from None
+        return cls(address, int(port))
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
@@ -100,8 +114,13 @@ class Endpoint:
 @dataclasses.dataclass(frozen=True, slots=True)
 class NodeSettings:
     name: str = _field(check=_name, doc="this node's name, used in logs and status")
-    state_dir: Path = _field(doc="long-lived state (keys, leases); created 0700")
-    runtime_dir: Path = _field(doc="sockets, pid file and settings while running; created 0700")
+    state_dir: Path = _field(
+        check=_absolute, doc="long-lived state (keys, leases), an absolute path; created 0700"
+    )
+    runtime_dir: Path = _field(
+        check=_absolute,
+        doc="sockets, pid file and settings while running, an absolute path; created 0700",
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -149,6 +168,26 @@ class OverlaySettings:
     )
 
 
+def _metrics_listen(v: str) -> str | None:
+    try:
+        metrics_endpoint(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def metrics_endpoint(text: str) -> Endpoint:
+    """``metrics.listen``: "IPv4:port", or a port alone for the loopback address."""
+    if text.isdigit():
+        text = f"127.0.0.1:{text}"
+    try:
+        return Endpoint.parse(text)
+    except ValueError:
+        raise ValueError(
+            f"must be 'IPv4:port' (e.g. '127.0.0.1:9477') or a port alone, got {text!r}"
+        ) from None
+
+
 def _public_key(v: str) -> str | None:
     ok = len(v) == 64 and all(c in "0123456789abcdefABCDEF" for c in v)
     return None if ok else "must be 64 hex digits (an Ed25519 public key, `supervisor key show`)"
@@ -166,12 +205,14 @@ class PeerSettings:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SecuritySettings:
-    ca_certificate: Path | None = _field(None, doc="the network authority's certificate")
+    ca_certificate: Path | None = _field(
+        None, check=_absolute, doc="the network authority's certificate (must exist)"
+    )
     certificate: Path | None = _field(
-        None, doc="this node's certificate; default <state_dir>/node.crt"
+        None, check=_absolute, doc="this node's certificate; default <state_dir>/node.crt"
     )
     revocation_list: Path | None = _field(
-        None, doc="revoked serials and node ids; re-read on change"
+        None, check=_absolute, doc="revoked serials and node ids; re-read on change"
     )
     rekey_after_s: float = _field(
         120.0, check=_between(5, 150), doc="session key lifetime (sessions end at 180 s)"
@@ -249,7 +290,19 @@ class StagesSettings:
 @dataclasses.dataclass(frozen=True, slots=True)
 class LogSettings:
     level: LogLevel = _field(LogLevel.INFO, doc="lowest level written")
-    file: Path | None = _field(None, doc="JSON-lines log; default <runtime_dir>/node.log")
+    file: Path | None = _field(
+        None, check=_absolute, doc="JSON-lines log; default <runtime_dir>/node.log"
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    listen: str | None = _field(
+        None,
+        check=_metrics_listen,
+        doc="where the supervisor serves Prometheus metrics over HTTP: 'IPv4:port', or a port "
+        "alone for 127.0.0.1; absent: no metrics endpoint",
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -275,10 +328,17 @@ class Settings:
     stages: StagesSettings = _field(StagesSettings())
     log: LogSettings = _field(LogSettings())
     nat: NatSettings = _field(NatSettings())
+    metrics: MetricsSettings = _field(MetricsSettings())
 
     @property
     def log_file(self) -> Path:
         return self.log.file or self.node.runtime_dir / "node.log"
+
+    @property
+    def metrics_endpoint(self) -> Endpoint | None:
+        """Where the supervisor serves its metrics, or None (``metrics.listen`` absent)."""
+        listen = self.metrics.listen
+        return None if listen is None else metrics_endpoint(listen)
 
     @property
     def certificate_file(self) -> Path:
@@ -459,6 +519,29 @@ def _cross_checks(s: Settings, problems: _Problems) -> None:
         )
     if len(s.peers) > 65000:
         problems.add("peers", "at most 65000 static peers")
+    ov = s.overlay
+    if ov.peer_timeout_s < ov.keepalive_interval_s:
+        problems.add(
+            "overlay.peer_timeout_s",
+            f"must be at least overlay.keepalive_interval_s ({ov.keepalive_interval_s:g}): a "
+            f"peer pinged every {ov.keepalive_interval_s:g} s cannot answer within "
+            f"{ov.peer_timeout_s:g} s",
+        )
+
+
+def check_files(s: Settings) -> None:
+    """What ``check-config`` and ``start`` check beyond the file itself: the files the node
+    needs to exist do. ConfigError naming each missing one by its key."""
+    problems = _Problems()
+    ca = s.security.ca_certificate
+    if ca is not None and not s.security.insecure_plaintext and not ca.is_file():
+        why = "is a directory" if ca.is_dir() else "does not exist"
+        problems.add(
+            "security.ca_certificate",
+            f"{ca} {why} (`supervisor ca init DIR` makes DIR/ca.crt; copy it here)",
+        )
+    if problems.items:
+        raise ConfigError(problems.items)
 
 
 def settings_from_mapping(data: Mapping[str, Any]) -> Settings:
@@ -473,14 +556,74 @@ def settings_from_mapping(data: Mapping[str, Any]) -> Settings:
     return settings
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def load_settings(path: Path) -> Settings:
+    """Read and validate a TOML file; ConfigError for anything wrong with it, never another
+    exception (unreadable, too long, binary, not UTF-8, not TOML, a duplicate key, ...)."""
     try:
-        data = tomllib.loads(path.read_text())
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
-        raise ConfigError([(str(path), f"cannot read: {exc.strerror}")]) from exc
+        raise ConfigError([(str(path), f"cannot read: {exc.strerror or exc}")]) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError([(str(path), f"more than {MAX_CONFIG_BYTES} bytes: not a config")])
+    if b"\0" in raw:
+        raise ConfigError([(str(path), "a binary file (it holds NUL bytes), not a TOML config")])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            [(str(path), f"not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}): a "
+              "TOML config must be UTF-8")]
+        ) from None  # fmt: skip
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([(str(path), f"not valid TOML: {exc}")]) from exc
+        raise ConfigError([_toml_problem(path, text, exc)]) from None
     return settings_from_mapping(data)
+
+
+_LINE_RE = re.compile(r"\(at line (\d+), column \d+\)")
+
+
+def _toml_problem(path: Path, text: str, exc: tomllib.TOMLDecodeError) -> tuple[str, str]:
+    """A TOML syntax error as (where, what): a key defined twice by its key path."""
+    msg = str(exc)
+    found = _LINE_RE.search(msg)
+    if found is not None and msg.startswith(("Cannot overwrite", "Cannot declare")):
+        key = _key_on_line(text, int(found.group(1)))
+        if key is not None:
+            return key, f"defined twice (line {found.group(1)} of {path})"
+    return str(path), f"not valid TOML: {msg}"
+
+
+def _key_on_line(text: str, lineno: int) -> str | None:
+    """The full key path of the key or table header on line ``lineno`` (1-based), found by
+    reading the table headers above it; None if the line holds neither."""
+    lines = text.splitlines()
+    if not 1 <= lineno <= len(lines):
+        return None
+    table = ""
+    for raw in lines[: lineno - 1]:
+        header = re.fullmatch(r"\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?", raw)
+        if header:
+            table = _plain_key(header.group(1))
+    line = lines[lineno - 1]
+    header = re.fullmatch(r"\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?", line)
+    if header:
+        return _plain_key(header.group(1))
+    key, eq, _ = line.partition("=")
+    if not eq or not key.strip():
+        return None
+    return _join(table, _plain_key(key))
+
+
+def _plain_key(key: str) -> str:
+    """A dotted TOML key without its quotes and the spaces around its dots."""
+    return ".".join(part.strip().strip("\"'") for part in key.split("."))
 
 
 def settings_from_json(text: str) -> Settings:

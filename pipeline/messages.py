@@ -105,6 +105,15 @@ class RekeyRequest(msgspec.Struct, tag=True, frozen=True):
     slot: int
 
 
+class PeerMoved(msgspec.Struct, tag=True, frozen=True):
+    """An authentic datagram of link ``slot``'s direct session came from a new ``endpoint``
+    (overlay_io -> control): the peer roamed, or its NAT gave it another mapping; control
+    sends to it there from now on."""
+
+    slot: int
+    endpoint: str  # "host:port"
+
+
 class UnknownSession(msgspec.Struct, tag=True, frozen=True):
     """A datagram came from ``endpoint`` on a session we do not hold (overlay_io -> control):
     the peer kept sessions with an earlier incarnation of this node; a handshake resyncs."""
@@ -150,6 +159,25 @@ class DhtGetReply(msgspec.Struct, tag=True, frozen=True):
     replicas: tuple[str, ...]  # hex node ids that should hold it, nearest first (as seen here)
 
 
+class PingRequest(msgspec.Struct, tag=True, frozen=True):
+    """``supervisor ping``: probe the link to ``peer`` (a node name, a virtual address or a
+    node id) once; ``seq`` tells the answers apart."""
+
+    peer: str
+    seq: int
+
+
+class PingReply(msgspec.Struct, tag=True, frozen=True):
+    peer: str
+    seq: int
+    ok: bool
+    reason: str  # "" when ok; else why not: "unknown_peer", "resolving", "no_link"...
+    rtt_ms: float = 0.0
+    path: str = ""  # "direct" or "relayed"
+    endpoint: str = ""  # direct: "host:port"; relayed: the node id of the first relay
+    node: str = ""  # the peer's name and node id, as its certificate says
+
+
 class NetcheckRequest(msgspec.Struct, tag=True, frozen=True):
     """``supervisor netcheck``: the node's NAT picture (DEALER -> control's ROUTER)."""
 
@@ -177,10 +205,13 @@ Message = (
     | SessionConfirmed
     | RekeyRequest
     | UnknownSession
+    | PeerMoved
     | DhtGetRequest
     | DhtGetReply
     | DhtPutRequest
     | DhtPutReply
+    | PingRequest
+    | PingReply
     | NetcheckRequest
     | NetcheckReply
     | StatusRequest

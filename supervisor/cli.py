@@ -8,7 +8,10 @@ supervisor check-config FILE   print the effective settings, or every error (exi
 supervisor dht get FILE KEY    look KEY up in the DHT: its records and where they are kept
 supervisor dht put FILE KEY V  create KEY with value V (text, or hex with --hex), signed by
                                this node (a tool for tests: records others may refuse)
-supervisor demo                a two-node network in namespaces on this machine
+supervisor netcheck FILE       the node's NAT picture: local, reflexive and mapped endpoints
+supervisor ping FILE PEER      probe the link to PEER (a name, a virtual address, a node id):
+                               the path (direct endpoint, or relayed via which node), the RTT
+supervisor demo                a small network in namespaces on this machine
 supervisor ca init DIR         make a network authority: DIR/ca.key (0600), DIR/ca.crt
 supervisor cert issue ...      sign a node's public key for some networks
 supervisor cert show FILE      print a certificate's fields and whether it is valid now
@@ -24,6 +27,8 @@ import os
 import signal
 import sys
 import time
+import tomllib
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +36,7 @@ import msgspec
 import zmq
 
 from pipeline import messages
-from pipeline.config import Settings, load_settings
+from pipeline.config import Settings, check_files, load_settings
 from pipeline.crypto.keyfiles import KeyFileError, load_membership
 from pipeline.errors import ConfigError
 from pipeline.worker import CLI_SOCKET, CONTROL_SOCKET, endpoint
@@ -42,9 +47,27 @@ EXIT_CONFIG = 1
 EXIT_NOT_RUNNING = 3
 
 
-def _load(path: Path) -> Settings:
+def version() -> str:
+    """autovn's version: the installed package's, else the source tree's pyproject.toml."""
     try:
-        return load_settings(path)
+        return metadata.version("autovn")
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as f:
+            return str(tomllib.load(f)["project"]["version"]) + " (source tree)"
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "unknown"
+
+
+def _load(path: Path, *, files: bool = False) -> Settings:
+    """The settings of ``path``, or every problem on stderr and exit 1. ``files``: also the
+    files the node needs (``check_files``)."""
+    try:
+        settings = load_settings(path)
+        if files:
+            check_files(settings)
+        return settings
     except ConfigError as exc:
         print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
         for key, msg in exc.problems:
@@ -53,7 +76,7 @@ def _load(path: Path) -> Settings:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    settings = _load(args.file)
+    settings = _load(args.file, files=True)
     print(settings.to_json())
     return 0
 
@@ -61,7 +84,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_start(args: argparse.Namespace) -> int:
     from supervisor.node import NodeError, NodeSupervisor
 
-    settings = _load(args.file)
+    settings = _load(args.file, files=True)
     sec = settings.security
     if sec.insecure_plaintext:
         print(
@@ -145,15 +168,18 @@ def query_status(settings: Settings, timeout_s: float = 3.0) -> dict[str, Any] |
 
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _load(args.file)
-    if _running_pid(settings) is None:
-        print(f"node {settings.node.name} is not running", file=sys.stderr)
-        return EXIT_NOT_RUNNING
-    status = query_status(settings)
-    if status is None:
-        print(f"node {settings.node.name} did not answer", file=sys.stderr)
-        return 1
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
-    return 0
+    name = settings.node.name
+    status = query_status(settings) if _running_pid(settings) is not None else None
+    if status is not None:
+        print(json.dumps(status, indent=2) if args.json else format_status(status))
+        return 0
+    running = _running_pid(settings) is not None
+    state = "not answering" if running else "not running"
+    if args.json:  # a script reads stdout: it gets JSON whatever the state
+        print(json.dumps({"node": name, "running": running, "state": state}, indent=2))
+    else:
+        print(f"node {name} is {state}", file=sys.stderr)
+    return 1 if running else EXIT_NOT_RUNNING
 
 
 def _ask_control(args: argparse.Namespace, request: messages.Message) -> messages.Message | int:
@@ -221,6 +247,111 @@ def format_dht_reply(reply: messages.DhtGetReply) -> str:
     return "\n".join(lines)
 
 
+def cmd_ping(args: argparse.Namespace) -> int:
+    """Like ``tailscale ping``: a probe a line, the path each took, and a line when the path
+    changes. Exit 0 if any probe was answered."""
+    settings = _load(args.file)
+    if _running_pid(settings) is None:
+        print(f"node {settings.node.name} is not running", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    answered = 0
+    last_path: tuple[str, str] | None = None
+    try:
+        sock.connect(endpoint(settings.node.runtime_dir, CONTROL_SOCKET))
+        for seq in range(args.count):
+            started = time.monotonic()
+            sock.send(messages.encode(messages.PingRequest(args.peer, seq)))
+            reply = _ping_reply(sock, seq, started + args.timeout)
+            if reply is None:
+                print(f"{args.peer}: no answer in {args.timeout:g} s")
+            elif not reply.ok:
+                print(f"{args.peer}: {reply.reason.replace('_', ' ')}")
+            else:
+                answered += 1
+                path = (reply.path, reply.endpoint)
+                if last_path is not None and path != last_path:
+                    print(f"path changed: {_path_text(*last_path)} -> {_path_text(*path)}")
+                last_path = path
+                print(f"pong from {reply.node} {_path_text(*path)} in {reply.rtt_ms:.3f} ms")
+            pause = args.interval - (time.monotonic() - started)
+            if seq + 1 < args.count and pause > 0:
+                time.sleep(pause)
+    finally:
+        sock.close(0)
+    return 0 if answered else 1
+
+
+def _ping_reply(sock: Any, seq: int, deadline: float) -> messages.PingReply | None:
+    while (left := deadline - time.monotonic()) > 0:
+        if not sock.poll(int(left * 1000) + 1):
+            return None
+        try:
+            reply = messages.decode(sock.recv())
+        except ValueError:
+            continue
+        if isinstance(reply, messages.PingReply) and reply.seq == seq:
+            return reply
+    return None
+
+
+def _path_text(path: str, where: str) -> str:
+    if path == "direct":
+        return f"direct via {where}"
+    return f"relayed via node {where[:16]}" if where else "relayed"
+
+
+def cmd_netcheck(args: argparse.Namespace) -> int:
+    reply = _ask_control(args, messages.NetcheckRequest())
+    if isinstance(reply, int):
+        return reply
+    if not isinstance(reply, messages.NetcheckReply):
+        print("unexpected answer from control", file=sys.stderr)
+        return 1
+    picture = reply.picture
+    if args.json:
+        print(json.dumps(picture, indent=2))
+    else:
+        print(format_netcheck(picture))
+    return 0
+
+
+def format_netcheck(picture: dict[str, Any]) -> str:
+    """The NAT picture for a human: where the node is, and how others see it."""
+    if not picture.get("encrypted"):
+        return "plaintext mode: no links, no NAT traversal"
+    mapping = picture.get("port_mapping") or {}
+    stun = picture.get("stun") or {}
+    varies = picture.get("mapping_varies")
+    lines = [
+        f"local endpoints     {', '.join(picture.get('local') or []) or '-'}",
+        f"default gateway     {picture.get('gateway') or '-'}",
+        f"reflexive (STUN)    {picture.get('reflexive') or '-'}",
+        f"reflexive (overlay) {picture.get('overlay_reflexive') or '-'}",
+    ]
+    for server, seen in (stun.get("answers") or {}).items():
+        lines.append(f"  {server:<20} sees {seen}")
+    for server, why in (stun.get("failed") or {}).items():
+        lines.append(f"  {server:<20} {why}")
+    if varies is None:
+        verdict = "unknown (fewer than two STUN answers)"
+    else:
+        verdict = "yes: the NAT maps per destination (hard to punch)" if varies else "no"
+    lines.append(f"mapping varies      {verdict}")
+    if mapping.get("enabled"):
+        answered = mapping.get("protocol") or "none answered"
+        lines.append(f"port mapping        {mapping.get('external') or '-'} ({answered})")
+    else:
+        lines.append("port mapping        off")
+    lines.append(f"candidates          {', '.join(picture.get('candidates') or []) or '-'}")
+    for slot, path in (picture.get("shortcuts") or {}).items():
+        where = path.get("endpoint") or "relayed"
+        lines.append(f"  link {slot}: {path.get('phase')} {where} (round {path.get('round')})")
+    return "\n".join(lines)
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     settings = _load(args.file)
     return logview.run(args, settings.log_file, sys.stdout)
@@ -232,10 +363,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(seconds=args.seconds, pings=args.pings, nodes=args.nodes)
 
 
+def whole_number(lo: int, hi: int | None = None) -> Any:
+    """An argparse type: a whole number from ``lo`` (to ``hi``), with a message that says so."""
+
+    def parse(text: str) -> int:
+        want = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be a whole number {want}, got {text!r}"
+            ) from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {value}")
+        return value
+
+    return parse
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="supervisor", description="Run and inspect an autovn node."
     )
+    parser.add_argument("--version", action="version", version=f"supervisor (autovn) {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
@@ -246,18 +407,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("start", cmd_start, "run the node in the foreground until SIGINT/SIGTERM")
     stop = command("stop", cmd_stop, "stop the running node")
-    stop.add_argument("--timeout", type=float, default=20.0, help="seconds to wait")
+    stop.add_argument(
+        "--timeout", type=seconds, default=20.0, help="seconds to wait (default: %(default)s)"
+    )
     status = command("status", cmd_status, "show the node, its workers, rings and peers")
     status.add_argument("--json", action="store_true", help="print JSON")
     logs = command("logs", cmd_logs, "show the node's log, filtered; --follow to keep reading")
     logview.add_arguments(logs)
     command("check-config", cmd_check_config, "validate FILE and print the effective settings")
+    ping = command("ping", cmd_ping, "probe the link to a peer: its path and RTT, probe by probe")
+    ping.add_argument("peer", help="a node name, a virtual address or a node id (hex)")
+    ping.add_argument("-c", "--count", type=int, default=10, help="probes (default: %(default)s)")
+    ping.add_argument(
+        "-i", "--interval", type=seconds, default=1.0, help="seconds apart (default: %(default)s)"
+    )
+    ping.add_argument(
+        "--timeout",
+        type=seconds,
+        default=2.0,
+        help="seconds to wait a probe (default: %(default)s)",
+    )
+    netcheck = command(
+        "netcheck",
+        cmd_netcheck,
+        "show the node's NAT picture: local, reflexive (STUN) and port-mapped endpoints, "
+        "whether its NAT maps per destination, its shortcut attempts",
+    )
+    netcheck.add_argument(
+        "--timeout", type=seconds, default=10.0, help="seconds to wait (default: %(default)s)"
+    )
+    netcheck.add_argument("--json", action="store_true", help="print JSON")
     dht = sub.add_parser("dht", help="ask the running node's DHT")
     dht_sub = dht.add_subparsers(dest="dht_command", required=True)
     get = dht_sub.add_parser("get", help="show a key's records and the nodes that keep them")
     get.add_argument("file", type=Path, help="the node's TOML configuration")
     get.add_argument("key", help="e.g. ip:<namespace>:<address>")
-    get.add_argument("--timeout", type=float, default=10.0, help="seconds to wait")
+    get.add_argument(
+        "--timeout", type=seconds, default=10.0, help="seconds to wait (default: %(default)s)"
+    )
     get.add_argument("--json", action="store_true", help="print JSON")
     get.set_defaults(fn=cmd_dht_get)
     put = dht_sub.add_parser("put", help="create a record signed by this node (for tests)")
@@ -265,8 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     put.add_argument("key")
     put.add_argument("value", help="text, or hex digits with --hex")
     put.add_argument("--hex", action="store_true", help="the value is hex digits")
-    put.add_argument("--lease", type=float, default=300.0, help="lease in seconds")
-    put.add_argument("--timeout", type=float, default=10.0, help="seconds to wait")
+    put.add_argument(
+        "--lease", type=seconds, default=300.0, help="lease in seconds (default: %(default)s)"
+    )
+    put.add_argument(
+        "--timeout", type=seconds, default=10.0, help="seconds to wait (default: %(default)s)"
+    )
     put.set_defaults(fn=cmd_dht_put)
     demo = sub.add_parser(
         "demo",
@@ -275,9 +466,21 @@ def build_parser() -> argparse.ArgumentParser:
         "DHCP client on its TAP, ping every node by name, run iperf3 across the segments, "
         "print a table, and remove everything (needs root, dhclient, ping, dig, iperf3).",
     )
-    demo.add_argument("--nodes", type=int, default=5, help="nodes (2 to 20)")
-    demo.add_argument("--seconds", type=int, default=3, help="iperf3 time")
-    demo.add_argument("--pings", type=int, default=20, help="pings per direction")
+    demo.add_argument(
+        "--nodes", type=whole_number(2, 20), default=5, help="nodes, 2 to 20 (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--seconds",
+        type=whole_number(0, 3600),
+        default=3,
+        help="iperf3 time, 0 for none (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--pings",
+        type=whole_number(1, 10000),
+        default=20,
+        help="pings per node (default: %(default)s)",
+    )
     demo.set_defaults(fn=cmd_demo)
     keys.add_commands(sub)
     return parser
@@ -285,4 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    sys.exit(args.fn(args))
+    try:
+        code = args.fn(args)
+    except KeyboardInterrupt:  # Ctrl-C in a command that does not handle it: no traceback
+        code = 128 + signal.SIGINT
+    sys.exit(code)

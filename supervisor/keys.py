@@ -78,6 +78,7 @@ DAY_S = 86400
 MAX_DAYS = 36500
 DEFAULT_CERT_DAYS = 365
 EXIT_ERROR = 1
+EXIT_INVALID = 2  # `cert show`: the certificate was checked and is not valid
 
 
 # -- presentation ------------------------------------------------------------------------------
@@ -91,18 +92,27 @@ def iso_utc(t: int) -> str:
 
 
 def describe(cert: Certificate, *, now: float, ca_cert: Certificate | None) -> dict[str, Any]:
-    """Every field, for ``cert show`` and ``cert issue``. With ``ca_cert`` the certificate is
-    fully verified; without, only its validity window is checked."""
+    """Every field, for ``cert show`` and ``cert issue``, and what was checked. With
+    ``ca_cert`` the certificate is verified (the CA certificate, issuer, signature, validity
+    window); without, only its validity window is, so ``valid_now`` is None (not known) unless
+    the window alone shows it invalid. The revocation list and the network are never checked
+    here (``supervisor start`` and every handshake check them)."""
     problem: str | None = None
     if ca_cert is not None:
         try:
             verify(cert, ca_cert, now=now, network=None, revoked=RevocationList.empty())
         except CertificateError as exc:
             problem = str(exc)
-    elif now < cert.not_before:
-        problem = "not_yet_valid"
-    elif now > cert.not_after:
-        problem = "expired"
+        checked = ["CA certificate", "issuer", "signature", "validity window"]
+        not_checked = ["revocation list", "network"]
+    else:
+        if now < cert.not_before:
+            problem = "not_yet_valid"
+        elif now > cert.not_after:
+            problem = "expired"
+        checked = ["validity window"]
+        not_checked = ["signature (give --ca)", "issuer", "revocation list", "network"]
+    valid: bool | None = problem is None if ca_cert is not None or problem else None
     return {
         "name": cert.name,
         "node_id": cert.node_id.hex(),
@@ -113,9 +123,11 @@ def describe(cert: Certificate, *, now: float, ca_cert: Certificate | None) -> d
         "not_after": iso_utc(cert.not_after),
         "not_before_unix": cert.not_before,
         "not_after_unix": cert.not_after,
-        "valid_now": problem is None,
+        "valid_now": valid,
         "invalid_reason": problem,
         "signature_checked": ca_cert is not None,
+        "checked": checked,
+        "not_checked": not_checked,
         "is_ca": cert.is_ca,
         "issuer": cert.issuer.hex(),
         "serial": cert.serial,
@@ -124,8 +136,10 @@ def describe(cert: Certificate, *, now: float, ca_cert: Certificate | None) -> d
 
 
 def format_description(d: dict[str, Any]) -> str:
-    if d["valid_now"]:
-        valid = "yes" if d["signature_checked"] else "yes (validity window only; --ca to verify)"
+    if d["valid_now"] is None:
+        valid = "not known: signature not checked (give --ca); within its validity window"
+    elif d["valid_now"]:
+        valid = "yes"
     else:
         valid = f"NO: {d['invalid_reason']}"
     rows = [
@@ -137,6 +151,8 @@ def format_description(d: dict[str, Any]) -> str:
         ("not before", d["not_before"]),
         ("not after", d["not_after"]),
         ("valid now", valid),
+        ("checked", ", ".join(d["checked"])),
+        ("not checked", ", ".join(d["not_checked"])),
         ("is CA", "yes" if d["is_ca"] else "no"),
         ("issuer", d["issuer"]),
         ("serial", str(d["serial"])),
@@ -320,7 +336,7 @@ def cmd_cert_show(args: argparse.Namespace) -> int:
     ca_cert = _ca_cert_arg(args.ca) if args.ca is not None else None
     d = describe(cert, now=time.time(), ca_cert=ca_cert)
     print(json.dumps(d, indent=2) if args.json else format_description(d))
-    return 0
+    return EXIT_INVALID if d["valid_now"] is False else 0
 
 
 def cmd_key_show(args: argparse.Namespace) -> int:
@@ -356,8 +372,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "and ca.crt (give it to every node). Refuses to overwrite an existing CA.",
     )
     init.add_argument("dir", type=Path, metavar="DIR", help="the CA directory (created 0700)")
-    init.add_argument("--name", type=_name_arg, default="autovn-ca", help="the CA's name")
-    init.add_argument("--days", type=_days, default=3650, help="validity (default 3650)")
+    init.add_argument(
+        "--name", type=_name_arg, default="autovn-ca", help="the CA's name (default: %(default)s)"
+    )
+    init.add_argument(
+        "--days", type=_days, default=3650, help="validity in days (default: %(default)s)"
+    )
     init.set_defaults(fn=_guarded(cmd_ca_init))
 
     cert = sub.add_parser("cert", help="issue and inspect node certificates")
@@ -407,8 +427,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     show = cert_sub.add_parser(
         "show",
         help="print every field of a certificate",
-        description="Print every field of a certificate and whether it is valid now; with "
-        "--ca also verify the CA's signature.",
+        description="Print every field of a certificate and whether it is valid now, and "
+        "what was checked: without --ca only its validity window (the signature is not "
+        "checked, so it cannot say 'valid'); with --ca the CA certificate, the issuer, the "
+        "signature and the validity window. The revocation list and the network are not "
+        "checked here. Exit status: 0 valid (or, without --ca, within its validity window), "
+        f"{EXIT_INVALID} not valid, {EXIT_ERROR} unreadable.",
     )
     show.add_argument("file", type=Path, metavar="FILE", help="the certificate")
     show.add_argument(

@@ -564,7 +564,7 @@ def run(args: argparse.Namespace, log_path: Path, out: TextIO) -> int:
     try:
         flt = _build_filter(args, datetime.now(UTC))
     except ValueError as exc:
-        print(f"logview: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
     if getattr(args, "json", False):
@@ -581,7 +581,7 @@ def run(args: argparse.Namespace, log_path: Path, out: TextIO) -> int:
     try:
         if follow:
             if not log_path.exists():
-                print(f"logview: waiting for {log_path} to appear", file=sys.stderr)
+                print(f"waiting for {log_path} to appear", file=sys.stderr)
             for record in follow_records(log_path, flt, stats=stats):
                 out.write(render(record) + "\n")
                 out.flush()
@@ -596,8 +596,8 @@ def run(args: argparse.Namespace, log_path: Path, out: TextIO) -> int:
     except OSError as exc:
         if exc.filename is None:
             raise  # not about the log file (e.g. writing to ``out`` failed)
-        print(f"logview: cannot read {log_path}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"error: cannot read {log_path}: {exc.strerror or exc}", file=sys.stderr)
         status = 1
     if stats.skipped:
-        print(f"logview: skipped {stats.skipped} unparseable line(s)", file=sys.stderr)
+        print(f"skipped {stats.skipped} unparseable line(s)", file=sys.stderr)
     return status

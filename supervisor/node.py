@@ -19,6 +19,10 @@ Theory of operation:
 - A lock on ``supervisor.lock`` in the runtime directory marks the node as running; the
   kernel drops it when the supervisor dies, even by kill -9. Workers die with the supervisor
   (``PR_SET_PDEATHSIG``), which also closes the TAP.
+- With ``[metrics] listen`` the loop publishes ``status()`` as a snapshot twice a second for
+  the metrics server's thread (``supervisor/metrics.py``). Under systemd (``$NOTIFY_SOCKET``)
+  it tells systemd READY=1 once the node has joined the overlay, WATCHDOG=1 every half
+  watchdog period, STATUS= as it changes and STOPPING=1 (``supervisor/sdnotify.py``).
 """
 
 from __future__ import annotations
@@ -39,16 +43,18 @@ import structlog
 import zmq
 
 from pipeline import messages
-from pipeline.config import Settings
+from pipeline.config import Endpoint, Settings
 from pipeline.log import configure_logging
 from pipeline.shm_ring import Ring, RingSpec, create_ring, read_stats
 from pipeline.topology import START_ORDER, Stage
 from pipeline.worker import CLI_SOCKET, SUPERVISOR_SOCKET, endpoint
+from supervisor import sdnotify
 
 READY_TIMEOUT_S = 20.0
 STOP_GRACE_S = 3.0
 GOOD_RUN_S = 30.0
 IDLE_POLL_S = 0.5  # housekeeping (hung workers) at least this often
+SNAPSHOT_S = 0.5  # how fresh the status the metrics server reads is
 
 
 class NodeError(Exception):
@@ -103,6 +109,14 @@ class NodeSupervisor:
         self.rings: dict[str, Ring] = {}
         self.workers = worker_plan(settings)
         self.log: structlog.typing.FilteringBoundLogger
+        #: the latest ``status()``, for the metrics server's thread: replaced, never changed
+        self.snapshot: dict[str, Any] | None = None
+        self._snapshot_at = 0.0
+        self.metrics: Any = None  # a supervisor.metrics.MetricsServer while serving
+        self.notifier = sdnotify.Notifier.from_environment()
+        self._ready_sent = False
+        self._watchdog_at = 0.0
+        self._status_text = ""
 
     # -- start -----------------------------------------------------------------------------------
 
@@ -126,6 +140,8 @@ class NodeSupervisor:
         self.router = self._bind(zmq.ROUTER, SUPERVISOR_SOCKET)
         self.cli = self._bind(zmq.ROUTER, CLI_SOCKET)
         try:
+            if s.metrics_endpoint is not None:
+                self._serve_metrics(s.metrics_endpoint)
             self._create_rings()
             self.log.info(
                 "node_starting",
@@ -141,6 +157,15 @@ class NodeSupervisor:
             return 1
         finally:
             self._shutdown()
+
+    def _serve_metrics(self, where: Endpoint) -> None:
+        from supervisor.metrics import MetricsServer  # prometheus-client only when asked for
+
+        try:
+            self.metrics = MetricsServer(where, lambda: self.snapshot)
+        except OSError as exc:
+            raise NodeError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from None
+        self.log.info("metrics_started", address=self.metrics.address)
 
     def _lock(self) -> None:
         self.lock_fd = os.open(self.runtime / "supervisor.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -198,6 +223,8 @@ class NodeSupervisor:
             handed[name] = [spec.mem_fd, spec.bell_fd]
             fds += handed[name]
         env = dict(os.environ, AUTOVN_RINGS=json.dumps(handed))
+        for name in sdnotify.VARIABLES:  # only the supervisor talks to systemd
+            env.pop(name, None)
         argv = [sys.executable, "-m", f"pipeline.{w.stage}", "--runtime-dir", str(self.runtime)]
         argv += ["--worker", str(w.index), "--parent-pid", str(os.getpid())]
         w.proc = subprocess.Popen(argv, pass_fds=fds, env=env, stdin=subprocess.DEVNULL)
@@ -214,6 +241,8 @@ class NodeSupervisor:
         while not self.stopping:
             now = time.monotonic()
             due = [w.restart_at for w in self.workers if w.restart_at is not None]
+            if self.notifier is not None and self.notifier.watchdog_s:
+                due.append(self._watchdog_at)
             self._poll(max(0.0, min([now + IDLE_POLL_S, *due]) - now))
             self._housekeeping(time.monotonic())
 
@@ -310,6 +339,66 @@ class NodeSupervisor:
                 assert w.proc is not None
                 w.proc.kill()
                 w.last_heartbeat = now
+        if self.metrics is not None and now >= self._snapshot_at:
+            self.snapshot = self.status()  # one assignment: the server's thread reads it
+            self._snapshot_at = now + SNAPSHOT_S
+        if self.notifier is not None:
+            self._notify(now)
+
+    # -- systemd -----------------------------------------------------------------------------------
+
+    def _notify(self, now: float) -> None:
+        """WATCHDOG=1 when due; READY=1 once joined; STATUS= when it changes."""
+        assert self.notifier is not None
+        period = self.notifier.watchdog_s
+        if period and now >= self._watchdog_at:
+            self._tell(WATCHDOG=1)
+            self._watchdog_at = now + period / 2
+        if self.stopping:
+            return
+        text = self._status_line()
+        if not self._ready_sent and self._joined():
+            self._ready_sent = True
+            self._status_text = text
+            self._tell(READY=1, STATUS=text)
+        elif self._ready_sent and text != self._status_text:
+            self._status_text = text
+            self._tell(STATUS=text)
+
+    def _tell(self, **fields: str | int) -> None:
+        assert self.notifier is not None
+        failed_before = self.notifier.error is not None
+        if not self.notifier.send(**fields) and not failed_before:
+            self.log.warning("notify_failed", error=str(self.notifier.error))
+
+    def _control_stats(self) -> dict[str, Any]:
+        control = next((w for w in self.workers if w.stage is Stage.CONTROL), None)
+        return control.stats if control is not None else {}
+
+    def _joined(self) -> bool:
+        """Every worker runs and control says the node has its place on the overlay (a node
+        without an overlay: control has reported at all)."""
+        stats = self._control_stats()
+        if not stats or not all(w.ready for w in self.workers):
+            return False
+        overlay = stats.get("overlay")
+        return overlay is None or overlay.get("state") == "joined"
+
+    def _status_line(self) -> str:
+        """What ``systemctl status`` shows: the address, links up, the overlay."""
+        stats = self._control_stats()
+        address = stats.get("address") or "no address yet"
+        links = [lk for lk in stats.get("link_table") or [] if lk.get("up")]
+        peers = [p for p in stats.get("peers") or [] if p.get("state") == "up"]
+        text = f"address {address}, {len(links)} link(s) up"
+        if stats.get("peers"):
+            text += f", {len(peers)} of {len(stats['peers'])} static peer(s) up"
+        overlay = stats.get("overlay")
+        if overlay is not None:
+            text += (
+                f", overlay {overlay.get('state')} (about {overlay.get('estimated_size')} nodes)"
+            )
+        return text
 
     # -- status ------------------------------------------------------------------------------------
 
@@ -388,6 +477,8 @@ class NodeSupervisor:
 
     def _shutdown(self) -> None:
         self.stopping = True
+        if self.notifier is not None:
+            self._tell(STOPPING=1, STATUS="stopping")
         for stage in reversed(START_ORDER):
             self._stop_stage(stage)
         for ring in self.rings.values():
@@ -404,6 +495,10 @@ class NodeSupervisor:
         self.router.close(0)
         self.cli.close(0)
         self.ctx.term()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.notifier is not None:
+            self.notifier.close()
         self.log.info("node_stopped")
 
     def _stop_stage(self, stage: Stage) -> None:

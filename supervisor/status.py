@@ -1,4 +1,6 @@
-"""``supervisor status`` as a human reads it: the node, its workers, rings and peers."""
+"""``supervisor status`` as a human reads it: the node, a short table of its peers (who,
+where, by which path, how fast, when they last shook hands), then the details: workers,
+rings, static peers, the overlay, every link, drops. ``--json`` prints the whole status."""
 
 from __future__ import annotations
 
@@ -27,8 +29,11 @@ def format_status(st: dict[str, Any]) -> str:
         f"listening on {st['listen']}, supervisor pid {st['supervisor_pid']}, "
         f"up {st['uptime_s']} s",
         "",
-        "workers",
+        "peers",
     ]
+    peers = peer_rows(st)
+    lines += table(PEER_HEADERS, peers) if peers else ["  none yet"]
+    lines += ["", "workers"]
     rows = [
         [w["stage"], w["worker"], w["pid"], w["state"], w["uptime_s"], w["restarts"]]
         for w in st["workers"]
@@ -47,7 +52,8 @@ def format_status(st: dict[str, Any]) -> str:
         for r in st["rings"]
     ]
     lines += table(["ring", "frames", "bytes", "drops", "consumed", "occupancy"], rows)
-    lines += ["", "peers"]
+    if st["peers"]:
+        lines += ["", "static peers"]
     rows = [
         [
             p["name"],
@@ -62,7 +68,7 @@ def format_status(st: dict[str, Any]) -> str:
         for p in st["peers"]
     ]
     headers = ["peer", "state", "node_id", "endpoint", "addresses", "rtt_ms", "link", "key_age_s"]
-    lines += table(headers, rows)
+    lines += table(headers, rows) if rows else []
     overlay = st.get("overlay")
     if overlay:
         lines += [
@@ -126,3 +132,48 @@ def _drops(st: dict[str, Any]) -> list[list[Any]]:
             if count:
                 rows.append([f"{w['stage']}:{w['worker']}", reason, count])
     return rows
+
+
+PEER_HEADERS = ["peer", "address", "path", "rtt_ms", "last handshake", "state"]
+
+
+def peer_rows(st: dict[str, Any]) -> list[list[Any]]:
+    """One row a peer: the links (static peers' and the overlay's) merged with the static
+    peers' keepalive state. Bytes per peer are not counted by any stage, so not shown."""
+    static = {p["name"]: p for p in st.get("peers") or []}
+    rows: list[list[Any]] = []
+    seen: set[str] = set()
+    for lk in st.get("link_table") or []:
+        name = lk.get("name") or (lk.get("node_id") or "?")[:12]
+        peer = static.get(lk.get("name") or "")
+        addresses = lk.get("routes") or (peer["addresses"] if peer else [])
+        rtt = peer["rtt_ms"] if peer and peer.get("rtt_ms") is not None else lk.get("rtt_ms")
+        state = peer["state"] if peer else ("up" if lk.get("up") else "down")
+        kind = lk.get("kind") or "-"
+        rows.append([name, ",".join(addresses) or "-", _path(lk.get("endpoint"), kind), rtt,
+                     _ago(lk.get("age_s")), state])  # fmt: skip
+        seen.add(name)
+    for name, p in static.items():
+        if name not in seen:
+            path = _path(p.get("endpoint"), "static")
+            age = _ago(p.get("session_age_s"))
+            rows.append([name, ",".join(p["addresses"]), path, p.get("rtt_ms"), age, p["state"]])
+    return rows
+
+
+def _path(endpoint: Any, kind: str) -> str:
+    """``direct 198.18.0.2:4789 (near)``, or ``relayed via 3fa2b1c0d4e5 (relayed)``."""
+    text = str(endpoint or "-")
+    if text.startswith("via:"):
+        return f"relayed via {text[4:16]} ({kind})"
+    return f"direct {text} ({kind})"
+
+
+def _ago(seconds: Any) -> str:
+    if not isinstance(seconds, int | float):
+        return "never"
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"

@@ -539,9 +539,14 @@ class TestCommands:
             "Z",
         ]:
             assert text in out, text
-        assert "validity window only" in out
+        assert "valid now    not known: signature not checked (give --ca)" in out
+        assert "valid now    yes" not in out
+        assert "not checked  signature (give --ca), issuer, revocation list, network" in out
         for label in ["not before", "not after", "valid now", "issuer", "serial", "is CA"]:
             assert label in out
+        rc, out, err = run_cli(["cert", "show", str(out_file), "--json"], capsys)
+        assert rc == 0 and json.loads(out)["valid_now"] is None
+        assert json.loads(out)["checked"] == ["validity window"]
 
         rc, out, err = run_cli(
             ["cert", "show", str(out_file), "--json", "--ca", str(ca_dir)], capsys
@@ -573,14 +578,30 @@ class TestCommands:
     ) -> None:
         (tmp_path / "old.crt").write_text(to_pem(CERT))  # by another CA, expired long ago
         rc, out, _ = run_cli(["cert", "show", str(tmp_path / "old.crt")], capsys)
-        assert rc == 0 and "NO: expired" in out
+        assert rc == 2 and "NO: expired" in out
         rc, out, _ = run_cli(
             ["cert", "show", str(tmp_path / "old.crt"), "--ca", str(ca_dir / "ca.crt")], capsys
         )
-        assert rc == 0 and "NO: foreign_ca" in out
+        assert rc == 2 and "NO: foreign_ca" in out
         (tmp_path / "old.bin").write_bytes(CERT.encode())  # the binary form is read too
         rc, out, _ = run_cli(["cert", "show", str(tmp_path / "old.bin"), "--json"], capsys)
-        assert rc == 0 and json.loads(out)["invalid_reason"] == "expired"
+        assert rc == 2 and json.loads(out)["invalid_reason"] == "expired"
+
+    def test_show_valid_but_foreign_exits_non_zero(
+        self, tmp_path: Path, ca_dir: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Within its window but signed by another CA: `--ca` must fail, text and JSON."""
+        now = int(time.time())
+        fresh = node_cert(not_before=now - 60, not_after=now + DAY)
+        (tmp_path / "fresh.crt").write_text(to_pem(fresh))
+        argv = ["cert", "show", str(tmp_path / "fresh.crt"), "--ca", str(ca_dir)]
+        rc, out, _ = run_cli(argv, capsys)
+        assert rc == 2 and "NO: foreign_ca" in out
+        rc, out, _ = run_cli([*argv, "--json"], capsys)
+        data = json.loads(out)
+        assert rc == 2 and data["valid_now"] is False and data["signature_checked"] is True
+        rc, out, _ = run_cli(["cert", "show", str(tmp_path / "fresh.crt")], capsys)
+        assert rc == 0 and "valid now    yes" not in out and "not known" in out
 
     @pytest.mark.parametrize(
         ("extra", "match"),

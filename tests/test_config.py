@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -133,22 +134,36 @@ class TestErrors:
             load_settings(tmp_path / "absent.toml")
 
 
+def example_with_ca(tmp_path: Path, name: str = "interface.toml") -> Path:
+    """An example config whose ``ca_certificate`` names a file that exists."""
+    (tmp_path / "ca.crt").write_text("a CA certificate\n")
+    text = (ROOT / "configs" / name).read_text()
+    path = tmp_path / name
+    path.write_text(text.replace('"/etc/autovn/ca.crt"', f'"{tmp_path / "ca.crt"}"'))
+    return path
+
+
+def check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
+
+
 class TestCheckConfigCommand:
-    def test_prints_effective_settings(self) -> None:
-        res = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "supervisor",
-                "check-config",
-                str(ROOT / "configs/interface.toml"),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert res.returncode == 0
+    def test_prints_effective_settings(self, tmp_path: Path) -> None:
+        res = check_config(example_with_ca(tmp_path))
+        assert res.returncode == 0, res.stderr
         assert '"listen_port": 4789' in res.stdout
+
+    def test_missing_ca_certificate_file(self, tmp_path: Path) -> None:
+        res = check_config(ROOT / "configs/interface.toml")  # /etc/autovn/ca.crt: not here
+        assert res.returncode == 1
+        assert "security.ca_certificate: /etc/autovn/ca.crt does not exist" in res.stderr
+        assert "Traceback" not in res.stderr
 
     def test_errors_exit_1_with_key_paths(self, tmp_path: Path) -> None:
         path = tmp_path / "bad.toml"
@@ -162,3 +177,140 @@ class TestCheckConfigCommand:
         assert res.returncode == 1
         for key in ("node.bogus", "node.state_dir", "network"):
             assert key in res.stderr
+
+
+class TestIssue14:
+    """The configuration defects of issue 14, each as a user met it."""
+
+    @pytest.mark.parametrize(
+        ("content", "said"),
+        [
+            (b'[node]\nname = "caf\xe9"\n', "not UTF-8 text (byte 0xe9 on line 2)"),
+            (b"\x7fELF\x02\x01\x01\x00\x00\x00" + bytes(range(256)), "a binary file"),
+            (b"\xff\xfe[\x00n\x00o\x00d\x00e\x00]\x00", "a binary file"),  # UTF-16
+        ],
+    )
+    def test_a_file_that_is_not_utf8_text_is_a_config_error(
+        self, tmp_path: Path, content: bytes, said: str
+    ) -> None:
+        path = tmp_path / "node.toml"
+        path.write_bytes(content)
+        with pytest.raises(ConfigError) as info:
+            load_settings(path)
+        assert info.value.problems == [(str(path), info.value.problems[0][1])]
+        assert said in info.value.problems[0][1]
+
+    @pytest.mark.parametrize(
+        ("text", "key"),
+        [
+            ('[node]\nname = "a"\nname = "b"\n', "node.name"),
+            ('[node]\nname = "a"\n\n[network]\nmtu = 1400\n[node]\n', "node"),
+            ('[[peers]]\nname = "x"\n "name" = "y"\n', "peers.name"),
+            (
+                "[stages]\nclassifier.workers = 1\nclassifier.workers = 2\n",
+                "stages.classifier.workers",
+            ),
+        ],
+    )
+    def test_a_duplicate_key_is_named_by_its_path(
+        self, tmp_path: Path, text: str, key: str
+    ) -> None:
+        path = tmp_path / "dup.toml"
+        path.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load_settings(path)
+        [(where, msg)] = info.value.problems
+        assert where == key and "defined twice (line" in msg
+
+    def test_peer_timeout_below_keepalive_refused(self) -> None:
+        data = minimal()
+        data["overlay"] = {"keepalive_interval_s": 2.0, "peer_timeout_s": 1.0}
+        assert "at least overlay.keepalive_interval_s" in problems(data)["overlay.peer_timeout_s"]
+        data["overlay"] = {"keepalive_interval_s": 2.0, "peer_timeout_s": 2.0}
+        settings_from_mapping(data)
+
+    @pytest.mark.parametrize(
+        ("section", "key"),
+        [
+            ("node", "state_dir"),
+            ("node", "runtime_dir"),
+            ("security", "ca_certificate"),
+            ("log", "file"),
+        ],
+    )
+    def test_relative_paths_refused(self, section: str, key: str) -> None:
+        data = minimal()
+        data.setdefault(section, {})[key] = "var/autovn"
+        assert "must be an absolute path" in problems(data)[f"{section}.{key}"]
+
+    def test_a_host_name_in_bootstrap_is_explained(self) -> None:
+        data = minimal()
+        data["overlay"] = {"bootstrap": ["example.org:4789", "198.18.0.1"]}
+        found = problems(data)
+        assert found["overlay.bootstrap[0]"] == (
+            "a host name is not supported, give an IPv4 address: got 'example.org:4789'"
+        )
+        assert "must be 'IPv4:port'" in found["overlay.bootstrap[1]"]
+
+    @pytest.mark.parametrize(
+        ("listen", "host", "port"),
+        [
+            ("127.0.0.1:9477", "127.0.0.1", 9477),
+            ("9100", "127.0.0.1", 9100),
+            ("0.0.0.0:1", "0.0.0.0", 1),
+        ],
+    )
+    def test_metrics_listen(self, listen: str, host: str, port: int) -> None:
+        assert settings_from_mapping(minimal()).metrics.listen is None  # off by default
+        s = settings_from_mapping(minimal() | {"metrics": {"listen": listen}})
+        assert s.metrics_endpoint == Endpoint(IPv4Address(host), port)
+
+    def test_metrics_listen_refused(self) -> None:
+        found = problems(minimal() | {"metrics": {"listen": "localhost:99999"}})
+        assert "must be 'IPv4:port'" in found["metrics.listen"]
+
+    def test_interface_example_does_not_call_dhcp_future_work(self) -> None:
+        text = (ROOT / "configs/interface.toml").read_text()
+        assert "DHCP from the DHT comes later" not in text
+        assert "static for now" not in text
+
+
+class TestConfigErrorsInEveryCommand:
+    """A config that is not UTF-8 text: one clear message and exit 1 from every command that
+    reads it, never a traceback."""
+
+    @pytest.mark.parametrize(
+        "argv",
+        [
+            ["check-config"],
+            ["start"],
+            ["status"],
+            ["status", "--json"],
+            ["stop"],
+            ["logs"],
+            ["key", "show"],
+            ["dht", "get", "@", "k"],
+        ],
+    )
+    def test_binary_config(self, tmp_path: Path, argv: list[str]) -> None:
+        path = tmp_path / "node.toml"
+        path.write_bytes(b'[node]\nname = "\xff\xfe"\n')
+        if "@" in argv:
+            argv = [str(path) if a == "@" else a for a in argv]
+        else:
+            argv = (
+                [*argv[:2], str(path), *argv[2:]]
+                if argv[0] == "key"
+                else [argv[0], str(path), *argv[1:]]
+            )
+        res = subprocess.run(
+            [sys.executable, "-m", "supervisor", *argv],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=ROOT,
+            timeout=60,
+        )
+        assert res.returncode == 1, res.stderr
+        assert "Traceback" not in res.stderr
+        assert "not UTF-8 text (byte 0xff on line 2)" in res.stderr

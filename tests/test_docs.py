@@ -10,7 +10,7 @@ import typing
 from pathlib import Path
 
 from pipeline.config import Endpoint, Settings
-from pipeline.records import EDGE_KINDS, RecordKind
+from pipeline.records import EDGE_KINDS, RecordKind, ring_graph
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,3 +65,18 @@ def test_ring_record_table_is_the_code_s() -> None:
         for kind in kinds
     }
     assert documented == in_code
+
+
+def test_architecture_draws_the_ring_graph_of_the_code() -> None:
+    """docs/architecture.md's drawing of the ring graph is ``records.ring_graph()``, and names
+    every stage's module that a newcomer follows a frame through."""
+    doc = (ROOT / "docs/architecture.md").read_text()
+    assert ring_graph() in doc
+    for path in (
+        "pipeline/tap_reader/stage.py",
+        "pipeline/classifier/stage.py",
+        "pipeline/overlay_io/stage.py",
+        "pipeline/topology.py",
+        "pipeline/records.py",
+    ):
+        assert f"`{path}`" in doc and (ROOT / path).exists(), path

@@ -71,7 +71,9 @@ class Node:
         """``gso``, ``gro``: what the memory ports offer; ``tap_offloads``: whether the node's
         TAP is said to take super-frames (``stages.tap_reader.offloads``)."""
         self.name, self.address, self.node_id = name, (host, 4789), node_id
-        security = {"insecure_plaintext": True} if plaintext else {"ca_certificate": "ca.crt"}
+        security = (
+            {"insecure_plaintext": True} if plaintext else {"ca_certificate": str(tmp / "ca.crt")}
+        )
         data = {
             "node": {"name": name, "state_dir": str(tmp / name), "runtime_dir": str(tmp / name)},
             "network": {"namespace": "lab", "subnet": "100.64.0.0/24", "address": "100.64.0.1"},

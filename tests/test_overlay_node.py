@@ -234,6 +234,35 @@ class TestThreeNodes:
         assert len(c.connections()) == 2 and len(a.connections()) == 2
 
 
+class TestKnockingAtAStaleAddress:
+    def test_a_node_connected_from_another_address_is_not_knocked_at_nor_tunnelled_to(
+        self,
+    ) -> None:
+        """R names B at the address it saw B at; B's NAT maps B to another port for P (an
+        unsolicited packet took the first: what a gateway that keeps them does). Once B is
+        connected to P from there, P stops knocking at the named address, and never trades
+        the direct connection for a tunnel through R."""
+        mesh = Mesh()
+        r = mesh.add(0, 1 * EIGHTH)
+        p = mesh.add(1, 3 * EIGHTH, bootstrap=[0])
+        mesh.run(5.0)
+        named = ("198.18.250.1", 4000)  # where R says B is: nothing answers there
+        b_id = 2 * EIGHTH
+        entry = (id_to_bytes(b_id), w.HostPortCodec().encode(named), True)
+        p.receive(w.encode(w.Neighbours(id_to_bytes(r.node_id), False, (entry,))), addr(0), 5.0)
+        hellos = [to for _, to in p.datagrams_to_send()]
+        assert named in hellos  # P knocks at the named address
+        b = mesh.add(2, b_id, bootstrap=[0])
+        mesh.run(60.0)
+        held = {c.node_id: c for c in p.connections()}
+        assert b_id in held and held[b_id].address == addr(2)  # direct, where B came from
+        assert p.tunnel_relay(b_id) is None
+        stats = p.statistics()
+        assert stats.get("hellos_superseded", 0) >= 1
+        assert stats.get("tunnels_tried", 0) == 0
+        assert b.state is NodeState.JOINED
+
+
 def hand_built_ring(mesh: Mesh) -> list[OverlayNode]:
     """Eight nodes at k/8 of the circle, each connected to k±1, plus one far connection 0–4."""
     nodes = [

@@ -244,6 +244,23 @@ def test_node_ends_leave_nothing_behind(tmp_path: Path, how: str) -> None:
         assert a.ping(b.address, count=3)
 
 
+def test_supervisor_ping_shows_the_path_and_the_rtt(pair: tuple[Node, Node]) -> None:
+    """``supervisor ping``: by name, by virtual address and by node id, each probe answered
+    with the peer's name and the direct endpoint it took; an unknown peer is said so."""
+    a, b = pair
+    st = b.status()
+    assert st is not None
+    for peer in ("beta", b.address, st["node_id"]):
+        res = a.cli("ping", str(a.config), peer, "-c", "3", "-i", "0.2")
+        lines = res.stdout.splitlines()
+        assert res.returncode == 0 and len(lines) == 3, res.stdout
+        for line in lines:
+            assert line.startswith("pong from beta ") and f"direct via {b.underlay}:" in line
+            assert line.endswith(" ms") and float(line.split(" in ")[1].split()[0]) > 0
+    res = a.cli("ping", str(a.config), "nobody", "-c", "1", check=False)
+    assert res.returncode == 1 and "unknown peer" in res.stdout
+
+
 def test_second_start_is_refused(pair: tuple[Node, Node]) -> None:
     a, _ = pair
     res = a.cli("start", str(a.config), check=False, timeout=20)

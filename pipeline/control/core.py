@@ -61,6 +61,8 @@ from pipeline.nodeid import id_to_bytes
 REPUBLISH_S = 2.0
 GENERATION_SHIFT = 40  # send counters of incarnation g start at g << 40
 REFUSALS_LOGGED_PER_S = 10
+TOOL_PING_BASE = 1 << 31  # supervisor ping's Ping seqs start here (liveness's stay below)
+TOOL_PING_KEEP_S = 10.0
 
 _OVERLAY_VERSION = overlay_wire.VERSION
 
@@ -138,6 +140,8 @@ class ControlCore:
         self._tap_out: list[bytes] = []
         self._events: list[ev.ControlEvent] = []
         self._tool_requests: dict[int, tuple[bytes, str]] = {}  # DHT request id -> (to, key)
+        # supervisor ping: Ping seq -> (to, peer, the tool's seq, slot, sent)
+        self._tool_pings: dict[int, tuple[bytes, str, int, int, float]] = {}
         self._io_workers: dict[bytes, int] = {}  # overlay_io worker -> its pid
         self._generations: dict[tuple[int, bytes], int] = {}  # (send index, worker) -> g
         self._keys_due: set[bytes] = set()
@@ -298,7 +302,12 @@ class ControlCore:
         except ValueError:  # msgspec's errors and UnicodeDecodeError alike
             self._receive_path(slot, payload, now, wall)
             return
+        if isinstance(msg, messages.Pong) and msg.seq >= TOOL_PING_BASE:
+            self._tool_pong(slot, msg, now)
+            return
         reply = self.liveness.receive(slot, msg, now)
+        if reply is None and isinstance(msg, messages.Ping):
+            reply = messages.Pong(msg.seq, msg.sent_ns, self.settings.node_name)  # any link
         if reply is not None:
             self._overlay_out.append((slot, messages.encode_overlay(reply)))
         self._liveness_events()
@@ -436,6 +445,15 @@ class ControlCore:
         self.routing.unknown_session((host, int(port)), now, wall)
         self._after(now, wall)
 
+    def peer_moved(self, slot: int, endpoint: str, now: float, wall: float) -> None:
+        """An authentic datagram of link ``slot`` came from a new ``endpoint`` ("host:port")."""
+        host, _, port = endpoint.rpartition(":")
+        if self.routing is None or not port.isdigit():
+            self.counters["bad_peer_moved"] += 1
+            return
+        self.routing.peer_moved(slot, (host, int(port)), now, wall)
+        self._after(now, wall)
+
     def dht_get(self, to: bytes, key: str, now: float, wall: float) -> None:
         """``supervisor dht get``: the answer comes as a ``Reply`` effect to ``to``."""
         if self.routing is None:
@@ -461,6 +479,68 @@ class ControlCore:
         self._tool_requests[rid] = (to, key)
         self.routing.pump()
         self._after(now, wall)
+
+    def ping(self, to: bytes, peer: str, seq: int, now: float, wall: float) -> None:
+        """``supervisor ping``: one Ping over the link to ``peer`` (a node name, a virtual
+        address or a node id); the answer, with the path it took, is a ``Reply`` when the
+        Pong comes (the tool gives up on its own after a while)."""
+        slot, reason = self._find_peer(peer, now, wall)
+        if slot is None:
+            self._events.append(ev.Reply(to, messages.PingReply(peer, seq, False, reason)))
+            return
+        token = TOOL_PING_BASE + (seq % TOOL_PING_BASE)
+        self._tool_pings[token] = (to, peer, seq, slot, now)
+        for old in [k for k, v in self._tool_pings.items() if now - v[4] > TOOL_PING_KEEP_S]:
+            del self._tool_pings[old]
+        ping = messages.Ping(token, int(now * 1e9), self.settings.node_name)
+        self._overlay_out.append((slot, messages.encode_overlay(ping)))
+
+    def _find_peer(self, peer: str, now: float, wall: float) -> tuple[int | None, str]:
+        routing = self.routing
+        for p in self.settings.peers:
+            if peer in (p.name, *p.addresses):
+                return p.slot, ""
+        if routing is None:
+            return None, "unknown_peer"
+        links = routing.links.links
+        for slot, link in links.items():
+            cert = link.certificate
+            if link.up and cert is not None and peer in (cert.name, cert.node_id.hex()):
+                return slot, ""
+        try:
+            address = IPv4Address(peer)
+        except ValueError:
+            return None, "unknown_peer"
+        routed = routing.route_slot(address)
+        if routed is not None:
+            return routed, ""
+        if address in self.settings.subnet:
+            routing.route_miss(address, now, wall)  # resolve it: the next probe may find it
+            self._after(now, wall)
+            return None, "resolving"
+        return None, "not_in_subnet"
+
+    def _tool_pong(self, slot: int, pong: messages.Pong, now: float) -> None:
+        pending = self._tool_pings.pop(pong.seq, None)
+        if pending is None or pending[3] != slot:
+            self.counters["tool_pong_unexpected"] += 1
+            return
+        to, peer, seq, _, sent = pending
+        path, where, node = "direct", "", pong.node
+        if self.routing is not None:
+            link = self.routing.links.links.get(slot)
+            if link is not None:
+                if isinstance(link.endpoint, Via):
+                    path = "relayed"
+                    where = self.routing.relayed_via(link.endpoint.node_id) or ""
+                else:
+                    where = _text(link.endpoint)
+                if link.certificate is not None:
+                    node = f"{link.certificate.name} {link.certificate.node_id.hex()}"
+        reply = messages.PingReply(
+            peer, seq, True, "", round((now - sent) * 1000, 3), path, where, node
+        )
+        self._events.append(ev.Reply(to, reply))
 
     def netcheck(self, to: bytes, now: float) -> None:
         """``supervisor netcheck``: the NAT picture (local, reflexive and mapped endpoints,

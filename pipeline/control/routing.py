@@ -286,13 +286,13 @@ class RoutingCore:
                         str(r.address) for r in self._routes.values() if r.node_id == nid
                     ),
                     "path": "relayed" if isinstance(link.endpoint, Via) else "direct",
-                    "via": self._relayed_via(nid) if isinstance(link.endpoint, Via) else None,
+                    "via": self.relayed_via(nid) if isinstance(link.endpoint, Via) else None,
                     "shortcut": paths.get(slot),
                 }
             )
         return rows
 
-    def _relayed_via(self, node_id: bytes | None) -> str | None:
+    def relayed_via(self, node_id: bytes | None) -> str | None:
         """The node (hex id) a relayed link's datagrams go to first: the overlay's next hop
         toward it (its tunnel's relay, if it is a tunnel neighbour)."""
         if node_id is None:
@@ -348,6 +348,10 @@ class RoutingCore:
         if sender is not None and sender != link.certificate.node_id:
             self.counters["overlay_sender_mismatch"] += 1
             return
+        nid = id_from_bytes(link.certificate.node_id)
+        known = self.overlay.address_of(nid)
+        if known is not None and known != link.endpoint and isinstance(known, tuple):
+            self.overlay.readdress(nid, link.endpoint)  # it moved: its link follows it
         self.overlay.receive(payload, link.endpoint, now)
         self._pump()
 
@@ -511,6 +515,20 @@ class RoutingCore:
             if routed is not None:
                 self._want_shortcut(routed, route.node_id, now)
         self.counters["moved"] += 1
+        self._pump()
+
+    def peer_moved(self, slot: int, endpoint: Address, now: float, wall: float) -> None:
+        """Link ``slot``'s peer sent an authentic datagram from ``endpoint``, a new place
+        (WireGuard's roaming): a direct link sends there from now on, and the overlay's
+        connection follows. A relayed link stays relayed (its datagrams' source is a relay)."""
+        self._now, self._wall = now, wall
+        link = self.links.links.get(slot)
+        if link is None or not isinstance(link.endpoint, tuple) or link.endpoint == endpoint:
+            return
+        self.links.set_endpoint(slot, endpoint)
+        if link.certificate is not None:
+            self.overlay.readdress(id_from_bytes(link.certificate.node_id), endpoint)
+        self.counters["peers_moved"] += 1
         self._pump()
 
     def _want_shortcut(self, slot: int, node_id: bytes, now: float) -> None:
@@ -690,10 +708,14 @@ class RoutingCore:
             self._events.append(ev.OverlayConnectionRemoved(node_id=nid.hex(), reason=event.reason))
             if slot is None:
                 return
-            if event.reason in ("timeout", "closed_leave"):
+            relayed = isinstance(self.links.links[slot].endpoint, Via)
+            if event.reason == "closed_leave" or (event.reason == "timeout" and not relayed):
+                # the node is gone: its link goes at once, so nothing is sent into the void
                 self.links.close(slot, f"overlay_{event.reason}")
                 self._drop_routes_to(nid, f"overlay_{event.reason}")
             elif not any(r.node_id == nid for r in self._routes.values()):
+                # (a tunnel that timed out says only that its relay lost the way: a link
+                # relayed end to end that routes use stays, it has its own liveness)
                 self.links.release(slot)
         elif isinstance(event, Joined):
             self._events.append(

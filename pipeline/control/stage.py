@@ -46,6 +46,7 @@ from pipeline.topology import Stage, worker_for_peer
 from pipeline.worker import CONTROL_PUB_SOCKET, CONTROL_SOCKET, Worker, endpoint
 
 REVOCATION_CHECK_S = 1.0
+NETLINK_SETTLE_S = 0.2  # quiet after the last address or route notification before reading
 
 
 class ControlWorker(Worker):
@@ -59,6 +60,7 @@ class ControlWorker(Worker):
         self.from_classifier = self.inputs(Stage.CLASSIFIER)
         self.to_classifier = self.outputs(Stage.CLASSIFIER)
         self.drops: Counter[str] = Counter()
+        self._addresses_due: float | None = None
         self.state = StateDir(s.node.state_dir)
         credentials = None if s.security.insecure_plaintext else self._credentials()
         leases, error = self.state.held_leases() if s.network.mode is Mode.ROUTER else ([], None)
@@ -173,8 +175,19 @@ class ControlWorker(Worker):
         return done
 
     def on_deadline(self, now: float) -> None:
+        if self._addresses_due is not None and now >= self._addresses_due:
+            self._addresses_due = None
+            self._addresses_changed(now)
         self.core.handle_timer(now, time.time())
         self._flush(now)
+
+    def _arm(self) -> None:
+        """The worker's one deadline: the core's, or sooner the moment to read the node's
+        addresses again."""
+        due = self.core.next_deadline()
+        if self._addresses_due is not None:
+            due = min(due, self._addresses_due)
+        self.arm(due)
 
     def _to_io(self, slot: int) -> Any:
         return self.to_io[worker_for_peer(slot, len(self.to_io))]
@@ -212,7 +225,7 @@ class ControlWorker(Worker):
                 self.drops["snapshot_unsent"] += 1
         for producer in (*self.to_io, *self.to_classifier):
             producer.flush()
-        self.arm(core.next_deadline())
+        self._arm()
 
     def _on_event(self, event: ev.ControlEvent) -> None:
         if isinstance(event, ev.LogEvent):
@@ -259,12 +272,16 @@ class ControlWorker(Worker):
                 core.rekey_requested(msg.slot, now, wall)
             elif isinstance(msg, messages.UnknownSession):
                 core.unknown_session(msg.endpoint, now, wall)
+            elif isinstance(msg, messages.PeerMoved):
+                core.peer_moved(msg.slot, msg.endpoint, now, wall)
             elif isinstance(msg, messages.DhtGetRequest):
                 core.dht_get(sender, msg.key, now, wall)
             elif isinstance(msg, messages.DhtPutRequest):
                 core.dht_put(sender, msg.key, msg.value, msg.lease_s, now, wall)
             elif isinstance(msg, messages.NetcheckRequest):
                 core.netcheck(sender, now)
+            elif isinstance(msg, messages.PingRequest):
+                core.ping(sender, msg.peer, msg.seq, now, wall)
             else:
                 self.drops["unexpected_request"] += 1
         self._flush(now)
@@ -291,7 +308,11 @@ class ControlWorker(Worker):
                 break
             except OSError:
                 break
-        self._addresses_changed(time.monotonic())
+        # A move is several notifications (the old address goes, the new one comes, the
+        # default route follows): read the addresses once they have settled.
+        now = time.monotonic()
+        self._addresses_due = now + NETLINK_SETTLE_S
+        self._arm()
 
     def _addresses_changed(self, now: float) -> None:
         s = self.settings

@@ -36,6 +36,9 @@ on every change):
 
 What the table tells control, queued until ``reports_to_send()``:
 
+- ``PeerMoved(slot, endpoint)``: an authentic datagram of a session came (not through a
+  relay) from another endpoint than the session's previous one (``moved``): the peer
+  roamed or its NAT remapped it, and control sends there from now on;
 - ``SessionConfirmed(index)``: the first datagram opened on an unconfirmed session
   (``confirm``), once per session;
 - ``UnknownSession(endpoint)``: a datagram from ``endpoint`` named a session we do not hold
@@ -227,6 +230,7 @@ class RecvEntry:
     key: bytes  # b"" for a null session
     confirmed: bool
     classifier: int = 0  # the classifier worker of the slot (``worker_for_peer``)
+    seen: Address | None = None  # where its latest datagram came from (direct, keyed only)
     open: Callable[[ReadableBuffer], ReadableBuffer] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -287,7 +291,9 @@ class SessionTable:
             else:
                 opener = RecvSession(e.recv_key, index=e.recv_index, created=e.created)
                 shard = worker_for_peer(e.slot, self.classifiers)
-                recv[e.recv_index] = RecvEntry(opener, e.slot, e.recv_key, e.confirmed, shard)
+                entry = RecvEntry(opener, e.slot, e.recv_key, e.confirmed, shard)
+                entry.seen = parse_address(e.endpoint) if e.endpoint else None
+                recv[e.recv_index] = entry
             if recv[e.recv_index].confirmed and (
                 e.slot not in newest or newest[e.slot].created < e.created
             ):
@@ -399,6 +405,15 @@ class SessionTable:
                     told[source] = now
                     self._reports.append(messages.UnknownSession(f"{source[0]}:{source[1]}"))
         return "unknown_session"
+
+    def moved(self, entry: RecvEntry, source: Address) -> None:
+        """An authentic datagram of ``entry`` came from ``source``, not from where its
+        previous one came: the peer moved (roaming, or a new NAT mapping). Control hears of
+        it (``PeerMoved``) and sends there from now on. The first datagram only sets where
+        the session is seen."""
+        if entry.seen is not None and not self.plaintext:
+            self._reports.append(messages.PeerMoved(entry.slot, f"{source[0]}:{source[1]}"))
+        entry.seen = source
 
     def check_rekeys(self, now: float) -> None:
         """After sealing: ask control once for a new session for each send session that

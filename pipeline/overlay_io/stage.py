@@ -466,6 +466,8 @@ class OverlayIoWorker(Worker):
             return
         if not entry.confirmed:
             self.sessions.confirm(entry)
+        if source != entry.seen and not relayed:
+            self.sessions.moved(entry, source)
         self.received += 1
         self.received_bytes += len(datagram)
         if kind == _DATA:

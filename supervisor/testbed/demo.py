@@ -9,28 +9,41 @@ node's DNS at the virtual gateway, domain vpn.test). Then the first node pings e
 by its DNS names (the host name the node registered for its DHCP client, and the static
 name ``C`` + the address's last three octets), runs a short iperf3 to the last node (on
 the other segment), prints a table (node, address, names, RTT, throughput, direct or
-relayed) and removes everything it made — also on Ctrl-C or failure: the ``Testbed`` owns
-every namespace, process and /etc/netns file. Progress goes to stderr, the table to stdout.
+relayed) and removes everything it made — also on failure and on SIGINT (Ctrl-C), SIGTERM
+or SIGHUP: the ``Testbed`` owns every namespace, process and /etc/netns file and removes them
+first, then the demo removes its temporary directory (every node's private key is there),
+checks that nothing is left and says so in one line. Progress goes to stderr, the table to
+stdout; the test bed's own notes stay off the terminal unless something is left behind.
 Needs root, iproute2, ping, iperf3 and dhclient (isc-dhcp-client).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any, TextIO
 
 from supervisor.status import table
 from supervisor.testbed.layouts import routed_nodes
-from supervisor.testbed.netns import Testbed, require_root
+from supervisor.testbed.netns import (
+    Testbed,
+    leftover_etc_netns,
+    leftover_namespaces,
+    require_root,
+    set_log,
+)
 from supervisor.testbed.nodes import DOMAIN, Node, wait_for
 
 TOOLS = ("ping", "iperf3", "dhclient", "getent", "unshare")
@@ -223,6 +236,18 @@ def run_demo(
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
+    bad = [
+        f"--{name} must be {want}, got {value}"
+        for name, value, ok, want in (
+            ("nodes", nodes, 2 <= nodes <= 20, "between 2 and 20"),
+            ("pings", pings, pings >= 1, "at least 1"),
+            ("seconds", seconds, seconds >= 0, "at least 0"),
+        )
+        if not ok
+    ]
+    if bad:
+        print("\n".join(f"demo: {b}" for b in bad), file=err)
+        return 2
     problem = require_root()
     missing = [t for t in TOOLS if shutil.which(t, path="/usr/sbin:/usr/bin:/sbin:/bin") is None]
     if problem or missing:
@@ -232,31 +257,109 @@ def run_demo(
             file=err,
         )
         return 2
-    if not 2 <= nodes <= 20 or pings < 1 or seconds < 0:
-        print("demo: --nodes 2..20, --pings at least 1, --seconds at least 0", file=err)
-        return 2
     say = Progress(err)
+    notes: list[str] = []
+    previous_log = set_log(notes.append)  # the test bed's own lines stay off the terminal
+    run_id = ""
+    tmp: Path | None = None
     try:
-        with Testbed("avdemo") as tb, tempfile.TemporaryDirectory(prefix="autovn-demo-") as tmp:
+        with _interruptible():
             try:
-                rows = _run(tb, Path(tmp), seconds=seconds, pings=pings, nodes=nodes, say=say)
-            except Exception:
-                _tails(Path(tmp), say)
-                raise
-    except KeyboardInterrupt:
-        say("interrupted: everything removed")
-        return 130
+                with _signals_blocked():  # made and remembered, or not made
+                    tmp = Path(tempfile.mkdtemp(prefix="autovn-demo-"))
+                say(f"keys, configs and logs in {tmp} (removed at the end)")
+                with Testbed("avdemo") as tb:
+                    run_id = tb.run_id
+                    try:
+                        rows = _run(tb, tmp, seconds=seconds, pings=pings, nodes=nodes, say=say)
+                    except Exception:
+                        _tails(tmp, say)
+                        raise
+            finally:
+                with _signals_blocked():
+                    if tmp is not None:
+                        shutil.rmtree(tmp, ignore_errors=True)
+    except Interrupted as exc:
+        say(f"interrupted ({signal.Signals(exc.signum).name}): {_removed(run_id, tmp, notes)}")
+        return 128 + exc.signum
     except Exception as exc:
         say(f"FAILED: {exc}")
-        say("everything removed")
+        say(_removed(run_id, tmp, notes))
         return 1
+    finally:
+        set_log(previous_log)
+    left = _removed(run_id, tmp, notes)
     print("\n".join(table(HEADERS, [r.cells() for r in rows])), file=out)
     problems = [f"{r.node.name}: {p}" for r in rows for p in r.problems]
     for p in problems:
         print(p, file=out)
     verdict = f"all {len(rows)} nodes reached by name" if not problems else "SOME NODES FAILED"
-    print(f"\n{verdict}; everything removed ({say.elapsed:.1f} s)", file=out)
-    return 0 if not problems else 1
+    print(f"\n{verdict}; {left} ({say.elapsed:.1f} s)", file=out)
+    return 0 if not problems and left == REMOVED else 1
+
+
+REMOVED = "everything removed"
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(BaseException):
+    """SIGINT, SIGTERM or SIGHUP ended the demo (after the test bed's own cleanup). A
+    BaseException, as KeyboardInterrupt is: no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """Turn the first SIGINT, SIGTERM or SIGHUP into ``Interrupted``, later ones into nothing,
+    so that the demo's own cleanup (its temporary directory, with every node's private key)
+    runs however it is stopped. The test bed installs its handlers over these while it is
+    open: it removes its namespaces first, then hands the signal on to them. A signal that
+    this process inherited as ignored (SIGHUP under nohup) stays ignored."""
+    raised = False
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        nonlocal raised
+        if not raised:
+            raised = True
+            raise Interrupted(signum)
+
+    previous = {}
+    for sig in SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        with _signals_blocked():
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP back while a cleanup step runs, so that none is cut
+    in half; held signals are delivered afterwards."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _removed(run_id: str, tmp: Path | None, notes: list[str]) -> str:
+    """ "everything removed", checked: no namespace or /etc/netns entry of the run and no
+    temporary directory left; else what is left, with the test bed's notes."""
+    left: list[str] = []
+    if run_id:
+        left += leftover_namespaces(run_id) + leftover_etc_netns(run_id)
+    if tmp is not None and tmp.exists():
+        left.append(str(tmp))
+    if not left:
+        return REMOVED
+    return f"NOT everything removed: {', '.join(left)}" + "".join(f"; {n}" for n in notes)
 
 
 def _tails(tmp: Path, say: Progress, lines: int = 5) -> None:

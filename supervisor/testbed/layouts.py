@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.crypto.keyfiles import seed_text
+from pipeline.statefiles import write_new
 from supervisor.testbed.dhclient import DhcpClient
 from supervisor.testbed.netns import Namespace, Testbed
 from supervisor.testbed.nodes import (
@@ -127,11 +129,20 @@ def member(
     stages: dict[str, int] | None = None,
     domain: str | None = None,
     network_lines: tuple[str, ...] = (),
+    bootstrap: tuple[str, ...] = ("198.18.0.1",),
+    nat_lines: tuple[str, ...] = (),
+    seed: bytes | None = None,
 ) -> Node:
-    """A node certified by ``authority`` that knows only 198.18.0.1 (the first node's
-    underlay address; the first knows none: it founds the overlay), with its directories
-    under ``tmp/<name>``; ``network_lines`` go to its ``[network]`` table."""
+    """A node certified by ``authority`` that knows only ``bootstrap`` (by default
+    198.18.0.1, the first node's underlay address; the first knows none: it founds the
+    overlay), with its directories under ``tmp/<name>``; ``network_lines`` and ``nat_lines``
+    go to its ``[network]`` and ``[nat]`` tables. ``seed``: its key (so its node id, its
+    place on the circle) instead of a random one."""
     root = tmp / name
+    if seed is not None:
+        state = root / "state"
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_new(state / "node.key", seed_text(seed), 0o600)
     cert = authority.certify(root / "state", name)
     config = node_config(
         root,
@@ -139,10 +150,11 @@ def member(
         underlay=underlay,
         virtual=virtual,
         ca=authority.path,
-        bootstrap=() if first else ("198.18.0.1",),
+        bootstrap=() if first else bootstrap,
         stages=stages,
         domain=domain,
         network_lines=network_lines,
+        nat_lines=nat_lines,
     )
     node = Node(name, ns, config, virtual or "", underlay, root)
     node.extra["authority"] = authority

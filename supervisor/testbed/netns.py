@@ -59,7 +59,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import FrameType, TracebackType
 from typing import IO, Any
 
@@ -73,6 +73,7 @@ __all__ = [
     "leftover_etc_netns",
     "leftover_namespaces",
     "require_root",
+    "set_log",
 ]
 
 #: The only range underlay addresses may come from (RFC 2544 benchmarking range).
@@ -116,8 +117,23 @@ class QdiscUnavailable(NetnsError):
 # small helpers
 
 
+_log_sink: Callable[[str], None] | None = None  # None: stderr
+
+
+def set_log(sink: Callable[[str], None] | None) -> Callable[[str], None] | None:
+    """Send the testbed's own messages (cleanup notes and problems) to ``sink`` instead of
+    stderr (None: stderr again); returns the previous sink. A program with a terminal of its
+    own (``supervisor demo``) keeps them off the user's screen and reports the outcome."""
+    global _log_sink
+    previous, _log_sink = _log_sink, sink
+    return previous
+
+
 def _log(msg: str) -> None:
     with contextlib.suppress(Exception):
+        if _log_sink is not None:
+            _log_sink(msg)
+            return
         sys.stderr.write(f"autovn.netns: {msg}\n")
         sys.stderr.flush()
 

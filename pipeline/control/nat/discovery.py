@@ -57,6 +57,7 @@ class NatDiscovery:
         self._port_mapping = port_mapping
         self._rng = rng
         self._local: tuple[str, ...] = ()
+        self._settled: tuple[str, ...] = ()  # the last addresses that were not none
         self._gateway: str | None = None
         self._probe: StunProbe | None = None
         self._next_probe = now
@@ -130,7 +131,11 @@ class NatDiscovery:
         addresses = tuple(dict.fromkeys(addresses))
         if addresses == self._local and gateway == self._gateway:
             return False
-        moved = bool(self._local) and addresses != self._local
+        # Moved: addresses again, and not the ones it had (an address taken away before the
+        # new one comes is a step of the move, not a move: nothing could be sent from it).
+        moved = bool(addresses) and bool(self._settled) and addresses != self._settled
+        if addresses:
+            self._settled = addresses
         self._local, self._gateway = addresses, gateway
         if self._servers and (moved or self._probe is None):
             self._next_probe = now

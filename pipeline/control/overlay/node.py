@@ -157,6 +157,7 @@ class OverlaySettings:
     trim_quiet_s: float = 30.0  # near trimming waits this long after a near-set change
     leaf_linger_s: float = 60.0  # leaf connections close this long after joining
     suspect_s: float = 60.0  # a node that did not answer a Hello is not tried again for this long
+    unreachable_s: float = 600.0  # ... and not knocked at directly (only through a tunnel)
     bootstrap_fanout: int = 2  # bootstrap addresses tried at once
     bootstrap_retry_s: float = 2.0  # back-off between bootstrap rounds, doubling ...
     bootstrap_retry_max_s: float = 60.0  # ... up to this
@@ -279,6 +280,7 @@ class OverlayNode:
         self._held: list[tuple[float, int, _Held]] = []  # a heap by deadline
         self._held_seq = 0
         self._introducers: dict[int, int] = {}  # node id -> the node that named it to us
+        self._unreachable: dict[int, float] = {}  # node id -> until when not to knock direct
 
     def __repr__(self) -> str:
         state, count = self._state.value, len(self._connections)
@@ -384,6 +386,25 @@ class OverlayNode:
         if connection is None or not isinstance(connection.address, Tunnel):
             return None
         return self._by_address.get(connection.address.relay)
+
+    def address_of(self, node_id: int) -> Address | None:
+        """The address our connection to ``node_id`` uses, if we have one."""
+        connection = self._connections.get(node_id)
+        return None if connection is None else connection.address
+
+    def readdress(self, node_id: int, address: Address) -> None:
+        """The node moved: its authenticated datagrams now come from ``address`` (the layer
+        under the overlay knows: the link's handshake came from there). The connection
+        follows it, so the node's next messages are not taken for a stranger's."""
+        connection = self._connections.get(node_id)
+        if connection is None or connection.address == address:
+            return
+        if self._by_address.get(connection.address) == node_id:
+            del self._by_address[connection.address]
+        connection.address = address
+        connection.address_bytes = self._codec_encode_or_empty(address)
+        self._by_address[address] = node_id
+        self._stats["readdressed"] += 1
 
     def estimated_size(self) -> int:
         """N, the estimated number of nodes: the larger of (structured connections + 1) and
@@ -631,7 +652,9 @@ class OverlayNode:
             self._drop_connection(self._connections[other], "replaced")
         connection = self._connections.get(node_id)
         if connection is not None:
-            if connection.address != address:
+            if isinstance(address, Tunnel) and not isinstance(connection.address, Tunnel):
+                pass  # a direct connection stays direct (a late tunnel's answer)
+            elif connection.address != address:
                 if self._by_address.get(connection.address) == node_id:
                     del self._by_address[connection.address]
                 connection.address, connection.address_bytes = address, address_bytes
@@ -686,6 +709,18 @@ class OverlayNode:
     def _hello(
         self, address: Address, node_id: int | None, kind: ConnectionKind, *, probe: bool = False
     ) -> None:
+        if (
+            node_id is not None
+            and not isinstance(address, Tunnel)
+            and self._unreachable.get(node_id, -math.inf) > self._now
+        ):
+            # Direct Hellos to this node went unanswered lately while a tunnel reached it:
+            # go through a tunnel at once, and do not knock at its address for a while
+            # (each knock through a NAT that takes unsolicited packets leaves a stale
+            # conntrack entry there, which spoils the node's own punching).
+            if self._tunnel_to(node_id, address, kind):
+                self._stats["hellos_tunnelled_unreachable"] += 1
+                return
         pending = self._pending.get(address)
         if pending is not None:
             if kind.code > pending.kind.code:
@@ -1158,13 +1193,32 @@ class OverlayNode:
         for address, pending in list(self._pending.items()):
             if now < pending.next_try:
                 continue
+            held = self._connections.get(pending.node_id) if pending.node_id is not None else None
+            if (
+                held is not None
+                and held.address != address
+                and not isinstance(held.address, Tunnel)
+            ):
+                # connected directly meanwhile, from another address (its NAT mapped it to
+                # another port for us): knocking on goes nowhere, and where the NAT keeps
+                # unsolicited packets it leaves stale entries there that spoil punching
+                del self._pending[address]
+                self._stats["hellos_superseded"] += 1
+                continue
             if pending.tries == TUNNEL_AFTER_TRIES:
                 self._tunnel_instead(pending)  # and go on trying directly: the first wins
             if pending.tries >= st.hello_tries:
                 del self._pending[address]
                 self._stats["hello_failed"] += 1
                 nid = pending.node_id
+                if nid is not None and isinstance(address, Tunnel):
+                    self._unreachable.pop(nid, None)  # no way through: knock directly again
                 if nid is not None and (nid in self._connections or self._tunnelling(nid)):
+                    held = self._connections.get(nid)
+                    through = held is not None and isinstance(held.address, Tunnel)
+                    if not isinstance(address, Tunnel) and (through or self._tunnelling(nid)):
+                        # direct failed where a tunnel works (or is on its way): a NAT
+                        self._unreachable[nid] = now + st.unreachable_s
                     continue
                 if pending.node_id is not None:
                     self._suspects[pending.node_id] = now + st.suspect_s
@@ -1180,15 +1234,21 @@ class OverlayNode:
         cannot cross): try through the node that named it to us too, if we reach that one
         directly (a tunnel). True if a tunnel Hello went out."""
         nid = pending.node_id
-        if nid is None or pending.kind is LEAF or isinstance(pending.address, Tunnel):
+        if nid is None or isinstance(pending.address, Tunnel):
             return False
+        return self._tunnel_to(nid, pending.address, pending.kind)
+
+    def _tunnel_to(self, nid: int, address: Address, kind: ConnectionKind) -> bool:
+        held = self._connections.get(nid)
+        if kind is LEAF or (held is not None and not isinstance(held.address, Tunnel)):
+            return False  # (a direct connection is never traded for a tunnel)
         relay_id = self._introducers.get(nid)
         relay = self._connections.get(relay_id) if relay_id is not None else None
         if relay is None or relay_id == nid or isinstance(relay.address, Tunnel):
             return False
-        seen = self._codec_encode_or_empty(pending.address)
+        seen = self._codec_encode_or_empty(address)
         self._stats["tunnels_tried"] += 1
-        self._hello(Tunnel(relay.address, nid, seen), nid, pending.kind)
+        self._hello(Tunnel(relay.address, nid, seen), nid, kind)
         return True
 
     def _tunnelling(self, nid: int) -> bool:
@@ -1226,6 +1286,8 @@ class OverlayNode:
                 self._ping(connection, now)
         if len(self._suspects) > 64:
             self._suspects = {n: t for n, t in self._suspects.items() if t > now}
+        if len(self._unreachable) > 1024:
+            self._unreachable = {n: t for n, t in self._unreachable.items() if t > now}
 
     def _ping(self, connection: _Connection, now: float) -> None:
         if connection.last_heard >= connection.ping_since or connection.ping_since == math.inf:

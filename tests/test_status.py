@@ -1,0 +1,64 @@
+"""``supervisor status`` for humans: a short table of peers above the details."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from supervisor.status import PEER_HEADERS, format_status
+
+
+def status() -> dict[str, Any]:
+    return {
+        "node": "alpha",
+        "namespace": "lab",
+        "address": "100.64.0.1",
+        "subnet": "100.64.0.0/24",
+        "mode": "interface",
+        "device": "avn0",
+        "listen": "198.18.0.1:4789",
+        "supervisor_pid": 10,
+        "uptime_s": 60.0,
+        "node_id": "c1" * 20,
+        "workers": [{"stage": "control", "worker": 0, "pid": 11, "state": "running",
+                     "uptime_s": 59.0, "restarts": 0, "stats": {}}],
+        "rings": [],
+        "peers": [
+            {"name": "beta", "state": "up", "node_id": "c8" * 20, "endpoint": "198.18.0.2:4789",
+             "addresses": ["100.64.0.2"], "rtt_ms": 0.412, "pattern": "IK",
+             "session_age_s": 7.0},
+            {"name": "gamma", "state": "down", "node_id": None, "endpoint": "198.18.0.3:4789",
+             "addresses": ["100.64.0.3"], "rtt_ms": None, "pattern": None,
+             "session_age_s": None},
+        ],
+        "overlay": {"state": "joined", "estimated_size": 3, "registered": True, "routes": 1},
+        "link_table": [
+            {"slot": 1, "name": "beta", "node_id": "c8" * 20, "kind": "near",
+             "endpoint": "198.18.0.2:4789", "up": True, "rtt_ms": 0.5, "age_s": 7.0,
+             "routes": []},
+            {"slot": 5, "name": None, "node_id": "3fa2b1c0d4e5" + "00" * 14, "kind": "relayed",
+             "endpoint": "via:" + "9a" * 20, "up": True, "rtt_ms": None, "age_s": 300.0,
+             "routes": ["100.64.0.9"]},
+        ],
+        "machines": [],
+    }  # fmt: skip
+
+
+def test_peers_come_first_with_path_rtt_and_last_handshake() -> None:
+    lines = format_status(status()).splitlines()
+    top = lines[lines.index("peers") + 1 : lines.index("workers") - 1]
+    assert top[0].split() == " ".join(PEER_HEADERS).split()
+    rows = [" ".join(line.split()) for line in top[1:]]
+    assert rows == [
+        "beta 100.64.0.2 direct 198.18.0.2:4789 (near) 0.412 7 s ago up",
+        "3fa2b1c0d4e5 100.64.0.9 relayed via 9a9a9a9a9a9a (relayed) - 5 min ago up",
+        "gamma 100.64.0.3 direct 198.18.0.3:4789 (static) - never down",
+    ]
+    assert lines.index("peers") < lines.index("workers") < lines.index("links")
+    assert "static peers" in lines  # the details stay
+
+
+def test_a_node_without_peers_says_so() -> None:
+    st = status() | {"peers": [], "link_table": []}
+    lines = format_status(st).splitlines()
+    assert lines[lines.index("peers") + 1] == "  none yet"
+    assert "static peers" not in lines
