@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import structlog
 
+from pipeline import messages
 from pipeline.overlay_io import stage as io_stage
 from pipeline.overlay_io.udp import UdpPort
 from pipeline.records import FLAG_VNET, RecordKind
@@ -214,6 +215,29 @@ def test_a_mixed_stream_comes_out_byte_for_byte(lab: Lab) -> None:
     lab.pump()
     assert delivered(got(b.to_classifier[0])) == expected
     assert b.workers[0].stats()["drops"] == {}
+
+
+@pytest.mark.parametrize("gro", [True, False], ids=["gro", "no-gro"])
+def test_a_peer_that_moves_mid_stream_is_reported_once(lab: Lab, gro: bool) -> None:
+    """Roaming holds on both receive paths: a GRO read's run of one session (``open_run``)
+    and datagrams one by one. A super-frame from the endpoint B knows tells nothing; from a
+    new source, control hears ``PeerMoved`` once, however many segments came from there."""
+    a, b = pair(lab, gro=gro)
+    frame = tso_frame(7, random.Random(8).randbytes(20000), 1360)
+    send(a, TSO + frame)
+    lab.pump()
+    assert got(b.to_classifier[0])
+    assert not [m for m in b.feed().told if isinstance(m, messages.PeerMoved)]
+    port = a.workers[0].port
+    lab.net.ports[port.address].remove(port)
+    port.address = (HOST_A, 40000)  # A's NAT gave it another mapping
+    lab.net.ports.setdefault(port.address, []).append(port)
+    send(a, TSO + tso_frame(7 + 20000, random.Random(9).randbytes(20000), 1360))
+    lab.pump()
+    assert got(b.to_classifier[0])
+    moved = [m for m in b.feed().told if isinstance(m, messages.PeerMoved)]
+    assert moved == [messages.PeerMoved(SLOT, f"{HOST_A}:40000")]
+    assert b.workers[0].stats()["gro_reads"] == (2 if gro else 0)
 
 
 def test_a_relayed_peer_gets_its_segments_one_by_one(lab: Lab) -> None:

@@ -400,8 +400,11 @@ class OverlayIoWorker(Worker):
                 self._open(first, source, now)
                 at += segment
                 continue
-            if opened and not entry.confirmed:
-                self.sessions.confirm(entry)
+            if opened:
+                if not entry.confirmed:
+                    self.sessions.confirm(entry)
+                if source != entry.seen:  # a GRO read is never relayed: roaming as in _open
+                    self.sessions.moved(entry, source)
             self.received += opened
             self.received_bytes += opened_bytes
 
