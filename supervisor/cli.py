@@ -267,21 +267,31 @@ def cmd_ping(args: argparse.Namespace) -> int:
             reply = _ping_reply(sock, seq, started + args.timeout)
             if reply is None:
                 print(f"{args.peer}: no answer in {args.timeout:g} s")
-            elif not reply.ok:
-                print(f"{args.peer}: {reply.reason.replace('_', ' ')}")
             else:
-                answered += 1
-                path = (reply.path, reply.endpoint)
-                if last_path is not None and path != last_path:
-                    print(f"path changed: {_path_text(*last_path)} -> {_path_text(*path)}")
-                last_path = path
-                print(f"pong from {reply.node} {_path_text(*path)} in {reply.rtt_ms:.3f} ms")
+                answered += reply.ok
+                lines, last_path = ping_lines(args.peer, reply, last_path)
+                print("\n".join(lines))
             pause = args.interval - (time.monotonic() - started)
             if seq + 1 < args.count and pause > 0:
                 time.sleep(pause)
     finally:
         sock.close(0)
     return 0 if answered else 1
+
+
+def ping_lines(
+    peer: str, reply: messages.PingReply, last_path: tuple[str, str] | None
+) -> tuple[list[str], tuple[str, str] | None]:
+    """The lines ``supervisor ping`` prints for ``reply`` (a line for the path change
+    first, if the path is not ``last_path``), and the path to compare the next with."""
+    if not reply.ok:
+        return [f"{peer}: {reply.reason.replace('_', ' ')}"], last_path
+    path = (reply.path, reply.endpoint)
+    lines = []
+    if last_path is not None and path != last_path:
+        lines.append(f"path changed: {_path_text(*last_path)} -> {_path_text(*path)}")
+    lines.append(f"pong from {reply.node} {_path_text(*path)} in {reply.rtt_ms:.3f} ms")
+    return lines, path
 
 
 def _ping_reply(sock: Any, seq: int, deadline: float) -> messages.PingReply | None:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import messages
 from pipeline.config import settings_from_mapping
-from supervisor.cli import build_parser
+from supervisor.cli import build_parser, ping_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,3 +144,19 @@ def test_check_config_on_a_valid_file(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["node"]["name"] == "alpha"
     assert settings_from_mapping(json.loads(res.stdout)).node.name == "alpha"
+
+
+def test_ping_lines_show_each_path_and_a_line_when_it_changes() -> None:
+    relayed = messages.PingReply("b", 0, True, "", 2.5, "relayed", "ab" * 20, "b " + "cd" * 20)
+    direct = messages.PingReply("b", 1, True, "", 1.25, "direct", "198.18.90.12:4789", "b x")
+    lines, last = ping_lines("b", relayed, None)
+    assert lines == [f"pong from b {'cd' * 20} relayed via node {'ab' * 8} in 2.500 ms"]
+    lines, last = ping_lines("b", direct, last)
+    assert lines == [
+        f"path changed: relayed via node {'ab' * 8} -> direct via 198.18.90.12:4789",
+        "pong from b x direct via 198.18.90.12:4789 in 1.250 ms",
+    ]
+    lines, last = ping_lines("b", direct, last)
+    assert lines == ["pong from b x direct via 198.18.90.12:4789 in 1.250 ms"]
+    refused = messages.PingReply("b", 3, False, "no_link")
+    assert ping_lines("b", refused, last) == (["b: no link"], last)

@@ -12,8 +12,11 @@ Modules:
   (``node_config``, ``write_config``), ``Authority``, ``start_all``, ``stop_all``,
   ``wait_for`` and the test network's addresses.
 - ``layouts``: ready-made networks: ``two_nodes`` (and its parts ``veth_pair`` and
-  ``node_pair``), ``overlay_nodes``, ``routed_nodes``, ``router_segment`` (and ``member``,
-  one node of them).
+  ``node_pair``), ``overlay_nodes``, ``routed_nodes``, ``router_segment``, ``nat_pair``
+  (two nodes behind the NAT lab's gateways; ``link_row``, ``registered``), and ``member``,
+  one node of them.
+- ``nat``: ``NatLab``, an "internet" segment with STUN servers and sites behind Linux NAT
+  gateways of several kinds (MASQUERADE, random ports, miniupnpd), and conntrack views.
 - ``dhclient``: ``DhcpClient``, ISC dhclient kept inside its namespace, and its leases.
 - ``demo``: ``supervisor demo``, five nodes on two segments, shown working.
 
@@ -32,9 +35,13 @@ checkout (see ``nodes``).
 from supervisor.testbed.dhclient import DhcpClient, DhcpError, DhcpLease, parse_leases
 from supervisor.testbed.layouts import (
     Machine,
+    NatPair,
+    link_row,
     member,
+    nat_pair,
     node_pair,
     overlay_nodes,
+    registered,
     routed_nodes,
     router_segment,
     two_nodes,
@@ -79,6 +86,7 @@ __all__ = [
     "DhcpError",
     "DhcpLease",
     "Machine",
+    "NatPair",
     "Namespace",
     "NetnsError",
     "Node",
@@ -86,11 +94,14 @@ __all__ = [
     "Testbed",
     "leftover_etc_netns",
     "leftover_namespaces",
+    "link_row",
     "member",
+    "nat_pair",
     "node_config",
     "node_pair",
     "overlay_nodes",
     "parse_leases",
+    "registered",
     "require_root",
     "routed_nodes",
     "router_segment",

@@ -7,7 +7,9 @@
 - ``routed_nodes``: nodes on several segments joined by a router namespace, with no virtual
   address in their configs (``Node.dhcp`` gets each one);
 - ``router_segment``: a router-mode node serving machine namespaces on its bridge, and a
-  remote node in interface mode.
+  remote node in interface mode;
+- ``nat_pair``: nodes A and B behind gateways of the NAT lab (``nat``), with four public
+  nodes between them on the overlay's circle, so A reaches B relayed before any shortcut.
 
 Each certifies its nodes with a fresh ``Authority`` (``member``: one node of such a
 network) and starts them unless told not to.
@@ -15,13 +17,19 @@ network) and starts them unless told not to.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
+from pipeline.crypto.identity import Identity
 from pipeline.crypto.keyfiles import seed_text
 from pipeline.statefiles import write_new
 from supervisor.testbed.dhclient import DhcpClient
+from supervisor.testbed.nat import NatLab
 from supervisor.testbed.netns import Namespace, Testbed
 from supervisor.testbed.nodes import (
     DOMAIN,
@@ -31,6 +39,8 @@ from supervisor.testbed.nodes import (
     Node,
     node_config,
     start_all,
+    stop_all,
+    wait_for,
     write_config,
 )
 
@@ -281,3 +291,110 @@ def router_segment(
     if start:
         start_all([far, gw])
     return gw, far, segment
+
+
+def circle_seeds(count: int) -> list[bytes]:
+    """``count`` key seeds, ordered by their nodes' place on the overlay's circle."""
+    seeds = [os.urandom(32) for _ in range(count)]
+    return sorted(seeds, key=lambda s: Identity.from_seed(s).node_id)
+
+
+@dataclass
+class NatPair:
+    """Nodes ``a`` and ``b`` behind the NAT lab's gateways, the ``publics`` between them."""
+
+    lab: NatLab
+    a: Node
+    b: Node
+    publics: list[Node]
+    nodes: list[Node]
+    started_at: float = 0.0  # time.monotonic() when the nodes were started
+
+    def close(self) -> None:
+        """Stop the nodes still running, then the lab (its gateways and servers)."""
+        try:
+            stop_all([n for n in self.nodes if n.proc is not None and n.proc.poll() is None])
+        finally:
+            self.lab.close()
+
+
+def registered(node: Node) -> bool:
+    """The node's overlay says it has joined (its place on the circle is linked)."""
+    st = node.status()
+    return bool(st and (st.get("overlay") or {}).get("registered"))
+
+
+def link_row(node: Node, other: Node) -> dict[str, Any] | None:
+    """``node``'s link table row of the link that routes to ``other``'s virtual address."""
+    st = node.status()
+    if not st:
+        return None
+    rows = [r for r in st["link_table"] if other.address in r["routes"]]
+    return rows[0] if rows else None
+
+
+def nat_pair(
+    testbed: Testbed,
+    tmp: Path,
+    a_kind: str,
+    b_kind: str | None,
+    *,
+    port_mapping: bool = False,
+    roaming: bool = False,
+    shortcuts: bool = True,
+) -> NatPair:
+    """Node A (virtual 100.64.0.1) behind a gateway of ``a_kind``, node B (100.64.0.2) behind
+    one of ``b_kind`` (None: on A's LAN), and four public nodes on the lab's internet, every
+    one told the lab's STUN servers; started, and each registered on the overlay.
+
+    The keys are chosen so that two public nodes lie between A and B on each side of the
+    circle: A and B are not overlay neighbours, so A reaches B first through the overlay
+    (relayed), and any direct path is the shortcut's doing. ``roaming``: A binds 0.0.0.0
+    (its address may change). ``shortcuts=False``: the pair stays relayed.
+    """
+    lab = NatLab(testbed, tmp / "lab")
+    try:
+        authority = Authority.create(tmp / "ca")
+        seeds = circle_seeds(6)  # A at 0, B at 3, public nodes at 1, 2, 4, 5
+        stun = ", ".join(f'"{h}:{p}"' for h, p in lab.stun_servers)
+        nat_lines = (
+            f"stun_servers = [{stun}]",
+            f"port_mapping = {str(port_mapping).lower()}",
+            f"shortcuts = {str(shortcuts).lower()}",
+        )
+        publics: list[Node] = []
+        for i, seat in enumerate((1, 2, 4, 5)):
+            ns = lab.internet_host(f"p{i}")
+            node = member(
+                ns, tmp, authority, f"p{i}", lab.address(ns), f"100.64.0.{10 + i}",
+                first=i == 0, bootstrap=(lab.address(publics[0].ns),) if publics else (),
+                nat_lines=nat_lines, seed=seeds[seat],
+            )  # fmt: skip
+            publics.append(node)
+        site_a = lab.gateway(a_kind)
+        site_b = site_a if b_kind is None else lab.gateway(b_kind)
+        ends = []
+        for name, site, seat, virtual in (
+            ("a", site_a, 0, "100.64.0.1"),
+            ("b", site_b, 3, "100.64.0.2"),
+        ):
+            ns = site.host(name)
+            address = "0.0.0.0" if roaming and name == "a" else lab.address(ns)
+            node = member(
+                ns, tmp, authority, name, address, virtual, first=False,
+                bootstrap=(publics[0].underlay,), nat_lines=nat_lines, seed=seeds[seat],
+            )  # fmt: skip
+            ends.append(node)
+    except BaseException:
+        lab.close()
+        raise
+    pair = NatPair(lab, ends[0], ends[1], publics, [*publics, *ends])
+    try:
+        pair.started_at = time.monotonic()
+        start_all(pair.nodes)
+        for node in pair.nodes:
+            wait_for(f"{node.name} registered", partial(registered, node), 60, every=0.5)
+    except BaseException:
+        pair.close()
+        raise
+    return pair
