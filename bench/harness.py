@@ -1,7 +1,7 @@
 """What the benchmarks that run real nodes share: the measuring, not the setups.
 
-``pipeline_bench.py``, ``router_bench.py`` and ``peers/debian.py`` build their networks with
-the test bed (``supervisor.testbed``) and measure them with this module:
+``pipeline_bench.py``, ``router_bench.py``, ``peers`` and ``peers/debian.py`` build their
+networks with the test bed (``supervisor.testbed``) and measure them with this module:
 
 - **progress and results**: a ``Script`` names a bench; it prints progress lines on stderr
   (``[bench] what happens``: stdout holds only the table or the JSON), writes the result to
@@ -10,8 +10,9 @@ the test bed (``supervisor.testbed``) and measure them with this module:
 - **CPU accounting from /proc**: ``ProcTimes`` of a pid, of the process trees under some
   pids (``tree_times``), and the CPU of everything on the machine that is not the bench
   (``others_snapshot``, ``others_cores``), which says whether a figure was disturbed;
-- **traffic**: pings (``ping_times``, ``percentile``) and iperf3 (``start_iperf_server``,
-  ``run_iperf``, ``TcpRun``);
+- **traffic**: pings (``ping_times``, ``percentile``), iperf3 (``start_iperf_server``,
+  ``run_iperf``, ``TcpRun``), the time from a start to the first echo reply
+  (``first_reply``), random loss on the underlay (``random_loss``) and the load average;
 - **the nodes' own counters**: restarts, drops and overlay bytes from ``status --json``
   (``settled_health``, ``overlay_check``);
 - **output**: ``machine``, ``fmt``, ``ratio``, ``tail``, and ``bounded_int`` for options.
@@ -23,6 +24,7 @@ figure here counts it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -31,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -129,9 +131,11 @@ def traffic_options(
     pings: int,
     fewest_pings: int,
     pings_per: str,
+    ping_interval: float = 0.01,
 ) -> None:
-    """``--seconds`` (iperf3 -t), ``--repeats`` (3 by default; ``repeats`` says of what) and
-    ``--pings`` (``pings_per`` says per what), as the benches take them."""
+    """``--seconds`` (iperf3 -t), ``--repeats`` (3 by default; ``repeats`` says of what),
+    ``--pings`` (``pings_per`` says per what) and ``--ping-interval``, as the benches take
+    them."""
     p.add_argument(
         "--seconds", type=bounded_int(1, 120), default=seconds, help=f"iperf3 -t ({seconds})"
     )
@@ -142,6 +146,24 @@ def traffic_options(
         default=pings,
         help=f"echo requests {pings_per} ({pings})",
     )
+    p.add_argument(
+        "--ping-interval",
+        type=float,
+        default=ping_interval,
+        help=f"seconds between echo requests ({ping_interval:g})",
+    )
+
+
+def subset(text: str, known: Sequence[str], option: str = "--setups") -> list[str]:
+    """A comma-separated subset of ``known`` (any order) -> the chosen ones in ``known``'s
+    order; ``argparse.ArgumentTypeError`` for an unknown name or none."""
+    chosen = {s.strip() for s in text.split(",") if s.strip()}
+    unknown = chosen - set(known)
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"bad {option} {text!r}: want a comma-separated subset of {','.join(known)}"
+        )
+    return [k for k in known if k in chosen]
 
 
 def machine() -> dict[str, Any]:
@@ -320,13 +342,13 @@ def warm_up(ns: Namespace, target: str) -> None:
     ns.run(["ping", "-c", "3", "-i", "0.2", "-W", "2", target], check=False, timeout=20)
 
 
-def ping_times(ns: Namespace, target: str, count: int) -> list[float]:
-    """The RTTs in ms of ``count`` echo requests 10 ms apart (lost ones have none);
-    RuntimeError if none is answered."""
+def ping_times(ns: Namespace, target: str, count: int, interval: float = 0.01) -> list[float]:
+    """The RTTs in ms of ``count`` echo requests ``interval`` seconds apart (lost ones have
+    none); RuntimeError if none is answered."""
     res = ns.run(
-        ["ping", "-n", "-c", str(count), "-i", "0.01", "-W", "1", target],
+        ["ping", "-n", "-c", str(count), "-i", f"{interval:g}", "-W", "1", target],
         check=False,
-        timeout=count * 0.05 + 30,
+        timeout=count * (interval + 0.04) + 30,
     )
     times = [float(m) for m in re.findall(r"time=([\d.]+) ms", res.stdout)]
     if not times:
@@ -360,9 +382,12 @@ def start_iperf_server(ns: Namespace) -> subprocess.Popen[bytes]:
     return server
 
 
-def _iperf_once(ns: Namespace, target: str, seconds: int, reverse: bool) -> dict[str, Any]:
+def _iperf_once(
+    ns: Namespace, target: str, seconds: int, reverse: bool, streams: int = 1
+) -> dict[str, Any]:
     argv = ["iperf3", "-c", target, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
     argv += ["--connect-timeout", "5000", *(["-R"] if reverse else [])]
+    argv += ["-P", str(streams)] if streams > 1 else []
     res = ns.run(argv, check=False, timeout=seconds + 40)
     try:
         report: dict[str, Any] = json.loads(res.stdout)
@@ -373,13 +398,16 @@ def _iperf_once(ns: Namespace, target: str, seconds: int, reverse: bool) -> dict
     return report
 
 
-def run_iperf(ns: Namespace, target: str, seconds: int, reverse: bool, log: Log) -> TcpRun:
-    """One iperf3 TCP run from ``ns`` (retried once after an error, e.g. "server is busy")."""
-    report = _iperf_once(ns, target, seconds, reverse)
+def run_iperf(
+    ns: Namespace, target: str, seconds: int, reverse: bool, log: Log, streams: int = 1
+) -> TcpRun:
+    """One iperf3 TCP run from ``ns`` with ``streams`` parallel streams (``-P``; the sums
+    are reported), retried once after an error (e.g. "server is busy")."""
+    report = _iperf_once(ns, target, seconds, reverse, streams)
     if "error" in report:
         log(f"iperf3 to {target} failed ({report['error']}); retrying once")
         time.sleep(2)
-        report = _iperf_once(ns, target, seconds, reverse)
+        report = _iperf_once(ns, target, seconds, reverse, streams)
         if "error" in report:
             raise RuntimeError(f"iperf3 to {target}: {report['error']}")
     end = report["end"]
@@ -389,6 +417,108 @@ def run_iperf(ns: Namespace, target: str, seconds: int, reverse: bool, log: Log)
         bytes=int(end["sum_received"]["bytes"]),
         retransmits=end.get("sum_sent", {}).get("retransmits"),
     )
+
+
+_FIRST_REPLY = r"""
+import os, select, socket, struct, sys, time
+target, timeout, interval = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+ident = os.getpid() & 0xFFFF
+def echo(seq):
+    head = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"autovn-connect"
+    total = sum(struct.unpack(f"!{len(head) // 2}H", head))
+    total = (total & 0xFFFF) + (total >> 16)
+    total = (total & 0xFFFF) + (total >> 16)
+    return head[:2] + struct.pack("!H", ~total & 0xFFFF) + head[4:]
+print("ready", flush=True)
+sys.stdin.readline()
+deadline = time.monotonic() + timeout
+seq = 0
+while time.monotonic() < deadline:
+    seq = (seq + 1) & 0xFFFF
+    try:
+        sock.sendto(echo(seq), (target, 0))
+    except OSError:
+        pass
+    until = time.monotonic() + interval
+    while (left := until - time.monotonic()) > 0:
+        if not select.select([sock], [], [], left)[0]:
+            break
+        data, (source, _) = sock.recvfrom(4096)
+        at = (data[0] & 15) * 4
+        mine = struct.unpack_from("!H", data, at + 4)[0] == ident
+        if source == target and data[at] == 0 and mine:
+            print(f"reply {time.monotonic():.6f} {seq}", flush=True)
+            sys.exit(0)
+print("timeout", flush=True)
+sys.exit(1)
+"""
+
+
+def first_reply(
+    ns: Namespace,
+    target: str,
+    start: Callable[[], object],
+    *,
+    timeout: float = 30.0,
+    interval: float = 0.005,
+) -> float:
+    """Seconds from calling ``start`` (which starts a VPN) to the first echo reply from
+    ``target``, sent from ``ns`` every ``interval`` seconds from the moment ``start`` is called.
+
+    A small pinger runs in ``ns`` (a raw ICMP socket; send errors, while there is no route
+    yet, are ignored); it is ready before ``start`` is called, so its own start-up is not
+    counted, and it times the reply with the machine's monotonic clock, which every
+    namespace shares. RuntimeError if no reply comes within ``timeout``."""
+    proc = ns.popen(
+        [sys.executable, "-c", _FIRST_REPLY, target, str(timeout), str(interval)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        if proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError(f"pinger in {ns.name} did not start")
+        t0 = time.monotonic()
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        start()
+        line = proc.stdout.readline().decode().split()
+        if not line or line[0] != "reply":
+            raise RuntimeError(f"no echo reply from {target} within {timeout:g} s")
+        return float(line[1]) - t0
+    finally:
+        ns.testbed.stop(proc)
+
+
+@contextlib.contextmanager
+def random_loss(nss: Sequence[Namespace], probability: float) -> Iterator[None]:
+    """Drop each packet arriving on the namespaces' links (every interface but ``lo``) with
+    ``probability``, independently: ``iptables -m statistic --mode random`` in the INPUT
+    chain inside each namespace (this kernel has no netem). Rules removed on the way out.
+    With 0 nothing is done."""
+    if probability <= 0:
+        yield
+        return
+    rules: list[tuple[Namespace, list[str]]] = []
+    try:
+        for ns in nss:
+            for ifname in ns.links():
+                if ifname == "lo":
+                    continue
+                rule = ["INPUT", "-i", ifname, "-m", "statistic", "--mode", "random",
+                        "--probability", f"{probability:g}", "-j", "DROP"]  # fmt: skip
+                ns.run(["iptables", "-w", "5", "-I", *rule], timeout=15)
+                rules.append((ns, rule))
+        yield
+    finally:
+        for ns, rule in rules:
+            ns.run(["iptables", "-w", "5", "-D", *rule], check=False, timeout=15)
+
+
+def loadavg() -> list[float]:
+    """/proc/loadavg's three averages."""
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -117,7 +117,8 @@ log = BENCH.log
 IDLE_SECONDS = 10.0
 SCALE_KEYS = ("queues", "classifier", "overlay_io")
 AUTOVN = {"raw": "raw veth", "plain": "plaintext", "enc": "encrypted"}
-SETUPS = AUTOVN | {k: p.title for k, p in PEERS.items()}  # in measuring order
+PIPELINE_PEERS = ("tinc", "tinc-plain", "openvpn")  # bench/peers runs all of PEERS
+SETUPS = AUTOVN | {k: PEERS[k].title for k in PIPELINE_PEERS}  # in measuring order
 # (numerator, denominator): every setup against the raw veth, then autovn against the peers
 TO_RAW = tuple((k, "raw") for k in SETUPS if k != "raw")
 VERSUS = (("enc", "plain"), ("enc", "tinc"), ("plain", "tinc-plain"), ("enc", "openvpn"))
@@ -195,11 +196,13 @@ class SetupResult:
         values = [r.others_cores for r in self.tcp if r.others_cores is not None]
         return statistics.fmean(values) if values else None
 
-    def cpu_s_per_gb(self) -> float | None:
-        if not self.tcp or any(r.cpu_s is None for r in self.tcp):
+    def cpu_s_per_gb(self, direction: str | None = None) -> float | None:
+        """CPU-seconds per GB over the iperf3 runs (of ``direction`` alone, if given)."""
+        runs = [r for r in self.tcp if direction in (None, r.direction)]
+        if not runs or any(r.cpu_s is None for r in runs):
             return None
-        cpu = sum(r.cpu_s or 0.0 for r in self.tcp)
-        gb = sum(r.bytes for r in self.tcp) / 1e9
+        cpu = sum(r.cpu_s or 0.0 for r in runs)
+        gb = sum(r.bytes for r in runs) / 1e9
         return cpu / gb if gb > 0 else None
 
 
@@ -270,9 +273,9 @@ def idle_cpu_percent(nodes: Sequence[Vpn], seconds: float) -> dict[str, float]:
 # traffic
 
 
-def run_ping(ns: testbed.Namespace, target: str, count: int) -> PingResult:
+def run_ping(ns: testbed.Namespace, target: str, count: int, interval: float = 0.01) -> PingResult:
     harness.warm_up(ns, target)
-    return PingResult.of(count, harness.ping_times(ns, target, count))
+    return PingResult.of(count, harness.ping_times(ns, target, count, interval))
 
 
 def measure(
@@ -288,7 +291,7 @@ def measure(
     for every run, the CPU of the work outside ``testbed_netns`` (:func:`others_cores`).
     """
     log(f"{setup.name}: {args.pings} pings {setup.source} -> {setup.target}")
-    setup.ping = run_ping(a.ns, setup.target, args.pings)
+    setup.ping = run_ping(a.ns, setup.target, args.pings, args.ping_interval)
     for i in range(args.repeats):
         tcp_round(setup, a, args, cpu_nodes, testbed_netns, i)
 
@@ -532,7 +535,7 @@ def measure_alternately(
         idle[setup.key].append(idle_cpu_percent(nodes, idle_s))
         log(f"{setup.name}: {count} pings {setup.source} -> {setup.target}")
         harness.warm_up(nodes[0].ns, setup.target)
-        times[setup.key] += harness.ping_times(nodes[0].ns, setup.target, count)
+        times[setup.key] += harness.ping_times(nodes[0].ns, setup.target, count, args.ping_interval)
         tcp_round(setup, nodes[0], args, nodes, testbed_netns, i)
         setup.health = add_counts(setup.health, harness.settled_health(nodes))
         if encrypted:
@@ -684,13 +687,7 @@ def render(result: dict[str, Any], setups: dict[str, SetupResult]) -> str:
 def parse_setups(text: str) -> list[str]:
     """``raw,plain,enc,tinc,tinc-plain,openvpn`` (any subset, any order) -> the chosen keys in
     measuring order."""
-    chosen = {s.strip() for s in text.split(",") if s.strip()}
-    unknown = chosen - SETUPS.keys()
-    if unknown or not chosen:
-        raise argparse.ArgumentTypeError(
-            f"bad --setups {text!r}: want a comma-separated subset of {','.join(SETUPS)}"
-        )
-    return [k for k in SETUPS if k in chosen]
+    return harness.subset(text, list(SETUPS))
 
 
 def parse_scale(text: str) -> dict[str, int]:

@@ -246,23 +246,27 @@ _RING = _power_of_two(1 << 18, 1 << 28)
 @dataclasses.dataclass(frozen=True, slots=True)
 class TapReaderSettings:
     queues: int = _field(1, check=_between(1, 16), doc="TAP queues, one worker each")
-    ring_bytes: int = _field(1 << 22, check=_RING, doc="size of each ring this stage reads")
+    ring_bytes: int = _field(1 << 19, check=_RING, doc="size of each ring this stage reads")
     batch: int = _field(64, check=_between(1, 1024), doc="frames handled per wake-up")
+    offloads: bool = _field(
+        True, doc="virtio-net headers and TSO on the TAP: 64 KiB super-frames (kernel willing)"
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ClassifierSettings:
     workers: int = _field(1, check=_between(1, 16), doc="classifier worker processes")
-    ring_bytes: int = _field(1 << 22, check=_RING, doc="size of each ring this stage reads")
+    ring_bytes: int = _field(1 << 19, check=_RING, doc="size of each ring this stage reads")
     batch: int = _field(64, check=_between(1, 1024), doc="frames handled per wake-up")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class OverlayIoSettings:
     workers: int = _field(1, check=_between(1, 16), doc="overlay_io worker processes")
-    ring_bytes: int = _field(1 << 22, check=_RING, doc="size of each ring this stage reads")
+    ring_bytes: int = _field(1 << 19, check=_RING, doc="size of each ring this stage reads")
     batch: int = _field(64, check=_between(1, 1024), doc="datagrams handled per wake-up")
-    socket_buffer_bytes: int = _field(1 << 22, check=_between(1 << 16, 1 << 28), doc="UDP buffers")
+    socket_buffer_bytes: int = _field(1 << 19, check=_between(1 << 16, 1 << 28), doc="UDP buffers")
+    offloads: bool = _field(True, doc="UDP GSO sends and GRO reads, where the kernel has them")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

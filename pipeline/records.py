@@ -4,7 +4,25 @@ the ring graph (``pipeline/topology.py``) carries. Pure.
 A ring record is an 8-byte header (``length u32 | kind u8 | flags u8 | peer u16``) and its
 bytes (``pipeline/shm_ring.py``). Every kind means one thing on every hop, and ``peer``
 always means the same: the slot of the link the record belongs to (the peer it came from or
-goes to), or 0 when it belongs to no link. ``flags`` is 0.
+goes to), or 0 when it belongs to no link.
+
+``flags`` has one bit, ``FLAG_VNET``: a 10-byte virtio-net header (``pipeline/wire/vnet.py``)
+precedes the frame or packet, whose ``csum_start`` and ``hdr_len`` count from the first byte
+after it. Such a record may be a super-frame of up to 64 KiB: many TCP segments (or UDP
+datagrams) behind one header (``gso_type``, ``gso_size``), or one packet whose checksum is
+left to be finished (``NEEDS_CSUM``). Only the FRAME and IP_PACKET records between
+tap_reader, classifier and overlay_io carry it; every record to or from control has
+``flags`` 0 (whole packets, checksums final). Per hop:
+
+- tap_reader → classifier: every FRAME read from a TAP opened with virtio-net headers;
+- classifier → overlay_io: the same header, shifted by -14 (Ethernet stripped): one
+  classifier verdict per super-frame;
+- overlay_io → classifier: a packet, or consecutive TCP segments of one flow coalesced into a
+  super-frame, with the header its TAP should get (shifted by -14);
+- classifier → tap_reader: the same header shifted by +14 (Ethernet prepended). A FRAME
+  without it (an ARP reply, a frame from control) is written after a zero header to a TAP
+  with virtio-net headers; a FRAME with it is segmented, checksums computed, for a TAP
+  without them.
 
 Per edge of the ring graph, producer → consumer, the kinds it carries:
 
@@ -58,6 +76,7 @@ from pipeline.topology import EDGES, Stage
 __all__ = [
     "EDGE_KINDS",
     "ENDPOINT_LEN",
+    "FLAG_VNET",
     "RecordKind",
     "pack_endpoint",
     "unpack_endpoint",
@@ -97,6 +116,9 @@ EDGE_KINDS: dict[tuple[Stage, Stage], frozenset[RecordKind]] = {
 del K
 
 ENDPOINT_LEN = 6
+
+FLAG_VNET = 1
+"""Record flag: a 10-byte virtio-net header precedes the frame or packet (see above)."""
 
 
 def pack_endpoint(host: str, port: int) -> bytes:

@@ -344,6 +344,33 @@ class Producer:
         self._bytes += n
         return True
 
+    def push_parts(
+        self,
+        parts: list[bytes | bytearray | memoryview],
+        kind: int = 0,
+        peer: int = 0,
+        flags: int = 0,
+    ) -> bool:
+        """``push`` of the concatenation of ``parts`` (copied straight into the ring, never
+        joined first): a header and a packet, a super-frame's header and its payloads."""
+        n = 0
+        for part in parts:
+            n += len(part)
+        if n > MAX_RECORD or kind >= PAD_KIND:
+            raise ValueError(f"record of {n} bytes / kind {kind} is not allowed")
+        view = self.reserve(n)
+        if view is None:
+            self._drops += 1
+            self._drop_bytes += n
+            return False
+        at = 0
+        for part in parts:
+            end = at + len(part)
+            view[at:end] = part
+            at = end
+        self.commit(n, kind, peer, flags)
+        return True
+
     def fits(self, length: int) -> bool:
         """True if a record of ``length`` bytes would be accepted now (reloads the read index).
 

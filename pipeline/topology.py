@@ -47,8 +47,9 @@ class Stage(enum.StrEnum):
 
 
 START_ORDER = (Stage.CONTROL, Stage.OVERLAY_IO, Stage.CLASSIFIER, Stage.TAP_READER)
-"""Stages start from the brain outwards (each waits for the READY of the one before) and stop
-in the reverse order, so no frame enters a pipeline whose next stage is not there."""
+"""Stages are spawned from the brain outwards, all at once (a frame that enters before the
+next stage is up waits in its ring), and stop in the reverse order, so that no frame
+enters a pipeline whose next stage is gone."""
 
 EDGES: tuple[tuple[Stage, Stage], ...] = (
     (Stage.TAP_READER, Stage.CLASSIFIER),

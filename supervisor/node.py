@@ -6,8 +6,9 @@ Theory of operation:
   hands to each worker by file descriptor. They have no name in /dev/shm, so nothing is left
   behind whatever dies, however it dies; a restarted worker gets the same fds and re-attaches.
 - Workers are started with ``subprocess`` (fork+exec of a fresh interpreter: the spawn start
-  method, never a bare fork) in stage order control, overlay_io, classifier, tap_reader; a
-  stage counts as up when each of its workers said ``Ready``.
+  method, never a bare fork), all at once, in stage order control, overlay_io, classifier,
+  tap_reader (their interpreters start in parallel; the rings and sockets that join them are
+  there first); the node is up when every worker said ``Ready``.
 - Each worker sends a ``Heartbeat`` with its counters every ``heartbeat_interval_s``; one that
   goes silent for ``heartbeat_timeout_s`` is killed. A worker that exits is restarted after a
   back-off that doubles from 0.1 s up to ``restart_backoff_max_s`` and resets after 30 s of
@@ -147,8 +148,7 @@ class NodeSupervisor:
                 address=str(s.network.address) if s.network.address else "dhcp",
                 workers=len(self.workers),
             )
-            for stage in START_ORDER:
-                self._start_stage(stage)
+            self._start_workers()
             self.log.info("node_started", startup_s=round(time.monotonic() - self.started, 3))
             self._loop()
             return 0
@@ -198,8 +198,11 @@ class NodeSupervisor:
             self.specs[edge.name] = spec
             self.rings[edge.name] = Ring.attach(spec)
 
-    def _start_stage(self, stage: Stage) -> None:
-        slots = [w for w in self.workers if w.stage == stage]
+    def _start_workers(self) -> None:
+        """Spawn every worker at once, in start order, then wait for all their READYs: the
+        interpreters start in parallel. Nothing is lost meanwhile: a worker's rings and
+        ZeroMQ connections are there before it is, records wait in the rings."""
+        slots = self.workers
         for w in slots:
             self._spawn(w)
         deadline = time.monotonic() + READY_TIMEOUT_S

@@ -8,6 +8,8 @@ from __future__ import annotations
 import random
 from ipaddress import IPv4Address, IPv4Network
 
+import pytest
+
 from pipeline import messages
 from pipeline.control import events as ev
 from pipeline.control.core import (
@@ -133,26 +135,29 @@ def test_overlay_io_workers_get_keys_and_a_new_incarnation_a_new_counter_range()
 
 
 def test_a_handshake_retry_fires_at_its_deadline_not_on_a_tick() -> None:
-    """The first initiation is lost. The link layer says when to try again (when it times
-    out, 5 s later);
-    stepping the core from deadline to deadline, the retry goes at exactly that time, never
+    """The first initiation is lost. The link layer says when to send it again (0.2 s later,
+    then 0.4 s after that, doubling, until it times out 5 s after the first and a new one
+    goes); stepping the core from deadline to deadline, each goes at exactly its time, never
     before, and the core was woken for it then, not at some later tick."""
     a, _b = pair()
     a.handle_timer(100.0, WALL + 100)
-    assert len(a.handshakes_to_send()) == 1  # lost
+    (first,) = a.handshakes_to_send()  # lost
     assert a.routing is not None
-    retry = a.routing.links.next_deadline()
-    assert retry == 105.0
+    due = [100.2, 100.6, 101.4, 103.0, 105.0]
+    assert a.routing.links.next_deadline() == pytest.approx(due[0])
     now = 100.0
-    sent_at = []
-    while now < 106.0:
+    sent_at: list[float] = []
+    sent = []
+    while len(sent_at) < len(due):
         a.snapshot_to_publish(now)
         now = a.next_deadline()
-        assert now <= retry or sent_at  # no wake-up is skipped past the retry
+        assert now <= due[len(sent_at)] + 1e-9  # no wake-up is skipped past the next send
         a.handle_timer(now, WALL + now)
-        if a.handshakes_to_send():
+        if out := a.handshakes_to_send():
             sent_at.append(now)
-    assert sent_at[0] == retry
+            sent += out
+    assert sent_at == pytest.approx(due)
+    assert sent[:4] == [first] * 4 and sent[4] != first  # the same bytes, then a new one
 
 
 def test_a_dht_request_retries_at_its_deadline() -> None:

@@ -64,7 +64,12 @@ class Node:
         *,
         workers: int = 1,
         plaintext: bool = False,
+        gso: bool = True,
+        gro: bool = True,
+        tap_offloads: bool = True,
     ) -> None:
+        """``gso``, ``gro``: what the memory ports offer; ``tap_offloads``: whether the node's
+        TAP is said to take super-frames (``stages.tap_reader.offloads``)."""
         self.name, self.address, self.node_id = name, (host, 4789), node_id
         security = (
             {"insecure_plaintext": True} if plaintext else {"ca_certificate": str(tmp / "ca.crt")}
@@ -74,7 +79,10 @@ class Node:
             "network": {"namespace": "lab", "subnet": "100.64.0.0/24", "address": "100.64.0.1"},
             "security": security,
             "overlay": {"listen_address": host},
-            "stages": {"overlay_io": {"workers": workers}},
+            "stages": {
+                "overlay_io": {"workers": workers},
+                "tap_reader": {"offloads": tap_offloads},
+            },
         }
         settings = settings_from_mapping(data)
         self.specs: list[RingSpec] = []
@@ -103,7 +111,8 @@ class Node:
             self.to_classifier.append(Consumer(self._attach(specs["out"])))
             self.to_control.append(Consumer(self._attach(specs["ctl_out"])))
             rings = {s.name: s for s in specs.values()}
-            worker = io_stage.OverlayIoWorker(settings, i, rings, port=net.port(host, 4789))
+            port = net.port(host, 4789, gso=gso, gro=gro)
+            worker = io_stage.OverlayIoWorker(settings, i, rings, port=port)
             worker.setup()
             self.workers.append(worker)
 

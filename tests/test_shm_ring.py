@@ -434,6 +434,26 @@ def test_reserve_commit(ring: Ring) -> None:
         prod.reserve(MAX_RECORD + 1)
 
 
+def test_push_parts_is_a_push_of_the_concatenation(ring: Ring) -> None:
+    prod, cons = Producer(ring), Consumer(ring)
+    assert prod.push_parts([b"head", memoryview(b"-and-"), bytearray(b"tail")], 2, 9, 1)
+    assert prod.push_parts([], 3)
+    big = bytes(MAX_RECORD // 2)
+    while prod.push_parts([big, big]):
+        pass  # until full: a counted drop, as push's
+    assert ring.stats().drops == 0  # published by flush only
+    prod.flush()
+    assert ring.stats().drops == 1 and ring.stats().drop_bytes == MAX_RECORD
+    batch = cons.pop_batch(2)
+    assert [(r.kind, r.peer, r.flags, bytes(r.data)) for r in batch] == [
+        (2, 9, 1, b"head-and-tail"),
+        (3, 0, 0, b""),
+    ]
+    del batch
+    with pytest.raises(ValueError):
+        prod.push_parts([big, big, b"x"])
+
+
 def test_reserve_wraps_and_full(ring: Ring) -> None:
     cap = ring.capacity
     ring._q[8] = ring._q[16] = cap - 1000

@@ -1,4 +1,5 @@
-"""tinc and OpenVPN from Debian's packages, as baselines for ``bench/pipeline_bench.py``.
+"""tinc, OpenVPN, wireguard-go and nebula from Debian's packages, as baselines for
+``bench/pipeline_bench.py`` and ``bench/peers``.
 
 Each peer setup runs one daemon in each of the two namespaces ``supervisor.testbed.two_nodes``
 built (underlay 198.18.0.1/.2 on a veth pair), over a TAP device with MTU 1400 (autovn's
@@ -17,16 +18,35 @@ failure and on Ctrl-C. Nothing runs in, or touches, the root namespace.
   ``--allow-deprecated-insecure-static-crypto``, which 2.7 requires), AES-256-CBC with
   HMAC-SHA256, UDP port 1194, DCO off (static keys cannot use it). No TLS: the simplest mode
   2.6 still allows.
+- ``wireguard-go``: Debian's ``wireguard-go`` (0.0.20220316: before the TUN and UDP offloads)
+  over a TUN (L3), Noise IK + ChaCha20-Poly1305, keys made here with ``cryptography``'s
+  X25519 and set through its UAPI socket (``/var/run/wireguard/<device>.sock``, the protocol
+  ``wg`` speaks: no ``wireguard-tools`` needed), UDP port 51820. It needs only the kernel's
+  ``/dev/net/tun``; ``WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1`` lets it run on a kernel
+  that has WireGuard built in. The device name carries the namespace's suffix, so that the
+  UAPI sockets (one directory for the whole machine) of two runs never meet.
+- ``nebula``: Debian's ``nebula`` (1.6.1) over a TUN, a CA and two host certificates made with
+  ``nebula-cert`` in the temporary directory, static hosts (no lighthouse, no punching),
+  default cipher (AES-256-GCM), a firewall that allows everything, UDP port 4242; nebula
+  addresses its own device from its certificate.
+
+The TAP and TUN devices all have MTU 1400, and the daemons start as ``start`` says: the
+time to connect is measured from there to the first ping answered.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from bench.harness import tail
 from supervisor.testbed import UNDERLAY, Namespace, Testbed, wait_for
@@ -49,6 +69,10 @@ class PeerDaemon:
     argv: list[str]
     proc: subprocess.Popen[bytes] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] | None = None  # the daemon's environment (None: ours)
+    # once its device exists, before it is addressed: e.g. wireguard-go's keys and peer
+    configure: Callable[[PeerDaemon], None] | None = None
+    self_addressed: bool = False  # the daemon addresses its device itself (nebula)
 
     @property
     def log_file(self) -> Path:
@@ -88,11 +112,12 @@ class PeerSetup:
         return None
 
     def start(self, tb: Testbed, daemons: list[PeerDaemon], timeout: float = 30.0) -> None:
-        """Start both daemons, address their TAP devices once they exist, and wait until the
-        virtual addresses answer pings both ways."""
+        """Start both daemons, configure (``PeerDaemon.configure``) and then address their
+        devices once they exist, and wait until the virtual addresses answer pings both
+        ways."""
         for d in daemons:
             with open(d.log_file, "ab") as out:  # the child keeps its own copy
-                d.proc = d.ns.popen(d.argv, stdout=out, stderr=subprocess.STDOUT)
+                d.proc = d.ns.popen(d.argv, stdout=out, stderr=subprocess.STDOUT, env=d.env)
         for d in daemons:
 
             def device_up(d: PeerDaemon = d) -> bool:
@@ -100,7 +125,12 @@ class PeerSetup:
                     raise RuntimeError(f"{d.name}: {self.binary} exited: {d.tail()}")
                 return d.ns.ip("link", "show", "dev", d.device, check=False).returncode == 0
 
-            wait_for(f"{self.key} {d.name} {d.device}", device_up, timeout=timeout)
+            wait_for(f"{self.key} {d.name} {d.device}", device_up, timeout=timeout, every=0.02)
+            if d.configure is not None:
+                d.configure(d)
+        for d in daemons:  # both configured before either sends (a lost first handshake
+            if d.self_addressed:  # would cost wireguard-go its 5 s retry)
+                continue
             d.ns.ip("link", "set", "dev", d.device, "mtu", str(MTU))
             if d.address not in " ".join(d.ns.addresses(d.device)):
                 d.ns.ip("addr", "add", f"{d.address}/24", "dev", d.device)
@@ -215,6 +245,118 @@ def _openvpn_prepare(
     return daemons
 
 
+# ----------------------------------------------------------------------------------------------
+# wireguard-go
+
+
+WG_ENV = {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1", "LOG_LEVEL": "error"}
+WG_RUN = Path("/var/run/wireguard")
+
+
+def _wg_uapi(device: str, lines: list[str], timeout: float = 5.0) -> None:
+    """Set a wireguard-go device's configuration through its UAPI socket (the ``set=1``
+    operation of the cross-platform userspace interface); RuntimeError unless errno=0."""
+    path = WG_RUN / f"{device}.sock"
+    wait_for(f"{path}", path.exists, timeout=timeout, every=0.01)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(("set=1\n" + "".join(f"{line}\n" for line in lines) + "\n").encode())
+        reply = b""
+        while not reply.endswith(b"\n\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    if b"errno=0" not in reply:
+        raise RuntimeError(f"wireguard-go {device}: UAPI set: {reply.decode(errors='replace')!r}")
+
+
+def _wireguard_prepare(
+    setup: PeerSetup, ns_a: Namespace, ns_b: Namespace, root: Path, *, plain: bool
+) -> list[PeerDaemon]:
+    keys = [X25519PrivateKey.generate() for _ in NAMES]
+    private = [k.private_bytes_raw().hex() for k in keys]
+    public = [k.public_key().public_bytes_raw().hex() for k in keys]
+    daemons = []
+    for me, (name, ns) in enumerate(zip(NAMES, (ns_a, ns_b), strict=True)):
+        conf = root / name
+        conf.mkdir(parents=True)
+        device = f"wg{ns.name[-9:].replace('-', '')}"[:15]  # unique: one socket directory
+        peer = 1 - me
+        lines = [
+            f"private_key={private[me]}",
+            f"listen_port={setup.port}",
+            "replace_peers=true",
+            f"public_key={public[peer]}",
+            f"endpoint={UNDERLAY[peer]}:{setup.port}",
+            "replace_allowed_ips=true",
+            f"allowed_ip={setup.virtual[peer]}/32",
+        ]
+
+        def configure(d: PeerDaemon, lines: list[str] = lines) -> None:
+            _wg_uapi(d.device, lines)
+
+        argv = ["wireguard-go", "-f", device]
+        daemons.append(
+            PeerDaemon(
+                name, ns, setup.virtual[me], device, setup.port, conf, argv,
+                env=dict(os.environ, **WG_ENV), configure=configure,
+            )
+        )  # fmt: skip
+    return daemons
+
+
+# ----------------------------------------------------------------------------------------------
+# nebula
+
+
+def _nebula_prepare(
+    setup: PeerSetup, ns_a: Namespace, ns_b: Namespace, root: Path, *, plain: bool
+) -> list[PeerDaemon]:
+    root.mkdir(parents=True, exist_ok=True)
+    ca_crt, ca_key = root / "ca.crt", root / "ca.key"
+    _run_tool(ns_a, ["nebula-cert", "ca", "-name", "bench", "-out-crt", str(ca_crt),
+                     "-out-key", str(ca_key)])  # fmt: skip
+    daemons = []
+    for me, (name, ns) in enumerate(zip(NAMES, (ns_a, ns_b), strict=True)):
+        conf = root / name
+        conf.mkdir()
+        crt, key = conf / "host.crt", conf / "host.key"
+        _run_tool(ns_a, [
+            "nebula-cert", "sign", "-ca-crt", str(ca_crt), "-ca-key", str(ca_key),
+            "-name", name, "-ip", f"{setup.virtual[me]}/24", "-out-crt", str(crt),
+            "-out-key", str(key),
+        ])  # fmt: skip
+        peer = 1 - me
+        allow_all = [{"port": "any", "proto": "any", "host": "any"}]
+        config = {  # JSON is YAML
+            "pki": {"ca": str(ca_crt), "cert": str(crt), "key": str(key)},
+            "static_host_map": {setup.virtual[peer]: [f"{UNDERLAY[peer]}:{setup.port}"]},
+            "lighthouse": {"am_lighthouse": False, "hosts": []},
+            "listen": {"host": UNDERLAY[me], "port": setup.port},
+            "punchy": {"punch": False},
+            "tun": {"dev": setup.device, "mtu": MTU},
+            "logging": {"level": "warning"},
+            "firewall": {"outbound": allow_all, "inbound": allow_all},
+        }
+        (conf / "config.yml").write_text(json.dumps(config, indent=1))
+        argv = ["nebula", "-config", str(conf / "config.yml")]
+        daemons.append(
+            PeerDaemon(
+                name, ns, setup.virtual[me], setup.device, setup.port, conf, argv,
+                self_addressed=True,
+            )
+        )  # fmt: skip
+    return daemons
+
+
+def _run_tool(ns: Namespace, argv: list[str]) -> None:
+    res = ns.run(argv, check=False, timeout=60)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:2])}: rc {res.returncode}: {res.stderr[-300:]}")
+
+
 PEERS: dict[str, PeerSetup] = {
     "tinc": PeerSetup(
         "tinc",
@@ -250,5 +392,28 @@ PEERS: dict[str, PeerSetup] = {
         lambda s, a, b, r: _openvpn_prepare(s, a, b, r, plain=False),
         "OpenVPN 2.6 p2p over TAP, static key, AES-256-CBC + HMAC-SHA256, no DCO, "
         "100.64.2.1/.2, UDP 1194",
+    ),
+    "wireguard-go": PeerSetup(
+        "wireguard-go",
+        "wireguard-go",
+        "wireguard-go",
+        "wireguard-go",
+        "100.64.3",
+        "",  # per namespace: see _wireguard_prepare
+        51820,
+        lambda s, a, b, r: _wireguard_prepare(s, a, b, r, plain=False),
+        "wireguard-go 0.0.20220316 over TUN, Noise IK + ChaCha20-Poly1305 (UAPI-configured), "
+        "100.64.3.1/.2, UDP 51820",
+    ),
+    "nebula": PeerSetup(
+        "nebula",
+        "nebula",
+        "nebula",
+        "nebula",
+        "100.64.4",
+        "neb0",
+        4242,
+        lambda s, a, b, r: _nebula_prepare(s, a, b, r, plain=False),
+        "nebula 1.6.1 over TUN, static hosts, AES-256-GCM, 100.64.4.1/.2, UDP 4242",
     ),
 }

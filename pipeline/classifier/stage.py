@@ -10,6 +10,14 @@
 The core is chosen once, at setup, from ``network.mode``: an ``InterfaceClassifier`` or a
 ``RouterClassifier``; it decides every frame and counts its drops by reason. A record of a
 kind its ring does not carry (``pipeline/records.py``) is counted here (``unexpected_kind``).
+
+A record with ``FLAG_VNET`` (a virtio-net header first: maybe a TSO super-frame of 64 KiB)
+gets one verdict for all its segments, since they share every header the core reads. The
+header travels on with the frame: shifted by -14 as Ethernet is stripped (to overlay_io) or
++14 as it is prepended (to a tap_reader). Control takes only whole packets with final
+checksums, so what goes there from such a record is first cut and checksummed in software
+(``tso.segment``: rare, small packets: DHCP, DNS, the first packets to an address without a
+route).
 """
 
 from __future__ import annotations
@@ -24,10 +32,11 @@ from pipeline.classifier.interface import InterfaceClassifier
 from pipeline.classifier.router import LocalHosts, RouterClassifier
 from pipeline.classifier.routes import Routes
 from pipeline.config import GATEWAY_MAC, Mode
-from pipeline.records import RecordKind
+from pipeline.records import FLAG_VNET, RecordKind
 from pipeline.route_feed import RouteFeed
 from pipeline.shm_ring import Consumer, Producer
 from pipeline.topology import Stage, worker_for_flow, worker_for_peer
+from pipeline.wire import tso, vnet
 from pipeline.worker import Worker
 
 _TO_PEER = FrameAction.TO_PEER
@@ -38,6 +47,9 @@ _VERIFY = FrameAction.VERIFY
 _CLAIM = FrameAction.CLAIM
 _FRAME = int(RecordKind.FRAME)  # plain ints: the loops compare kinds with them, per record
 _IP_PACKET = int(RecordKind.IP_PACKET)
+_VNET = vnet.LEN
+_ETH = 14
+_shift = vnet.shift
 
 
 class ClassifierWorker(Worker):
@@ -125,9 +137,23 @@ class ClassifierWorker(Worker):
         n = len(to_io)
         to_control = self.to_control
         from_inside = self.core.from_inside
-        for kind, _, _, data in records:
+        for kind, _, flags, data in records:
             if kind != _FRAME:
                 self.drops["unexpected_kind"] += 1
+                continue
+            if flags & FLAG_VNET:
+                header = data[:_VNET]
+                action, peer, out = from_inside(data[_VNET:])
+                if action is _TO_PEER:
+                    to_io[worker_for_peer(peer, n)].push_parts(
+                        [_shift(header, -_ETH), out], _IP_PACKET, peer, FLAG_VNET
+                    )
+                elif action is _TO_TAP:
+                    back.push(out, _FRAME)  # an ARP reply: the tap_reader adds a zero header
+                elif action is not _DROP:
+                    at = 0 if action is _RESOLVE else _ETH  # a packet, or a frame
+                    for whole in _whole(_shift(header, -_ETH), out, at):
+                        to_control.push(whole, _CONTROL_KINDS[action])
                 continue
             action, peer, out = from_inside(data)
             if action is _TO_PEER:
@@ -150,9 +176,21 @@ class ClassifierWorker(Worker):
         to_tap = self.to_tap
         n = len(to_tap)
         from_outside = self.core.from_outside
-        for kind, peer, _, data in records:
+        for kind, peer, flags, data in records:
             if kind != _IP_PACKET:
                 self.drops["unexpected_kind"] += 1
+                continue
+            if flags & FLAG_VNET:
+                header = data[:_VNET]
+                data = data[_VNET:]
+                action, slot, out = from_outside(peer, data)
+                if action is _TO_TAP:
+                    to_tap[worker_for_flow(data, n) if n > 1 else 0].push_parts(
+                        [_shift(header, _ETH), out], _FRAME, 0, FLAG_VNET
+                    )
+                elif action is _VERIFY:
+                    for whole in _whole(header, out, 0):
+                        self.to_control.push(whole, RecordKind.VERIFY, slot)
                 continue
             action, slot, out = from_outside(peer, data)
             if action is _TO_TAP:
@@ -178,6 +216,26 @@ class ClassifierWorker(Worker):
     def stats(self) -> dict[str, Any]:
         st = self.core.statistics()
         return {"classifier": _plain(st), "drops": dict(self.drops)}
+
+
+_DROP = FrameAction.DROP
+_CONTROL_KINDS = {
+    _TO_CONTROL: _FRAME,
+    _RESOLVE: int(RecordKind.RESOLVE),
+    _CLAIM: int(RecordKind.CLAIM),
+    _VERIFY: int(RecordKind.VERIFY),
+}
+
+
+def _whole(header: bytes | memoryview, out: bytes | memoryview, at: int) -> list[bytes]:
+    """What control may take of a verdict's bytes from a record with a virtio-net header
+    (``header``: offsets from the IP packet, which starts at ``at`` in ``out``): whole
+    packets with final checksums, each behind ``out``'s first ``at`` bytes (Ethernet)."""
+    parsed = vnet.parse(header)
+    if not parsed.gso_type and not parsed.flags & vnet.NEEDS_CSUM:
+        return [bytes(out)]
+    lead = bytes(out[:at])
+    return [lead + packet for packet in tso.segment(parsed, out[at:])]
 
 
 def _plain(value: Any) -> Any:

@@ -69,6 +69,9 @@ class LinkSettings:
     retry_s: float = 1.0
     retry_max_s: float = 16.0
     handshake_timeout_s: float = 5.0
+    # an unanswered first message is sent again, the same bytes, after this, doubling, until
+    # the timeout: a lost one (the peer's port not bound yet, at start) costs 0.2 s, not 5
+    resend_s: float = 0.2
     load_threshold: int = 50  # handshake messages per second before cookies are demanded
     per_source_rate: float = 5.0  # handshakes per second and source address under load
 
@@ -118,6 +121,9 @@ class _Pending:
     started: float
     mac1: bytes
     cookie_used: bool
+    datagram: bytes = b""  # the first message, as sent (resent as it is)
+    resend_at: float = 0.0
+    resends: int = 0
 
 
 @dataclasses.dataclass(slots=True)
@@ -249,6 +255,7 @@ class LinkManager:
         for link in self.links.values():
             if link.pending is not None:
                 due.append(link.pending.started + st.handshake_timeout_s)
+                due.append(link.pending.resend_at)
             elif link.wanted:
                 due.append(max(link.next_attempt, self._handshake_due(link)))
             if link.sessions:
@@ -283,6 +290,12 @@ class LinkManager:
             if link.pending and now - link.pending.started >= st.handshake_timeout_s:
                 link.pending = None
                 self.counters["handshake_timeouts"] += 1
+            elif link.pending and now >= link.pending.resend_at:
+                pending = link.pending
+                pending.resends += 1
+                pending.resend_at = now + st.resend_s * 2**pending.resends
+                self._out.append((pending.datagram, link.endpoint))
+                self.counters["initiations_resent"] += 1
             if (
                 link.pending is None
                 and now >= link.next_attempt
@@ -448,7 +461,10 @@ class LinkManager:
             cookie=cookie,
         )
         mac1 = datagram[-2 * hs.MAC_LEN : -hs.MAC_LEN]
-        link.pending = _Pending(state, pattern, index, now, mac1, cookie is not None)
+        resend_at = now + self.settings.resend_s
+        link.pending = _Pending(
+            state, pattern, index, now, mac1, cookie is not None, datagram, resend_at
+        )
         link.attempts += 1
         link.next_attempt = now + min(
             self.settings.retry_max_s, self.settings.retry_s * 2 ** min(link.attempts - 1, 8)

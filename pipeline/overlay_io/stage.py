@@ -38,13 +38,29 @@ change.
 
 The port is a ``udp.Port``: ``UdpPort`` in a node, a ``MemoryPort`` when a test or benchmark
 hands one to the constructor.
+
+Super-frames (``FLAG_VNET`` records, ``pipeline/wire/tso.py``). An IP_PACKET whose virtio-net
+header says TSO (or USO) is cut into real segments in place in its ring record
+(``tso.split``), each sealed with one AEAD call into its own DATA datagram with
+``FLAG_PARTIAL`` (its checksum is the receiver's to finish), and a peer's segments go out in
+one ``sendmsg`` with ``UDP_SEGMENT`` (``Port.send_segments``; a datagram a call where the
+kernel cannot, from its first ``EIO`` on). So the wire is unchanged, and one lost datagram
+costs one TCP segment, never a super-frame. Inbound, a ``UDP_GRO`` read is cut into its
+datagrams, each opened on its own, and consecutive segments of one flow are coalesced
+(``tso.Coalescer``) into one IP_PACKET record per super-frame, with the virtio-net header its
+TAP should get; the coalescer is flushed at the end of every batch, never held across a
+sleep. A packet with ``FLAG_PARTIAL`` that joins nothing goes with ``NEEDS_CSUM``; one
+without goes as before, no header. Without TAP offloads (``stages.tap_reader.offloads``
+false) nothing is merged, since the tap_reader would only have to cut it again.
 """
 
 from __future__ import annotations
 
+import functools
 import struct
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from pipeline import messages
@@ -52,13 +68,20 @@ from pipeline.config import Settings
 from pipeline.crypto.datapath import ReadableBuffer
 from pipeline.errors import RemoteProtocolError
 from pipeline.overlay_io.relay import RelayAction, on_relay, pack_relay
-from pipeline.overlay_io.sessions import Address, SendEntry, SessionTable
+from pipeline.overlay_io.sessions import Address, RecvEntry, SendEntry, SessionTable
 from pipeline.overlay_io.udp import Port, UdpPort
-from pipeline.records import ENDPOINT_LEN, RecordKind, pack_endpoint, unpack_endpoint
+from pipeline.records import (
+    ENDPOINT_LEN,
+    FLAG_VNET,
+    RecordKind,
+    pack_endpoint,
+    unpack_endpoint,
+)
 from pipeline.route_feed import RouteFeed
 from pipeline.shm_ring import Consumer, Producer, RingSpec
 from pipeline.topology import Stage
-from pipeline.wire.overlay import HEADER_LEN, RELAY_TTL, VERSION, DatagramType
+from pipeline.wire import tso, vnet
+from pipeline.wire.overlay import FLAG_PARTIAL, HEADER_LEN, RELAY_TTL, VERSION, DatagramType
 from pipeline.wire.stun import is_stun
 from pipeline.worker import Worker
 
@@ -69,6 +92,12 @@ _RELAY = int(DatagramType.RELAY)
 _PROBE = int(DatagramType.PROBE)
 _INDEX = struct.Struct("!I")
 _monotonic = time.monotonic
+_IP_PACKET = int(RecordKind.IP_PACKET)
+_VNET = vnet.LEN
+_ZERO_VNET = vnet.ZERO
+_GSO_TYPES = frozenset((vnet.GSO_TCPV4, vnet.GSO_UDP_L4))
+_NEEDS_CSUM = vnet.NEEDS_CSUM
+_GSO_SIZE = struct.Struct("<H")
 
 
 class OverlayIoWorker(Worker):
@@ -96,7 +125,14 @@ class OverlayIoWorker(Worker):
             str(s.overlay.listen_address),
             s.overlay.listen_port,
             buffer_bytes=cfg.socket_buffer_bytes,
+            gso=cfg.offloads,
+            gro=cfg.offloads,
         )
+        self.plaintext = plaintext
+        self.coalescer = tso.Coalescer(self._to_classifier, merge=s.stages.tap_reader.offloads)
+        self._target: Producer | None = None  # where the coalescer's output goes, for whom
+        self._target_slot = -1
+        self.gso_sends = self.segments_sent = self.gro_reads = self.segments_received = 0
         self.from_classifier = self.inputs(Stage.CLASSIFIER)
         self.to_classifier = self.outputs(Stage.CLASSIFIER)
         (self.from_control,) = self.inputs(Stage.CONTROL)
@@ -124,6 +160,8 @@ class OverlayIoWorker(Worker):
             "port_bound",
             address=f"{s.overlay.listen_address}:{s.overlay.listen_port}",
             encrypted=not plaintext,
+            gso=self.port.gso,
+            gro=self.port.gro,
         )
 
     def _on_control(self, msg: messages.Message) -> None:
@@ -155,6 +193,9 @@ class OverlayIoWorker(Worker):
         sent = sent_bytes = 0  # counted here, added once per batch
         for rec in records:
             out = sessions.get(rec.peer)
+            if rec.flags & FLAG_VNET:
+                self._send_vnet(rec.peer, out, rec.data)
+                continue
             if out is None:
                 self._send_relayed(rec.peer, dtype, rec.data)
                 continue
@@ -214,21 +255,63 @@ class OverlayIoWorker(Worker):
             self.sent += 1
             self.sent_bytes += HEADER_LEN + len(parts[1])
 
-    def _seal_to(self, out: SendEntry, dtype: int, data: ReadableBuffer) -> None:
-        parts = out.seal(dtype, data)
+    def _send_vnet(self, slot: int, out: SendEntry | None, data: memoryview) -> None:
+        """An IP packet after its virtio-net header: a super-frame is cut in place into
+        segments, each sealed on its own with ``FLAG_PARTIAL`` and all sent in one GSO
+        batch; a packet whose checksum is left to finish is sealed with ``FLAG_PARTIAL``."""
+        packet = data[_VNET:]
+        gso_size = _GSO_SIZE.unpack_from(data, 4)[0]
+        partial = FLAG_PARTIAL if data[0] & _NEEDS_CSUM else 0
+        if not (data[1] & 0x7F in _GSO_TYPES and gso_size):
+            if out is None:
+                self._send_relayed(slot, _DATA, packet, partial)
+            else:
+                self._seal_to(out, _DATA, packet, partial)
+            return
+        pieces: list[ReadableBuffer] = []
+        emit: Callable[[memoryview], object]
+        if out is not None:  # one call a segment: seal_into appends header and body
+            emit = functools.partial(out.seal_into, pieces, _DATA, flags=FLAG_PARTIAL)
+        else:  # relayed: kept (the view is overwritten by the next segment's headers)
+
+            def emit(view: memoryview) -> None:
+                pieces.append(bytes(view))
+
+        try:
+            tso.split(packet, 0, len(packet), gso_size, emit)
+        except ValueError:  # not TCP or UDP, or IP options: whole packets, in software
+            self.drops["gso_unsplittable"] += 1
+            for whole in tso.segment(vnet.parse(data), packet):
+                if out is None:
+                    self._send_relayed(slot, _DATA, whole)
+                else:
+                    self._seal_to(out, _DATA, whole)
+            return
+        if out is None:  # relayed: each segment sealed end to end, wrapped, sealed per hop
+            for piece in pieces:
+                self._send_relayed(slot, _DATA, piece, FLAG_PARTIAL)
+            return
+        sent = self.port.send_segments(pieces, len(pieces[0]) + len(pieces[1]), out.endpoint)
+        self.gso_sends += 1
+        self.segments_sent += len(pieces) // 2
+        self.sent += sent
+        self.sent_bytes += sum(len(piece) for piece in pieces)
+
+    def _seal_to(self, out: SendEntry, dtype: int, data: ReadableBuffer, flags: int = 0) -> None:
+        parts = out.seal(dtype, data, flags)
         if self.port.send(parts, out.endpoint):
             self.sent += 1
             self.sent_bytes += HEADER_LEN + len(parts[1])
 
     # -- relaying ----------------------------------------------------------------------------------
 
-    def _send_relayed(self, slot: int, dtype: int, data: memoryview) -> None:
+    def _send_relayed(self, slot: int, dtype: int, data: ReadableBuffer, flags: int = 0) -> None:
         """Seal for a peer without a direct endpoint and send it as a relay payload."""
         e2e = self.sessions.relay_route(slot)
         if isinstance(e2e, str):
             self.drops[e2e] += 1
             return
-        inner = b"".join(e2e.seal(dtype, data))
+        inner = b"".join(e2e.seal(dtype, data, flags))
         self.relay_sent += 1
         self._to_hop(e2e.hop, pack_relay(e2e.dest, RELAY_TTL, inner))
 
@@ -266,18 +349,91 @@ class OverlayIoWorker(Worker):
     def _receive(self, now: float) -> int:
         port = self.port
         view = port.view
+        recv_batch = port.recv_batch
+        open_ = self._open
+        plaintext = self.plaintext
         count = 0
         for _ in range(self.batch):
-            got = port.recv()
+            got = recv_batch()
             if got is None:
                 break
             count += 1
-            length, source = got
-            self._open(view[:length], source, now)
+            length, source, segment = got
+            if segment >= length:
+                open_(view[:length], source, now)
+            else:
+                self.gro_reads += 1
+                self.segments_received += -(-length // segment)
+                self._open_batch(view[:length], segment, source, now)
+            if plaintext:  # what it opened is a view of the buffer the next read overwrites
+                self.coalescer.flush()
         if count:
+            self.coalescer.flush()
             for p in self.producers:
                 p.flush()
         return count
+
+    def _open_batch(self, batch: memoryview, segment: int, source: Address, now: float) -> None:
+        """A GRO read: datagrams of one source ``segment`` bytes apart. The run of DATA
+        datagrams of one session (a peer's GSO batch: all of them, as a rule) is opened
+        and coalesced in a tight loop; anything else goes through ``_open`` one by one."""
+        length = len(batch)
+        at = 0
+        while at < length:
+            first = batch[at : at + segment]
+            entry = None
+            if first[0] == VERSION and first[1] == _DATA and len(first) > HEADER_LEN:
+                entry = self.recv.get(_INDEX.unpack_from(first, 4)[0])
+            if entry is None:
+                self._open(first, source, now)
+                at += segment
+                continue
+            if entry.slot != self._target_slot:
+                self.coalescer.flush()
+                self._target_slot = entry.slot
+                self._target = self.to_classifier[entry.classifier]
+            start = at
+            at, opened, opened_bytes = entry.session.open_run(
+                batch, at, segment, _DATA, self.coalescer.add, self.drops
+            )
+            if at == start:  # opened nothing and moved on: one by one
+                self._open(first, source, now)
+                at += segment
+                continue
+            if opened:
+                if not entry.confirmed:
+                    self.sessions.confirm(entry)
+                if source != entry.seen:  # a GRO read is never relayed: roaming as in _open
+                    self.sessions.moved(entry, source)
+            self.received += opened
+            self.received_bytes += opened_bytes
+
+    def _deliver(self, entry: RecvEntry, payload: ReadableBuffer, partial: int) -> None:
+        """An opened DATA packet for the classifier: through the coalescer, which merges
+        what it can and keeps every packet of a peer in order."""
+        if entry.slot != self._target_slot:
+            self.coalescer.flush()
+            self._target_slot = entry.slot
+            self._target = self.to_classifier[entry.classifier]
+        if partial:
+            self.coalescer.add(payload, True)
+        elif self.coalescer.empty:  # as before offloads: one packet, one record, no header
+            self.to_classifier[entry.classifier].push(payload, _IP_PACKET, entry.slot)
+        else:
+            self.coalescer.add(payload, False)
+
+    def _to_classifier(self, header: bytes, parts: list[ReadableBuffer]) -> None:
+        """What the coalescer emits: one IP_PACKET record, with its virtio-net header unless
+        that is all zero (a packet as it came)."""
+        target = self._target
+        assert target is not None
+        if header is _ZERO_VNET:
+            if len(parts) == 1:
+                target.push(parts[0], _IP_PACKET, self._target_slot)
+            else:
+                target.push_parts(parts, _IP_PACKET, self._target_slot)
+        else:
+            target.push_parts([header, *parts], _IP_PACKET, self._target_slot, FLAG_VNET)
 
     def _open(
         self, datagram: memoryview, source: Address, now: float, relayed: bool = False
@@ -318,8 +474,7 @@ class OverlayIoWorker(Worker):
         self.received += 1
         self.received_bytes += len(datagram)
         if kind == _DATA:
-            target = self.to_classifier[entry.classifier]
-            target.push(payload, RecordKind.IP_PACKET, entry.slot)
+            self._deliver(entry, payload, datagram[3] & FLAG_PARTIAL)
         elif kind == _OVERLAY:
             self.to_control.push(payload, RecordKind.OVERLAY, entry.slot)
         elif kind == _RELAY:
@@ -336,6 +491,13 @@ class OverlayIoWorker(Worker):
             "datagrams_received": self.received,
             "bytes_received": self.received_bytes,
             "send_errors": self.port.send_errors,
+            "gso": self.port.gso,
+            "gro": self.port.gro,
+            "gso_sends": self.gso_sends,
+            "segments_sent": self.segments_sent,
+            "gro_reads": self.gro_reads,
+            "segments_received": self.segments_received,
+            "coalesced": {"packets": self.coalescer.packets, "frames": self.coalescer.frames},
             "encrypted": not self.sessions.plaintext,
             "sessions": self.sessions.statistics(),
             # relay payloads this node originated, passed on for others, and took for itself

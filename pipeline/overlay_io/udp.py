@@ -3,7 +3,20 @@
 ``Port`` is what overlay_io's driver needs of a port: a file descriptor its epoll loop waits
 on, ``recv`` of one datagram into the port's buffer (``view``), ``send`` of one datagram
 given as a list of buffers (``sendmsg``: the header and the sealed body are never joined),
-``close`` and a count of failed sends.
+``close`` and a count of failed sends. And the batches of the kernel's UDP offloads:
+
+- ``send_segments``: many datagrams to one address in one ``sendmsg`` with a ``UDP_SEGMENT``
+  control message (GSO: every datagram but the last of one size; at most ``GSO_SEGMENTS``
+  and ``GSO_BYTES`` a call, so a 64 KiB super-frame's segments, sealed, take two). The
+  first ``EIO`` (a kernel or device that cannot, e.g. without checksum offload before 6.x)
+  turns GSO off for good, and that batch and every later one go a datagram a call.
+- ``recv_batch``: with ``UDP_GRO`` the kernel hands over consecutive datagrams of one source
+  in one read (it batches what was sent as GSO), their size in a control message:
+  ``(length, source, segment)``, the datagrams ``segment`` bytes apart in ``view`` (the last
+  may be shorter); without, one datagram (``segment`` = ``length``).
+
+Both are asked for at bind (``gso``, ``gro``) and probed: ``getsockopt(UDP_SEGMENT)`` must
+work, ``UDP_GRO`` must read back as set; ``gso`` and ``gro`` say what the port got.
 
 - ``UdpPort``: the real one. Every overlay_io worker binds the same port with
   SO_REUSEPORT; the kernel spreads incoming datagrams over the workers by their 4-tuple.
@@ -22,6 +35,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -44,6 +58,14 @@ __all__ = [
 SO_RCVBUFFORCE = 33
 SO_SNDBUFFORCE = 32
 RECV_SIZE = 65536 + 64
+SOL_UDP = 17  # linux/udp.h: Python 3.11's socket module has none of these
+UDP_SEGMENT = 103
+UDP_GRO = 104
+GSO_SEGMENTS = 64  # UDP_MAX_SEGMENTS of older kernels (128 since 6.x)
+GSO_BYTES = 65507  # one UDP send carries at most this much, GSO or not
+_GRO_CMSG = socket.CMSG_SPACE(4)
+_U16 = struct.Struct("=H")
+_INT = struct.Struct("=i")
 
 _TRANSIENT = frozenset(
     {
@@ -64,6 +86,8 @@ class Port(Protocol):
 
     view: memoryview  # the receive buffer: ``recv`` puts each datagram at its start
     send_errors: int  # sends that failed (transient errors, a full buffer)
+    gso: bool  # send_segments sends a batch in one call (else one call a datagram)
+    gro: bool  # recv_batch may return many datagrams of one source
 
     def fileno(self) -> int:
         """A descriptor that polls readable while a datagram is waiting."""
@@ -77,11 +101,22 @@ class Port(Protocol):
         """One datagram made of ``parts`` to ``address``; False (counted) if it failed."""
         ...
 
+    def recv_batch(self) -> tuple[int, Address, int] | None:
+        """One read: (length, source, segment), or None when none is waiting."""
+        ...
+
+    def send_segments(self, parts: list[ReadableBuffer], size: int, address: Address) -> int:
+        """Datagrams of ``size`` bytes (the last may be shorter), each the concatenation of
+        two of ``parts`` (header, body), to ``address``; how many went."""
+        ...
+
     def close(self) -> None: ...
 
 
 class UdpPort:
-    def __init__(self, host: str, port: int, *, buffer_bytes: int) -> None:
+    def __init__(
+        self, host: str, port: int, *, buffer_bytes: int, gso: bool = False, gro: bool = False
+    ) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -102,6 +137,10 @@ class UdpPort:
         self.buffer = bytearray(RECV_SIZE)
         self.view = memoryview(self.buffer)
         self.send_errors = 0
+        self.gso = gso and _probe_gso(sock)
+        self.gro = gro and _set_gro(sock)
+        self.gso_failed = ""  # why GSO was turned off while running (an EIO)
+        self._gso_cmsg: dict[int, list[tuple[int, int, bytes]]] = {}
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -129,8 +168,78 @@ class UdpPort:
                 return False
             raise StageIOError(f"UDP send failed: {exc}") from exc
 
+    def recv_batch(self) -> tuple[int, Address, int] | None:
+        if not self.gro:
+            got = self.recv()
+            return None if got is None else (got[0], got[1], got[0])
+        try:
+            length, ancillary, _flags, source = self.sock.recvmsg_into([self.buffer], _GRO_CMSG)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in _TRANSIENT:
+                return None
+            raise StageIOError(f"UDP receive failed: {exc}") from exc
+        segment = length
+        for level, kind, data in ancillary:
+            if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+                segment = _INT.unpack_from(data)[0] or length
+        return length, source, segment
+
+    def send_segments(self, parts: list[ReadableBuffer], size: int, address: Address) -> int:
+        sent = 0
+        if self.gso:
+            per = min(GSO_SEGMENTS, GSO_BYTES // size) * 2
+            cmsg = self._gso_cmsg.get(size)
+            if cmsg is None:
+                cmsg = self._gso_cmsg[size] = [(SOL_UDP, UDP_SEGMENT, _U16.pack(size))]
+            for at in range(0, len(parts), per):
+                chunk = parts[at : at + per]
+                try:
+                    self.sock.sendmsg(chunk, cmsg, 0, address)
+                    sent += len(chunk) // 2
+                    continue
+                except BlockingIOError:
+                    self.send_errors += 1
+                    continue
+                except OSError as exc:
+                    if exc.errno == errno.EIO:  # the kernel cannot: never again
+                        self.gso = False
+                        self.gso_failed = str(exc)
+                        return sent + self._send_each(parts[at:], address)
+                    if exc.errno in _TRANSIENT:
+                        self.send_errors += 1
+                        continue
+                    raise StageIOError(f"UDP send failed: {exc}") from exc
+            return sent
+        return self._send_each(parts, address)
+
+    def _send_each(self, parts: list[ReadableBuffer], address: Address) -> int:
+        sent = 0
+        for at in range(0, len(parts), 2):
+            sent += self.send(parts[at : at + 2], address)
+        return sent
+
     def close(self) -> None:
         self.sock.close()
+
+
+def _probe_gso(sock: socket.socket) -> bool:
+    """Can this socket send with UDP_SEGMENT? (wireguard-go's probe: the option reads.)"""
+    try:
+        sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+        return True
+    except OSError:
+        return False
+
+
+def _set_gro(sock: socket.socket) -> bool:
+    """Ask for UDP_GRO; True if it reads back as set."""
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        return sock.getsockopt(SOL_UDP, UDP_GRO) == 1
+    except OSError:
+        return False
 
 
 def spread_by_source(source: Address, ports: int) -> int:
@@ -158,20 +267,41 @@ class MemoryNetwork:
         self.lost = 0  # sent to an address where no port is bound
         self.dropped = 0  # arrived at a full queue
 
-    def port(self, host: str, port: int) -> MemoryPort:
+    def port(self, host: str, port: int, *, gso: bool = True, gro: bool = True) -> MemoryPort:
         """A new port bound at ``host:port`` (beside any bound there already)."""
-        bound = MemoryPort(self, (host, port))
+        bound = MemoryPort(self, (host, port), gso=gso, gro=gro)
         self.ports.setdefault(bound.address, []).append(bound)
         return bound
 
-    def deliver(self, datagram: bytes, source: Address, to: Address) -> None:
+    def deliver(self, datagram: bytes, source: Address, to: Address, segment: int = 0) -> None:
+        """``datagram`` from ``source`` to the port at ``to``; with ``segment``, a GSO batch
+        of datagrams ``segment`` bytes apart: one read for a port with ``gro``, else each
+        its own (``sent`` records each datagram either way)."""
+        if segment and segment < len(datagram):
+            pieces = [datagram[i : i + segment] for i in range(0, len(datagram), segment)]
+            if self.sent is not None:
+                self.sent += [(piece, source, to) for piece in pieces]
+            port = self._port(source, to)
+            if port is not None and port.gro:
+                self._queue(port, GroBatch(datagram, segment), source)
+            elif port is not None:
+                for piece in pieces:
+                    self._queue(port, piece, source)
+            return
         if self.sent is not None:
             self.sent.append((datagram, source, to))
+        port = self._port(source, to)
+        if port is not None:
+            self._queue(port, datagram, source)
+
+    def _port(self, source: Address, to: Address) -> MemoryPort | None:
         group = self.ports.get(to)
         if not group:
             self.lost += 1
-            return
-        port = group[self.spread(source, len(group)) if len(group) > 1 else 0]
+            return None
+        return group[self.spread(source, len(group)) if len(group) > 1 else 0]
+
+    def _queue(self, port: MemoryPort, datagram: bytes, source: Address) -> None:
         if len(port.queue) >= self.queue_max:
             self.dropped += 1
         else:
@@ -180,12 +310,29 @@ class MemoryNetwork:
                 os.eventfd_write(port.fd, 1)
 
 
-class MemoryPort:
-    """A ``Port`` on a ``MemoryNetwork`` (see the module docstring)."""
+class GroBatch(bytes):
+    """Datagrams of one source joined as a read with UDP_GRO gives them, ``segment`` apart."""
 
-    def __init__(self, network: MemoryNetwork, address: Address) -> None:
+    segment: int
+
+    def __new__(cls, data: bytes, segment: int) -> GroBatch:
+        batch = super().__new__(cls, data)
+        batch.segment = segment
+        return batch
+
+
+class MemoryPort:
+    """A ``Port`` on a ``MemoryNetwork`` (see the module docstring). ``gso`` and ``gro``
+    stand for the kernel's offloads: a GSO batch sent arrives as one read at a port with
+    ``gro``, as separate datagrams at one without."""
+
+    def __init__(
+        self, network: MemoryNetwork, address: Address, *, gso: bool = True, gro: bool = True
+    ) -> None:
         self.network = network
         self.address = address
+        self.gso = gso
+        self.gro = gro
         self.queue: deque[tuple[bytes, Address]] = deque()
         self.buffer = bytearray(RECV_SIZE)
         self.view = memoryview(self.buffer)
@@ -209,6 +356,22 @@ class MemoryPort:
     def send(self, parts: Sequence[ReadableBuffer], address: Address) -> bool:
         self.network.deliver(b"".join(parts), self.address, address)
         return True
+
+    def recv_batch(self) -> tuple[int, Address, int] | None:
+        queue = self.queue
+        segment = queue[0][0].segment if queue and isinstance(queue[0][0], GroBatch) else 0
+        got = self.recv()
+        return None if got is None else (got[0], got[1], segment or got[0])
+
+    def send_segments(self, parts: list[ReadableBuffer], size: int, address: Address) -> int:
+        if not self.gso:
+            for at in range(0, len(parts), 2):
+                self.send(parts[at : at + 2], address)
+            return len(parts) // 2
+        per = min(GSO_SEGMENTS, GSO_BYTES // size) * 2
+        for at in range(0, len(parts), per):
+            self.network.deliver(b"".join(parts[at : at + per]), self.address, address, size)
+        return len(parts) // 2
 
     def close(self) -> None:
         group = self.network.ports.get(self.address, [])

@@ -4,6 +4,14 @@ Outbound frames go to the classifier worker chosen by a hash of the flow, so a f
 reorders; inbound FRAME records from every classifier worker are written to this worker's
 queue (a record of another kind is counted, ``unexpected_kind``). The device is opened by
 ``open_tap``: ``LinuxTap``, or in tests a ``MemoryTap``.
+
+With ``stages.tap_reader.offloads`` the TAP is asked for virtio-net headers and TSO
+(``LinuxTap``: a ladder of fallbacks down to none). Then every read is one record with
+``FLAG_VNET``, its header first: a TCP super-frame of up to 64 KiB is one record, read
+straight into the ring. A FRAME with ``FLAG_VNET`` is written as it is; one without it (an
+ARP reply, a frame from control) after a zero header. On a TAP the kernel gave no header, a
+FRAME with ``FLAG_VNET`` (a peer's coalesced segments) is cut into whole packets with their
+checksums computed in software (``tso.segment``: slow, the fallback) and written one by one.
 """
 
 from __future__ import annotations
@@ -12,14 +20,17 @@ from collections import Counter
 from typing import Any
 
 from pipeline.config import Settings
-from pipeline.records import RecordKind
+from pipeline.records import FLAG_VNET, RecordKind
 from pipeline.shm_ring import Producer, RingSpec
 from pipeline.tap_reader.device import LinuxTap, OpenTap, TapDevice
 from pipeline.topology import Stage, worker_for_flow
+from pipeline.wire import tso, vnet
 from pipeline.worker import Worker
 
 ETH_HEADER = 14
+SUPER_FRAME = 0xFFFF + ETH_HEADER + 4  # an IP packet of 64 KiB, Ethernet, a VLAN tag
 _FRAME = int(RecordKind.FRAME)
+_ZERO_VNET = vnet.ZERO
 
 
 class TapReaderWorker(Worker):
@@ -40,8 +51,16 @@ class TapReaderWorker(Worker):
         s = self.settings
         queues = s.stages.tap_reader.queues
         self.batch = s.stages.tap_reader.batch
-        self.frame_max = s.network.mtu + ETH_HEADER + 4  # room for an 802.1Q tag
-        self.tap: TapDevice = self.open_tap(s.network.device, multi_queue=queues > 1)
+        self.tap: TapDevice = self.open_tap(
+            s.network.device, multi_queue=queues > 1, offloads=s.stages.tap_reader.offloads
+        )
+        self.vnet = self.tap.vnet
+        self.read_flags = FLAG_VNET if self.vnet else 0
+        self.flow_at = ETH_HEADER + (vnet.LEN if self.vnet else 0)  # the IP header of a read
+        if self.vnet:
+            self.frame_max = vnet.LEN + SUPER_FRAME
+        else:
+            self.frame_max = s.network.mtu + ETH_HEADER + 4  # room for an 802.1Q tag
         self.tap.configure(
             mac=s.tap_mac, mtu=s.network.mtu, address=s.network.address, subnet=s.network.subnet
         )
@@ -53,8 +72,17 @@ class TapReaderWorker(Worker):
         self.watch(self.tap.fileno(), lambda: None)  # wakes the loop; work() reads
         self.frames_read = self.bytes_read = 0
         self.frames_written = self.bytes_written = self.write_drops = 0
+        self.segmented = 0  # frames with FLAG_VNET cut in software for a TAP without headers
         self.drops: Counter[str] = Counter()
-        self.log.info("tap_opened", device=s.network.device, queues=queues, mtu=s.network.mtu)
+        self.log.info(
+            "tap_opened",
+            device=s.network.device,
+            queues=queues,
+            mtu=s.network.mtu,
+            vnet=self.vnet,
+            offloads=f"{self.tap.offloads:#x}",
+            refused=list(getattr(self.tap, "refused", [])),
+        )
 
     def work(self) -> int:
         return self._read_tap() + self._write_tap()
@@ -67,12 +95,14 @@ class TapReaderWorker(Worker):
         count = 0
         nbytes = 0
         read = self.tap.read
+        flags = self.read_flags
+        at = self.flow_at
         for _ in range(self.batch):
             frame = read()
             if frame is None:
                 break
-            target = producers[worker_for_flow(memoryview(frame)[ETH_HEADER:], n) if n > 1 else 0]
-            target.push(frame, kind=RecordKind.FRAME)
+            target = producers[worker_for_flow(memoryview(frame)[at:], n)]
+            target.push(frame, _FRAME, 0, flags)
             count += 1
             nbytes += len(frame)
         if count:
@@ -86,19 +116,20 @@ class TapReaderWorker(Worker):
         """With one classifier, frames are read straight into its ring: no copy."""
         count = nbytes = 0
         read_into = self.tap.read_into
+        flags = self.read_flags
         for _ in range(self.batch):
             view = producer.reserve(self.frame_max)
             if view is None:  # ring full: read and drop (push counts the drop)
                 frame = self.tap.read()
                 if frame is None:
                     break
-                producer.push(frame, kind=RecordKind.FRAME)
+                producer.push(frame, _FRAME, 0, flags)
                 continue
             length = read_into(view)
             if length is None:
                 producer.unreserve()
                 break
-            producer.commit(length, kind=RecordKind.FRAME)
+            producer.commit(length, _FRAME, 0, flags)
             count += 1
             nbytes += length
         if count:
@@ -110,14 +141,27 @@ class TapReaderWorker(Worker):
     def _write_tap(self) -> int:
         count = 0
         write = self.tap.write
+        write_parts = self.tap.write_parts
+        tap_vnet = self.vnet
         for consumer in self.from_classifier:
             records = consumer.pop_batch(self.batch)
             if not records:
                 continue
-            for kind, _, _, data in records:
+            for kind, _, flags, data in records:
                 if kind != _FRAME:
                     self.drops["unexpected_kind"] += 1
-                elif write(data):
+                    continue
+                if flags & FLAG_VNET:
+                    if tap_vnet:
+                        done = write(data)
+                    else:
+                        self._write_segments(data)
+                        continue
+                elif tap_vnet:
+                    done = write_parts([_ZERO_VNET, data])
+                else:
+                    done = write(data)
+                if done:
                     self.frames_written += 1
                     self.bytes_written += len(data)
                 else:
@@ -126,6 +170,19 @@ class TapReaderWorker(Worker):
             count += len(records)
         return count
 
+    def _write_segments(self, data: memoryview) -> None:
+        """A FRAME with a virtio-net header for a TAP without: whole packets, checksums done."""
+        header = vnet.parse(vnet.shift(data, -ETH_HEADER))
+        frame = data[vnet.LEN :]
+        ethernet = frame[:ETH_HEADER]
+        self.segmented += 1
+        for packet in tso.segment(header, frame[ETH_HEADER:]):
+            if self.tap.write_parts([ethernet, packet]):
+                self.frames_written += 1
+                self.bytes_written += ETH_HEADER + len(packet)
+            else:
+                self.write_drops += 1
+
     def stats(self) -> dict[str, Any]:
         return {
             "frames_read": self.frames_read,
@@ -133,6 +190,8 @@ class TapReaderWorker(Worker):
             "frames_written": self.frames_written,
             "bytes_written": self.bytes_written,
             "write_drops": self.write_drops,
+            "vnet": self.vnet,
+            "segmented_in_software": self.segmented,
             "drops": dict(self.drops),
         }
 

@@ -37,6 +37,11 @@ class DatagramType(enum.IntEnum):
     PROBE = 6
 
 
+FLAG_PARTIAL = 1
+"""DATA flag: the packet's TCP or UDP checksum holds only its pseudo-header sum (the sender
+cut it from a super-frame, or its kernel left it to offload): the receiver finishes it, by
+its TAP's offload (``NEEDS_CSUM``) or in software."""
+
 RELAY_TTL = 16  # the TTL a relay payload starts with; each relay takes one off
 
 
