@@ -61,6 +61,7 @@ class ControlWorker(Worker):
         self.to_classifier = self.outputs(Stage.CLASSIFIER)
         self.drops: Counter[str] = Counter()
         self._addresses_due: float | None = None
+        self._portmap: socket.socket | None = None  # only with nat.port_mapping
         self.state = StateDir(s.node.state_dir)
         credentials = None if s.security.insecure_plaintext else self._credentials()
         leases, error = self.state.held_leases() if s.network.mode is Mode.ROUTER else ([], None)
@@ -90,10 +91,11 @@ class ControlWorker(Worker):
         self.watch(self.router, self._on_request)
         if credentials is not None:
             self.every(REVOCATION_CHECK_S, lambda now: self._check_revocations())
-            self._portmap = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self._portmap.setblocking(False)
-            self._portmap.bind(("0.0.0.0", 0))
-            self.watch(self._portmap.fileno(), self._on_portmap)
+            if s.nat.port_mapping:
+                self._portmap = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                self._portmap.setblocking(False)
+                self._portmap.bind(("0.0.0.0", 0))
+                self.watch(self._portmap.fileno(), self._on_portmap)
             self._netlink = _netlink_socket()
             if self._netlink is not None:
                 self.watch(self._netlink.fileno(), self._on_netlink)
@@ -206,6 +208,8 @@ class ControlWorker(Worker):
             self.to_io[0].push(pack_endpoint(*to) + datagram, RecordKind.STUN)
         for datagram, to in core.portmap_to_send():
             try:
+                if self._portmap is None:
+                    raise OSError("no port mapping socket")
                 self._portmap.sendto(datagram, to)
             except OSError:
                 self.drops["portmap_unsent"] += 1
@@ -287,6 +291,7 @@ class ControlWorker(Worker):
         self._flush(now)
 
     def _on_portmap(self) -> None:
+        assert self._portmap is not None
         now, wall = time.monotonic(), time.time()
         while True:
             try:
@@ -350,13 +355,14 @@ class ControlWorker(Worker):
         return out
 
     def teardown(self) -> None:
-        if hasattr(self, "core") and hasattr(self, "_portmap"):
+        portmap = getattr(self, "_portmap", None)
+        if hasattr(self, "core") and portmap is not None:
             now = time.monotonic()
             self.core.stop(now, time.time())  # the gateway gets its port back
             for datagram, to in self.core.portmap_to_send():
                 with contextlib.suppress(OSError):
-                    self._portmap.sendto(datagram, to)
-            self._portmap.close()
+                    portmap.sendto(datagram, to)
+            portmap.close()
         netlink = getattr(self, "_netlink", None)
         if netlink is not None:
             netlink.close()
