@@ -38,7 +38,7 @@ from pipeline.control import events as ev
 from pipeline.control.addressing import AddressingSettings
 from pipeline.control.core import ControlCore, ControlSettings, Credentials
 from pipeline.control.links import LinkSettings, PeerSpec
-from pipeline.crypto.keyfiles import KeyFileError, load_membership, read_revocation_list
+from pipeline.crypto.keyfiles import KeyFileError, node_membership, read_revocation_list
 from pipeline.errors import StageIOError
 from pipeline.records import ENDPOINT_LEN, RecordKind, pack_endpoint, unpack_endpoint
 from pipeline.statefiles import StateDir
@@ -103,18 +103,9 @@ class ControlWorker(Worker):
         self._flush(now)
 
     def _credentials(self) -> Credentials:
-        s = self.settings
-        sec = s.security
-        assert sec.ca_certificate is not None
+        sec = self.settings.security
         try:
-            member = load_membership(
-                state_dir=s.node.state_dir,
-                ca_path=sec.ca_certificate,
-                certificate_path=s.certificate_file,
-                revocation_path=sec.revocation_list,
-                network=s.network.namespace,
-                now=time.time(),
-            )
+            member = node_membership(self.settings, time.time())
         except KeyFileError as exc:
             raise StageIOError(f"cannot take part in the network: {exc}") from exc
         self.revocation_stamp = _stamp(sec.revocation_list)
