@@ -92,6 +92,7 @@ class Worker:
         self._zmq_sockets: list[tuple[zmq.Socket[bytes], Callable[[], None]]] = []
         self._timers: list[tuple[float, float, Callable[[float], None]]] = []
         self._deadline: float | None = None
+        self._armed_at = 0.0  # when the deadline was armed
         self._late: deque[float] = deque(maxlen=512)  # how late the last deadlines fired (s)
         self._deadlines_fired = 0
         self.running = True
@@ -143,8 +144,10 @@ class Worker:
 
     def arm(self, deadline: float | None) -> None:
         """Call ``on_deadline`` at ``deadline`` (monotonic seconds), replacing the one armed
-        before; None disarms it."""
+        before; None disarms it. A deadline already past (a core's -inf: "at once") is due
+        now."""
         self._deadline = deadline
+        self._armed_at = time.monotonic()
 
     # -- the stage's parts ----------------------------------------------------------------------
 
@@ -265,7 +268,9 @@ class Worker:
         if deadline is not None and deadline <= now:
             self._deadline = None
             self._deadlines_fired += 1
-            self._late.append(now - deadline)
+            # late from the deadline, or from its arming if it was already due then: the
+            # loop's delay, not how long ago a core's "at once" (-inf) deadline was
+            self._late.append(now - max(deadline, self._armed_at))
             self.on_deadline(now)
         next_due = now + 1.0
         for i, (due, interval, fn) in enumerate(self._timers):

@@ -39,7 +39,7 @@ import zmq
 
 from pipeline import messages
 from pipeline.config import Settings, check_files, load_settings
-from pipeline.crypto.keyfiles import KeyFileError, load_membership
+from pipeline.crypto.keyfiles import KeyFileError, node_membership
 from pipeline.errors import ConfigError
 from pipeline.worker import CLI_SOCKET, CONTROL_SOCKET, endpoint
 from supervisor import keys, logview
@@ -95,16 +95,8 @@ def cmd_start(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     else:
-        assert sec.ca_certificate is not None
         try:
-            load_membership(
-                state_dir=settings.node.state_dir,
-                ca_path=sec.ca_certificate,
-                certificate_path=settings.certificate_file,
-                revocation_path=sec.revocation_list,
-                network=settings.network.namespace,
-                now=time.time(),
-            )
+            node_membership(settings, time.time())
         except KeyFileError as exc:
             print(f"cannot start: {exc}", file=sys.stderr)
             return 1

@@ -111,7 +111,8 @@ def test_there_are_pure_modules() -> None:
 def test_pure_module_imports_no_io(path: Path) -> None:
     tree = ast.parse(path.read_text())
     tops = {name.split(".")[0] for name in imported(tree, module_name(path))}
-    assert not tops & FORBIDDEN
+    io = sorted(tops & FORBIDDEN)
+    assert not io, f"{module_name(path)} is pure but imports {io} (or belongs in DRIVERS)"
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
             assert node.value.id != "random" or node.attr == "Random", f"random.{node.attr}"
@@ -121,7 +122,8 @@ def test_pure_module_imports_no_io(path: Path) -> None:
 def test_pure_module_imports_only_pure_project_modules(path: Path) -> None:
     drivers = {module_name(ROOT / d) for d in DRIVERS}
     names = imported(ast.parse(path.read_text()), module_name(path))
-    assert not names & drivers, f"{path} imports a driver"
+    found = sorted(names & drivers)
+    assert not found, f"{module_name(path)} is pure but imports the drivers {found}"
 
 
 def stage_of(module: str) -> str | None:

@@ -41,7 +41,7 @@ from pipeline.control.addressing import AddressingSettings
 from pipeline.control.core import ControlCore, ControlSettings, Credentials
 from pipeline.control.links import LinkSettings, PeerSpec
 from pipeline.control.upnp_client import UpnpClient
-from pipeline.crypto.keyfiles import KeyFileError, load_membership, read_revocation_list
+from pipeline.crypto.keyfiles import KeyFileError, node_membership, read_revocation_list
 from pipeline.errors import StageIOError
 from pipeline.records import ENDPOINT_LEN, RecordKind, pack_endpoint, unpack_endpoint
 from pipeline.statefiles import StateDir
@@ -65,6 +65,8 @@ class ControlWorker(Worker):
         self.to_classifier = self.outputs(Stage.CLASSIFIER)
         self.drops: Counter[str] = Counter()
         self._addresses_due: float | None = None
+        self._portmap: socket.socket | None = None  # only with nat.port_mapping
+        self._upnp: UpnpClient | None = None  # the same
         self.state = StateDir(s.node.state_dir)
         credentials = None if s.security.insecure_plaintext else self._credentials()
         leases, error = self.state.held_leases() if s.network.mode is Mode.ROUTER else ([], None)
@@ -94,12 +96,13 @@ class ControlWorker(Worker):
         self.watch(self.router, self._on_request)
         if credentials is not None:
             self.every(REVOCATION_CHECK_S, lambda now: self._check_revocations())
-            self._portmap = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self._portmap.setblocking(False)
-            self._portmap.bind(("0.0.0.0", 0))
-            self.watch(self._portmap.fileno(), self._on_portmap)
-            self._upnp = UpnpClient()
-            self.watch(self._upnp.fileno(), self._on_upnp)
+            if s.nat.port_mapping:
+                self._portmap = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                self._portmap.setblocking(False)
+                self._portmap.bind(("0.0.0.0", 0))
+                self.watch(self._portmap.fileno(), self._on_portmap)
+                self._upnp = UpnpClient()
+                self.watch(self._upnp.fileno(), self._on_upnp)
             self._netlink = _netlink_socket()
             if self._netlink is not None:
                 self.watch(self._netlink.fileno(), self._on_netlink)
@@ -107,18 +110,9 @@ class ControlWorker(Worker):
         self._flush(now)
 
     def _credentials(self) -> Credentials:
-        s = self.settings
-        sec = s.security
-        assert sec.ca_certificate is not None
+        sec = self.settings.security
         try:
-            member = load_membership(
-                state_dir=s.node.state_dir,
-                ca_path=sec.ca_certificate,
-                certificate_path=s.certificate_file,
-                revocation_path=sec.revocation_list,
-                network=s.network.namespace,
-                now=time.time(),
-            )
+            member = node_membership(self.settings, time.time())
         except KeyFileError as exc:
             raise StageIOError(f"cannot take part in the network: {exc}") from exc
         self.revocation_stamp = _stamp(sec.revocation_list)
@@ -212,11 +206,16 @@ class ControlWorker(Worker):
             self.to_io[0].push(pack_endpoint(*to) + datagram, RecordKind.STUN)
         for datagram, to in core.portmap_to_send():
             try:
+                if self._portmap is None:
+                    raise OSError("no port mapping socket")
                 self._portmap.sendto(datagram, to)
             except OSError:
                 self.drops["portmap_unsent"] += 1
         for command in core.upnp_to_run():
-            self._upnp.submit(command)
+            if self._upnp is None:
+                self.drops["upnp_unsent"] += 1
+            else:
+                self._upnp.submit(command)
         for slot, packet in core.packets_to_send():
             self._to_io(slot).push(packet, RecordKind.IP_PACKET, slot)
         for frame in core.frames_to_tap():
@@ -297,6 +296,7 @@ class ControlWorker(Worker):
         self._flush(now)
 
     def _on_portmap(self) -> None:
+        assert self._portmap is not None
         now, wall = time.monotonic(), time.time()
         while True:
             try:
@@ -310,6 +310,7 @@ class ControlWorker(Worker):
         self._flush(now)
 
     def _on_upnp(self) -> None:
+        assert self._upnp is not None
         now, wall = time.monotonic(), time.time()
         for result in self._upnp.results():
             self.core.receive_upnp(result, now, wall)
@@ -369,13 +370,14 @@ class ControlWorker(Worker):
         return out
 
     def teardown(self) -> None:
-        if hasattr(self, "core") and hasattr(self, "_portmap"):
+        portmap = getattr(self, "_portmap", None)
+        if hasattr(self, "core") and portmap is not None:
             now = time.monotonic()
             self.core.stop(now, time.time())  # the gateway gets its port back
             for datagram, to in self.core.portmap_to_send():
                 with contextlib.suppress(OSError):
-                    self._portmap.sendto(datagram, to)
-            self._portmap.close()
+                    portmap.sendto(datagram, to)
+            portmap.close()
             upnp = getattr(self, "_upnp", None)
             if upnp is not None:  # the UPnP thread deletes its mapping (2 s at most)
                 for command in self.core.upnp_to_run():

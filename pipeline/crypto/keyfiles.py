@@ -11,6 +11,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.crypto.cert import (
     Certificate,
@@ -23,6 +24,9 @@ from pipeline.crypto.cert import (
 )
 from pipeline.crypto.identity import SEED_LEN, Identity
 from pipeline.statefiles import write_atomic, write_new
+
+if TYPE_CHECKING:
+    from pipeline.config import Settings
 
 NODE_KEY = "node.key"
 NODE_PUB = "node.pub"
@@ -183,3 +187,19 @@ def load_membership(
     except CertificateError as exc:
         raise KeyFileError(f"{certificate_path}: {exc.reason}: {exc.detail}") from None
     return Membership(identity, ca, certificate, revoked)
+
+
+def node_membership(settings: Settings, now: float) -> Membership:
+    """``load_membership`` with the files and network of a node's settings (checked by
+    ``supervisor start`` before it starts the node, and loaded by control)."""
+    sec = settings.security
+    if sec.ca_certificate is None:
+        raise KeyFileError("security.ca_certificate is not set (and insecure_plaintext is off)")
+    return load_membership(
+        state_dir=settings.node.state_dir,
+        ca_path=sec.ca_certificate,
+        certificate_path=settings.certificate_file,
+        revocation_path=sec.revocation_list,
+        network=settings.network.namespace,
+        now=now,
+    )
