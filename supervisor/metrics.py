@@ -317,6 +317,20 @@ def _link(f: _Families, lk: Mapping[str, Any]) -> None:
         labels,
         len(lk.get("routes") or []),
     )
+    f.counter(
+        "autovn_link_sent_bytes_total",
+        "bytes of datagrams sent over a link, headers included (a relayed link's: its "
+        "end-to-end datagrams)",
+        labels,
+        lk.get("bytes_sent"),
+    )
+    f.counter(
+        "autovn_link_received_bytes_total",
+        "bytes of datagrams opened from a link, headers included (a relayed link's: its "
+        "end-to-end datagrams)",
+        labels,
+        lk.get("bytes_received"),
+    )
 
 
 def _handshakes(f: _Families, links: Mapping[str, Any]) -> None:

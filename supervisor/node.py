@@ -450,9 +450,15 @@ class NodeSupervisor:
             "peers": (control.stats.get("peers", []) if control else []),
             "overlay": control.stats.get("overlay") if control else None,
             "port_mapping": control.stats.get("port_mapping") if control else None,
-            "link_table": control.stats.get("link_table", []) if control else [],
+            "link_table": self._link_table(control),
             "machines": self._machines(control),
         }
+
+    def _link_table(self, control: Any) -> list[dict[str, Any]]:
+        if control is None:
+            return []
+        overlay_io = [w.stats for w in self.workers if w.stage is Stage.OVERLAY_IO]
+        return with_peer_bytes(control.stats.get("link_table") or [], overlay_io)
 
     def _machines(self, control: Any) -> list[dict[str, Any]]:
         """Router mode: the machines control leased, with the classifiers' counters."""
@@ -521,3 +527,23 @@ class NodeSupervisor:
                 os.close(w.pidfd)
                 w.pidfd = None
             self.log.info("worker_stopped", target=w.name, code=w.proc.returncode)
+
+
+def with_peer_bytes(
+    link_table: list[dict[str, Any]], overlay_io: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Control's links, each with ``bytes_sent`` and ``bytes_received``: the overlay_io
+    workers' ``peer_bytes`` (slot -> [sent, received]; a relayed peer's are its end-to-end
+    datagrams) summed over the workers and joined by slot. New dicts: control's stats are
+    never changed."""
+    totals: dict[int, list[int]] = {}
+    for stats in overlay_io:
+        for slot, (sent, received) in (stats.get("peer_bytes") or {}).items():
+            total = totals.setdefault(int(slot), [0, 0])
+            total[0] += sent
+            total[1] += received
+    rows = []
+    for lk in link_table:
+        sent, received = totals.get(lk.get("slot", -1), (0, 0))
+        rows.append({**lk, "bytes_sent": sent, "bytes_received": received})
+    return rows

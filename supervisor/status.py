@@ -1,6 +1,7 @@
 """``supervisor status`` as a human reads it: the node, a short table of its peers (who,
-where, by which path, how fast, when they last shook hands), then the details: workers,
-rings, static peers, the overlay, every link, drops. ``--json`` prints the whole status."""
+where, by which path, how fast, when they last shook hands, bytes sent and received), then
+the details: workers, rings, static peers, the overlay, every link, drops. ``--json``
+prints the whole status."""
 
 from __future__ import annotations
 
@@ -153,12 +154,14 @@ def _drops(st: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-PEER_HEADERS = ["peer", "address", "path", "rtt_ms", "last handshake", "state"]
+PEER_HEADERS = ["peer", "address", "path", "rtt_ms", "last handshake", "sent", "received", "state"]
 
 
 def peer_rows(st: dict[str, Any]) -> list[list[Any]]:
     """One row a peer: the links (static peers' and the overlay's) merged with the static
-    peers' keepalive state. Bytes per peer are not counted by any stage, so not shown."""
+    peers' keepalive state. Bytes are the link's (``bytes_sent``/``bytes_received``, headers
+    included; a relayed peer's are its end-to-end datagrams); a static peer without a link
+    has none."""
     static = {p["name"]: p for p in st.get("peers") or []}
     rows: list[list[Any]] = []
     seen: set[str] = set()
@@ -170,13 +173,16 @@ def peer_rows(st: dict[str, Any]) -> list[list[Any]]:
         state = peer["state"] if peer else ("up" if lk.get("up") else "down")
         kind = lk.get("kind") or "-"
         rows.append([name, ",".join(addresses) or "-", _path(lk.get("endpoint"), kind), rtt,
-                     _ago(lk.get("age_s")), state])  # fmt: skip
+                     _ago(lk.get("age_s")), human_bytes(lk.get("bytes_sent")),
+                     human_bytes(lk.get("bytes_received")), state])  # fmt: skip
         seen.add(name)
     for name, p in static.items():
         if name not in seen:
             path = _path(p.get("endpoint"), "static")
             age = _ago(p.get("session_age_s"))
-            rows.append([name, ",".join(p["addresses"]), path, p.get("rtt_ms"), age, p["state"]])
+            rows.append(
+                [name, ",".join(p["addresses"]), path, p.get("rtt_ms"), age, None, None, p["state"]]
+            )
     return rows
 
 
@@ -196,3 +202,17 @@ def _ago(seconds: Any) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min ago"
     return f"{seconds / 3600:.1f} h ago"
+
+
+def human_bytes(n: Any) -> str | None:
+    """``512 B``, ``1.2 kB``, ``3.4 MB``, ``5.0 GB`` (powers of 1000); None when unknown (an
+    old node's status)."""
+    if not isinstance(n, int | float) or isinstance(n, bool):
+        return None
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit in ("kB", "MB", "GB"):
+        n /= 1000
+        if n < 999.95:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1000:.1f} TB"

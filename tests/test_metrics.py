@@ -101,10 +101,10 @@ def snapshot(frames: int = 11) -> dict[str, Any]:
                     "dht": {"sent_create": 2, "request_timeouts": 2, "retries": 2}},
         "link_table": [{"slot": 1, "name": "beta", "node_id": "c875", "kind": "near",
                         "endpoint": "198.18.0.2:4789", "up": True, "rtt_ms": None,
-                        "age_s": 7.0, "routes": []},
+                        "age_s": 7.0, "routes": [], "bytes_sent": 1500, "bytes_received": 980},
                        {"slot": 2, "name": None, "node_id": "aa" * 20, "kind": "relayed",
                         "endpoint": "via:bb", "up": False, "rtt_ms": 3.0, "age_s": None,
-                        "routes": ["100.64.0.9"]}],
+                        "routes": ["100.64.0.9"], "bytes_sent": 0, "bytes_received": 0}],
         "machines": [],
     }  # fmt: skip
 
@@ -159,6 +159,10 @@ def test_values_come_from_the_snapshot() -> None:
     info = [k for k in got if k[0] == "autovn_link_info" and ("path", "relayed") in k[1]]
     assert len(info) == 1
     assert ("autovn_link_rtt_seconds", (("peer", "beta"), ("slot", "1"))) not in got  # unknown
+    beta = (("peer", "beta"), ("slot", "1"))
+    assert got[("autovn_link_sent_bytes_total", beta)] == 1500
+    assert got[("autovn_link_received_bytes_total", beta)] == 980
+    assert got[("autovn_link_sent_bytes_total", relayed)] == 0
 
 
 def test_served_on_loopback_and_valid(tmp_path: Path) -> None:
@@ -181,3 +185,4 @@ def test_served_on_loopback_and_valid(tmp_path: Path) -> None:
     assert f"{line} 11.0" in first and f"{line} 15.0" in second
     names = {f.name for f in text_string_to_metric_families(first)}
     assert {"autovn_frames", "autovn_peer_rtt_seconds", "autovn_ring_used_bytes"} <= names
+    assert {"autovn_link_sent_bytes", "autovn_link_received_bytes"} <= names

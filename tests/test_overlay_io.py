@@ -410,6 +410,30 @@ def test_worker_relays_data_end_to_end(lab: Lab) -> None:
     assert records(a.to_control[0]) == [(RecordKind.OVERLAY, SLOT_B_AT_A, b"\x01pong")]
 
 
+def test_bytes_are_counted_per_peer_relayed_ones_for_the_peer_not_the_hop(lab: Lab) -> None:
+    three_nodes(lab)
+    a, r, b = lab.nodes["a"], lab.nodes["r"], lab.nodes["b"]
+    send_ip(a, SLOT_R_AT_A)  # direct, both ways
+    send_ip(r, SLOT_A_AT_R, PACKET[:100])
+    log = lab.pump()
+    to_r = next(len(d) for d, src, _ in log if src == a.address)
+    to_a = next(len(d) for d, src, _ in log if src == r.address)
+    overhead = to_r - len(PACKET)  # header and tag
+    send_ip(a, SLOT_B_AT_A)  # relayed through R, and an overlay message back
+    lab.pump()
+    b.from_control[0].push(b"\x01pong", RecordKind.OVERLAY, SLOT_A_AT_B)
+    b.from_control[0].flush()
+    lab.pump()
+    records(b.to_classifier[0])
+    there, back = len(PACKET) + overhead, 5 + overhead  # end-to-end datagrams
+    stats = {k: n.workers[0].stats() for k, n in lab.nodes.items()}
+    assert stats["a"]["peer_bytes"] == {SLOT_R_AT_A: [to_r, to_a], SLOT_B_AT_A: [there, back]}
+    assert stats["b"]["peer_bytes"] == {SLOT_A_AT_B: [back, there]}  # nothing for R, the hop
+    # R passed on A's and B's RELAY datagrams: no peer's bytes, though its port's
+    assert stats["r"]["peer_bytes"] == {SLOT_A_AT_R: [to_a, to_r]}
+    assert stats["r"]["bytes_sent"] > to_a and stats["r"]["relay_forwarded"] == 2
+
+
 def test_direct_data_is_not_relayed(lab: Lab) -> None:
     three_nodes(lab)
     a, r = lab.nodes["a"], lab.nodes["r"]

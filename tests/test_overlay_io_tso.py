@@ -117,6 +117,12 @@ def test_a_super_frame_crosses_as_sealed_segments_and_comes_out_whole(lab: Lab) 
     assert vnet.parse(data) == COALESCED and data[vnet.LEN :] == frame
     assert sb["coalesced"] == {"packets": 45, "frames": 1}
     assert sa["drops"] == sb["drops"] == {}
+    # bytes per peer: the GSO batch and the GRO run, each counted once, for the link's slot
+    wire_bytes = sum(len(d) for d, _, _ in log)
+    assert sa["bytes_sent"] == sb["bytes_received"] == wire_bytes
+    assert sa["peer_bytes"] == {SLOT: [wire_bytes, 0]} and sb["peer_bytes"] == {
+        SLOT: [0, wire_bytes]
+    }
 
 
 @pytest.mark.parametrize(
@@ -136,6 +142,7 @@ def test_without_gso_or_gro_the_same_frame_arrives(lab: Lab, options: dict[str, 
     assert flags == FLAG_VNET and data[vnet.LEN :] == frame
     sa, sb = a.workers[0].stats(), b.workers[0].stats()
     assert sa["gso"] == options.get("gso", True) and sb["gro"] == options.get("gro", True)
+    assert sa["peer_bytes"][SLOT][0] == sb["peer_bytes"][SLOT][1] == sa["bytes_sent"] > 30000
     assert sb["gro_reads"] == (1 if sa["gso"] and sb["gro"] else 0)
 
 

@@ -71,6 +71,9 @@ def test_metrics_endpoint_scraped_and_counting(testbed: Testbed, tmp_path: Path)
     assert 0 < later[("autovn_peer_rtt_seconds", peer)] < 1
     assert later[("autovn_peer_handshakes_total", peer)] >= 1
     assert later[("autovn_overlay_joined", ())] == 1
+    for name in ("autovn_link_sent_bytes_total", "autovn_link_received_bytes_total"):
+        (n,) = [v for (m, labels), v in later.items() if m == name and ("peer", "beta") in labels]
+        assert n > 5 * 84, name  # five pings' worth at least
     used = [k for k in later if k[0] == "autovn_ring_used_bytes"]
     assert len(used) == len(a.status()["rings"])  # type: ignore[index]
     stop_all((a, b))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from supervisor.status import PEER_HEADERS, format_status
+from supervisor.node import with_peer_bytes
+from supervisor.status import PEER_HEADERS, format_status, human_bytes
 
 
 def status() -> dict[str, Any]:
@@ -34,10 +35,10 @@ def status() -> dict[str, Any]:
         "link_table": [
             {"slot": 1, "name": "beta", "node_id": "c8" * 20, "kind": "near",
              "endpoint": "198.18.0.2:4789", "up": True, "rtt_ms": 0.5, "age_s": 7.0,
-             "routes": []},
+             "routes": [], "bytes_sent": 1_234_567, "bytes_received": 812},
             {"slot": 5, "name": None, "node_id": "3fa2b1c0d4e5" + "00" * 14, "kind": "relayed",
              "endpoint": "via:" + "9a" * 20, "up": True, "rtt_ms": None, "age_s": 300.0,
-             "routes": ["100.64.0.9"]},
+             "routes": ["100.64.0.9"], "bytes_sent": 0, "bytes_received": 45_000},
         ],
         "machines": [],
     }  # fmt: skip
@@ -49,9 +50,9 @@ def test_peers_come_first_with_path_rtt_and_last_handshake() -> None:
     assert top[0].split() == " ".join(PEER_HEADERS).split()
     rows = [" ".join(line.split()) for line in top[1:]]
     assert rows == [
-        "beta 100.64.0.2 direct 198.18.0.2:4789 (near) 0.412 7 s ago up",
-        "3fa2b1c0d4e5 100.64.0.9 relayed via 9a9a9a9a9a9a (relayed) - 5 min ago up",
-        "gamma 100.64.0.3 direct 198.18.0.3:4789 (static) - never down",
+        "beta 100.64.0.2 direct 198.18.0.2:4789 (near) 0.412 7 s ago 1.2 MB 812 B up",
+        "3fa2b1c0d4e5 100.64.0.9 relayed via 9a9a9a9a9a9a (relayed) - 5 min ago 0 B 45.0 kB up",
+        "gamma 100.64.0.3 direct 198.18.0.3:4789 (static) - never - - down",
     ]
     assert lines.index("peers") < lines.index("workers") < lines.index("links")
     assert "static peers" in lines  # the details stay
@@ -78,3 +79,22 @@ def test_the_port_mapping_is_shown_under_the_overlay() -> None:
     )
     assert "port mapping  off" in format_status(status() | {"port_mapping": {"enabled": False}})
     assert "port mapping" not in format_status(status())  # an older node says nothing
+
+
+def test_bytes_per_peer_are_summed_over_workers_and_joined_by_slot() -> None:
+    links = [{"slot": 1, "name": "beta"}, {"slot": 5, "name": None}, {"slot": 7, "name": "x"}]
+    workers = [
+        {"peer_bytes": {1: [100, 40], 5: [7, 0]}},
+        {"peer_bytes": {"1": [11, 2]}},  # a key as JSON would carry it
+        {},  # a worker that has not reported yet
+    ]
+    rows = with_peer_bytes(links, workers)
+    assert [(r["bytes_sent"], r["bytes_received"]) for r in rows] == [(111, 42), (7, 0), (0, 0)]
+    assert "bytes_sent" not in links[0]  # control's rows are not changed
+
+
+def test_bytes_are_human_readable() -> None:
+    assert [human_bytes(n) for n in (0, 999, 1000, 1_234_567, 5 * 10**9)] == [
+        "0 B", "999 B", "1.0 kB", "1.2 MB", "5.0 GB"
+    ]  # fmt: skip
+    assert human_bytes(None) is None

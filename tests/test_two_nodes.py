@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,6 +81,18 @@ class TestInspection:
         text = a.cli("status", str(a.config)).stdout
         for word in ("tap_reader0>classifier0", "beta", "up", "restarts", "occupancy"):
             assert word in text
+
+        def counted() -> dict[str, Any] | None:  # overlay_io's counters come with its heartbeat
+            st = a.status()
+            assert st is not None
+            rows = [lk for lk in st["link_table"] if lk["name"] == "beta"]
+            return rows[0] if rows and rows[0]["bytes_sent"] and rows[0]["bytes_received"] else None
+
+        row = wait_for("bytes counted for beta", counted, timeout=10)
+        assert row["bytes_sent"] > 2 * 84 and row["bytes_received"] > 2 * 84  # two pings' worth
+        lines = [ln for ln in a.cli("status", str(a.config)).stdout.splitlines()
+                 if ln.startswith("beta ") and "direct" in ln]  # fmt: skip
+        assert lines and all(" B " in ln or "kB" in ln or "MB" in ln for ln in lines), lines
 
     def test_logs_filter_by_stage_and_event(self, pair: tuple[Node, Node]) -> None:
         a, _ = pair

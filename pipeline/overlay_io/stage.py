@@ -52,6 +52,13 @@ TAP should get; the coalescer is flushed at the end of every batch, never held a
 sleep. A packet with ``FLAG_PARTIAL`` that joins nothing goes with ``NEEDS_CSUM``; one
 without goes as before, no header. Without TAP offloads (``stages.tap_reader.offloads``
 false) nothing is merged, since the tap_reader would only have to cut it again.
+
+Bytes per peer (``peer_bytes`` in the stats: slot -> [sent, received], only slots with
+traffic): the datagrams this worker sent to a slot and opened from it, headers included,
+one dict update a record (a GSO batch, a GRO run). A relayed peer's bytes are its
+end-to-end datagrams, counted for its own slot; RELAY datagrams are no peer's (what they
+carry for this node is counted when sealed and when delivered), so neither is what this
+node passes on for others. Handshakes and STUN are no peer's either.
 """
 
 from __future__ import annotations
@@ -152,6 +159,9 @@ class OverlayIoWorker(Worker):
         self.handshake_types = self.sessions.handshake_types
         self.sent = self.sent_bytes = self.received = self.received_bytes = 0
         self.relay_sent = self.relay_forwarded = self.relay_delivered = 0
+        # bytes per slot, sent and opened (relayed peers under their own slot, not the hop's)
+        self.peer_sent: dict[int, int] = {}
+        self.peer_received: dict[int, int] = {}
         self.control_pending = False  # RELAY records pushed to control since the last flush
         self.drops: Counter[str] = Counter()
         self.watch(self.port.fileno(), lambda: None)  # wakes the loop; work() reads
@@ -190,21 +200,25 @@ class OverlayIoWorker(Worker):
             return 0
         sessions = self.send
         send = self.port.send
+        peer_sent = self.peer_sent
         sent = sent_bytes = 0  # counted here, added once per batch
         for rec in records:
-            out = sessions.get(rec.peer)
+            peer = rec.peer
+            out = sessions.get(peer)
             if rec.flags & FLAG_VNET:
-                self._send_vnet(rec.peer, out, rec.data)
+                self._send_vnet(peer, out, rec.data)
                 continue
             if out is None:
-                self._send_relayed(rec.peer, dtype, rec.data)
+                self._send_relayed(peer, dtype, rec.data)
                 continue
             parts = out.seal(dtype, rec.data)
             if send(parts, out.endpoint):
+                n = HEADER_LEN + len(parts[1])
                 sent += 1
-                sent_bytes += len(parts[1])
+                sent_bytes += n
+                peer_sent[peer] = peer_sent.get(peer, 0) + n
         self.sent += sent
-        self.sent_bytes += sent_bytes + HEADER_LEN * sent
+        self.sent_bytes += sent_bytes
         consumer.release()
         self._flush_control()
         return len(records)
@@ -231,14 +245,14 @@ class OverlayIoWorker(Worker):
                 if out is None:
                     self.drops["no_session"] += 1
                 else:
-                    self._seal_to(out, _RELAY, rec.data)
+                    self._seal_to(out, _RELAY, rec.data)  # no peer's bytes: counted at its source
                 continue
             # an overlay message, or an IP packet that waited for its route in control
             dtype = _DATA if rec.kind == RecordKind.IP_PACKET else _OVERLAY
             if out is None:
                 self._send_relayed(rec.peer, dtype, rec.data)
             else:
-                self._seal_to(out, dtype, rec.data)
+                self._seal_to(out, dtype, rec.data, slot=rec.peer)
         self.from_control.release()
         self._flush_control()
         return len(records)
@@ -252,8 +266,10 @@ class OverlayIoWorker(Worker):
             return
         parts = out.seal(_PROBE, data[ENDPOINT_LEN:])
         if self.port.send(parts, unpack_endpoint(data)):
+            n = HEADER_LEN + len(parts[1])
             self.sent += 1
-            self.sent_bytes += HEADER_LEN + len(parts[1])
+            self.sent_bytes += n
+            self.peer_sent[slot] = self.peer_sent.get(slot, 0) + n
 
     def _send_vnet(self, slot: int, out: SendEntry | None, data: memoryview) -> None:
         """An IP packet after its virtio-net header: a super-frame is cut in place into
@@ -266,7 +282,7 @@ class OverlayIoWorker(Worker):
             if out is None:
                 self._send_relayed(slot, _DATA, packet, partial)
             else:
-                self._seal_to(out, _DATA, packet, partial)
+                self._seal_to(out, _DATA, packet, partial, slot)
             return
         pieces: list[ReadableBuffer] = []
         emit: Callable[[memoryview], object]
@@ -285,7 +301,7 @@ class OverlayIoWorker(Worker):
                 if out is None:
                     self._send_relayed(slot, _DATA, whole)
                 else:
-                    self._seal_to(out, _DATA, whole)
+                    self._seal_to(out, _DATA, whole, slot=slot)
             return
         if out is None:  # relayed: each segment sealed end to end, wrapped, sealed per hop
             for piece in pieces:
@@ -295,13 +311,22 @@ class OverlayIoWorker(Worker):
         self.gso_sends += 1
         self.segments_sent += len(pieces) // 2
         self.sent += sent
-        self.sent_bytes += sum(len(piece) for piece in pieces)
+        n = sum(len(piece) for piece in pieces)
+        self.sent_bytes += n
+        self.peer_sent[slot] = self.peer_sent.get(slot, 0) + n
 
-    def _seal_to(self, out: SendEntry, dtype: int, data: ReadableBuffer, flags: int = 0) -> None:
+    def _seal_to(
+        self, out: SendEntry, dtype: int, data: ReadableBuffer, flags: int = 0, slot: int = -1
+    ) -> None:
+        """Seal and send to ``out``'s endpoint; the bytes count for ``slot`` unless it is -1
+        (RELAY datagrams: no peer's)."""
         parts = out.seal(dtype, data, flags)
         if self.port.send(parts, out.endpoint):
+            n = HEADER_LEN + len(parts[1])
             self.sent += 1
-            self.sent_bytes += HEADER_LEN + len(parts[1])
+            self.sent_bytes += n
+            if slot >= 0:
+                self.peer_sent[slot] = self.peer_sent.get(slot, 0) + n
 
     # -- relaying ----------------------------------------------------------------------------------
 
@@ -313,6 +338,7 @@ class OverlayIoWorker(Worker):
             return
         inner = b"".join(e2e.seal(dtype, data, flags))
         self.relay_sent += 1
+        self.peer_sent[slot] = self.peer_sent.get(slot, 0) + len(inner)  # the peer's, not the hop's
         self._to_hop(e2e.hop, pack_relay(e2e.dest, RELAY_TTL, inner))
 
     def _to_hop(self, hop: int, payload: bytes) -> None:
@@ -407,6 +433,8 @@ class OverlayIoWorker(Worker):
                     self.sessions.moved(entry, source)
             self.received += opened
             self.received_bytes += opened_bytes
+            slot = entry.slot
+            self.peer_received[slot] = self.peer_received.get(slot, 0) + opened_bytes
 
     def _deliver(self, entry: RecvEntry, payload: ReadableBuffer, partial: int) -> None:
         """An opened DATA packet for the classifier: through the coalescer, which merges
@@ -473,6 +501,9 @@ class OverlayIoWorker(Worker):
             self.sessions.moved(entry, source)
         self.received += 1
         self.received_bytes += len(datagram)
+        if kind != _RELAY:  # a RELAY datagram is no peer's: what it delivers is counted inside
+            slot = entry.slot
+            self.peer_received[slot] = self.peer_received.get(slot, 0) + len(datagram)
         if kind == _DATA:
             self._deliver(entry, payload, datagram[3] & FLAG_PARTIAL)
         elif kind == _OVERLAY:
@@ -506,7 +537,13 @@ class OverlayIoWorker(Worker):
             "relay_forwarded": self.relay_forwarded,
             "relay_delivered": self.relay_delivered,
             "drops": dict(self.drops),
+            "peer_bytes": self.peer_bytes(),
         }
+
+    def peer_bytes(self) -> dict[int, list[int]]:
+        """Slot -> [bytes sent, bytes received], for the slots with traffic."""
+        sent, received = self.peer_sent, self.peer_received
+        return {slot: [sent.get(slot, 0), received.get(slot, 0)] for slot in sent.keys() | received}
 
     def teardown(self) -> None:
         if hasattr(self, "port"):
