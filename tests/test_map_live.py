@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from supervisor.mapview import links_of
-from supervisor.testbed import Node, Testbed, overlay_nodes, wait_for
+from supervisor.testbed import Node, Testbed, overlay_nodes, overlay_settled, statuses, wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -34,33 +34,6 @@ SVG = "{http://www.w3.org/2000/svg}"
 def six(tmp_path: Path) -> Iterator[list[Node]]:
     with Testbed("map") as tb:
         yield overlay_nodes(tb, tmp_path, 6)
-
-
-def statuses(nodes: list[Node]) -> list[dict[str, Any]] | None:
-    out = []
-    for n in nodes:
-        st = n.status()
-        if st is None or not st.get("overlay"):
-            return None
-        out.append(st)
-    return out
-
-
-def settled(nodes: list[Node]) -> list[dict[str, Any]] | None:
-    """Every node joined, registered, and near-linked with its two neighbours a side."""
-    sts = statuses(nodes)
-    if sts is None:
-        return None
-    if not all(s["overlay"]["state"] == "joined" and s["overlay"]["registered"] for s in sts):
-        return None
-    ids = sorted(s["node_id"] for s in sts)
-    for s in sts:
-        me = ids.index(s["node_id"])
-        want = {ids[(me + d) % len(ids)] for d in (-2, -1, 1, 2)} - {s["node_id"]}
-        near = {lk["node_id"] for lk in s["link_table"] if "near" in lk["kind"] and lk["up"]}
-        if not want <= near:
-            return None
-    return sts
 
 
 def connections(st: dict[str, Any]) -> set[tuple[str, str]]:
@@ -77,7 +50,7 @@ def test_map_finds_every_node_and_connection_that_status_lists(
     six: list[Node], tmp_path: Path
 ) -> None:
     nodes = six
-    wait_for("the overlay to settle", lambda: settled(nodes), 90, every=0.5)
+    wait_for("the overlay to settle", lambda: overlay_settled(nodes), 90, every=0.5)
     crawler = nodes[2]
     svg_path = tmp_path / "map.svg"
     for attempt in range(6):

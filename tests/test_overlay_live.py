@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.testbed import Node, Testbed, overlay_nodes, wait_for
+from supervisor.testbed import Node, Testbed, overlay_nodes, overlay_settled, wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -43,35 +43,10 @@ def six(tmp_path: Path) -> Iterator[tuple[list[Node], tuple[Node, Node]]]:
         yield nodes, (a, b)
 
 
-def statuses(nodes: list[Node]) -> list[dict[str, Any]] | None:
-    out = []
-    for n in nodes:
-        st = n.status()
-        if st is None or not st.get("overlay"):
-            return None
-        out.append(st)
-    return out
-
-
 def settled(nodes: list[Node], blocked: tuple[Node, Node]) -> list[dict[str, Any]] | None:
     """Every node joined and registered, and linked with its two true neighbours on each
     side among the live nodes (but for the blocked pair)."""
-    sts = statuses(nodes)
-    if sts is None:
-        return None
-    if not all(s["overlay"]["state"] == "joined" and s["overlay"]["registered"] for s in sts):
-        return None
-    ids = sorted(s["node_id"] for s in sts)
-    for s in sts:
-        me = ids.index(s["node_id"])
-        want = {ids[(me + d) % len(ids)] for d in (-2, -1, 1, 2)} - {s["node_id"]}
-        pair = {n.extra["node_id"] for n in blocked}
-        if s["node_id"] in pair:
-            want -= pair
-        near = {lk["node_id"] for lk in s["link_table"] if "near" in lk["kind"] and lk["up"]}
-        if not want <= near:
-            return None
-    return sts
+    return overlay_settled(nodes, frozenset(n.extra["node_id"] for n in blocked))
 
 
 def direct(st: dict[str, Any]) -> set[str]:

@@ -13,7 +13,8 @@ Modules:
   ``wait_for`` and the test network's addresses.
 - ``layouts``: ready-made networks: ``two_nodes`` (and its parts ``veth_pair`` and
   ``node_pair``), ``overlay_nodes``, ``routed_nodes``, ``router_segment``, ``nat_pair``
-  (two nodes behind the NAT lab's gateways; ``link_row``, ``registered``), and ``member``,
+  (two nodes behind the NAT lab's gateways; ``link_row``, ``registered``),
+  ``statuses`` and ``overlay_settled`` (every node joined and near-linked), and ``member``,
   one node of them.
 - ``nat``: ``NatLab``, an "internet" segment with STUN servers and sites behind Linux NAT
   gateways of several kinds (MASQUERADE, random ports, miniupnpd), and conntrack views.
@@ -41,9 +42,11 @@ from supervisor.testbed.layouts import (
     nat_pair,
     node_pair,
     overlay_nodes,
+    overlay_settled,
     registered,
     routed_nodes,
     router_segment,
+    statuses,
     two_nodes,
     veth_pair,
 )
@@ -100,12 +103,14 @@ __all__ = [
     "node_config",
     "node_pair",
     "overlay_nodes",
+    "overlay_settled",
     "parse_leases",
     "registered",
     "require_root",
     "routed_nodes",
     "router_segment",
     "start_all",
+    "statuses",
     "stop_all",
     "two_nodes",
     "veth_pair",

@@ -324,6 +324,40 @@ def registered(node: Node) -> bool:
     return bool(st and (st.get("overlay") or {}).get("registered"))
 
 
+def statuses(nodes: Sequence[Node]) -> list[dict[str, Any]] | None:
+    """Every node's ``status --json``, or None while one has no overlay to show yet."""
+    out = []
+    for n in nodes:
+        st = n.status()
+        if st is None or not st.get("overlay"):
+            return None
+        out.append(st)
+    return out
+
+
+def overlay_settled(
+    nodes: Sequence[Node], unlinkable: frozenset[str] = frozenset()
+) -> list[dict[str, Any]] | None:
+    """The nodes' statuses once every one has joined and registered and is near-linked with
+    its two neighbours on each side of the circle (but for the node ids in ``unlinkable``,
+    which cannot link with each other); None until then."""
+    sts = statuses(nodes)
+    if sts is None:
+        return None
+    if not all(s["overlay"]["state"] == "joined" and s["overlay"]["registered"] for s in sts):
+        return None
+    ids = sorted(s["node_id"] for s in sts)
+    for s in sts:
+        me = ids.index(s["node_id"])
+        want = {ids[(me + d) % len(ids)] for d in (-2, -1, 1, 2)} - {s["node_id"]}
+        if s["node_id"] in unlinkable:
+            want -= unlinkable
+        near = {lk["node_id"] for lk in s["link_table"] if "near" in lk["kind"] and lk["up"]}
+        if not want <= near:
+            return None
+    return sts
+
+
 def link_row(node: Node, other: Node) -> dict[str, Any] | None:
     """``node``'s link table row of the link that routes to ``other``'s virtual address."""
     st = node.status()
