@@ -54,6 +54,9 @@ from pipeline.topology import Stage, WorkerId
 
 _PR_SET_PDEATHSIG = 1
 BUSY_CHECK_S = 0.01
+BLOCKED_NAP_S = 0.0002
+"""How long a worker held back by a full next ring naps before it looks again (back-pressure:
+the next stage frees room in its own time and rings no bell for it)."""
 
 
 def endpoint(runtime_dir: Path, name: str) -> str:
@@ -96,6 +99,7 @@ class Worker:
         self._late: deque[float] = deque(maxlen=512)  # how late the last deadlines fired (s)
         self._deadlines_fired = 0
         self.running = True
+        self.blocked = False  # set by work(): input waits because a next ring is full
         self.started = time.monotonic()
         self.last_supervisor_msg = self.started
 
@@ -155,7 +159,9 @@ class Worker:
         """Open devices and sockets, attach rings. Runs before READY."""
 
     def work(self) -> int:
-        """Do what is ready without blocking; return how many items were handled."""
+        """Do what is ready without blocking; return how many items were handled. Set
+        ``blocked`` when input was left waiting for room in a next ring: the loop then naps
+        ``BLOCKED_NAP_S`` instead of sleeping on its files (which stay readable)."""
         return 0
 
     def on_deadline(self, now: float) -> None:
@@ -244,8 +250,11 @@ class Worker:
             last_check = now
             pending = self._service_zmq()
             timeout = 0.0
-            if not (done or pending) and not any(c.wait_ready() for c in self.consumers):
-                timeout = max(0.0, self._run_timers(now) - now)
+            if not (done or pending):
+                if self.blocked:  # the inputs are readable, the next ring is not free yet
+                    time.sleep(BLOCKED_NAP_S)
+                elif not any(c.wait_ready() for c in self.consumers):
+                    timeout = max(0.0, self._run_timers(now) - now)
             for fd, _ in self.epoll.poll(timeout):
                 handler = self._handlers.get(fd)
                 if handler is not None:

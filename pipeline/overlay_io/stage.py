@@ -85,7 +85,7 @@ from pipeline.records import (
     unpack_endpoint,
 )
 from pipeline.route_feed import RouteFeed
-from pipeline.shm_ring import Consumer, Producer, RingSpec
+from pipeline.shm_ring import MAX_SLOT, Consumer, Producer, RingSpec
 from pipeline.topology import Stage
 from pipeline.wire import tso, vnet
 from pipeline.wire.overlay import FLAG_PARTIAL, HEADER_LEN, RELAY_TTL, VERSION, DatagramType
@@ -105,6 +105,7 @@ _ZERO_VNET = vnet.ZERO
 _GSO_TYPES = frozenset((vnet.GSO_TCPV4, vnet.GSO_UDP_L4))
 _NEEDS_CSUM = vnet.NEEDS_CSUM
 _GSO_SIZE = struct.Struct("<H")
+_RECV_ROOM = 2 * MAX_SLOT  # what one read may emit to a classifier's ring, at most
 
 
 class OverlayIoWorker(Worker):
@@ -181,6 +182,7 @@ class OverlayIoWorker(Worker):
     # -- the loop ----------------------------------------------------------------------------------
 
     def work(self) -> int:
+        self.blocked = False
         now = _monotonic()
         done = self._receive(now)
         outbound = 0
@@ -379,7 +381,14 @@ class OverlayIoWorker(Worker):
         open_ = self._open
         plaintext = self.plaintext
         count = 0
+        targets = self.to_classifier
         for _ in range(self.batch):
+            # back-pressure: a read (a GRO batch: up to a super-frame, plus the one the
+            # coalescer holds) waits in the socket until the classifier's rings have room;
+            # what the kernel drops there meanwhile is single datagrams, never super-frames
+            if any(t.room() < _RECV_ROOM for t in targets):
+                self.blocked = True
+                break
             got = recv_batch()
             if got is None:
                 break
