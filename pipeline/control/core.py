@@ -625,7 +625,9 @@ class ControlCore:
                 found = nat.candidates()
                 local = [c.endpoint for c in found if c.kind is CandidateKind.LOCAL]
                 routing.set_endpoints(
-                    local, [c for c in found if c.kind is not CandidateKind.LOCAL]
+                    local,
+                    [c for c in found if c.kind is not CandidateKind.LOCAL],
+                    mapping_varies=nat.mapping_varies,
                 )
                 routing.pump()
         self._links_step(now, wall)

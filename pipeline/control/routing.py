@@ -172,6 +172,7 @@ class RoutingCore:
         self.shortcuts = Shortcuts(identity.node_id, random.Random(rng.getrandbits(64)))
         self._shortcuts_on = shortcuts
         self._local_endpoints: tuple[Address, ...] = ()
+        self._mapping_varies = False  # the NAT maps per destination: no reflexive candidate
         self._extra_candidates: tuple[Candidate, ...] = ()
         self._candidates_from: tuple[object, ...] = ()
         self.counters: Counter[str] = Counter()
@@ -498,11 +499,20 @@ class RoutingCore:
 
     # -- shortcuts ---------------------------------------------------------------------------------
 
-    def set_endpoints(self, local: Sequence[Address] = (), extra: Sequence[Candidate] = ()) -> None:
+    def set_endpoints(
+        self,
+        local: Sequence[Address] = (),
+        extra: Sequence[Candidate] = (),
+        *,
+        mapping_varies: bool = False,
+    ) -> None:
         """This node's own endpoints: the local addresses of its port, and candidates found
-        otherwise (STUN, port mapping). The overlay's reflexive address is added here."""
+        otherwise (STUN, port mapping). The overlay's reflexive address is added here, unless
+        the node's NAT maps per destination (``mapping_varies``: each peer would see another
+        port)."""
         self._local_endpoints = tuple(local)
         self._extra_candidates = tuple(extra)
+        self._mapping_varies = mapping_varies
         self._candidates_from = ()  # recomputed at the next pump
 
     def _refresh_candidates(self) -> None:
@@ -513,7 +523,7 @@ class RoutingCore:
         self._candidates_from = key
         candidates = [Candidate(e, CandidateKind.LOCAL) for e in self._local_endpoints]
         candidates += self._extra_candidates
-        if isinstance(reflexive, tuple) and len(reflexive) == 2:
+        if isinstance(reflexive, tuple) and len(reflexive) == 2 and not self._mapping_varies:
             endpoint = (str(reflexive[0]), int(reflexive[1]))
             candidates.append(Candidate(endpoint, CandidateKind.REFLEXIVE))
         self.shortcuts.set_candidates(candidates)
