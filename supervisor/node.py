@@ -309,10 +309,11 @@ class NodeSupervisor:
         interpreters start in parallel. Nothing is lost meanwhile: a worker's rings and
         ZeroMQ connections are there before it is, records wait in the rings."""
         slots = self.workers
-        if self.template is not None:
-            self._template_ready(TEMPLATE_READY_S)
+        if self._template_ready(TEMPLATE_READY_S):
+            self._fork_all(slots)
         for w in slots:
-            self._spawn(w)
+            if w.proc is None:  # no template, or it failed
+                self._spawn(w)
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not all(w.ready for w in slots):
             if self.stopping:
@@ -323,22 +324,39 @@ class NodeSupervisor:
             self._poll(0.2)
             self._housekeeping(time.monotonic())
 
+    def _handed(self, w: WorkerSlot) -> dict[str, tuple[int, int]]:
+        return {name: (self.specs[name].mem_fd, self.specs[name].bell_fd) for name in w.rings}
+
+    def _fork_all(self, slots: list[WorkerSlot]) -> None:
+        """Ask the template for every worker at once, then read the answers: it forks them
+        back to back. On failure the rest are left to ``_spawn``."""
+        assert self.template is not None
+        try:
+            for w in slots:
+                self.template.ask(str(w.stage), w.index, self.runtime, self._handed(w))
+            for w in slots:
+                self._started(w, Forked(self.template.answer()), forked=True)
+        except (TemplateError, OSError) as exc:
+            self.log.error("template_failed", error=str(exc))
+            self._drop_template()
+
     def _spawn(self, w: WorkerSlot) -> None:
         """Start the worker of ``w``: forked by the template if it is ready, else spawned."""
-        handed = {name: (self.specs[name].mem_fd, self.specs[name].bell_fd) for name in w.rings}
-        w.proc = None
+        handed = self._handed(w)
         if self.template is not None and self._template_ready(0.0):
             try:
                 pid = self.template.spawn(str(w.stage), w.index, self.runtime, handed)
-                w.proc = Forked(pid)
-                w.forked = True
+                self._started(w, Forked(pid), forked=True)
+                return
             except (TemplateError, OSError) as exc:
                 self.log.error("template_failed", error=str(exc), target=w.name)
                 self._drop_template()
-        if w.proc is None:
-            w.proc = self._spawn_plain(w, handed)
-            w.forked = False
-        w.pidfd = os.pidfd_open(w.proc.pid)
+        self._started(w, self._spawn_plain(w, handed), forked=False)
+
+    def _started(self, w: WorkerSlot, proc: Process, *, forked: bool) -> None:
+        w.proc = proc
+        w.forked = forked
+        w.pidfd = os.pidfd_open(proc.pid)
         w.started = time.monotonic()
         w.last_heartbeat = w.started
         w.ready = False
@@ -404,6 +422,7 @@ class NodeSupervisor:
             self._template_proc.returncode = code  # reaped here, not by subprocess
             self._template_proc = None
         t.close()
+        self._kill_strays()
         if self.stopping:
             return
         cap = self.settings.stages.restart_backoff_max_s
@@ -428,6 +447,23 @@ class NodeSupervisor:
             return
         self.templates_started += 1
         self.log.info("template_restarted", target_pid=self.template.pid)
+
+    def _kill_strays(self) -> None:
+        """After a template failure: a worker it forked but whose pid we never read is our
+        child that no slot knows. Kill every such child (the reaper collects them)."""
+        known = {w.pid for w in self.workers if w.pid is not None}
+        me = os.getpid()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) in known:
+                continue
+            try:
+                text = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(text[text.rfind(")") + 2 :].split()[1]) == me:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(entry), signal.SIGKILL)
+                self.log.warning("stray_killed", target_pid=int(entry))
 
     def _reap_orphans(self) -> None:
         """As a subreaper we inherit whatever a dead worker left (e.g. an ``ip`` command it

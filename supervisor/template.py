@@ -53,6 +53,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from supervisor import sdnotify
+
 #: stage -> (module, class) of its worker
 WORKER_CLASSES = {
     "control": ("pipeline.control.stage", "ControlWorker"),
@@ -123,6 +125,14 @@ class TemplateClient:
         template is not ready, does not answer within ``timeout_s`` or cannot fork."""
         if not self.wait_ready(timeout_s):
             raise TemplateError("the template is not ready")
+        self.ask(stage, index, runtime_dir, rings)
+        return self.answer(timeout_s)
+
+    def ask(
+        self, stage: str, index: int, runtime_dir: Path, rings: dict[str, tuple[int, int]]
+    ) -> None:
+        """Send a request (the template must be ready); :meth:`answer` reads its reply.
+        Several requests may be sent before their answers are read, which come in order."""
         request = {"stage": stage, "worker": index, "runtime_dir": str(runtime_dir)}
         request["rings"] = list(rings)
         fds = [fd for pair in rings.values() for fd in pair]
@@ -130,6 +140,10 @@ class TemplateClient:
             socket.send_fds(self.sock, [json.dumps(request).encode()], fds)
         except OSError as exc:
             raise TemplateError(f"cannot reach the template: {exc}") from None
+
+    def answer(self, timeout_s: float = 5.0) -> int:
+        """The pid in the reply to the oldest unanswered request; TemplateError if none
+        comes within ``timeout_s`` or the template could not fork."""
         reply = self._recv(timeout_s)
         if reply is None:
             raise TemplateError(f"no answer from the template in {timeout_s:g} s")
@@ -169,6 +183,8 @@ def fork_template() -> TemplateClient:
     become_subreaper()
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     supervisor = os.getpid()
+    # What both have now stays shared: the supervisor's collections no longer touch it.
+    gc.freeze()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the template's life, tested through its socket
         code = 1
@@ -195,7 +211,7 @@ def exec_template() -> tuple[TemplateClient, Any]:
     argv = [sys.executable, "-m", "supervisor.template", "--socket-fd", str(child_end.fileno())]
     argv += ["--supervisor-pid", str(os.getpid())]
     env = dict(os.environ)
-    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # sdnotify.VARIABLES
+    for name in sdnotify.VARIABLES:  # only the supervisor talks to systemd
         env.pop(name, None)
     proc = subprocess.Popen(argv, pass_fds=[child_end.fileno()], env=env, stdin=subprocess.DEVNULL)
     child_end.close()
@@ -221,9 +237,12 @@ def serve(sock: socket.socket, supervisor_pid: int) -> int:
         return 0
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
+    for name in sdnotify.VARIABLES:  # only the supervisor talks to systemd: not its workers
+        os.environ.pop(name, None)
     gc.disable()
     classes = preload()
     gc.freeze()  # children leave the pre-imported objects' pages shared
+    gc.enable()  # later objects are collected as usual (the frozen ones are not looked at)
     sock.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
     while True:
         try:
@@ -350,7 +369,6 @@ def _become_worker(
         if os.getppid() == 1 or time.monotonic() > deadline:
             return 0  # the supervisor is gone (or not our subreaper): nothing to work for
         time.sleep(0.0002)
-    gc.enable()
     os.environ["AUTOVN_RINGS"] = json.dumps({k: list(v) for k, v in rings.items()})
     return run_worker(worker_class, runtime_dir, index, supervisor_pid)
 

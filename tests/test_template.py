@@ -1,7 +1,7 @@
 """The worker template's protocol (``supervisor/template.py``): requests parsed or refused
 with a reason, and a real template (a fresh interpreter) driven over its socket by a small
 supervisor stand-in in a child process: ready, refusals, a forked worker that is the
-stand-in's own child with exactly its rings' fds, the template's exit on EOF."""
+stand-in's own child, answers in the order of the requests, the template's exit on EOF."""
 
 from __future__ import annotations
 
@@ -67,13 +67,16 @@ runtime = Path(sys.argv[1])
 out = {}
 client, proc = exec_template()
 out["ready"] = client.wait_ready(60)
-try:
-    client.spawn("no_such_stage", 0, runtime, {})
-except TemplateError as exc:
-    out["refused"] = str(exc)
 r1, w1 = os.pipe()
 r2, w2 = os.pipe()
-pid = client.spawn("tap_reader", 0, runtime, {"x>y": (r1, w1), "y>x": (r2, w2)})
+# two requests before either answer: the answers come in order
+client.ask("no_such_stage", 0, runtime, {})
+client.ask("tap_reader", 0, runtime, {"x>y": (r1, w1), "y>x": (r2, w2)})
+try:
+    client.answer()
+except TemplateError as exc:
+    out["refused"] = str(exc)
+pid = client.answer()
 _, status = os.waitpid(pid, 0)  # our child: we are the subreaper
 out["worker_exit"] = os.waitstatus_to_exitcode(status)
 client.sock.close()  # EOF: the template leaves
