@@ -229,6 +229,31 @@ def preload() -> dict[str, type]:
     return classes
 
 
+def drop_variables(names: tuple[str, ...]) -> None:
+    """Remove ``names`` from the environment, and blank them in the process's original
+    environment block too (what ``/proc/PID/environ`` shows: a forked process keeps its
+    parent's, whatever ``unsetenv`` did). The block is only read through /proc once the
+    variables are unset, so overwriting it changes nothing else; if /proc/self/mem cannot be
+    written, only the environment is cleaned."""
+    for name in names:
+        os.environ.pop(name, None)
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        fields = stat[stat.rfind(")") + 2 :].split()
+        start, end = int(fields[47]), int(fields[48])  # env_start, env_end (fields 50, 51)
+        with open("/proc/self/mem", "r+b", buffering=0) as mem:
+            mem.seek(start)
+            block = mem.read(end - start)
+            at = 0
+            for entry in block.split(b"\0"):
+                if any(entry.startswith(name.encode() + b"=") for name in names):
+                    mem.seek(start + at)
+                    mem.write(bytes(len(entry)))
+                at += len(entry) + 1
+    except (OSError, ValueError, IndexError):
+        pass
+
+
 def serve(sock: socket.socket, supervisor_pid: int) -> int:
     """The template's loop: answer spawn requests until the supervisor closes the socket or
     dies. Returns the exit code."""
@@ -237,8 +262,7 @@ def serve(sock: socket.socket, supervisor_pid: int) -> int:
         return 0
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
-    for name in sdnotify.VARIABLES:  # only the supervisor talks to systemd: not its workers
-        os.environ.pop(name, None)
+    drop_variables(sdnotify.VARIABLES)  # only the supervisor talks to systemd: not its workers
     gc.disable()
     classes = preload()
     gc.freeze()  # children leave the pre-imported objects' pages shared

@@ -6,6 +6,7 @@ stand-in's own child, answers in the order of the requests, the template's exit 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -115,3 +116,23 @@ def test_a_worker_without_a_subreaper_supervisor_leaves_at_once(tmp_path: Path) 
     ).replace("_, status = os.waitpid(pid, 0)", "status = 0; time.sleep(1)")
     res = _drive(driver, tmp_path)
     assert "settings.json" not in res.stderr
+
+
+_DROP = r"""
+import os
+from supervisor.template import drop_variables
+drop_variables(("NOTIFY_SOCKET", "WATCHDOG_USEC"))
+environ = open("/proc/self/environ", "rb").read().split(b"\0")
+print(os.environ.get("NOTIFY_SOCKET"), os.environ.get("KEPT"),
+      any(v.startswith(b"NOTIFY_SOCKET=") for v in environ), b"KEPT=yes" in environ)
+"""
+
+
+def test_dropped_variables_leave_the_environment_and_the_original_block() -> None:
+    """What the template does so that its workers, forked, do not show systemd's variables
+    even in /proc/PID/environ (the block a forked process keeps from its ancestor's exec)."""
+    env = dict(os.environ, NOTIFY_SOCKET="/run/x", WATCHDOG_USEC="5", KEPT="yes")
+    res = subprocess.run(
+        [sys.executable, "-c", _DROP], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert res.stdout.split() == ["None", "yes", "False", "True"], res.stderr
