@@ -1,9 +1,10 @@
 """The run loop every stage worker shares: attach, say READY, work, heartbeat, stop.
 
-A worker is started by the supervisor as ``python -m pipeline.<stage> --worker N ...``. It
-reads the effective settings the supervisor wrote (never TOML), attaches to its shm rings
-by the file descriptors it inherited (``AUTOVN_RINGS``), connects to the supervisor over
-ZeroMQ and says ``Ready``. Then it loops:
+A worker is forked by the supervisor's template (``supervisor/template.py``), or started as
+``python -m pipeline.<stage> --worker N ...`` (the plain spawn). It reads the effective
+settings the supervisor wrote (never TOML), attaches to its shm rings by the file
+descriptors it was handed (``AUTOVN_RINGS``), connects to the supervisor over ZeroMQ and
+says ``Ready``. Then it loops:
 
 1. ``work()``: the stage drains its input rings and devices without blocking, in batches;
 2. if nothing was done, and every input ring is still empty after the pre-sleep check
@@ -359,8 +360,15 @@ def main(worker_class: type[Worker]) -> None:
     parser.add_argument("--worker", type=int, default=0)
     parser.add_argument("--parent-pid", type=int, required=True)
     args = parser.parse_args()
-    die_with_parent(args.parent_pid)
-    settings = settings_from_json((args.runtime_dir / "settings.json").read_text())
+    sys.exit(run_worker(worker_class, args.runtime_dir, args.worker, args.parent_pid))
+
+
+def run_worker(worker_class: type[Worker], runtime_dir: Path, index: int, parent_pid: int) -> int:
+    """A worker's life, in a process of its own (spawned, or forked by the supervisor's
+    template): die with the supervisor, read the settings it wrote, attach the rings named in
+    ``AUTOVN_RINGS``, run; the exit code."""
+    die_with_parent(parent_pid)
+    settings = settings_from_json((runtime_dir / "settings.json").read_text())
     raw = json.loads(os.environ.get("AUTOVN_RINGS", "{}"))
     rings = {name: RingSpec(name, fds[0], fds[1]) for name, fds in raw.items()}
-    sys.exit(worker_class(settings, args.worker, rings).run())
+    return worker_class(settings, index, rings).run()
