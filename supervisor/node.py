@@ -17,9 +17,9 @@ Theory of operation:
   classifier, tap_reader (the rings and sockets that join them are there first); the node is
   up when every worker said ``Ready``.
 - Each worker sends a ``Heartbeat`` with its counters every ``heartbeat_interval_s``; one that
-  goes silent for ``heartbeat_timeout_s`` is killed. A worker that exits is restarted after a
-  back-off that doubles from 0.1 s up to ``restart_backoff_max_s`` and resets after 30 s of
-  good running.
+  goes silent for ``heartbeat_timeout_s`` is killed. A worker that exits after 30 s of good
+  running (or for the first time) is restarted at once; one that dies again sooner after a
+  back-off that doubles from 0.1 s up to ``restart_backoff_max_s``.
 - Shutdown (SIGINT/SIGTERM or ``supervisor stop``) goes from the inside out: tap_reader first,
   so no new frames enter, then classifier, overlay_io, control; each gets ``Stop``, then
   SIGKILL after a grace period.
@@ -566,7 +566,10 @@ class NodeSupervisor:
         if self.stopping:
             return
         cap = self.settings.stages.restart_backoff_max_s
-        w.backoff_s = 0.1 if ran > GOOD_RUN_S or w.backoff_s == 0 else min(cap, w.backoff_s * 2)
+        if ran > GOOD_RUN_S or w.restarts == 0:
+            w.backoff_s = 0.0  # a worker that ran well (or the first time) comes back at once
+        else:  # a crash loop: 0.1 s, doubling up to the cap
+            w.backoff_s = min(cap, max(0.1, w.backoff_s * 2))
         w.restart_at = time.monotonic() + w.backoff_s
         w.ready = False
         self.log.warning(
