@@ -157,6 +157,9 @@ class OverlayIoWorker(Worker):
         self.send = self.sessions.send
         self.recv = self.sessions.recv
         self.by_source = self.sessions.by_source
+        self.heard = self.sessions.heard
+        self.suspect_hops = self.sessions.suspect_hops  # a set changed in place
+        self.now = 0.0  # the clock of the current pass of work()
         self.handshake_types = self.sessions.handshake_types
         self.sent = self.sent_bytes = self.received = self.received_bytes = 0
         self.relay_sent = self.relay_forwarded = self.relay_delivered = 0
@@ -183,7 +186,7 @@ class OverlayIoWorker(Worker):
 
     def work(self) -> int:
         self.blocked = False
-        now = _monotonic()
+        now = self.now = _monotonic()
         done = self._receive(now)
         outbound = 0
         for consumer in self.from_classifier:
@@ -349,6 +352,7 @@ class OverlayIoWorker(Worker):
         out = self.send.get(hop)
         if out is not None:
             self._seal_to(out, _RELAY, payload)
+            self.sessions.relayed_over(hop, self.now)
         elif not self.sessions.owns(hop):
             self.to_control.push(payload, RecordKind.RELAY, hop)
             self.control_pending = True
@@ -436,6 +440,9 @@ class OverlayIoWorker(Worker):
                 at += segment
                 continue
             if opened:
+                self.heard[entry.slot] = now
+                if self.suspect_hops and entry.slot in self.suspect_hops:
+                    self.sessions.hop_heard(entry.slot)
                 if not entry.confirmed:
                     self.sessions.confirm(entry)
                 if source != entry.seen:  # a GRO read is never relayed: roaming as in _open
@@ -508,6 +515,9 @@ class OverlayIoWorker(Worker):
             self.sessions.confirm(entry)
         if source != entry.seen and not relayed:
             self.sessions.moved(entry, source)
+        self.heard[entry.slot] = now
+        if self.suspect_hops and entry.slot in self.suspect_hops:
+            self.sessions.hop_heard(entry.slot)
         self.received += 1
         self.received_bytes += len(datagram)
         if kind != _RELAY:  # a RELAY datagram is no peer's: what it delivers is counted inside
@@ -545,6 +555,9 @@ class OverlayIoWorker(Worker):
             "relay_sent": self.relay_sent,
             "relay_forwarded": self.relay_forwarded,
             "relay_delivered": self.relay_delivered,
+            # relay hops left out as silent (they did not answer control's ping), and now
+            "relay_hops_suspected": self.sessions.hops_suspected,
+            "relay_hops_suspect": len(self.suspect_hops),
             "drops": dict(self.drops),
             "peer_bytes": self.peer_bytes(),
         }
