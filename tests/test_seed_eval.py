@@ -170,7 +170,6 @@ def test_help() -> None:
 
 
 def test_plot_redraws_a_results_file(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     path = tmp_path / "seed-x.json"
     path.write_text(json.dumps(result()))
     out = subprocess.run(
