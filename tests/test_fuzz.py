@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 import pipeline
 from pipeline.errors import RemoteProtocolError
+from pipeline.wire import stun
 from tests.fuzz_targets import (
     DECODERS,
     GATEWAY,
@@ -188,17 +189,22 @@ def test_core_counts_junk_and_keeps_working(name: str, data: st.DataObject) -> N
 
 
 def test_malformed_stun_and_port_mapping_answers_are_counted_drops() -> None:
-    """Found by this fuzzing: a datagram that overlay_io takes for STUN (the magic cookie at
-    bytes 4-8) but that does not parse, while the node's STUN probe is out, and junk from the
-    gateway on the port mapping socket, raised RemoteProtocolError out of ``ControlCore``:
-    anyone could stop the control process with one datagram to the node's port."""
+    """Found by this fuzzing: a datagram that overlay_io passes to control as STUN (``is_stun``:
+    the magic cookie, the length field right) but that does not parse, while the node's
+    STUN probe is out, and junk from the gateway on the port mapping socket, raised
+    RemoteProtocolError out of ``ControlCore``: one datagram to the node's port stopped the
+    control process."""
     duo = STATEFUL["control.core"].make()
     a, now, wall = duo.cores[0], duo.now, WALL + duo.now
-    a.receive_stun(b"\x00\x01\x00\x05\x21\x12\xa4\x42" + bytes(12), STUN_SERVER, now, wall)
-    a.receive_stun(b"\x01\x01", STUN_SERVER, now, wall)
+    head = bytes.fromhex("2112a442") + bytes(12)  # cookie, transaction id
+    bad_length = b"\x01\x01\x00\x05" + head + bytes(5)  # not a multiple of 4
+    bad_attribute = b"\x01\x01\x00\x04" + head + b"\x00\x20\x00\x08"  # runs past the end
+    for datagram in (bad_length, bad_attribute):
+        assert stun.is_stun(datagram)
+        a.receive_stun(datagram, STUN_SERVER, now, wall)
     a.receive_portmap(b"", (GATEWAY, 5351), now, wall)
     a.receive_portmap(b"\x07\x00", (GATEWAY, 5351), now, wall)
     drops = a.status(now)["drops"]
-    assert (drops["stun_bad_length"], drops["stun_truncated"]) == (1, 1)
+    assert (drops["stun_bad_length"], drops["stun_bad_attribute"]) == (1, 1)
     assert (drops["portmap_empty"], drops["portmap_bad_version"]) == (1, 1)
     STATEFUL["control.core"].works(duo)
