@@ -138,11 +138,55 @@ OVERLAY_SEEDS = (
         overlay_wire.Hello(id_to_bytes(0x70 << 152), 2, 7, bytes([198, 18, 0, 2, 15, 160]), True)
     ),
 )
+CA = Identity.from_seed(b"C" * 32)
+CA_CERTIFICATE = cert_mod.make_ca(CA, name="authority", not_before=0, not_after=2**40, serial=1)
+NODE = Identity.from_seed(b"N" * 32)
+CERTIFICATE = cert_mod.issue(
+    CA,
+    CA_CERTIFICATE,
+    public_key=NODE.public_key,
+    name="alpha",
+    networks=["lab"],
+    addresses=[],
+    not_before=0,
+    not_after=2**39,
+    serial=2,
+)
+
 KEY = b"ip:lab:100.64.0.7"
-DHT_SEEDS = (dht_wire.encode(dht_wire.Get(1, KEY)),)
-CRAWL_SEEDS = (crawl.encode(crawl.LinksQuery(5)),)
-PATH_SEEDS = (shortcuts.encode(shortcuts.PathGo(3)),)
-PROBE_SEEDS = (shortcuts.encode(shortcuts.Probe(3, 1)),)
+RECORD = dht_wire.sign_record(NODE, KEY, bytes(NODE.node_id), seq=1, lease_s=600.0)
+DHT_SEEDS = (
+    dht_wire.encode(dht_wire.Get(1, KEY)),
+    dht_wire.encode(dht_wire.Create(2, RECORD)),
+    dht_wire.encode(dht_wire.Store(3, dht_wire.Held(RECORD, 500.0), True)),
+    dht_wire.encode(dht_wire.Reply(4, 0, 1, (dht_wire.Held(RECORD, 500.0),))),
+)
+CRAWLER = bytes(range(20))
+CRAWL_SEEDS = (
+    crawl.encode(crawl.LinksQuery(5)),
+    crawl.make_answer(
+        crawl.own_links(
+            bytes(NODE.node_id),
+            "alpha",
+            ["100.64.0.7"],
+            [crawl.Connection(bytes(20), "near", False), crawl.Connection(CRAWLER, "tunnel", True)],
+        ),
+        crawler=CRAWLER,
+        query_id=5,
+        identity=NODE,
+        certificate=CERTIFICATE,
+    ),
+)
+PATH_SEEDS = (
+    shortcuts.encode(shortcuts.PathGo(3)),
+    shortcuts.encode(
+        shortcuts.PathOffer(1, True, (("198.18.0.9", 4789, "reflexive"), ("10.0.0.2", 1, "local")))
+    ),
+)
+PROBE_SEEDS = (
+    shortcuts.encode(shortcuts.Probe(3, 1.0)),
+    shortcuts.encode(shortcuts.ProbeAck(3, 1.0, "198.18.0.9:4789")),
+)
 
 DNS_QUERY = DNSRecord(q=DNSQuestion("c064000007.vpn.test", QTYPE.A)).pack()
 
@@ -166,25 +210,6 @@ DHCP_FRAME = ethernet.build(
     ),
 )
 
-
-def _certificate() -> cert_mod.Certificate:
-    ca = Identity.from_seed(b"C" * 32)
-    ca_cert = cert_mod.make_ca(ca, name="authority", not_before=0, not_after=2**40, serial=1)
-    node = Identity.from_seed(b"N" * 32)
-    return cert_mod.issue(
-        ca,
-        ca_cert,
-        public_key=node.public_key,
-        name="alpha",
-        networks=["lab"],
-        addresses=[],
-        not_before=0,
-        not_after=2**39,
-        serial=2,
-    )
-
-
-CERTIFICATE = _certificate()
 
 MAC1_KEY = hs.mac1_key(bytes(32))
 HANDSHAKE = hs.build_handshake(
@@ -267,14 +292,16 @@ def _dht(payload: bytes) -> object:
     """The decoded message's records checked, as a storing node does."""
     dht_wire.is_dht(payload)
     message = dht_wire.decode(payload)
-    for name in ("record",):
-        record = getattr(message, name, None)
-        if isinstance(record, dht_wire.DhtRecord):
-            dht_wire.check_record(record)
-    for held in getattr(message, "records", ()) or ():
-        record = held.record if isinstance(held, dht_wire.Held) else held
-        if isinstance(record, dht_wire.DhtRecord):
-            dht_wire.check_record(record)
+    found: list[dht_wire.DhtRecord] = []
+    if isinstance(message, dht_wire.Create | dht_wire.Delete):
+        found.append(message.record)
+    elif isinstance(message, dht_wire.Store):
+        found.append(message.held.record)
+    elif isinstance(message, dht_wire.Reply):
+        found += [held.record for held in message.held]
+    for record in found:
+        dht_wire.check_record(record)
+        record.owner_id  # noqa: B018 - what the node computes next
     return message
 
 
@@ -285,12 +312,12 @@ def _crawl(payload: bytes) -> object:
         try:
             crawl.check_answer(
                 message,
-                src=bytes(20),
-                crawler=bytes(20),
-                ca=CERTIFICATE,
+                src=bytes(NODE.node_id),
+                crawler=CRAWLER,
+                ca=CA_CERTIFICATE,
                 revoked=cert_mod.RevocationList.empty(),
                 networks=("lab",),
-                wall=1.0,
+                wall=1000.0,
             )
         except RemoteProtocolError:
             pass
