@@ -118,6 +118,10 @@ def tcp_segment(seq: int, payload: bytes, flags: int = 0x10) -> bytes:
 
 
 TCP_SEGMENT = tcp_segment(1000, bytes(100))
+TCP_SUPER_FRAME = tcp_segment(1000, bytes(250))  # 3 segments of at most 100 bytes
+UDP_SUPER_FRAME = ipv4.build(
+    src=ME, dst=PEER, protocol=ipv4.Protocol.UDP, payload=udp.build(40000, 5001, bytes(250))
+)
 
 STUN_REQUEST = stun.binding_request(bytes(range(12)))
 STUN_SUCCESS = stun.binding_success(bytes(range(12)), ("198.18.0.9", 4000))
@@ -432,7 +436,11 @@ DECODERS: dict[str, Decoder] = {
     "pipeline.wire.tso.segment": Decoder(
         (_segment,),
         (struct.error, ValueError),
-        (vnet.build(vnet.NEEDS_CSUM, 0, 0, 0, 20, 16) + TCP_SEGMENT,),
+        (
+            vnet.build(vnet.NEEDS_CSUM, 0, 0, 0, 20, 16) + TCP_SEGMENT,
+            vnet.build(vnet.NEEDS_CSUM, vnet.GSO_TCPV4, 40, 100, 20, 16) + TCP_SUPER_FRAME,
+            vnet.build(vnet.NEEDS_CSUM, vnet.GSO_UDP_L4, 28, 100, 20, 6) + UDP_SUPER_FRAME,
+        ),
     ),
     # the node's own rings and ZeroMQ messages
     "pipeline.records.unpack_endpoint": Decoder(

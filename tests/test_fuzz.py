@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import pipeline
 from pipeline.errors import RemoteProtocolError
-from pipeline.wire import stun
+from pipeline.wire import stun, tso, vnet
 from tests.fuzz_targets import (
     DECODERS,
     GATEWAY,
@@ -208,3 +208,23 @@ def test_malformed_stun_and_port_mapping_answers_are_counted_drops() -> None:
     assert (drops["stun_bad_length"], drops["stun_bad_attribute"]) == (1, 1)
     assert (drops["portmap_empty"], drops["portmap_bad_version"]) == (1, 1)
     STATEFUL["control.core"].works(duo)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        # GSO_TCPV4 headers, then IPv4 TCP whose data offset is 0 (a 0-byte TCP header)...
+        "0101 0000 3b00 0000 1000 458c 0100 ff01 40dd 0006 ffff eb45 0000 00ff 0140 dd00"
+        " 06ff ffeb 4500 0000 0100" + " 0000" * 60,
+        # ...or whose TCP header is cut short (28 bytes of IPv4 and TCP)
+        "0101 0000 3b00 0000 1000 458c 0100 ff01 40dd 0006 ffff eb45 0000 0001 0000 008c"
+        " 0000 ffff 8001",
+    ],
+)
+def test_a_super_frame_with_truncated_headers_is_refused(frame: str) -> None:
+    """Found by bench/fuzz_long.py (atheris): ``tso.segment`` (and ``split``) indexed past the
+    end of a GSO packet whose TCP header does not fit: IndexError, where its callers expect
+    the documented ValueError."""
+    data = bytes.fromhex(frame)
+    with pytest.raises(ValueError, match="headers of"):
+        tso.segment(vnet.parse(data), data[vnet.LEN :])
