@@ -380,15 +380,32 @@ class ControlCore:
 
     def receive_stun(self, datagram: bytes, source: Address, now: float, wall: float) -> None:
         """A STUN record: a STUN datagram that came to the node's UDP port."""
-        if self.nat is None or not self.nat.receive_stun(datagram, source, now):
-            self.counters["stun_unexpected"] += 1
-            return
-        self._after(now, wall)
+        receive = None if self.nat is None else self.nat.receive_stun
+        self._nat_datagram(receive, "stun_unexpected", datagram, source, now, wall)
 
     def receive_portmap(self, datagram: bytes, source: Address, now: float, wall: float) -> None:
         """An answer of the gateway on the driver's port mapping socket."""
-        if self.nat is None or not self.nat.receive_portmap(datagram, source, now):
-            self.counters["portmap_unexpected"] += 1
+        receive = None if self.nat is None else self.nat.receive_portmap
+        self._nat_datagram(receive, "portmap_unexpected", datagram, source, now, wall)
+
+    def _nat_datagram(
+        self,
+        receive: Callable[[bytes, Address, float], bool] | None,
+        unexpected: str,
+        datagram: bytes,
+        source: Address,
+        now: float,
+        wall: float,
+    ) -> None:
+        """A datagram for NAT discovery, from anyone: one that does not parse is counted by
+        its reason, one that answers nothing we asked as ``unexpected``."""
+        try:
+            taken = receive is not None and receive(datagram, source, now)
+        except RemoteProtocolError as exc:
+            self.counters[exc.reason] += 1
+            return
+        if not taken:
+            self.counters[unexpected] += 1
             return
         self._after(now, wall)
 
