@@ -373,3 +373,18 @@ def test_a_real_socket_sends_gso_and_reads_gro_batches() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_a_super_frame_that_cannot_be_cut_is_a_counted_drop(lab: Lab) -> None:
+    """A record whose header asks for TCP segmentation of what is no TCP packet (a broken or
+    forged record: the kernel's TSO never makes one) is dropped and counted; the worker goes
+    on, and the next super-frame crosses whole."""
+    a, b = pair(lab)
+    send(a, TSO + icmp_packet(random.Random(7).randbytes(3000)))
+    lab.pump()
+    assert a.workers[0].stats()["drops"] == {"gso_unsplittable": 1}
+    assert got(b.to_classifier[0]) == []
+    payload = random.Random(8).randbytes(5000)
+    send(a, TSO + tso_frame(7, payload, 1360))
+    lab.pump()
+    assert delivered(got(b.to_classifier[0])) == reference_segments(7, payload, 1360, 0x18, 7)

@@ -300,13 +300,11 @@ class OverlayIoWorker(Worker):
 
         try:
             tso.split(packet, 0, len(packet), gso_size, emit)
-        except ValueError:  # not TCP or UDP, or IP options: whole packets, in software
+        except ValueError:  # not TCP or UDP, IP options, a header cut short: no segments
+            # tso.segment cuts with the same split, so what split refuses cannot be sent in
+            # software either: a counted drop (the kernel's TSO never makes such a frame; a
+            # broken record might), never an exception out of the worker
             self.drops["gso_unsplittable"] += 1
-            for whole in tso.segment(vnet.parse(data), packet):
-                if out is None:
-                    self._send_relayed(slot, _DATA, whole)
-                else:
-                    self._seal_to(out, _DATA, whole, slot=slot)
             return
         if out is None:  # relayed: each segment sealed end to end, wrapped, sealed per hop
             for piece in pieces:
