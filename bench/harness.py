@@ -330,6 +330,17 @@ def others_cores(before: OthersSnapshot, after: OthersSnapshot, wall: float) -> 
 # traffic
 
 
+def pss_kib(pid: int) -> int | None:
+    """The proportional set size of ``pid`` in KiB (``/proc/PID/smaps_rollup``: its private
+    pages plus its share of pages shared with others), or None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return None
+    found = re.search(r"^Pss:\s+(\d+) kB", text, re.M)
+    return int(found.group(1)) if found else None
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile, ``q`` in (0, 100]."""
     ordered = sorted(values)

@@ -18,8 +18,8 @@ once (``supervisor start`` in each namespace, one after the other without waitin
   (100.64.0.254 on its TAP) for ``n<b>.vpn.test`` with ``dig``, then pings the answer; the
   seconds until the first echo reply (the first packets wait while the node resolves the
   address through the DHT) and the RTT of 5 more;
-- **memory**: PSS (``/proc/PID/smaps_rollup``) of each node's supervisor and workers, summed
-  per node (median, max) and per process kind (median);
+- **memory**: PSS (``/proc/PID/smaps_rollup``) of each node's supervisor, worker template
+  and workers, summed per node (median, max) and per process kind (median);
 - **at rest**: after ``--settle`` seconds, the CPU of every node process over ``--rest``
   seconds, in percent of one core: all nodes together and per node.
 
@@ -52,7 +52,7 @@ from supervisor.testbed.nodes import DOMAIN, Authority, Node  # noqa: E402
 BENCH = harness.Script("live_scale", "scale", "scale")
 log = BENCH.log
 GATEWAY = "100.64.0.254"  # each node's classifier answers DNS here, on its TAP's subnet
-KINDS = ("supervisor", "tap_reader", "classifier", "overlay_io", "control")
+KINDS = ("supervisor", "template", "tap_reader", "classifier", "overlay_io", "control")
 
 
 def build(tb: testbed.Testbed, tmp: Path, count: int, segments: int) -> list[Node]:
@@ -154,15 +154,6 @@ def pair_check(a: Node, b: Node) -> dict[str, Any]:
     return row
 
 
-def pss_kib(pid: int) -> int | None:
-    try:
-        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except OSError:
-        return None
-    found = re.search(r"^Pss:\s+(\d+) kB", text, re.M)
-    return int(found.group(1)) if found else None
-
-
 def memory(nodes: list[Node]) -> dict[str, Any]:
     per_node: dict[str, float] = {}
     per_kind: dict[str, list[float]] = {k: [] for k in KINDS}
@@ -172,9 +163,11 @@ def memory(nodes: list[Node]) -> dict[str, Any]:
             continue
         total = 0.0
         rows = [("supervisor", int(st["supervisor_pid"]))]
+        if st.get("template_pid"):
+            rows.append(("template", int(st["template_pid"])))
         rows += [(w["stage"], int(w["pid"])) for w in st["workers"] if w.get("pid")]
         for kind, pid in rows:
-            kib = pss_kib(pid)
+            kib = harness.pss_kib(pid)
             if kib is None:
                 continue
             total += kib / 1024

@@ -108,7 +108,12 @@ def cold_start(nodes: list[testbed.Node], how: str) -> tuple[float, dict[str, fl
     a, b = nodes
     since = time.time()
     with method(how):
-        seconds = harness.first_reply(a.ns, b.address, lambda: [n.start() for n in nodes])
+
+        def start() -> None:
+            for n in nodes:
+                n.start()
+
+        seconds = harness.first_reply(a.ns, b.address, start)
         for n in nodes:
             n.wait_running()
             n.wait_peers_up()
@@ -116,15 +121,6 @@ def cold_start(nodes: list[testbed.Node], how: str) -> tuple[float, dict[str, fl
     steps |= {f"beta: {k}": v for k, v in breakdown(b, since, OF_BETA).items()}
     testbed.stop_all(nodes)
     return seconds, steps
-
-
-def pss_kib(pid: int) -> int | None:
-    try:
-        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except OSError:
-        return None
-    found = re.search(r"^Pss:\s+(\d+) kB", text, re.M)
-    return int(found.group(1)) if found else None
 
 
 def memory(node: testbed.Node) -> dict[str, float | None]:
@@ -138,7 +134,7 @@ def memory(node: testbed.Node) -> dict[str, float | None]:
         pids[f"{w['stage']}:{w['worker']}"] = int(w["pid"])
     out: dict[str, float | None] = {}
     for role, pid in pids.items():
-        kib = pss_kib(pid)
+        kib = harness.pss_kib(pid)
         out[role] = round(kib / 1024, 1) if kib is not None else None
     out["node"] = round(sum(v for v in out.values() if v is not None), 1)
     return out
@@ -172,7 +168,8 @@ def restart_gap(a: testbed.Node, target: str, stage: str) -> tuple[float, float]
     finally:
         ping.send_signal(signal.SIGINT)
         out, _ = ping.communicate(timeout=10)
-    times = _reply_times(out.splitlines())
+    text = out.decode() if isinstance(out, bytes) else str(out)  # text=True: str already
+    times = _reply_times(text.splitlines())
     if len(times) < 2:
         raise RuntimeError(f"ping {target}: too few replies around the kill of {stage}")
     exits = [r for r in a.log_records() if r["event"] == "worker_exited"]
