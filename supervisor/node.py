@@ -17,9 +17,9 @@ Theory of operation:
   classifier, tap_reader (the rings and sockets that join them are there first); the node is
   up when every worker said ``Ready``.
 - Each worker sends a ``Heartbeat`` with its counters every ``heartbeat_interval_s``; one that
-  goes silent for ``heartbeat_timeout_s`` is killed. A worker that exits after 30 s of good
-  running (or for the first time) is restarted at once; one that dies again sooner after a
-  back-off that doubles from 0.1 s up to ``restart_backoff_max_s``.
+  goes silent for ``heartbeat_timeout_s`` is killed. A worker that exits is restarted at once
+  (forked from the template: milliseconds); one that dies again within 2 s of its start is
+  crash-looping and waits a back-off that doubles from 0.1 s up to ``restart_backoff_max_s``.
 - Shutdown (SIGINT/SIGTERM or ``supervisor stop``) goes from the inside out: tap_reader first,
   so no new frames enter, then classifier, overlay_io, control; each gets ``Stop``, then
   SIGKILL after a grace period.
@@ -64,6 +64,7 @@ from supervisor.template import TemplateClient, TemplateError, exec_template, fo
 READY_TIMEOUT_S = 20.0
 STOP_GRACE_S = 3.0
 GOOD_RUN_S = 30.0
+CRASH_LOOP_S = 2.0  # a worker that dies sooner after its start is crash-looping: back off
 IDLE_POLL_S = 0.5  # housekeeping (hung workers) at least this often
 SNAPSHOT_S = 0.5  # how fresh the status the metrics server reads is
 TEMPLATE_READY_S = 10.0  # how long the first start waits for the template's imports
@@ -566,9 +567,9 @@ class NodeSupervisor:
         if self.stopping:
             return
         cap = self.settings.stages.restart_backoff_max_s
-        if ran > GOOD_RUN_S or w.restarts == 0:
-            w.backoff_s = 0.0  # a worker that ran well (or the first time) comes back at once
-        else:  # a crash loop: 0.1 s, doubling up to the cap
+        if ran > CRASH_LOOP_S or w.restarts == 0:
+            w.backoff_s = 0.0  # a worker that ran (or died the first time) comes back at once
+        else:  # a crash loop (it died within CRASH_LOOP_S of starting): 0.1 s, doubling
             w.backoff_s = min(cap, max(0.1, w.backoff_s * 2))
         w.restart_at = time.monotonic() + w.backoff_s
         w.ready = False
