@@ -24,7 +24,10 @@ Theory of operation:
 - **Senders not yet known.** A packet from a peer whose source address has no route here
   (the classifier's VERIFY: the first packet of a node that resolved us) waits the same way
   while that address resolves; it reaches the TAP only if the address belongs to the node
-  of the link it came on, and is a counted drop (a spoofed source) otherwise.
+  of the link it came on, and is a counted drop (a spoofed source) otherwise. One link's
+  packets may keep at most ``MEMBER_UNKNOWN`` such sources resolving at once (of the
+  ``WAIT_ADDRESSES``; ``dropped_member_resolves`` beyond), so one member cannot take every
+  resolution from the others.
 
 Inputs: ``frame_from_tap(frame, now)``, ``packet_to_resolve(packet, now, wall)``,
 ``packet_from_unknown(slot, packet, now, wall)``,

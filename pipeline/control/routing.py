@@ -52,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import random
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address
 from typing import Any
@@ -105,6 +105,7 @@ RESYNC_S = 5.0
 LINKS_QUEUE = 256  # crawl messages held for the layer above between two of its looks
 MEMBER_LINKS = 8  # endpoints without a link yet that one member's messages may make us try at once
 RESOLVING_MAX = 256  # DHT gets for addresses under way at once
+NAMED_MAX = 4096  # endpoints remembered with the member whose message first named them
 
 
 @dataclasses.dataclass(slots=True)
@@ -200,6 +201,9 @@ class RoutingCore:
         self._asked_by: dict[Address, bytes] = {}  # waiting endpoint -> the member who caused it
         self._asks: Counter[bytes] = Counter()  # member -> its waiting endpoints
         self._cause: bytes | None = None  # the member whose message is being handled
+        # endpoint -> the member whose message first made us speak to it, until a link there
+        # comes up: the overlay's later retries still count against that member
+        self._named_by: OrderedDict[Address, bytes] = OrderedDict()
         self._ready: dict[Address, int] = {}  # endpoint -> slot of a link with a confirmed session
         self._ready_version = -1  # the sessions version ``_ready`` was built from
         self._flushed_version = -1  # the sessions version waiting messages were last flushed at
@@ -713,15 +717,22 @@ class RoutingCore:
             self._overlay_out.append((slot, message))
             return
         queue = self._waiting.get(endpoint)
+        if queue is not None and self._waiting_slot.get(endpoint) not in self.links.links:
+            # the link asked for is gone (closed meanwhile): ask again, as for a new endpoint
+            self.counters["overlay_queue_link_gone"] += len(queue)
+            self._forget_waiting(endpoint)
+            queue = None
         if queue is None:
-            cause = self._cause
+            cause = self._named_by.get(endpoint, self._cause)
+            if cause is not None and endpoint not in self._named_by:
+                self._named_by[endpoint] = cause
+                while len(self._named_by) > NAMED_MAX:
+                    self._named_by.popitem(last=False)
             if cause is not None and self._asks[cause] >= MEMBER_LINKS:
                 self.counters["links_refused_member_limit"] += 1
                 return
-            try:
-                asked = self.links.connect(endpoint, now, wall)
-            except RemoteProtocolError as exc:
-                self.counters[f"connect_refused_{exc.reason}"] += 1
+            asked = self._connect(endpoint, now, wall)
+            if asked is None:
                 return
             queue = self._waiting[endpoint] = deque(maxlen=QUEUE_PER_ENDPOINT)
             self._waiting_slot[endpoint] = asked
@@ -736,9 +747,20 @@ class RoutingCore:
             return
         queue.append((now, message))
 
+    def _connect(self, endpoint: Address, now: float, wall: float) -> int | None:
+        try:
+            return self.links.connect(endpoint, now, wall)
+        except RemoteProtocolError as exc:
+            self.counters[f"connect_refused_{exc.reason}"] += 1
+            return None
+
     def _ready_slot(self, endpoint: Address) -> int | None:
-        """The slot of the link with a confirmed session at ``endpoint``: one dict lookup (the
-        index is rebuilt when the links' sessions changed, not per message)."""
+        """The slot of the link with a confirmed session at ``endpoint``: one dict lookup."""
+        return self._ready_index().get(endpoint)
+
+    def _ready_index(self) -> dict[Address, int]:
+        """Endpoint -> slot of the links with a confirmed session, rebuilt when the links'
+        sessions changed (not per message)."""
         version = self.links.sessions_version
         if version != self._ready_version:
             self._ready_version = version
@@ -747,8 +769,9 @@ class RoutingCore:
                 target = link.endpoint
                 if isinstance(target, tuple) and any(s.confirmed for s in link.sessions):
                     ready.setdefault(target, slot)
+                    self._named_by.pop(target, None)  # certified now: it answered there
             self._ready = ready
-        return self._ready.get(endpoint)
+        return self._ready
 
     def _flush_waiting(self) -> bool:
         """Send what waited for endpoints whose link has come up: looked at only when the
@@ -758,9 +781,8 @@ class RoutingCore:
             self._flushed_version = version
             return False
         self._flushed_version = version
-        self._ready_slot(("", 0))  # rebuild the index
         moved = False
-        for endpoint, slot in self._ready.items():
+        for endpoint, slot in self._ready_index().items():
             queue = self._waiting.get(endpoint)
             if queue is None:
                 continue

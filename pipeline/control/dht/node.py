@@ -13,7 +13,14 @@ Theory of operation:
   nearest the point as the responsible node sees them (``nearest(key, R)``, itself first).
 - **Records** are signed by their owner (``wire.DhtRecord``); every node checks the signature
   (and, for ``ip:`` keys, that the value is the owner's node id) on every store and every
-  read result, and drops what fails (``statistics()["dropped_invalid_record"]``). A record
+  read result, and drops what fails (``statistics()["dropped_invalid_record"]``). The
+  ``authority`` given (``authority.RecordAuthority``) checks the certificate a record
+  carries the same way: a record of ``ip:<namespace>:`` or ``name:<namespace>:`` whose
+  signer is not certified for the namespace is refused (``refused_record_<reason>``), and
+  an ``EXISTS`` answer naming no record we may believe is asked again.
+- **Bounded work per node.** The responsible node serves at most ``serving_per_node`` of
+  one node's creates and gets at once (``refused_member_busy``: answered ``REFUSED``) and
+  holds at most ``records_per_owner`` records of one owner (``refused_owner_full``). A record
   lives until its lease ends on the storing node's clock; tombstones (signed deletes) live
   ``min(lease, tombstone_max_s)`` so that a stale copy cannot resurrect a deleted record.
 - **Create** (put if absent) goes to the responsible node, which decides alone and at once
@@ -455,6 +462,11 @@ class Dht:
                     self._stats["dropped_invalid_record"] += 1
                 elif not self._invalid(held.record):
                     holder = held.record.owner_id
+            if holder is None and request.tries < self.settings.request_tries:
+                # "held by someone" with no record we may believe: ask again (another way)
+                self._stats["exists_unproven"] += 1
+                self._send_request(rid, request, now)
+                return
             self._complete(rid, request, now, ok=False, reason="exists", holder=holder)
         elif status == Status.NO_QUORUM and request.tries < self.settings.request_tries:
             self._stats["retries"] += 1
