@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import harness  # noqa: E402
 from bench.pipeline_bench import baseline_tree  # noqa: E402
 from supervisor import testbed  # noqa: E402
-from supervisor.testbed.nodes import PORT  # noqa: E402
+from tests import junk_member  # noqa: E402
+from tests.junk_member import ask  # noqa: E402
 
 BENCH = harness.Script("members_bench", "members", "members")
 log = BENCH.log
@@ -59,37 +59,10 @@ def per_message_ms(before: float | None, after: float | None, count: int) -> flo
     return (after - before) / count * 1000
 
 
-def ask(proc: subprocess.Popen[bytes], line: str) -> str:
-    assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(line.encode() + b"\n")
-    proc.stdin.flush()
-    return proc.stdout.readline().decode().strip()
-
-
 @contextlib.contextmanager
 def member_of(n1: testbed.Node, n2: testbed.Node, tmp: Path) -> Iterator[subprocess.Popen[bytes]]:
-    args = {
-        "state_dir": str(n2.root / "state"),
-        "certificate": str(n2.root / "state" / "node.crt"),
-        "ca": str(n1.extra["authority"].path),
-        "network": "test",
-        "host": n2.underlay,
-        "port": PORT,
-        "node_host": n1.underlay,
-        "node_port": PORT,
-    }
-    with open(tmp / "junk_member.err", "wb") as err:
-        proc = n2.ns.popen(
-            [sys.executable, "-m", "tests.junk_member", json.dumps(args)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            cwd=harness.REPO,
-        )
+    proc = junk_member.launch(n1, n2, tmp / "junk_member.err", harness.REPO)
     try:
-        assert proc.stdout is not None
-        if not proc.stdout.readline().startswith(b"linked "):
-            raise RuntimeError(f"the member did not link: {harness.tail(tmp / 'junk_member.err')}")
         yield proc
     finally:
         with contextlib.suppress(Exception):

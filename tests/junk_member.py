@@ -27,6 +27,7 @@ import os
 import random
 import select
 import socket
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -39,6 +40,8 @@ from pipeline.crypto.cert import RevocationList
 from pipeline.crypto.datapath import SendSession
 from pipeline.crypto.keyfiles import load_or_create_identity, read_certificate
 from pipeline.wire.overlay import DatagramType
+from supervisor.testbed import Node
+from supervisor.testbed.nodes import PORT
 
 JUNK_NETWORK = "198.19.128.0/17"
 _CODEC = ow.HostPortCodec()
@@ -125,6 +128,43 @@ class Member:
             due = start + (k + 1) / rate
             if k % 50 == 49 or due - time.monotonic() > 0.01:
                 self.pump(max(due - time.monotonic(), 0.0))
+
+
+def launch(node: Node, member: Node, log: Path, cwd: Path | None) -> subprocess.Popen[bytes]:
+    """This script in ``member``'s namespace, with its key and certificate (of the network
+    ``test``), linked to ``node``: started by the test bed (so it is ended with it), its
+    stderr in ``log``. RuntimeError if it does not link."""
+    args = {
+        "state_dir": str(member.root / "state"),
+        "certificate": str(member.root / "state" / "node.crt"),
+        "ca": str(node.extra["authority"].path),
+        "network": "test",
+        "host": member.underlay,
+        "port": PORT,
+        "node_host": node.underlay,
+        "node_port": PORT,
+    }
+    with open(log, "wb") as err:
+        proc = member.ns.popen(
+            [sys.executable, "-m", "tests.junk_member", json.dumps(args)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            cwd=cwd,
+        )
+    assert proc.stdout is not None
+    if not proc.stdout.readline().startswith(b"linked "):
+        member.ns.testbed.stop(proc)
+        raise RuntimeError(f"the junk member did not link: {log.read_text(errors='replace')}")
+    return proc
+
+
+def ask(proc: subprocess.Popen[bytes], line: str) -> str:
+    """One command to a launched member, and its answer."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(line.encode() + b"\n")
+    proc.stdin.flush()
+    return proc.stdout.readline().decode().strip()
 
 
 def main() -> None:

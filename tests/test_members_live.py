@@ -14,17 +14,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
 from supervisor.testbed import Node, Testbed, overlay_nodes, wait_for
-from supervisor.testbed.nodes import PORT
-from tests.junk_member import JUNK_NETWORK
+from tests.junk_member import JUNK_NETWORK, ask, launch
 
 pytestmark = pytest.mark.netns
 
@@ -44,13 +42,6 @@ def output_counter(node: Node) -> int:
     rows = [line.split() for line in out.splitlines() if JUNK_NETWORK in line]
     assert len(rows) == 1, out
     return int(rows[0][0])
-
-
-def ask(proc: subprocess.Popen[bytes], line: str) -> str:
-    assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(line.encode() + b"\n")
-    proc.stdin.flush()
-    return proc.stdout.readline().decode().strip()
 
 
 def routing(node: Node) -> dict[str, Any]:
@@ -74,29 +65,8 @@ def test_junk_connect_requests_cost_a_flat_amount_and_aim_nothing(tmp_path: Path
         n1.start()
         n1.wait_running()
         control = n1.worker_pid("control")
-        args = {
-            "state_dir": str(n2.root / "state"),
-            "certificate": str(n2.root / "state" / "node.crt"),
-            "ca": str(n1.extra["authority"].path),
-            "network": "test",
-            "host": n2.underlay,
-            "port": PORT,
-            "node_host": n1.underlay,
-            "node_port": PORT,
-        }
-        log: IO[bytes]
-        with open(tmp_path / "junk_member.err", "wb") as log:
-            proc = n2.ns.popen(
-                [sys.executable, "-m", "tests.junk_member", json.dumps(args)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                cwd=n1.source_tree,
-            )
+        proc = launch(n1, n2, tmp_path / "junk_member.err", n1.source_tree)
         try:
-            assert proc.stdout is not None
-            linked = proc.stdout.readline().decode()
-            assert linked.startswith("linked "), (tmp_path / "junk_member.err").read_text()
             costs = []
             for _ in range(BATCHES):
                 before = cpu_s(control)
