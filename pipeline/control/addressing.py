@@ -24,7 +24,10 @@ Theory of operation:
 - **Senders not yet known.** A packet from a peer whose source address has no route here
   (the classifier's VERIFY: the first packet of a node that resolved us) waits the same way
   while that address resolves; it reaches the TAP only if the address belongs to the node
-  of the link it came on, and is a counted drop (a spoofed source) otherwise.
+  of the link it came on, and is a counted drop (a spoofed source) otherwise. One link's
+  packets may keep at most ``MEMBER_UNKNOWN`` such sources resolving at once (of the
+  ``WAIT_ADDRESSES``; ``dropped_member_resolves`` beyond), so one member cannot take every
+  resolution from the others.
 
 Inputs: ``frame_from_tap(frame, now)``, ``packet_to_resolve(packet, now, wall)``,
 ``packet_from_unknown(slot, packet, now, wall)``,
@@ -63,6 +66,7 @@ from pipeline.wire import ethernet, ipv4, udp
 WAIT_S = 1.0
 WAIT_PER_ADDRESS = 16
 WAIT_ADDRESSES = 256
+MEMBER_UNKNOWN = 32  # sources one link's packets may have us resolving at once (of the 256)
 ICMP_PER_S = 10
 NAME_LEASE_S = 600.0
 STATIC_RETRY_S = 60.0
@@ -140,6 +144,8 @@ class Addressing:
         self._hostname: str | None = None  # the DHCP client's host name
         self._waiting: dict[IPv4Address, deque[tuple[float, bytes]]] = {}
         self._unknown: dict[IPv4Address, deque[tuple[float, int, bytes]]] = {}
+        self._unknown_by: dict[IPv4Address, int] = {}  # the link whose packet asked first
+        self._unknown_per_link: Counter[int] = Counter()
         self._tap_out: list[bytes] = []
         self._send_out: list[tuple[int, bytes]] = []
         self._events: list[ev.ControlEvent] = []
@@ -264,10 +270,16 @@ class Addressing:
         src = IPv4Address(packet[12:16])
         queue = self._unknown.get(src)
         if queue is None:
+            if self._unknown_per_link[slot] >= MEMBER_UNKNOWN:
+                # one member cannot take every resolution slot from the others
+                self.counters["dropped_member_resolves"] += 1
+                return
             if len(self._unknown) >= WAIT_ADDRESSES:
                 self.counters["dropped_too_many_waiting"] += 1
                 return
             queue = self._unknown[src] = deque(maxlen=WAIT_PER_ADDRESS)
+            self._unknown_by[src] = slot
+            self._unknown_per_link[slot] += 1
         queue.append((now, slot, packet))
         self.counters["packets_verified_held"] += 1
         self.core.route_miss(src, now, wall)
@@ -365,7 +377,7 @@ class Addressing:
                 held.popleft()
                 self.counters["dropped_source_unresolved"] += 1
             if not held:
-                del self._unknown[src]
+                self._forget_unknown(src)
         self._pump()
 
     # -- the glue --------------------------------------------------------------------------------
@@ -566,7 +578,9 @@ class Addressing:
             slot = self.core.route_slot(src)
             if slot is None and not self.core.unresolvable(src, self._now):
                 continue
-            for _, came_on, packet in self._unknown.pop(src):
+            held = self._unknown[src]
+            self._forget_unknown(src)
+            for _, came_on, packet in held:
                 if slot != came_on:
                     self.counters["dropped_spoofed_source"] += 1
                 elif not self.is_local(IPv4Address(packet[16:20])):
@@ -576,6 +590,14 @@ class Addressing:
                     header = ethernet.build(mac, self.settings.gateway_mac, ethernet.ETHERTYPE_IPV4)
                     self._tap_out.append(header + packet)
                     self.counters["packets_delivered_after_verification"] += 1
+
+    def _forget_unknown(self, src: IPv4Address) -> None:
+        del self._unknown[src]
+        slot = self._unknown_by.pop(src, None)
+        if slot is not None:
+            self._unknown_per_link[slot] -= 1
+            if self._unknown_per_link[slot] <= 0:
+                del self._unknown_per_link[slot]
 
     def _flush_waiting(self) -> None:
         for address in list(self._waiting):

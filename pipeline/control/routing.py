@@ -36,6 +36,14 @@ Theory of operation:
   route. Routes are re-checked every ``ROUTE_REFRESH_S`` (a moved or released address is
   followed) and an address that resolved to nothing is not asked again for
   ``NEGATIVE_S``.
+- **Bounded work per member.** A message that makes the overlay speak to an endpoint with no
+  link yet costs a handshake; one member's messages may keep at most ``MEMBER_LINKS`` such
+  endpoints waiting at once (the rest are counted refusals, ``links_refused_member_limit``),
+  and the overlay never answers at an address a message merely names (overlay/node.py).
+  Held messages are indexed: a link that comes up is looked up by endpoint once per change
+  of the sessions, never by scanning the links per message, and held messages expire
+  through a heap, so a message costs the same with 5,000 endpoints waiting as with none.
+  At most ``RESOLVING_MAX`` address resolutions run at once (``resolves_refused_busy``).
 
 Inputs: ``receive_overlay(slot, payload, now, wall)``, ``receive_handshake(datagram, source,
 now, wall)``, ``handle_timer(now, wall)``, ``route_miss(address, now, wall)``,
@@ -49,8 +57,9 @@ endpoint), ``events()`` (typed log events: links, overlay, address record, route
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import random
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address
 from typing import Any
@@ -58,6 +67,7 @@ from typing import Any
 from pipeline.control import crawl
 from pipeline.control import events as ev
 from pipeline.control.dht import Dht, DhtEvent, DhtSettings, GetResult
+from pipeline.control.dht.authority import RecordAuthority
 from pipeline.control.dht.events import CreateResult, LeaseLost
 from pipeline.control.links import (
     Address,
@@ -66,7 +76,6 @@ from pipeline.control.links import (
     LinkManager,
     LinkSettings,
     PeerSpec,
-    Target,
     Via,
 )
 from pipeline.control.overlay import (
@@ -101,6 +110,9 @@ REGISTER_RETRY_S = 5.0
 MAX_PUMP_ROUNDS = 16
 RESYNC_S = 5.0
 LINKS_QUEUE = 256  # crawl messages held for the layer above between two of its looks
+MEMBER_LINKS = 8  # endpoints without a link yet that one member's messages may make us try at once
+RESOLVING_MAX = 256  # DHT gets for addresses under way at once
+NAMED_MAX = 4096  # endpoints remembered with the member whose message first named them
 
 
 @dataclasses.dataclass(slots=True)
@@ -170,11 +182,15 @@ class RoutingCore:
             settings=overlay_settings or OverlaySettings(),
             bootstrap=seeds,
         )
+        self._wall = 0.0
+        authority = RecordAuthority(ca, lambda: self.links.revoked, lambda: self._wall)
         self.dht = Dht(
             self.overlay,
             identity,
             rng=random.Random(rng.getrandbits(64)),
             settings=dht_settings or DhtSettings(),
+            certificate=certificate.encode(),
+            authority=authority.check,
         )
         self.shortcuts = Shortcuts(identity.node_id, random.Random(rng.getrandbits(64)))
         self._shortcuts_on = shortcuts
@@ -188,6 +204,18 @@ class RoutingCore:
         self._resolving: dict[int, IPv4Address] = {}
         self._negative: dict[IPv4Address, float] = {}
         self._waiting: dict[Address, deque[tuple[float, bytes]]] = {}
+        self._waiting_slot: dict[Address, int] = {}  # the link asked for at a waiting endpoint
+        self._waiting_due: list[tuple[float, Address]] = []  # heap: (oldest message, endpoint)
+        self._asked_by: dict[Address, bytes] = {}  # waiting endpoint -> the member who caused it
+        self._asks: Counter[bytes] = Counter()  # member -> its waiting endpoints
+        self._cause: bytes | None = None  # the member whose message is being handled
+        # endpoint -> the member whose message first made us speak to it, until a link there
+        # comes up: the overlay's later retries still count against that member
+        self._named_by: OrderedDict[Address, bytes] = OrderedDict()
+        self._ready: dict[Address, int] = {}  # endpoint -> slot of a link with a confirmed session
+        self._ready_version = -1  # the sessions version ``_ready`` was built from
+        self._flushed_version = -1  # the sessions version waiting messages were last flushed at
+        self._resolving_addresses: set[IPv4Address] = set()
         self._overlay_out: list[tuple[int, bytes]] = []
         self._handshakes_out: list[tuple[bytes, Address]] = []
         self._probes_out: list[tuple[int, Address, bytes]] = []
@@ -389,8 +417,9 @@ class RoutingCore:
         for its re-check, a negative answer expiring."""
         times = [self.overlay.next_deadline(), self.dht.next_deadline(), self._register_at]
         times.append(self.links.next_deadline())
-        times += [queue[0][0] + QUEUE_S for queue in self._waiting.values() if queue]
-        resolving = set(self._resolving.values())
+        if self._waiting_due:
+            times.append(self._waiting_due[0][0] + QUEUE_S)
+        resolving = self._resolving_addresses
         times += [
             r.checked + ROUTE_REFRESH_S for a, r in self._routes.items() if a not in resolving
         ]
@@ -406,6 +435,8 @@ class RoutingCore:
             "estimated_size": self.overlay.estimated_size(),
             "registered": self.registered,
             "routes": len(self._routes),
+            "waiting_endpoints": len(self._waiting),
+            "resolving": len(self._resolving),
             "counters": dict(self.counters),
             "overlay": self.overlay.statistics(),
             "dht": self.dht.statistics(),
@@ -434,8 +465,12 @@ class RoutingCore:
         known = self.overlay.address_of(nid)
         if known is not None and known != link.endpoint and isinstance(known, tuple):
             self.overlay.readdress(nid, link.endpoint)  # it moved: its link follows it
-        self.overlay.receive(payload, link.endpoint, now)
-        self._pump()
+        self._cause = link.certificate.node_id
+        try:
+            self.overlay.receive(payload, link.endpoint, now)
+            self._pump()
+        finally:
+            self._cause = None
 
     def receive_handshake(self, datagram: bytes, source: Address, now: float, wall: float) -> None:
         self._now, self._wall = now, wall
@@ -463,13 +498,15 @@ class RoutingCore:
         self._now, self._wall = now, wall
         if address in self._routes or address == self.address:
             return
-        if address in self._resolving.values():
+        if address in self._resolving_addresses:
             return
         if self._negative.get(address, -1.0) > now:
             self.counters["resolve_negative_cached"] += 1
             return
-        rid = self.dht.get(self._address_key(address), now)
-        self._resolving[rid] = address
+        if len(self._resolving) >= RESOLVING_MAX:
+            self.counters["resolves_refused_busy"] += 1
+            return
+        self._resolve(address, now)
         self.counters["resolves"] += 1
         self._pump()
 
@@ -730,45 +767,109 @@ class RoutingCore:
         if slot is not None:
             self._overlay_out.append((slot, message))
             return
-        queue = self._waiting.setdefault(endpoint, deque(maxlen=QUEUE_PER_ENDPOINT))
-        if len(queue) == QUEUE_PER_ENDPOINT:
+        queue = self._waiting.get(endpoint)
+        if queue is not None and self._waiting_slot.get(endpoint) not in self.links.links:
+            # the link asked for is gone (closed meanwhile): ask again, as for a new endpoint
+            self.counters["overlay_queue_link_gone"] += len(queue)
+            self._forget_waiting(endpoint)
+            queue = None
+        if queue is None:
+            cause = self._named_by.get(endpoint, self._cause)
+            if cause is not None and endpoint not in self._named_by:
+                self._named_by[endpoint] = cause
+                while len(self._named_by) > NAMED_MAX:
+                    self._named_by.popitem(last=False)
+            if cause is not None and self._asks[cause] >= MEMBER_LINKS:
+                self.counters["links_refused_member_limit"] += 1
+                return
+            asked = self._connect(endpoint, now, wall)
+            if asked is None:
+                return
+            queue = self._waiting[endpoint] = deque(maxlen=QUEUE_PER_ENDPOINT)
+            self._waiting_slot[endpoint] = asked
+            heapq.heappush(self._waiting_due, (now, endpoint))
+            if cause is not None:
+                self._asked_by[endpoint] = cause
+                self._asks[cause] += 1
+        elif len(queue) == QUEUE_PER_ENDPOINT:
             self.counters["overlay_queue_full"] += 1
+            queue.append((now, message))
+            heapq.heappush(self._waiting_due, (queue[0][0], endpoint))  # its oldest moved on
+            return
         queue.append((now, message))
+
+    def _connect(self, endpoint: Address, now: float, wall: float) -> int | None:
         try:
-            self.links.connect(endpoint, now, wall)
+            return self.links.connect(endpoint, now, wall)
         except RemoteProtocolError as exc:
             self.counters[f"connect_refused_{exc.reason}"] += 1
+            return None
 
     def _ready_slot(self, endpoint: Address) -> int | None:
-        for slot, link in self.links.links.items():
-            if link.endpoint == endpoint and any(s.confirmed for s in link.sessions):
-                return slot
-        return None
+        """The slot of the link with a confirmed session at ``endpoint``: one dict lookup."""
+        return self._ready_index().get(endpoint)
+
+    def _ready_index(self) -> dict[Address, int]:
+        """Endpoint -> slot of the links with a confirmed session, rebuilt when the links'
+        sessions changed (not per message)."""
+        version = self.links.sessions_version
+        if version != self._ready_version:
+            self._ready_version = version
+            ready: dict[Address, int] = {}
+            for slot, link in self.links.links.items():
+                target = link.endpoint
+                if isinstance(target, tuple) and any(s.confirmed for s in link.sessions):
+                    ready.setdefault(target, slot)
+                    self._named_by.pop(target, None)  # certified now: it answered there
+            self._ready = ready
+        return self._ready
 
     def _flush_waiting(self) -> bool:
+        """Send what waited for endpoints whose link has come up: looked at only when the
+        sessions changed, and then once per ready link, not per waiting endpoint."""
+        version = self.links.sessions_version
+        if version == self._flushed_version or not self._waiting:
+            self._flushed_version = version
+            return False
+        self._flushed_version = version
         moved = False
-        for endpoint in list(self._waiting):
-            slot = self._ready_slot(endpoint)
-            if slot is None:
+        for endpoint, slot in self._ready_index().items():
+            queue = self._waiting.get(endpoint)
+            if queue is None:
                 continue
-            for _, message in self._waiting.pop(endpoint):
+            self._forget_waiting(endpoint)
+            for _, message in queue:
                 self._overlay_out.append((slot, message))
                 moved = True
         return moved
 
+    def _forget_waiting(self, endpoint: Address) -> None:
+        self._waiting.pop(endpoint, None)
+        self._waiting_slot.pop(endpoint, None)
+        member = self._asked_by.pop(endpoint, None)
+        if member is not None:
+            self._asks[member] -= 1
+            if self._asks[member] <= 0:
+                del self._asks[member]
+
     def _expire_waiting(self, now: float) -> None:
-        for endpoint, queue in list(self._waiting.items()):
+        due = self._waiting_due
+        while due and due[0][0] + QUEUE_S <= now:
+            oldest, endpoint = heapq.heappop(due)
+            queue = self._waiting.get(endpoint)
+            if queue is None or not queue or queue[0][0] != oldest:
+                continue  # flushed, or its oldest message has moved on (another entry has it)
             while queue and now - queue[0][0] >= QUEUE_S:
                 queue.popleft()
                 self.counters["overlay_queue_expired"] += 1
-            if not queue:
-                del self._waiting[endpoint]
-                slot = self._slot_at(endpoint)
-                if slot is not None and not self.links.links[slot].up:
-                    self.links.release(slot)
-
-    def _slot_at(self, endpoint: Target) -> int | None:
-        return next((s for s, lk in self.links.links.items() if lk.endpoint == endpoint), None)
+            if queue:
+                heapq.heappush(due, (queue[0][0], endpoint))
+                continue
+            slot = self._waiting_slot.get(endpoint)
+            self._forget_waiting(endpoint)
+            link = self.links.links.get(slot) if slot is not None else None
+            if slot is not None and link is not None and link.endpoint == endpoint and not link.up:
+                self.links.release(slot)
 
     def _slot_of(self, node_id: bytes) -> int | None:
         for slot, link in self.links.links.items():
@@ -859,7 +960,9 @@ class RoutingCore:
                 ev.AddressLost(key=event.key.decode(errors="replace"), holder=holder)
             )
         elif isinstance(event, GetResult) and event.request_id in self._resolving:
-            self._resolved(self._resolving.pop(event.request_id), event, now, wall)
+            address = self._resolving.pop(event.request_id)
+            self._resolving_addresses.discard(address)
+            self._resolved(address, event, now, wall)
         else:
             self._dht_results.append(event)
 
@@ -908,6 +1011,11 @@ class RoutingCore:
             )
         )
 
+    def _resolve(self, address: IPv4Address, now: float) -> None:
+        rid = self.dht.get(self._address_key(address), now)
+        self._resolving[rid] = address
+        self._resolving_addresses.add(address)
+
     def _ensure_link(self, node_id: bytes, now: float, wall: float) -> int | None:
         slot = self._slot_of(node_id)
         if slot is not None and self.links.links[slot].up:
@@ -921,10 +1029,9 @@ class RoutingCore:
 
     def _refresh_routes(self, now: float, wall: float) -> None:
         for address, route in list(self._routes.items()):
-            if now - route.checked >= ROUTE_REFRESH_S and address not in self._resolving.values():
+            if now - route.checked >= ROUTE_REFRESH_S and address not in self._resolving_addresses:
                 route.checked = now
-                rid = self.dht.get(self._address_key(address), now)
-                self._resolving[rid] = address
+                self._resolve(address, now)
         for address, until in list(self._negative.items()):
             if until <= now:
                 del self._negative[address]

@@ -13,7 +13,14 @@ Theory of operation:
   nearest the point as the responsible node sees them (``nearest(key, R)``, itself first).
 - **Records** are signed by their owner (``wire.DhtRecord``); every node checks the signature
   (and, for ``ip:`` keys, that the value is the owner's node id) on every store and every
-  read result, and drops what fails (``statistics()["dropped_invalid_record"]``). A record
+  read result, and drops what fails (``statistics()["dropped_invalid_record"]``). The
+  ``authority`` given (``authority.RecordAuthority``) checks the certificate a record
+  carries the same way: a record of ``ip:<namespace>:`` or ``name:<namespace>:`` whose
+  signer is not certified for the namespace is refused (``refused_record_<reason>``), and
+  an ``EXISTS`` answer naming no record we may believe is asked again.
+- **Bounded work per node.** The responsible node serves at most ``serving_per_node`` of
+  one node's creates and gets at once (``refused_member_busy``: answered ``REFUSED``) and
+  holds at most ``records_per_owner`` records of one owner (``refused_owner_full``). A record
   lives until its lease ends on the storing node's clock; tombstones (signed deletes) live
   ``min(lease, tombstone_max_s)`` so that a stale copy cannot resurrect a deleted record.
 - **Create** (put if absent) goes to the responsible node, which decides alone and at once
@@ -79,7 +86,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 from pipeline.control.dht import wire as w
@@ -123,6 +130,8 @@ class DhtSettings:
     rehandover_s: float = 60.0  # every record is offered to its replicas again this often
     tombstone_max_s: float = 600.0  # a tombstone lives at most this long
     max_records: int = 100_000  # records held for others; new keys beyond are refused
+    records_per_owner: int = 4096  # records of one owner held; new keys beyond are refused
+    serving_per_node: int = 32  # one node's creates and gets served here at once, at most
 
 
 @dataclasses.dataclass(slots=True)
@@ -183,13 +192,22 @@ class Dht:
         rng: random.Random,
         settings: DhtSettings | None = None,
         seq_base: int = 0,
+        certificate: bytes = b"",
+        authority: Callable[[DhtRecord], str | None] | None = None,
     ) -> None:
+        """``certificate``: this node's, encoded, carried by every record it signs;
+        ``authority``: why a valid signed record may still not be held (``authority.py``),
+        asked on every store and every read result."""
         self.overlay = overlay
         self.identity = identity
         self.settings = settings or DhtSettings()
         self._rng = rng
         self._seq = seq_base  # the owner's sequence: a driver passes e.g. wall-clock ms
         self._store: dict[bytes, _Entry] = {}
+        self._certificate = certificate
+        self._authority = authority
+        self._per_owner: Counter[bytes] = Counter()  # owner key -> records held
+        self._serving_for: Counter[int] = Counter()  # node id -> requests served for it now
         self._requests: dict[int, _Request] = {}
         self._by_message: dict[int, int] = {}
         self._serving: dict[int, _Serving] = {}
@@ -288,7 +306,7 @@ class Dht:
             self._next_sweep = now + self.settings.sweep_s
             for key, entry in list(self._store.items()):
                 if entry.expires <= now:
-                    del self._store[key]
+                    self._drop(key)
                     self._stats["expired"] += 1
         if self._next_rehandover is not None and now >= self._next_rehandover:
             self._next_rehandover = now + self.settings.rehandover_s
@@ -299,7 +317,13 @@ class Dht:
     def _sign(self, key: bytes, value: bytes, lease_s: float, *, deleted: bool) -> DhtRecord:
         self._seq += 1
         return w.sign_record(
-            self.identity, key, value, seq=self._seq, lease_s=lease_s, deleted=deleted
+            self.identity,
+            key,
+            value,
+            seq=self._seq,
+            lease_s=lease_s,
+            deleted=deleted,
+            certificate=self._certificate,
         )
 
     def _new_id(self) -> int:
@@ -413,8 +437,10 @@ class Dht:
             records = []
             for held in msg.held:
                 rec = held.record
-                if check_record(rec) is not None or rec.key != request.key:
+                if rec.key != request.key:
                     self._stats["dropped_invalid_record"] += 1
+                elif self._invalid(rec):
+                    continue
                 elif not rec.deleted and held.remaining_s > 0:
                     records.append(rec)
             self._complete(rid, request, now, ok=True, reason="ok", records=tuple(records))
@@ -432,10 +458,15 @@ class Dht:
         elif status == Status.EXISTS:
             holder = None
             for held in msg.held:
-                if check_record(held.record) is None and held.record.key == request.key:
-                    holder = held.record.owner_id
-                else:
+                if held.record.key != request.key:
                     self._stats["dropped_invalid_record"] += 1
+                elif not self._invalid(held.record):
+                    holder = held.record.owner_id
+            if holder is None and request.tries < self.settings.request_tries:
+                # "held by someone" with no record we may believe: ask again (another way)
+                self._stats["exists_unproven"] += 1
+                self._send_request(rid, request, now)
+                return
             self._complete(rid, request, now, ok=False, reason="exists", holder=holder)
         elif status == Status.NO_QUORUM and request.tries < self.settings.request_tries:
             self._stats["retries"] += 1
@@ -499,7 +530,8 @@ class Dht:
             self._finish_serving(msg.req, serving, now)
 
     def _finish_serving(self, sid: int, serving: _Serving, now: float) -> None:
-        self._serving.pop(sid, None)
+        if self._serving.pop(sid, None) is not None:
+            self._release_serving(serving.client)
         if serving.answered:
             return
         serving.answered = True
@@ -524,9 +556,11 @@ class Dht:
 
     def _on_write(self, src: int, req: int, record: DhtRecord, now: float, *, delete: bool) -> None:
         """A create or a delete at the node responsible for its key: decide, replicate."""
-        reason = check_record(record)
-        if reason is not None or record.deleted != delete:
+        if record.deleted != delete:
             self._stats["dropped_invalid_record"] += 1
+            self._reply(src, req, Status.REFUSED, 0, (), now)
+            return
+        if self._invalid(record) or not self._may_serve(src):
             self._reply(src, req, Status.REFUSED, 0, (), now)
             return
         entry = self._live(record.key, now)
@@ -541,8 +575,7 @@ class Dht:
                 self._stats[f"write_{status.name.lower()}"] += 1
                 self._reply(src, req, status, 0, (self._held(entry, now),), now)
                 return
-        if entry is None and len(self._store) >= self.settings.max_records:
-            self._stats["refused_full"] += 1
+        if entry is None and not self._room_for(record):
             self._reply(src, req, Status.REFUSED, 0, (), now)
             return
         self._put(record, now + self._lease(record), src)
@@ -559,6 +592,7 @@ class Dht:
             return
         sid = self._new_id()
         deadline = now + self.settings.replica_timeout_s
+        self._serving_for[client] += 1
         self._serving[sid] = _Serving(
             "write", record.key, client, client_req, record, set(replicas), needed, deadline
         )
@@ -576,8 +610,12 @@ class Dht:
             pos = key_position(msg.key)
             replicas = [r for r in self.overlay.nearest(pos, self.settings.replicas) if r != me]
             if replicas:
+                if not self._may_serve(src):
+                    self._reply(src, msg.req, Status.REFUSED, 0, (), now)
+                    return
                 sid = self._new_id()
                 deadline = now + self.settings.fetch_timeout_s
+                self._serving_for[src] += 1
                 self._serving[sid] = _Serving(
                     "fetch", msg.key, src, msg.req, None, set(replicas), 0, deadline
                 )
@@ -608,16 +646,14 @@ class Dht:
         """Keep the better of a stored record and one from another node (a replica or a
         holder handing over); returns the status for the sender and, when its record was
         not kept, what was."""
-        if check_record(record) is not None:
-            self._stats["dropped_invalid_record"] += 1
+        if self._invalid(record):
             return Status.REFUSED, None
         expires = now + min(remaining_s, self._lease(record))
         if expires <= now:
             return Status.OK, None
         entry = self._live(record.key, now)
         if entry is None:
-            if len(self._store) >= self.settings.max_records:
-                self._stats["refused_full"] += 1
+            if not self._room_for(record):
                 return Status.REFUSED, None
             self._put(record, expires, src)
             self._stats["stored"] += 1
@@ -654,13 +690,61 @@ class Dht:
             return min(record.lease_s, self.settings.tombstone_max_s)
         return record.lease_s
 
+    def _invalid(self, record: DhtRecord) -> bool:
+        """Is the record not to be held or believed? Counted: ``dropped_invalid_record``
+        (its signature, an ``ip:`` record naming another node), ``refused_record_<reason>``
+        (the authority's: a foreign network's member, no certificate, ...)."""
+        if check_record(record) is not None:
+            self._stats["dropped_invalid_record"] += 1
+            return True
+        reason = self._authority(record) if self._authority is not None else None
+        if reason is not None:
+            self._stats[f"refused_{reason}"] += 1
+            return True
+        return False
+
+    def _may_serve(self, client: int) -> bool:
+        """One node may have at most ``serving_per_node`` requests served here at once."""
+        if self._serving_for[client] >= self.settings.serving_per_node:
+            self._stats["refused_member_busy"] += 1
+            return False
+        return True
+
+    def _release_serving(self, client: int) -> None:
+        self._serving_for[client] -= 1
+        if self._serving_for[client] <= 0:
+            del self._serving_for[client]
+
+    def _room_for(self, record: DhtRecord) -> bool:
+        """Room for a new key: in all (``max_records``) and for its owner."""
+        if len(self._store) >= self.settings.max_records:
+            self._stats["refused_full"] += 1
+            return False
+        if self._per_owner[record.owner] >= self.settings.records_per_owner:
+            self._stats["refused_owner_full"] += 1
+            return False
+        return True
+
     def _put(self, record: DhtRecord, expires: float, src: int) -> None:
+        old = self._store.get(record.key)
+        if old is not None:
+            self._uncount(old.record.owner)
+        self._per_owner[record.owner] += 1
         self._store[record.key] = _Entry(record, expires, {src, self.overlay.node_id})
+
+    def _drop(self, key: bytes) -> None:
+        entry = self._store.pop(key)
+        self._uncount(entry.record.owner)
+
+    def _uncount(self, owner: bytes) -> None:
+        self._per_owner[owner] -= 1
+        if self._per_owner[owner] <= 0:
+            del self._per_owner[owner]
 
     def _live(self, key: bytes, now: float) -> _Entry | None:
         entry = self._store.get(key)
         if entry is not None and entry.expires <= now:
-            del self._store[key]
+            self._drop(key)
             self._stats["expired"] += 1
             return None
         return entry

@@ -17,6 +17,14 @@ a replica hands it over, never more than ``lease_s``). ``seq`` grows with every 
 the owner makes for the key (renewal, change, delete), so an old record cannot displace a
 newer one. ``deleted`` marks a tombstone (a signed delete). See ``check_record``.
 
+A record ends with ``certificate``: the owner's certificate from the network authority
+(``pipeline/crypto/cert.py``, its binary encoding; empty in records of nodes that have
+none). It is not under the owner's signature: it proves itself (the authority signed it, and
+it must be for ``owner``). A record of a *namespaced* key, ``ip:<namespace>:...`` or
+``name:<namespace>:...`` (``key_namespace``), is kept, served and believed only if that
+certificate is valid and lists the namespace (``authority.RecordAuthority``): a member of
+another virtual network sharing the overlay cannot hold our addresses or names.
+
 Messages (``req`` is a 63-bit request id chosen by the sender; answers carry it back):
 
 - 1 ``Create(req, record)``: routed to the key; put if absent, or renew by the same owner.
@@ -49,6 +57,8 @@ MAX_LEASE_S = 7 * 24 * 3600.0
 MAX_HELD = 8
 SIGN_CONTEXT = b"autovn-dht-record-v1\x00"
 IP_PREFIX = b"ip:"
+NAMESPACED_PREFIXES = (b"ip:", b"name:")  # keys of a virtual network: <prefix><namespace>:...
+MAX_CERTIFICATE = 4096
 
 Key = Annotated[bytes, msgspec.Meta(min_length=1, max_length=MAX_KEY)]
 Value = Annotated[bytes, msgspec.Meta(max_length=MAX_VALUE)]
@@ -78,6 +88,7 @@ class DhtRecord(msgspec.Struct, array_like=True, frozen=True):
     lease_s: Lease
     deleted: bool
     signature: Signature
+    certificate: Annotated[bytes, msgspec.Meta(max_length=MAX_CERTIFICATE)] = b""
 
     @property
     def owner_id(self) -> bytes:
@@ -174,12 +185,16 @@ def sign_record(
     seq: int,
     lease_s: float,
     deleted: bool = False,
+    certificate: bytes = b"",
 ) -> DhtRecord:
-    """A record signed by ``identity`` (its owner). ValueError if a limit is broken."""
+    """A record signed by ``identity`` (its owner), carrying the owner's ``certificate``
+    (encoded). ValueError if a limit is broken."""
     if not 1 <= len(key) <= MAX_KEY:
         raise ValueError(f"a key is 1 to {MAX_KEY} bytes, got {len(key)}")
     if len(value) > MAX_VALUE:
         raise ValueError(f"a value is at most {MAX_VALUE} bytes, got {len(value)}")
+    if len(certificate) > MAX_CERTIFICATE:
+        raise ValueError(f"a certificate is at most {MAX_CERTIFICATE} bytes")
     if not 0.0 < lease_s <= MAX_LEASE_S:
         raise ValueError(f"a lease is in (0, {MAX_LEASE_S}] seconds, got {lease_s}")
     if not 0 <= seq < 1 << 63:
@@ -187,7 +202,7 @@ def sign_record(
     owner = identity.public_key
     lease = float(lease_s)
     signature = identity.sign(_signed_bytes(key, value, owner, seq, lease, deleted))
-    return DhtRecord(key, value, owner, seq, lease, deleted, signature)
+    return DhtRecord(key, value, owner, seq, lease, deleted, signature, certificate)
 
 
 def check_record(record: DhtRecord) -> str | None:
@@ -205,6 +220,17 @@ def check_record(record: DhtRecord) -> str | None:
                 return "not_owner"
         except ValueError:
             return "bad_owner"
+    return None
+
+
+def key_namespace(key: bytes) -> str | None:
+    """The virtual network a key belongs to (``ip:<namespace>:...``,
+    ``name:<namespace>:...``), or None for a key of no network. A namespaced prefix with no
+    namespace (``b"ip:"``, ``b"ip::x"``) gives ``""``, which no certificate lists."""
+    for prefix in NAMESPACED_PREFIXES:
+        if key.startswith(prefix):
+            namespace, _, _ = key[len(prefix) :].partition(b":")
+            return namespace.decode("utf-8", errors="replace")
     return None
 
 

@@ -256,6 +256,7 @@ class OverlayNode:
         self._by_address: dict[Address, int] = {}
         self._pending: dict[Address, _PendingConnection] = {}
         self._connects: dict[int, _PendingConnect] = {}
+        self._arrived_from: Address | None = None  # where the routed message in hand came from
         self._suspects: dict[int, float] = {}
         self._own_addresses: dict[Address, None] = {}
         self._known: dict[Address, None] = {}  # addresses of recent connections, oldest first
@@ -554,7 +555,11 @@ class OverlayNode:
         if isinstance(msg, w.Forward):
             self._on_forward(msg, source, now)
         elif isinstance(msg, w.Data | w.ConnectRequest | w.RouteError):
-            self._route_in(msg)
+            self._arrived_from = source
+            try:
+                self._route_in(msg)
+            finally:
+                self._arrived_from = None
         elif isinstance(msg, w.Ping):
             self._on_ping(msg, source)
         elif isinstance(msg, w.Pong):
@@ -1172,10 +1177,16 @@ class OverlayNode:
         first = self._connections.get(id_from_bytes(route[0]))
         if first is not None:
             self._send(reply, first.address)
-        else:
+        elif not msg.path and self._arrived_from is not None:
+            # Straight from its requester (a probe through a bootstrap address, no
+            # connection yet): back to where it came from, never to the address it names.
             self._stats["connect_replies_direct"] += 1
-            reply = msgspec.structs.replace(reply, route=())
-            self._send(reply, self._decode_address(msg.address))
+            self._send(msgspec.structs.replace(reply, route=()), self._arrived_from)
+        else:
+            # The way back is broken. The address in the request is only what its sender
+            # claims: a reply there would aim our datagrams (and a link's handshake) wherever
+            # a member likes. The requester tries again.
+            self._stats["connect_replies_unroutable"] += 1
 
     def _pass_reply_on(self, msg: w.ConnectReply) -> None:
         """A ConnectReply going back along its request's path: on to the next hop, or to a

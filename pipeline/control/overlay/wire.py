@@ -40,8 +40,10 @@ Routed messages (forwarded greedily toward ``dest``; ``hops`` counts the hops ta
 far, and a node that would exceed ``ttl`` drops the message):
 
 - 7 ``ConnectRequest(src, dest, hops, ttl, kind, token, address, path)``: "the node closest
-  to dest, other than src: answer src" (at ``address`` if it cannot go back along ``path``,
-  the ids of the nodes that forwarded the request, appended by each).
+  to dest, other than src: answer src" back along ``path``, the ids of the nodes that
+  forwarded the request, appended by each (with no path: to where the request came from).
+  ``address`` is only what the requester claims: no reply is ever sent there (a member
+  could aim a node's datagrams anywhere); a reply whose way back is broken is dropped.
 - 9 ``Data(src, dest, exact, hops, ttl, message_id, payload)``: an application message.
 - 10 ``RouteError(src, dest, hops, ttl, message_id, key, reason)``: the Data message
   ``message_id`` that ``dest`` sent to ``key`` was not delivered.
