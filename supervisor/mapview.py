@@ -238,7 +238,7 @@ def write_png(svg: str, path: Path) -> str | None:
     """Write the SVG as a PNG with the optional ``cairosvg`` (``pip install autovn[map]``);
     None when done, else why not."""
     try:
-        import cairosvg  # type: ignore[import-not-found,unused-ignore]
+        import cairosvg  # type: ignore[import-not-found,import-untyped,unused-ignore]
     except (ImportError, OSError) as exc:  # OSError: the cairo library itself is missing
         return f"PNG needs the optional extra autovn[map] (cairosvg): {exc}"
     cairosvg.svg2png(bytestring=svg.encode(), write_to=str(path))
