@@ -117,13 +117,6 @@ class PeerMoved(msgspec.Struct, tag=True, frozen=True):
     endpoint: str  # "host:port"
 
 
-class UnknownSession(msgspec.Struct, tag=True, frozen=True):
-    """A datagram came from ``endpoint`` on a session we do not hold (overlay_io -> control):
-    the peer kept sessions with an earlier incarnation of this node; a handshake resyncs."""
-
-    endpoint: str  # "host:port"
-
-
 class DhtGetRequest(msgspec.Struct, tag=True, frozen=True):
     """``supervisor dht get`` (DEALER -> control's ROUTER)."""
 
@@ -221,7 +214,6 @@ Message = (
     | SessionKeys
     | SessionConfirmed
     | RekeyRequest
-    | UnknownSession
     | PeerMoved
     | DhtGetRequest
     | DhtGetReply
