@@ -5,6 +5,7 @@ ways, relaying through a third node, plaintext mode, and the memory port itself.
 from __future__ import annotations
 
 import select
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +22,13 @@ from pipeline.crypto.screen import ScreenSettings, resync_hint
 from pipeline.nodeid import NODE_ID_LEN
 from pipeline.overlay_io import stage as io_stage
 from pipeline.overlay_io.relay import RELAY_TTL, pack_relay, parse_relay
-from pipeline.overlay_io.udp import RECV_SIZE, Address, MemoryNetwork, spread_by_source
+from pipeline.overlay_io.udp import (
+    RECV_SIZE,
+    Address,
+    MemoryNetwork,
+    UdpPort,
+    spread_by_source,
+)
 from pipeline.records import RecordKind, pack_endpoint
 from pipeline.shm_ring import Consumer, Producer, Ring, RingSpec
 from pipeline.topology import Lane, RingEdge, Stage, WorkerId
@@ -717,3 +724,28 @@ def test_memory_port_descriptor_is_readable_only_while_datagrams_wait() -> None:
         one.close()
         two.close()
     assert one.fd == -1
+
+
+def test_the_kernel_steers_handshake_datagrams_to_their_own_socket() -> None:
+    """``UdpPort`` with ``handshake_socket``, on loopback: HANDSHAKE and COOKIE datagrams
+    (the payload's second byte) arrive at the second socket, everything else at the first."""
+    port = UdpPort("127.0.0.1", 0, buffer_bytes=1 << 20, handshake_socket=True)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        assert port.handshake_fd is not None
+        to = port.sock.getsockname()
+        for kind in (1, 3, 4, 2, 3, 9):
+            sender.sendto(bytes([1, kind]) + bytes(30), to)
+        sender.sendto(b"\x01", to)  # too short for the program: the first socket
+        select.select([port.sock, port.handshake_sock], [], [], 1.0)
+        time.sleep(0.05)
+        main, steered = [], []
+        while (got := port.recv()) is not None:
+            main.append(bytes(port.view[: got[0]][1:2]))
+        while port.recv_handshake() is not None:
+            steered.append(port.handshake_view[1])
+        assert main == [b"\x01", b"\x02", b"\x09", b""]
+        assert steered == [3, 4, 3] and port.handshake_overflows == 0
+    finally:
+        sender.close()
+        port.close()

@@ -164,7 +164,10 @@ class UdpPort:
         self.gro = gro and _set_gro(sock)
         self.gso_failed = ""  # why GSO was turned off while running (an EIO)
         self._gso_cmsg: dict[int, list[tuple[int, int, bytes]]] = {}
-        self.handshake_sock = _handshake_socket(sock, host, port) if handshake_socket else None
+        bound_port = sock.getsockname()[1]  # ``port`` may be 0: the second socket joins this
+        self.handshake_sock = (
+            _handshake_socket(sock, host, bound_port) if handshake_socket else None
+        )
         self.handshake_fd = None if self.handshake_sock is None else self.handshake_sock.fileno()
         self.handshake_buffer = bytearray(RECV_SIZE)
         self.handshake_view = memoryview(self.handshake_buffer)
@@ -173,16 +176,10 @@ class UdpPort:
     def recv_handshake(self) -> tuple[int, Address] | None:
         if self.handshake_sock is None:
             return None
-        try:
-            length, ancillary, _flags, source = self.handshake_sock.recvmsg_into(
-                [self.handshake_buffer], _OVFL_CMSG
-            )
-        except BlockingIOError:
+        got = _recvmsg(self.handshake_sock, self.handshake_buffer, _OVFL_CMSG)
+        if got is None:
             return None
-        except OSError as exc:
-            if exc.errno in _TRANSIENT:
-                return None
-            raise StageIOError(f"UDP receive failed: {exc}") from exc
+        length, ancillary, source = got
         for level, kind, data in ancillary:
             if level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL and len(data) >= 4:
                 self.handshake_overflows = _U32.unpack_from(data)[0]
@@ -218,14 +215,10 @@ class UdpPort:
         if not self.gro:
             got = self.recv()
             return None if got is None else (got[0], got[1], got[0])
-        try:
-            length, ancillary, _flags, source = self.sock.recvmsg_into([self.buffer], _GRO_CMSG)
-        except BlockingIOError:
+        read = _recvmsg(self.sock, self.buffer, _GRO_CMSG)
+        if read is None:
             return None
-        except OSError as exc:
-            if exc.errno in _TRANSIENT:
-                return None
-            raise StageIOError(f"UDP receive failed: {exc}") from exc
+        length, ancillary, source = read
         segment = length
         for level, kind, data in ancillary:
             if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
@@ -270,6 +263,22 @@ class UdpPort:
         self.sock.close()
         if self.handshake_sock is not None:
             self.handshake_sock.close()
+
+
+def _recvmsg(
+    sock: socket.socket, buffer: bytearray, cmsg_size: int
+) -> tuple[int, list[tuple[int, int, bytes]], Address] | None:
+    """One datagram into ``buffer``: (length, control messages, source); None if none is
+    waiting or a transient error (an ICMP error from an earlier send) surfaced instead."""
+    try:
+        length, ancillary, _flags, source = sock.recvmsg_into([buffer], cmsg_size)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno in _TRANSIENT:
+            return None
+        raise StageIOError(f"UDP receive failed: {exc}") from exc
+    return length, ancillary, source
 
 
 def _bound(host: str, port: int, buffer_bytes: int) -> socket.socket:
