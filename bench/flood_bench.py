@@ -9,7 +9,8 @@ addresses, and the flooder (``supervisor/testbed/flood.py``) sends from them to 
 rounds of the three cases, interleaved so that the noise of a shared machine hits all alike;
 printed: the medians, each case's ratio to the baseline, the flooded port's to the closed
 port's, the rate the flooder really reached, beta's overlay_io counters (where the flood
-went) and the load average before and after. Results go to ``bench/results/flood-*.json``.
+went), the CPU seconds beta's overlay_io used per run, and the load average before and
+after. Results go to ``bench/results/flood-*.json``.
 
 Run as root from the repository root::
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -37,6 +39,7 @@ BENCH = harness.Script("flood_bench", "flood", "flood")
 log = BENCH.log
 CASES = ("baseline", "closed_port", "node_port")
 CLOSED_PORT = PORT + 7
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _ping_loss(out: str) -> float | None:
@@ -44,10 +47,21 @@ def _ping_loss(out: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
+def _cpu_s(pids: dict[str, int]) -> dict[str, float]:
+    out = {}
+    for stage, pid in pids.items():
+        times = harness.proc_times(pid)
+        out[stage] = times.own / TICKS if times is not None else 0.0
+    return out
+
+
 def _one(
     tb: Testbed, a: Node, b: Node, port: int | None, args: argparse.Namespace, sources: list[str]
 ) -> dict[str, Any]:
-    """One iperf3 run and ping, under a flood at ``port`` (None: no flood)."""
+    """One iperf3 run and ping, under a flood at ``port`` (None: no flood); and the CPU
+    seconds of beta's workers meanwhile."""
+    pids = {w["stage"]: w["pid"] for w in (b.status() or {}).get("workers", [])}
+    cpu0 = _cpu_s(pids)
     flood = None
     if port is not None:
         argv = [sys.executable, "-m", "supervisor.testbed.flood", str(a.extra["authority"].path)]
@@ -66,7 +80,9 @@ def _one(
         for proc in (ping, flood):
             if proc is not None:
                 tb.stop(proc)
-    return {"mbit_s": run.mbit_s, "ping_loss": _ping_loss(ping_out), "flood": report}
+    cpu1 = _cpu_s(pids)
+    cpu = {stage: round(cpu1[stage] - cpu0[stage], 3) for stage in pids}
+    return {"mbit_s": run.mbit_s, "ping_loss": _ping_loss(ping_out), "flood": report, "cpu_s": cpu}
 
 
 def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], None]:
@@ -98,6 +114,9 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], None]:
             "mbit_s": statistics.median(r["mbit_s"] for r in runs[case]),
             "ping_loss": statistics.median(r["ping_loss"] or 0.0 for r in runs[case]),
             "flood_rate": statistics.median(r["flood"].get("rate", 0.0) for r in runs[case]),
+            "beta_overlay_io_cpu_s": statistics.median(
+                r["cpu_s"].get("overlay_io", 0.0) for r in runs[case]
+            ),
         }
         for case in CASES
     }
@@ -110,13 +129,14 @@ def render(result: dict[str, Any], _: None) -> str:
     lines = [
         f"handshake flood at {result['args']['rate']}/s, medians of {result['args']['rounds']}"
         f" runs of {result['args']['seconds']} s (iperf3 alpha -> beta, ping every 10 ms)",
-        f"{'case':<12}{'Mbit/s':>9}{'of base':>9}{'ping loss':>11}{'flood/s':>10}",
+        f"{'case':<12}{'Mbit/s':>9}{'of base':>9}{'ping loss':>11}{'flood/s':>10}"
+        f"{'beta overlay_io CPU s':>23}",
     ]
     for case in CASES:
         m = med[case]
         lines.append(
             f"{case:<12}{m['mbit_s']:>9.1f}{harness.ratio(m['mbit_s'], base):>9}"
-            f"{m['ping_loss']:>10.1f}%{m['flood_rate']:>10.0f}"
+            f"{m['ping_loss']:>10.1f}%{m['flood_rate']:>10.0f}{m['beta_overlay_io_cpu_s']:>23.2f}"
         )
     lines.append(
         "node port / closed port: "

@@ -16,8 +16,10 @@ cost the node about what a closed port costs, and never hold up overlay traffic.
   network authority's public key, which every member holds) is wrong, is dropped
   (``short_handshake``, ``bad_pattern``, ``bad_mac1``). One BLAKE2b over the datagram.
 - Reads: the driver reads at most ``reads_per_s`` handshake datagrams a second
-  (``read_budget``) from a socket of their own; beyond that a flood stays in the kernel,
-  which drops it as a closed port would, and costs this process nothing.
+  (``read_budget``, in bursts of a tenth of that: when it is spent the driver stops
+  watching the socket until ``next_read``) from a socket of their own; beyond that a flood
+  stays in the kernel, which drops it as a closed port would, and costs this process
+  nothing.
 - First messages (step 0) take a token from one more bucket, of ``load_threshold`` a
   second: while it has tokens they pass. When it is empty the node is *under load*: a first
   message passes only if its mac2 is keyed by the cookie this screen gives its source
@@ -81,7 +83,7 @@ class ScreenSettings:
     hints_per_s: float = 20.0  # resync hints, in all
     hint_every_s: float = 2.0  # and at most one a source this often
     max_sources: int = 4096
-    reads_per_s: float = 2000.0  # handshake datagrams the driver reads a second, at most
+    reads_per_s: float = 1000.0  # handshake datagrams the driver reads a second, at most
 
 
 class TokenBucket:
@@ -164,9 +166,10 @@ class HandshakeScreen:
         self._reads.tokens += n
 
     def next_read(self, now: float) -> float:
-        """When the read budget has a datagram again."""
+        """When the read budget is full again: a driver that spent it waits that long, and
+        then reads a burst (not one datagram a wakeup)."""
         reads = self._reads
-        return now + max(0.0, 1 - reads.tokens) / reads.rate
+        return now + max(0.0, reads.burst - reads.tokens) / reads.rate
 
     # -- inputs ----------------------------------------------------------------------------------
 
