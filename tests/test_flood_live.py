@@ -99,7 +99,9 @@ def test_a_handshake_flood_costs_a_member_about_what_a_closed_port_does(tmp_path
         # where the flood went: dropped early and counted; control saw a bounded few
         stats = _overlay_io(b)
         drops, screen = stats.get("drops", {}), stats.get("screen", {})
-        sent = sum(json.loads((tmp_path / f"o{r}.json").read_text())["sent"] for r in range(ROUNDS))
+        sent = sum(
+            json.loads((tmp_path / f"screened{r}.json").read_text())["sent"] for r in range(ROUNDS)
+        )
         early = sum(
             drops.get(k, 0)
             for k in ("handshake_overflow", "handshake_rate_limited", "bad_mac1", "cookie_demanded")
