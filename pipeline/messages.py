@@ -11,8 +11,8 @@ Who sends what:
 - classifier, overlay_io -> control (DEALER -> ROUTER): ``SnapshotRequest``; control answers
   with the current ``RouteSnapshot`` at once, and an overlay_io worker also gets
   ``SessionKeys`` then and on every change of the sessions (the runtime directory is 0700:
-  session keys travel here). overlay_io tells control ``SessionConfirmed`` and
-  ``RekeyRequest``.
+  session keys travel here). overlay_io tells control ``SessionConfirmed``,
+  ``RekeyRequest``, ``PeerMoved`` and ``HopSilent``.
 - supervisor CLI -> supervisor (REQ -> ROUTER): ``StatusRequest`` -> ``StatusReply``.
 - supervisor CLI -> control (DEALER -> ROUTER): ``DhtGetRequest``, ``DhtPutRequest``,
   ``PingRequest``, ``NetcheckRequest``, ``MapRequest`` (the overlay crawl; ``MapReply``
@@ -94,6 +94,9 @@ class SessionKeys(msgspec.Struct, tag=True, frozen=True):
     # (node id, node id of its relay): overlay neighbours reached through a tunnel; relay
     # payloads for them go to the relay's link
     tunnels: tuple[tuple[bytes, bytes], ...] = ()
+    # node ids of the direct links that may carry relay payloads: the overlay's connections
+    # that are not suspect (None: every direct link, as before this field)
+    hops: tuple[bytes, ...] | None = None
 
 
 class SessionConfirmed(msgspec.Struct, tag=True, frozen=True):
@@ -115,6 +118,14 @@ class PeerMoved(msgspec.Struct, tag=True, frozen=True):
 
     slot: int
     endpoint: str  # "host:port"
+
+
+class HopSilent(msgspec.Struct, tag=True, frozen=True):
+    """overlay_io sends relay payloads over link ``slot`` but has heard nothing from that
+    link for a while (overlay_io -> control, at most twice a second a slot): control pings
+    the node, and stops relaying through it if it does not answer."""
+
+    slot: int
 
 
 class DhtGetRequest(msgspec.Struct, tag=True, frozen=True):
@@ -215,6 +226,7 @@ Message = (
     | SessionConfirmed
     | RekeyRequest
     | PeerMoved
+    | HopSilent
     | DhtGetRequest
     | DhtGetReply
     | DhtPutRequest

@@ -100,6 +100,8 @@ MAX_RECORD = 65536 + 64
 """Largest record payload: a 64 KiB super-frame plus a virtio-net header and our headers."""
 HEADER_SIZE = 256
 REC_HDR = 8
+MAX_SLOT = (MAX_RECORD + REC_HDR + 7) & -8
+"""Ring bytes the largest record takes."""
 PAD_KIND = 255
 """Reserved record kind marking padding up to the end of the data area."""
 MIN_CAPACITY = 1 << 18
@@ -166,8 +168,9 @@ class RingStats(NamedTuple):
 _new_record = tuple.__new__  # skips NamedTuple's Python-level __new__ on the hot path
 
 
-def _slot(length: int) -> int:
-    """Bytes a record of ``length`` payload bytes occupies: header plus 8-byte padding."""
+def slot_bytes(length: int) -> int:
+    """Ring bytes a record of ``length`` payload bytes takes (header and 8-byte padding):
+    what :meth:`Producer.room` and ``Consumer.pop_batch(max_bytes=...)`` count."""
     return (length + REC_HDR + 7) & -8
 
 
@@ -383,9 +386,19 @@ class Producer:
         self._r = self._q[_R]
         return self._room(length) >= 0
 
+    def room(self) -> int:
+        """Payload bytes that surely fit now as one batch of records of at most ``MAX_RECORD``
+        bytes each, counting each record's slot (:func:`slot_bytes`); reloads the read index.
+
+        For back-pressure across a hop: a stage that pops at most this much from its input
+        (``Consumer.pop_batch(..., max_bytes=room)``) never drops on this ring. One largest
+        slot is kept back for the pad a wrap may cost."""
+        self._r = self._q[_R]
+        return self._cap - (self._w - self._r) - MAX_SLOT
+
     def _room(self, length: int) -> int:
         """Position of a ``length`` record if it fits given the cached read index, else -1."""
-        slot = _slot(length)
+        slot = slot_bytes(length)
         pos = self._w & self._mask
         tail = self._cap - pos
         need = slot if slot <= tail else tail + slot
@@ -421,7 +434,7 @@ class Producer:
         """Turn the outstanding reservation into a record of ``length`` bytes."""
         if not 0 <= length <= self._reserved or kind >= PAD_KIND:
             raise ValueError(f"commit of {length} bytes / kind {kind} (reserved {self._reserved})")
-        slot, reserved_slot = _slot(length), _slot(self._reserved)
+        slot, reserved_slot = slot_bytes(length), slot_bytes(self._reserved)
         pos = self._w & self._mask
         tail = self._cap - pos
         off = HEADER_SIZE if reserved_slot > tail else HEADER_SIZE + pos
@@ -484,8 +497,16 @@ class Consumer:
         """The doorbell eventfd, to register for POLLIN."""
         return self._bell
 
-    def pop_batch(self, max_records: int) -> list[RingRecord]:
-        """Up to ``max_records`` published records, read in place (valid until release())."""
+    def pending(self) -> bool:
+        """True if published records wait beyond those popped."""
+        return self._q[_W] != self._r
+
+    def pop_batch(self, max_records: int, max_bytes: int | None = None) -> list[RingRecord]:
+        """Up to ``max_records`` published records, read in place (valid until release()).
+
+        ``max_bytes``: stop before the record that would take the batch's slots
+        (:func:`slot_bytes`) beyond it — what the next hop has room for (back-pressure: the
+        rest waits here, nothing is dropped)."""
         r = self._r
         w: int = self._q[_W]
         out: list[RingRecord] = []
@@ -494,12 +515,16 @@ class Consumer:
         mv, mask, cap = self._mv, self._mask, self._cap
         append = out.append
         nbytes = 0
+        budget = (1 << 62) if max_bytes is None else max_bytes
         while r < w and len(out) < max_records:
             pos = r & mask
             n, kind, flags, peer = _unpack_rec(mv, HEADER_SIZE + pos)
             if kind == PAD_KIND:
                 r += cap - pos
                 continue
+            budget -= (n + REC_HDR + 7) & -8
+            if budget < 0:
+                break
             start = HEADER_SIZE + REC_HDR + pos
             append(_new_record(RingRecord, (kind, peer, flags, mv[start : start + n])))
             nbytes += n

@@ -1,9 +1,10 @@
 """The run loop every stage worker shares: attach, say READY, work, heartbeat, stop.
 
-A worker is started by the supervisor as ``python -m pipeline.<stage> --worker N ...``. It
-reads the effective settings the supervisor wrote (never TOML), attaches to its shm rings
-by the file descriptors it inherited (``AUTOVN_RINGS``), connects to the supervisor over
-ZeroMQ and says ``Ready``. Then it loops:
+A worker is forked by the supervisor's template (``supervisor/template.py``), or started as
+``python -m pipeline.<stage> --worker N ...`` (the plain spawn). It reads the effective
+settings the supervisor wrote (never TOML), attaches to its shm rings by the file
+descriptors it was handed (``AUTOVN_RINGS``), connects to the supervisor over ZeroMQ and
+says ``Ready``. Then it loops:
 
 1. ``work()``: the stage drains its input rings and devices without blocking, in batches;
 2. if nothing was done, and every input ring is still empty after the pre-sleep check
@@ -54,6 +55,9 @@ from pipeline.topology import Lane, Stage, WorkerId
 
 _PR_SET_PDEATHSIG = 1
 BUSY_CHECK_S = 0.01
+BLOCKED_NAP_S = 0.0002
+"""How long a worker held back by a full next ring naps before it looks again (back-pressure:
+the next stage frees room in its own time and rings no bell for it)."""
 
 
 def endpoint(runtime_dir: Path, name: str) -> str:
@@ -96,6 +100,7 @@ class Worker:
         self._late: deque[float] = deque(maxlen=512)  # how late the last deadlines fired (s)
         self._deadlines_fired = 0
         self.running = True
+        self.blocked = False  # set by work(): input waits because a next ring is full
         self.started = time.monotonic()
         self.last_supervisor_msg = self.started
 
@@ -157,7 +162,9 @@ class Worker:
         """Open devices and sockets, attach rings. Runs before READY."""
 
     def work(self) -> int:
-        """Do what is ready without blocking; return how many items were handled."""
+        """Do what is ready without blocking; return how many items were handled. Set
+        ``blocked`` when input was left waiting for room in a next ring: the loop then naps
+        ``BLOCKED_NAP_S`` instead of sleeping on its files (which stay readable)."""
         return 0
 
     def on_deadline(self, now: float) -> None:
@@ -246,8 +253,11 @@ class Worker:
             last_check = now
             pending = self._service_zmq()
             timeout = 0.0
-            if not (done or pending) and not any(c.wait_ready() for c in self.consumers):
-                timeout = max(0.0, self._run_timers(now) - now)
+            if not (done or pending):
+                if self.blocked:  # the inputs are readable, the next ring is not free yet
+                    time.sleep(BLOCKED_NAP_S)
+                elif not any(c.wait_ready() for c in self.consumers):
+                    timeout = max(0.0, self._run_timers(now) - now)
             for fd, _ in self.epoll.poll(timeout):
                 handler = self._handlers.get(fd)
                 if handler is not None:
@@ -352,8 +362,15 @@ def main(worker_class: type[Worker]) -> None:
     parser.add_argument("--worker", type=int, default=0)
     parser.add_argument("--parent-pid", type=int, required=True)
     args = parser.parse_args()
-    die_with_parent(args.parent_pid)
-    settings = settings_from_json((args.runtime_dir / "settings.json").read_text())
+    sys.exit(run_worker(worker_class, args.runtime_dir, args.worker, args.parent_pid))
+
+
+def run_worker(worker_class: type[Worker], runtime_dir: Path, index: int, parent_pid: int) -> int:
+    """A worker's life, in a process of its own (spawned, or forked by the supervisor's
+    template): die with the supervisor, read the settings it wrote, attach the rings named in
+    ``AUTOVN_RINGS``, run; the exit code."""
+    die_with_parent(parent_pid)
+    settings = settings_from_json((runtime_dir / "settings.json").read_text())
     raw = json.loads(os.environ.get("AUTOVN_RINGS", "{}"))
     rings = {name: RingSpec(name, fds[0], fds[1]) for name, fds in raw.items()}
-    sys.exit(worker_class(settings, args.worker, rings).run())
+    return worker_class(settings, index, rings).run()

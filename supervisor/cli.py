@@ -30,7 +30,6 @@ import signal
 import sys
 import time
 import tomllib
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,6 @@ from pipeline.crypto.keyfiles import KeyFileError, node_membership
 from pipeline.errors import ConfigError
 from pipeline.worker import CLI_SOCKET, CONTROL_SOCKET, endpoint
 from supervisor import keys, logview
-from supervisor.status import format_status
 
 EXIT_CONFIG = 1
 EXIT_NOT_RUNNING = 3
@@ -51,6 +49,8 @@ EXIT_NOT_RUNNING = 3
 
 def version() -> str:
     """autovn's version: the installed package's, else the source tree's pyproject.toml."""
+    from importlib import metadata  # only for --version: `supervisor start` need not load it
+
     try:
         return metadata.version("autovn")
     except metadata.PackageNotFoundError:
@@ -84,8 +84,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from supervisor.node import NodeError, NodeSupervisor
+    from supervisor.node import NodeError, NodeSupervisor, spawn_mode
+    from supervisor.template import fork_template
 
+    # The worker template first, before any thread or ZeroMQ context: its imports of the
+    # stages run while the settings load and the supervisor sets up. It exits with us.
+    template = fork_template() if spawn_mode() == "template" else None
     settings = _load(args.file, files=True)
     sec = settings.security
     if sec.insecure_plaintext:
@@ -101,7 +105,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             print(f"cannot start: {exc}", file=sys.stderr)
             return 1
     try:
-        return NodeSupervisor(settings).run()
+        return NodeSupervisor(settings, template).run()
     except NodeError as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 1
@@ -165,6 +169,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     name = settings.node.name
     status = query_status(settings) if _running_pid(settings) is not None else None
     if status is not None:
+        from supervisor.status import format_status
+
         print(json.dumps(status, indent=2) if args.json else format_status(status))
         return 0
     running = _running_pid(settings) is not None

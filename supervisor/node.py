@@ -5,19 +5,28 @@ Theory of operation:
 - Rings are anonymous memfds (plus an eventfd doorbell each) that the supervisor creates and
   hands to each worker by file descriptor. They have no name in /dev/shm, so nothing is left
   behind whatever dies, however it dies; a restarted worker gets the same fds and re-attaches.
-- Workers are started with ``subprocess`` (fork+exec of a fresh interpreter: the spawn start
-  method, never a bare fork), all at once, in stage order control, overlay_io, classifier,
-  tap_reader (their interpreters start in parallel; the rings and sockets that join them are
-  there first); the node is up when every worker said ``Ready``.
+- Workers are forked by the *template* (``supervisor/template.py``): a process with no thread
+  and no ZeroMQ context that ``supervisor start`` forks first thing, which imports every
+  stage's modules once and then forks a worker per request, handed its rings' fds over a unix
+  socket (SCM_RIGHTS). A forked worker is re-parented to the supervisor (a subreaper), so the
+  supervisor reaps, watches (pidfd) and restarts it like any child, and a restart costs a
+  fork, not an interpreter. A template that dies is started again (a fresh interpreter, after
+  a back-off); meanwhile, and with ``AUTOVN_SPAWN=plain``, workers are started the plain way:
+  ``python -m pipeline.<stage>`` (fork+exec of a fresh interpreter), never a bare fork of the
+  supervisor. All workers are requested at once, in stage order control, overlay_io,
+  classifier, tap_reader (the rings and sockets that join them are there first); the node is
+  up when every worker said ``Ready``.
 - Each worker sends a ``Heartbeat`` with its counters every ``heartbeat_interval_s``; one that
-  goes silent for ``heartbeat_timeout_s`` is killed. A worker that exits is restarted after a
-  back-off that doubles from 0.1 s up to ``restart_backoff_max_s`` and resets after 30 s of
-  good running.
+  goes silent for ``heartbeat_timeout_s`` is killed. A worker that exits after 30 s of good
+  running (or for the first time) is restarted at once; one that dies again sooner after a
+  back-off that doubles from 0.1 s up to ``restart_backoff_max_s``.
 - Shutdown (SIGINT/SIGTERM or ``supervisor stop``) goes from the inside out: tap_reader first,
   so no new frames enter, then classifier, overlay_io, control; each gets ``Stop``, then
   SIGKILL after a grace period.
 - A lock on ``supervisor.lock`` in the runtime directory marks the node as running; the
-  kernel drops it when the supervisor dies, even by kill -9. Workers die with the supervisor
+  kernel drops it when the supervisor dies, even by kill -9. What a killed supervisor left
+  (``supervisor.pid``, the ZeroMQ ``*.ipc`` sockets) is removed at the next start, with a
+  ``stale_files_removed`` line in the log. Workers die with the supervisor
   (``PR_SET_PDEATHSIG``), which also closes the TAP.
 - With ``[metrics] listen`` the loop publishes ``status()`` as a snapshot twice a second for
   the metrics server's thread (``supervisor/metrics.py``). Under systemd (``$NOTIFY_SOCKET``)
@@ -32,12 +41,13 @@ import dataclasses
 import fcntl
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 import zmq
@@ -49,12 +59,77 @@ from pipeline.shm_ring import Ring, RingSpec, create_ring, read_stats
 from pipeline.topology import START_ORDER, Stage
 from pipeline.worker import CLI_SOCKET, SUPERVISOR_SOCKET, endpoint
 from supervisor import sdnotify
+from supervisor.template import TemplateClient, TemplateError, exec_template, fork_template
 
 READY_TIMEOUT_S = 20.0
 STOP_GRACE_S = 3.0
 GOOD_RUN_S = 30.0
 IDLE_POLL_S = 0.5  # housekeeping (hung workers) at least this often
 SNAPSHOT_S = 0.5  # how fresh the status the metrics server reads is
+TEMPLATE_READY_S = 10.0  # how long the first start waits for the template's imports
+TEMPLATE_BACKOFF_S = 0.5  # the first delay before a dead template is started again
+#: ``AUTOVN_SPAWN=plain``: start every worker as a fresh interpreter (no template)
+SPAWN_ENV = "AUTOVN_SPAWN"
+
+
+def spawn_mode() -> str:
+    """ "template" (the default) or "plain", from ``$AUTOVN_SPAWN``."""
+    return "plain" if os.environ.get(SPAWN_ENV, "").strip().lower() == "plain" else "template"
+
+
+class Process(Protocol):
+    """What the supervisor needs of a worker process: ``subprocess.Popen`` or :class:`Forked`."""
+
+    pid: int
+    returncode: int | Any
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def kill(self) -> None: ...
+
+
+def _exit_code(result: os.waitid_result) -> int:
+    """Like ``Popen.returncode``: the exit status, or minus the signal that killed it."""
+    return int(result.si_status) if result.si_code == os.CLD_EXITED else -int(result.si_status)
+
+
+class Forked:
+    """A worker the template forked: our child (we are its subreaper), reaped by pidfd."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._pidfd: int | None = os.pidfd_open(pid)
+
+    def poll(self) -> int | None:
+        if self.returncode is None and self._pidfd is not None:
+            try:
+                result = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG)
+            except ChildProcessError:
+                result = None
+                self.returncode = -signal.SIGKILL  # reaped elsewhere: we cannot know
+            if result is not None:
+                self.returncode = _exit_code(result)
+            if self.returncode is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            assert self._pidfd is not None
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout or 0.0)
+            select.select([self._pidfd], [], [], left)
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
 
 class NodeError(Exception):
@@ -66,8 +141,9 @@ class WorkerSlot:
     stage: Stage
     index: int
     rings: list[str]
-    proc: subprocess.Popen[bytes] | None = None
+    proc: Process | None = None
     pidfd: int | None = None
+    forked: bool = False  # by the template (else a fresh interpreter)
     started: float = 0.0
     ready: bool = False
     restarts: int = 0
@@ -100,8 +176,18 @@ def make_private_dir(path: Path) -> None:
 
 
 class NodeSupervisor:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, template: TemplateClient | None = None) -> None:
+        """``template``: one forked already (``supervisor start`` forks it first thing); else
+        ``run`` forks one before it makes any thread, unless ``AUTOVN_SPAWN=plain``."""
         self.settings = settings
+        self.spawn = spawn_mode()
+        self.template = template if self.spawn == "template" else None
+        if template is not None and self.template is None:
+            template.close()
+        self._template_proc: Any = None  # the Popen of a template started again
+        self._template_backoff_s = 0.0
+        self._template_at: float | None = None  # when to start a dead template again
+        self.templates_started = 0
         self.runtime = settings.node.runtime_dir
         self.started = time.monotonic()
         self.stopping = False
@@ -125,6 +211,8 @@ class NodeSupervisor:
         make_private_dir(self.runtime)
         make_private_dir(s.node.state_dir)
         self._lock()
+        if self.spawn == "template" and self.template is None:
+            self.template = fork_template()  # before any thread or ZeroMQ context
         self.log = configure_logging(
             stage="supervisor",
             worker=0,
@@ -133,6 +221,7 @@ class NodeSupervisor:
             file=s.log_file,
             console=True,
         )
+        self._remove_stale_files()
         (self.runtime / "settings.json").write_text(s.to_json())
         (self.runtime / "supervisor.pid").write_text(f"{os.getpid()}\n")
         self._signals()
@@ -174,6 +263,23 @@ class NodeSupervisor:
         except BlockingIOError:
             raise NodeError(f"a node is already running with runtime_dir {self.runtime}") from None
 
+    def _remove_stale_files(self) -> None:
+        """What a supervisor killed by kill -9 (or a power cut) left behind: its pid file
+        and the ZeroMQ sockets of the supervisor and control. We hold the lock, so nobody
+        uses them."""
+        stale = [self.runtime / "supervisor.pid", *sorted(self.runtime.glob("*.ipc"))]
+        removed = []
+        for path in stale:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path.name)
+        if removed:
+            self.log.warning(
+                "stale_files_removed",
+                files=removed,
+                reason="a supervisor that did not stop cleanly left them",
+            )
+
     def _signals(self) -> None:
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
@@ -203,8 +309,11 @@ class NodeSupervisor:
         interpreters start in parallel. Nothing is lost meanwhile: a worker's rings and
         ZeroMQ connections are there before it is, records wait in the rings."""
         slots = self.workers
+        if self._template_ready(TEMPLATE_READY_S):
+            self._fork_all(slots)
         for w in slots:
-            self._spawn(w)
+            if w.proc is None:  # no template, or it failed
+                self._spawn(w)
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not all(w.ready for w in slots):
             if self.stopping:
@@ -215,25 +324,163 @@ class NodeSupervisor:
             self._poll(0.2)
             self._housekeeping(time.monotonic())
 
+    def _handed(self, w: WorkerSlot) -> dict[str, tuple[int, int]]:
+        return {name: (self.specs[name].mem_fd, self.specs[name].bell_fd) for name in w.rings}
+
+    def _fork_all(self, slots: list[WorkerSlot]) -> None:
+        """Ask the template for every worker at once, then read the answers: it forks them
+        back to back. On failure the rest are left to ``_spawn``."""
+        assert self.template is not None
+        try:
+            for w in slots:
+                self.template.ask(str(w.stage), w.index, self.runtime, self._handed(w))
+            for w in slots:
+                self._started(w, Forked(self.template.answer()), forked=True)
+        except (TemplateError, OSError) as exc:
+            self.log.error("template_failed", error=str(exc))
+            self._drop_template()
+
     def _spawn(self, w: WorkerSlot) -> None:
-        fds: list[int] = []
-        handed: dict[str, list[int]] = {}
-        for name in w.rings:
-            spec = self.specs[name]
-            handed[name] = [spec.mem_fd, spec.bell_fd]
-            fds += handed[name]
-        env = dict(os.environ, AUTOVN_RINGS=json.dumps(handed))
-        for name in sdnotify.VARIABLES:  # only the supervisor talks to systemd
-            env.pop(name, None)
-        argv = [sys.executable, "-m", f"pipeline.{w.stage}", "--runtime-dir", str(self.runtime)]
-        argv += ["--worker", str(w.index), "--parent-pid", str(os.getpid())]
-        w.proc = subprocess.Popen(argv, pass_fds=fds, env=env, stdin=subprocess.DEVNULL)
-        w.pidfd = os.pidfd_open(w.proc.pid)
+        """Start the worker of ``w``: forked by the template if it is ready, else spawned."""
+        handed = self._handed(w)
+        if self.template is not None and self._template_ready(0.0):
+            try:
+                pid = self.template.spawn(str(w.stage), w.index, self.runtime, handed)
+                self._started(w, Forked(pid), forked=True)
+                return
+            except (TemplateError, OSError) as exc:
+                self.log.error("template_failed", error=str(exc), target=w.name)
+                self._drop_template()
+        self._started(w, self._spawn_plain(w, handed), forked=False)
+
+    def _started(self, w: WorkerSlot, proc: Process, *, forked: bool) -> None:
+        w.proc = proc
+        w.forked = forked
+        w.pidfd = os.pidfd_open(proc.pid)
         w.started = time.monotonic()
         w.last_heartbeat = w.started
         w.ready = False
         w.restart_at = None
-        self.log.info("worker_spawned", target=w.name, target_pid=w.proc.pid, restarts=w.restarts)
+        self.log.info(
+            "worker_spawned",
+            target=w.name,
+            target_pid=w.proc.pid,
+            restarts=w.restarts,
+            method="template" if w.forked else "spawn",
+        )
+
+    def _spawn_plain(self, w: WorkerSlot, handed: dict[str, tuple[int, int]]) -> Process:
+        """``python -m pipeline.<stage>``: a fresh interpreter, its rings' fds inherited."""
+        fds = [fd for pair in handed.values() for fd in pair]
+        env = dict(os.environ, AUTOVN_RINGS=json.dumps({k: list(v) for k, v in handed.items()}))
+        for name in sdnotify.VARIABLES:  # only the supervisor talks to systemd
+            env.pop(name, None)
+        argv = [sys.executable, "-m", f"pipeline.{w.stage}", "--runtime-dir", str(self.runtime)]
+        argv += ["--worker", str(w.index), "--parent-pid", str(os.getpid())]
+        return subprocess.Popen(argv, pass_fds=fds, env=env, stdin=subprocess.DEVNULL)
+
+    # -- the template ----------------------------------------------------------------------------
+
+    def _template_ready(self, timeout_s: float) -> bool:
+        """Whether the template can fork now (its imports done), waiting up to ``timeout_s``;
+        a template that failed is dropped (and started again later)."""
+        t = self.template
+        if t is None:
+            return False
+        if t.ready:
+            return True
+        try:
+            if not t.wait_ready(timeout_s):
+                if timeout_s > 0:
+                    self.log.warning("template_late", waited_s=timeout_s)
+                return False
+        except TemplateError as exc:
+            self.log.error("template_failed", error=str(exc))
+            self._drop_template()
+            return False
+        self.log.info(
+            "template_ready",
+            target_pid=t.pid,
+            ready_s=round(time.monotonic() - t.started, 3),
+            started=self.templates_started,
+        )
+        return True
+
+    def _drop_template(self) -> None:
+        """Kill and reap the template (if it still runs) and plan its next start."""
+        t = self.template
+        if t is None:
+            return
+        self.template = None
+        with contextlib.suppress(ProcessLookupError, OSError):
+            signal.pidfd_send_signal(t.pidfd, signal.SIGKILL)
+        code = None
+        with contextlib.suppress(ChildProcessError, OSError):
+            result = os.waitid(os.P_PIDFD, t.pidfd, os.WEXITED)
+            code = _exit_code(result) if result is not None else None
+        if self._template_proc is not None:
+            self._template_proc.returncode = code  # reaped here, not by subprocess
+            self._template_proc = None
+        t.close()
+        self._kill_strays()
+        if self.stopping:
+            return
+        cap = self.settings.stages.restart_backoff_max_s
+        ran = time.monotonic() - t.started
+        b = self._template_backoff_s
+        b = TEMPLATE_BACKOFF_S if ran > GOOD_RUN_S or b == 0 else min(cap, b * 2)
+        self._template_backoff_s = b
+        self._template_at = time.monotonic() + b
+        self.log.warning(
+            "template_exited", target_pid=t.pid, code=code, ran_s=round(ran, 3), restart_in_s=b
+        )
+
+    def _restart_template(self) -> None:
+        """Start the template again, as a fresh interpreter (we have threads now: no fork).
+        Workers are spawned the plain way until it is ready."""
+        self._template_at = None
+        try:
+            self.template, self._template_proc = exec_template()
+        except OSError as exc:
+            self.log.error("template_failed", error=str(exc))
+            self._template_at = time.monotonic() + max(self._template_backoff_s, 1.0)
+            return
+        self.templates_started += 1
+        self.log.info("template_restarted", target_pid=self.template.pid)
+
+    def _kill_strays(self) -> None:
+        """After a template failure: a worker it forked but whose pid we never read is our
+        child that no slot knows. Kill every such child (the reaper collects them)."""
+        known = {w.pid for w in self.workers if w.pid is not None}
+        me = os.getpid()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) in known:
+                continue
+            try:
+                text = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(text[text.rfind(")") + 2 :].split()[1]) == me:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(entry), signal.SIGKILL)
+                self.log.warning("stray_killed", target_pid=int(entry))
+
+    def _reap_orphans(self) -> None:
+        """As a subreaper we inherit whatever a dead worker left (e.g. an ``ip`` command it
+        ran): reap those. Our workers and the template are reaped where they are watched."""
+        mine = {w.pid for w in self.workers if w.pid is not None}
+        if self.template is not None:
+            mine.add(self.template.pid)
+        while True:
+            try:
+                found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if found is None or found.si_pid in mine:
+                return  # one of ours: its pidfd says so on the next poll
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(found.si_pid, 0)
+            self.log.info("orphan_reaped", target_pid=found.si_pid)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -241,6 +488,8 @@ class NodeSupervisor:
         while not self.stopping:
             now = time.monotonic()
             due = [w.restart_at for w in self.workers if w.restart_at is not None]
+            if self._template_at is not None:
+                due.append(self._template_at)
             if self.notifier is not None and self.notifier.watchdog_s:
                 due.append(self._watchdog_at)
             self._poll(max(0.0, min([now + IDLE_POLL_S, *due]) - now))
@@ -254,7 +503,16 @@ class NodeSupervisor:
         for w in self.workers:
             if w.pidfd is not None:
                 poller.register(w.pidfd, zmq.POLLIN)
+        template = self.template
+        if template is not None:
+            poller.register(template.pidfd, zmq.POLLIN)
+            if not template.ready:  # its ready message, after a restart
+                poller.register(template.fileno(), zmq.POLLIN)
         ready = dict(poller.poll(int(timeout_s * 1000)))
+        if template is not None and template.pidfd in ready:
+            self._drop_template()
+        elif template is not None and template.fileno() in ready:
+            self._template_ready(0.0)
         if self.wake_r in ready:
             with contextlib.suppress(BlockingIOError):
                 os.read(self.wake_r, 1024)
@@ -308,7 +566,10 @@ class NodeSupervisor:
         if self.stopping:
             return
         cap = self.settings.stages.restart_backoff_max_s
-        w.backoff_s = 0.1 if ran > GOOD_RUN_S or w.backoff_s == 0 else min(cap, w.backoff_s * 2)
+        if ran > GOOD_RUN_S or w.restarts == 0:
+            w.backoff_s = 0.0  # a worker that ran well (or the first time) comes back at once
+        else:  # a crash loop: 0.1 s, doubling up to the cap
+            w.backoff_s = min(cap, max(0.1, w.backoff_s * 2))
         w.restart_at = time.monotonic() + w.backoff_s
         w.ready = False
         self.log.warning(
@@ -322,6 +583,10 @@ class NodeSupervisor:
 
     def _housekeeping(self, now: float) -> None:
         timeout = self.settings.stages.heartbeat_timeout_s
+        if self._template_at is not None and now >= self._template_at and not self.stopping:
+            self._restart_template()
+        if self.spawn == "template":
+            self._reap_orphans()
         for w in self.workers:
             if w.restart_at is not None and now >= w.restart_at:
                 w.restarts += 1
@@ -441,6 +706,8 @@ class NodeSupervisor:
             "device": s.network.device,
             "listen": f"{s.overlay.listen_address}:{s.overlay.listen_port}",
             "supervisor_pid": os.getpid(),
+            "spawn": self.spawn,
+            "template_pid": self.template.pid if self.template is not None else None,
             "uptime_s": round(now - self.started, 1),
             "workers": workers,
             "rings": [read_stats(r)._asdict() for r in self.rings.values()],
@@ -486,6 +753,7 @@ class NodeSupervisor:
         self.stopping = True
         if self.notifier is not None:
             self._tell(STOPPING=1, STATUS="stopping")
+        self._drop_template()  # it holds nothing: no more forks
         for stage in reversed(START_ORDER):
             self._stop_stage(stage)
         for ring in self.rings.values():

@@ -15,7 +15,14 @@ from supervisor.testbed.nat import missing_programs
 # Property tests check what code does, not how fast: on a busy machine (CI shares its cores)
 # one slow example must not fail a run, so there is no per-example deadline.
 settings.register_profile("autovn", deadline=None)
-settings.load_profile("autovn")
+# Long fuzzing runs (tests/test_fuzz.py takes the larger of its own count and this one):
+# AUTOVN_HYPOTHESIS_PROFILE=fuzz-long, AUTOVN_FUZZ_EXAMPLES examples per target.
+settings.register_profile(
+    "fuzz-long",
+    parent=settings.get_profile("autovn"),
+    max_examples=int(os.environ.get("AUTOVN_FUZZ_EXAMPLES", "20000")),
+)
+settings.load_profile(os.environ.get("AUTOVN_HYPOTHESIS_PROFILE", "autovn"))
 
 
 def require_netns() -> None:

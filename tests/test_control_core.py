@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 from ipaddress import IPv4Address, IPv4Network
+from typing import Any
 
 import pytest
 
@@ -27,8 +28,9 @@ SUBNET = IPv4Network("100.64.0.0/24")
 ENDPOINTS = [("198.18.0.1", 4789), ("198.18.0.2", 4789)]
 
 
-def pair(*, encrypted: bool = True, start: float = 100.0) -> list[ControlCore]:
-    """Two cores, each with the other as its static peer (slot 1), public keys known (IK)."""
+def pair(*, encrypted: bool = True, start: float = 100.0, **options: Any) -> list[ControlCore]:
+    """Two cores, each with the other as its static peer (slot 1), public keys known (IK);
+    ``options``: more ``ControlSettings`` for both."""
     ca, ca_cert = ca_pair()
     members = [member(ca, ca_cert, 40 + i, f"n{i}") for i in range(2)]
     cores = []
@@ -49,6 +51,7 @@ def pair(*, encrypted: bool = True, start: float = 100.0) -> list[ControlCore]:
             address=IPv4Address(f"100.64.0.{i + 1}"),
             peers=(peer,),
             encrypted=encrypted,
+            **options,
         )
         credentials = Credentials(ident, cert, ca_cert, RevocationList.empty())
         cores.append(

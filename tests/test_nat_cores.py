@@ -23,7 +23,9 @@ from pipeline.control.nat import (
     ServerFailed,
     StunProbe,
 )
+from pipeline.control.nat.discovery import NatDiscovery
 from pipeline.control.nat.retransmit import Retransmission
+from pipeline.control.shortcuts import CandidateKind
 from pipeline.errors import RemoteProtocolError
 from pipeline.wire import natpmp, pcp, stun
 
@@ -385,3 +387,33 @@ def test_announcement_renews_at_once() -> None:
         m.nonce, 40000, 7200, "198.19.1.10", 40000, "198.18.90.11"
     )
     assert m.statistics()["announcements"] == 1
+
+
+# --------------------------------------------------------------------------- NatDiscovery
+
+
+@pytest.mark.parametrize(
+    ("ports", "advertised"),
+    [((40000, 40000), True), ((11146, 44685), False)],
+    ids=["same-mapping", "mapping-varies"],
+)
+def test_a_reflexive_address_is_a_candidate_only_if_the_mapping_is_the_same_for_all(
+    ports: tuple[int, int], advertised: bool
+) -> None:
+    """Behind a NAT that maps per destination, the address a STUN server saw is another
+    peer's wrong port: it is shown (netcheck) but not advertised as a candidate."""
+    nat = NatDiscovery(
+        port=4789, stun_servers=(S1, S2), port_mapping=False, rng=random.Random(1), now=0.0
+    )
+    nat.set_local(["198.19.1.10"], "198.19.1.1", 0.0)
+    nat.handle_timer(0.0)
+    for data, server in nat.stun_to_send():
+        request = stun.parse(data)
+        port = ports[0] if server == S1 else ports[1]
+        answer = stun.binding_success(request.transaction_id, ("198.18.90.14", port))
+        assert nat.receive_stun(answer, server, 0.1)
+    kinds = {c.kind for c in nat.candidates()}
+    assert CandidateKind.LOCAL in kinds
+    assert (CandidateKind.REFLEXIVE in kinds) is advertised
+    assert nat.mapping_varies is not advertised
+    assert nat.picture()["reflexive"].startswith("198.18.90.14:")

@@ -298,3 +298,54 @@ def test_a_shortcut_that_cannot_be_punched_stays_relayed() -> None:
     (route,) = a.routes()
     assert route.endpoint == str(Via(lab.idents[j].node_id)) and route.up
     assert [e for e in a.events() if isinstance(e, ev.ShortcutFailed)][0].rounds == 2
+
+
+def test_a_silent_relay_hop_is_pinged_left_out_of_the_hops_and_closed() -> None:
+    """overlay_io finds a hop it relays over silent (``hop_silent``): the overlay pings the
+    node at once; unanswered, it is no relay hop a second later, and its link is closed and
+    its routes dropped a few seconds after that (its idle timers alone take 15 to 25 s)."""
+    lab = Lab(5)
+    lab.run(20)
+    a = lab.cores[1]
+    dead = next(
+        i
+        for i in range(5)
+        if i != 1 and lab.idents[i].node_id in a.relay_hops() and i in lab.by_endpoint.values()
+    )
+    dead_id = lab.idents[dead].node_id
+    a.route_miss(vip(dead), lab.now, lab.wall())
+    lab.run(2)
+    assert any(r.addresses == (str(vip(dead)),) for r in a.routes())
+    lab.blocked |= {frozenset((dead, j)) for j in range(5) if j != dead}
+    slot = a._slot_of(dead_id)
+    assert slot is not None
+    pings = a.overlay.statistics().get("pings_on_report", 0)
+    a.hop_silent(slot, lab.now, lab.wall())
+    first = a.overlay.statistics()["pings_on_report"]
+    a.hop_silent(slot, lab.now, lab.wall())  # a ping is out: not again before ping_retry_s
+    assert first >= pings + 1 and a.overlay.statistics()["pings_on_report"] == first
+    assert a.counters["hop_pings"] == 1
+    assert dead_id in a.relay_hops()  # not yet: a ping takes its time
+    lab.run(1.1)
+    assert dead_id not in a.relay_hops()  # suspect: relayed traffic goes around it
+    lab.run(4.0)
+    assert dead_id not in direct_ids(a)  # closed, and its routes gone
+    assert not any(r.addresses == (str(vip(dead)),) for r in a.routes())
+
+
+def test_direct_links_but_suspect_connections_are_relay_hops() -> None:
+    """Every direct link may carry relay payloads, links made for routes (shortcuts) too;
+    ``hop_silent`` on one of those is the caller's to ping (no overlay connection)."""
+    lab = Lab(12)
+    lab.run(25)
+    me = min(range(1, 12), key=lambda i: len(lab.cores[i].overlay.connections()))
+    a = lab.cores[me]
+    for i in range(12):
+        a.route_miss(vip(i), lab.now, lab.wall())
+    lab.run(5)
+    overlay = {id_to_bytes(c.node_id) for c in a.overlay.connections()}
+    routed_only = direct_ids(a) - overlay
+    assert routed_only  # shortcuts punched for the routes: direct links, no connections
+    assert set(a.relay_hops()) == direct_ids(a)
+    slot = a._slot_of(next(iter(routed_only)))
+    assert slot is not None and a.hop_silent(slot, lab.now, lab.wall()) is False

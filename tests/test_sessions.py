@@ -10,6 +10,9 @@ from pipeline.crypto.datapath import RecvSession, SendSession
 from pipeline.errors import RemoteProtocolError
 from pipeline.nodeid import NODE_ID_LEN
 from pipeline.overlay_io.sessions import (
+    HOP_ANSWER_S,
+    HOP_REPORT_S,
+    HOP_SILENT_S,
     NO_ENDPOINT,
     NullRecvSession,
     NullSendSession,
@@ -182,9 +185,72 @@ class TestRelayed:
         t.install_keys(keys(key_entry(1, 0), key_entry(2, 2, endpoint="", node_id=ID_2)))
         assert t.relayed[2] is e2e and e2e.endpoint == NO_ENDPOINT and e2e.hop == 1
 
+    def test_only_the_hops_control_names_carry_relay_payloads(self) -> None:
+        """``SessionKeys.hops``: the overlay's live connections; a direct link that is none
+        (made for a route) or whose node went silent is no hop, and a relayed session goes
+        to the closest hop that is left."""
+        t = table()
+        entries = (
+            key_entry(1, 0, endpoint=EP_1, node_id=ID_1),
+            key_entry(3, 4, endpoint=EP_2, node_id=ID_3),
+            key_entry(2, 2, endpoint="", node_id=ID_2),
+        )
+        t.install_keys(messages.SessionKeys(1, entries, OWN_ID, hops=(ID_1, ID_3)))
+        assert t.relay_table.slots == [1, 3] and t.relayed[2].hop == 1
+        t.install_keys(messages.SessionKeys(2, entries, OWN_ID, hops=(ID_3,)))
+        assert t.relay_table.slots == [3] and t.relayed[2].hop == 3
+        assert sorted(t.send) == [1, 3]  # slot 1 still seals for its own peer
+        t.install_keys(messages.SessionKeys(3, entries, OWN_ID, hops=()))
+        assert t.relay_route(2) == "relay_no_route"
+
 
 class TestReports:
     """What the table tells control, once each, in order."""
+
+    def test_a_silent_hop_is_reported_at_most_once_per_interval(self) -> None:
+        t = table()
+        t.install_keys(keys(key_entry(1, 0), key_entry(2, 2, endpoint="", node_id=ID_2)))
+        t.heard[1] = 10.0
+        t.relayed_over(1, 10.0 + HOP_SILENT_S - 0.01)  # heard lately: nothing to say
+        assert t.reports_to_send() == []
+        t.relayed_over(1, 10.0 + HOP_SILENT_S)
+        t.relayed_over(1, 10.0 + HOP_SILENT_S + HOP_REPORT_S / 2)
+        assert t.reports_to_send() == [messages.HopSilent(1)]
+        t.relayed_over(1, 10.0 + HOP_SILENT_S + HOP_REPORT_S)
+        assert t.reports_to_send() == [messages.HopSilent(1)]
+        t.heard[1] = 20.0  # it answered: quiet again
+        t.relayed_over(1, 20.0 + HOP_SILENT_S / 2)
+        assert t.reports_to_send() == []
+
+    def test_a_hop_silent_after_the_report_is_left_out_until_heard(self) -> None:
+        t = table()
+        t.install_keys(
+            keys(
+                key_entry(1, 0, endpoint=EP_1, node_id=ID_1),
+                key_entry(3, 4, endpoint=EP_2, node_id=ID_3),
+                key_entry(2, 2, endpoint="", node_id=ID_2),
+            )
+        )
+        assert t.relayed[2].hop == 1
+        t.heard[1] = t.heard[3] = 10.0
+        t.relayed_over(1, 11.0)  # reported: control pings it
+        assert t.reports_to_send() == [messages.HopSilent(1)]
+        t.relayed_over(1, 11.0 + HOP_ANSWER_S - 0.01)
+        assert t.relayed[2].hop == 1 and not t.suspect_hops
+        t.relayed_over(1, 11.0 + HOP_ANSWER_S)  # no answer: the next closest hop
+        assert t.suspect_hops == {1} and t.relayed[2].hop == 3 and t.hops_suspected == 1
+        t.install_keys(  # new keys keep it out
+            keys(
+                key_entry(1, 0, endpoint=EP_1, node_id=ID_1),
+                key_entry(3, 4, endpoint=EP_2, node_id=ID_3),
+                key_entry(2, 2, endpoint="", node_id=ID_2),
+                version=2,
+            )
+        )
+        assert t.relayed[2].hop == 3
+        t.heard[1] = 13.0
+        t.hop_heard(1)  # it answered after all
+        assert not t.suspect_hops and t.relayed[2].hop == 1
 
     def test_a_session_confirmed_here_is_reported_once(self) -> None:
         t = table()

@@ -32,6 +32,7 @@ from pipeline.shm_ring import (
     close_spec,
     create_ring,
     read_stats,
+    slot_bytes,
 )
 
 CAPACITIES = [MIN_CAPACITY, MIN_CAPACITY * 2, MIN_CAPACITY * 4, MIN_CAPACITY * 16]
@@ -596,3 +597,55 @@ def test_corrupt_length_detected(ring: Ring) -> None:
     ring._mv[HEADER_SIZE : HEADER_SIZE + 4] = (5000).to_bytes(4, "little")
     with pytest.raises(RingError, match="corrupt"):
         cons.pop_batch(10)
+
+
+# --------------------------------------------------------------------------- back-pressure
+
+
+@given(
+    sizes=st.lists(st.integers(0, MAX_RECORD), min_size=1, max_size=40),
+    start=st.integers(0, MIN_CAPACITY // 8),
+)
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_a_batch_within_room_always_fits(sizes: list[int], start: int) -> None:
+    """The back-pressure contract: records whose slots add up to at most ``room()`` are all
+    accepted, wherever the indices stand (a wrap's pad included)."""
+    spec = create_ring("room", MIN_CAPACITY)
+    ring = Ring.attach(spec)
+    try:
+        ring._q[8] = ring._q[16] = start * 8
+        prod, cons = Producer(ring), Consumer(ring)
+        prod.push(b"x" * (sizes[0] % 5000))  # something already waiting
+        prod.flush()
+        room = prod.room()
+        batch = []
+        for n in sizes:
+            if sum(slot_bytes(m) for m in batch) + slot_bytes(n) > room:
+                break
+            batch.append(n)
+        for n in batch:
+            assert prod.push(bytes(n)), f"{n} bytes refused within room {room}"
+        assert ring.stats().drops == 0
+        del cons
+    finally:
+        ring.close()
+        close_spec(spec)
+
+
+def test_pop_batch_stops_at_max_bytes(ring: Ring) -> None:
+    """``max_bytes`` counts slots and stops before the record that would pass it; what is
+    left waits (``pending``), in order; a budget below the first record pops nothing."""
+    prod, cons = Producer(ring), Consumer(ring)
+    for i, n in enumerate([100, 3000, 64, 9000]):
+        assert prod.push(payload(i, n)[:n], kind=i)
+    prod.flush()
+    assert cons.pop_batch(10, max_bytes=slot_bytes(100) - 1) == []
+    assert cons.pending()
+    first = cons.pop_batch(10, max_bytes=slot_bytes(100) + slot_bytes(3000) + slot_bytes(64) - 1)
+    assert [r.kind for r in first] == [0, 1]
+    rest = cons.pop_batch(10, max_bytes=1 << 20)
+    assert [r.kind for r in rest] == [2, 3]
+    assert not cons.pending()
+    assert cons.pop_batch(10, max_bytes=-5) == []

@@ -34,7 +34,7 @@ from pipeline.classifier.routes import Routes
 from pipeline.config import GATEWAY_MAC, Mode
 from pipeline.records import FLAG_VNET, RecordKind
 from pipeline.route_feed import RouteFeed
-from pipeline.shm_ring import Consumer, Producer
+from pipeline.shm_ring import Consumer, Producer, RingRecord
 from pipeline.topology import Stage, worker_for_flow, worker_for_peer
 from pipeline.wire import tso, vnet
 from pipeline.worker import Worker
@@ -49,6 +49,7 @@ _FRAME = int(RecordKind.FRAME)  # plain ints: the loops compare kinds with them,
 _IP_PACKET = int(RecordKind.IP_PACKET)
 _VNET = vnet.LEN
 _ETH = 14
+_GROWTH = 16  # an Ethernet header, rounded up to the ring's 8-byte slots
 _shift = vnet.shift
 
 
@@ -118,6 +119,7 @@ class ClassifierWorker(Worker):
             self.log.error("machines_rejected", error=str(exc))
 
     def work(self) -> int:
+        self.blocked = False
         done = 0
         for t, consumer in enumerate(self.from_tap):
             done += self._outbound(consumer, self.to_tap[t])
@@ -129,8 +131,19 @@ class ClassifierWorker(Worker):
                 p.flush()
         return done
 
+    def _take(self, consumer: Consumer, targets: list[Producer]) -> list[RingRecord]:
+        """A batch from ``consumer`` that the ``targets`` (the rings its records go on to)
+        have room for, records as large as they come; none if they are full, and then
+        ``blocked`` (back-pressure: the records wait in their ring, none is dropped). A
+        record grows by at most ``_GROWTH`` bytes here (an Ethernet header)."""
+        room = min(p.room() for p in targets)
+        records = consumer.pop_batch(self.batch, room - self.batch * _GROWTH)
+        if not records and consumer.pending():
+            self.blocked = True
+        return records
+
     def _outbound(self, consumer: Consumer, back: Producer) -> int:
-        records = consumer.pop_batch(self.batch)
+        records = self._take(consumer, self.to_io)
         if not records:
             return 0
         to_io = self.to_io
@@ -170,7 +183,7 @@ class ClassifierWorker(Worker):
         return len(records)
 
     def _inbound(self, consumer: Consumer) -> int:
-        records = consumer.pop_batch(self.batch)
+        records = self._take(consumer, self.to_tap)
         if not records:
             return 0
         to_tap = self.to_tap

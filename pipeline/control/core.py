@@ -68,6 +68,7 @@ REPUBLISH_S = 2.0
 GENERATION_SHIFT = 40  # send counters of incarnation g start at g << 40
 REFUSALS_LOGGED_PER_S = 10
 TOOL_PING_BASE = 1 << 31  # supervisor ping's Ping seqs start here (liveness's stay below)
+HOP_PING_BASE = 1 << 30  # pings of silent relay hops (hop_silent) up to TOOL_PING_BASE
 TOOL_PING_KEEP_S = 10.0
 MAP_NODES_MAX = 10_000  # what a supervisor map request may ask for, at most
 MAP_TIMEOUT_MAX_S = 600.0
@@ -156,11 +157,12 @@ class ControlCore:
         self._crawls: dict[int, tuple[bytes, crawl.Crawl]] = {}
         self._query_id = 0
         self._crawl_seq = 0
+        self._hop_ping_seq = 0
         self._answers = crawl.AnswerLimiter(settings.map_answers_per_s)
         self._io_workers: dict[bytes, int] = {}  # overlay_io worker -> its pid
         self._generations: dict[tuple[int, bytes], int] = {}  # (send index, worker) -> g
         self._keys_due: set[bytes] = set()
-        self._keys_version: tuple[int, tuple[tuple[bytes, bytes], ...]] = (-1, ())
+        self._keys_version: tuple[object, ...] = ()
         self._version = 1  # of the route snapshot
         self._layers_seen = (0, 0, 0)  # the routes, sessions and machines versions it holds
         self._published_version = -1
@@ -279,7 +281,7 @@ class ControlCore:
         if routing is None:
             self._keys_due.clear()
             return []
-        version = (routing.links.sessions_version, routing.tunnels())
+        version = (routing.links.sessions_version, routing.tunnels(), routing.relay_hops())
         if version != self._keys_version:
             self._keys_version = version
             self._keys_due |= set(self._io_workers)
@@ -330,6 +332,9 @@ class ControlCore:
         if isinstance(msg, messages.Pong) and msg.seq >= TOOL_PING_BASE:
             self._tool_pong(slot, msg, now)
             return
+        if isinstance(msg, messages.Pong) and msg.seq >= HOP_PING_BASE:
+            self.counters["hop_pongs"] += 1  # overlay_io has heard the hop: that was all
+            return
         reply = self.liveness.receive(slot, msg, now)
         if reply is None and isinstance(msg, messages.Ping):
             reply = messages.Pong(msg.seq, msg.sent_ns, self.settings.node_name)  # any link
@@ -375,15 +380,32 @@ class ControlCore:
 
     def receive_stun(self, datagram: bytes, source: Address, now: float, wall: float) -> None:
         """A STUN record: a STUN datagram that came to the node's UDP port."""
-        if self.nat is None or not self.nat.receive_stun(datagram, source, now):
-            self.counters["stun_unexpected"] += 1
-            return
-        self._after(now, wall)
+        receive = None if self.nat is None else self.nat.receive_stun
+        self._nat_datagram(receive, "stun_unexpected", datagram, source, now, wall)
 
     def receive_portmap(self, datagram: bytes, source: Address, now: float, wall: float) -> None:
         """An answer of the gateway on the driver's port mapping socket."""
-        if self.nat is None or not self.nat.receive_portmap(datagram, source, now):
-            self.counters["portmap_unexpected"] += 1
+        receive = None if self.nat is None else self.nat.receive_portmap
+        self._nat_datagram(receive, "portmap_unexpected", datagram, source, now, wall)
+
+    def _nat_datagram(
+        self,
+        receive: Callable[[bytes, Address, float], bool] | None,
+        unexpected: str,
+        datagram: bytes,
+        source: Address,
+        now: float,
+        wall: float,
+    ) -> None:
+        """A datagram for NAT discovery, from anyone: one that does not parse is counted by
+        its reason, one that answers nothing we asked as ``unexpected``."""
+        try:
+            taken = receive is not None and receive(datagram, source, now)
+        except RemoteProtocolError as exc:
+            self.counters[exc.reason] += 1
+            return
+        if not taken:
+            self.counters[unexpected] += 1
             return
         self._after(now, wall)
 
@@ -475,6 +497,21 @@ class ControlCore:
             self.counters["bad_peer_moved"] += 1
             return
         self.routing.peer_moved(slot, (host, int(port)), now, wall)
+        self._after(now, wall)
+
+    def hop_silent(self, slot: int, now: float, wall: float) -> None:
+        """overlay_io relays over link ``slot`` and hears nothing back from it."""
+        self._now = now
+        if self.routing is None:
+            self.counters["bad_hop_silent"] += 1
+            return
+        if not self.routing.hop_silent(slot, now, wall):
+            # a link made for a route: a Ping that any node answers; the Pong itself is
+            # what overlay_io waits for (a datagram heard from the hop)
+            self._hop_ping_seq = (self._hop_ping_seq + 1) % HOP_PING_BASE
+            ping = messages.Ping(HOP_PING_BASE + self._hop_ping_seq, int(now * 1e9), "")
+            self._overlay_out.append((slot, messages.encode_overlay(ping)))
+            self.counters["hop_link_pings"] += 1
         self._after(now, wall)
 
     def dht_get(self, to: bytes, key: str, now: float, wall: float) -> None:
@@ -616,7 +653,9 @@ class ControlCore:
                 found = nat.candidates()
                 local = [c.endpoint for c in found if c.kind is CandidateKind.LOCAL]
                 routing.set_endpoints(
-                    local, [c for c in found if c.kind is not CandidateKind.LOCAL]
+                    local,
+                    [c for c in found if c.kind is not CandidateKind.LOCAL],
+                    mapping_varies=nat.mapping_varies,
                 )
                 routing.pump()
         self._links_step(now, wall)
@@ -852,6 +891,7 @@ class ControlCore:
             tuple(entries),
             self.routing.identity.node_id,
             self.routing.tunnels(),
+            self.routing.relay_hops(),
         )
 
     # -- what status shows -----------------------------------------------------------------------

@@ -16,7 +16,14 @@ Theory of operation:
   the link authenticated (the overlay core trusts those ids).
 - **Link lifetimes follow the overlay.** A link the overlay adds is kept (rekeyed) from
   this side; one it trims is released (it expires unless the peer keeps it, or a route
-  uses it); one it finds dead is closed at once, so data stops going into the void.
+  uses it); one it finds dead is closed at once, so data stops going into the void, and
+  the routes to its node are dropped (the next packet resolves again).
+- **Relay hops.** overlay_io relays over direct links but the overlay's suspect
+  connections (``relay_hops``); when it relays over one and hears nothing back
+  (``hop_silent``) the overlay pings that node (a link that is no overlay connection gets
+  a ping from the layer above), so a crashed relay is out of the hops a second after its
+  ping went unanswered and its connection closed a few seconds later, not after the idle
+  timers' 15 to 50 s.
 - **Relayed links.** A node with no direct link is reached by a handshake routed through
   the overlay to its node id (``Data`` payloads tagged ``H``; ``links.Via``): its sessions
   are end to end, and overlay_io relays their datagrams greedily over direct links (a
@@ -171,6 +178,7 @@ class RoutingCore:
         self.shortcuts = Shortcuts(identity.node_id, random.Random(rng.getrandbits(64)))
         self._shortcuts_on = shortcuts
         self._local_endpoints: tuple[Address, ...] = ()
+        self._mapping_varies = False  # the NAT maps per destination: no reflexive candidate
         self._extra_candidates: tuple[Candidate, ...] = ()
         self._candidates_from: tuple[object, ...] = ()
         self.counters: Counter[str] = Counter()
@@ -284,6 +292,40 @@ class RoutingCore:
             if relay is not None:
                 out.append((id_to_bytes(info.node_id), id_to_bytes(relay)))
         return tuple(sorted(out))
+
+    def relay_hops(self) -> tuple[bytes, ...]:
+        """The node ids overlay_io may relay through: every direct link's but those of the
+        overlay's suspect connections (pings gone unanswered: crashed, most likely). A
+        direct link that is no overlay connection (made for a route) has no liveness here;
+        overlay_io leaves such a hop out by itself when it stays silent after
+        ``hop_silent`` (control pings it then)."""
+        suspect = {id_to_bytes(nid) for nid in self.overlay.suspected(self._now)}
+        return tuple(
+            sorted(
+                link.certificate.node_id
+                for link in self.links.links.values()
+                if link.certificate is not None
+                and isinstance(link.endpoint, tuple)
+                and link.certificate.node_id not in suspect
+            )
+        )
+
+    def hop_silent(self, slot: int, now: float, wall: float) -> bool:
+        """overlay_io relays over link ``slot`` and has heard nothing from it for a while:
+        if the link's node is an overlay connection, the overlay pings it (and its other
+        silent connections). False if it is not: the caller pings the link itself."""
+        self._now, self._wall = now, wall
+        link = self.links.links.get(slot)
+        if link is None or link.certificate is None:
+            self.counters["hop_silent_unlinked"] += 1
+            return True
+        nid = id_from_bytes(link.certificate.node_id)
+        if self.overlay.address_of(nid) != link.endpoint:
+            return False
+        if self.overlay.verify(nid, now):
+            self.counters["hop_pings"] += 1
+        self._pump()
+        return True
 
     def link_node_ids(self) -> dict[int, bytes]:
         """The authenticated node id of every link that has one, by slot."""
@@ -475,11 +517,20 @@ class RoutingCore:
 
     # -- shortcuts ---------------------------------------------------------------------------------
 
-    def set_endpoints(self, local: Sequence[Address] = (), extra: Sequence[Candidate] = ()) -> None:
+    def set_endpoints(
+        self,
+        local: Sequence[Address] = (),
+        extra: Sequence[Candidate] = (),
+        *,
+        mapping_varies: bool = False,
+    ) -> None:
         """This node's own endpoints: the local addresses of its port, and candidates found
-        otherwise (STUN, port mapping). The overlay's reflexive address is added here."""
+        otherwise (STUN, port mapping). The overlay's reflexive address is added here, unless
+        the node's NAT maps per destination (``mapping_varies``: each peer would see another
+        port)."""
         self._local_endpoints = tuple(local)
         self._extra_candidates = tuple(extra)
+        self._mapping_varies = mapping_varies
         self._candidates_from = ()  # recomputed at the next pump
 
     def _refresh_candidates(self) -> None:
@@ -490,7 +541,7 @@ class RoutingCore:
         self._candidates_from = key
         candidates = [Candidate(e, CandidateKind.LOCAL) for e in self._local_endpoints]
         candidates += self._extra_candidates
-        if isinstance(reflexive, tuple) and len(reflexive) == 2:
+        if isinstance(reflexive, tuple) and len(reflexive) == 2 and not self._mapping_varies:
             endpoint = (str(reflexive[0]), int(reflexive[1]))
             candidates.append(Candidate(endpoint, CandidateKind.REFLEXIVE))
         self.shortcuts.set_candidates(candidates)
@@ -799,6 +850,14 @@ class RoutingCore:
                 continue
             node_id = bytes(record.value)
         old = self._routes.get(address)
+        if node_id is None and old is not None and not any(r.deleted for r in result.records):
+            # The re-check found no record and no tombstone: no replica answered, or those
+            # that did had none (churn: the replicas may have died with other nodes, and
+            # the owner re-publishes). No news of the address: the route stays (asked again
+            # soon if the get failed). A released address leaves a tombstone.
+            old.checked = now if result.ok else now - ROUTE_REFRESH_S + NEGATIVE_S
+            self.counters["route_recheck_empty"] += 1
+            return
         if node_id is None or node_id == self.identity.node_id:
             self._negative[address] = now + NEGATIVE_S
             if old is not None:

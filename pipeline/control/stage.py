@@ -290,6 +290,8 @@ class ControlWorker(Worker):
                 core.rekey_requested(msg.slot, now, wall)
             elif isinstance(msg, messages.PeerMoved):
                 core.peer_moved(msg.slot, msg.endpoint, now, wall)
+            elif isinstance(msg, messages.HopSilent):
+                core.hop_silent(msg.slot, now, wall)
             elif isinstance(msg, messages.DhtGetRequest):
                 core.dht_get(sender, msg.key, now, wall)
             elif isinstance(msg, messages.DhtPutRequest):

@@ -42,7 +42,12 @@ What the table tells control, queued until ``reports_to_send()``:
 - ``SessionConfirmed(index)``: the first datagram opened on an unconfirmed session
   (``confirm``), once per session;
 - ``RekeyRequest(slot)``: a send session carried its volume or its time (``check_rekeys``),
-  once per session.
+  once per session;
+- ``HopSilent(slot)``: relay payloads go out over link ``slot`` but nothing has been opened
+  from it for ``HOP_SILENT_S`` (``relayed_over``; the driver keeps ``heard``): at most once
+  per ``HOP_REPORT_S`` a slot. Control pings the node and, if it stays silent, takes it out
+  of the relay hops (``SessionKeys.hops``): relayed traffic goes around a crashed node
+  within about two seconds, not when the overlay's timers close its link.
 
 Plaintext mode (``security.insecure_plaintext``, for measuring the pipeline alone) has no
 handshakes and no keys: ``install_routes`` puts a *null session* for each configured peer of
@@ -84,6 +89,11 @@ __all__ = [
 
 Address = tuple[str, int]  # an underlay endpoint: IPv4 address text, UDP port
 NO_ENDPOINT: Address = ("", 0)  # a relayed session's endpoint: never sent to
+
+HOPS_TOLD_MAX = 1024  # hop slots remembered for HopSilent before the memory is cleared
+HOP_SILENT_S = 0.5  # a hop relayed over and not heard from this long is reported ...
+HOP_REPORT_S = 0.5  # ... at most this often; control pings it, and a hop that has not
+HOP_ANSWER_S = 1.0  # answered this long after the first report is left out until heard
 
 # plain ints, not the IntEnum members: Python 3.11 specializes int hashing and indexing
 _HANDSHAKE_TYPES = frozenset((int(DatagramType.HANDSHAKE), int(DatagramType.COOKIE)))
@@ -264,6 +274,13 @@ class SessionTable:
         self.handshake_types: frozenset[int] = frozenset() if plaintext else _HANDSHAKE_TYPES
         self.no_route = "no_endpoint" if plaintext else "no_session"  # drop: slot unknown
         self._reports: list[messages.Message] = []
+        self.heard: dict[int, float] = {}  # slot -> when a datagram of it was last opened
+        self._hop_told: dict[int, float] = {}  # hop slot -> when HopSilent last went
+        self._hop_asked: dict[int, float] = {}  # hop slot -> the first HopSilent of its silence
+        self.suspect_hops: set[int] = set()  # hops left out: silent after control's ping
+        self.hops_suspected = 0  # how often a hop was left out so
+        self._own_id = b""
+        self._hops: list[tuple[int, bytes]] = []  # (slot, node id) as control named them
 
     # -- installing ---------------------------------------------------------------------------
 
@@ -292,8 +309,9 @@ class SessionTable:
         send: dict[int, SendEntry] = {}
         relayed: dict[int, SendEntry] = {}
         hops: list[tuple[int, bytes]] = []  # every direct link, whichever worker owns it
+        allowed = None if keys.hops is None else frozenset(keys.hops)
         for slot, e in newest.items():
-            if e.endpoint:
+            if e.endpoint and (allowed is None or e.node_id in allowed):
                 hops.append((slot, e.node_id))
             if not self.owns(slot):
                 continue
@@ -310,14 +328,22 @@ class SessionTable:
             relay_slot = by_node.get(relay_id)
             if relay_slot is not None and node_id not in by_node:
                 hops.append((relay_slot, node_id))
-        self.relay_table = RelayTable(keys.node_id, hops)
-        for out in relayed.values():
-            hop = self.relay_table.next_hop(out.dest)
-            out.hop = -1 if hop is None else hop
+        self._own_id, self._hops = keys.node_id, hops
+        self.suspect_hops &= {slot for slot, _ in hops}
         _replace(self.recv, recv)
         _replace(self.send, send)
         _replace(self.relayed, relayed)
+        self._route_relayed()
         self.version = keys.version
+
+    def _route_relayed(self) -> None:
+        """The relay table from the hops control named but the suspect ones, and each
+        relayed session's hop from it."""
+        hops = [(slot, node) for slot, node in self._hops if slot not in self.suspect_hops]
+        self.relay_table = RelayTable(self._own_id, hops)
+        for out in self.relayed.values():
+            hop = self.relay_table.next_hop(out.dest)
+            out.hop = -1 if hop is None else hop
 
     def _send_entry(self, slot: int, e: messages.KeyEntry) -> SendEntry:
         """The entry that already seals with this key, wherever it was (its counter must go
@@ -372,6 +398,39 @@ class SessionTable:
         return e2e
 
     # -- what happened, and what to tell control ----------------------------------------------
+
+    def relayed_over(self, hop: int, now: float) -> None:
+        """A relay payload went out over link ``hop``: if nothing has been opened from that
+        link for ``HOP_SILENT_S``, tell control (``HopSilent``, at most once a
+        ``HOP_REPORT_S``), which pings the node; if that stays unanswered for
+        ``HOP_ANSWER_S`` after the first report, the hop is suspect: left out of the relay
+        table (relayed traffic takes the next closest hop) until it is heard again
+        (``hop_heard``)."""
+        heard = self.heard.get(hop, -HOP_SILENT_S)
+        if now - heard < HOP_SILENT_S:
+            return
+        asked = self._hop_asked.get(hop)
+        if asked is not None and asked > heard and now - asked >= HOP_ANSWER_S:
+            self.suspect_hops.add(hop)
+            self.hops_suspected += 1
+            self._route_relayed()
+            return
+        if now - self._hop_told.get(hop, -HOP_REPORT_S) < HOP_REPORT_S:
+            return
+        if len(self._hop_told) >= HOPS_TOLD_MAX:
+            self._hop_told.clear()
+            self._hop_asked.clear()
+        if asked is None or asked <= heard:
+            self._hop_asked[hop] = now
+        self._hop_told[hop] = now
+        self._reports.append(messages.HopSilent(hop))
+
+    def hop_heard(self, slot: int) -> None:
+        """A datagram of suspect hop ``slot`` was opened: it is alive, a hop again."""
+        if slot in self.suspect_hops:
+            self.suspect_hops.discard(slot)
+            self._hop_asked.pop(slot, None)
+            self._route_relayed()
 
     def confirm(self, entry: RecvEntry) -> None:
         """A datagram opened on ``entry``: the peer holds its keys. Reported once."""

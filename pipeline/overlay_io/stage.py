@@ -96,7 +96,7 @@ from pipeline.records import (
     unpack_endpoint,
 )
 from pipeline.route_feed import RouteFeed
-from pipeline.shm_ring import Consumer, Producer, RingSpec
+from pipeline.shm_ring import MAX_SLOT, Consumer, Producer, RingSpec
 from pipeline.topology import Lane, Stage
 from pipeline.wire import tso, vnet
 from pipeline.wire.overlay import FLAG_PARTIAL, HEADER_LEN, RELAY_TTL, VERSION, DatagramType
@@ -116,6 +116,7 @@ _ZERO_VNET = vnet.ZERO
 _GSO_TYPES = frozenset((vnet.GSO_TCPV4, vnet.GSO_UDP_L4))
 _NEEDS_CSUM = vnet.NEEDS_CSUM
 _GSO_SIZE = struct.Struct("<H")
+_RECV_ROOM = 2 * MAX_SLOT  # what one read may emit to a classifier's ring, at most
 
 
 class OverlayIoWorker(Worker):
@@ -173,6 +174,9 @@ class OverlayIoWorker(Worker):
         self.send = self.sessions.send
         self.recv = self.sessions.recv
         self.by_source = self.sessions.by_source
+        self.heard = self.sessions.heard
+        self.suspect_hops = self.sessions.suspect_hops  # a set changed in place
+        self.now = 0.0  # the clock of the current pass of work()
         self.handshake_types = self.sessions.handshake_types
         self.sent = self.sent_bytes = self.received = self.received_bytes = 0
         self.relay_sent = self.relay_forwarded = self.relay_delivered = 0
@@ -213,7 +217,8 @@ class OverlayIoWorker(Worker):
     # -- the loop ----------------------------------------------------------------------------------
 
     def work(self) -> int:
-        now = _monotonic()
+        self.blocked = False
+        now = self.now = _monotonic()
         done = self._receive(now) + self._receive_handshakes(now)
         outbound = 0
         for consumer in self.from_classifier:
@@ -379,6 +384,7 @@ class OverlayIoWorker(Worker):
         out = self.send.get(hop)
         if out is not None:
             self._seal_to(out, _RELAY, payload)
+            self.sessions.relayed_over(hop, self.now)
         elif not self.sessions.owns(hop):
             self.to_control.push(payload, RecordKind.RELAY, hop)
             self.control_pending = True
@@ -411,7 +417,14 @@ class OverlayIoWorker(Worker):
         open_ = self._open
         plaintext = self.plaintext
         count = 0
+        targets = self.to_classifier
         for _ in range(self.batch):
+            # back-pressure: a read (a GRO batch: up to a super-frame, plus the one the
+            # coalescer holds) waits in the socket until the classifier's rings have room;
+            # what the kernel drops there meanwhile is single datagrams, never super-frames
+            if any(t.room() < _RECV_ROOM for t in targets):
+                self.blocked = True
+                break
             got = recv_batch()
             if got is None:
                 break
@@ -509,6 +522,9 @@ class OverlayIoWorker(Worker):
                 at += segment
                 continue
             if opened:
+                self.heard[entry.slot] = now
+                if self.suspect_hops and entry.slot in self.suspect_hops:
+                    self.sessions.hop_heard(entry.slot)
                 if not entry.confirmed:
                     self.sessions.confirm(entry)
                 if source != entry.seen:  # a GRO read is never relayed: roaming as in _open
@@ -602,6 +618,9 @@ class OverlayIoWorker(Worker):
             self.sessions.confirm(entry)
         if source != entry.seen and not relayed:
             self.sessions.moved(entry, source)
+        self.heard[entry.slot] = now
+        if self.suspect_hops and entry.slot in self.suspect_hops:
+            self.sessions.hop_heard(entry.slot)
         self.received += 1
         self.received_bytes += len(datagram)
         if kind != _RELAY:  # a RELAY datagram is no peer's: what it delivers is counted inside
@@ -639,6 +658,9 @@ class OverlayIoWorker(Worker):
             "relay_sent": self.relay_sent,
             "relay_forwarded": self.relay_forwarded,
             "relay_delivered": self.relay_delivered,
+            # relay hops left out as silent (they did not answer control's ping), and now
+            "relay_hops_suspected": self.sessions.hops_suspected,
+            "relay_hops_suspect": len(self.suspect_hops),
             "drops": self._drops(),
             "screen": self.screen.statistics() if self.screen is not None else {},
             "handshake_socket": self.port.handshake_fd is not None,

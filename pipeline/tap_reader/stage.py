@@ -85,6 +85,7 @@ class TapReaderWorker(Worker):
         )
 
     def work(self) -> int:
+        self.blocked = False
         return self._read_tap() + self._write_tap()
 
     def _read_tap(self) -> int:
@@ -97,7 +98,11 @@ class TapReaderWorker(Worker):
         read = self.tap.read
         flags = self.read_flags
         at = self.flow_at
+        frame_max = self.frame_max
         for _ in range(self.batch):
+            if not all(p.fits(frame_max) for p in producers):
+                self.blocked = True  # back-pressure: the frame waits in the TAP's queue
+                break
             frame = read()
             if frame is None:
                 break
@@ -119,12 +124,9 @@ class TapReaderWorker(Worker):
         flags = self.read_flags
         for _ in range(self.batch):
             view = producer.reserve(self.frame_max)
-            if view is None:  # ring full: read and drop (push counts the drop)
-                frame = self.tap.read()
-                if frame is None:
-                    break
-                producer.push(frame, _FRAME, 0, flags)
-                continue
+            if view is None:  # ring full: back-pressure, the frame waits in the TAP's queue
+                self.blocked = True
+                break
             length = read_into(view)
             if length is None:
                 producer.unreserve()

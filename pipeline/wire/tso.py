@@ -106,22 +106,25 @@ def split(
     hand each to ``emit`` as a view, in order; returns how many. ``emit`` must be done with a
     view when it returns: the next packet's headers overwrite its tail.
 
-    ValueError if it is not IPv4 TCP or UDP without IP options, or ``gso_size`` is 0. A packet
-    whose payload fits one segment is emitted as it is (with a fresh pseudo-header sum).
+    ValueError if it is not IPv4 TCP or UDP without IP options, its headers do not fit in it,
+    or ``gso_size`` is 0. A packet whose payload fits one segment is emitted as it is (with a
+    fresh pseudo-header sum).
     """
     mv = memoryview(buf)
-    if mv[ip0] != 0x45 or gso_size <= 0:
+    if end - ip0 < 28 or mv[ip0] != 0x45 or gso_size <= 0:
         raise ValueError("not an IPv4 packet without options, or no gso_size")
     proto = mv[ip0 + 9]
     t0 = ip0 + 20
     if proto == TCP:
-        hl = 20 + ((mv[t0 + 12] >> 4) << 2)
+        hl = 20 + ((mv[t0 + 12] >> 4) << 2) if end - ip0 >= 40 else 0
         check_at = t0 + 16
     elif proto == UDP:
         hl = 28
         check_at = t0 + 6
     else:
         raise ValueError(f"protocol {proto}: only TCP and UDP are segmented")
+    if hl < (28 if proto == UDP else 40) or ip0 + hl > end:
+        raise ValueError(f"headers of {hl} bytes in {end - ip0}")
     payload = end - ip0 - hl
     if payload <= gso_size:
         _U16.pack_into(mv, check_at, pseudo_sum(mv, ip0, proto, end - t0))
@@ -180,7 +183,8 @@ def segment(header: vnet.VnetHeader, packet: Buffer) -> list[bytearray]:
     """Whole packets with final checksums from an IPv4 packet and its virtio-net header (offsets
     from the IP header): the super-frame cut (``GSO_TCPV4``, ``GSO_UDP_L4``) and every checksum
     left to finish (``NEEDS_CSUM``) computed; a packet with neither comes back as it is. The
-    slow path, for control and for a TAP without virtio-net headers."""
+    slow path, for control and for a TAP without virtio-net headers. ValueError: a
+    super-frame ``split`` refuses."""
     data = bytearray(packet)
     gso = header.gso_type & ~vnet.GSO_ECN
     if gso in (vnet.GSO_TCPV4, vnet.GSO_UDP_L4) and header.gso_size and len(data) >= 28:

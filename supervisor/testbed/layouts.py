@@ -142,12 +142,14 @@ def member(
     bootstrap: tuple[str, ...] = ("198.18.0.1",),
     nat_lines: tuple[str, ...] = (),
     seed: bytes | None = None,
+    source_tree: Path | None = None,
 ) -> Node:
     """A node certified by ``authority`` that knows only ``bootstrap`` (by default
     198.18.0.1, the first node's underlay address; the first knows none: it founds the
     overlay), with its directories under ``tmp/<name>``; ``network_lines`` and ``nat_lines``
     go to its ``[network]`` and ``[nat]`` tables. ``seed``: its key (so its node id, its
-    place on the circle) instead of a random one."""
+    place on the circle) instead of a random one. ``source_tree``: the code it runs (see
+    :class:`Node`)."""
     root = tmp / name
     if seed is not None:
         state = root / "state"
@@ -166,18 +168,25 @@ def member(
         network_lines=network_lines,
         nat_lines=nat_lines,
     )
-    node = Node(name, ns, config, virtual or "", underlay, root)
+    node = Node(name, ns, config, virtual or "", underlay, root, source_tree=source_tree)
     node.extra["authority"] = authority
     node.extra["node_id"] = cert.node_id.hex()
     return node
 
 
 def overlay_nodes(
-    testbed: Testbed, tmp: Path, count: int, *, start: bool = True, **stages: int
+    testbed: Testbed,
+    tmp: Path,
+    count: int,
+    *,
+    start: bool = True,
+    source_tree: Path | None = None,
+    **stages: int,
 ) -> list[Node]:
     """``count`` nodes on one bridged segment (underlay 198.18.0.1.., virtual 100.64.0.1..),
     certified by one authority, with no static peers: each knows only the first node's
-    address (the first knows none: it founds the overlay)."""
+    address (the first knows none: it founds the overlay). ``source_tree``: the code they
+    run (see :class:`Node`)."""
     hub = testbed.namespace("seg")
     bridge = testbed.bridge(hub, "br0")
     authority = Authority.create(tmp / "authority")
@@ -188,7 +197,17 @@ def overlay_nodes(
         underlay, virtual = f"198.18.0.{i + 1}", f"100.64.0.{i + 1}"
         testbed.attach(ns, hub, bridge, f"{underlay}/24")
         nodes.append(
-            member(ns, tmp, authority, name, underlay, virtual, first=i == 0, stages=stages)
+            member(
+                ns,
+                tmp,
+                authority,
+                name,
+                underlay,
+                virtual,
+                first=i == 0,
+                stages=stages,
+                source_tree=source_tree,
+            )  # fmt: skip
         )
     if start:
         start_all(nodes)

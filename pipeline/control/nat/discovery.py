@@ -107,6 +107,13 @@ class NatDiscovery:
     def candidates(self) -> tuple[Candidate, ...]:
         return self._candidates
 
+    @property
+    def mapping_varies(self) -> bool:
+        """The STUN servers saw this node at different addresses: its NAT maps per
+        destination, so no reflexive address is worth advertising (the overlay's HelloAck
+        address neither)."""
+        return bool(self._report.get("varies"))
+
     def next_deadline(self) -> float | None:
         times = []
         if self._servers:
@@ -277,7 +284,9 @@ class NatDiscovery:
         candidates = [Candidate((a, self.port), CandidateKind.LOCAL) for a in self._local]
         if self._mapped is not None:
             candidates.append(self._mapped)
-        if self._reflexive is not None:
+        if self._reflexive is not None and not self.mapping_varies:
+            # a NAT that maps per destination gives every peer another port: the one STUN saw
+            # would only cost the peer's probes (netcheck and status still show it)
             candidates.append(Candidate(self._reflexive, CandidateKind.REFLEXIVE))
         unique = tuple(dict.fromkeys(candidates))
         if unique != self._candidates:
