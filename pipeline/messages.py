@@ -12,7 +12,7 @@ Who sends what:
   with the current ``RouteSnapshot`` at once, and an overlay_io worker also gets
   ``SessionKeys`` then and on every change of the sessions (the runtime directory is 0700:
   session keys travel here). overlay_io tells control ``SessionConfirmed``,
-  ``RekeyRequest``, ``UnknownSession``, ``PeerMoved`` and ``HopSilent``.
+  ``RekeyRequest``, ``PeerMoved`` and ``HopSilent``.
 - supervisor CLI -> supervisor (REQ -> ROUTER): ``StatusRequest`` -> ``StatusReply``.
 - supervisor CLI -> control (DEALER -> ROUTER): ``DhtGetRequest``, ``DhtPutRequest``,
   ``PingRequest``, ``NetcheckRequest``, ``MapRequest`` (the overlay crawl; ``MapReply``
@@ -117,13 +117,6 @@ class PeerMoved(msgspec.Struct, tag=True, frozen=True):
     sends to it there from now on."""
 
     slot: int
-    endpoint: str  # "host:port"
-
-
-class UnknownSession(msgspec.Struct, tag=True, frozen=True):
-    """A datagram came from ``endpoint`` on a session we do not hold (overlay_io -> control):
-    the peer kept sessions with an earlier incarnation of this node; a handshake resyncs."""
-
     endpoint: str  # "host:port"
 
 
@@ -232,7 +225,6 @@ Message = (
     | SessionKeys
     | SessionConfirmed
     | RekeyRequest
-    | UnknownSession
     | PeerMoved
     | HopSilent
     | DhtGetRequest

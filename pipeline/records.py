@@ -41,10 +41,11 @@ Per edge of the ring graph, producer → consumer, the kinds it carries:
     and no lease: control claims the address for it.
 - control → classifier: FRAME, a frame control made for the TAP (DHCP and DNS answers,
   ICMP errors, packets that waited for VERIFY).
+- overlay_io → control (the handshake lane, a ring of its own): HANDSHAKE, a HANDSHAKE or
+  COOKIE datagram as received and let through by the screen (``pipeline/overlay_io/screen.py``),
+  after its 6-byte source endpoint.
 - overlay_io → control:
   - OVERLAY, an overlay message opened from the peer ``peer``;
-  - HANDSHAKE, a HANDSHAKE or COOKIE datagram as received, after its 6-byte source
-    endpoint;
   - RELAY, a relay payload (dest id, ttl, inner datagram) to seal as a RELAY datagram for
     the hop ``peer``, which another overlay_io worker owns: control passes it on to that
     worker unchanged;
@@ -71,7 +72,7 @@ from __future__ import annotations
 
 import enum
 
-from pipeline.topology import EDGES, Stage
+from pipeline.topology import EDGES, Lane, Stage
 
 __all__ = [
     "EDGE_KINDS",
@@ -101,15 +102,18 @@ class RecordKind(enum.IntEnum):
 _TAP, _CLS, _IO, _CTL = Stage.TAP_READER, Stage.CLASSIFIER, Stage.OVERLAY_IO, Stage.CONTROL
 K = RecordKind
 
-EDGE_KINDS: dict[tuple[Stage, Stage], frozenset[RecordKind]] = {
-    (_TAP, _CLS): frozenset({K.FRAME}),
-    (_CLS, _TAP): frozenset({K.FRAME}),
-    (_CLS, _IO): frozenset({K.IP_PACKET}),
-    (_IO, _CLS): frozenset({K.IP_PACKET}),
-    (_CLS, _CTL): frozenset({K.FRAME, K.RESOLVE, K.VERIFY, K.CLAIM}),
-    (_CTL, _CLS): frozenset({K.FRAME}),
-    (_IO, _CTL): frozenset({K.OVERLAY, K.HANDSHAKE, K.RELAY, K.PROBE, K.STUN}),
-    (_CTL, _IO): frozenset({K.IP_PACKET, K.OVERLAY, K.HANDSHAKE, K.RELAY, K.PROBE, K.STUN}),
+_MAIN, _HANDSHAKE = Lane.MAIN, Lane.HANDSHAKE
+
+EDGE_KINDS: dict[tuple[Stage, Stage, Lane], frozenset[RecordKind]] = {
+    (_TAP, _CLS, _MAIN): frozenset({K.FRAME}),
+    (_CLS, _TAP, _MAIN): frozenset({K.FRAME}),
+    (_CLS, _IO, _MAIN): frozenset({K.IP_PACKET}),
+    (_IO, _CLS, _MAIN): frozenset({K.IP_PACKET}),
+    (_CLS, _CTL, _MAIN): frozenset({K.FRAME, K.RESOLVE, K.VERIFY, K.CLAIM}),
+    (_CTL, _CLS, _MAIN): frozenset({K.FRAME}),
+    (_IO, _CTL, _MAIN): frozenset({K.OVERLAY, K.RELAY, K.PROBE, K.STUN}),
+    (_IO, _CTL, _HANDSHAKE): frozenset({K.HANDSHAKE}),
+    (_CTL, _IO, _MAIN): frozenset({K.IP_PACKET, K.OVERLAY, K.HANDSHAKE, K.RELAY, K.PROBE, K.STUN}),
 }
 """Which kinds each edge of the ring graph carries; a consumer counts any other as a drop."""
 
@@ -135,10 +139,10 @@ def ring_graph() -> str:
     (a test keeps the drawing equal to this)."""
     index = {Stage.TAP_READER: "[t]", Stage.CLASSIFIER: "[c]", Stage.OVERLAY_IO: "[k]"}
     rows = []
-    for producer, consumer in EDGES:
-        kinds = ", ".join(k.name for k in sorted(EDGE_KINDS[producer, consumer]))
+    for producer, consumer, lane in EDGES:
+        kinds = ", ".join(k.name for k in sorted(EDGE_KINDS[producer, consumer, lane]))
         left = f"{producer}{index.get(producer, '')}"
-        right = f"{consumer}{index.get(consumer, '')}"
+        right = f"{consumer}{index.get(consumer, '')}" + (f" ({lane} lane)" if lane else "")
         rows.append((left, kinds, right))
     width = max(len(left) for left, _, _ in rows)
     span = max(len(kinds) for _, kinds, _ in rows) + 4

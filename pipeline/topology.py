@@ -8,11 +8,17 @@ The ring graph (T TAP queues, M classifier workers, K overlay_io workers, one co
     tap_reader[t]  ⇄  classifier[c]       every t, c: a ring each way      (2·T·M)
     classifier[c]  ⇄  overlay_io[k]       every c, k: a ring each way      (2·M·K)
     overlay_io[k]  ⇄  control             every k: a ring each way         (2·K)
+    overlay_io[k]  →  control             every k: a handshake lane        (K)
     classifier[c]  ⇄  control             every c: a ring each way         (2·M)
+
+A *lane* is a second ring between the same two workers, for records that must never hold
+up the others: overlay_io's screened handshake datagrams go to control on the HANDSHAKE
+lane, so a handshake flood that fills it leaves overlay messages their own ring.
 
 A ring has one producer and one consumer worker, and is sized by its consumer's stage
 (``stages.<stage>.ring_bytes``). Its name, ``<producer stage><index>><consumer stage><index>``
-(``classifier0>overlay_io1``), is how the supervisor hands its file descriptors to the two
+(``classifier0>overlay_io1``; a lane's with ``+<lane>``: ``overlay_io0>control0+handshake``),
+is how the supervisor hands its file descriptors to the two
 workers. ``pipeline/records.py`` says which record kinds travel on each edge.
 
 Sharding keeps a flow on one worker, so it never reorders: frames of one peer go to the
@@ -27,6 +33,7 @@ from collections.abc import Iterator
 
 __all__ = [
     "EDGES",
+    "Lane",
     "START_ORDER",
     "RingEdge",
     "Stage",
@@ -51,17 +58,26 @@ START_ORDER = (Stage.CONTROL, Stage.OVERLAY_IO, Stage.CLASSIFIER, Stage.TAP_READ
 next stage is up waits in its ring), and stop in the reverse order, so that no frame
 enters a pipeline whose next stage is gone."""
 
-EDGES: tuple[tuple[Stage, Stage], ...] = (
-    (Stage.TAP_READER, Stage.CLASSIFIER),
-    (Stage.CLASSIFIER, Stage.TAP_READER),
-    (Stage.CLASSIFIER, Stage.OVERLAY_IO),
-    (Stage.OVERLAY_IO, Stage.CLASSIFIER),
-    (Stage.OVERLAY_IO, Stage.CONTROL),
-    (Stage.CONTROL, Stage.OVERLAY_IO),
-    (Stage.CLASSIFIER, Stage.CONTROL),
-    (Stage.CONTROL, Stage.CLASSIFIER),
+
+class Lane(enum.StrEnum):
+    """Which of the rings between two workers: most pairs have only the MAIN one."""
+
+    MAIN = ""
+    HANDSHAKE = "handshake"
+
+
+EDGES: tuple[tuple[Stage, Stage, Lane], ...] = (
+    (Stage.TAP_READER, Stage.CLASSIFIER, Lane.MAIN),
+    (Stage.CLASSIFIER, Stage.TAP_READER, Lane.MAIN),
+    (Stage.CLASSIFIER, Stage.OVERLAY_IO, Lane.MAIN),
+    (Stage.OVERLAY_IO, Stage.CLASSIFIER, Lane.MAIN),
+    (Stage.OVERLAY_IO, Stage.CONTROL, Lane.MAIN),
+    (Stage.OVERLAY_IO, Stage.CONTROL, Lane.HANDSHAKE),
+    (Stage.CONTROL, Stage.OVERLAY_IO, Lane.MAIN),
+    (Stage.CLASSIFIER, Stage.CONTROL, Lane.MAIN),
+    (Stage.CONTROL, Stage.CLASSIFIER, Lane.MAIN),
 )
-"""Every (producer stage, consumer stage) pair joined by rings: between every worker of the
+"""Every (producer stage, consumer stage, lane) joined by rings: between every worker of the
 one and every worker of the other."""
 
 
@@ -81,11 +97,13 @@ class RingEdge:
     producer: WorkerId
     consumer: WorkerId
     size: int
+    lane: Lane = Lane.MAIN
 
     @property
     def name(self) -> str:
         p, c = self.producer, self.consumer
-        return f"{p.stage}{p.index}>{c.stage}{c.index}"
+        lane = f"+{self.lane}" if self.lane else ""
+        return f"{p.stage}{p.index}>{c.stage}{c.index}{lane}"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -119,34 +137,40 @@ class Topology:
         """Every ring of the node."""
         sizes = dict(self.ring_bytes)
         out = []
-        for producer, consumer in EDGES:
+        for producer, consumer, lane in EDGES:
             size = sizes.get(consumer, 1 << 20)
             for p in range(self.count(producer)):
                 for c in range(self.count(consumer)):
-                    out.append(RingEdge(WorkerId(producer, p), WorkerId(consumer, c), size))
+                    out.append(RingEdge(WorkerId(producer, p), WorkerId(consumer, c), size, lane))
         return out
 
     def rings_of(self, worker: WorkerId) -> list[RingEdge]:
         """The rings ``worker`` reads or writes (the ones the supervisor hands it)."""
         return [r for r in self.rings() if worker in (r.producer, r.consumer)]
 
-    def inputs(self, worker: WorkerId, source: Stage) -> list[RingEdge]:
+    def inputs(self, worker: WorkerId, source: Stage, lane: Lane = Lane.MAIN) -> list[RingEdge]:
         """The rings into ``worker`` from every worker of ``source``, by that worker's index."""
         return [
-            self._edge(WorkerId(source, i), worker, worker.stage) for i in range(self.count(source))
+            self._edge(WorkerId(source, i), worker, worker.stage, lane)
+            for i in range(self.count(source))
         ]
 
-    def outputs(self, worker: WorkerId, target: Stage) -> list[RingEdge]:
+    def outputs(self, worker: WorkerId, target: Stage, lane: Lane = Lane.MAIN) -> list[RingEdge]:
         """The rings from ``worker`` to every worker of ``target``, by that worker's index."""
-        return [self._edge(worker, WorkerId(target, i), target) for i in range(self.count(target))]
+        return [
+            self._edge(worker, WorkerId(target, i), target, lane) for i in range(self.count(target))
+        ]
 
-    def _edge(self, producer: WorkerId, consumer: WorkerId, sized_by: Stage) -> RingEdge:
-        if (producer.stage, consumer.stage) not in EDGES:
-            raise ValueError(f"no rings from {producer.stage} to {consumer.stage}")
+    def _edge(
+        self, producer: WorkerId, consumer: WorkerId, sized_by: Stage, lane: Lane
+    ) -> RingEdge:
+        if (producer.stage, consumer.stage, lane) not in EDGES:
+            raise ValueError(f"no {lane or 'main'} rings from {producer.stage} to {consumer.stage}")
         for worker in (producer, consumer):
             if not 0 <= worker.index < self.count(worker.stage):
                 raise ValueError(f"no worker {worker}")
-        return RingEdge(producer, consumer, dict(self.ring_bytes).get(sized_by, 1 << 20))
+        size = dict(self.ring_bytes).get(sized_by, 1 << 20)
+        return RingEdge(producer, consumer, size, lane)
 
     def __iter__(self) -> Iterator[RingEdge]:
         return iter(self.rings())

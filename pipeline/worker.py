@@ -51,7 +51,7 @@ from pipeline.config import Settings, settings_from_json
 from pipeline.errors import StageIOError
 from pipeline.log import configure_logging
 from pipeline.shm_ring import Consumer, Producer, Ring, RingSpec
-from pipeline.topology import Stage, WorkerId
+from pipeline.topology import Lane, Stage, WorkerId
 
 _PR_SET_PDEATHSIG = 1
 BUSY_CHECK_S = 0.01
@@ -123,13 +123,15 @@ class Worker:
         self.epoll.register(consumer.bell_fd, select.EPOLLIN)
         return consumer
 
-    def inputs(self, source: Stage) -> list[Consumer]:
+    def inputs(self, source: Stage, lane: Lane = Lane.MAIN) -> list[Consumer]:
         """Consumers of the rings into this worker from each worker of ``source``."""
-        return [self.consumer(edge.name) for edge in self.topology.inputs(self.id, source)]
+        edges = self.topology.inputs(self.id, source, lane)
+        return [self.consumer(edge.name) for edge in edges]
 
-    def outputs(self, target: Stage) -> list[Producer]:
+    def outputs(self, target: Stage, lane: Lane = Lane.MAIN) -> list[Producer]:
         """Producers of the rings from this worker to each worker of ``target``."""
-        return [self.producer(edge.name) for edge in self.topology.outputs(self.id, target)]
+        edges = self.topology.outputs(self.id, target, lane)
+        return [self.producer(edge.name) for edge in edges]
 
     def watch(self, fd_or_socket: int | zmq.Socket[bytes], handler: Callable[[], None]) -> None:
         """Call ``handler`` when ``fd_or_socket`` (a file descriptor or zmq socket) is readable.

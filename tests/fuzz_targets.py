@@ -30,7 +30,6 @@ from pipeline.classifier.classify import FrameAction
 from pipeline.classifier.interface import InterfaceClassifier
 from pipeline.classifier.router import RouterClassifier
 from pipeline.control import crawl, shortcuts
-from pipeline.control import handshake as hs
 from pipeline.control.addressing import AddressingSettings
 from pipeline.control.core import ControlCore
 from pipeline.control.dhcp import frames as dhcp_frames
@@ -45,9 +44,11 @@ from pipeline.control.overlay import OverlayNode
 from pipeline.control.overlay import wire as overlay_wire
 from pipeline.control.overlay.events import Delivered
 from pipeline.crypto import cert as cert_mod
+from pipeline.crypto import handshake as hs
 from pipeline.crypto.datapath import RecvSession, SendSession
 from pipeline.crypto.identity import Identity
 from pipeline.crypto.noise import HandshakeState, NoiseError, public_key
+from pipeline.crypto.screen import HandshakeScreen, ScreenSettings
 from pipeline.errors import RemoteProtocolError
 from pipeline.nodeid import id_to_bytes
 from pipeline.overlay_io import relay, sessions
@@ -335,6 +336,20 @@ def _handshake(datagram: bytes) -> object:
     return message
 
 
+_SCREEN = HandshakeScreen(
+    bytes(32), bytes, 0.0, ScreenSettings(per_source_burst=1e12, per_source_rate=1e12)
+)  # the CA key whose mac1_key is MAC1_KEY; buckets that never run dry
+
+
+def _screen(datagram: bytes) -> object:
+    """overlay_io's screen takes every HANDSHAKE or COOKIE datagram as it came: nothing may
+    escape it (a drop is counted), and so the answer to junk is False."""
+    admitted = _SCREEN.screen(datagram, ("198.18.0.9", 4789), 1.0)
+    _SCREEN.unknown_session(0x1234, ("198.18.0.9", 4789), 1.0)
+    _SCREEN.datagrams_to_send()
+    return admitted
+
+
 def _cookie(datagram: bytes) -> object:
     if len(datagram) >= 8:  # the caller (LinkManager.receive) checks the header's length first
         hs.cookie_receiver(datagram)
@@ -465,9 +480,12 @@ DECODERS: dict[str, Decoder] = {
     "pipeline.control.shortcuts.decode_probe": Decoder(
         (shortcuts.decode_probe,), (ValueError,), PROBE_SEEDS
     ),
-    "pipeline.control.handshake.parse_handshake": Decoder((_handshake,), RPE, (HANDSHAKE,)),
-    "pipeline.control.handshake.decode_payload": Decoder((hs.decode_payload,), RPE, (PAYLOAD,)),
-    "pipeline.control.handshake.open_cookie_reply": Decoder((_cookie,), RPE, (COOKIE_REPLY,)),
+    "pipeline.crypto.handshake.parse_handshake": Decoder((_handshake,), RPE, (HANDSHAKE,)),
+    "pipeline.crypto.handshake.decode_payload": Decoder((hs.decode_payload,), RPE, (PAYLOAD,)),
+    "pipeline.crypto.handshake.open_cookie_reply": Decoder((_cookie,), RPE, (COOKIE_REPLY,)),
+    "pipeline.crypto.screen.HandshakeScreen.screen": Decoder(
+        (_screen,), (), (HANDSHAKE, COOKIE_REPLY)
+    ),
     "pipeline.crypto.cert.decode_certificate": Decoder(
         (cert_mod.decode_certificate,), RPE, (CERTIFICATE.encode(),), max_size=600
     ),
@@ -509,6 +527,8 @@ NOT_DECODERS: dict[str, str] = {
     "pipeline.overlay_io.sessions.NullRecvSession.open_run": "opens nothing (returns at)",
     "pipeline.overlay_io.sessions.RecvEntry.open": "a field: its session's open, bound",
     "pipeline.shm_ring.read_stats": "the node's own shared memory",
+    "pipeline.crypto.screen.HandshakeScreen.read_budget": "a count the driver asks for, no bytes",
+    "pipeline.crypto.screen.ScreenSettings.reads_per_s": "a setting, not a decoder",
     "pipeline.sim.overlay.IntAddressCodec.decode": "the simulator's addresses",
     "pipeline.tap_reader.device.TapDevice.read": "a device read (its frames: the classifier)",
     "pipeline.tap_reader.device.TapDevice.read_into": "a device read",

@@ -56,12 +56,14 @@ def test_ring_record_table_is_the_code_s() -> None:
     """Every (kind, edge) row of docs/wire.md's ring record table is in ``EDGE_KINDS`` and
     every edge's kind has its row, with the kind's number."""
     doc = (ROOT / "docs/wire.md").read_text()
-    rows = re.findall(r"^\| (\d+) \| ([A-Z_]+) \| ([a-z_]+) → ([a-z_]+) \|", doc, re.M)
-    documented = {(RecordKind[name], producer, consumer) for _, name, producer, consumer in rows}
-    assert all(RecordKind[name].value == int(number) for number, name, _, _ in rows)
+    rows = re.findall(
+        r"^\| (\d+) \| ([A-Z_]+) \| ([a-z_]+) → ([a-z_]+)(?: \(([a-z]+) lane\))? \|", doc, re.M
+    )
+    documented = {(RecordKind[name], p, c, lane) for _, name, p, c, lane in rows}
+    assert all(RecordKind[name].value == int(number) for number, name, *_ in rows)
     in_code = {
-        (kind, producer.value, consumer.value)
-        for (producer, consumer), kinds in EDGE_KINDS.items()
+        (kind, producer.value, consumer.value, lane.value)
+        for (producer, consumer, lane), kinds in EDGE_KINDS.items()
         for kind in kinds
     }
     assert documented == in_code

@@ -8,7 +8,6 @@ from collections.abc import Callable
 
 import pytest
 
-from pipeline.control import handshake as hs
 from pipeline.control.links import (
     EventKind,
     LinkEvent,
@@ -17,8 +16,10 @@ from pipeline.control.links import (
     PeerSpec,
     Via,
 )
+from pipeline.crypto import handshake as hs
 from pipeline.crypto.cert import Certificate, RevocationList, issue, make_ca
 from pipeline.crypto.identity import Identity
+from pipeline.crypto.screen import resync_hint
 
 NOW = 1_000.0
 WALL = 1_800_000_000.0
@@ -266,9 +267,11 @@ class TestRefusals:
 
 
 class TestLoad:
-    def test_flood_gets_cookies_and_a_member_still_links(self) -> None:
+    def test_a_relayed_flood_gets_cookies_and_a_relayed_member_still_links(self) -> None:
+        """Handshakes that came through the overlay (overlay_io never saw them) pass the
+        screen here: a bucket per node id, then cookies under load."""
         p = Pair(load_threshold=5)
-        stranger = rng_from(9)
+        stranger, stranger_at = rng_from(9), Via(bytes(19) + b"\x09")
         key = hs.mac1_key(p.ca_cert.public_key)
         for i in range(40):  # a stranger who holds the CA certificate: valid mac1, junk inside
             junk = hs.build_handshake(
@@ -279,14 +282,40 @@ class TestLoad:
                 sender_index=i + 1,
                 noise=stranger(150),
             )
-            p.b.receive(junk, ("198.18.0.9", 5000), p.now, WALL)
-        cookies = [d for d, to in p.b.datagrams_to_send() if to == ("198.18.0.9", 5000)]
-        assert len(cookies) >= 30 and p.b.counters["cookies_sent"] == len(cookies)
-        assert p.b.counters["handshakes_received"] <= 6  # the rest cost no Diffie-Hellman
+            p.b.receive(junk, stranger_at, p.now, WALL)
+        cookies = [d for d, to in p.b.datagrams_to_send() if to == stranger_at]
+        stats = p.b.statistics()
+        assert len(cookies) == 5 and stats["cookies_sent"] == 5  # 10 a source: 5 passed
+        assert p.b.refusals["handshake_rate_limited"] == 30
+        assert p.b.refusals["handshake_failed"] == 5  # the rest cost no Diffie-Hellman
         p.start_a()
-        p.deliver()  # alpha gets a cookie, answers with mac2, and links
-        assert p.a.counters["cookies_received"] == 1
+        alpha_at = Via(p.a.identity.node_id)
+        for _ in range(10):  # alpha's datagrams reach beta through the overlay
+            for datagram, _to in p.a.datagrams_to_send():
+                p.b.receive(datagram, alpha_at, p.now, WALL)
+            for datagram, _to in p.b.datagrams_to_send():
+                p.a.receive(datagram, B_ADDR, p.now, WALL)
+        assert p.a.counters["cookies_received"] == 1  # alpha got a cookie, answered with mac2
+        assert p.b.statistics()["passed_with_cookie"] == 1
         keys_match(p)
+
+    def test_a_resync_hint_for_a_send_session_starts_one_handshake(self) -> None:
+        """Beta restarted and answered alpha's datagram with a bare COOKIE header echoing
+        the index alpha sent on: alpha handshakes again, toward beta's configured endpoint,
+        once; a hint naming no session of ours is refused."""
+        p = Pair()
+        p.start_a()
+        p.deliver()
+        (session,) = p.a.sessions()
+        p.tick(10)
+        elsewhere = ("198.18.0.66", 4789)
+        p.a.receive(resync_hint(session.send_index ^ 1), elsewhere, p.now, WALL)
+        assert p.a.refusals["unknown_index"] == 1 and p.a.datagrams_to_send() == []
+        p.a.receive(resync_hint(session.send_index), elsewhere, p.now, WALL)
+        p.a.receive(resync_hint(session.send_index), elsewhere, p.now, WALL)
+        out = p.a.datagrams_to_send()
+        assert [to for _, to in out] == [B_ADDR]  # one handshake, never toward the hint's source
+        assert p.a.counters["resyncs"] == 1 and p.a.counters["resync_hints_ignored"] == 1
 
 
 class TestLifetime:

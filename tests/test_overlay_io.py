@@ -5,6 +5,7 @@ ways, relaying through a third node, plaintext mode, and the memory port itself.
 from __future__ import annotations
 
 import select
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,15 +15,25 @@ import structlog
 
 from pipeline import messages, shm_ring
 from pipeline.config import settings_from_mapping
+from pipeline.crypto import handshake as hs
 from pipeline.crypto.datapath import SendSession
+from pipeline.crypto.keyfiles import read_certificate
+from pipeline.crypto.screen import ScreenSettings, resync_hint
 from pipeline.nodeid import NODE_ID_LEN
 from pipeline.overlay_io import stage as io_stage
 from pipeline.overlay_io.relay import RELAY_TTL, pack_relay, parse_relay
-from pipeline.overlay_io.udp import RECV_SIZE, Address, MemoryNetwork, spread_by_source
+from pipeline.overlay_io.udp import (
+    RECV_SIZE,
+    Address,
+    MemoryNetwork,
+    UdpPort,
+    spread_by_source,
+)
 from pipeline.records import RecordKind, pack_endpoint
 from pipeline.shm_ring import Consumer, Producer, Ring, RingSpec
-from pipeline.topology import RingEdge, Stage, WorkerId
+from pipeline.topology import Lane, RingEdge, Stage, WorkerId
 from pipeline.wire.overlay import DatagramType, build_header, parse_header
+from supervisor.testbed.nodes import Authority
 
 SIZE = 1 << 160
 KEY_AR, KEY_RA, KEY_RB, KEY_BR, KEY_AB, KEY_BA = (bytes([i]) * 32 for i in range(1, 7))
@@ -71,8 +82,12 @@ class Node:
         """``gso``, ``gro``: what the memory ports offer; ``tap_offloads``: whether the node's
         TAP is said to take super-frames (``stages.tap_reader.offloads``)."""
         self.name, self.address, self.node_id = name, (host, 4789), node_id
+        if not plaintext and not (tmp / "authority" / "ca.crt").exists():
+            Authority.create(tmp / "authority")
         security = (
-            {"insecure_plaintext": True} if plaintext else {"ca_certificate": str(tmp / "ca.crt")}
+            {"insecure_plaintext": True}
+            if plaintext
+            else {"ca_certificate": str(tmp / "authority" / "ca.crt")}
         )
         data = {
             "node": {"name": name, "state_dir": str(tmp / name), "runtime_dir": str(tmp / name)},
@@ -92,16 +107,18 @@ class Node:
         self.from_control: list[Producer] = []  # control -> overlay_io i
         self.to_classifier: list[Consumer] = []
         self.to_control: list[Consumer] = []
+        self.handshakes_to_control: list[Consumer] = []  # the handshake lane
         cls, ctl = WorkerId(Stage.CLASSIFIER, 0), WorkerId(Stage.CONTROL, 0)
         for i in range(workers):
             io = WorkerId(Stage.OVERLAY_IO, i)
             names = {
-                key: RingEdge(p, c, 0).name
-                for key, p, c in (
-                    ("in", cls, io),
-                    ("out", io, cls),
-                    ("ctl_in", ctl, io),
-                    ("ctl_out", io, ctl),
+                key: RingEdge(p, c, 0, lane).name
+                for key, p, c, lane in (
+                    ("in", cls, io, Lane.MAIN),
+                    ("out", io, cls, Lane.MAIN),
+                    ("ctl_in", ctl, io, Lane.MAIN),
+                    ("ctl_out", io, ctl, Lane.MAIN),
+                    ("hs_out", io, ctl, Lane.HANDSHAKE),
                 )
             }
             specs = {k: shm_ring.create_ring(n, shm_ring.MIN_CAPACITY) for k, n in names.items()}
@@ -110,6 +127,7 @@ class Node:
             self.from_control.append(Producer(self._attach(specs["ctl_in"])))
             self.to_classifier.append(Consumer(self._attach(specs["out"])))
             self.to_control.append(Consumer(self._attach(specs["ctl_out"])))
+            self.handshakes_to_control.append(Consumer(self._attach(specs["hs_out"])))
             rings = {s.name: s for s in specs.values()}
             port = net.port(host, 4789, gso=gso, gro=gro)
             worker = io_stage.OverlayIoWorker(settings, i, rings, port=port)
@@ -337,15 +355,24 @@ def test_first_datagram_on_an_unconfirmed_session_is_reported_once(lab: Lab) -> 
     assert r.feed().told == [messages.SessionConfirmed(203)]
 
 
-def test_a_datagram_on_an_unknown_session_asks_control_once(lab: Lab) -> None:
+def test_a_datagram_on_an_unknown_session_gets_one_resync_hint(lab: Lab) -> None:
+    """Never a word to control (no handshake toward a source that may be forged): a bare
+    COOKIE header back, echoing the index, once per interval."""
     three_nodes(lab)
     a, r = lab.nodes["a"], lab.nodes["r"]
     r.install([entry(SLOT_B_AT_R, (202, KEY_BR), (301, KEY_RB), EP_B, ID_B)])  # A forgotten
     send_ip(a, SLOT_R_AT_A)
     send_ip(a, SLOT_R_AT_A)
-    lab.pump()
-    assert r.workers[0].stats()["drops"] == {"unknown_session": 2}
-    assert r.feed().told == [messages.UnknownSession(EP_A)]
+    log = lab.pump()
+    hints = [(d, to) for d, frm, to in log if frm == r.address]
+    assert hints == [(resync_hint(201), a.address)]
+    stats = r.workers[0].stats()
+    assert stats["drops"] == {"unknown_session": 2, "hint_repeated": 1}
+    assert stats["screen"] == {"hints_sent": 1}
+    assert r.feed().told == []
+    assert records(a.handshakes_to_control[0]) == [
+        (RecordKind.HANDSHAKE, 0, pack_endpoint(HOST_R, 4789) + resync_hint(201))
+    ]
 
 
 def test_a_send_session_of_age_asks_for_a_rekey_once(lab: Lab) -> None:
@@ -362,30 +389,54 @@ def test_a_send_session_of_age_asks_for_a_rekey_once(lab: Lab) -> None:
     assert len(records(r.to_classifier[0])) == 3  # and it still seals meanwhile
 
 
-def test_handshake_datagrams_pass_through_as_they_are(lab: Lab) -> None:
-    """Both ways, with the endpoint in front; junk headers are counted drops."""
+def handshake(lab: Lab, sender: int, *, step: int = 0, good: bool = True) -> bytes:
+    """A first message (or an answer) with the lab's network mac1, or a forged one."""
+    ca = read_certificate(lab.tmp / "authority" / "ca.crt")
+    key = hs.mac1_key(ca.public_key if good else bytes(32))
+    return hs.build_handshake(
+        key, receiver_index=0, pattern=hs.Pattern.XX, step=step, sender_index=sender,
+        noise=bytes(48),
+    )  # fmt: skip
+
+
+def test_handshake_datagrams_are_screened_and_go_on_their_own_lane(lab: Lab) -> None:
+    """Out as they are; in, with the endpoint in front, on the handshake lane, if the screen
+    lets them: a forged mac1 and junk headers are counted drops."""
     three_nodes(lab)
     a, r = lab.nodes["a"], lab.nodes["r"]
-    hello = build_header(DatagramType.HANDSHAKE) + b"noise message 1"
+    hello = handshake(lab, 7)
     a.from_control[0].push(pack_endpoint(HOST_R, 4789) + hello, RecordKind.HANDSHAKE)
     a.from_control[0].flush()
+    lab.net.deliver(handshake(lab, 8, good=False), (HOST_B, 4789), r.address)
+    lab.net.deliver(build_header(DatagramType.HANDSHAKE) + bytes(20), (HOST_B, 4789), r.address)
     lab.net.deliver(b"\x01\x01" + bytes(5), (HOST_B, 4789), r.address)
     lab.net.deliver(b"\x07" + bytes(40), (HOST_B, 4789), r.address)
     lab.net.deliver(b"\x01\x09" + bytes(40), (HOST_B, 4789), r.address)
     log = lab.pump()
     assert log == [(hello, a.address, r.address)]
-    assert records(r.to_control[0]) == [
+    assert records(r.handshakes_to_control[0]) == [
         (RecordKind.HANDSHAKE, 0, pack_endpoint(HOST_A, 4789) + hello)
     ]
+    assert records(r.to_control[0]) == []
     assert a.workers[0].stats()["datagrams_sent"] == 1
     assert r.workers[0].stats()["drops"] == {
+        "bad_mac1": 1,
+        "short_handshake": 1,
         "short_datagram": 1,
         "bad_version": 1,
         "bad_type": 1,
     }
 
 
-# -- relaying ----------------------------------------------------------------------------------
+def test_a_handshake_flood_from_one_source_stops_at_its_bucket(lab: Lab) -> None:
+    three_nodes(lab)
+    r = lab.nodes["r"]
+    for i in range(100):
+        lab.net.deliver(handshake(lab, i + 1), (HOST_B, 5000 + i), r.address)
+    assert lab.pump() == []
+    passed = records(r.handshakes_to_control[0])
+    assert len(passed) == ScreenSettings().per_source_burst
+    assert r.workers[0].stats()["drops"] == {"handshake_rate_limited": 90}
 
 
 def test_worker_relays_data_end_to_end(lab: Lab) -> None:
@@ -675,3 +726,28 @@ def test_memory_port_descriptor_is_readable_only_while_datagrams_wait() -> None:
         one.close()
         two.close()
     assert one.fd == -1
+
+
+def test_the_kernel_steers_handshake_datagrams_to_their_own_socket() -> None:
+    """``UdpPort`` with ``handshake_socket``, on loopback: HANDSHAKE and COOKIE datagrams
+    (the payload's second byte) arrive at the second socket, everything else at the first."""
+    port = UdpPort("127.0.0.1", 0, buffer_bytes=1 << 20, handshake_socket=True)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        assert port.handshake_fd is not None
+        to = port.sock.getsockname()
+        for kind in (1, 3, 4, 2, 3, 9):
+            sender.sendto(bytes([1, kind]) + bytes(30), to)
+        sender.sendto(b"\x01", to)  # too short for the program: the first socket
+        select.select([port.sock, port.handshake_sock], [], [], 1.0)
+        time.sleep(0.05)
+        main, steered = [], []
+        while (got := port.recv()) is not None:
+            main.append(bytes(port.view[: got[0]][1:2]))
+        while port.recv_handshake() is not None:
+            steered.append(port.handshake_view[1])
+        assert main == [b"\x01", b"\x02", b"\x09", b""]
+        assert steered == [3, 4, 3] and port.handshake_overflows == 0
+    finally:
+        sender.close()
+        port.close()

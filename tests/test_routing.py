@@ -15,6 +15,7 @@ from pipeline.control.routing import RoutingCore
 from pipeline.control.shortcuts import decode_path
 from pipeline.crypto.cert import RevocationList
 from pipeline.crypto.identity import Identity
+from pipeline.crypto.screen import resync_hint
 from pipeline.nodeid import id_to_bytes
 from tests.test_links import WALL, ca_pair, member, rng_from
 
@@ -227,8 +228,9 @@ def test_junk_on_a_link_is_a_counted_drop(junk: bytes) -> None:
 
 def test_a_restarted_node_resyncs_peers_that_kept_its_old_sessions() -> None:
     """Node 2 restarts (same key, same endpoint); node 1 still holds sessions with its old
-    incarnation and sends on them. The new node 2 cannot open them, says so
-    (``unknown_session``), and one handshake later node 1 sends on the new session."""
+    incarnation and sends on them. The new node 2 cannot open them and answers with a resync
+    hint echoing the index (overlay_io's screen does that); node 1 handshakes again. Node 2
+    itself never handshakes toward the source of a datagram it could not open."""
     lab = Lab(3)
     lab.run(15)
     old = lab.cores[2]
@@ -247,15 +249,17 @@ def test_a_restarted_node_resyncs_peers_that_kept_its_old_sessions() -> None:
     lab.cores[2] = fresh
     slot = lab.cores[1]._slot_of(lab.idents[2].node_id)
     assert slot is not None
-    stale = {s.send_key for s in lab.cores[1].links.sessions() if s.slot == slot}
-    fresh.unknown_session(endpoint(1), lab.now, lab.wall())  # overlay_io saw node 1's datagram
+    stale = list(lab.cores[1].links.links[slot].sessions)
+    hint = resync_hint(stale[-1].send_index)
+    lab.cores[1].receive_handshake(hint, endpoint(2), lab.now, lab.wall())
     lab.deliver()
     newest = lab.cores[1].links.links[slot].sessions[-1]
-    assert newest.send_key not in stale and newest.confirmed
-    assert newest.send_key in {s.recv_key for s in fresh.links.sessions()}
-    assert fresh.counters["resyncs"] == 1
-    fresh.unknown_session(endpoint(1), lab.now, lab.wall())  # just made: no second handshake
-    assert fresh.counters["resyncs"] == 1
+    assert newest.send_key not in {s.send_key for s in stale}
+    # node 2 sends on it at once (its side is confirmed), which confirms node 1's side
+    assert any(s.confirmed and s.recv_key == newest.send_key for s in fresh.links.sessions())
+    assert lab.cores[1].links.counters["resyncs"] == 1
+    lab.cores[1].receive_handshake(hint, endpoint(2), lab.now, lab.wall())  # just made
+    assert lab.cores[1].handshakes_to_send() == []
 
 
 def test_a_relayed_link_that_carries_traffic_becomes_a_shortcut() -> None:

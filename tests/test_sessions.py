@@ -14,8 +14,6 @@ from pipeline.overlay_io.sessions import (
     HOP_REPORT_S,
     HOP_SILENT_S,
     NO_ENDPOINT,
-    UNKNOWN_SESSION_S,
-    UNKNOWN_SOURCES_MAX,
     NullRecvSession,
     NullSendSession,
     SessionTable,
@@ -262,32 +260,6 @@ class TestReports:
         assert t.reports_to_send() == [messages.SessionConfirmed(100)]
         assert t.reports_to_send() == []
 
-    def test_unknown_sessions_are_reported_at_most_once_per_interval_per_source(self) -> None:
-        t = table()
-        assert t.unknown(ADDR_1, 10.0) == "unknown_session"
-        assert t.unknown(ADDR_1, 10.0 + UNKNOWN_SESSION_S - 0.001) == "unknown_session"
-        assert t.unknown(ADDR_2, 11.0) == "unknown_session"
-        assert t.unknown(None, 11.0) == "unknown_session"  # a relayed inner datagram
-        assert t.unknown(ADDR_1, 10.0 + UNKNOWN_SESSION_S) == "unknown_session"
-        assert t.reports_to_send() == [
-            messages.UnknownSession(EP_1),
-            messages.UnknownSession(EP_2),
-            messages.UnknownSession(EP_1),
-        ]
-
-    def test_unknown_sources_are_remembered_in_bounded_memory(self) -> None:
-        t = table()
-        flood = [("198.19.0.1", port) for port in range(1, UNKNOWN_SOURCES_MAX + 2)]
-        for source in flood:
-            t.unknown(source, 100.0)
-        assert len(t.reports_to_send()) == UNKNOWN_SOURCES_MAX  # the last one: not told
-        assert len(t._unknown_told) == UNKNOWN_SOURCES_MAX
-        t.unknown(flood[0], 100.5)  # still within the interval: nothing new
-        assert t.reports_to_send() == []
-        t.unknown(flood[-1], 100.0 + UNKNOWN_SESSION_S)  # the others are forgotten now
-        assert t.reports_to_send() == [messages.UnknownSession("198.19.0.1:1025")]
-        assert len(t._unknown_told) == 1
-
     def test_a_session_of_age_asks_for_a_rekey_once(self) -> None:
         t = table()
         t.install_keys(keys(key_entry(1, 0, created=0.0), key_entry(2, 2, created=50.0)))
@@ -371,13 +343,12 @@ class TestNullSessions:
         t.install_routes(messages.RouteSnapshot(1, 5, peers[:1]))
         assert list(t.send) == [1] and list(t.by_source) == [ADDR_1]
 
-    def test_plaintext_has_no_keys_no_handshakes_no_relaying_and_unknown_sources(self) -> None:
+    def test_plaintext_has_no_keys_no_handshakes_and_no_relaying(self) -> None:
         t = table(plaintext=True)
         t.install_keys(keys(key_entry(1, 0)))
         assert t.send == {} and t.recv == {} and t.version == -1
         assert t.handshake_types == frozenset()
         assert t.relay_route(1) == "no_endpoint"
-        assert t.unknown(ADDR_1, 0.0) == "unknown_source"
         t.install_routes(
             messages.RouteSnapshot(1, 1, (messages.PeerRoute(1, "b", (), EP_1, True),))
         )

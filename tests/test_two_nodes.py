@@ -241,7 +241,9 @@ def test_node_ends_leave_nothing_behind(tmp_path: Path, how: str) -> None:
         a, b = two_nodes(tb, tmp_path)
         st = a.wait_running()
         pids = [w["pid"] for w in st["workers"]] + [st["supervisor_pid"]]
-        assert _memfd_rings_held(st["supervisor_pid"]) == 8  # the rings live in memfds
+        assert (
+            _memfd_rings_held(st["supervisor_pid"]) == 9
+        )  # the rings live in memfds (8 + the handshake lane)
         assert a.proc is not None
         if how == "sigterm":
             a.proc.send_signal(signal.SIGTERM)
@@ -289,7 +291,7 @@ def test_scaled_node_carries_traffic(tmp_path: Path, scale: dict[str, int]) -> N
         st = a.status()
         assert st is not None
         assert len([w for w in st["workers"] if w["stage"] == "tap_reader"]) == 2
-        assert len(st["rings"]) == 2 * 2 * 2 + 2 * 2 * 2 + 2 * 2 + 2 * 2  # 2TM + 2MK + 2K + 2M
+        assert len(st["rings"]) == 2 * 2 * 2 + 2 * 2 * 2 + 3 * 2 + 2 * 2  # 2TM + 2MK + 3K + 2M
         assert a.ping(b.address, count=5)
         server = b.ns.popen(
             ["iperf3", "-s", "-1", "-B", b.address],

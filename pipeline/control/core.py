@@ -14,7 +14,7 @@ Theory of operation (the shape of aioquic's ``H3Connection`` over its ``QuicConn
   ``receive_handshake``, ``frame_from_tap`` / ``packet_to_resolve`` /
   ``packet_from_unknown`` / ``claim`` (the classifier's FRAME, RESOLVE, VERIFY and CLAIM
   records), the overlay_io workers' messages (``io_worker_started``,
-  ``session_confirmed``, ``rekey_requested``, ``unknown_session``), tool requests
+  ``session_confirmed``, ``rekey_requested``), tool requests
   (``dht_get``, ``dht_put``, ``ping``, ``netcheck``, ``map``: the overlay crawl of
   crawl.py, whose queries this core also answers), ``set_revocations`` and
   ``handle_timer``.
@@ -489,15 +489,6 @@ class ControlCore:
         if self.routing is not None:
             self.routing.links.request_rekey(slot)
             self._after(now, wall)
-
-    def unknown_session(self, endpoint: str, now: float, wall: float) -> None:
-        """A peer at ``endpoint`` ("host:port") sent on a session we do not hold."""
-        host, _, port = endpoint.rpartition(":")
-        if self.routing is None or not port.isdigit():
-            self.counters["bad_unknown_session"] += 1
-            return
-        self.routing.unknown_session((host, int(port)), now, wall)
-        self._after(now, wall)
 
     def peer_moved(self, slot: int, endpoint: str, now: float, wall: float) -> None:
         """An authentic datagram of link ``slot`` came from a new ``endpoint`` ("host:port")."""

@@ -21,9 +21,12 @@ Theory of operation:
   ``reject_after_s``. Two nodes that initiate at once: the one with the smaller node id
   ignores the other's initiation and keeps its own.
 - Junk costs little: without a valid mac1 (keyed by the network authority) a datagram is
-  dropped before any Diffie-Hellman. When more than ``load_threshold`` handshake messages
-  arrived in the last second, messages without a valid mac2 get a cookie reply instead of
-  work, and those with one are limited per source address.
+  dropped before any Diffie-Hellman. Datagrams from an endpoint were screened by overlay_io
+  before they came here (``pipeline/crypto/screen.py``: a bucket per source, cookies under
+  load); the ones relayed through the overlay pass the same screen here, whose cookie
+  replies go back the same way.
+- A bare COOKIE header (a *resync hint*) echoing the index of one of our send sessions says
+  the peer lost that session (it restarted): a new handshake to the endpoint we have for it.
 
 Inputs: ``receive(datagram, source, now, wall)``, ``handle_timer(now, wall)``,
 ``confirm(index)``, ``request_rekey(slot)``, ``set_revocations(list, wall)``; ``now`` is the
@@ -35,10 +38,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 
-from pipeline.control import handshake as hs
+from pipeline.crypto import handshake as hs
 from pipeline.crypto.cert import (
     Certificate,
     CertificateError,
@@ -49,6 +53,7 @@ from pipeline.crypto.cert import (
 )
 from pipeline.crypto.identity import Identity, x25519_public_from_ed25519
 from pipeline.crypto.noise import CipherState, HandshakeState, NoiseError
+from pipeline.crypto.screen import HandshakeScreen, ScreenSettings
 from pipeline.errors import RemoteProtocolError
 from pipeline.wire.overlay import HEADER_LEN, DatagramType
 from pipeline.wire.stun import MAGIC_COOKIE as STUN_MAGIC_COOKIE
@@ -58,8 +63,8 @@ MAX_SESSIONS = 3
 MAX_DYNAMIC_LINKS = 1024
 MAX_SLOT = 0xFFFF
 MAX_RESPONDING = 256
-COOKIE_SECRET_S = 120.0
 COOKIE_VALID_S = 110.0
+RESYNC_S = 5.0  # a resync hint within this of a session's making is ignored
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -178,19 +183,6 @@ class LinkEvent:
     pattern: str = ""
 
 
-class _TokenBucket:
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, now
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
-
-
 class LinkManager:
     def __init__(
         self,
@@ -219,15 +211,15 @@ class LinkManager:
         self._next_slot = max(self.links, default=0) + 1
         self._mac1_key = hs.mac1_key(ca.public_key)
         self._cookie_key = hs.cookie_key(ca.public_key)
-        self._secrets: list[bytes] = [rng(32)]
-        self._secret_changed = 0.0
-        self._recent: list[float] = []  # arrival times of handshake messages, last second
-        self._buckets: OrderedDict[str, _TokenBucket] = OrderedDict()
+        self.counters: Counter[str] = Counter()
+        self.refusals: Counter[str] = Counter()
+        screening = ScreenSettings(
+            load_threshold=settings.load_threshold, per_source_rate=settings.per_source_rate
+        )
+        self._screen = HandshakeScreen(ca.public_key, rng, 0.0, screening, self.refusals)
         self._responding: OrderedDict[int, _Responding] = OrderedDict()
         self._out: list[tuple[bytes, Target]] = []
         self._events: list[LinkEvent] = []
-        self.counters: Counter[str] = Counter()
-        self.refusals: Counter[str] = Counter()
         self.sessions_version = 0
 
     # -- outputs ---------------------------------------------------------------------------------
@@ -248,7 +240,7 @@ class LinkManager:
         out, a session to rekey or drop, the cookie secret to change. Never in the past
         unless something is due now."""
         st = self.settings
-        due = [self._secret_changed + COOKIE_SECRET_S]
+        due = [math.inf]
         if self._responding:
             oldest = next(iter(self._responding.values()))
             due.append(oldest.started + st.handshake_timeout_s)
@@ -271,15 +263,12 @@ class LinkManager:
         return newest.created + self.settings.rekey_after_s + (0 if newest.initiator else 10.0)
 
     def statistics(self) -> dict[str, object]:
-        return {**self.counters, "refused": dict(self.refusals)}
+        return {**self.counters, **self._screen.counters, "refused": dict(self.refusals)}
 
     # -- timers ----------------------------------------------------------------------------------
 
     def handle_timer(self, now: float, wall: float) -> None:
         st = self.settings
-        if now - self._secret_changed >= COOKIE_SECRET_S:
-            self._secrets = [self.rng(32), *self._secrets[:1]]
-            self._secret_changed = now
         for index, resp in list(self._responding.items()):
             if now - resp.started >= st.handshake_timeout_s:
                 del self._responding[index]
@@ -495,14 +484,17 @@ class LinkManager:
             return
         try:
             if datagram[1] == DatagramType.COOKIE:
-                self._receive_cookie(datagram, now, wall)
+                self._receive_cookie(datagram, source, now, wall)
             else:
                 self._receive_handshake(datagram, source, now, wall)
         except RemoteProtocolError as exc:
             self._refuse(exc.reason, source, exc.detail)
 
-    def _receive_cookie(self, datagram: bytes, now: float, wall: float) -> None:
+    def _receive_cookie(self, datagram: bytes, source: Target, now: float, wall: float) -> None:
         index = hs.cookie_receiver(datagram)
+        if len(datagram) == HEADER_LEN:
+            self._receive_resync_hint(index, source, now, wall)
+            return
         link = next(
             (lk for lk in self.links.values() if lk.pending and lk.pending.index == index), None
         )
@@ -515,12 +507,29 @@ class LinkManager:
             link.pending = None
             self._initiate(link, now, wall)
 
+    def _receive_resync_hint(self, index: int, source: Target, now: float, wall: float) -> None:
+        """The peer does not hold the session we send on with ``index`` (it restarted): a
+        new handshake toward the endpoint we have for it, not toward ``source``, unless one
+        is under way or was made in the last ``RESYNC_S``. Only the peer (or whoever sees
+        its traffic) knows the index: the hint's proof (``pipeline/crypto/screen.py``)."""
+        link = next(
+            (lk for lk in self.links.values() if any(s.send_index == index for s in lk.sessions)),
+            None,
+        )
+        if link is None:
+            raise RemoteProtocolError("unknown_index", f"resync hint for {index}")
+        if link.pending is not None or any(now - s.created < RESYNC_S for s in link.sessions):
+            self.counters["resync_hints_ignored"] += 1
+            return
+        self.counters["resyncs"] += 1
+        self._initiate(link, now, wall)
+
     def _receive_handshake(self, datagram: bytes, source: Target, now: float, wall: float) -> None:
         msg = hs.parse_handshake(datagram)
         if not hs.check_mac1(self._mac1_key, datagram):
             self.counters["mac1_invalid"] += 1
             raise RemoteProtocolError("bad_mac1")
-        if msg.step == 0 and not self._admit(datagram, msg, source, now):
+        if isinstance(source, Via) and not self._screen_relayed(datagram, source, now):
             return
         if msg.step == 0:
             self._respond(msg, source, now, wall)
@@ -529,38 +538,12 @@ class LinkManager:
         else:
             self._responder_final(msg, source, now, wall)
 
-    def _admit(self, datagram: bytes, msg: hs.HandshakeMessage, source: Target, now: float) -> bool:
-        """Load control for first messages: cookies, then a per-source rate limit."""
-        recent = [t for t in self._recent if now - t < 1.0]
-        recent.append(now)
-        self._recent = recent[-(self.settings.load_threshold * 4) :]
-        if len(recent) <= self.settings.load_threshold:
-            return True
-        where = _pair(source)
-        cookie_ok = any(
-            hs.check_mac2(hs.make_cookie(secret, where), datagram) for secret in self._secrets
-        )
-        if not cookie_ok:
-            cookie = hs.make_cookie(self._secrets[0], where)
-            reply = hs.build_cookie_reply(
-                self._cookie_key,
-                receiver_index=msg.sender_index,
-                cookie=cookie,
-                mac1=msg.mac1,
-                nonce=self.rng(hs.COOKIE_NONCE_LEN),
-            )
-            self._out.append((reply, source))
-            self.counters["cookies_sent"] += 1
-            return False
-        bucket = self._buckets.get(where[0])
-        if bucket is None:
-            bucket = self._buckets[where[0]] = _TokenBucket(self.settings.per_source_rate, 5, now)
-            while len(self._buckets) > 4096:
-                self._buckets.popitem(last=False)
-        if not bucket.take(now):
-            self.counters["rate_limited"] += 1
-            return False
-        return True
+    def _screen_relayed(self, datagram: bytes, source: Via, now: float) -> bool:
+        """The screen overlay_io runs on datagrams from endpoints, for one that came through
+        the overlay (``_pair``: counted by the node's id); its cookie replies go back so."""
+        admitted = self._screen.screen(datagram, _pair(source), now)
+        self._out += [(reply, source) for reply, _ in self._screen.datagrams_to_send()]
+        return admitted
 
     def _respond(self, msg: hs.HandshakeMessage, source: Target, now: float, wall: float) -> None:
         state = HandshakeState(

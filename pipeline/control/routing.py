@@ -108,7 +108,6 @@ ROUTE_REFRESH_S = 30.0
 NEGATIVE_S = 3.0
 REGISTER_RETRY_S = 5.0
 MAX_PUMP_ROUNDS = 16
-RESYNC_S = 5.0
 LINKS_QUEUE = 256  # crawl messages held for the layer above between two of its looks
 MEMBER_LINKS = 8  # endpoints without a link yet that one member's messages may make us try at once
 RESOLVING_MAX = 256  # DHT gets for addresses under way at once
@@ -551,28 +550,6 @@ class RoutingCore:
 
     def pump(self) -> None:
         """Move what other users of ``dht`` and ``overlay`` made (the addressing core)."""
-        self._pump()
-
-    def unknown_session(self, endpoint: Address, now: float, wall: float) -> None:
-        """The peer at ``endpoint`` sent on a session we do not hold: it still has sessions
-        with an earlier incarnation of this node. A new handshake replaces them (unless one
-        was made with it in the last few seconds)."""
-        self._now, self._wall = now, wall
-        for slot, link in self.links.links.items():
-            if link.endpoint == endpoint:
-                if link.pending is not None or any(
-                    now - s.created < RESYNC_S for s in link.sessions
-                ):
-                    return
-                self.links.request_rekey(slot)
-                self.counters["resyncs"] += 1
-                return
-        try:
-            self.links.connect(endpoint, now, wall, want=False)
-        except RemoteProtocolError as exc:
-            self.counters[f"connect_refused_{exc.reason}"] += 1
-            return
-        self.counters["resyncs"] += 1
         self._pump()
 
     # -- shortcuts ---------------------------------------------------------------------------------

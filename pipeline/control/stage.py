@@ -1,7 +1,9 @@
 """control: the driver of the node's brain. Every decision is in ``ControlCore`` (core.py);
 this file moves bytes, messages and time between it and the world:
 
-- ring records from overlay_io (OVERLAY, HANDSHAKE) and from the classifiers (FRAME,
+- ring records from overlay_io (OVERLAY; HANDSHAKE on the handshake lane, read after the
+  others, a batch at a time, so a flood there never delays overlay messages) and from the
+  classifiers (FRAME,
   RESOLVE, VERIFY, CLAIM) go into the core; what the core wants sent goes into the rings to
   overlay_io (the worker that owns the link's slot) and to the classifier; RELAY records
   pass through to the overlay_io worker that owns the hop;
@@ -45,7 +47,7 @@ from pipeline.crypto.keyfiles import KeyFileError, node_membership, read_revocat
 from pipeline.errors import StageIOError
 from pipeline.records import ENDPOINT_LEN, RecordKind, pack_endpoint, unpack_endpoint
 from pipeline.statefiles import StateDir
-from pipeline.topology import Stage, worker_for_peer
+from pipeline.topology import Lane, Stage, worker_for_peer
 from pipeline.worker import CONTROL_PUB_SOCKET, CONTROL_SOCKET, Worker, endpoint
 
 REVOCATION_CHECK_S = 1.0
@@ -60,6 +62,7 @@ class ControlWorker(Worker):
         s = self.settings
         self.batch = s.stages.control.batch
         self.from_io = self.inputs(Stage.OVERLAY_IO)
+        self.handshakes_from_io = self.inputs(Stage.OVERLAY_IO, Lane.HANDSHAKE)
         self.to_io = self.outputs(Stage.OVERLAY_IO)
         self.from_classifier = self.inputs(Stage.CLASSIFIER)
         self.to_classifier = self.outputs(Stage.CLASSIFIER)
@@ -137,9 +140,6 @@ class ControlWorker(Worker):
                 kind = rec.kind
                 if kind == RecordKind.OVERLAY:
                     core.receive_overlay(rec.peer, bytes(rec.data), now, wall)
-                elif kind == RecordKind.HANDSHAKE:
-                    datagram = bytes(rec.data[ENDPOINT_LEN:])
-                    core.receive_handshake(datagram, unpack_endpoint(rec.data), now, wall)
                 elif kind == RecordKind.RELAY:
                     self._to_io(rec.peer).push(rec.data, RecordKind.RELAY, rec.peer)
                 elif kind == RecordKind.PROBE:
@@ -148,6 +148,17 @@ class ControlWorker(Worker):
                 elif kind == RecordKind.STUN:
                     datagram = bytes(rec.data[ENDPOINT_LEN:])
                     core.receive_stun(datagram, unpack_endpoint(rec.data), now, wall)
+                else:
+                    self.drops["unexpected_kind"] += 1
+            if records:
+                consumer.release()
+                done += len(records)
+        for consumer in self.handshakes_from_io:
+            records = consumer.pop_batch(self.batch)
+            for rec in records:
+                if rec.kind == RecordKind.HANDSHAKE:
+                    datagram = bytes(rec.data[ENDPOINT_LEN:])
+                    core.receive_handshake(datagram, unpack_endpoint(rec.data), now, wall)
                 else:
                     self.drops["unexpected_kind"] += 1
             if records:
@@ -277,8 +288,6 @@ class ControlWorker(Worker):
                 core.session_confirmed(msg.recv_index, now, wall)
             elif isinstance(msg, messages.RekeyRequest):
                 core.rekey_requested(msg.slot, now, wall)
-            elif isinstance(msg, messages.UnknownSession):
-                core.unknown_session(msg.endpoint, now, wall)
             elif isinstance(msg, messages.PeerMoved):
                 core.peer_moved(msg.slot, msg.endpoint, now, wall)
             elif isinstance(msg, messages.HopSilent):

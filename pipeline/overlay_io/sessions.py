@@ -41,9 +41,6 @@ What the table tells control, queued until ``reports_to_send()``:
   roamed or its NAT remapped it, and control sends there from now on;
 - ``SessionConfirmed(index)``: the first datagram opened on an unconfirmed session
   (``confirm``), once per session;
-- ``UnknownSession(endpoint)``: a datagram from ``endpoint`` named a session we do not hold
-  (the peer kept sessions with an earlier incarnation of this node; ``unknown``): at most
-  once per ``UNKNOWN_SESSION_S`` a source, remembering at most ``UNKNOWN_SOURCES_MAX``;
 - ``RekeyRequest(slot)``: a send session carried its volume or its time (``check_rekeys``),
   once per session;
 - ``HopSilent(slot)``: relay payloads go out over link ``slot`` but nothing has been opened
@@ -81,8 +78,6 @@ from pipeline.wire.overlay import HEADER, HEADER_LEN, VERSION, DatagramType
 
 __all__ = [
     "NO_ENDPOINT",
-    "UNKNOWN_SESSION_S",
-    "UNKNOWN_SOURCES_MAX",
     "Address",
     "NullRecvSession",
     "NullSendSession",
@@ -95,8 +90,7 @@ __all__ = [
 Address = tuple[str, int]  # an underlay endpoint: IPv4 address text, UDP port
 NO_ENDPOINT: Address = ("", 0)  # a relayed session's endpoint: never sent to
 
-UNKNOWN_SESSION_S = 2.0
-UNKNOWN_SOURCES_MAX = 1024
+HOPS_TOLD_MAX = 1024  # hop slots remembered for HopSilent before the memory is cleared
 HOP_SILENT_S = 0.5  # a hop relayed over and not heard from this long is reported ...
 HOP_REPORT_S = 0.5  # ... at most this often; control pings it, and a hop that has not
 HOP_ANSWER_S = 1.0  # answered this long after the first report is left out until heard
@@ -279,7 +273,6 @@ class SessionTable:
         # types passed to control as they are (no session): none without handshakes
         self.handshake_types: frozenset[int] = frozenset() if plaintext else _HANDSHAKE_TYPES
         self.no_route = "no_endpoint" if plaintext else "no_session"  # drop: slot unknown
-        self._unknown_told: dict[Address, float] = {}
         self._reports: list[messages.Message] = []
         self.heard: dict[int, float] = {}  # slot -> when a datagram of it was last opened
         self._hop_told: dict[int, float] = {}  # hop slot -> when HopSilent last went
@@ -424,7 +417,7 @@ class SessionTable:
             return
         if now - self._hop_told.get(hop, -HOP_REPORT_S) < HOP_REPORT_S:
             return
-        if len(self._hop_told) >= UNKNOWN_SOURCES_MAX:
+        if len(self._hop_told) >= HOPS_TOLD_MAX:
             self._hop_told.clear()
             self._hop_asked.clear()
         if asked is None or asked <= heard:
@@ -444,24 +437,6 @@ class SessionTable:
         if not entry.confirmed:
             entry.confirmed = True
             self._reports.append(messages.SessionConfirmed(entry.session.index))
-
-    def unknown(self, source: Address | None, now: float) -> str:
-        """A datagram named no session we hold; ``source`` is where it came from (None for
-        the inner datagram of a relay payload: its source is the relay). Returns the drop
-        reason; reports a source to control at most once per ``UNKNOWN_SESSION_S``.
-        ``now``: monotonic seconds."""
-        if self.plaintext:
-            return "unknown_source"
-        if source is not None:
-            told = self._unknown_told
-            if now - told.get(source, -UNKNOWN_SESSION_S) >= UNKNOWN_SESSION_S:
-                if len(told) >= UNKNOWN_SOURCES_MAX:
-                    fresh = {s: t for s, t in told.items() if now - t < UNKNOWN_SESSION_S}
-                    self._unknown_told = told = fresh
-                if len(told) < UNKNOWN_SOURCES_MAX:  # still full: a flood; tell nothing
-                    told[source] = now
-                    self._reports.append(messages.UnknownSession(f"{source[0]}:{source[1]}"))
-        return "unknown_session"
 
     def moved(self, entry: RecvEntry, source: Address) -> None:
         """An authentic datagram of ``entry`` came from ``source``, not from where its

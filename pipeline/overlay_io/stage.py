@@ -18,23 +18,30 @@ session, direct or end to end, and sent to the endpoint the record names, not th
 own; its STUN records (binding requests) go out as they are, from the node's port.
 
 Inbound, a datagram's header is checked (short, version, type); HANDSHAKE and COOKIE
-datagrams go to control with their source endpoint; a STUN answer (it looks like DATA, but
+datagrams (which the kernel steers to a socket of their own when the node runs one
+overlay_io worker, ``udp.py``; read after the overlay traffic, a batch at a time, at most
+the screen's read budget a second: the rest of a flood stays in the kernel) are
+screened (``pipeline/crypto/screen.py``: a bucket per source, mac1, cookies under load; what
+fails is a counted drop, a cookie reply goes out from here) and what passes goes to control
+with its source endpoint, on the handshake lane, a ring of its own, so a flood never holds
+up overlay messages; a STUN answer (it looks like DATA, but
 its session index is STUN's magic cookie, which no session has, so it is recognised only
 when the index lookup misses) goes to control as a STUN record; PROBE datagrams opened with
 their link's session go to control with their source endpoint (where a probe came from is
 its point); DATA, OVERLAY and RELAY ones are opened
 with the receive entry their header's index names (``open``: the replay window and the tag
 checked), or, when the index names none, with the entry of their source endpoint
-(plaintext mode). DATA goes to the classifier worker of that peer, OVERLAY to control; a
+(plaintext mode); an index that names none is a counted drop, and the screen may answer
+its source with a resync hint (never a handshake: the source may be forged). DATA goes to
+the classifier worker of that peer, OVERLAY to control; a
 RELAY payload is delivered (its inner datagram handled as if from the network), passed on
 with its TTL taken down, or dropped (``relay.on_relay``). A relay never opens an inner
 datagram. Every failure is a drop counted by its reason, before any expensive work where
 possible.
 
-What the table queues for control (``SessionConfirmed``, ``UnknownSession``,
-``RekeyRequest``) is sent after each batch. With ``security.insecure_plaintext`` the
-table holds null sessions (no keys, no handshakes; ``sessions.py``) and this file does not
-change.
+What the table queues for control (``SessionConfirmed``, ``PeerMoved``, ``RekeyRequest``)
+is sent after each batch. With ``security.insecure_plaintext`` the table holds null sessions
+(no keys, no handshakes, no screen; ``sessions.py``) and this file does not change.
 
 The port is a ``udp.Port``: ``UdpPort`` in a node, a ``MemoryPort`` when a test or benchmark
 hands one to the constructor.
@@ -64,6 +71,8 @@ node passes on for others. Handshakes and STUN are no peer's either.
 from __future__ import annotations
 
 import functools
+import os
+import select
 import struct
 import time
 from collections import Counter
@@ -73,7 +82,9 @@ from typing import Any
 from pipeline import messages
 from pipeline.config import Settings
 from pipeline.crypto.datapath import ReadableBuffer
-from pipeline.errors import RemoteProtocolError
+from pipeline.crypto.keyfiles import KeyFileError, read_certificate
+from pipeline.crypto.screen import HandshakeScreen, ScreenSettings
+from pipeline.errors import RemoteProtocolError, StageIOError
 from pipeline.overlay_io.relay import RelayAction, on_relay, pack_relay
 from pipeline.overlay_io.sessions import Address, RecvEntry, SendEntry, SessionTable
 from pipeline.overlay_io.udp import Port, UdpPort
@@ -86,7 +97,7 @@ from pipeline.records import (
 )
 from pipeline.route_feed import RouteFeed
 from pipeline.shm_ring import MAX_SLOT, Consumer, Producer, RingSpec
-from pipeline.topology import Stage
+from pipeline.topology import Lane, Stage
 from pipeline.wire import tso, vnet
 from pipeline.wire.overlay import FLAG_PARTIAL, HEADER_LEN, RELAY_TTL, VERSION, DatagramType
 from pipeline.wire.stun import is_stun
@@ -135,6 +146,7 @@ class OverlayIoWorker(Worker):
             buffer_bytes=cfg.socket_buffer_bytes,
             gso=cfg.offloads,
             gro=cfg.offloads,
+            handshake_socket=cfg.workers == 1 and not plaintext,
         )
         self.plaintext = plaintext
         self.coalescer = tso.Coalescer(self._to_classifier, merge=s.stages.tap_reader.offloads)
@@ -145,7 +157,12 @@ class OverlayIoWorker(Worker):
         self.to_classifier = self.outputs(Stage.CLASSIFIER)
         (self.from_control,) = self.inputs(Stage.CONTROL)
         (self.to_control,) = self.outputs(Stage.CONTROL)
-        self.producers: list[Producer] = [*self.to_classifier, self.to_control]
+        (self.handshakes_to_control,) = self.outputs(Stage.CONTROL, Lane.HANDSHAKE)
+        self.producers: list[Producer] = [
+            *self.to_classifier,
+            self.to_control,
+            self.handshakes_to_control,
+        ]
         self.sessions = SessionTable(
             worker=self.index,
             workers=cfg.workers,
@@ -168,7 +185,11 @@ class OverlayIoWorker(Worker):
         self.peer_received: dict[int, int] = {}
         self.control_pending = False  # RELAY records pushed to control since the last flush
         self.drops: Counter[str] = Counter()
+        self.screen = None if plaintext else self._screen()
         self.watch(self.port.fileno(), lambda: None)  # wakes the loop; work() reads
+        self.handshakes_paused = False  # the read budget is spent: not watched till then
+        if self.port.handshake_fd is not None:
+            self.watch(self.port.handshake_fd, lambda: None)
         self.routes = RouteFeed(self, self.sessions.install_routes, self._on_control)
         self.log.info(
             "port_bound",
@@ -177,6 +198,17 @@ class OverlayIoWorker(Worker):
             gso=self.port.gso,
             gro=self.port.gro,
         )
+
+    def _screen(self) -> HandshakeScreen:
+        sec = self.settings.security
+        try:
+            if sec.ca_certificate is None:
+                raise KeyFileError("security.ca_certificate is not set")
+            ca = read_certificate(sec.ca_certificate)
+        except KeyFileError as exc:
+            raise StageIOError(f"cannot screen handshakes: {exc}") from exc
+        settings = ScreenSettings(load_threshold=sec.handshake_load_threshold)
+        return HandshakeScreen(ca.public_key, os.urandom, _monotonic(), settings, self.drops)
 
     def _on_control(self, msg: messages.Message) -> None:
         if isinstance(msg, messages.SessionKeys):
@@ -187,7 +219,7 @@ class OverlayIoWorker(Worker):
     def work(self) -> int:
         self.blocked = False
         now = self.now = _monotonic()
-        done = self._receive(now)
+        done = self._receive(now) + self._receive_handshakes(now)
         outbound = 0
         for consumer in self.from_classifier:
             outbound += self._seal_and_send(consumer, _DATA)
@@ -408,7 +440,54 @@ class OverlayIoWorker(Worker):
             self.coalescer.flush()
             for p in self.producers:
                 p.flush()
+            self._send_screen_replies()
         return count
+
+    def _receive_handshakes(self, now: float) -> int:
+        """At most a batch from the handshake socket (if the port has one), after the
+        overlay traffic: a flood waits there, or the kernel drops it, never the rest."""
+        screen = self.screen
+        fd = self.port.handshake_fd
+        if screen is None or fd is None or self.handshakes_paused:
+            return 0
+        budget = screen.read_budget(now, self.batch)
+        if not budget:  # the rest waits in the kernel (or is dropped there) until then
+            self.handshakes_paused = True
+            self.epoll.modify(fd, 0)
+            self.arm(screen.next_read(now))
+            return 0
+        recv, view = self.port.recv_handshake, self.port.handshake_view
+        lane = self.handshakes_to_control
+        count = 0
+        for _ in range(budget):
+            got = recv()
+            if got is None:
+                screen.unread(budget - count)
+                break
+            count += 1
+            length, source = got
+            datagram = view[:length]
+            if length >= 2 and datagram[1] in self.handshake_types:
+                if screen.screen(datagram, source, now):
+                    lane.push_parts([pack_endpoint(*source), datagram], RecordKind.HANDSHAKE)
+            else:  # the kernel's program steers only these here
+                self.drops["bad_type"] += 1
+        if count:
+            lane.flush()
+            self._send_screen_replies()
+        return count
+
+    def on_deadline(self, now: float) -> None:
+        """The handshake read budget has tokens again: watch the socket again."""
+        if self.handshakes_paused and self.port.handshake_fd is not None:
+            self.handshakes_paused = False
+            self.epoll.modify(self.port.handshake_fd, select.EPOLLIN)
+
+    def _send_screen_replies(self) -> None:
+        if self.screen is not None:
+            for datagram, to in self.screen.datagrams_to_send():
+                if self.port.send([datagram], to):
+                    self.sent += 1
 
     def _open_batch(self, batch: memoryview, segment: int, source: Address, now: float) -> None:
         """A GRO read: datagrams of one source ``segment`` bytes apart. The run of DATA
@@ -422,6 +501,9 @@ class OverlayIoWorker(Worker):
             if first[0] == VERSION and first[1] == _DATA and len(first) > HEADER_LEN:
                 entry = self.recv.get(_INDEX.unpack_from(first, 4)[0])
             if entry is None:
+                if first[1] in self.handshake_types and self._blocked(source, now):
+                    at = self._drop_handshakes(batch, at, segment)  # a flood: O(1) a datagram
+                    continue
                 self._open(first, source, now)
                 at += segment
                 continue
@@ -449,6 +531,21 @@ class OverlayIoWorker(Worker):
             self.received_bytes += opened_bytes
             slot = entry.slot
             self.peer_received[slot] = self.peer_received.get(slot, 0) + opened_bytes
+
+    def _blocked(self, source: Address, now: float) -> bool:
+        return self.screen is not None and self.screen.blocked(source[0], now)
+
+    def _drop_handshakes(self, batch: memoryview, at: int, segment: int) -> int:
+        """The handshake datagrams of a GRO read from a source over its bucket, from ``at``
+        on: dropped as the screen would (counted), unread; returns where the rest begins."""
+        length = len(batch)
+        types = self.handshake_types
+        dropped = 0
+        while at < length and batch[at + 1 : at + 2] and batch[at + 1] in types:
+            dropped += 1
+            at += segment
+        self.drops["handshake_rate_limited"] += dropped
+        return at
 
     def _deliver(self, entry: RecvEntry, payload: ReadableBuffer, partial: int) -> None:
         """An opened DATA packet for the classifier: through the coalescer, which merges
@@ -485,7 +582,11 @@ class OverlayIoWorker(Worker):
             return
         kind = datagram[1]
         if kind in self.handshake_types:
-            self.to_control.push(pack_endpoint(*source) + datagram, RecordKind.HANDSHAKE)
+            screen = self.screen
+            if screen is not None and screen.screen(datagram, source, now):
+                self.handshakes_to_control.push_parts(
+                    [pack_endpoint(*source), datagram], RecordKind.HANDSHAKE
+                )
             return
         if kind != _DATA and kind != _OVERLAY and kind != _RELAY and kind != _PROBE:
             if not relayed and is_stun(datagram):  # a STUN error answer (0x0111)
@@ -502,7 +603,9 @@ class OverlayIoWorker(Worker):
                 if not relayed and is_stun(datagram):
                     self.to_control.push(pack_endpoint(*source) + datagram, RecordKind.STUN)
                     return
-                self.drops[self.sessions.unknown(None if relayed else source, now)] += 1
+                if self.screen is not None and not relayed:
+                    self.screen.unknown_session(_INDEX.unpack_from(datagram, 4)[0], source, now)
+                self.drops["unknown_source" if self.plaintext else "unknown_session"] += 1
                 return
         try:
             payload = entry.open(datagram)
@@ -556,9 +659,17 @@ class OverlayIoWorker(Worker):
             # relay hops left out as silent (they did not answer control's ping), and now
             "relay_hops_suspected": self.sessions.hops_suspected,
             "relay_hops_suspect": len(self.suspect_hops),
-            "drops": dict(self.drops),
+            "drops": self._drops(),
+            "screen": self.screen.statistics() if self.screen is not None else {},
+            "handshake_socket": self.port.handshake_fd is not None,
             "peer_bytes": self.peer_bytes(),
         }
+
+    def _drops(self) -> dict[str, int]:
+        drops = dict(self.drops)
+        if self.port.handshake_overflows:  # the kernel's, at the handshake socket's buffer
+            drops["handshake_overflow"] = self.port.handshake_overflows
+        return drops
 
     def peer_bytes(self) -> dict[int, list[int]]:
         """Slot -> [bytes sent, bytes received], for the slots with traffic."""

@@ -20,6 +20,14 @@ work, ``UDP_GRO`` must read back as set; ``gso`` and ``gro`` say what the port g
 
 - ``UdpPort``: the real one. Every overlay_io worker binds the same port with
   SO_REUSEPORT; the kernel spreads incoming datagrams over the workers by their 4-tuple.
+  With ``handshake_socket`` (a node with one overlay_io worker) it binds the port twice and
+  gives the group a classic BPF program (``SO_ATTACH_REUSEPORT_CBPF``) that steers
+  HANDSHAKE and COOKIE datagrams (the payload's second byte) to the second socket: a
+  flood of them fills that socket's small buffer (the kernel drops the rest, counted with
+  ``SO_RXQ_OVFL`` as ``handshake_overflows``), never the one overlay traffic arrives on.
+  ``recv_handshake`` reads it into ``handshake_view``; ``handshake_fd`` is None without it
+  (several workers: the program would pick sockets across them by index, so they share
+  one socket each as before).
 - ``MemoryPort``: ports joined by a ``MemoryNetwork`` and keyed by address, for tests and
   benchmarks that run whole workers in one process (wireguard-go's ``conn/bindtest``). A
   datagram sent to an address is queued, copied as the kernel would, at a port bound there:
@@ -32,6 +40,7 @@ work, ``UDP_GRO`` must read back as set; ``gso`` and ``gro`` say what the port g
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import socket
@@ -57,6 +66,17 @@ __all__ = [
 
 SO_RCVBUFFORCE = 33
 SO_SNDBUFFORCE = 32
+SO_RXQ_OVFL = 40
+SO_ATTACH_REUSEPORT_CBPF = 51
+HANDSHAKE_BUFFER_BYTES = 1 << 18
+# classic BPF, run on the UDP payload: ldb [1]; jeq #3 -> 1; jeq #4 -> 1; ret #0; ret #1
+_STEER_HANDSHAKES = (
+    (0x30, 0, 0, 1),
+    (0x15, 2, 0, 3),
+    (0x15, 1, 0, 4),
+    (0x06, 0, 0, 0),
+    (0x06, 0, 0, 1),
+)
 RECV_SIZE = 65536 + 64
 SOL_UDP = 17  # linux/udp.h: Python 3.11's socket module has none of these
 UDP_SEGMENT = 103
@@ -66,6 +86,8 @@ GSO_BYTES = 65507  # one UDP send carries at most this much, GSO or not
 _GRO_CMSG = socket.CMSG_SPACE(4)
 _U16 = struct.Struct("=H")
 _INT = struct.Struct("=i")
+_U32 = struct.Struct("=I")
+_OVFL_CMSG = socket.CMSG_SPACE(4)
 
 _TRANSIENT = frozenset(
     {
@@ -105,6 +127,14 @@ class Port(Protocol):
         """One read: (length, source, segment), or None when none is waiting."""
         ...
 
+    handshake_fd: int | None  # the handshake socket's descriptor, if the port has one
+    handshake_view: memoryview  # where ``recv_handshake`` puts a datagram
+    handshake_overflows: int  # datagrams the kernel dropped at the handshake socket
+
+    def recv_handshake(self) -> tuple[int, Address] | None:
+        """One datagram from the handshake socket, or None (always, without one)."""
+        ...
+
     def send_segments(self, parts: list[ReadableBuffer], size: int, address: Address) -> int:
         """Datagrams of ``size`` bytes (the last may be shorter), each the concatenation of
         two of ``parts`` (header, body), to ``address``; how many went."""
@@ -115,23 +145,16 @@ class Port(Protocol):
 
 class UdpPort:
     def __init__(
-        self, host: str, port: int, *, buffer_bytes: int, gso: bool = False, gro: bool = False
+        self,
+        host: str,
+        port: int,
+        *,
+        buffer_bytes: int,
+        gso: bool = False,
+        gro: bool = False,
+        handshake_socket: bool = False,
     ) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            for force, plain in (
-                (SO_RCVBUFFORCE, socket.SO_RCVBUF),
-                (SO_SNDBUFFORCE, socket.SO_SNDBUF),
-            ):
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, force, buffer_bytes)
-                except OSError:
-                    sock.setsockopt(socket.SOL_SOCKET, plain, buffer_bytes)
-            sock.bind((host, port))
-        except OSError as exc:
-            sock.close()
-            raise StageIOError(f"cannot bind UDP {host}:{port}: {exc}") from exc
+        sock = _bound(host, port, buffer_bytes)
         sock.setblocking(False)
         self.sock = sock
         self.buffer = bytearray(RECV_SIZE)
@@ -141,6 +164,26 @@ class UdpPort:
         self.gro = gro and _set_gro(sock)
         self.gso_failed = ""  # why GSO was turned off while running (an EIO)
         self._gso_cmsg: dict[int, list[tuple[int, int, bytes]]] = {}
+        bound_port = sock.getsockname()[1]  # ``port`` may be 0: the second socket joins this
+        self.handshake_sock = (
+            _handshake_socket(sock, host, bound_port) if handshake_socket else None
+        )
+        self.handshake_fd = None if self.handshake_sock is None else self.handshake_sock.fileno()
+        self.handshake_buffer = bytearray(RECV_SIZE)
+        self.handshake_view = memoryview(self.handshake_buffer)
+        self.handshake_overflows = 0
+
+    def recv_handshake(self) -> tuple[int, Address] | None:
+        if self.handshake_sock is None:
+            return None
+        got = _recvmsg(self.handshake_sock, self.handshake_buffer, _OVFL_CMSG)
+        if got is None:
+            return None
+        length, ancillary, source = got
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL and len(data) >= 4:
+                self.handshake_overflows = _U32.unpack_from(data)[0]
+        return length, source
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -172,14 +215,10 @@ class UdpPort:
         if not self.gro:
             got = self.recv()
             return None if got is None else (got[0], got[1], got[0])
-        try:
-            length, ancillary, _flags, source = self.sock.recvmsg_into([self.buffer], _GRO_CMSG)
-        except BlockingIOError:
+        read = _recvmsg(self.sock, self.buffer, _GRO_CMSG)
+        if read is None:
             return None
-        except OSError as exc:
-            if exc.errno in _TRANSIENT:
-                return None
-            raise StageIOError(f"UDP receive failed: {exc}") from exc
+        length, ancillary, source = read
         segment = length
         for level, kind, data in ancillary:
             if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
@@ -222,6 +261,75 @@ class UdpPort:
 
     def close(self) -> None:
         self.sock.close()
+        if self.handshake_sock is not None:
+            self.handshake_sock.close()
+
+
+def _recvmsg(
+    sock: socket.socket, buffer: bytearray, cmsg_size: int
+) -> tuple[int, list[tuple[int, int, bytes]], Address] | None:
+    """One datagram into ``buffer``: (length, control messages, source); None if none is
+    waiting or a transient error (an ICMP error from an earlier send) surfaced instead."""
+    try:
+        length, ancillary, _flags, source = sock.recvmsg_into([buffer], cmsg_size)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno in _TRANSIENT:
+            return None
+        raise StageIOError(f"UDP receive failed: {exc}") from exc
+    return length, ancillary, source
+
+
+def _bound(host: str, port: int, buffer_bytes: int) -> socket.socket:
+    """A UDP socket bound to ``host:port`` with SO_REUSEPORT and ``buffer_bytes`` buffers."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        for force, plain in (
+            (SO_RCVBUFFORCE, socket.SO_RCVBUF),
+            (SO_SNDBUFFORCE, socket.SO_SNDBUF),
+        ):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, buffer_bytes)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, plain, buffer_bytes)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise StageIOError(f"cannot bind UDP {host}:{port}: {exc}") from exc
+    return sock
+
+
+def _handshake_socket(main: socket.socket, host: str, port: int) -> socket.socket | None:
+    """The port's second socket, and the program that steers handshake datagrams to it
+    (``main`` joined the group first: index 0; this one: 1); None if the kernel refuses."""
+    sock = _bound(host, port, HANDSHAKE_BUFFER_BYTES)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+        program = (_SockFilter * len(_STEER_HANDSHAKES))(
+            *(_SockFilter(*op) for op in _STEER_HANDSHAKES)
+        )
+        fprog = _SockFprog(len(_STEER_HANDSHAKES), program)
+        main.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(fprog))
+    except OSError:
+        sock.close()
+        return None
+    sock.setblocking(False)
+    return sock
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = (
+        ("code", ctypes.c_uint16),
+        ("jt", ctypes.c_uint8),
+        ("jf", ctypes.c_uint8),
+        ("k", ctypes.c_uint32),
+    )
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter)))
 
 
 def _probe_gso(sock: socket.socket) -> bool:
@@ -338,6 +446,12 @@ class MemoryPort:
         self.view = memoryview(self.buffer)
         self.send_errors = 0
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.handshake_fd: int | None = None  # one queue: handshakes come by ``recv``
+        self.handshake_view = self.view
+        self.handshake_overflows = 0
+
+    def recv_handshake(self) -> tuple[int, Address] | None:
+        return None
 
     def fileno(self) -> int:
         return self.fd

@@ -8,7 +8,7 @@
 All fields big-endian. ``version`` is 1. ``type`` says what follows: a DATA datagram carries
 one IPv4 packet for the classifier; an OVERLAY datagram carries a control message that
 overlay_io hands to control without reading it; HANDSHAKE and COOKIE datagrams carry the
-link handshake (``pipeline/control/handshake.py``); a RELAY datagram carries, sealed for
+link handshake (``pipeline/crypto/handshake.py``); a RELAY datagram carries, sealed for
 the next hop, a *relay payload*: a destination node id, a TTL and a whole DATA or OVERLAY
 datagram sealed end to end for that destination (``pipeline/overlay_io/relay.py``).
 ``session index`` names the receiver's session and ``counter`` is the sender's per-session
