@@ -149,18 +149,24 @@ class TestInstall:
         assert (t.recv[100].classifier, t.recv[102].classifier) == (1, 2)
 
 
+def relayed_via_1() -> SessionTable:
+    """Direct links 1 and 3, and link 2 relayed (no endpoint): its hop is link 1."""
+    t = table()
+    t.install_keys(
+        keys(
+            key_entry(1, 0, endpoint=EP_1, node_id=ID_1),
+            key_entry(3, 4, endpoint=EP_2, node_id=ID_3),
+            key_entry(2, 2, endpoint="", node_id=ID_2),
+        )
+    )
+    return t
+
+
 class TestRelayed:
     """A link without an endpoint is sealed end to end and handed to the closest direct link."""
 
     def test_relayed_session_gets_the_closest_direct_link_as_hop(self) -> None:
-        t = table()
-        t.install_keys(
-            keys(
-                key_entry(1, 0, endpoint=EP_1, node_id=ID_1),
-                key_entry(3, 4, endpoint=EP_2, node_id=ID_3),
-                key_entry(2, 2, endpoint="", node_id=ID_2),
-            )
-        )
+        t = relayed_via_1()
         assert sorted(t.send) == [1, 3] and list(t.relayed) == [2]
         e2e = t.relayed[2]
         assert (e2e.endpoint, e2e.dest, e2e.hop) == (NO_ENDPOINT, ID_2, 1)
@@ -223,14 +229,7 @@ class TestReports:
         assert t.reports_to_send() == []
 
     def test_a_hop_silent_after_the_report_is_left_out_until_heard(self) -> None:
-        t = table()
-        t.install_keys(
-            keys(
-                key_entry(1, 0, endpoint=EP_1, node_id=ID_1),
-                key_entry(3, 4, endpoint=EP_2, node_id=ID_3),
-                key_entry(2, 2, endpoint="", node_id=ID_2),
-            )
-        )
+        t = relayed_via_1()
         assert t.relayed[2].hop == 1
         t.heard[1] = t.heard[3] = 10.0
         t.relayed_over(1, 11.0)  # reported: control pings it
