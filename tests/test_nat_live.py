@@ -65,7 +65,8 @@ IPERF_S = 12
 def traverse(pair: NatPair, within: float, *, want_direct: bool) -> Outcome:
     """Ping until the first answer, then an iperf3 stream of ``IPERF_S`` seconds while
     watching a's link to b; with ``want_direct``, watch on (after the stream) until the
-    path is direct or ``within`` seconds from the first answer have passed."""
+    path is direct or ``within`` seconds from the first answer have passed. The kind is the
+    direct path's at the end (a reflexive path found first gives way to a local one)."""
     a, b = pair.a, pair.b
     start = time.monotonic()
     wait_for("a answers b, relayed at first", lambda: a.ping(b.address, count=1, wait=1), 30)
@@ -90,6 +91,9 @@ def traverse(pair: NatPair, within: float, *, want_direct: bool) -> Outcome:
         time.sleep(0.5)
     out, _ = client.communicate(timeout=IPERF_S + 30)
     server.wait(timeout=10)
+    if direct_after is not None:  # the path it ended on: a found path yields to a local one
+        row = link_row(a, b)  # that answers within a second (PREFER_LOCAL_S)
+        kind = ((row or {}).get("shortcut") or {}).get("kind", kind)
     result = json.loads(out or b"{}")
     received = result.get("end", {}).get("sum_received", {})
     ok = client.returncode == 0 and "error" not in result and received.get("bytes", 0) > 0
