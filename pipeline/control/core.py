@@ -58,7 +58,7 @@ from pipeline.control.nat.upnp import UpnpCommand, UpnpResult
 from pipeline.control.overlay import wire as overlay_wire
 from pipeline.control.peers import PeerState, PeerTable
 from pipeline.control.routing import RoutingCore
-from pipeline.control.shortcuts import CandidateKind, decode_path
+from pipeline.control.shortcuts import POOL_SOCKETS, SPRAY_PROBES, CandidateKind, decode_path
 from pipeline.crypto.cert import Certificate, RevocationList
 from pipeline.crypto.identity import Identity
 from pipeline.errors import RemoteProtocolError
@@ -97,6 +97,8 @@ class ControlSettings:
     port_mapping: bool = False
     port_mapping_protocols: tuple[str, ...] = ("pcp", "nat-pmp", "upnp")  # asked in this order
     shortcuts: bool = True
+    pool_sockets: int = POOL_SOCKETS  # birthday probing's bounds (``shortcuts.py``)
+    spray_probes: int = SPRAY_PROBES
     map_answers_per_s: float = crawl.ANSWERS_PER_S  # crawl queries answered a second
 
 
@@ -147,6 +149,7 @@ class ControlCore:
         self._handshakes_out: list[tuple[bytes, Address, int]] = []
         self._overlay_out: list[tuple[int, bytes]] = []
         self._probes_out: list[tuple[int, Address, bytes]] = []
+        self._pools_out: list[tuple[int, Address | None, bytes]] = []
         self._packets_out: list[tuple[int, bytes]] = []
         self._tap_out: list[bytes] = []
         self._events: list[ev.ControlEvent] = []
@@ -198,6 +201,8 @@ class ControlCore:
             register_address=not dhcp,
             networks=s.networks,
             shortcuts=s.shortcuts,
+            pool_sockets=s.pool_sockets,
+            spray_probes=s.spray_probes,
         )
         self.routing = routing
         self.nat = NatDiscovery(
@@ -263,6 +268,13 @@ class ControlCore:
         """(slot, endpoint, payload): PROBE datagrams for overlay_io to seal with link
         ``slot``'s session and send to ``endpoint``."""
         out, self._probes_out = self._probes_out, []
+        return out
+
+    def pools_to_send(self) -> list[tuple[int, Address | None, bytes]]:
+        """(slot, endpoint, payload): birthday probing's pool commands for overlay_io
+        (``RoutingCore.pools_to_send``): a PROBE payload to send from every socket of link
+        ``slot``'s pool to ``endpoint``, or (slot, None, b"") to close the pool."""
+        out, self._pools_out = self._pools_out, []
         return out
 
     def frames_to_tap(self) -> list[bytes]:
@@ -656,6 +668,7 @@ class ControlCore:
                     local,
                     [c for c in found if c.kind is not CandidateKind.LOCAL],
                     mapping_varies=nat.mapping_varies,
+                    public_ip=nat.public_ip,
                 )
                 routing.pump()
         self._links_step(now, wall)
@@ -679,6 +692,7 @@ class ControlCore:
             self._handshakes_out.append((datagram, to, slot))
         self._overlay_out += routing.overlay_to_send()
         self._probes_out += routing.probes_to_send()
+        self._pools_out += routing.pools_to_send()
         for event in routing.events():
             if isinstance(event, ev.HandshakeRefused):
                 self._log_refusal(event, now)

@@ -89,6 +89,8 @@ from pipeline.control.overlay import (
 )
 from pipeline.control.overlay import wire as ow
 from pipeline.control.shortcuts import (
+    POOL_SOCKETS,
+    SPRAY_PROBES,
     Candidate,
     CandidateKind,
     PathFound,
@@ -155,6 +157,8 @@ class RoutingCore:
         register_address: bool = True,
         networks: Sequence[str] = (),
         shortcuts: bool = True,
+        pool_sockets: int = POOL_SOCKETS,
+        spray_probes: int = SPRAY_PROBES,
     ) -> None:
         self.identity = identity
         self.namespace = namespace
@@ -191,10 +195,16 @@ class RoutingCore:
             certificate=certificate.encode(),
             authority=authority.check,
         )
-        self.shortcuts = Shortcuts(identity.node_id, random.Random(rng.getrandbits(64)))
+        self.shortcuts = Shortcuts(
+            identity.node_id,
+            random.Random(rng.getrandbits(64)),
+            pool_sockets=pool_sockets,
+            spray_probes=spray_probes,
+        )
         self._shortcuts_on = shortcuts
         self._local_endpoints: tuple[Address, ...] = ()
         self._mapping_varies = False  # the NAT maps per destination: no reflexive candidate
+        self._public_ip: str | None = None  # then, where STUN sees the node
         self._extra_candidates: tuple[Candidate, ...] = ()
         self._candidates_from: tuple[object, ...] = ()
         self.counters: Counter[str] = Counter()
@@ -218,6 +228,7 @@ class RoutingCore:
         self._overlay_out: list[tuple[int, bytes]] = []
         self._handshakes_out: list[tuple[bytes, Address]] = []
         self._probes_out: list[tuple[int, Address, bytes]] = []
+        self._pools_out: list[tuple[int, Address | None, bytes]] = []
         self._events: list[ev.LogEvent] = []
         self._dht_results: list[DhtEvent] = []
         self._links_in: list[tuple[bytes, bytes]] = []  # (source node id, crawl payload)
@@ -242,6 +253,13 @@ class RoutingCore:
         """(slot, endpoint, payload): PROBE datagrams to seal with the link's session and
         send to that endpoint (not the link's own): shortcut probes and path keepalives."""
         out, self._probes_out = self._probes_out, []
+        return out
+
+    def pools_to_send(self) -> list[tuple[int, Address | None, bytes]]:
+        """(slot, endpoint, payload): a PROBE payload for overlay_io to seal with link
+        ``slot``'s session and send from every socket of the link's pool (birthday
+        probing: opened at the first) to ``endpoint``; (slot, None, b""): close the pool."""
+        out, self._pools_out = self._pools_out, []
         return out
 
     def events(self) -> list[ev.LogEvent]:
@@ -560,14 +578,17 @@ class RoutingCore:
         extra: Sequence[Candidate] = (),
         *,
         mapping_varies: bool = False,
+        public_ip: str | None = None,
     ) -> None:
         """This node's own endpoints: the local addresses of its port, and candidates found
         otherwise (STUN, port mapping). The overlay's reflexive address is added here, unless
         the node's NAT maps per destination (``mapping_varies``: each peer would see another
-        port)."""
+        port); its ``public_ip`` (STUN's) then goes to birthday probing (the overlay's
+        reflexive address stands in without it)."""
         self._local_endpoints = tuple(local)
         self._extra_candidates = tuple(extra)
         self._mapping_varies = mapping_varies
+        self._public_ip = public_ip
         self._candidates_from = ()  # recomputed at the next pump
 
     def _refresh_candidates(self) -> None:
@@ -578,10 +599,17 @@ class RoutingCore:
         self._candidates_from = key
         candidates = [Candidate(e, CandidateKind.LOCAL) for e in self._local_endpoints]
         candidates += self._extra_candidates
-        if isinstance(reflexive, tuple) and len(reflexive) == 2 and not self._mapping_varies:
-            endpoint = (str(reflexive[0]), int(reflexive[1]))
-            candidates.append(Candidate(endpoint, CandidateKind.REFLEXIVE))
+        public_ip: str | None = None
+        if isinstance(reflexive, tuple) and len(reflexive) == 2:
+            if not self._mapping_varies:
+                endpoint = (str(reflexive[0]), int(reflexive[1]))
+                candidates.append(Candidate(endpoint, CandidateKind.REFLEXIVE))
+            else:  # its port is one peer's: only the IP is worth telling (birthday probing)
+                public_ip = str(reflexive[0])
+        if self._mapping_varies:
+            public_ip = self._public_ip or public_ip
         self.shortcuts.set_candidates(candidates)
+        self.shortcuts.set_varies(public_ip)
 
     def receive_path(self, slot: int, message: PathMessage, now: float, wall: float) -> None:
         """A shortcut message (offer, answer, go) that came over link ``slot``."""
@@ -590,6 +618,7 @@ class RoutingCore:
         if link is None or link.certificate is None:
             self.counters["path_message_unlinked"] += 1
             return
+        self._refresh_candidates()  # an answer carries them (and whether our NAT varies)
         self.shortcuts.receive(slot, message, link.certificate.node_id, now)
         self._pump()
 
@@ -650,6 +679,9 @@ class RoutingCore:
             moved = True
         for probe in shortcuts.probes_to_send():
             self._probes_out.append(probe)
+            moved = True
+        for pool in shortcuts.pools_to_send():
+            self._pools_out.append(pool)
             moved = True
         for event in shortcuts.events():
             moved = True
