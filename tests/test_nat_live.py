@@ -133,6 +133,22 @@ def check_birthday_path(pair: NatPair) -> None:
     print("from a pool socket" if entries[0].original[1] != PORT else "from A's own port")
 
 
+def check_chosen_relay(pair: NatPair) -> None:
+    """Both gateways randomise: A and B chose one relay (``relay_chosen``, the member both
+    reach with the least RTT sum), and A's relayed link to B goes through it (``via``)."""
+    a, b = pair.a, pair.b
+
+    def chosen(node: Any) -> str | None:
+        found = [r["relay"] for r in node.log_records() if r.get("event") == "relay_chosen"]
+        return found[-1] if found else None
+
+    relay = wait_for("a relay chosen by both", lambda: chosen(a) and chosen(b), 10)
+    print(f"relay chosen: {chosen(a)} (a), {chosen(b)} (b)")
+    assert chosen(a) == relay
+    row = link_row(a, b)
+    assert row is not None and row["path"] == "relayed" and row["via"] == relay
+
+
 # An ``eim_open`` gateway makes the outcome hang on who probes first: if its own node does,
 # round 1 works; if the peer does, the peer's early probe leaves the stale entry, round 1
 # fails and round 2 (after the shortcut's 35 s of quiet, the other side first) usually
@@ -181,6 +197,8 @@ def test_a_pair_behind_nats_connects_relayed_then_direct_where_it_can(
     if (a_kind, b_kind) == ("random", "eim"):
         assert outcome.birthday  # found by birthday probing
         check_birthday_path(pair)
+    if (a_kind, b_kind) == ("random", "random"):
+        check_chosen_relay(pair)
 
 
 def test_a_port_mapped_endpoint_is_advertised_used_and_given_back(build: Any) -> None:

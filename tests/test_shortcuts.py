@@ -422,3 +422,42 @@ def test_an_implausible_varies_address_is_ignored() -> None:
 
     old = sc.decode_path(msgspec.msgpack.encode(PathOffer(1, True, ())))
     assert isinstance(old, sc.PathOffer) and old.varies == ""
+
+
+M1, M2, M3 = b"\x31" * 20, b"\x32" * 20, b"\x33" * 20
+
+
+def test_when_both_nats_vary_both_choose_the_relay_with_the_least_rtt_sum() -> None:
+    """A and B both vary: their offer and answer list their relays (direct links and RTTs);
+    both pick M2 (A 30 ms + B 10 ms beats M1's 5 + 80 ms; M3 is A's only), tell it with
+    RelayChosen, and still spray nothing."""
+    pair = Pair("random", "random")
+    for who, shortcut in (("a", pair.a), ("b", pair.b)):
+        shortcut.set_candidates([Candidate(pair.a_local if who == "a" else pair.b_local,
+                                           CandidateKind.LOCAL)])  # fmt: skip
+        shortcut.set_varies(pair.gw[who].wan)
+    pair.a.set_relays([(M1, 0.005), (M2, 0.030), (M3, 0.001)])
+    pair.b.set_relays([(M1, 0.080), (M2, 0.010)])
+    pair.a.want(SLOT, B_ID, pair.now)
+    pair.run(1.0)
+    chosen = {w: [e for e in pair.events[w] if isinstance(e, sc.RelayChosen)] for w in "ab"}
+    assert chosen["a"] == chosen["b"] == [sc.RelayChosen(SLOT, M2, 0.04)]
+    assert pair.a.relay(SLOT) == M2 and pair.a.chosen_relays() == {SLOT: M2}
+    assert pair.a.paths(pair.now)[SLOT]["relay"] == M2.hex()
+    assert "sprays" not in pair.b.counters
+    pair.a.forget(SLOT)
+    assert pair.a.relay(SLOT) is None
+
+
+def test_a_relay_is_chosen_only_when_both_vary_and_share_one() -> None:
+    pair = BirthdayPair(seed=2)  # B's NAT does not vary: birthday probing, no relay
+    pair.a.set_relays([(M1, 0.005)])
+    pair.b.set_relays([(M1, 0.005)])
+    pair.a.want(SLOT, B_ID, pair.now)
+    pair.run(sc.ROUND_S)
+    assert pair.a.relay(SLOT) is None and pair.a.direct(SLOT) is not None
+    a = Shortcuts(A_ID, random.Random(1))
+    a.set_varies("198.18.90.11")
+    a.set_relays([(M1, 0.005)])
+    a.receive(SLOT, sc.PathOffer(1, True, (), "198.18.90.12", ((M2, 0.001),)), B_ID, 0.0)
+    assert a.relay(SLOT) is None and a.counters["relay_none_shared"] == 1

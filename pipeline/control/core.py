@@ -293,7 +293,12 @@ class ControlCore:
         if routing is None:
             self._keys_due.clear()
             return []
-        version = (routing.links.sessions_version, routing.tunnels(), routing.relay_hops())
+        version = (
+            routing.links.sessions_version,
+            routing.tunnels(),
+            routing.relay_hops(),
+            tuple(sorted(routing.chosen_relays().items())),
+        )
         if version != self._keys_version:
             self._keys_version = version
             self._keys_due |= set(self._io_workers)
@@ -881,6 +886,7 @@ class ControlCore:
     def _session_keys(self, worker: bytes) -> messages.SessionKeys:
         assert self.routing is not None
         links = self.routing.links
+        chosen = self.routing.chosen_relays()
         entries = []
         for sess in links.sessions():
             gen = self._generations.setdefault((sess.send_index, worker), 0)
@@ -898,6 +904,7 @@ class ControlCore:
                     confirmed=sess.confirmed,
                     endpoint=_text(link.endpoint) if direct else "",
                     node_id=link.certificate.node_id if link.certificate else b"",
+                    via=b"" if direct else chosen.get(sess.slot, b""),
                 )
             )
         return messages.SessionKeys(

@@ -123,6 +123,18 @@ class ShortcutFailed(LogEvent):
     retry_in_s: float
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class RelayChosen(LogEvent):
+    """Both NATs map per destination: the link is relayed through ``relay`` (hex node id),
+    the member both reach with the least sum of RTTs (``rtt_ms``)."""
+
+    name = "relay_chosen"
+    peer: str | None
+    slot: int
+    relay: str
+    rtt_ms: float
+
+
 # -- the NAT picture ---------------------------------------------------------------------------
 
 

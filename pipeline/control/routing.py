@@ -96,6 +96,7 @@ from pipeline.control.shortcuts import (
     PathFound,
     PathLost,
     PathMessage,
+    RelayChosen,
     Shortcuts,
 )
 from pipeline.crypto.cert import Certificate, RevocationList
@@ -113,6 +114,7 @@ MAX_PUMP_ROUNDS = 16
 LINKS_QUEUE = 256  # crawl messages held for the layer above between two of its looks
 MEMBER_LINKS = 8  # endpoints without a link yet that one member's messages may make us try at once
 RESOLVING_MAX = 256  # DHT gets for addresses under way at once
+UNKNOWN_RTT_S = 1.0  # a relay offered before its first pong counts as this slow
 NAMED_MAX = 4096  # endpoints remembered with the member whose message first named them
 
 
@@ -424,6 +426,10 @@ class RoutingCore:
         toward it (its tunnel's relay, if it is a tunnel neighbour)."""
         if node_id is None:
             return None
+        slot = self._slot_of(node_id)
+        chosen = self.shortcuts.relay(slot) if slot is not None else None
+        if chosen is not None and chosen in self.relay_hops():
+            return chosen.hex()
         nid = id_from_bytes(node_id)
         hop = self.overlay.tunnel_relay(nid) or self.overlay.next_hop(nid)
         return None if hop is None else id_to_bytes(hop).hex()
@@ -619,6 +625,7 @@ class RoutingCore:
             self.counters["path_message_unlinked"] += 1
             return
         self._refresh_candidates()  # an answer carries them (and whether our NAT varies)
+        self._refresh_relays()
         self.shortcuts.receive(slot, message, link.certificate.node_id, now)
         self._pump()
 
@@ -669,7 +676,25 @@ class RoutingCore:
         link = self.links.links.get(slot)
         if self._shortcuts_on and link is not None and link.up and isinstance(link.endpoint, Via):
             self._refresh_candidates()
+            self._refresh_relays()
             self.shortcuts.want(slot, node_id, now)
+
+    def _refresh_relays(self) -> None:
+        """Behind a NAT that maps per destination: the overlay connections that may relay,
+        with their RTTs, for a peer behind one too to choose a relay from."""
+        if not self._mapping_varies:
+            return
+        hops = set(self.relay_hops())
+        relays = [
+            (id_to_bytes(info.node_id), UNKNOWN_RTT_S if info.rtt is None else info.rtt)
+            for info in self.overlay.connections()
+            if id_to_bytes(info.node_id) in hops
+        ]
+        self.shortcuts.set_relays(relays)
+
+    def chosen_relays(self) -> dict[int, bytes]:
+        """Relayed links whose relay was chosen (both NATs vary): slot -> the member's id."""
+        return self.shortcuts.chosen_relays()
 
     def _move_shortcuts(self, now: float) -> bool:
         shortcuts = self.shortcuts
@@ -707,6 +732,12 @@ class RoutingCore:
                     self.links.set_endpoint(event.slot, Via(cert.node_id))
                     self.routes_version += 1
                 self._events.append(ev.ShortcutLost(peer, event.slot, _target_text(event.endpoint)))
+            elif isinstance(event, RelayChosen):
+                self._events.append(
+                    ev.RelayChosen(
+                        peer, event.slot, event.node_id.hex(), round(event.rtt * 1000, 3)
+                    )
+                )
             else:
                 self._events.append(
                     ev.ShortcutFailed(peer, event.slot, event.rounds, event.retry_in)

@@ -46,9 +46,16 @@ Theory of operation:
   probes over the 64512 ports a Linux NAT picks from, a hit has probability
   ``1 - exp(-256 * 1024 / 64512)``, about 98 %. An easy side with a mapped port (PCP,
   NAT-PMP, UPnP) needs none of it: the hard side's ordinary probes reach that port, so
-  there is no pool and no spray. Where both sides vary, nothing of this runs: the link
-  stays relayed. A round that ends without a path closes the pool
-  (``pools_to_send`` with endpoint None).
+  there is no pool and no spray. A round that ends without a path closes the pool
+  (``pools_to_send`` with endpoint None). Where both sides vary, nothing of this runs: the
+  link stays relayed, and the relay is chosen (below).
+- **A chosen relay** (both sides' NATs map per destination). A hard node's offer and answer
+  also list its direct links that may relay (``set_relays``: node id and RTT, at most
+  ``RELAYS_MAX``, the fastest). With both lists, each side picks the same member: the one
+  in both with the least sum of the two RTTs (ties: the smaller id), and says so
+  (``RelayChosen``): the link's relayed datagrams go to that member first (which reaches
+  the peer directly), not along the overlay's greedy path. (Each side's choice steers only
+  what it sends; two lists that changed in between may make two choices, both good.)
 - **Keeping it.** Every ``KEEPALIVE_S`` the path is probed again (that holds the NAT
   mappings open); ``LOST_AFTER`` unanswered keepalives in a row lose it (``PathLost``):
   the link goes back to its relay and a new attempt follows.
@@ -87,6 +94,7 @@ SPRAY_S = 3.0  # the spray is spread over this long ...
 SPRAY_TICK_S = 0.1  # ... in batches this far apart
 SPRAY_PORTS = (1024, 65535)  # the ports a Linux NAT picks from for a source port >= 1024
 POOL_SENDS = (0, 3)  # the pool's probe goes out with the first and fourth regular probes
+RELAYS_MAX = 8  # direct links a hard node offers as relays (the fastest)
 KEEPALIVE_S = 20.0
 ACK_WAIT_S = 5.0
 LOST_AFTER = 3
@@ -120,12 +128,14 @@ class PathOffer(msgspec.Struct, tag=True, frozen=True):
     sender_first: bool
     candidates: tuple[tuple[str, int, str], ...]
     varies: str = ""
+    relays: tuple[tuple[bytes, float], ...] = ()  # (node id, RTT s): see set_relays
 
 
 class PathAnswer(msgspec.Struct, tag=True, frozen=True):
     round: int
     candidates: tuple[tuple[str, int, str], ...]
     varies: str = ""
+    relays: tuple[tuple[bytes, float], ...] = ()
 
 
 class PathGo(msgspec.Struct, tag=True, frozen=True):
@@ -192,7 +202,17 @@ class ShortcutFailed:
     retry_in: float
 
 
-ShortcutEvent = PathFound | PathLost | ShortcutFailed
+@dataclasses.dataclass(frozen=True, slots=True)
+class RelayChosen:
+    """Both NATs map per destination: link ``slot`` is relayed through ``node_id`` (the
+    sum of both sides' RTTs to it: ``rtt``)."""
+
+    slot: int
+    node_id: bytes
+    rtt: float
+
+
+ShortcutEvent = PathFound | PathLost | ShortcutFailed | RelayChosen
 
 
 class _Phase(enum.Enum):
@@ -236,6 +256,7 @@ class _Path:
     spray_at: float | None = None
     spray_nonce: int = 0
     birthday: bool = False  # the path was found in a round with birthday probing
+    relay: bytes = b""  # both NATs vary: the member chosen to relay through
 
 
 class Shortcuts:
@@ -255,6 +276,7 @@ class Shortcuts:
         self._spray_probes = min(spray_probes, SPRAY_PORTS[1] - SPRAY_PORTS[0] + 1)
         self._own: tuple[Candidate, ...] = ()
         self._varies = ""  # our public IP if our NAT maps per destination
+        self._relays: tuple[tuple[bytes, float], ...] = ()  # our direct links that may relay
         self._paths: dict[int, _Path] = {}
         self._messages: list[tuple[int, bytes]] = []
         self._probes: list[tuple[int, Address, bytes]] = []
@@ -314,6 +336,7 @@ class Shortcuts:
                 "attempts": p.attempts,
                 "birthday": p.birthday,
                 "peer_varies": bool(p.their_varies),
+                "relay": p.relay.hex() if p.relay else None,
             }
             for slot, p in self._paths.items()
         }
@@ -335,6 +358,21 @@ class Shortcuts:
         ``public_ip``: peers behind an endpoint-independent NAT may find it by birthday
         probing."""
         self._varies = public_ip or ""
+
+    def set_relays(self, relays: Sequence[tuple[bytes, float]]) -> None:
+        """This node's direct links that may relay, with their RTTs in seconds: offered to a
+        peer whose NAT maps per destination too (the fastest ``RELAYS_MAX``)."""
+        fastest = sorted(relays, key=lambda r: (r[1], r[0]))[:RELAYS_MAX]
+        self._relays = tuple((node_id, round(rtt, 6)) for node_id, rtt in fastest)
+
+    def chosen_relays(self) -> dict[int, bytes]:
+        """Slot -> the member chosen to relay it through, for every link that has one."""
+        return {slot: p.relay for slot, p in self._paths.items() if p.relay}
+
+    def relay(self, slot: int) -> bytes | None:
+        """The member chosen to relay link ``slot`` through, if one is."""
+        p = self._paths.get(slot)
+        return p.relay if p is not None and p.relay else None
 
     def want(self, slot: int, node_id: bytes, now: float) -> None:
         """Link ``slot`` (to ``node_id``) is relayed and carries traffic: find a direct path,
@@ -393,6 +431,7 @@ class Shortcuts:
                 p.round = message.round
                 p.theirs = _candidates(message.candidates)
                 p.their_varies = _ip(message.varies)
+                self._choose_relay(p, message.relays)
                 p.first = self._first(p, not message.sender_first)
                 p.started = now
                 p.round_ends = now + ROUND_S
@@ -418,6 +457,7 @@ class Shortcuts:
                 return
             p.theirs = _candidates(message.candidates)
             p.their_varies = _ip(message.varies)
+            self._choose_relay(p, message.relays)
             p.first = self._first(p, p.first)
             if p.first:
                 self._probe_from(p, now)
@@ -519,7 +559,7 @@ class Shortcuts:
         self._send_offer(p, now)
 
     def _send_offer(self, p: _Path, now: float) -> None:
-        offer = PathOffer(p.round, p.first, _wire(self._own), self._varies)
+        offer = PathOffer(p.round, p.first, _wire(self._own), self._varies, self._offered())
         self._messages.append((p.slot, encode(offer)))
         p.offer_at = now + OFFER_RETRY_S
         self._count("offers_sent")
@@ -565,7 +605,30 @@ class Shortcuts:
         return bool(self._varies) != bool(p.their_varies)
 
     def _answer(self, p: _Path) -> PathAnswer:
-        return PathAnswer(p.round, _wire(self._own), self._varies)
+        return PathAnswer(p.round, _wire(self._own), self._varies, self._offered())
+
+    def _offered(self) -> tuple[tuple[bytes, float], ...]:
+        """The relays we offer: only a node whose NAT varies (the peer's may too)."""
+        return self._relays if self._varies else ()
+
+    def _choose_relay(self, p: _Path, theirs: Sequence[tuple[bytes, float]]) -> None:
+        """Both NATs vary: the member both reach with the least sum of RTTs relays the link
+        (both sides compute the same one from the same two lists)."""
+        if not (self._varies and p.their_varies):
+            return
+        ours = dict(self._relays)
+        best: tuple[float, bytes] | None = None
+        for node_id, rtt in theirs[:RELAYS_MAX]:
+            if isinstance(node_id, bytes) and node_id in ours and rtt >= 0:
+                score = (round(ours[node_id] + rtt, 6), node_id)
+                best = score if best is None or score < best else best
+        if best is None:
+            self._count("relay_none_shared")
+            return
+        if best[1] != p.relay:
+            p.relay = best[1]
+            self._events.append(RelayChosen(p.slot, best[1], best[0]))
+            self._count("relays_chosen")
 
     def _send_pool(self, p: _Path, now: float) -> None:
         """The hard side: one Probe from each socket of the pool to each reflexive endpoint
