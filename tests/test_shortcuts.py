@@ -461,3 +461,15 @@ def test_a_relay_is_chosen_only_when_both_vary_and_share_one() -> None:
     a.set_relays([(M1, 0.005)])
     a.receive(SLOT, sc.PathOffer(1, True, (), "198.18.90.12", ((M2, 0.001),)), B_ID, 0.0)
     assert a.relay(SLOT) is None and a.counters["relay_none_shared"] == 1
+
+
+def test_no_pool_and_no_spray_when_the_easy_side_has_a_mapped_port() -> None:
+    """B's gateway maps B's port (PCP, NAT-PMP, UPnP): that takes A's ordinary probes
+    unsolicited, so A opens no pool and B sprays nothing."""
+    pair = BirthdayPair(seed=2)
+    mapped = Candidate(("198.18.90.12", 4789), CandidateKind.MAPPED)
+    pair.b.set_candidates([*pair.candidates("b"), mapped])
+    pair.a.want(SLOT, B_ID, pair.now)
+    pair.run(sc.ROUND_S + 1.0)
+    assert pair.pool_sends == 0 and "sprays" not in pair.b.counters
+    assert not pair.a.paths(pair.now)[SLOT]["birthday"]

@@ -522,7 +522,7 @@ class Shortcuts:
         p.unanswered = 0
         p.backoff = RETRY_S
         p.spray, p.spray_at = [], None
-        p.birthday = self._birthday(p)
+        p.birthday = self._probing(p)
         self._count("birthday_paths_found" if p.birthday else "paths_found")
         self._events.append(PathFound(p.slot, endpoint, kind, rtt or 0.0, p.round))
 
@@ -578,7 +578,7 @@ class Shortcuts:
             p.nonces[nonce] = candidate
             self._probes.append((p.slot, candidate.endpoint, encode(Probe(nonce, now))))
         self._count("probes_sent", len(p.theirs))
-        if self._birthday(p):
+        if self._probing(p):
             if self._varies and p.probes_sent in POOL_SENDS:
                 self._send_pool(p, now)
             elif p.their_varies and p.probes_sent == 0:
@@ -603,6 +603,12 @@ class Shortcuts:
         if not self._pool_sockets or not self._spray_probes:
             return False
         return bool(self._varies) != bool(p.their_varies)
+
+    def _probing(self, p: _Path) -> bool:
+        """Birthday probing runs in this round: not if the easy side has a mapped port,
+        which takes unsolicited probes (the ordinary ones get through there)."""
+        easy = p.theirs if self._varies else self._own
+        return self._birthday(p) and not any(c.kind is CandidateKind.MAPPED for c in easy)
 
     def _answer(self, p: _Path) -> PathAnswer:
         return PathAnswer(p.round, _wire(self._own), self._varies, self._offered())
@@ -632,10 +638,7 @@ class Shortcuts:
 
     def _send_pool(self, p: _Path, now: float) -> None:
         """The hard side: one Probe from each socket of the pool to each reflexive endpoint
-        of the peer. None if the peer has a mapped port: that takes unsolicited probes, so
-        the ordinary ones get through there (and the peer does not spray either)."""
-        if any(c.kind is CandidateKind.MAPPED for c in p.theirs):
-            return
+        of the peer."""
         targets = [c for c in p.theirs if c.kind is CandidateKind.REFLEXIVE]
         for candidate in targets:
             nonce = self._rng.getrandbits(63)
@@ -648,9 +651,7 @@ class Shortcuts:
     def _start_spray(self, p: _Path, now: float) -> None:
         """The easy side: ``spray_probes`` distinct random ports of the hard side's IP, to be
         probed over ``SPRAY_S``; one nonce for them all (where the answer came from is
-        what counts). None if we have a mapped port (the hard side's probes reach it)."""
-        if any(c.kind is CandidateKind.MAPPED for c in self._own):
-            return
+        what counts)."""
         low, high = SPRAY_PORTS
         p.spray = self._rng.sample(range(low, high + 1), self._spray_probes)
         p.spray_nonce = self._rng.getrandbits(63)
