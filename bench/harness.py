@@ -565,7 +565,7 @@ def settled_health(nodes: Sequence[Node], timeout: float = 10.0) -> dict[str, di
     """:func:`node_health` of ``nodes`` once their counters have caught up with the traffic.
 
     Worker counters reach ``status`` with the workers' heartbeats (every
-    ``heartbeat_interval_s``, 1 s in the test bed), so right after the last iperf3 run they
+    ``heartbeat_interval_s``, 2 s in the test bed), so right after the last iperf3 run they
     may lack its final second. Read until the overlay bytes sent grow by less than 1 MB
     (keepalives only) between two reads more than a heartbeat apart.
     """

@@ -64,7 +64,7 @@ from pipeline.crypto.identity import Identity
 from pipeline.errors import RemoteProtocolError
 from pipeline.nodeid import id_to_bytes
 
-REPUBLISH_S = 2.0
+REPUBLISH_S = 10.0  # a backstop: a subscriber asks for the table when it starts
 GENERATION_SHIFT = 40  # send counters of incarnation g start at g << 40
 REFUSALS_LOGGED_PER_S = 10
 TOOL_PING_BASE = 1 << 31  # supervisor ping's Ping seqs start here (liveness's stay below)

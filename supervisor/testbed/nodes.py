@@ -327,7 +327,7 @@ bootstrap = [{seeds}]
 {security}
 {peers}
 [stages]
-heartbeat_interval_s = 1.0
+heartbeat_interval_s = 2.0
 heartbeat_timeout_s = 5.0
 restart_backoff_max_s = 2.0
 
