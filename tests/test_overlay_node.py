@@ -169,6 +169,8 @@ class TestTwoNodeJoin:
         feed(b, out, addr(1), 0.02)
         assert b.events() == [ConnectionAdded(a_id, addr(1), ConnectionKind.LEAF)]
         assert b.address == addr(2)
+        # its first RTT: from the Hello (0.0) to the HelloAck (0.02), before any ping
+        assert [lk.rtt for lk in b.connections()] == [0.02]
         out = b.datagrams_to_send()
         request = w.decode(out[0][0])
         assert isinstance(request, w.ConnectRequest)

@@ -107,7 +107,8 @@ OverlayEvent = (
 class ConnectionInfo:
     """One connection as ``OverlayNode.connections()`` shows it. ``kind`` is why it was made
     (a far connection may also be a near neighbour by position: see ``OverlayNode.neighbours``);
-    ``rtt`` is a smoothed ping round trip in seconds (None before the first pong); ``age``
+    ``rtt`` is a smoothed round trip in seconds, first from the HelloAck of a connection made
+    with one Hello, then from pings (None till one of them); ``age``
     is seconds since the connection came up, at the time of the node's latest input."""
 
     node_id: int

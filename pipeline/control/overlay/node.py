@@ -207,6 +207,7 @@ class _PendingConnection:
     tries: int
     next_try: float
     probe: bool = False  # a leaf made to re-join through (bootstrap probe)
+    sent: float = math.nan  # when the (last) Hello went: its HelloAck is a first RTT sample
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -679,6 +680,8 @@ class OverlayNode:
         if connection is None:
             return
         connection.on_circle = msg.on_circle
+        if pending.tries == 1 and connection.rtt is None and 0.0 <= now - pending.sent < 60.0:
+            connection.rtt = now - pending.sent  # (one Hello only: the ack is its answer)
         if pending.kind is FAR:
             self._far_backoff = self.settings.far_retry_s
             self._next_far = now
@@ -818,6 +821,7 @@ class OverlayNode:
         except ValueError:
             to = b""
         hello = w.Hello(self._id, pending.kind.code, pending.token, to, self._on_circle())
+        pending.sent = self._now
         self._send(hello, pending.address)
 
     # -- neighbour lists ---------------------------------------------------------------------
