@@ -704,6 +704,7 @@ class NodeSupervisor:
             "address": str(control.stats.get("address") or "-") if control else "-",
             "subnet": str(s.network.subnet),
             "mode": s.network.mode.value,
+            "addressing": "static" if s.network.address is not None else "dhcp",
             "device": s.network.device,
             "listen": f"{s.overlay.listen_address}:{s.overlay.listen_port}",
             "supervisor_pid": os.getpid(),
