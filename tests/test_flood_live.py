@@ -11,12 +11,12 @@ phases' median) and the pair still pings.
 
 The issue's throughput bar (half the baseline and 90 % of what the same flood at a closed
 port leaves) is printed, not asserted: the nodes' pipeline is CPU-bound on this 2-core
-machine, so its throughput follows the CPU share other tenants leave it. Under a load of 5-10
-the per-cycle ratio of the node's port to the closed port had quartiles 0.70-1.11 (27
+machine, so its throughput follows the CPU share other tenants leave it. Under a load of
+5-10 the per-cycle ratio of the node's port to the closed port had quartiles 0.70-1.11 (27
 cycles, median 0.89), an A/A run (both phases at closed ports) medians of 0.95 and 1.03, and
-this test's five- and six-cycle medians read 0.86 and 1.33: noise wider than the 10 % bar,
-while the node's own added cost (asserted above) is 0.03-0.04 of a core.
-``bench/flood_bench.py`` measures the bar with more cycles."""
+this test's medians of 5-7 cycles read 0.86, 0.94, 0.98, 1.14 and 1.33 in five runs: noise
+wider than the 10 % bar, while the node's own added cost (asserted above) is 0.03-0.04 of a
+core. ``bench/flood_bench.py`` measures the bar with more cycles."""
 
 from __future__ import annotations
 
@@ -101,12 +101,15 @@ def _workers_cpu(
     return {"cpu_s": cpu, "report": _report(tb, proc, out)}
 
 
-def _overlay_io(node: Node) -> dict[str, Any]:
-    for w in (node.status() or {}).get("workers", []):
-        if w["stage"] == "overlay_io":
-            stats: dict[str, Any] = w["stats"]
-            return stats
-    return {}
+def _counters(node: Node) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """overlay_io's stats and control's link counters, once control has refused no more
+    handshakes than the screen let through."""
+    status = node.status() or {}
+    workers = status.get("workers", [])
+    stats: dict[str, Any] = next((w["stats"] for w in workers if w["stage"] == "overlay_io"), {})
+    links: dict[str, Any] = status.get("links") or {}
+    failed = links.get("refused", {}).get("handshake_failed", 0)
+    return (stats, links) if stats and failed <= stats.get("screen", {}).get("passed", 0) else None
 
 
 def test_a_handshake_flood_costs_a_member_about_what_a_closed_port_does(tmp_path: Path) -> None:
@@ -155,8 +158,10 @@ def test_a_handshake_flood_costs_a_member_about_what_a_closed_port_does(tmp_path
             f" {medians['node_of_closed']:.2f} (the issue's bar: 0.5 and 0.9, not asserted)"
         )
         assert medians["node_port"] >= 0.2 * medians["baseline"], figures
-        # where the flood went: dropped early and counted; control saw a bounded few
-        stats = _overlay_io(b)
+        # where the flood went: dropped early and counted; control saw a bounded few, and
+        # refused no more than passed (workers report with their heartbeats: overlay_io's
+        # count may lag control's by one, so the pair is read until it is consistent)
+        stats, _ = wait_for("overlay_io's and control's counters", lambda: _counters(b), 10)
         drops, screen = stats.get("drops", {}), stats.get("screen", {})
         sent = sum(
             r.get("sent_by_port", {}).get(str(PORT), 0) for r in (screened["report"], phased)
@@ -169,6 +174,4 @@ def test_a_handshake_flood_costs_a_member_about_what_a_closed_port_does(tmp_path
         assert early >= 0.95 * sent, stats
         assert screen.get("passed", 0) < 0.01 * sent, stats
         assert stats.get("handshake_socket") is True, stats
-        links = (b.status() or {}).get("links") or {}
-        assert links.get("refused", {}).get("handshake_failed", 0) <= screen.get("passed", 0)
         assert b.ping(a.address, count=2)
