@@ -233,6 +233,18 @@ def proc_times(pid: int) -> ProcTimes | None:
     return found.times if found is not None else None
 
 
+@dataclass(frozen=True)
+class ProcStat:
+    kthread: bool
+    times: ProcTimes
+
+
+def proc_stat(pid: int) -> ProcStat | None:
+    """Whether ``pid`` is a kernel thread, and its times; None if it is gone."""
+    found = _stat(pid)
+    return None if found is None else ProcStat(bool(found.flags & PF_KTHREAD), found.times)
+
+
 def _all_stats() -> dict[int, _Stat]:
     stats: dict[int, _Stat] = {}
     for entry in os.scandir("/proc"):
