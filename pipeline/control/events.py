@@ -14,9 +14,10 @@ The core produces them in order; ``ControlCore.events()`` drains them.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from typing import Any, ClassVar
+
+import msgspec
 
 
 class Level(enum.StrEnum):
@@ -26,26 +27,23 @@ class Level(enum.StrEnum):
     ERROR = "error"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class LogEvent:
+class LogEvent(msgspec.Struct, frozen=True):
     """A fact for the log: ``name`` and ``level`` per class, the fields per instance."""
 
     name: ClassVar[str]
     level: ClassVar[Level] = Level.INFO
 
     def fields(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: getattr(self, name) for name in self.__struct_fields__}
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Effect:
+class Effect(msgspec.Struct, frozen=True):
     """Something for the driver to do in the world."""
 
 
 # -- links -----------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class LinkFormed(LogEvent):
     name = "link_formed"
     peer: str | None
@@ -55,7 +53,6 @@ class LinkFormed(LogEvent):
     endpoint: str | None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class SessionEstablished(LogEvent):
     name = "session_established"
     peer: str | None
@@ -63,7 +60,6 @@ class SessionEstablished(LogEvent):
     pattern: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class LinkClosed(LogEvent):
     name = "link_closed"
     level = Level.WARNING
@@ -72,7 +68,6 @@ class LinkClosed(LogEvent):
     reason: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class HandshakeRefused(LogEvent):
     name = "handshake_refused"
     level = Level.WARNING
@@ -81,7 +76,6 @@ class HandshakeRefused(LogEvent):
     detail: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class HandshakeRefusalsSuppressed(LogEvent):
     """More refusals came in a second than the log takes; they were counted only."""
 
@@ -90,7 +84,6 @@ class HandshakeRefusalsSuppressed(LogEvent):
     count: int
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class ShortcutFormed(LogEvent):
     """A link that was relayed through the overlay now goes straight to ``endpoint``."""
 
@@ -103,7 +96,6 @@ class ShortcutFormed(LogEvent):
     round: int
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class ShortcutLost(LogEvent):
     name = "shortcut_lost"
     level = Level.WARNING
@@ -112,7 +104,6 @@ class ShortcutLost(LogEvent):
     endpoint: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class ShortcutFailed(LogEvent):
     """No direct path after every round: the link stays relayed, tried again later."""
 
@@ -126,7 +117,6 @@ class ShortcutFailed(LogEvent):
 # -- the NAT picture ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class StunAnswered(LogEvent):
     name = "stun_answered"
     server: str
@@ -134,7 +124,6 @@ class StunAnswered(LogEvent):
     rtt_ms: float
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class NatVaries(LogEvent):
     """STUN servers see the node at different ports: its NAT maps per destination."""
 
@@ -143,7 +132,6 @@ class NatVaries(LogEvent):
     answers: dict[str, str]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class PortMapped(LogEvent):
     name = "port_mapped"
     protocol: str
@@ -151,7 +139,6 @@ class PortMapped(LogEvent):
     lifetime_s: int
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class PortMappingLost(LogEvent):
     name = "port_mapping_lost"
     level = Level.WARNING
@@ -159,20 +146,17 @@ class PortMappingLost(LogEvent):
     reason: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class PortMappingFailed(LogEvent):
     name = "port_mapping_failed"
     reasons: dict[str, str]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class PortUnmapped(LogEvent):
     name = "port_unmapped"
     protocol: str
     confirmed: bool
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class AddressesMoved(LogEvent):
     """The node's own underlay addresses changed (it roamed): links handshake again from the
     new address, shortcuts are punched anew."""
@@ -183,7 +167,6 @@ class AddressesMoved(LogEvent):
     gateway: str | None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class CandidatesChanged(LogEvent):
     """The node's own candidate endpoints changed (local, mapped, reflexive)."""
 
@@ -194,7 +177,6 @@ class CandidatesChanged(LogEvent):
 # -- static peers ------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class PeerUp(LogEvent):
     name = "peer_up"
     peer: str
@@ -202,7 +184,6 @@ class PeerUp(LogEvent):
     rtt_ms: float | None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class PeerDown(LogEvent):
     name = "peer_down"
     level = Level.WARNING
@@ -213,14 +194,12 @@ class PeerDown(LogEvent):
 # -- the overlay -------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class OverlayJoined(LogEvent):
     name = "overlay_joined"
     node_id: str
     estimated_size: int
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class OverlayConnectionAdded(LogEvent):
     name = "overlay_connection_added"
     node_id: str
@@ -228,7 +207,6 @@ class OverlayConnectionAdded(LogEvent):
     endpoint: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class OverlayConnectionRemoved(LogEvent):
     name = "overlay_connection_removed"
     level = Level.WARNING
@@ -239,13 +217,11 @@ class OverlayConnectionRemoved(LogEvent):
 # -- this node's address record, routes --------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class AddressRegistered(LogEvent):
     name = "address_registered"
     address: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class AddressNotRegistered(LogEvent):
     name = "address_not_registered"
     level = Level.WARNING
@@ -254,7 +230,6 @@ class AddressNotRegistered(LogEvent):
     holder: str | None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class AddressLost(LogEvent):
     name = "address_lost"
     level = Level.WARNING
@@ -262,7 +237,6 @@ class AddressLost(LogEvent):
     holder: str | None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class RouteAdded(LogEvent):
     name = "route_added"
     address: str
@@ -271,14 +245,12 @@ class RouteAdded(LogEvent):
     moved: bool
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class RouteRemoved(LogEvent):
     name = "route_removed"
     address: str
     reason: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class ResolveFailed(LogEvent):
     name = "resolve_failed"
     address: str
@@ -288,7 +260,6 @@ class ResolveFailed(LogEvent):
 # -- DHCP, names, machines ---------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class LeaseGranted(LogEvent):
     name = "lease_granted"
     address: str
@@ -297,21 +268,18 @@ class LeaseGranted(LogEvent):
     lease_s: int
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class LeaseEnded(LogEvent):
     name = "lease_ended"
     address: str
     why: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class NameRegistered(LogEvent):
     name = "name_registered"
     host: str
     address: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class NameNotRegistered(LogEvent):
     name = "name_not_registered"
     level = Level.WARNING
@@ -320,7 +288,6 @@ class NameNotRegistered(LogEvent):
     holder: str | None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class MachineLeased(LogEvent):
     name = "machine_leased"
     address: str
@@ -328,14 +295,12 @@ class MachineLeased(LogEvent):
     hostname: str | None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class MachineStatic(LogEvent):
     name = "machine_static"
     address: str
     mac: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class LeasesNotRestored(LogEvent):
     """Router mode: the machines' leases kept before could not be read back."""
 
@@ -344,7 +309,6 @@ class LeasesNotRestored(LogEvent):
     error: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class MachineGone(LogEvent):
     name = "machine_gone"
     address: str
@@ -355,21 +319,18 @@ class MachineGone(LogEvent):
 # -- effects -----------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class HoldAddress(Effect):
     """Keep ``address`` in the state directory: DHCP granted it, ask for it first next time."""
 
     address: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class HoldLeases(Effect):
     """Router mode: keep the machines' leases in the state directory (JSON objects)."""
 
     leases: tuple[dict[str, Any], ...]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class Reply(Effect):
     """Answer a tool's request: ``message`` (a ``pipeline.messages`` struct) to ``to`` (the
     requester, as the driver named it when it passed the request in)."""

@@ -87,7 +87,6 @@ connection's authenticated id is the id it claims.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import heapq
 import math
@@ -129,8 +128,7 @@ TUNNEL_AFTER_TRIES = 2  # unanswered Hellos to a near candidate before a tunnel 
 VERIFY_SPACING_S = 0.25  # pings on the layer below's word, at most this often a connection
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class OverlaySettings:
+class OverlaySettings(msgspec.Struct, frozen=True):
     """Every knob of the overlay core; times in seconds. Defaults follow Brunet."""
 
     near_per_side: int = 2  # near neighbours wanted on each side
@@ -177,8 +175,7 @@ class NodeState(enum.Enum):
     LEFT = "left"
 
 
-@dataclasses.dataclass(slots=True)
-class _Connection:
+class _Connection(msgspec.Struct):
     node_id: int
     address: Address
     address_bytes: bytes
@@ -194,8 +191,7 @@ class _Connection:
     jitter: float = 1.0  # this connection's ping_after factor, 1 .. 1 + ping_jitter
 
 
-@dataclasses.dataclass(slots=True)
-class _PendingConnection:
+class _PendingConnection(msgspec.Struct):
     """A Hello waiting for its HelloAck."""
 
     address: Address
@@ -207,8 +203,7 @@ class _PendingConnection:
     probe: bool = False  # a leaf made to re-join through (bootstrap probe)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Held:
+class _Held(msgspec.Struct, frozen=True):
     """A Data message forwarded over a connection that had been silent: re-routed around the
     connection if nothing is heard from it within ``suspect_after_s``."""
 
@@ -218,8 +213,7 @@ class _Held:
     dest: int
 
 
-@dataclasses.dataclass(slots=True)
-class _PendingConnect:
+class _PendingConnect(msgspec.Struct):
     kind: ConnectionKind
     target: int
     deadline: float
