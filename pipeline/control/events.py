@@ -44,7 +44,7 @@ class Effect(msgspec.Struct, frozen=True):
 # -- links -----------------------------------------------------------------------------------
 
 
-class LinkFormed(LogEvent):
+class LinkFormed(LogEvent, frozen=True):
     name = "link_formed"
     peer: str | None
     slot: int | None
@@ -53,14 +53,14 @@ class LinkFormed(LogEvent):
     endpoint: str | None
 
 
-class SessionEstablished(LogEvent):
+class SessionEstablished(LogEvent, frozen=True):
     name = "session_established"
     peer: str | None
     slot: int | None
     pattern: str
 
 
-class LinkClosed(LogEvent):
+class LinkClosed(LogEvent, frozen=True):
     name = "link_closed"
     level = Level.WARNING
     peer: str | None
@@ -68,7 +68,7 @@ class LinkClosed(LogEvent):
     reason: str
 
 
-class HandshakeRefused(LogEvent):
+class HandshakeRefused(LogEvent, frozen=True):
     name = "handshake_refused"
     level = Level.WARNING
     reason: str
@@ -76,7 +76,7 @@ class HandshakeRefused(LogEvent):
     detail: str
 
 
-class HandshakeRefusalsSuppressed(LogEvent):
+class HandshakeRefusalsSuppressed(LogEvent, frozen=True):
     """More refusals came in a second than the log takes; they were counted only."""
 
     name = "handshake_refusals_suppressed"
@@ -84,7 +84,7 @@ class HandshakeRefusalsSuppressed(LogEvent):
     count: int
 
 
-class ShortcutFormed(LogEvent):
+class ShortcutFormed(LogEvent, frozen=True):
     """A link that was relayed through the overlay now goes straight to ``endpoint``."""
 
     name = "shortcut_formed"
@@ -96,7 +96,7 @@ class ShortcutFormed(LogEvent):
     round: int
 
 
-class ShortcutLost(LogEvent):
+class ShortcutLost(LogEvent, frozen=True):
     name = "shortcut_lost"
     level = Level.WARNING
     peer: str | None
@@ -104,7 +104,7 @@ class ShortcutLost(LogEvent):
     endpoint: str
 
 
-class ShortcutFailed(LogEvent):
+class ShortcutFailed(LogEvent, frozen=True):
     """No direct path after every round: the link stays relayed, tried again later."""
 
     name = "shortcut_failed"
@@ -117,14 +117,14 @@ class ShortcutFailed(LogEvent):
 # -- the NAT picture ---------------------------------------------------------------------------
 
 
-class StunAnswered(LogEvent):
+class StunAnswered(LogEvent, frozen=True):
     name = "stun_answered"
     server: str
     reflexive: str
     rtt_ms: float
 
 
-class NatVaries(LogEvent):
+class NatVaries(LogEvent, frozen=True):
     """STUN servers see the node at different ports: its NAT maps per destination."""
 
     name = "nat_varies"
@@ -132,32 +132,32 @@ class NatVaries(LogEvent):
     answers: dict[str, str]
 
 
-class PortMapped(LogEvent):
+class PortMapped(LogEvent, frozen=True):
     name = "port_mapped"
     protocol: str
     external: str
     lifetime_s: int
 
 
-class PortMappingLost(LogEvent):
+class PortMappingLost(LogEvent, frozen=True):
     name = "port_mapping_lost"
     level = Level.WARNING
     protocol: str
     reason: str
 
 
-class PortMappingFailed(LogEvent):
+class PortMappingFailed(LogEvent, frozen=True):
     name = "port_mapping_failed"
     reasons: dict[str, str]
 
 
-class PortUnmapped(LogEvent):
+class PortUnmapped(LogEvent, frozen=True):
     name = "port_unmapped"
     protocol: str
     confirmed: bool
 
 
-class AddressesMoved(LogEvent):
+class AddressesMoved(LogEvent, frozen=True):
     """The node's own underlay addresses changed (it roamed): links handshake again from the
     new address, shortcuts are punched anew."""
 
@@ -167,7 +167,7 @@ class AddressesMoved(LogEvent):
     gateway: str | None
 
 
-class CandidatesChanged(LogEvent):
+class CandidatesChanged(LogEvent, frozen=True):
     """The node's own candidate endpoints changed (local, mapped, reflexive)."""
 
     name = "candidates_changed"
@@ -177,14 +177,14 @@ class CandidatesChanged(LogEvent):
 # -- static peers ------------------------------------------------------------------------------
 
 
-class PeerUp(LogEvent):
+class PeerUp(LogEvent, frozen=True):
     name = "peer_up"
     peer: str
     slot: int
     rtt_ms: float | None
 
 
-class PeerDown(LogEvent):
+class PeerDown(LogEvent, frozen=True):
     name = "peer_down"
     level = Level.WARNING
     peer: str
@@ -194,20 +194,20 @@ class PeerDown(LogEvent):
 # -- the overlay -------------------------------------------------------------------------------
 
 
-class OverlayJoined(LogEvent):
+class OverlayJoined(LogEvent, frozen=True):
     name = "overlay_joined"
     node_id: str
     estimated_size: int
 
 
-class OverlayConnectionAdded(LogEvent):
+class OverlayConnectionAdded(LogEvent, frozen=True):
     name = "overlay_connection_added"
     node_id: str
     kind: str
     endpoint: str
 
 
-class OverlayConnectionRemoved(LogEvent):
+class OverlayConnectionRemoved(LogEvent, frozen=True):
     name = "overlay_connection_removed"
     level = Level.WARNING
     node_id: str
@@ -217,12 +217,12 @@ class OverlayConnectionRemoved(LogEvent):
 # -- this node's address record, routes --------------------------------------------------------
 
 
-class AddressRegistered(LogEvent):
+class AddressRegistered(LogEvent, frozen=True):
     name = "address_registered"
     address: str
 
 
-class AddressNotRegistered(LogEvent):
+class AddressNotRegistered(LogEvent, frozen=True):
     name = "address_not_registered"
     level = Level.WARNING
     address: str
@@ -230,14 +230,14 @@ class AddressNotRegistered(LogEvent):
     holder: str | None
 
 
-class AddressLost(LogEvent):
+class AddressLost(LogEvent, frozen=True):
     name = "address_lost"
     level = Level.WARNING
     key: str
     holder: str | None
 
 
-class RouteAdded(LogEvent):
+class RouteAdded(LogEvent, frozen=True):
     name = "route_added"
     address: str
     node_id: str
@@ -245,13 +245,13 @@ class RouteAdded(LogEvent):
     moved: bool
 
 
-class RouteRemoved(LogEvent):
+class RouteRemoved(LogEvent, frozen=True):
     name = "route_removed"
     address: str
     reason: str
 
 
-class ResolveFailed(LogEvent):
+class ResolveFailed(LogEvent, frozen=True):
     name = "resolve_failed"
     address: str
     reason: str
@@ -260,7 +260,7 @@ class ResolveFailed(LogEvent):
 # -- DHCP, names, machines ---------------------------------------------------------------------
 
 
-class LeaseGranted(LogEvent):
+class LeaseGranted(LogEvent, frozen=True):
     name = "lease_granted"
     address: str
     mac: str
@@ -268,19 +268,19 @@ class LeaseGranted(LogEvent):
     lease_s: int
 
 
-class LeaseEnded(LogEvent):
+class LeaseEnded(LogEvent, frozen=True):
     name = "lease_ended"
     address: str
     why: str
 
 
-class NameRegistered(LogEvent):
+class NameRegistered(LogEvent, frozen=True):
     name = "name_registered"
     host: str
     address: str
 
 
-class NameNotRegistered(LogEvent):
+class NameNotRegistered(LogEvent, frozen=True):
     name = "name_not_registered"
     level = Level.WARNING
     host: str
@@ -288,20 +288,20 @@ class NameNotRegistered(LogEvent):
     holder: str | None
 
 
-class MachineLeased(LogEvent):
+class MachineLeased(LogEvent, frozen=True):
     name = "machine_leased"
     address: str
     mac: str
     hostname: str | None
 
 
-class MachineStatic(LogEvent):
+class MachineStatic(LogEvent, frozen=True):
     name = "machine_static"
     address: str
     mac: str
 
 
-class LeasesNotRestored(LogEvent):
+class LeasesNotRestored(LogEvent, frozen=True):
     """Router mode: the machines' leases kept before could not be read back."""
 
     name = "leases_not_restored"
@@ -309,7 +309,7 @@ class LeasesNotRestored(LogEvent):
     error: str
 
 
-class MachineGone(LogEvent):
+class MachineGone(LogEvent, frozen=True):
     name = "machine_gone"
     address: str
     mac: str
@@ -319,19 +319,19 @@ class MachineGone(LogEvent):
 # -- effects -----------------------------------------------------------------------------------
 
 
-class HoldAddress(Effect):
+class HoldAddress(Effect, frozen=True):
     """Keep ``address`` in the state directory: DHCP granted it, ask for it first next time."""
 
     address: str
 
 
-class HoldLeases(Effect):
+class HoldLeases(Effect, frozen=True):
     """Router mode: keep the machines' leases in the state directory (JSON objects)."""
 
     leases: tuple[dict[str, Any], ...]
 
 
-class Reply(Effect):
+class Reply(Effect, frozen=True):
     """Answer a tool's request: ``message`` (a ``pipeline.messages`` struct) to ``to`` (the
     requester, as the driver named it when it passed the request in)."""
 

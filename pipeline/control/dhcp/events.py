@@ -81,7 +81,7 @@ class LeaseEvent(msgspec.Struct, frozen=True):
     address: IPv4Address
 
 
-class LeaseGranted(LeaseEvent):
+class LeaseGranted(LeaseEvent, frozen=True):
     """The first ACK of a lease: the client now uses ``address`` for ``lease_s``. The driver
     persists the address (``DhcpServer.preferred`` next start) and routes it to this node.
     ``hostname``: the client's option 12, as ASCII (undecodable bytes escaped), if sent."""
@@ -90,33 +90,33 @@ class LeaseGranted(LeaseEvent):
     hostname: str | None
 
 
-class LeaseRenewed(LeaseEvent):
+class LeaseRenewed(LeaseEvent, frozen=True):
     """A later ACK of the same lease (RENEWING, REBINDING, INIT-REBOOT, a repeated REQUEST)."""
 
     lease_s: int
 
 
-class LeaseReleased(LeaseEvent):
+class LeaseReleased(LeaseEvent, frozen=True):
     """The client sent RELEASE; the address is given up (a ``Release`` is in
     ``dht_requests``)."""
 
 
-class LeaseExpired(LeaseEvent):
+class LeaseExpired(LeaseEvent, frozen=True):
     """The client did not renew in time; the address is given up (a ``Release`` follows)."""
 
 
-class LeaseRevoked(LeaseEvent):
+class LeaseRevoked(LeaseEvent, frozen=True):
     """Another node holds the address after all (``address_lost`` of an address this node
     held: a renewal answered EXISTS, or the DHT's ``LeaseLost``). The next REQUEST of the
     client is NAKed and it starts over. Nothing is released: the record is not ours."""
 
 
-class AddressDeclined(LeaseEvent):
+class AddressDeclined(LeaseEvent, frozen=True):
     """The client sent DECLINE (the address is in use on its link): the address is given up
     and not offered again for ``avoid_s``."""
 
 
-class OfferExpired(LeaseEvent):
+class OfferExpired(LeaseEvent, frozen=True):
     """An OFFER got no REQUEST within ``offer_timeout_s``; the address is given up."""
 
 
