@@ -39,12 +39,13 @@ Theory of operation (the shape of aioquic's ``H3Connection`` over its ``QuicConn
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
+
+import msgspec
 
 from pipeline import messages
 from pipeline.control import crawl
@@ -76,8 +77,7 @@ MAP_TIMEOUT_MAX_S = 600.0
 _OVERLAY_VERSION = overlay_wire.VERSION
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ControlSettings:
+class ControlSettings(msgspec.Struct, frozen=True):
     """What control's core is told about the node (the driver builds it from the config)."""
 
     node_name: str
@@ -100,8 +100,7 @@ class ControlSettings:
     map_answers_per_s: float = crawl.ANSWERS_PER_S  # crawl queries answered a second
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Credentials:
+class Credentials(msgspec.Struct, frozen=True):
     """This node's membership: its identity, certificate, the authority, the revocations."""
 
     identity: Identity

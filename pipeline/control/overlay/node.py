@@ -87,7 +87,6 @@ connection's authenticated id is the id it claims.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import heapq
 import math
@@ -130,8 +129,7 @@ VERIFY_SPACING_S = 0.25  # pings on the layer below's word, at most this often a
 TUNNEL_BROKEN = "tunnel_broken"  # a relay's RouteError: "I no longer reach the far end directly"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class OverlaySettings:
+class OverlaySettings(msgspec.Struct, frozen=True):
     """Every knob of the overlay core; times in seconds. Defaults follow Brunet."""
 
     near_per_side: int = 2  # near neighbours wanted on each side
@@ -178,8 +176,7 @@ class NodeState(enum.Enum):
     LEFT = "left"
 
 
-@dataclasses.dataclass(slots=True)
-class _Connection:
+class _Connection(msgspec.Struct):
     node_id: int
     address: Address
     address_bytes: bytes
@@ -196,8 +193,7 @@ class _Connection:
     relayed_at: float = -math.inf  # a tunnel's Forward last crossed it: not trimmed meanwhile
 
 
-@dataclasses.dataclass(slots=True)
-class _PendingConnection:
+class _PendingConnection(msgspec.Struct):
     """A Hello waiting for its HelloAck."""
 
     address: Address
@@ -210,8 +206,7 @@ class _PendingConnection:
     sent: float = math.nan  # when the (last) Hello went: its HelloAck is a first RTT sample
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Held:
+class _Held(msgspec.Struct, frozen=True):
     """A Data message forwarded over a connection that had been silent: re-routed around the
     connection if nothing is heard from it within ``suspect_after_s``."""
 
@@ -221,8 +216,7 @@ class _Held:
     dest: int
 
 
-@dataclasses.dataclass(slots=True)
-class _PendingConnect:
+class _PendingConnect(msgspec.Struct):
     kind: ConnectionKind
     target: int
     deadline: float
