@@ -233,6 +233,18 @@ def proc_times(pid: int) -> ProcTimes | None:
     return found.times if found is not None else None
 
 
+@dataclass(frozen=True)
+class ProcStat:
+    kthread: bool
+    times: ProcTimes
+
+
+def proc_stat(pid: int) -> ProcStat | None:
+    """Whether ``pid`` is a kernel thread, and its times; None if it is gone."""
+    found = _stat(pid)
+    return None if found is None else ProcStat(bool(found.flags & PF_KTHREAD), found.times)
+
+
 def _all_stats() -> dict[int, _Stat]:
     stats: dict[int, _Stat] = {}
     for entry in os.scandir("/proc"):
@@ -565,7 +577,7 @@ def settled_health(nodes: Sequence[Node], timeout: float = 10.0) -> dict[str, di
     """:func:`node_health` of ``nodes`` once their counters have caught up with the traffic.
 
     Worker counters reach ``status`` with the workers' heartbeats (every
-    ``heartbeat_interval_s``, 1 s in the test bed), so right after the last iperf3 run they
+    ``heartbeat_interval_s``, 2 s in the test bed), so right after the last iperf3 run they
     may lack its final second. Read until the overlay bytes sent grow by less than 1 MB
     (keepalives only) between two reads more than a heartbeat apart.
     """

@@ -4,7 +4,9 @@ For each ``--configs`` entry ``T/C/K`` (TAP queues, classifier workers, overlay_
 two encrypted nodes (Noise IK, static peers; ``supervisor.testbed.node_pair``) start in the
 same two namespaces, and iperf3 runs with ``-P 1`` and ``-P 4`` (``--streams``), each way,
 ``--repeats`` times; the medians are reported with the CPU-seconds per GB of every process of
-both nodes (as ``pipeline_bench.py`` counts it) and the load average before each config. The
+both nodes (as ``pipeline_bench.py`` counts it) and the load average before each config, and
+the busiest process of each cell (its median share of a core over the iperf3 run's wall time:
+a process near 1.0 is the bottleneck; one well below it says the cores are shared out). The
 configs are measured in rounds (every config once per round) so that a change of the
 machine's load hits them all alike. The JSON goes to ``bench/results/scaling-<timestamp>.json``.
 
@@ -42,6 +44,9 @@ class Cell:
     mbit_s: list[float] = field(default_factory=list)
     cpu_s: list[float] = field(default_factory=list)
     bytes: list[int] = field(default_factory=list)
+    # per run: the share of a core each process used ("alpha overlay_io0": 0.93), the
+    # supervisors included: what says whether one process is the bottleneck
+    shares: list[dict[str, float]] = field(default_factory=list)
 
     def median(self) -> float | None:
         return statistics.median(self.mbit_s) if self.mbit_s else None
@@ -49,6 +54,43 @@ class Cell:
     def cpu_per_gb(self) -> float | None:
         gb = sum(self.bytes) / 1e9
         return sum(self.cpu_s) / gb if gb > 0 else None
+
+    def busiest(self) -> tuple[str, float] | None:
+        """The process with the highest median share of a core over the runs, and that
+        share."""
+        names = {n for run_ in self.shares for n in run_}
+        medians = {n: statistics.median(r.get(n, 0.0) for r in self.shares) for n in names}
+        return max(medians.items(), key=lambda kv: kv[1]) if medians else None
+
+
+def process_ticks(nodes: list[testbed.Node]) -> dict[str, tuple[int, harness.ProcTimes]]:
+    """Each process of ``nodes`` (supervisor and workers) by "node stage+index": pid and CPU
+    times."""
+    out: dict[str, tuple[int, harness.ProcTimes]] = {}
+    for node in nodes:
+        st = node.status() or {}
+        procs = [("supervisor", int(st.get("supervisor_pid") or 0))]
+        procs += [
+            (f"{w.get('stage')}{w.get('worker', '')}", int(w.get("pid") or 0))
+            for w in st.get("workers", [])
+        ]
+        for name, pid in procs:
+            t = harness.proc_times(pid) if pid else None
+            if t is not None:
+                out[f"{node.name} {name}"] = (pid, t)
+    return out
+
+
+def shares_since(
+    before: dict[str, tuple[int, harness.ProcTimes]], seconds: float
+) -> dict[str, float]:
+    """The share of a core each process of ``before`` used since (same pid and start)."""
+    out: dict[str, float] = {}
+    for name, (pid, old) in before.items():
+        new = harness.proc_times(pid)
+        if new is not None and new.start == old.start and seconds > 0:
+            out[name] = round((new.own - old.own) / harness.CLK_TCK / seconds, 3)
+    return out
 
 
 def parse_config(text: str) -> tuple[int, int, int]:
@@ -94,11 +136,13 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, 
                     for streams in args.streams:
                         for reverse in (False, True):
                             before = pb.cpu_snapshot(nodes)
+                            ticks, started = process_ticks(nodes), time.monotonic()
                             run_ = harness.run_iperf(
                                 nss[0], testbed.VIRTUAL[1], args.seconds, reverse, log, streams
                             )
                             cell = cells.setdefault(f"{name} P{streams} {run_.direction}", Cell())
                             cell.mbit_s.append(run_.mbit_s)
+                            cell.shares.append(shares_since(ticks, time.monotonic() - started))
                             cell.cpu_s.append(pb.cpu_seconds_since(before, nodes))
                             cell.bytes.append(run_.bytes)
                             log(f"{name} -P {streams} {run_.direction}: {run_.mbit_s:.0f} Mbit/s")
@@ -106,7 +150,8 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, 
                     testbed.stop_all(nodes)
                 server.fresh()
     result["elapsed_s"] = round(time.monotonic() - t0, 1)
-    result["cells"] = {k: asdict(c) | {"median_mbit_s": c.median(), "cpu_s_per_gb": c.cpu_per_gb()}
+    result["cells"] = {k: asdict(c) | {"median_mbit_s": c.median(), "cpu_s_per_gb": c.cpu_per_gb(),
+                                       "busiest": c.busiest()}
                        for k, c in cells.items()}  # fmt: skip
     result["load"] = load
     return result, {"cells": cells, "load": load}
@@ -137,6 +182,18 @@ def render(result: dict[str, Any], data: dict[str, Any]) -> str:
                     f"{harness.fmt(c.median(), 0)} / {harness.fmt(c.cpu_per_gb(), 1)}" if c else "-"
                 )
                 row += f"{shown:>22}"
+        lines.append(row)
+    lines += [
+        "",
+        "the busiest process (median share of a core over the runs; the iperf3 wall time):",
+    ]
+    for name in a["configs"]:
+        row = f"{name:<8}{'':>9}"
+        for streams in a["streams"]:
+            for d in DIRECTIONS:
+                c = cells.get(f"{name} P{streams} {d}")
+                top = c.busiest() if c else None
+                row += f"{f'{top[0]} {top[1]:.2f}' if top else '-':>22}"
         lines.append(row)
     lines += ["", f"results: {result['file']}"]
     return "\n".join(lines)

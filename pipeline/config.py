@@ -281,7 +281,7 @@ class StagesSettings:
     classifier: ClassifierSettings = _field(ClassifierSettings())
     overlay_io: OverlayIoSettings = _field(OverlayIoSettings())
     control: ControlSettings = _field(ControlSettings())
-    heartbeat_interval_s: float = _field(1.0, check=_between(0.1, 30), doc="worker heartbeat")
+    heartbeat_interval_s: float = _field(2.0, check=_between(0.1, 30), doc="worker heartbeat")
     heartbeat_timeout_s: float = _field(10.0, check=_between(0.5, 300), doc="silence = hung")
     restart_backoff_max_s: float = _field(5.0, check=_between(0.1, 300), doc="back-off cap")
     stats_interval_s: float = _field(30.0, check=_between(1, 3600), doc="stats log period")

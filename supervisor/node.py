@@ -65,7 +65,7 @@ READY_TIMEOUT_S = 20.0
 STOP_GRACE_S = 3.0
 GOOD_RUN_S = 30.0
 CRASH_LOOP_S = 2.0  # a worker that dies sooner after its start is crash-looping: back off
-IDLE_POLL_S = 0.5  # housekeeping (hung workers) at least this often
+IDLE_POLL_S = 1.0  # housekeeping (hung workers) at least this often
 SNAPSHOT_S = 0.5  # how fresh the status the metrics server reads is
 TEMPLATE_READY_S = 10.0  # how long the first start waits for the template's imports
 TEMPLATE_BACKOFF_S = 0.5  # the first delay before a dead template is started again
@@ -704,6 +704,7 @@ class NodeSupervisor:
             "address": str(control.stats.get("address") or "-") if control else "-",
             "subnet": str(s.network.subnet),
             "mode": s.network.mode.value,
+            "addressing": "static" if s.network.address is not None else "dhcp",
             "device": s.network.device,
             "listen": f"{s.overlay.listen_address}:{s.overlay.listen_port}",
             "supervisor_pid": os.getpid(),

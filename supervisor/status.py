@@ -75,8 +75,7 @@ def format_status(st: dict[str, Any]) -> str:
         lines += [
             "",
             f"overlay  {overlay['state']}, about {overlay['estimated_size']} nodes, "
-            f"address {'registered' if overlay['registered'] else 'not registered'}, "
-            f"{overlay['routes']} resolved routes",
+            f"{_address_state(st, overlay)}, {overlay['routes']} resolved routes",
         ]
     mapping_line = port_mapping_line(st.get("port_mapping"))
     if mapping_line:
@@ -216,3 +215,14 @@ def human_bytes(n: Any) -> str | None:
         if n < 999.95:
             return f"{n:.1f} {unit}"
     return f"{n / 1000:.1f} TB"
+
+
+def _address_state(st: dict[str, Any], overlay: dict[str, Any]) -> str:
+    """Whose addresses the node holds in the DHT: its static one (registered by routing),
+    the one its TAP leased by DHCP, or, in router mode, the machines' leases."""
+    if st.get("mode") == "router":
+        return f"{len(st.get('machines') or [])} machines leased"
+    if st.get("addressing") == "dhcp":
+        leased = st.get("address") not in (None, "", "-")
+        return f"address {st['address']} leased by DHCP" if leased else "no DHCP lease yet"
+    return f"address {'registered' if overlay['registered'] else 'not registered'}"

@@ -490,6 +490,23 @@ def test_bytes_are_counted_per_peer_relayed_ones_for_the_peer_not_the_hop(lab: L
     assert stats["r"]["bytes_sent"] > to_a and stats["r"]["relay_forwarded"] == 2
 
 
+def test_byte_counts_go_with_their_link(lab: Lab) -> None:
+    """A closed link's byte counts are forgotten with its sessions (the heartbeat would grow
+    for ever), and a slot control gives to another peer counts from zero."""
+    three_nodes(lab)
+    a = lab.nodes["a"]
+    send_ip(a, SLOT_R_AT_A)
+    send_ip(a, SLOT_B_AT_A)
+    lab.pump()
+    assert set(a.workers[0].stats()["peer_bytes"]) == {SLOT_R_AT_A, SLOT_B_AT_A}
+    # B's end-to-end session closed: only R's link is left
+    a.install([entry(SLOT_R_AT_A, (101, KEY_RA), (201, KEY_AR), EP_R, ID_R)])
+    assert set(a.workers[0].stats()["peer_bytes"]) == {SLOT_R_AT_A}
+    # R's slot now holds another peer (B, direct): its counts start again
+    a.install([entry(SLOT_R_AT_A, (103, KEY_BA), (303, KEY_AB), EP_B, ID_B)])
+    assert a.workers[0].stats()["peer_bytes"] == {}
+
+
 def test_direct_data_is_not_relayed(lab: Lab) -> None:
     three_nodes(lab)
     a, r = lab.nodes["a"], lab.nodes["r"]

@@ -46,6 +46,7 @@ class Mesh:
         self.events: dict[Address, list[OverlayEvent]] = {}
         self.now = 0.0
         self.allow: Callable[[w.Message], bool] = lambda msg: True
+        self.blocked: set[frozenset[Address]] = set()  # pairs that cannot reach each other
 
     def add(self, i: int, node_id: int, bootstrap: Sequence[int] = ()) -> OverlayNode:
         node = OverlayNode(
@@ -77,6 +78,8 @@ class Mesh:
             for data, src, dst in batch:
                 target = self.nodes.get(dst)  # type: ignore[call-overload]
                 if target is None or dst in self.down or not self.allow(w.decode(data)):
+                    continue
+                if frozenset((src, dst)) in self.blocked:
                     continue
                 target.receive(data, src, self.now)
                 moved += 1
@@ -166,6 +169,8 @@ class TestTwoNodeJoin:
         feed(b, out, addr(1), 0.02)
         assert b.events() == [ConnectionAdded(a_id, addr(1), ConnectionKind.LEAF)]
         assert b.address == addr(2)
+        # its first RTT: from the Hello (0.0) to the HelloAck (0.02), before any ping
+        assert [lk.rtt for lk in b.connections()] == [0.02]
         out = b.datagrams_to_send()
         request = w.decode(out[0][0])
         assert isinstance(request, w.ConnectRequest)
@@ -261,6 +266,85 @@ class TestKnockingAtAStaleAddress:
         assert stats.get("hellos_superseded", 0) >= 1
         assert stats.get("tunnels_tried", 0) == 0
         assert b.state is NodeState.JOINED
+
+
+def tunnelled_trio() -> tuple[Mesh, OverlayNode, OverlayNode, OverlayNode]:
+    """B (the bootstrap) reaches A and C; A and C cannot reach each other (NATs on both
+    sides), so they link through a tunnel that B relays."""
+    mesh = Mesh()
+    mesh.blocked.add(frozenset((addr(0), addr(2))))
+    b = mesh.add(1, 4 * EIGHTH)
+    a = mesh.add(0, 1 * EIGHTH, bootstrap=[1])
+    c = mesh.add(2, 2 * EIGHTH, bootstrap=[1])
+    mesh.run(60.0)
+    assert a.tunnel_relay(c.node_id) == b.node_id
+    return mesh, a, b, c
+
+
+class TestTunnelRelay:
+    def test_a_relay_that_lost_the_far_end_says_so_and_the_tunnel_is_dropped(self) -> None:
+        """B loses its direct connection to C: A's next message through the tunnel gets a
+        RouteError back from B at once, and A drops the tunnel instead of waiting for its
+        pings through it to go unanswered."""
+        mesh, a, b, c = tunnelled_trio()
+        close = w.Close(id_to_bytes(c.node_id), w.CloseReason.TRIM)
+        b.receive(w.encode(close), addr(2), mesh.now)
+        assert c.node_id not in {lk.node_id for lk in b.connections()}
+        b.datagrams_to_send()
+        a.send_to_node(c.node_id, b"hello", mesh.now)
+        out = a.datagrams_to_send()
+        assert out and {to for _, to in out} == {addr(1)}  # into the tunnel, through B
+        assert set(kinds(out)) == {"Forward"}  # the message (and a ping: C was silent)
+        feed(b, out, addr(0), mesh.now)
+        back = b.datagrams_to_send()
+        assert kinds(back) == ["RouteError"] * len(out)
+        assert {to for _, to in back} == {addr(0)}
+        assert b.statistics()["dropped_forward_no_connection"] == len(out)
+        feed(a, back, addr(1), mesh.now)
+        assert a.tunnel_relay(c.node_id) is None
+        assert c.node_id not in {lk.node_id for lk in a.connections()}
+        assert a.statistics()["connections_removed_tunnel_broken"] == 1
+
+    def test_only_the_relay_itself_can_break_a_tunnel(self) -> None:
+        """The same RouteError from another node (here C, straight to A's address), or naming
+        a node A holds no tunnel to, changes nothing."""
+        mesh, a, b, c = tunnelled_trio()
+        forged = w.RouteError(
+            id_to_bytes(b.node_id), id_to_bytes(a.node_id), 0, 8, 0, id_to_bytes(c.node_id),
+            "tunnel_broken",
+        )  # fmt: skip
+        a.receive(w.encode(forged), addr(2), mesh.now)  # from C's address, not B's
+        assert a.tunnel_relay(c.node_id) == b.node_id
+        other = dataclass_replace_key(forged, 7 * EIGHTH)
+        a.receive(w.encode(other), addr(1), mesh.now)  # from B, about a node not tunnelled
+        assert a.tunnel_relay(c.node_id) == b.node_id
+        stats = a.statistics()
+        assert stats["dropped_tunnel_broken_not_from_relay"] == 1
+        assert stats["dropped_tunnel_broken_unmatched"] == 1
+
+    def test_a_connection_a_tunnel_runs_over_is_not_trimmed(self) -> None:
+        """Neither B nor C trims the connection between them, though each holds more near
+        connections than it keeps, while A's tunnel to C runs over it."""
+        mesh, a, b, c = tunnelled_trio()
+        # four nodes between C (2/8) and B (4/8), four between B and A (1/8) the other way:
+        # C is then fifth on both sides of B, beyond the four B keeps (near_keep_per_side)
+        places = [2.2, 2.6, 3.0, 3.4, 5.0, 6.0, 7.0, 0.2]
+        for i, place in enumerate(places, start=3):
+            mesh.add(i, int(place * EIGHTH), bootstrap=[1])
+            mesh.run(mesh.now + 5.0)
+        mesh.run(mesh.now + 120.0)  # trimming has had its quiet time, many times over
+        trimmed = sum(
+            n.statistics().get("connections_removed_trim_near", 0) for n in mesh.nodes.values()
+        )
+        assert trimmed > 0  # near connections beyond the kept four were trimmed
+        assert a.tunnel_relay(c.node_id) == b.node_id
+        assert c.node_id in {lk.node_id for lk in b.connections()}
+
+
+def dataclass_replace_key(msg: w.RouteError, key: int) -> w.RouteError:
+    return w.RouteError(
+        msg.src, msg.dest, msg.hops, msg.ttl, msg.message_id, id_to_bytes(key), msg.reason
+    )
 
 
 def hand_built_ring(mesh: Mesh) -> list[OverlayNode]:

@@ -154,6 +154,50 @@ def test_nodes_given_one_bootstrap_address_form_the_overlay_and_register() -> No
             assert slot is not None and core.links.links[slot].up
 
 
+def lose_first_on_each_link(core: RoutingCore) -> list[int]:
+    """Drop the first overlay message ``core`` sends on each link, as overlay_io drops one
+    that outruns its fresh session's keys (ours, or the peer's); the slots it was lost on."""
+    lost: list[int] = []
+    original = core.overlay_to_send
+
+    def lossy() -> list[tuple[int, bytes]]:
+        out = []
+        for slot, payload in original():
+            if slot in lost:
+                out.append((slot, payload))
+            else:
+                lost.append(slot)
+        return out
+
+    core.overlay_to_send = lossy  # type: ignore[method-assign]
+    return lost
+
+
+def seconds_until_registered(lab: Lab, core: RoutingCore, limit: float = 5.0) -> float:
+    started = lab.now
+    while not core.registered and lab.now - started < limit:
+        lab.step()
+    return lab.now - started
+
+
+def test_a_joiners_first_hello_lost_on_its_fresh_link_goes_again_at_once() -> None:
+    lab = Lab(2)
+    lost = lose_first_on_each_link(lab.cores[1])
+    took = seconds_until_registered(lab, lab.cores[1])
+    assert lost, "the Hello to the bootstrap node went out on a link and was lost"
+    # sent again FRESH_RESEND_S[0] after the link came up, not at the overlay's retry (1 s)
+    assert took <= 0.3, took
+    assert lab.cores[1].counters["overlay_fresh_resent"] >= 1
+
+
+def test_what_waited_for_a_link_is_not_sent_again_once_the_peer_answered() -> None:
+    lab = Lab(2)
+    took = seconds_until_registered(lab, lab.cores[1])
+    lab.run(1.0)  # past every FRESH_RESEND_S
+    assert took <= 0.1
+    assert lab.cores[1].counters["overlay_fresh_resent"] == 0
+
+
 def test_a_miss_resolves_through_the_dht_and_relays_the_handshake() -> None:
     lab = Lab(6, blocked=((1, 4),))
     lab.run(20)

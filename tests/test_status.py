@@ -98,3 +98,25 @@ def test_bytes_are_human_readable() -> None:
         "0 B", "999 B", "1.0 kB", "1.2 MB", "5.0 GB"
     ]  # fmt: skip
     assert human_bytes(None) is None
+
+
+def test_the_overlay_line_says_whose_addresses_are_held() -> None:
+    """Static: registered or not; DHCP: the lease (routing registers no static address
+    there, so "not registered" was wrong); router mode: how many machines are leased."""
+    st = status()
+
+    def overlay_line(**changes: Any) -> str:
+        view = {**st, **changes}
+        return next(x for x in format_status(view).splitlines() if x.startswith("overlay "))
+
+    assert "address registered" in overlay_line(addressing="static")
+    unregistered = {**st["overlay"], "registered": False}
+    assert "address not registered" in overlay_line(addressing="static", overlay=unregistered)
+    line = overlay_line(addressing="dhcp", overlay=unregistered)
+    assert "address 100.64.0.1 leased by DHCP" in line and "not registered" not in line
+    assert "no DHCP lease yet" in overlay_line(addressing="dhcp", address="-")
+    machines = [
+        {"address": f"100.64.0.{i}", "mac": "02:00:00:00:00:01", "hostname": "h", "lease_age_s": 1}
+        for i in (20, 21)
+    ]
+    assert "2 machines leased" in overlay_line(mode="router", machines=machines)

@@ -39,11 +39,12 @@ packet), ``events()`` (for the log; ``lease_granted`` carries the address to per
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections import Counter, deque
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
+
+import msgspec
 
 from pipeline.control import events as ev
 from pipeline.control.dhcp import (
@@ -75,8 +76,7 @@ DNS_PORT = 53
 Client = tuple[IPv4Address, int, bytes]  # a DNS client: address, port, MAC
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class AddressingSettings:
+class AddressingSettings(msgspec.Struct, frozen=True):
     subnet: IPv4Network
     gateway: IPv4Address
     domain: str
@@ -205,7 +205,7 @@ class Addressing:
             out["dhcp"] = self.dhcp.statistics()
             out["leases"] = [
                 {k: str(v) if isinstance(v, IPv4Address | bytes) else v for k, v in row.items()}
-                for row in (dataclasses.asdict(lease) for lease in self.dhcp.leases())
+                for row in (msgspec.structs.asdict(lease) for lease in self.dhcp.leases())
             ]
         return out
 
@@ -640,8 +640,7 @@ class Addressing:
         self.counters["icmp_unreachable_sent"] += 1
 
 
-@dataclasses.dataclass(slots=True)
-class Machine:
+class Machine(msgspec.Struct):
     """Router mode: a machine behind this node, with the address leased to it."""
 
     address: IPv4Address

@@ -39,12 +39,13 @@ Theory of operation (the shape of aioquic's ``H3Connection`` over its ``QuicConn
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
+
+import msgspec
 
 from pipeline import messages
 from pipeline.control import crawl
@@ -64,7 +65,7 @@ from pipeline.crypto.identity import Identity
 from pipeline.errors import RemoteProtocolError
 from pipeline.nodeid import id_to_bytes
 
-REPUBLISH_S = 2.0
+REPUBLISH_S = 10.0  # a backstop: a subscriber asks for the table when it starts
 GENERATION_SHIFT = 40  # send counters of incarnation g start at g << 40
 REFUSALS_LOGGED_PER_S = 10
 TOOL_PING_BASE = 1 << 31  # supervisor ping's Ping seqs start here (liveness's stay below)
@@ -76,8 +77,7 @@ MAP_TIMEOUT_MAX_S = 600.0
 _OVERLAY_VERSION = overlay_wire.VERSION
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ControlSettings:
+class ControlSettings(msgspec.Struct, frozen=True):
     """What control's core is told about the node (the driver builds it from the config)."""
 
     node_name: str
@@ -102,8 +102,7 @@ class ControlSettings:
     map_answers_per_s: float = crawl.ANSWERS_PER_S  # crawl queries answered a second
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Credentials:
+class Credentials(msgspec.Struct, frozen=True):
     """This node's membership: its identity, certificate, the authority, the revocations."""
 
     identity: Identity

@@ -36,7 +36,6 @@ Inputs: ``handle(now)``, ``answer(query_id, links, now)``; outputs: ``queries_to
 
 from __future__ import annotations
 
-import dataclasses
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Annotated, Any
@@ -125,8 +124,7 @@ def decode(payload: bytes) -> Message:
 # -- what a node says about itself ---------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Connection:
+class Connection(msgspec.Struct, frozen=True):
     """One connection of a node: ``kind`` one of ``KINDS``; ``via`` the relay's node id
     (a tunnel's relay, or a relayed link's first hop), or b""."""
 
@@ -144,8 +142,7 @@ class Connection:
         }
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class NodeLinks:
+class NodeLinks(msgspec.Struct, frozen=True):
     """A node as it describes itself: name, virtual addresses, connections."""
 
     node_id: bytes
@@ -270,8 +267,7 @@ class AnswerLimiter:
 # -- the crawler -----------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(slots=True)
-class _Query:
+class _Query(msgspec.Struct):
     node_id: bytes
     sent: float
     tries: int

@@ -14,9 +14,10 @@ The core produces them in order; ``ControlCore.events()`` drains them.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from typing import Any, ClassVar
+
+import msgspec
 
 
 class Level(enum.StrEnum):
@@ -26,27 +27,24 @@ class Level(enum.StrEnum):
     ERROR = "error"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class LogEvent:
+class LogEvent(msgspec.Struct, frozen=True):
     """A fact for the log: ``name`` and ``level`` per class, the fields per instance."""
 
     name: ClassVar[str]
     level: ClassVar[Level] = Level.INFO
 
     def fields(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: getattr(self, name) for name in self.__struct_fields__}
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Effect:
+class Effect(msgspec.Struct, frozen=True):
     """Something for the driver to do in the world."""
 
 
 # -- links -----------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class LinkFormed(LogEvent):
+class LinkFormed(LogEvent, frozen=True):
     name = "link_formed"
     peer: str | None
     slot: int | None
@@ -55,16 +53,14 @@ class LinkFormed(LogEvent):
     endpoint: str | None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class SessionEstablished(LogEvent):
+class SessionEstablished(LogEvent, frozen=True):
     name = "session_established"
     peer: str | None
     slot: int | None
     pattern: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class LinkClosed(LogEvent):
+class LinkClosed(LogEvent, frozen=True):
     name = "link_closed"
     level = Level.WARNING
     peer: str | None
@@ -72,8 +68,7 @@ class LinkClosed(LogEvent):
     reason: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class HandshakeRefused(LogEvent):
+class HandshakeRefused(LogEvent, frozen=True):
     name = "handshake_refused"
     level = Level.WARNING
     reason: str
@@ -81,8 +76,7 @@ class HandshakeRefused(LogEvent):
     detail: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class HandshakeRefusalsSuppressed(LogEvent):
+class HandshakeRefusalsSuppressed(LogEvent, frozen=True):
     """More refusals came in a second than the log takes; they were counted only."""
 
     name = "handshake_refusals_suppressed"
@@ -90,8 +84,7 @@ class HandshakeRefusalsSuppressed(LogEvent):
     count: int
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ShortcutFormed(LogEvent):
+class ShortcutFormed(LogEvent, frozen=True):
     """A link that was relayed through the overlay now goes straight to ``endpoint``."""
 
     name = "shortcut_formed"
@@ -103,8 +96,7 @@ class ShortcutFormed(LogEvent):
     round: int
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ShortcutLost(LogEvent):
+class ShortcutLost(LogEvent, frozen=True):
     name = "shortcut_lost"
     level = Level.WARNING
     peer: str | None
@@ -112,8 +104,7 @@ class ShortcutLost(LogEvent):
     endpoint: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ShortcutFailed(LogEvent):
+class ShortcutFailed(LogEvent, frozen=True):
     """No direct path after every round: the link stays relayed, tried again later."""
 
     name = "shortcut_failed"
@@ -123,8 +114,7 @@ class ShortcutFailed(LogEvent):
     retry_in_s: float
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class RelayChosen(LogEvent):
+class RelayChosen(LogEvent, frozen=True):
     """Both NATs map per destination: the link is relayed through ``relay`` (hex node id),
     the member both reach with the least sum of RTTs (``rtt_ms``)."""
 
@@ -138,16 +128,14 @@ class RelayChosen(LogEvent):
 # -- the NAT picture ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class StunAnswered(LogEvent):
+class StunAnswered(LogEvent, frozen=True):
     name = "stun_answered"
     server: str
     reflexive: str
     rtt_ms: float
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class NatVaries(LogEvent):
+class NatVaries(LogEvent, frozen=True):
     """STUN servers see the node at different ports: its NAT maps per destination."""
 
     name = "nat_varies"
@@ -155,37 +143,32 @@ class NatVaries(LogEvent):
     answers: dict[str, str]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PortMapped(LogEvent):
+class PortMapped(LogEvent, frozen=True):
     name = "port_mapped"
     protocol: str
     external: str
     lifetime_s: int
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PortMappingLost(LogEvent):
+class PortMappingLost(LogEvent, frozen=True):
     name = "port_mapping_lost"
     level = Level.WARNING
     protocol: str
     reason: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PortMappingFailed(LogEvent):
+class PortMappingFailed(LogEvent, frozen=True):
     name = "port_mapping_failed"
     reasons: dict[str, str]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PortUnmapped(LogEvent):
+class PortUnmapped(LogEvent, frozen=True):
     name = "port_unmapped"
     protocol: str
     confirmed: bool
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class AddressesMoved(LogEvent):
+class AddressesMoved(LogEvent, frozen=True):
     """The node's own underlay addresses changed (it roamed): links handshake again from the
     new address, shortcuts are punched anew."""
 
@@ -195,8 +178,7 @@ class AddressesMoved(LogEvent):
     gateway: str | None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class CandidatesChanged(LogEvent):
+class CandidatesChanged(LogEvent, frozen=True):
     """The node's own candidate endpoints changed (local, mapped, reflexive)."""
 
     name = "candidates_changed"
@@ -206,16 +188,14 @@ class CandidatesChanged(LogEvent):
 # -- static peers ------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PeerUp(LogEvent):
+class PeerUp(LogEvent, frozen=True):
     name = "peer_up"
     peer: str
     slot: int
     rtt_ms: float | None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PeerDown(LogEvent):
+class PeerDown(LogEvent, frozen=True):
     name = "peer_down"
     level = Level.WARNING
     peer: str
@@ -225,23 +205,20 @@ class PeerDown(LogEvent):
 # -- the overlay -------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class OverlayJoined(LogEvent):
+class OverlayJoined(LogEvent, frozen=True):
     name = "overlay_joined"
     node_id: str
     estimated_size: int
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class OverlayConnectionAdded(LogEvent):
+class OverlayConnectionAdded(LogEvent, frozen=True):
     name = "overlay_connection_added"
     node_id: str
     kind: str
     endpoint: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class OverlayConnectionRemoved(LogEvent):
+class OverlayConnectionRemoved(LogEvent, frozen=True):
     name = "overlay_connection_removed"
     level = Level.WARNING
     node_id: str
@@ -251,14 +228,12 @@ class OverlayConnectionRemoved(LogEvent):
 # -- this node's address record, routes --------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class AddressRegistered(LogEvent):
+class AddressRegistered(LogEvent, frozen=True):
     name = "address_registered"
     address: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class AddressNotRegistered(LogEvent):
+class AddressNotRegistered(LogEvent, frozen=True):
     name = "address_not_registered"
     level = Level.WARNING
     address: str
@@ -266,16 +241,14 @@ class AddressNotRegistered(LogEvent):
     holder: str | None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class AddressLost(LogEvent):
+class AddressLost(LogEvent, frozen=True):
     name = "address_lost"
     level = Level.WARNING
     key: str
     holder: str | None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class RouteAdded(LogEvent):
+class RouteAdded(LogEvent, frozen=True):
     name = "route_added"
     address: str
     node_id: str
@@ -283,15 +256,13 @@ class RouteAdded(LogEvent):
     moved: bool
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class RouteRemoved(LogEvent):
+class RouteRemoved(LogEvent, frozen=True):
     name = "route_removed"
     address: str
     reason: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ResolveFailed(LogEvent):
+class ResolveFailed(LogEvent, frozen=True):
     name = "resolve_failed"
     address: str
     reason: str
@@ -300,8 +271,7 @@ class ResolveFailed(LogEvent):
 # -- DHCP, names, machines ---------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class LeaseGranted(LogEvent):
+class LeaseGranted(LogEvent, frozen=True):
     name = "lease_granted"
     address: str
     mac: str
@@ -309,22 +279,19 @@ class LeaseGranted(LogEvent):
     lease_s: int
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class LeaseEnded(LogEvent):
+class LeaseEnded(LogEvent, frozen=True):
     name = "lease_ended"
     address: str
     why: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class NameRegistered(LogEvent):
+class NameRegistered(LogEvent, frozen=True):
     name = "name_registered"
     host: str
     address: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class NameNotRegistered(LogEvent):
+class NameNotRegistered(LogEvent, frozen=True):
     name = "name_not_registered"
     level = Level.WARNING
     host: str
@@ -332,23 +299,20 @@ class NameNotRegistered(LogEvent):
     holder: str | None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class MachineLeased(LogEvent):
+class MachineLeased(LogEvent, frozen=True):
     name = "machine_leased"
     address: str
     mac: str
     hostname: str | None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class MachineStatic(LogEvent):
+class MachineStatic(LogEvent, frozen=True):
     name = "machine_static"
     address: str
     mac: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class LeasesNotRestored(LogEvent):
+class LeasesNotRestored(LogEvent, frozen=True):
     """Router mode: the machines' leases kept before could not be read back."""
 
     name = "leases_not_restored"
@@ -356,8 +320,7 @@ class LeasesNotRestored(LogEvent):
     error: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class MachineGone(LogEvent):
+class MachineGone(LogEvent, frozen=True):
     name = "machine_gone"
     address: str
     mac: str
@@ -367,22 +330,19 @@ class MachineGone(LogEvent):
 # -- effects -----------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class HoldAddress(Effect):
+class HoldAddress(Effect, frozen=True):
     """Keep ``address`` in the state directory: DHCP granted it, ask for it first next time."""
 
     address: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class HoldLeases(Effect):
+class HoldLeases(Effect, frozen=True):
     """Router mode: keep the machines' leases in the state directory (JSON objects)."""
 
     leases: tuple[dict[str, Any], ...]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Reply(Effect):
+class Reply(Effect, frozen=True):
     """Answer a tool's request: ``message`` (a ``pipeline.messages`` struct) to ``to`` (the
     requester, as the driver named it when it passed the request in)."""
 

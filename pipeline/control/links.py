@@ -36,11 +36,12 @@ monotonic clock and ``wall`` unix seconds (certificates and timestamps). Outputs
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import math
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+
+import msgspec
 
 from pipeline.crypto import handshake as hs
 from pipeline.crypto.cert import (
@@ -67,8 +68,7 @@ COOKIE_VALID_S = 110.0
 RESYNC_S = 5.0  # a resync hint within this of a session's making is ignored
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class LinkSettings:
+class LinkSettings(msgspec.Struct, frozen=True):
     rekey_after_s: float = 120.0
     reject_after_s: float = 180.0
     retry_s: float = 1.0
@@ -81,8 +81,7 @@ class LinkSettings:
     per_source_rate: float = 5.0  # handshakes per second and source address under load
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Via:
+class Via(msgspec.Struct, frozen=True):
     """A node reached through the overlay, not at an endpoint: handshake datagrams to and
     from it travel inside overlay messages routed to its node id (the driver's job)."""
 
@@ -96,8 +95,7 @@ Target = Address | Via
 """Where a link's datagrams go: an underlay endpoint, or through the overlay."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PeerSpec:
+class PeerSpec(msgspec.Struct, frozen=True):
     slot: int
     name: str
     endpoint: Address
@@ -105,8 +103,7 @@ class PeerSpec:
     addresses: tuple[str, ...]
 
 
-@dataclasses.dataclass(slots=True)
-class Session:
+class Session(msgspec.Struct):
     slot: int
     recv_index: int
     recv_key: bytes
@@ -118,8 +115,7 @@ class Session:
     pattern: hs.Pattern
 
 
-@dataclasses.dataclass(slots=True)
-class _Pending:
+class _Pending(msgspec.Struct):
     state: HandshakeState
     pattern: hs.Pattern
     index: int
@@ -131,8 +127,7 @@ class _Pending:
     resends: int = 0
 
 
-@dataclasses.dataclass(slots=True)
-class _Responding:
+class _Responding(msgspec.Struct):
     """An XX handshake we answered, waiting for the initiator's last message."""
 
     state: HandshakeState
@@ -142,14 +137,13 @@ class _Responding:
     started: float
 
 
-@dataclasses.dataclass(slots=True)
-class Link:
+class Link(msgspec.Struct):
     spec: PeerSpec
     endpoint: Target
     dynamic: bool = False  # made by connect() or by an inbound member, not configured
     wanted: bool = True  # the driver needs it: (re)initiate handshakes; else let it expire
     want_id: bytes | None = None  # connect_node(): the node id the peer must prove
-    sessions: list[Session] = dataclasses.field(default_factory=list)
+    sessions: list[Session] = msgspec.field(default_factory=list)
     pending: _Pending | None = None
     next_attempt: float = 0.0
     attempts: int = 0
@@ -171,8 +165,7 @@ class EventKind(enum.Enum):
     HANDSHAKE_REFUSED = "handshake_refused"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class LinkEvent:
+class LinkEvent(msgspec.Struct, frozen=True):
     kind: EventKind
     slot: int | None
     peer: str | None
@@ -689,7 +682,7 @@ class LinkManager:
         link = expect if expect is not None and not expect.dynamic else None
         link = link or self._link_for(cert, source, placeholder=expect)
         if link.dynamic:
-            link.spec = dataclasses.replace(link.spec, name=cert.name)
+            link.spec = msgspec.structs.replace(link.spec, name=cert.name)
             link.certificate = cert
             return link, cert, body.timestamp_ns
         if link.spec.public_key is not None:

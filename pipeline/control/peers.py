@@ -9,9 +9,10 @@ first pong and down after ``timeout_s`` of silence; ``events()`` yields the chan
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from collections.abc import Iterator, Sequence
+
+import msgspec
 
 from pipeline.messages import OverlayMessage, Ping, Pong
 
@@ -22,8 +23,7 @@ class PeerState(enum.StrEnum):
     DOWN = "down"
 
 
-@dataclasses.dataclass(slots=True)
-class PeerLiveness:
+class PeerLiveness(msgspec.Struct):
     slot: int
     name: str
     state: PeerState = PeerState.UNKNOWN
@@ -33,8 +33,7 @@ class PeerLiveness:
     pongs_received: int = 0
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PeerChanged:
+class PeerChanged(msgspec.Struct, frozen=True):
     slot: int
     name: str
     state: PeerState

@@ -10,10 +10,16 @@ Theory of operation:
   overlay_io. Where there is no link yet (a bootstrap address, a node named in a neighbour
   list) this core asks the link manager for one (Noise XX: whoever answers must hold a
   certificate of this network) and holds the overlay's messages for that endpoint until
-  the link is up (at most ``QUEUE_PER_ENDPOINT`` of them, for ``QUEUE_S``). Any certified
-  member may link to us. A message that arrives on a link is handed to the overlay with
-  the link's endpoint as its source, and only if the sender id it claims is the node id
-  the link authenticated (the overlay core trusts those ids).
+  the link is up (at most ``QUEUE_PER_ENDPOINT`` of them, for ``QUEUE_S``). Those go again
+  ``FRESH_RESEND_S`` after the link came up unless the peer has spoken on it meanwhile: a
+  fresh session's first datagrams race its keys into overlay_io on both sides (the peer's
+  overlay_io opens them only once its control has read our last handshake message and
+  passed the keys on; ours gets the keys over ZeroMQ, the message through a ring), and the
+  one that loses is dropped; without this a joining node's first Hello waited a second for
+  the overlay's retry. Any certified member may link to us. A message that arrives on a
+  link is handed to the overlay with the link's endpoint as its source, and only if the
+  sender id it claims is the node id the link authenticated (the overlay core trusts those
+  ids).
 - **Link lifetimes follow the overlay.** A link the overlay adds is kept (rekeyed) from
   this side; one it trims is released (it expires unless the peer keeps it, or a route
   uses it); one it finds dead is closed at once, so data stops going into the void, and
@@ -56,13 +62,14 @@ endpoint), ``events()`` (typed log events: links, overlay, address record, route
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import random
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address
 from typing import Any
+
+import msgspec
 
 from pipeline.control import crawl
 from pipeline.control import events as ev
@@ -107,6 +114,7 @@ from pipeline.nodeid import id_from_bytes, id_to_bytes
 HANDSHAKE_TAG = b"H"  # an overlay Data payload that carries a handshake datagram
 QUEUE_PER_ENDPOINT = 16
 QUEUE_S = 6.0
+FRESH_RESEND_S = (0.1, 0.4)  # a new link's first messages go again after this, unless answered
 ROUTE_REFRESH_S = 30.0
 NEGATIVE_S = 3.0
 REGISTER_RETRY_S = 5.0
@@ -118,8 +126,7 @@ UNKNOWN_RTT_S = 1.0  # a relay offered before its first pong counts as this slow
 NAMED_MAX = 4096  # endpoints remembered with the member whose message first named them
 
 
-@dataclasses.dataclass(slots=True)
-class Route:
+class Route(msgspec.Struct):
     address: IPv4Address
     node_id: bytes
     name: str
@@ -127,8 +134,7 @@ class Route:
     checked: float
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class RouteEntry:
+class RouteEntry(msgspec.Struct, frozen=True):
     """One route as the classifier and overlay_io get it."""
 
     slot: int
@@ -226,6 +232,9 @@ class RoutingCore:
         self._ready: dict[Address, int] = {}  # endpoint -> slot of a link with a confirmed session
         self._ready_version = -1  # the sessions version ``_ready`` was built from
         self._flushed_version = -1  # the sessions version waiting messages were last flushed at
+        # slot -> (when its link came up, resends made, the messages that waited for it), until
+        # the peer speaks on it or the resends of FRESH_RESEND_S are made
+        self._fresh: dict[int, tuple[float, int, list[bytes]]] = {}
         self._resolving_addresses: set[IPv4Address] = set()
         self._overlay_out: list[tuple[int, bytes]] = []
         self._handshakes_out: list[tuple[bytes, Address]] = []
@@ -442,6 +451,7 @@ class RoutingCore:
         times.append(self.links.next_deadline())
         if self._waiting_due:
             times.append(self._waiting_due[0][0] + QUEUE_S)
+        times += [up + FRESH_RESEND_S[done] for up, done, _ in self._fresh.values()]
         resolving = self._resolving_addresses
         times += [
             r.checked + ROUTE_REFRESH_S for a, r in self._routes.items() if a not in resolving
@@ -484,6 +494,7 @@ class RoutingCore:
         if sender is not None and sender != link.certificate.node_id:
             self.counters["overlay_sender_mismatch"] += 1
             return
+        self._fresh.pop(slot, None)  # the peer speaks on it: what waited got through
         nid = id_from_bytes(link.certificate.node_id)
         known = self.overlay.address_of(nid)
         if known is not None and known != link.endpoint and isinstance(known, tuple):
@@ -512,6 +523,7 @@ class RoutingCore:
         if self._register_at is not None and now >= self._register_at:
             self._register(now)
         self._expire_waiting(now)
+        self._resend_fresh(now)
         self._refresh_routes(now, wall)
         self.shortcuts.handle_timer(now)
         self._pump()
@@ -881,7 +893,27 @@ class RoutingCore:
             for _, message in queue:
                 self._overlay_out.append((slot, message))
                 moved = True
+            if queue:
+                self._fresh[slot] = (self._now, 0, [message for _, message in queue])
         return moved
+
+    def _resend_fresh(self, now: float) -> None:
+        """Send again what waited for a link that came up lately and has been silent since
+        (see the module's docstring), at each of ``FRESH_RESEND_S`` after it came up."""
+        for slot, (up, done, messages) in list(self._fresh.items()):
+            if now < up + FRESH_RESEND_S[done]:
+                continue
+            link = self.links.links.get(slot)
+            target = link.endpoint if link is not None else None
+            if not isinstance(target, tuple) or self._ready_index().get(target) != slot:
+                del self._fresh[slot]  # closed, or moved on: nothing to say there now
+                continue
+            self._overlay_out += [(slot, message) for message in messages]
+            self.counters["overlay_fresh_resent"] += len(messages)
+            if done + 1 < len(FRESH_RESEND_S):
+                self._fresh[slot] = (up, done + 1, messages)
+            else:
+                del self._fresh[slot]
 
     def _forget_waiting(self, endpoint: Address) -> None:
         self._waiting.pop(endpoint, None)

@@ -72,7 +72,9 @@ traffic): the datagrams this worker sent to a slot and opened from it, headers i
 one dict update a record (a GSO batch, a GRO run). A relayed peer's bytes are its
 end-to-end datagrams, counted for its own slot; RELAY datagrams are no peer's (what they
 carry for this node is counted when sealed and when delivered), so neither is what this
-node passes on for others. Handshakes and STUN are no peer's either.
+node passes on for others. Handshakes and STUN are no peer's either. A slot's counts go when
+control's sessions (or, in plaintext, its routes) no longer hold it, and start again from
+zero when the slot is given to another peer.
 """
 
 from __future__ import annotations
@@ -192,6 +194,7 @@ class OverlayIoWorker(Worker):
         # bytes per slot, sent and opened (relayed peers under their own slot, not the hop's)
         self.peer_sent: dict[int, int] = {}
         self.peer_received: dict[int, int] = {}
+        self.peer_of_slot: dict[int, bytes] = {}  # who each counted slot belongs to
         self.control_pending = False  # RELAY records pushed to control since the last flush
         self.drops: Counter[str] = Counter()
         self.screen = None if plaintext else self._screen()
@@ -205,7 +208,7 @@ class OverlayIoWorker(Worker):
         self.handshakes_paused = False  # the read budget is spent: not watched till then
         if self.port.handshake_fd is not None:
             self.watch(self.port.handshake_fd, lambda: None)
-        self.routes = RouteFeed(self, self.sessions.install_routes, self._on_control)
+        self.routes = RouteFeed(self, self._on_routes, self._on_control)
         self.log.info(
             "port_bound",
             address=f"{s.overlay.listen_address}:{s.overlay.listen_port}",
@@ -252,9 +255,28 @@ class OverlayIoWorker(Worker):
         pinned = self.pinned
         return pinned.get(endpoint, self.port) if pinned else self.port
 
+    def _on_routes(self, snapshot: messages.RouteSnapshot) -> None:
+        self.sessions.install_routes(snapshot)
+        if self.plaintext:
+            self._forget_closed_slots({p.slot: p.name.encode() for p in snapshot.peers})
+
     def _on_control(self, msg: messages.Message) -> None:
         if isinstance(msg, messages.SessionKeys):
             self.sessions.install_keys(msg)
+            self._forget_closed_slots({e.slot: e.node_id for e in msg.entries})
+
+    def _forget_closed_slots(self, live: dict[int, bytes]) -> None:
+        """Byte counts only for the slots control still holds, each for the peer that holds
+        it now: a closed link's counts go (they would grow the heartbeat for ever), and a
+        slot given to another peer starts from zero."""
+        sent, received, owner = self.peer_sent, self.peer_received, self.peer_of_slot
+        for slot in list(sent.keys() | received.keys() | owner.keys()):
+            if live.get(slot) != owner.get(slot, live.get(slot)) or slot not in live:
+                sent.pop(slot, None)
+                received.pop(slot, None)
+                owner.pop(slot, None)
+        for slot, peer in live.items():
+            owner[slot] = peer
 
     # -- the loop ----------------------------------------------------------------------------------
 

@@ -23,6 +23,8 @@ import random
 from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
 
+import msgspec
+
 from pipeline import nodeid
 from pipeline.control.overlay.events import Delivered, Joined, RouteFailed
 from pipeline.control.overlay.node import NodeState, OverlayNode, OverlaySettings
@@ -94,7 +96,7 @@ class OverlaySim:
         self.sim = Simulator(network=net, on_event=self._on_event)
         self.rng = net.rng
         base = settings or OverlaySettings()
-        self.settings = dataclasses.replace(base, address_codec=IntAddressCodec())
+        self.settings = msgspec.structs.replace(base, address_codec=IntAddressCodec())
         self.bootstrap_count = bootstrap_count
         self.nodes: dict[int, SimNode] = {}
         self._by_id: dict[int, SimNode] = {}

@@ -10,8 +10,9 @@ Pure.
 
 from __future__ import annotations
 
-import dataclasses
 from ipaddress import IPv4Address
+
+import msgspec
 
 from pipeline.control.dhcp.wire import MessageType
 
@@ -35,8 +36,7 @@ __all__ = [
 BROADCAST_ADDRESS = IPv4Address("255.255.255.255")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(msgspec.Struct, frozen=True):
     """A DHCP message for a client (the UDP payload, server port -> client port), to
     ``dst_ip`` at ``dst_mac``: 255.255.255.255 at ff:ff:ff:ff:ff:ff (``broadcast``), or the
     client's address at its MAC (RFC 2131 §4.1; no ARP: the driver writes the frame)."""
@@ -51,8 +51,7 @@ class Reply:
         return self.dst_ip == BROADCAST_ADDRESS
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Claim:
+class Claim(msgspec.Struct, frozen=True):
     """Please create the DHT record ``key`` (``ip:<namespace>:<address>``) with ``value``
     (this node's id) for ``lease_s``, and report the outcome with ``token``:
     ``address_won`` (created, or renewed: ours), ``address_lost`` (another node holds it),
@@ -67,16 +66,14 @@ class Claim:
     renewal: bool
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Release:
+class Release(msgspec.Struct, frozen=True):
     """Please delete the DHT record ``key`` of ``address`` (ours); nothing to report back."""
 
     address: IPv4Address
     key: bytes
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class LeaseEvent:
+class LeaseEvent(msgspec.Struct, frozen=True):
     """Something happened to the lease of ``address`` held for a client."""
 
     client_id: bytes
@@ -84,8 +81,7 @@ class LeaseEvent:
     address: IPv4Address
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class LeaseGranted(LeaseEvent):
+class LeaseGranted(LeaseEvent, frozen=True):
     """The first ACK of a lease: the client now uses ``address`` for ``lease_s``. The driver
     persists the address (``DhcpServer.preferred`` next start) and routes it to this node.
     ``hostname``: the client's option 12, as ASCII (undecodable bytes escaped), if sent."""
@@ -94,44 +90,37 @@ class LeaseGranted(LeaseEvent):
     hostname: str | None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class LeaseRenewed(LeaseEvent):
+class LeaseRenewed(LeaseEvent, frozen=True):
     """A later ACK of the same lease (RENEWING, REBINDING, INIT-REBOOT, a repeated REQUEST)."""
 
     lease_s: int
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class LeaseReleased(LeaseEvent):
+class LeaseReleased(LeaseEvent, frozen=True):
     """The client sent RELEASE; the address is given up (a ``Release`` is in
     ``dht_requests``)."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class LeaseExpired(LeaseEvent):
+class LeaseExpired(LeaseEvent, frozen=True):
     """The client did not renew in time; the address is given up (a ``Release`` follows)."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class LeaseRevoked(LeaseEvent):
+class LeaseRevoked(LeaseEvent, frozen=True):
     """Another node holds the address after all (``address_lost`` of an address this node
     held: a renewal answered EXISTS, or the DHT's ``LeaseLost``). The next REQUEST of the
     client is NAKed and it starts over. Nothing is released: the record is not ours."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class AddressDeclined(LeaseEvent):
+class AddressDeclined(LeaseEvent, frozen=True):
     """The client sent DECLINE (the address is in use on its link): the address is given up
     and not offered again for ``avoid_s``."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class OfferExpired(LeaseEvent):
+class OfferExpired(LeaseEvent, frozen=True):
     """An OFFER got no REQUEST within ``offer_timeout_s``; the address is given up."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class NakSent:
+class NakSent(msgspec.Struct, frozen=True):
     """A REQUEST was refused. ``address``: the one asked for (None if the request named
     none). ``reason``: ``not_offered`` (SELECTING, but not what we offered),
     ``wrong_address`` (the client's lease here is another address), ``not_in_subnet``,
@@ -144,8 +133,7 @@ class NakSent:
     reason: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ClaimsExhausted:
+class ClaimsExhausted(msgspec.Struct, frozen=True):
     """No address for a DISCOVER: ``tries`` candidates were claimed and lost (or none was
     left to try). No OFFER is sent; the client will DISCOVER again, and the search starts
     over then (addresses found taken are skipped for ``avoid_s``)."""

@@ -82,7 +82,6 @@ Theory of operation:
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import hashlib
 import math
@@ -90,6 +89,8 @@ import random
 from collections import Counter
 from collections.abc import Collection
 from ipaddress import IPv4Address, IPv4Network
+
+import msgspec
 
 from pipeline.control.dhcp import events as ev
 from pipeline.control.dhcp import frames
@@ -130,8 +131,7 @@ _CLIENT_TYPES = frozenset(
 _SERVER_TYPES = frozenset({MessageType.OFFER, MessageType.ACK, MessageType.NAK})
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class DhcpSettings:
+class DhcpSettings(msgspec.Struct, frozen=True):
     """One virtual network's DHCP service. ValueError if inconsistent (see ``__post_init__``).
 
     ``server_address`` is the virtual gateway: router (option 3) and server identifier
@@ -240,8 +240,7 @@ def derive_address(
     return None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class LeaseInfo:
+class LeaseInfo(msgspec.Struct, frozen=True):
     """A lease, as ``DhcpServer.leases()`` shows it. ``state``: ``claiming``, ``offered``,
     ``bound``; ``expires``: the end of the lease or offer (``now`` scale), or the claim's
     deadline."""
@@ -259,8 +258,7 @@ class _State(enum.Enum):
     BOUND = "bound"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Request:
+class _Request(msgspec.Struct, frozen=True):
     """A validated client message."""
 
     msg: DhcpMessage
@@ -273,8 +271,7 @@ class _Request:
     max_size: int  # the longest DHCP payload the client takes
 
 
-@dataclasses.dataclass(slots=True)
-class _Lease:
+class _Lease(msgspec.Struct):
     client_id: bytes
     mac: bytes
     address: IPv4Address
@@ -282,7 +279,7 @@ class _Lease:
     expires: float = math.inf  # claiming: the claim's deadline; else the offer's or lease's end
     claim: int | None = None  # the token of the claim in flight (the address's, or a renewal)
     answer: tuple[_Request, MessageType] | None = None  # claiming: what to send when won
-    tried: list[IPv4Address] = dataclasses.field(default_factory=list)  # lost in this search
+    tried: list[IPv4Address] = msgspec.field(default_factory=list)  # lost in this search
     hostname: bytes | None = None
     confirmed: float = -math.inf  # when the DHT last said the address is ours
     granted: bool = False  # LeaseGranted was reported for this client
@@ -292,8 +289,7 @@ class _Lease:
         return self.state is not _State.CLAIMING
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Pending:
+class _Pending(msgspec.Struct, frozen=True):
     """A claim the driver is making for us."""
 
     lease: _Lease

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
+import msgspec
 
 from pipeline.control.dht.wire import DhtRecord
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class CreateResult:
+class CreateResult(msgspec.Struct, frozen=True):
     """The answer to ``create``. ``reason``: ``ok``, ``exists`` (``holder`` is the node id of
     the owner of the live record, when known), ``stale``, ``no_quorum``, ``refused``,
     ``timeout``, ``route_failed``."""
@@ -20,8 +19,7 @@ class CreateResult:
     holder: bytes | None = None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class GetResult:
+class GetResult(msgspec.Struct, frozen=True):
     """The answer to ``get``: the verified, unexpired records of the key (none: absent)."""
 
     request_id: int
@@ -31,16 +29,14 @@ class GetResult:
     reason: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class DeleteResult:
+class DeleteResult(msgspec.Struct, frozen=True):
     request_id: int
     key: bytes
     ok: bool
     reason: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class LeaseLost:
+class LeaseLost(msgspec.Struct, frozen=True):
     """A renewal of a record this node owned found another owner's record (``holder``)."""
 
     key: bytes

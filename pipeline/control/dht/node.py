@@ -83,11 +83,12 @@ raise: malformed payloads are counted drops (``statistics()["dropped_<reason>"]`
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections import Counter
 from collections.abc import Callable, Collection
 from typing import Protocol
+
+import msgspec
 
 from pipeline.control.dht import wire as w
 from pipeline.control.dht.events import (
@@ -118,8 +119,7 @@ class OverlayApi(Protocol):
     def nearest(self, key: int, k: int) -> list[int]: ...
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class DhtSettings:
+class DhtSettings(msgspec.Struct, frozen=True):
     replicas: int = 4  # R: copies of each record, on the nodes nearest its key
     request_timeout_s: float = 3.0  # a client request without an answer this long ...
     request_tries: int = 3  # ... is sent again, this many times in all
@@ -134,15 +134,13 @@ class DhtSettings:
     serving_per_node: int = 32  # one node's creates and gets served here at once, at most
 
 
-@dataclasses.dataclass(slots=True)
-class _Entry:
+class _Entry(msgspec.Struct):
     record: DhtRecord
     expires: float
     sent_to: set[int]
 
 
-@dataclasses.dataclass(slots=True)
-class _Request:
+class _Request(msgspec.Struct):
     """One of our own requests (create, get, delete), waiting for its Reply."""
 
     kind: str  # "create" | "get" | "delete"
@@ -158,8 +156,7 @@ class _Request:
     waiting: bool = False  # this try waits for the overlay to join
 
 
-@dataclasses.dataclass(slots=True)
-class _Serving:
+class _Serving(msgspec.Struct):
     """A request the responsible node is serving with its replicas' help."""
 
     kind: str  # "write" | "fetch"
@@ -173,8 +170,7 @@ class _Serving:
     answered: bool = False
 
 
-@dataclasses.dataclass(slots=True)
-class _Owned:
+class _Owned(msgspec.Struct):
     value: bytes
     lease_s: float
     renew_at: float

@@ -13,11 +13,11 @@ than a header, or a response (answering responses could loop between two servers
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 from collections.abc import Sequence
 from ipaddress import IPv4Address
 
+import msgspec
 from dnslib import (  # type: ignore[import-untyped]
     EDNS0,
     PTR,
@@ -65,8 +65,7 @@ _QR, _RD, _CD = 0x8000, 0x0100, 0x0010
 _SOA_TIMES = (1, 3600, 600, 86400)  # serial, refresh, retry, expire: nothing transfers
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Header:
+class Header(msgspec.Struct, frozen=True):
     """What a response copies from its query's header."""
 
     id: int
@@ -75,16 +74,14 @@ class Header:
     cd: bool
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Edns:
+class Edns(msgspec.Struct, frozen=True):
     """The query's OPT record."""
 
     payload: int  # the largest UDP response the client takes (at least 512)
     version: int
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Query:
+class Query(msgspec.Struct, frozen=True):
     header: Header
     labels: tuple[bytes, ...]  # the question name as sent (case kept), root excluded
     qtype: int
@@ -92,8 +89,7 @@ class Query:
     edns: Edns | None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Malformed:
+class Malformed(msgspec.Struct, frozen=True):
     """A query to answer with ``rcode`` (FORMERR, NOTIMP or BADVERS) and no question."""
 
     header: Header
@@ -101,20 +97,17 @@ class Malformed:
     edns: Edns | None = None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Dropped:
+class Dropped(msgspec.Struct, frozen=True):
     reason: str  # "short" or "response"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Soa:
+class Soa(msgspec.Struct, frozen=True):
     mname: str
     rname: str
     minimum: int  # the negative-caching TTL (RFC 2308)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ResourceRecord:
+class ResourceRecord(msgspec.Struct, frozen=True):
     """One resource record of class IN: A (an address), PTR (a name) or SOA."""
 
     owner: tuple[bytes, ...]

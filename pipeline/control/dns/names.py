@@ -18,10 +18,11 @@ Names compare case-insensitively (ASCII letters only, RFC 4343); wire labels are
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv4Network
+
+import msgspec
 
 __all__ = [
     "Name",
@@ -99,8 +100,7 @@ class NameKind(enum.Enum):
     MISSING = "missing"  # in our zones but cannot exist: NXDOMAIN
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Name:
+class Name(msgspec.Struct, frozen=True):
     """What a query name is to us. ``address`` for STATIC and POINTER, ``host`` for HOST;
     ``apex`` (wire labels) is the zone the name falls in, for the SOA of negative answers;
     empty for FOREIGN."""
@@ -111,8 +111,7 @@ class Name:
     host: str | None = None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Zone:
+class Zone(msgspec.Struct, frozen=True):
     """The forward domain and reverse zone of one virtual network."""
 
     domain: str  # normalised: lower case, no trailing dot

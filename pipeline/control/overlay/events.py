@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from collections.abc import Hashable
+
+import msgspec
 
 
 class ConnectionKind(enum.StrEnum):
@@ -30,8 +31,7 @@ _KINDS = (ConnectionKind.LEAF, ConnectionKind.FAR, ConnectionKind.NEAR)
 _CODES = {kind: code for code, kind in enumerate(_KINDS)}
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ConnectionAdded:
+class ConnectionAdded(msgspec.Struct, frozen=True):
     """A connection to ``node_id`` at ``address`` is up."""
 
     node_id: int
@@ -39,8 +39,7 @@ class ConnectionAdded:
     kind: ConnectionKind
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ConnectionRemoved:
+class ConnectionRemoved(msgspec.Struct, frozen=True):
     """The connection to ``node_id`` is gone. ``reason``: ``timeout`` (silent too long),
     ``trim_near`` / ``trim_far`` / ``trim_leaf`` (surplus, closed by us), ``closed_<why>``
     (closed by the peer: ``closed_trim``, ``closed_leave``, ``closed_unknown``, ...),
@@ -50,8 +49,7 @@ class ConnectionRemoved:
     reason: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class NeighboursChanged:
+class NeighboursChanged(msgspec.Struct, frozen=True):
     """The near neighbourhood changed: the nearest ``near_per_side`` connected nodes clockwise
     (``successors``, nearest first) and counter-clockwise (``predecessors``). In a small
     overlay one node can be in both. The DHT hands records over on this event."""
@@ -60,8 +58,7 @@ class NeighboursChanged:
     predecessors: tuple[int, ...]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Delivered:
+class Delivered(msgspec.Struct, frozen=True):
     """An application message for which this node is the destination: the node closest to
     ``key`` (``send_to_key``) or the node whose id is ``key`` (``send_to_node``, ``exact``).
     ``hops`` is 0 for a message this node sent to itself."""
@@ -74,8 +71,7 @@ class Delivered:
     exact: bool
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class RouteFailed:
+class RouteFailed(msgspec.Struct, frozen=True):
     """A message this node sent was not delivered, as far as the overlay can tell.
     ``reason``: ``no_route`` (no connection to send on), ``ttl`` (hop limit reached),
     ``no_such_node`` (``send_to_node`` found no node with that id), ``left`` (this node has
@@ -87,8 +83,7 @@ class RouteFailed:
     reason: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Joined:
+class Joined(msgspec.Struct, frozen=True):
     """The node has its place on the circle: a successor and a predecessor, and neither
     of them knows a node between itself and this one (Brunet's "connected" test). The
     first node of an overlay (empty bootstrap list) is joined at once. A node that loses
@@ -103,11 +98,11 @@ OverlayEvent = (
 )
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ConnectionInfo:
+class ConnectionInfo(msgspec.Struct, frozen=True):
     """One connection as ``OverlayNode.connections()`` shows it. ``kind`` is why it was made
     (a far connection may also be a near neighbour by position: see ``OverlayNode.neighbours``);
-    ``rtt`` is a smoothed ping round trip in seconds (None before the first pong); ``age``
+    ``rtt`` is a smoothed round trip in seconds, first from the HelloAck of a connection made
+    with one Hello, then from pings (None till one of them); ``age``
     is seconds since the connection came up, at the time of the node's latest input."""
 
     node_id: int

@@ -87,7 +87,6 @@ connection's authenticated id is the id it claims.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import heapq
 import math
@@ -127,10 +126,10 @@ HELD_MAX = 4096  # messages kept for re-routing at once; beyond, they are not ke
 INTRODUCERS_MAX = 1024  # who named which node to us, kept for tunnels
 TUNNEL_AFTER_TRIES = 2  # unanswered Hellos to a near candidate before a tunnel is tried too
 VERIFY_SPACING_S = 0.25  # pings on the layer below's word, at most this often a connection
+TUNNEL_BROKEN = "tunnel_broken"  # a relay's RouteError: "I no longer reach the far end directly"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class OverlaySettings:
+class OverlaySettings(msgspec.Struct, frozen=True):
     """Every knob of the overlay core; times in seconds. Defaults follow Brunet."""
 
     near_per_side: int = 2  # near neighbours wanted on each side
@@ -177,8 +176,7 @@ class NodeState(enum.Enum):
     LEFT = "left"
 
 
-@dataclasses.dataclass(slots=True)
-class _Connection:
+class _Connection(msgspec.Struct):
     node_id: int
     address: Address
     address_bytes: bytes
@@ -192,10 +190,10 @@ class _Connection:
     view_at: float = -math.inf  # when that list came
     ping_since: float = math.inf  # first ping not yet answered (when last_heard is older)
     jitter: float = 1.0  # this connection's ping_after factor, 1 .. 1 + ping_jitter
+    relayed_at: float = -math.inf  # a tunnel's Forward last crossed it: not trimmed meanwhile
 
 
-@dataclasses.dataclass(slots=True)
-class _PendingConnection:
+class _PendingConnection(msgspec.Struct):
     """A Hello waiting for its HelloAck."""
 
     address: Address
@@ -205,10 +203,10 @@ class _PendingConnection:
     tries: int
     next_try: float
     probe: bool = False  # a leaf made to re-join through (bootstrap probe)
+    sent: float = math.nan  # when the (last) Hello went: its HelloAck is a first RTT sample
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Held:
+class _Held(msgspec.Struct, frozen=True):
     """A Data message forwarded over a connection that had been silent: re-routed around the
     connection if nothing is heard from it within ``suspect_after_s``."""
 
@@ -218,8 +216,7 @@ class _Held:
     dest: int
 
 
-@dataclasses.dataclass(slots=True)
-class _PendingConnect:
+class _PendingConnect(msgspec.Struct):
     kind: ConnectionKind
     target: int
     deadline: float
@@ -587,7 +584,15 @@ class OverlayNode:
             if msg.sender != msg.origin or self._by_address.get(source) != origin:
                 raise RemoteProtocolError("forward_not_from_origin")
             if connection is None or isinstance(connection.address, Tunnel):
+                # say so to the near end at once (it would find out only when its pings through
+                # us go unanswered): it drops the tunnel and reaches ``dest`` another way
+                broken = w.RouteError(
+                    self._id, msg.origin, 0, self.settings.max_hops, 0, msg.dest, TUNNEL_BROKEN
+                )
+                self._send(broken, source)
                 raise RemoteProtocolError("forward_no_connection")
+            connection.relayed_at = now  # both legs of the tunnel stay while it is used
+            self._connections[origin].relayed_at = now
             seen = self._codec_encode_or_empty(source)
             relayed = w.Forward(self._id, msg.origin, seen, msg.dest, msg.payload)
             self._stats["forwarded_tunnel"] += 1
@@ -596,6 +601,9 @@ class OverlayNode:
         inner = w.decode(msg.payload)
         if isinstance(inner, w.Forward):
             raise RemoteProtocolError("nested_forward")
+        relay = self._connections.get(self._by_address.get(source, -1))
+        if relay is not None:
+            relay.relayed_at = now  # (our leg of the tunnel: kept while used)
         tunnel = Tunnel(source, origin, msg.origin_address)
         nid = self._by_address.get(tunnel)
         if nid is not None:
@@ -666,6 +674,8 @@ class OverlayNode:
         if connection is None:
             return
         connection.on_circle = msg.on_circle
+        if pending.tries == 1 and connection.rtt is None and 0.0 <= now - pending.sent < 60.0:
+            connection.rtt = now - pending.sent  # (one Hello only: the ack is its answer)
         if pending.kind is FAR:
             self._far_backoff = self.settings.far_retry_s
             self._next_far = now
@@ -805,6 +815,7 @@ class OverlayNode:
         except ValueError:
             to = b""
         hello = w.Hello(self._id, pending.kind.code, pending.token, to, self._on_circle())
+        pending.sent = self._now
         self._send(hello, pending.address)
 
     # -- neighbour lists ---------------------------------------------------------------------
@@ -1096,11 +1107,39 @@ class OverlayNode:
             )
         elif isinstance(msg, w.ConnectRequest):
             self._answer_connect(msg)
+        elif dest == self.node_id and msg.reason == TUNNEL_BROKEN:
+            self._on_tunnel_broken(msg)
         elif dest == self.node_id:
             self._stats[f"route_failed_{msg.reason}"] += 1
             self._events.append(RouteFailed(msg.message_id, id_from_bytes(msg.key), msg.reason))
         else:
             self._stats["dropped_route_error_undeliverable"] += 1
+
+    def _on_tunnel_broken(self, msg: w.RouteError) -> None:
+        """Our relay to ``msg.key`` says it reaches that node directly no more: the tunnel
+        through it is dropped (believed only from that relay itself, straight from it), so
+        the node is reached another way (a tunnel through another relay, or routing around
+        it) instead of after its pings through this one have gone unanswered."""
+        far = id_from_bytes(msg.key)
+        relay = self._arrived_from
+        if relay is None or self._by_address.get(relay) != id_from_bytes(msg.src):
+            self._stats["dropped_tunnel_broken_not_from_relay"] += 1
+            return
+        matched = False
+        for address in [a for a in self._pending if isinstance(a, Tunnel)]:
+            if address.relay == relay and address.node_id == far:  # a Hello on its way
+                del self._pending[address]
+                matched = True
+        connection = self._connections.get(far)
+        if (
+            connection is not None
+            and isinstance(connection.address, Tunnel)
+            and connection.address.relay == relay
+        ):
+            self._drop_connection(connection, TUNNEL_BROKEN)
+            matched = True
+        if not matched:
+            self._stats["dropped_tunnel_broken_unmatched"] += 1
 
     def _fail(self, msg: w.Routed, reason: str) -> None:
         """Tell the sender of a Data message that it was not delivered."""
@@ -1469,7 +1508,13 @@ class OverlayNode:
             return
         succ, pred = self._circle_view()
         keep = {*succ[: st.near_keep_per_side], *pred[: st.near_keep_per_side]}
-        extra = [lk for lk in self._structured() if lk.kind is NEAR and lk.node_id not in keep]
+        # (a connection a tunnel runs over is kept while the tunnel is used: trimming it
+        # would cut the tunnel, and its ends would find out only when their pings failed)
+        extra = [
+            lk
+            for lk in self._structured()
+            if lk.kind is NEAR and lk.node_id not in keep and now - lk.relayed_at > st.dead_after_s
+        ]
         if extra:
             me = self.node_id
             farthest = max(extra, key=lambda lk: circle_distance(lk.node_id, me))
@@ -1503,6 +1548,9 @@ class OverlayNode:
         if isinstance(address, Tunnel):
             # through the relay: wrapped for the node, sent to the relay's address
             self._stats[_SENT[type(msg)]] += 1
+            relay = self._connections.get(self._by_address.get(address.relay, -1))
+            if relay is not None:
+                relay.relayed_at = self._now
             msg = w.Forward(self._id, self._id, b"", id_to_bytes(address.node_id), data)
             data = w.encode(msg)
             address = address.relay

@@ -46,7 +46,9 @@ far, and a node that would exceed ``ttl`` drops the message):
   could aim a node's datagrams anywhere); a reply whose way back is broken is dropped.
 - 9 ``Data(src, dest, exact, hops, ttl, message_id, payload)``: an application message.
 - 10 ``RouteError(src, dest, hops, ttl, message_id, key, reason)``: the Data message
-  ``message_id`` that ``dest`` sent to ``key`` was not delivered.
+  ``message_id`` that ``dest`` sent to ``key`` was not delivered; or (reason
+  ``tunnel_broken``, message_id 0), sent by a relay straight to a tunnel's near end, the
+  relay reaches the far end ``key`` directly no more.
 
 An *entry* is ``[node id, address, direct]``: ``direct`` is false for a node the lister
 reaches only through a tunnel (it cannot be a tunnel's relay for it).
