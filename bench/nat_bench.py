@@ -16,6 +16,8 @@ Per case and repeat, a fresh pair with shortcuts on:
   answered (pings of 1 s timeout, back to back);
 - **direct after**: seconds from the first answer until A's link to B shows a direct path
   (``status --json``, polled every 0.25 s, up to ``--within``; "-": stayed relayed);
+- **direct**: how many repeats went direct, and of them how many by birthday probing
+  (``bN``: one side's NAT randomises ports, ``random-one-side``);
 - **Mbit/s now**: one iperf3 TCP stream A->B of ``--seconds`` on the path the link settled on.
 
 Then, per case and repeat, a pair with ``[nat] shortcuts = false`` gives **Mbit/s relayed**
@@ -25,7 +27,7 @@ the table ends with the machine's load average, which says how disturbed the fig
 Run as root from the repository root::
 
     python3 bench/nat_bench.py [--cases masquerade-both,random-one-side] [--repeats 3]
-                               [--seconds 5] [--within 60] [--json]
+                               [--seconds 5] [--within 60] [--no-relayed] [--json]
 
 The result is written to ``bench/results/nat-<timestamp>.json`` too; progress goes to stderr.
 Everything lives in a ``Testbed``: removed on exit, on failure and on Ctrl-C.
@@ -70,6 +72,7 @@ class Run:
     kind: str | None  # the candidate kind of the direct path
     mbit_now: float
     mbit_relayed: float | None = None
+    birthday: bool = False  # the direct path was found in a round with birthday probing
 
 
 def first_answer(pair: testbed.NatPair, timeout: float = 30.0) -> float:
@@ -81,14 +84,17 @@ def first_answer(pair: testbed.NatPair, timeout: float = 30.0) -> float:
     return time.monotonic() - start
 
 
-def wait_direct(pair: testbed.NatPair, within: float) -> tuple[float | None, str | None]:
+def wait_direct(pair: testbed.NatPair, within: float) -> tuple[float | None, str | None, bool]:
+    """Seconds until A's link to B is direct (None: not within ``within``), the candidate
+    kind of the path, and whether birthday probing found it."""
     start = time.monotonic()
     while time.monotonic() - start < within:
         row = testbed.link_row(pair.a, pair.b)
         if row and row["path"] == "direct":
-            return time.monotonic() - start, (row.get("shortcut") or {}).get("kind")
+            shortcut = row.get("shortcut") or {}
+            return time.monotonic() - start, shortcut.get("kind"), bool(shortcut.get("birthday"))
         time.sleep(0.25)
-    return None, None
+    return None, None, False
 
 
 def stream(pair: testbed.NatPair, seconds: int) -> float:
@@ -107,10 +113,13 @@ def one_run(tmp: Path, kinds: tuple[str, str | None], args: argparse.Namespace) 
         try:
             join = time.monotonic() - pair.started_at
             first = first_answer(pair)
-            direct_after, kind = wait_direct(pair, args.within)
+            direct_after, kind, birthday = wait_direct(pair, args.within)
             run = Run(join, first, direct_after, kind, stream(pair, args.seconds))
+            run.birthday = birthday
         finally:
             pair.close()
+    if args.no_relayed:
+        return run
     with testbed.Testbed(prefix="avnb") as tb:
         pair = testbed.nat_pair(tb, tmp / "off", *kinds, shortcuts=False)
         try:
@@ -143,6 +152,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], None]:
                 "first_packet_s": median([r.first_packet_s for r in runs]),
                 "direct_after_s": median([r.direct_after_s for r in runs]),
                 "direct_runs": sum(r.direct_after_s is not None for r in runs),
+                "birthday_runs": sum(r.birthday for r in runs),
                 "mbit_now": median([r.mbit_now for r in runs]),
                 "mbit_relayed": median([r.mbit_relayed for r in runs]),
             },
@@ -153,7 +163,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], None]:
 
 def render(result: dict[str, Any], _: None) -> str:
     head = (
-        f"{'case':24} {'gateways':16} {'join s':>7} {'first s':>8} {'direct':>7}"
+        f"{'case':24} {'gateways':16} {'join s':>7} {'first s':>8} {'direct':>9}"
         f" {'direct s':>9} {'Mbit/s now':>11} {'relayed':>8} {'now/rel':>8}"
     )
     lines = [head, "-" * len(head)]
@@ -162,15 +172,18 @@ def render(result: dict[str, Any], _: None) -> str:
         a, b = case["gateways"]
         gateways = f"{a}/{b or 'lan'}"
         direct = f"{m['direct_runs']}/{len(case['runs'])}"
+        if m.get("birthday_runs"):
+            direct += f" b{m['birthday_runs']}"  # of them, found by birthday probing
         lines.append(
             f"{name:24} {gateways:16} {harness.fmt(m['join_s']):>7}"
-            f" {harness.fmt(m['first_packet_s'], 2):>8} {direct:>7}"
+            f" {harness.fmt(m['first_packet_s'], 2):>8} {direct:>9}"
             f" {harness.fmt(m['direct_after_s']):>9} {harness.fmt(m['mbit_now']):>11}"
             f" {harness.fmt(m['mbit_relayed']):>8}"
             f" {harness.ratio(m['mbit_now'], m['mbit_relayed']):>8}"
         )
     lines.append(
-        f"medians of {result['args']['repeats']} repeats; load average"
+        "direct: runs that went direct of all (bN: N by birthday probing);"
+        f" medians of {result['args']['repeats']} repeats; load average"
         f" {result['machine']['loadavg']:.2f} before, {result['loadavg_after']:.2f} after;"
         f" {result['file']}"
     )
@@ -189,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=harness.bounded_int(1, 60), default=5, help="iperf3 -t (5)")
     p.add_argument(
         "--within", type=harness.bounded_int(1, 300), default=60, help="wait for direct (60 s)"
+    )
+    p.add_argument(
+        "--no-relayed",
+        action="store_true",
+        help="skip the pair without shortcuts (no 'relayed' column: faster, for the rates)",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)

@@ -337,6 +337,20 @@ class NatSettings:
     shortcuts: bool = _field(
         True, doc="punch direct paths for links that are relayed and carry traffic"
     )
+    pool_sockets: int = _field(
+        256,
+        check=_between(0, 1024),
+        doc="birthday probing, where this node's NAT maps per destination and the peer's "
+        "does not: how many extra UDP sockets overlay_io opens to probe the peer from "
+        "(0: none, 1024 at most)",
+    )
+    spray_probes: int = _field(
+        1024,
+        check=_between(0, 4096),
+        doc="birthday probing, where the peer's NAT maps per destination and this node's "
+        "does not: how many probes go to random ports of the peer's public IP, over 3 s "
+        "(0: none, 4096 at most)",
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

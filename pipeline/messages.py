@@ -83,6 +83,9 @@ class KeyEntry(msgspec.Struct, frozen=True):
     confirmed: bool  # the peer holds these keys: overlay_io may send with them
     endpoint: str  # "host:port" to send to; "" = no direct endpoint: relayed over the overlay
     node_id: bytes = b""  # the peer's 20-byte node id (the destination of relayed datagrams)
+    # relayed: the node id of the member to relay through first (both NATs vary, chosen by
+    # the shortcut's exchange); b"": the overlay's greedy next hop
+    via: bytes = b""
 
 
 class SessionKeys(msgspec.Struct, tag=True, frozen=True):

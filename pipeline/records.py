@@ -63,7 +63,10 @@ Per edge of the ring graph, producer → consumer, the kinds it carries:
   - PROBE, a payload to seal with the session of the link ``peer`` as a PROBE datagram and
     send to the 6-byte endpoint before it (not to the link's own endpoint);
   - STUN, a STUN binding request to send as it is from the node's port to the 6-byte
-    endpoint before it.
+    endpoint before it;
+  - POOL, birthday probing for the link ``peer``: a payload to seal as PROBE, as for PROBE,
+    and send from every socket of the link's socket pool (opened at the first such record)
+    to the 6-byte endpoint before it; empty: close the link's pool.
 
 ``EDGE_KINDS`` holds this as data; a test keeps the table in ``docs/wire.md`` true to it.
 """
@@ -97,6 +100,7 @@ class RecordKind(enum.IntEnum):
     CLAIM = 8
     PROBE = 9
     STUN = 10
+    POOL = 11
 
 
 _TAP, _CLS, _IO, _CTL = Stage.TAP_READER, Stage.CLASSIFIER, Stage.OVERLAY_IO, Stage.CONTROL
@@ -113,7 +117,9 @@ EDGE_KINDS: dict[tuple[Stage, Stage, Lane], frozenset[RecordKind]] = {
     (_CTL, _CLS, _MAIN): frozenset({K.FRAME}),
     (_IO, _CTL, _MAIN): frozenset({K.OVERLAY, K.RELAY, K.PROBE, K.STUN}),
     (_IO, _CTL, _HANDSHAKE): frozenset({K.HANDSHAKE}),
-    (_CTL, _IO, _MAIN): frozenset({K.IP_PACKET, K.OVERLAY, K.HANDSHAKE, K.RELAY, K.PROBE, K.STUN}),
+    (_CTL, _IO, _MAIN): frozenset(
+        {K.IP_PACKET, K.OVERLAY, K.HANDSHAKE, K.RELAY, K.PROBE, K.STUN, K.POOL}
+    ),
 }
 """Which kinds each edge of the ring graph carries; a consumer counts any other as a drop."""
 

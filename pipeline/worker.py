@@ -146,6 +146,11 @@ class Worker:
         self.epoll.register(fd, select.EPOLLIN)
         self._handlers[fd] = handler
 
+    def unwatch(self, fd: int) -> None:
+        """Stop watching ``fd`` (before it is closed); nothing if it was not watched."""
+        if self._handlers.pop(fd, None) is not None:
+            self.epoll.unregister(fd)
+
     def every(self, interval_s: float, fn: Callable[[float], None]) -> None:
         self._timers.append((time.monotonic() + interval_s, interval_s, fn))
 

@@ -363,7 +363,8 @@ def format_netcheck(picture: dict[str, Any]) -> str:
     lines.append(f"candidates          {', '.join(picture.get('candidates') or []) or '-'}")
     for slot, path in (picture.get("shortcuts") or {}).items():
         where = path.get("endpoint") or "relayed"
-        lines.append(f"  link {slot}: {path.get('phase')} {where} (round {path.get('round')})")
+        how = ", birthday probing" if path.get("birthday") else ""
+        lines.append(f"  link {slot}: {path.get('phase')} {where} (round {path.get('round')}{how})")
     return "\n".join(lines)
 
 

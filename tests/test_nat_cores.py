@@ -401,11 +401,14 @@ def test_a_reflexive_address_is_a_candidate_only_if_the_mapping_is_the_same_for_
     ports: tuple[int, int], advertised: bool
 ) -> None:
     """Behind a NAT that maps per destination, the address a STUN server saw is another
-    peer's wrong port: it is shown (netcheck) but not advertised as a candidate."""
+    peer's wrong port: it is shown (netcheck) but not advertised as a candidate; its IP is
+    the public one birthday probing aims at. Either verdict is news for the owner (a new
+    ``candidates_version``), even when the candidates stay the same."""
     nat = NatDiscovery(
         port=4789, stun_servers=(S1, S2), port_mapping=False, rng=random.Random(1), now=0.0
     )
     nat.set_local(["198.19.1.10"], "198.19.1.1", 0.0)
+    before = nat.candidates_version
     nat.handle_timer(0.0)
     for data, server in nat.stun_to_send():
         request = stun.parse(data)
@@ -417,3 +420,4 @@ def test_a_reflexive_address_is_a_candidate_only_if_the_mapping_is_the_same_for_
     assert (CandidateKind.REFLEXIVE in kinds) is advertised
     assert nat.mapping_varies is not advertised
     assert nat.picture()["reflexive"].startswith("198.18.90.14:")
+    assert nat.public_ip == "198.18.90.14" and nat.candidates_version > before

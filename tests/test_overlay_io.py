@@ -78,9 +78,11 @@ class Node:
         gso: bool = True,
         gro: bool = True,
         tap_offloads: bool = True,
+        pool_sockets: int = 256,
     ) -> None:
         """``gso``, ``gro``: what the memory ports offer; ``tap_offloads``: whether the node's
-        TAP is said to take super-frames (``stages.tap_reader.offloads``)."""
+        TAP is said to take super-frames (``stages.tap_reader.offloads``); ``pool_sockets``:
+        birthday probing's pool size (``nat.pool_sockets``)."""
         self.name, self.address, self.node_id = name, (host, 4789), node_id
         if not plaintext and not (tmp / "authority" / "ca.crt").exists():
             Authority.create(tmp / "authority")
@@ -98,6 +100,7 @@ class Node:
                 "overlay_io": {"workers": workers},
                 "tap_reader": {"offloads": tap_offloads},
             },
+            "nat": {"pool_sockets": pool_sockets},
         }
         settings = settings_from_mapping(data)
         self.specs: list[RingSpec] = []
@@ -616,6 +619,100 @@ def test_a_session_that_gains_an_endpoint_keeps_its_counter(lab: Lab) -> None:
         (RecordKind.IP_PACKET, SLOT_A_AT_B, PACKET),
         (RecordKind.IP_PACKET, SLOT_A_AT_B, PACKET),
     ]
+
+
+# -- birthday probing: a socket pool --------------------------------------------------------------
+
+
+def run_handlers(worker: io_stage.OverlayIoWorker) -> None:
+    """What the worker's loop does after epoll: the handlers of its readable descriptors
+    (a pool socket's reads its datagrams)."""
+    for fd, _ in worker.epoll.poll(0):
+        handler = worker._handlers.get(fd)
+        if handler is not None:
+            handler()
+
+
+def test_a_pool_probes_from_its_sockets_and_the_one_that_hears_back_carries_the_link(
+    lab: Lab,
+) -> None:
+    """A POOL record sends one sealed probe from each of A's pool sockets; B answers one of
+    them; that socket is pinned (the rest closed): A's data, probes and handshakes for B go
+    from it and B's datagrams to it are opened; an empty POOL record closes it."""
+    a = lab.node("a", "alpha", HOST_A, ID_A, pool_sockets=8)
+    b = lab.node("b", "beta", HOST_B, ID_B)
+    a.install([entry(SLOT_B_AT_A, (102, KEY_BA), (302, KEY_AB), "", ID_B)])  # relayed: no
+    b.install([entry(SLOT_A_AT_B, (302, KEY_AB), (102, KEY_BA), "", ID_A)])  # endpoint yet
+    w = a.workers[0]
+    a.from_control[0].push(pack_endpoint(*b.address) + b"probe", RecordKind.POOL, SLOT_B_AT_A)
+    a.from_control[0].flush()
+    log = lab.pump()
+    assert [(t, to) for t, _, to in wire(log)] == [(DatagramType.PROBE, b.address)] * 8
+    sources = [src for _, src, _ in log]
+    assert len(set(sources)) == 8 and a.address not in sources
+    got = records(b.to_control[0])
+    assert [(k, p, d[6:]) for k, p, d in got] == [(RecordKind.PROBE, SLOT_A_AT_B, b"probe")] * 8
+    assert w.stats()["pools"]["sockets"] == 8
+
+    winner = sources[5]  # as if only this one's mapping met B's probe
+    b.from_control[0].push(pack_endpoint(*winner) + b"ack", RecordKind.PROBE, SLOT_A_AT_B)
+    b.from_control[0].flush()
+    lab.pump()
+    run_handlers(w)
+    assert records(a.to_control[0]) == [
+        (RecordKind.PROBE, SLOT_B_AT_A, pack_endpoint(*b.address) + b"ack")
+    ]
+    pools = w.stats()["pools"]
+    assert pools["sockets"] == 1 and pools["pinned"] == 1 and pools["pools_won"] == 1
+
+    # direct now (control found the path): A's data for B goes from the pinned socket
+    a.install([entry(SLOT_B_AT_A, (102, KEY_BA), (302, KEY_AB), EP_B, ID_B)])
+    b.install([entry(SLOT_A_AT_B, (302, KEY_AB), (102, KEY_BA), f"{winner[0]}:{winner[1]}", ID_A)])
+    send_ip(a, SLOT_B_AT_A)
+    a.from_control[0].push(pack_endpoint(*b.address) + b"\x01\x03hs", RecordKind.HANDSHAKE)
+    a.from_control[0].flush()
+    log = lab.pump()
+    assert [(src, to) for _, src, to in log] == [(winner, b.address)] * 2
+    assert records(b.to_classifier[0]) == [(RecordKind.IP_PACKET, SLOT_A_AT_B, PACKET)]
+    send_ip(b, SLOT_A_AT_B, PACKET[::-1])  # and B's data to the pinned socket is opened
+    assert wire(lab.pump()) == [(DatagramType.DATA, b.address, winner)]
+    run_handlers(w)
+    assert records(a.to_classifier[0]) == [(RecordKind.IP_PACKET, SLOT_B_AT_A, PACKET[::-1])]
+
+    a.from_control[0].push(b"", RecordKind.POOL, SLOT_B_AT_A)  # control: the path is lost
+    a.from_control[0].flush()
+    lab.pump()
+    send_ip(a, SLOT_B_AT_A)
+    assert wire(lab.pump()) == [(DatagramType.DATA, a.address, b.address)]
+    assert w.stats()["pools"]["sockets"] == 0 and w.stats()["pools"]["pinned"] == 0
+
+
+def test_a_pool_socket_takes_only_its_own_links_datagrams(lab: Lab) -> None:
+    """An authentic datagram of another link of A's arriving on a pool socket pins nothing
+    (a counted drop); a POOL record for a link without a session is a counted drop."""
+    three_nodes(lab)
+    a, r = lab.nodes["a"], lab.nodes["r"]
+    w = a.workers[0]
+    a.from_control[0].push(pack_endpoint(*r.address) + b"probe", RecordKind.POOL, SLOT_B_AT_A)
+    a.from_control[0].push(pack_endpoint(*r.address) + b"probe", RecordKind.POOL, 9)
+    a.from_control[0].flush()
+    log = lab.pump()
+    pool_port = log[0][1]
+    r.install(
+        [
+            entry(
+                SLOT_A_AT_R, (201, KEY_AR), (101, KEY_RA), f"{pool_port[0]}:{pool_port[1]}", ID_A
+            ),
+            entry(SLOT_B_AT_R, (202, KEY_BR), (301, KEY_RB), EP_B, ID_B),
+        ]
+    )
+    send_ip(r, SLOT_A_AT_R)  # R's link to A (slot 1 at A), not the pool's link to B (slot 2)
+    lab.pump()
+    run_handlers(w)
+    assert records(a.to_classifier[0]) == []
+    stats = w.stats()
+    assert stats["drops"]["pool_other_link"] == 1 and stats["drops"]["probe_no_session"] == 1
+    assert stats["pools"]["pinned"] == 0 and stats["pools"]["sockets"] == 256
 
 
 # -- plaintext ---------------------------------------------------------------------------------

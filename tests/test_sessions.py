@@ -3,6 +3,7 @@ entries and exact reports to control."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from pipeline import messages
@@ -208,6 +209,21 @@ class TestRelayed:
         assert sorted(t.send) == [1, 3]  # slot 1 still seals for its own peer
         t.install_keys(messages.SessionKeys(3, entries, OWN_ID, hops=()))
         assert t.relay_route(2) == "relay_no_route"
+
+    def test_a_chosen_relay_is_the_hop_while_it_is_one(self) -> None:
+        """``KeyEntry.via`` (both NATs vary: a relay both reach fast): link 3's node is the
+        hop though link 1's is closer to the peer; a via that is no hop (suspect, or no
+        direct link) leaves the greedy choice."""
+        t = table()
+        direct = (key_entry(1, 0, node_id=ID_1), key_entry(3, 4, endpoint=EP_2, node_id=ID_3))
+        via_3 = msgspec.structs.replace(key_entry(2, 2, endpoint="", node_id=ID_2), via=ID_3)
+        t.install_keys(keys(*direct, via_3))
+        assert t.relayed[2].hop == 3 and t.relayed[2].via == ID_3
+        t.install_keys(messages.SessionKeys(2, (*direct, via_3), OWN_ID, hops=(ID_1,)))
+        assert t.relayed[2].hop == 1
+        unknown = msgspec.structs.replace(via_3, via=nid(0x33 << 152))
+        t.install_keys(keys(*direct, unknown, version=3))
+        assert t.relayed[2].hop == 1
 
 
 class TestReports:

@@ -59,7 +59,7 @@ from pipeline.control.nat.upnp import UpnpCommand, UpnpResult
 from pipeline.control.overlay import wire as overlay_wire
 from pipeline.control.peers import PeerState, PeerTable
 from pipeline.control.routing import RoutingCore
-from pipeline.control.shortcuts import CandidateKind, decode_path
+from pipeline.control.shortcuts import POOL_SOCKETS, SPRAY_PROBES, CandidateKind, decode_path
 from pipeline.crypto.cert import Certificate, RevocationList
 from pipeline.crypto.identity import Identity
 from pipeline.errors import RemoteProtocolError
@@ -97,6 +97,8 @@ class ControlSettings(msgspec.Struct, frozen=True):
     port_mapping: bool = False
     port_mapping_protocols: tuple[str, ...] = ("pcp", "nat-pmp", "upnp")  # asked in this order
     shortcuts: bool = True
+    pool_sockets: int = POOL_SOCKETS  # birthday probing's bounds (``shortcuts.py``)
+    spray_probes: int = SPRAY_PROBES
     map_answers_per_s: float = crawl.ANSWERS_PER_S  # crawl queries answered a second
 
 
@@ -146,6 +148,7 @@ class ControlCore:
         self._handshakes_out: list[tuple[bytes, Address, int]] = []
         self._overlay_out: list[tuple[int, bytes]] = []
         self._probes_out: list[tuple[int, Address, bytes]] = []
+        self._pools_out: list[tuple[int, Address | None, bytes]] = []
         self._packets_out: list[tuple[int, bytes]] = []
         self._tap_out: list[bytes] = []
         self._events: list[ev.ControlEvent] = []
@@ -197,6 +200,8 @@ class ControlCore:
             register_address=not dhcp,
             networks=s.networks,
             shortcuts=s.shortcuts,
+            pool_sockets=s.pool_sockets,
+            spray_probes=s.spray_probes,
         )
         self.routing = routing
         self.nat = NatDiscovery(
@@ -264,6 +269,13 @@ class ControlCore:
         out, self._probes_out = self._probes_out, []
         return out
 
+    def pools_to_send(self) -> list[tuple[int, Address | None, bytes]]:
+        """(slot, endpoint, payload): birthday probing's pool commands for overlay_io
+        (``RoutingCore.pools_to_send``): a PROBE payload to send from every socket of link
+        ``slot``'s pool to ``endpoint``, or (slot, None, b"") to close the pool."""
+        out, self._pools_out = self._pools_out, []
+        return out
+
     def frames_to_tap(self) -> list[bytes]:
         """Ethernet frames for the TAP: DHCP and DNS answers, ICMP errors, verified packets."""
         out, self._tap_out = self._tap_out, []
@@ -280,7 +292,12 @@ class ControlCore:
         if routing is None:
             self._keys_due.clear()
             return []
-        version = (routing.links.sessions_version, routing.tunnels(), routing.relay_hops())
+        version = (
+            routing.links.sessions_version,
+            routing.tunnels(),
+            routing.relay_hops(),
+            tuple(sorted(routing.chosen_relays().items())),
+        )
         if version != self._keys_version:
             self._keys_version = version
             self._keys_due |= set(self._io_workers)
@@ -655,6 +672,7 @@ class ControlCore:
                     local,
                     [c for c in found if c.kind is not CandidateKind.LOCAL],
                     mapping_varies=nat.mapping_varies,
+                    public_ip=nat.public_ip,
                 )
                 routing.pump()
         self._links_step(now, wall)
@@ -678,6 +696,7 @@ class ControlCore:
             self._handshakes_out.append((datagram, to, slot))
         self._overlay_out += routing.overlay_to_send()
         self._probes_out += routing.probes_to_send()
+        self._pools_out += routing.pools_to_send()
         for event in routing.events():
             if isinstance(event, ev.HandshakeRefused):
                 self._log_refusal(event, now)
@@ -866,6 +885,7 @@ class ControlCore:
     def _session_keys(self, worker: bytes) -> messages.SessionKeys:
         assert self.routing is not None
         links = self.routing.links
+        chosen = self.routing.chosen_relays()
         entries = []
         for sess in links.sessions():
             gen = self._generations.setdefault((sess.send_index, worker), 0)
@@ -883,6 +903,7 @@ class ControlCore:
                     confirmed=sess.confirmed,
                     endpoint=_text(link.endpoint) if direct else "",
                     node_id=link.certificate.node_id if link.certificate else b"",
+                    via=b"" if direct else chosen.get(sess.slot, b""),
                 )
             )
         return messages.SessionKeys(

@@ -114,6 +114,17 @@ class ShortcutFailed(LogEvent, frozen=True):
     retry_in_s: float
 
 
+class RelayChosen(LogEvent, frozen=True):
+    """Both NATs map per destination: the link is relayed through ``relay`` (hex node id),
+    the member both reach with the least sum of RTTs (``rtt_ms``)."""
+
+    name = "relay_chosen"
+    peer: str | None
+    slot: int
+    relay: str
+    rtt_ms: float
+
+
 # -- the NAT picture ---------------------------------------------------------------------------
 
 

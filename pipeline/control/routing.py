@@ -96,11 +96,14 @@ from pipeline.control.overlay import (
 )
 from pipeline.control.overlay import wire as ow
 from pipeline.control.shortcuts import (
+    POOL_SOCKETS,
+    SPRAY_PROBES,
     Candidate,
     CandidateKind,
     PathFound,
     PathLost,
     PathMessage,
+    RelayChosen,
     Shortcuts,
 )
 from pipeline.crypto.cert import Certificate, RevocationList
@@ -119,6 +122,7 @@ MAX_PUMP_ROUNDS = 16
 LINKS_QUEUE = 256  # crawl messages held for the layer above between two of its looks
 MEMBER_LINKS = 8  # endpoints without a link yet that one member's messages may make us try at once
 RESOLVING_MAX = 256  # DHT gets for addresses under way at once
+UNKNOWN_RTT_S = 1.0  # a relay offered before its first pong counts as this slow
 NAMED_MAX = 4096  # endpoints remembered with the member whose message first named them
 
 
@@ -161,6 +165,8 @@ class RoutingCore:
         register_address: bool = True,
         networks: Sequence[str] = (),
         shortcuts: bool = True,
+        pool_sockets: int = POOL_SOCKETS,
+        spray_probes: int = SPRAY_PROBES,
     ) -> None:
         self.identity = identity
         self.namespace = namespace
@@ -197,10 +203,16 @@ class RoutingCore:
             certificate=certificate.encode(),
             authority=authority.check,
         )
-        self.shortcuts = Shortcuts(identity.node_id, random.Random(rng.getrandbits(64)))
+        self.shortcuts = Shortcuts(
+            identity.node_id,
+            random.Random(rng.getrandbits(64)),
+            pool_sockets=pool_sockets,
+            spray_probes=spray_probes,
+        )
         self._shortcuts_on = shortcuts
         self._local_endpoints: tuple[Address, ...] = ()
         self._mapping_varies = False  # the NAT maps per destination: no reflexive candidate
+        self._public_ip: str | None = None  # then, where STUN sees the node
         self._extra_candidates: tuple[Candidate, ...] = ()
         self._candidates_from: tuple[object, ...] = ()
         self.counters: Counter[str] = Counter()
@@ -227,6 +239,7 @@ class RoutingCore:
         self._overlay_out: list[tuple[int, bytes]] = []
         self._handshakes_out: list[tuple[bytes, Address]] = []
         self._probes_out: list[tuple[int, Address, bytes]] = []
+        self._pools_out: list[tuple[int, Address | None, bytes]] = []
         self._events: list[ev.LogEvent] = []
         self._dht_results: list[DhtEvent] = []
         self._links_in: list[tuple[bytes, bytes]] = []  # (source node id, crawl payload)
@@ -251,6 +264,13 @@ class RoutingCore:
         """(slot, endpoint, payload): PROBE datagrams to seal with the link's session and
         send to that endpoint (not the link's own): shortcut probes and path keepalives."""
         out, self._probes_out = self._probes_out, []
+        return out
+
+    def pools_to_send(self) -> list[tuple[int, Address | None, bytes]]:
+        """(slot, endpoint, payload): a PROBE payload for overlay_io to seal with link
+        ``slot``'s session and send from every socket of the link's pool (birthday
+        probing: opened at the first) to ``endpoint``; (slot, None, b""): close the pool."""
+        out, self._pools_out = self._pools_out, []
         return out
 
     def events(self) -> list[ev.LogEvent]:
@@ -415,6 +435,10 @@ class RoutingCore:
         toward it (its tunnel's relay, if it is a tunnel neighbour)."""
         if node_id is None:
             return None
+        slot = self._slot_of(node_id)
+        chosen = self.shortcuts.relay(slot) if slot is not None else None
+        if chosen is not None and chosen in self.relay_hops():
+            return chosen.hex()
         nid = id_from_bytes(node_id)
         hop = self.overlay.tunnel_relay(nid) or self.overlay.next_hop(nid)
         return None if hop is None else id_to_bytes(hop).hex()
@@ -572,14 +596,17 @@ class RoutingCore:
         extra: Sequence[Candidate] = (),
         *,
         mapping_varies: bool = False,
+        public_ip: str | None = None,
     ) -> None:
         """This node's own endpoints: the local addresses of its port, and candidates found
         otherwise (STUN, port mapping). The overlay's reflexive address is added here, unless
         the node's NAT maps per destination (``mapping_varies``: each peer would see another
-        port)."""
+        port); its ``public_ip`` (STUN's) then goes to birthday probing (the overlay's
+        reflexive address stands in without it)."""
         self._local_endpoints = tuple(local)
         self._extra_candidates = tuple(extra)
         self._mapping_varies = mapping_varies
+        self._public_ip = public_ip
         self._candidates_from = ()  # recomputed at the next pump
 
     def _refresh_candidates(self) -> None:
@@ -590,10 +617,17 @@ class RoutingCore:
         self._candidates_from = key
         candidates = [Candidate(e, CandidateKind.LOCAL) for e in self._local_endpoints]
         candidates += self._extra_candidates
-        if isinstance(reflexive, tuple) and len(reflexive) == 2 and not self._mapping_varies:
-            endpoint = (str(reflexive[0]), int(reflexive[1]))
-            candidates.append(Candidate(endpoint, CandidateKind.REFLEXIVE))
+        public_ip: str | None = None
+        if isinstance(reflexive, tuple) and len(reflexive) == 2:
+            if not self._mapping_varies:
+                endpoint = (str(reflexive[0]), int(reflexive[1]))
+                candidates.append(Candidate(endpoint, CandidateKind.REFLEXIVE))
+            else:  # its port is one peer's: only the IP is worth telling (birthday probing)
+                public_ip = str(reflexive[0])
+        if self._mapping_varies:
+            public_ip = self._public_ip or public_ip
         self.shortcuts.set_candidates(candidates)
+        self.shortcuts.set_varies(public_ip)
 
     def receive_path(self, slot: int, message: PathMessage, now: float, wall: float) -> None:
         """A shortcut message (offer, answer, go) that came over link ``slot``."""
@@ -602,6 +636,8 @@ class RoutingCore:
         if link is None or link.certificate is None:
             self.counters["path_message_unlinked"] += 1
             return
+        self._refresh_candidates()  # an answer carries them (and whether our NAT varies)
+        self._refresh_relays()
         self.shortcuts.receive(slot, message, link.certificate.node_id, now)
         self._pump()
 
@@ -652,7 +688,25 @@ class RoutingCore:
         link = self.links.links.get(slot)
         if self._shortcuts_on and link is not None and link.up and isinstance(link.endpoint, Via):
             self._refresh_candidates()
+            self._refresh_relays()
             self.shortcuts.want(slot, node_id, now)
+
+    def _refresh_relays(self) -> None:
+        """Behind a NAT that maps per destination: the overlay connections that may relay,
+        with their RTTs, for a peer behind one too to choose a relay from."""
+        if not self._mapping_varies:
+            return
+        hops = set(self.relay_hops())
+        relays = [
+            (id_to_bytes(info.node_id), UNKNOWN_RTT_S if info.rtt is None else info.rtt)
+            for info in self.overlay.connections()
+            if id_to_bytes(info.node_id) in hops
+        ]
+        self.shortcuts.set_relays(relays)
+
+    def chosen_relays(self) -> dict[int, bytes]:
+        """Relayed links whose relay was chosen (both NATs vary): slot -> the member's id."""
+        return self.shortcuts.chosen_relays()
 
     def _move_shortcuts(self, now: float) -> bool:
         shortcuts = self.shortcuts
@@ -662,6 +716,9 @@ class RoutingCore:
             moved = True
         for probe in shortcuts.probes_to_send():
             self._probes_out.append(probe)
+            moved = True
+        for pool in shortcuts.pools_to_send():
+            self._pools_out.append(pool)
             moved = True
         for event in shortcuts.events():
             moved = True
@@ -687,6 +744,12 @@ class RoutingCore:
                     self.links.set_endpoint(event.slot, Via(cert.node_id))
                     self.routes_version += 1
                 self._events.append(ev.ShortcutLost(peer, event.slot, _target_text(event.endpoint)))
+            elif isinstance(event, RelayChosen):
+                self._events.append(
+                    ev.RelayChosen(
+                        peer, event.slot, event.node_id.hex(), round(event.rtt * 1000, 3)
+                    )
+                )
             else:
                 self._events.append(
                     ev.ShortcutFailed(peer, event.slot, event.rounds, event.retry_in)

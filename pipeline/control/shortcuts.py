@@ -28,6 +28,34 @@ Theory of operation:
   The first ``ProbeAck`` is a working path: ``PathFound``. A path found over a *local*
   candidate (both nodes on one LAN) replaces one found over another kind, if it comes
   within ``PREFER_LOCAL_S``: hairpinning through the shared gateway is not assumed.
+- **Birthday probing** (one side's NAT maps per destination: ``MASQUERADE --random-fully``).
+  Such a node (``set_varies(public_ip)``: netcheck saw two ports) advertises no reflexive
+  candidate, but its offer and answer carry its public IP (``varies``). Then the *hard*
+  side probes first in every round: besides its usual probes it asks overlay_io for a pool
+  of ``pool_sockets`` extra UDP sockets (``pools_to_send``: slot, endpoint, payload) and
+  sends one sealed Probe from each to every reflexive candidate of the easy side
+  (``POOL_SENDS`` times): each opens a mapping on its gateway to a random public port. The
+  *easy* side, on ``PathGo``, sprays ``spray_probes`` Probes to distinct random ports
+  (``SPRAY_PORTS``) of the hard side's IP over ``SPRAY_S`` (``SPRAY_TICK_S`` apart, so
+  about 340 a second at the defaults). A spray probe that lands on a port the hard side's
+  gateway mapped passes its conntrack entry (the reply direction of the pool socket's
+  probe) and reaches that pool socket; overlay_io keeps the first socket an authentic
+  datagram of the link arrives on for the link, and closes the rest. Its answer goes back
+  through the same entry and passes the easy side's gateway, which holds the spray's own
+  entry to that port: both sides find the path as above. With 256 sockets and 1024
+  probes over the 64512 ports a Linux NAT picks from, a hit has probability
+  ``1 - exp(-256 * 1024 / 64512)``, about 98 %. An easy side with a mapped port (PCP,
+  NAT-PMP, UPnP) needs none of it: the hard side's ordinary probes reach that port, so
+  there is no pool and no spray. A round that ends without a path closes the pool
+  (``pools_to_send`` with endpoint None). Where both sides vary, nothing of this runs: the
+  link stays relayed, and the relay is chosen (below).
+- **A chosen relay** (both sides' NATs map per destination). A hard node's offer and answer
+  also list its direct links that may relay (``set_relays``: node id and RTT, at most
+  ``RELAYS_MAX``, the fastest). With both lists, each side picks the same member: the one
+  in both with the least sum of the two RTTs (ties: the smaller id), and says so
+  (``RelayChosen``): the link's relayed datagrams go to that member first (which reaches
+  the peer directly), not along the overlay's greedy path. (Each side's choice steers only
+  what it sends; two lists that changed in between may make two choices, both good.)
 - **Keeping it.** Every ``KEEPALIVE_S`` the path is probed again (that holds the NAT
   mappings open); ``LOST_AFTER`` unanswered keepalives in a row lose it (``PathLost``):
   the link goes back to its relay and a new attempt follows.
@@ -60,6 +88,13 @@ OFFER_RETRY_S = 1.0  # an unanswered offer goes again (the link may have been ha
 RETRY_S = 60.0
 RETRY_MAX_S = 600.0
 PREFER_LOCAL_S = 1.0
+POOL_SOCKETS = 256  # birthday probing: the hard side's extra sockets (``[nat] pool_sockets``)
+SPRAY_PROBES = 1024  # ... and the easy side's probes to random ports (``[nat] spray_probes``)
+SPRAY_S = 3.0  # the spray is spread over this long ...
+SPRAY_TICK_S = 0.1  # ... in batches this far apart
+SPRAY_PORTS = (1024, 65535)  # the ports a Linux NAT picks from for a source port >= 1024
+POOL_SENDS = (0, 3)  # the pool's probe goes out with the first and fourth regular probes
+RELAYS_MAX = 8  # direct links a hard node offers as relays (the fastest)
 KEEPALIVE_S = 20.0
 ACK_WAIT_S = 5.0
 LOST_AFTER = 3
@@ -86,16 +121,21 @@ class Candidate:
 
 class PathOffer(msgspec.Struct, tag=True, frozen=True):
     """Here are my candidates; in round ``round`` the sender probes first if
-    ``sender_first``."""
+    ``sender_first``; ``varies``: the sender's NAT maps per destination, and this is its
+    public IPv4 address ("" if not: older nodes send none)."""
 
     round: int
     sender_first: bool
     candidates: tuple[tuple[str, int, str], ...]
+    varies: str = ""
+    relays: tuple[tuple[bytes, float], ...] = ()  # (node id, RTT s): see set_relays
 
 
 class PathAnswer(msgspec.Struct, tag=True, frozen=True):
     round: int
     candidates: tuple[tuple[str, int, str], ...]
+    varies: str = ""
+    relays: tuple[tuple[bytes, float], ...] = ()
 
 
 class PathGo(msgspec.Struct, tag=True, frozen=True):
@@ -162,7 +202,17 @@ class ShortcutFailed:
     retry_in: float
 
 
-ShortcutEvent = PathFound | PathLost | ShortcutFailed
+@dataclasses.dataclass(frozen=True, slots=True)
+class RelayChosen:
+    """Both NATs map per destination: link ``slot`` is relayed through ``node_id`` (the
+    sum of both sides' RTTs to it: ``rtt``)."""
+
+    slot: int
+    node_id: bytes
+    rtt: float
+
+
+ShortcutEvent = PathFound | PathLost | ShortcutFailed | RelayChosen
 
 
 class _Phase(enum.Enum):
@@ -200,17 +250,37 @@ class _Path:
     keepalive_sent: float | None = None
     unanswered: int = 0
     attempts: int = 0
+    their_varies: str = ""  # the peer's public IP if its NAT maps per destination
+    pooled: bool = False  # overlay_io holds a socket pool for this link (we are the hard side)
+    spray: list[int] = dataclasses.field(default_factory=list)  # ports still to spray
+    spray_at: float | None = None
+    spray_nonce: int = 0
+    birthday: bool = False  # the path was found in a round with birthday probing
+    relay: bytes = b""  # both NATs vary: the member chosen to relay through
 
 
 class Shortcuts:
-    def __init__(self, own_id: bytes, rng: random.Random) -> None:
-        """``own_id``: this node's id (two offers crossing: the larger id's stands)."""
+    def __init__(
+        self,
+        own_id: bytes,
+        rng: random.Random,
+        *,
+        pool_sockets: int = POOL_SOCKETS,
+        spray_probes: int = SPRAY_PROBES,
+    ) -> None:
+        """``own_id``: this node's id (two offers crossing: the larger id's stands);
+        ``pool_sockets``, ``spray_probes``: birthday probing's bounds (0: none of it)."""
         self._own_id = own_id
         self._rng = rng
+        self._pool_sockets = pool_sockets
+        self._spray_probes = min(spray_probes, SPRAY_PORTS[1] - SPRAY_PORTS[0] + 1)
         self._own: tuple[Candidate, ...] = ()
+        self._varies = ""  # our public IP if our NAT maps per destination
+        self._relays: tuple[tuple[bytes, float], ...] = ()  # our direct links that may relay
         self._paths: dict[int, _Path] = {}
         self._messages: list[tuple[int, bytes]] = []
         self._probes: list[tuple[int, Address, bytes]] = []
+        self._pools: list[tuple[int, Address | None, bytes]] = []
         self._events: list[ShortcutEvent] = []
         self.counters: dict[str, int] = {}
 
@@ -224,6 +294,13 @@ class Shortcuts:
         out, self._probes = self._probes, []
         return out
 
+    def pools_to_send(self) -> list[tuple[int, Address | None, bytes]]:
+        """(slot, endpoint, payload): a Probe for overlay_io to seal with link ``slot``'s
+        session and send from every socket of the link's pool (opened at the first) to
+        ``endpoint``; (slot, None, b""): close the link's pool."""
+        out, self._pools = self._pools, []
+        return out
+
     def events(self) -> list[ShortcutEvent]:
         out, self._events = self._events, []
         return out
@@ -233,6 +310,8 @@ class Shortcuts:
         for p in self._paths.values():
             if p.phase is _Phase.PROBING and p.next_probe is not None:
                 times.append(p.next_probe)
+            if p.phase is _Phase.PROBING and p.spray_at is not None:
+                times.append(p.spray_at)
             if p.phase is _Phase.OFFERED:
                 times.append(min(p.round_ends, p.offer_at))
             elif p.phase in (_Phase.PROBING, _Phase.WAITING):
@@ -255,6 +334,9 @@ class Shortcuts:
                 "confirmed_s_ago": round(now - p.confirmed, 1) if p.endpoint else None,
                 "candidates": [f"{_text(c.endpoint)} {c.kind}" for c in p.theirs],
                 "attempts": p.attempts,
+                "birthday": p.birthday,
+                "peer_varies": bool(p.their_varies),
+                "relay": p.relay.hex() if p.relay else None,
             }
             for slot, p in self._paths.items()
         }
@@ -270,6 +352,27 @@ class Shortcuts:
         unique = list(dict.fromkeys(candidates))
         unique.sort(key=lambda c: _RANK[c.kind])
         self._own = tuple(unique[:MAX_CANDIDATES])
+
+    def set_varies(self, public_ip: str | None) -> None:
+        """This node's NAT maps per destination (None: it does not), and its public IP is
+        ``public_ip``: peers behind an endpoint-independent NAT may find it by birthday
+        probing."""
+        self._varies = public_ip or ""
+
+    def set_relays(self, relays: Sequence[tuple[bytes, float]]) -> None:
+        """This node's direct links that may relay, with their RTTs in seconds: offered to a
+        peer whose NAT maps per destination too (the fastest ``RELAYS_MAX``)."""
+        fastest = sorted(relays, key=lambda r: (r[1], r[0]))[:RELAYS_MAX]
+        self._relays = tuple((node_id, round(rtt, 6)) for node_id, rtt in fastest)
+
+    def chosen_relays(self) -> dict[int, bytes]:
+        """Slot -> the member chosen to relay it through, for every link that has one."""
+        return {slot: p.relay for slot, p in self._paths.items() if p.relay}
+
+    def relay(self, slot: int) -> bytes | None:
+        """The member chosen to relay link ``slot`` through, if one is."""
+        p = self._paths.get(slot)
+        return p.relay if p is not None and p.relay else None
 
     def want(self, slot: int, node_id: bytes, now: float) -> None:
         """Link ``slot`` (to ``node_id``) is relayed and carries traffic: find a direct path,
@@ -297,10 +400,19 @@ class Shortcuts:
         p.endpoint, p.kind, p.keepalive_sent = None, None, None
         p.phase = _Phase.IDLE
         p.retry_at = now  # try again at the next traffic
+        p.birthday = False
+        self._close_pool(p)
 
     def forget(self, slot: int) -> None:
         """The link is gone (or became direct by other means)."""
-        self._paths.pop(slot, None)
+        p = self._paths.pop(slot, None)
+        if p is not None:
+            self._close_pool(p)
+
+    def _close_pool(self, p: _Path) -> None:
+        if p.pooled:
+            p.pooled = False
+            self._pools.append((p.slot, None, b""))
 
     def receive(self, slot: int, message: PathMessage, node_id: bytes, now: float) -> None:
         """A path message that came over link ``slot`` (node ``node_id``)."""
@@ -317,13 +429,15 @@ class Shortcuts:
                     self._lose(p, now)  # the peer looks for a path again: it moved
                 p.initiator = False
                 p.round = message.round
-                p.first = not message.sender_first
                 p.theirs = _candidates(message.candidates)
+                p.their_varies = _ip(message.varies)
+                self._choose_relay(p, message.relays)
+                p.first = self._first(p, not message.sender_first)
                 p.started = now
                 p.round_ends = now + ROUND_S
                 p.attempts += 1
-                answer = PathAnswer(p.round, _wire(self._own))
-                self._messages.append((slot, encode(answer)))
+                p.spray, p.spray_at = [], None
+                self._messages.append((slot, encode(self._answer(p))))
                 if p.first:
                     self._probe_from(p, now)
                     self._messages.append((slot, encode(PathGo(p.round))))
@@ -331,7 +445,7 @@ class Shortcuts:
                     p.phase = _Phase.WAITING
             elif p.round == message.round and not p.initiator and p.phase is not _Phase.OFFERED:
                 # our answer (or the offer's first copy) was lost: answer again
-                self._messages.append((slot, encode(PathAnswer(p.round, _wire(self._own)))))
+                self._messages.append((slot, encode(self._answer(p))))
                 if p.first and p.phase is _Phase.PROBING:
                     self._messages.append((slot, encode(PathGo(p.round))))
                 self._count("offer_repeated")
@@ -342,6 +456,9 @@ class Shortcuts:
                 self._count("answer_ignored")
                 return
             p.theirs = _candidates(message.candidates)
+            p.their_varies = _ip(message.varies)
+            self._choose_relay(p, message.relays)
+            p.first = self._first(p, p.first)
             if p.first:
                 self._probe_from(p, now)
                 self._messages.append((slot, encode(PathGo(p.round))))
@@ -404,13 +521,17 @@ class Shortcuts:
         p.keepalive_sent = None
         p.unanswered = 0
         p.backoff = RETRY_S
-        self._count("paths_found")
+        p.spray, p.spray_at = [], None
+        p.birthday = self._probing(p)
+        self._count("birthday_paths_found" if p.birthday else "paths_found")
         self._events.append(PathFound(p.slot, endpoint, kind, rtt or 0.0, p.round))
 
     def handle_timer(self, now: float) -> None:
         for p in list(self._paths.values()):
             if p.phase is _Phase.PROBING and p.next_probe is not None and now >= p.next_probe:
                 self._send_probes(p, now)
+            if p.phase is _Phase.PROBING and p.spray_at is not None and now >= p.spray_at:
+                self._send_spray(p, now)
             if p.phase in (_Phase.OFFERED, _Phase.PROBING, _Phase.WAITING) and now >= p.round_ends:
                 self._end_round(p, now)
             elif p.phase is _Phase.OFFERED and now >= p.offer_at:
@@ -428,8 +549,9 @@ class Shortcuts:
 
     def _start_round(self, p: _Path, round_: int, now: float) -> None:
         p.round = round_
-        p.first = (round_ % 2 == 1) == p.initiator
+        p.first = self._first(p, (round_ % 2 == 1) == p.initiator)
         p.phase = _Phase.OFFERED
+        p.spray, p.spray_at = [], None
         p.started = now
         p.round_ends = now + ROUND_S
         p.nonces.clear()
@@ -437,7 +559,7 @@ class Shortcuts:
         self._send_offer(p, now)
 
     def _send_offer(self, p: _Path, now: float) -> None:
-        offer = PathOffer(p.round, p.first, _wire(self._own))
+        offer = PathOffer(p.round, p.first, _wire(self._own), self._varies, self._offered())
         self._messages.append((p.slot, encode(offer)))
         p.offer_at = now + OFFER_RETRY_S
         self._count("offers_sent")
@@ -456,13 +578,101 @@ class Shortcuts:
             p.nonces[nonce] = candidate
             self._probes.append((p.slot, candidate.endpoint, encode(Probe(nonce, now))))
         self._count("probes_sent", len(p.theirs))
+        if self._probing(p):
+            if self._varies and p.probes_sent in POOL_SENDS:
+                self._send_pool(p, now)
+            elif p.their_varies and p.probes_sent == 0:
+                self._start_spray(p, now)
         p.probes_sent += 1
         if p.probes_sent < len(PROBE_TIMES):
             p.next_probe = p.started + PROBE_TIMES[p.probes_sent]
         else:
             p.next_probe = None
 
+    # -- birthday probing (see the module docstring) -------------------------------------------
+
+    def _first(self, p: _Path, first: bool) -> bool:
+        """Who probes first: the hard side, in every round, when birthday probing runs (its
+        pool's mappings must exist before the spray arrives); else as the rounds say."""
+        if self._birthday(p):
+            return bool(self._varies)
+        return first
+
+    def _birthday(self, p: _Path) -> bool:
+        """Exactly one side's NAT maps per destination, and birthday probing is on."""
+        if not self._pool_sockets or not self._spray_probes:
+            return False
+        return bool(self._varies) != bool(p.their_varies)
+
+    def _probing(self, p: _Path) -> bool:
+        """Birthday probing runs in this round: not if the easy side has a mapped port,
+        which takes unsolicited probes (the ordinary ones get through there)."""
+        easy = p.theirs if self._varies else self._own
+        return self._birthday(p) and not any(c.kind is CandidateKind.MAPPED for c in easy)
+
+    def _answer(self, p: _Path) -> PathAnswer:
+        return PathAnswer(p.round, _wire(self._own), self._varies, self._offered())
+
+    def _offered(self) -> tuple[tuple[bytes, float], ...]:
+        """The relays we offer: only a node whose NAT varies (the peer's may too)."""
+        return self._relays if self._varies else ()
+
+    def _choose_relay(self, p: _Path, theirs: Sequence[tuple[bytes, float]]) -> None:
+        """Both NATs vary: the member both reach with the least sum of RTTs relays the link
+        (both sides compute the same one from the same two lists)."""
+        if not (self._varies and p.their_varies):
+            return
+        ours = dict(self._relays)
+        best: tuple[float, bytes] | None = None
+        for node_id, rtt in theirs[:RELAYS_MAX]:
+            if isinstance(node_id, bytes) and node_id in ours and rtt >= 0:
+                score = (round(ours[node_id] + rtt, 6), node_id)
+                best = score if best is None or score < best else best
+        if best is None:
+            self._count("relay_none_shared")
+            return
+        if best[1] != p.relay:
+            p.relay = best[1]
+            self._events.append(RelayChosen(p.slot, best[1], best[0]))
+            self._count("relays_chosen")
+
+    def _send_pool(self, p: _Path, now: float) -> None:
+        """The hard side: one Probe from each socket of the pool to each reflexive endpoint
+        of the peer."""
+        targets = [c for c in p.theirs if c.kind is CandidateKind.REFLEXIVE]
+        for candidate in targets:
+            nonce = self._rng.getrandbits(63)
+            p.nonces[nonce] = candidate
+            self._pools.append((p.slot, candidate.endpoint, encode(Probe(nonce, now))))
+        if targets:
+            p.pooled = True
+            self._count("pool_probes", len(targets))
+
+    def _start_spray(self, p: _Path, now: float) -> None:
+        """The easy side: ``spray_probes`` distinct random ports of the hard side's IP, to be
+        probed over ``SPRAY_S``; one nonce for them all (where the answer came from is
+        what counts)."""
+        low, high = SPRAY_PORTS
+        p.spray = self._rng.sample(range(low, high + 1), self._spray_probes)
+        p.spray_nonce = self._rng.getrandbits(63)
+        p.nonces[p.spray_nonce] = Candidate((p.their_varies, 0), CandidateKind.REFLEXIVE)
+        p.spray_at = now
+        self._count("sprays")
+        self._send_spray(p, now)
+
+    def _send_spray(self, p: _Path, now: float) -> None:
+        ticks = max(1, round(SPRAY_S / SPRAY_TICK_S))
+        batch = -(-self._spray_probes // ticks)
+        ports, p.spray = p.spray[:batch], p.spray[batch:]
+        payload = encode(Probe(p.spray_nonce, now))
+        for port in ports:
+            self._probes.append((p.slot, (p.their_varies, port), payload))
+        self._count("spray_probes_sent", len(ports))
+        p.spray_at = now + SPRAY_TICK_S if p.spray else None
+
     def _end_round(self, p: _Path, now: float) -> None:
+        p.spray, p.spray_at = [], None
+        self._close_pool(p)
         if p.round < ROUNDS:
             p.phase = _Phase.QUIET
             p.retry_at = now + QUIET_S
@@ -510,6 +720,17 @@ def _candidates(wire: Sequence[tuple[str, int, str]]) -> tuple[Candidate, ...]:
         except ValueError:
             continue
     return tuple(out)
+
+
+def _ip(text: str) -> str:
+    """A peer's public IP as it sent it, if it is a plausible unicast IPv4 literal; else ""."""
+    try:
+        address = ipaddress.IPv4Address(text)
+    except ValueError:
+        return ""
+    if address.is_multicast or address.is_unspecified or address.is_loopback:
+        return ""
+    return str(address)
 
 
 def _text(endpoint: Address) -> str:

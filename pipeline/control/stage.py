@@ -209,6 +209,10 @@ class ControlWorker(Worker):
         core = self.core
         for datagram, to, slot in core.handshakes_to_send():
             self._to_io(slot).push(pack_endpoint(*to) + datagram, RecordKind.HANDSHAKE)
+        # a pool's probes before the overlay messages (a PathGo): out before the peer sprays
+        for slot, pool_to, payload in core.pools_to_send():
+            data = b"" if pool_to is None else pack_endpoint(*pool_to) + payload
+            self._to_io(slot).push(data, RecordKind.POOL, slot)
         for slot, payload in core.overlay_to_send():
             self._to_io(slot).push(payload, RecordKind.OVERLAY, slot)
         for slot, to, payload in core.probes_to_send():
@@ -454,6 +458,8 @@ def control_settings(s: Settings) -> ControlSettings:
         port_mapping=s.nat.port_mapping,
         port_mapping_protocols=tuple(p.value for p in s.nat.port_mapping_protocols),
         shortcuts=s.nat.shortcuts,
+        pool_sockets=s.nat.pool_sockets,
+        spray_probes=s.nat.spray_probes,
     )
 
 

@@ -16,7 +16,9 @@ an entry per session direction:
   directly: the newest *confirmed* session of the link, its endpoint, and the peer's node id.
 - ``relayed``: the same for links without a direct endpoint (made through the overlay):
   their datagrams are sealed end to end and wrapped in a relay payload for ``hop``, the slot
-  of the direct link closest to the peer (``RelayTable``, computed when installed).
+  of the direct link closest to the peer (``RelayTable``, computed when installed), or of
+  the member control chose to relay through (``KeyEntry.via``: both NATs map per
+  destination), while that one is a hop.
 - ``by_source``: plaintext mode only (below): the receive entry of a peer by its endpoint.
 
 Rules, kept from one ``install_keys`` to the next (control sends every session it holds,
@@ -214,6 +216,7 @@ class SendEntry:
     endpoint: Address  # relayed: NO_ENDPOINT
     dest: bytes = b""  # the peer's node id: the dest of relay payloads
     hop: int = -1  # relayed: the slot of the direct link to hand them to (-1: none closer)
+    via: bytes = b""  # relayed: the node id of a chosen relay (b"": the greedy next hop)
     rekey_asked: bool = False
     seal: Callable[..., Sequence[ReadableBuffer]] = field(init=False)  # (dtype, payload, flags)
     seal_into: Callable[..., None] = field(init=False)  # (parts, dtype, payload, flags)
@@ -322,6 +325,7 @@ class SessionTable:
                 send[slot] = out
             else:
                 out.endpoint = NO_ENDPOINT
+                out.via = e.via
                 relayed[slot] = out
         by_node = {node_id: slot for slot, node_id in hops}
         for node_id, relay_id in keys.tunnels:  # tunnel neighbours: under their relay's slot
@@ -341,8 +345,11 @@ class SessionTable:
         relayed session's hop from it."""
         hops = [(slot, node) for slot, node in self._hops if slot not in self.suspect_hops]
         self.relay_table = RelayTable(self._own_id, hops)
+        by_node = {node: slot for slot, node in hops}
         for out in self.relayed.values():
-            hop = self.relay_table.next_hop(out.dest)
+            hop = by_node.get(out.via) if out.via else None
+            if hop is None:
+                hop = self.relay_table.next_hop(out.dest)
             out.hop = -1 if hop is None else hop
 
     def _send_entry(self, slot: int, e: messages.KeyEntry) -> SendEntry:

@@ -15,7 +15,14 @@ control made go out as they are.
 
 Control's PROBE records (shortcut probes and their answers) are sealed with the link's
 session, direct or end to end, and sent to the endpoint the record names, not the link's
-own; its STUN records (binding requests) go out as they are, from the node's port.
+own; its STUN records (binding requests) go out as they are, from the node's port. Its
+POOL records (birthday probing, where this node's NAT maps per destination) are sealed the
+same way and sent from every socket of the link's socket pool (``pool.py``: opened at the
+first, closed by an empty POOL record or ``POOL_TTL_S`` after its last use). Pool sockets
+are read like the port (handshakes screened, the rest opened by session index); the first
+authentic datagram of the pool's link on one of them pins that socket: everything sent to
+that datagram's source goes from it from then on (``SocketPools.pinned``), and the rest of
+the pool is closed.
 
 Inbound, a datagram's header is checked (short, version, type); HANDSHAKE and COOKIE
 datagrams (which the kernel steers to a socket of their own when the node runs one
@@ -87,9 +94,10 @@ from pipeline.crypto.datapath import ReadableBuffer
 from pipeline.crypto.keyfiles import KeyFileError, read_certificate
 from pipeline.crypto.screen import HandshakeScreen, ScreenSettings
 from pipeline.errors import RemoteProtocolError, StageIOError
+from pipeline.overlay_io.pool import SocketPools
 from pipeline.overlay_io.relay import RelayAction, on_relay, pack_relay
 from pipeline.overlay_io.sessions import Address, RecvEntry, SendEntry, SessionTable
-from pipeline.overlay_io.udp import Port, UdpPort
+from pipeline.overlay_io.udp import MemoryPort, Port, UdpPort
 from pipeline.records import (
     ENDPOINT_LEN,
     FLAG_VNET,
@@ -119,6 +127,7 @@ _GSO_TYPES = frozenset((vnet.GSO_TCPV4, vnet.GSO_UDP_L4))
 _NEEDS_CSUM = vnet.NEEDS_CSUM
 _GSO_SIZE = struct.Struct("<H")
 _RECV_ROOM = 2 * MAX_SLOT  # what one read may emit to a classifier's ring, at most
+_POOL = int(RecordKind.POOL)
 
 
 class OverlayIoWorker(Worker):
@@ -190,6 +199,12 @@ class OverlayIoWorker(Worker):
         self.drops: Counter[str] = Counter()
         self.screen = None if plaintext else self._screen()
         self.watch(self.port.fileno(), lambda: None)  # wakes the loop; work() reads
+        self.pools: SocketPools[Port] = SocketPools(
+            self._open_pool_port, self._close_pool_port, size=s.nat.pool_sockets
+        )
+        self.pinned = self.pools.pinned  # endpoint -> the pool socket that sends to it
+        self._memory_ports = 0  # pool ports made on a given MemoryPort's network
+        self.every(1.0, self.pools.expire)
         self.handshakes_paused = False  # the read budget is spent: not watched till then
         if self.port.handshake_fd is not None:
             self.watch(self.port.handshake_fd, lambda: None)
@@ -212,6 +227,33 @@ class OverlayIoWorker(Worker):
             raise StageIOError(f"cannot screen handshakes: {exc}") from exc
         settings = ScreenSettings(load_threshold=sec.handshake_load_threshold)
         return HandshakeScreen(ca.public_key, os.urandom, _monotonic(), settings, self.drops)
+
+    def _open_pool_port(self) -> Port:
+        """A pool socket: on an ephemeral port of the node's address (no offloads), watched."""
+        given = self._given_port
+        port: Port
+        if isinstance(given, MemoryPort):
+            self._memory_ports += 1
+            port = given.network.port(
+                given.address[0], 40000 + self._memory_ports, gso=False, gro=False
+            )
+        else:
+            port = UdpPort(
+                str(self.settings.overlay.listen_address),
+                0,
+                buffer_bytes=self.settings.stages.overlay_io.socket_buffer_bytes,
+            )
+        self.watch(port.fileno(), functools.partial(self._receive_pool, port))
+        return port
+
+    def _close_pool_port(self, port: Port) -> None:
+        self.unwatch(port.fileno())
+        port.close()
+
+    def _port_to(self, endpoint: Address) -> Port:
+        """The port that sends to ``endpoint``: a pool socket pinned to it, else the node's."""
+        pinned = self.pinned
+        return pinned.get(endpoint, self.port) if pinned else self.port
 
     def _on_routes(self, snapshot: messages.RouteSnapshot) -> None:
         self.sessions.install_routes(snapshot)
@@ -259,6 +301,7 @@ class OverlayIoWorker(Worker):
             return 0
         sessions = self.send
         send = self.port.send
+        pinned = self.pinned  # birthday probing's pinned sockets: empty as a rule
         peer_sent = self.peer_sent
         sent = sent_bytes = 0  # counted here, added once per batch
         for rec in records:
@@ -271,7 +314,8 @@ class OverlayIoWorker(Worker):
                 self._send_relayed(peer, dtype, rec.data)
                 continue
             parts = out.seal(dtype, rec.data)
-            if send(parts, out.endpoint):
+            to = out.endpoint
+            if (pinned[to].send if pinned and to in pinned else send)(parts, to):
                 n = HEADER_LEN + len(parts[1])
                 sent += 1
                 sent_bytes += n
@@ -292,11 +336,16 @@ class OverlayIoWorker(Worker):
             kind = rec.kind
             if kind == RecordKind.HANDSHAKE or kind == RecordKind.STUN:
                 to = unpack_endpoint(rec.data)
-                if self.port.send([rec.data[ENDPOINT_LEN:]], to):
+                # a handshake to a peer whose traffic goes from a pool socket goes from it too
+                port = self._port_to(to) if kind == RecordKind.HANDSHAKE else self.port
+                if port.send([rec.data[ENDPOINT_LEN:]], to):
                     self.sent += 1
                 continue
             if kind == RecordKind.PROBE:
                 self._probe(rec.peer, rec.data)
+                continue
+            if kind == _POOL:
+                self._pool_probe(rec.peer, rec.data)
                 continue
             out = self.send.get(rec.peer)
             if rec.kind == RecordKind.RELAY:
@@ -323,12 +372,33 @@ class OverlayIoWorker(Worker):
         if out is None:
             self.drops["probe_no_session"] += 1
             return
+        to = unpack_endpoint(data)
         parts = out.seal(_PROBE, data[ENDPOINT_LEN:])
-        if self.port.send(parts, unpack_endpoint(data)):
+        if self._port_to(to).send(parts, to):
             n = HEADER_LEN + len(parts[1])
             self.sent += 1
             self.sent_bytes += n
             self.peer_sent[slot] = self.peer_sent.get(slot, 0) + n
+
+    def _pool_probe(self, slot: int, data: memoryview) -> None:
+        """Birthday probing: control's probe sealed and sent from every socket of the link's
+        pool (or its pinned one); an empty record closes the pool."""
+        if not data:
+            self.pools.close(slot)
+            return
+        out = self.send.get(slot) or self.sessions.relayed.get(slot)
+        if out is None:
+            self.drops["probe_no_session"] += 1
+            return
+        to = unpack_endpoint(data)
+        payload = data[ENDPOINT_LEN:]
+        for port in self.pools.ports_for(slot, self.now):
+            parts = out.seal(_PROBE, payload)
+            if port.send(parts, to):
+                n = HEADER_LEN + len(parts[1])
+                self.sent += 1
+                self.sent_bytes += n
+                self.peer_sent[slot] = self.peer_sent.get(slot, 0) + n
 
     def _send_vnet(self, slot: int, out: SendEntry | None, data: memoryview) -> None:
         """An IP packet after its virtio-net header: a super-frame is cut in place into
@@ -364,7 +434,8 @@ class OverlayIoWorker(Worker):
             for piece in pieces:
                 self._send_relayed(slot, _DATA, piece, FLAG_PARTIAL)
             return
-        sent = self.port.send_segments(pieces, len(pieces[0]) + len(pieces[1]), out.endpoint)
+        port = self._port_to(out.endpoint)
+        sent = port.send_segments(pieces, len(pieces[0]) + len(pieces[1]), out.endpoint)
         self.gso_sends += 1
         self.segments_sent += len(pieces) // 2
         self.sent += sent
@@ -378,7 +449,7 @@ class OverlayIoWorker(Worker):
         """Seal and send to ``out``'s endpoint; the bytes count for ``slot`` unless it is -1
         (RELAY datagrams: no peer's)."""
         parts = out.seal(dtype, data, flags)
-        if self.port.send(parts, out.endpoint):
+        if self._port_to(out.endpoint).send(parts, out.endpoint):
             n = HEADER_LEN + len(parts[1])
             self.sent += 1
             self.sent_bytes += n
@@ -464,6 +535,31 @@ class OverlayIoWorker(Worker):
                 p.flush()
             self._send_screen_replies()
         return count
+
+    def _receive_pool(self, port: Port) -> None:
+        """A pool socket is readable: a batch of its datagrams, each opened as from the
+        port, and taken only if the pool lets it (``SocketPools.arrived``)."""
+        now = self.now = _monotonic()
+        view = port.view
+        count = 0
+        for _ in range(self.batch):
+            if any(t.room() < _RECV_ROOM for t in self.to_classifier):
+                break  # the rest waits in the socket (the loop comes back: it stays readable)
+            got = port.recv()
+            if got is None:
+                break
+            count += 1
+            length, source = got
+            self._open(view[:length], source, now, pool=port)
+            self.coalescer.flush()
+            if port.fileno() < 0:
+                break  # the pool closed this socket (another won): the rest is not ours
+        if count:
+            for p in self.producers:
+                p.flush()
+            self._send_screen_replies()
+            for msg in self.sessions.reports_to_send():
+                self.routes.tell(msg)
 
     def _receive_handshakes(self, now: float) -> int:
         """At most a batch from the handshake socket (if the port has one), after the
@@ -597,8 +693,14 @@ class OverlayIoWorker(Worker):
             target.push_parts([header, *parts], _IP_PACKET, self._target_slot, FLAG_VNET)
 
     def _open(
-        self, datagram: memoryview, source: Address, now: float, relayed: bool = False
+        self,
+        datagram: memoryview,
+        source: Address,
+        now: float,
+        relayed: bool = False,
+        pool: Port | None = None,
     ) -> None:
+        """``pool``: the pool socket it came to (None: the node's port, or a relay)."""
         if len(datagram) < HEADER_LEN or datagram[0] != VERSION:
             self.drops["short_datagram" if len(datagram) < HEADER_LEN else "bad_version"] += 1
             return
@@ -633,6 +735,9 @@ class OverlayIoWorker(Worker):
             payload = entry.open(datagram)
         except RemoteProtocolError as exc:
             self.drops[exc.reason] += 1
+            return
+        if pool is not None and not self.pools.arrived(pool, entry.slot, source):
+            self.drops["pool_other_link"] += 1
             return
         if not entry.confirmed:
             self.sessions.confirm(entry)
@@ -684,6 +789,7 @@ class OverlayIoWorker(Worker):
             "drops": self._drops(),
             "screen": self.screen.statistics() if self.screen is not None else {},
             "handshake_socket": self.port.handshake_fd is not None,
+            "pools": self.pools.statistics(),
             "peer_bytes": self.peer_bytes(),
         }
 
@@ -699,5 +805,7 @@ class OverlayIoWorker(Worker):
         return {slot: [sent.get(slot, 0), received.get(slot, 0)] for slot in sent.keys() | received}
 
     def teardown(self) -> None:
+        if hasattr(self, "pools"):
+            self.pools.close_all()
         if hasattr(self, "port"):
             self.port.close()

@@ -73,6 +73,7 @@ class NatDiscovery:
         self._mapped: Candidate | None = None
         self._mapper_protocol: str | None = None
         self._candidates: tuple[Candidate, ...] = ()
+        self._told: tuple[object, ...] = ()  # candidates, varies, reflexive: last version's
         self._stun_out: list[tuple[bytes, Address]] = []
         self._portmap_out: list[tuple[bytes, Address]] = []
         self._upnp_out: list[UpnpCommand] = []
@@ -113,6 +114,12 @@ class NatDiscovery:
         destination, so no reflexive address is worth advertising (the overlay's HelloAck
         address neither)."""
         return bool(self._report.get("varies"))
+
+    @property
+    def public_ip(self) -> str | None:
+        """The address STUN saw the node at (behind a NAT that maps per destination, its
+        ports differ but its address does not: birthday probing aims at it), or None."""
+        return self._reflexive[0] if self._reflexive is not None else None
 
     def next_deadline(self) -> float | None:
         times = []
@@ -289,9 +296,12 @@ class NatDiscovery:
             # would only cost the peer's probes (netcheck and status still show it)
             candidates.append(Candidate(self._reflexive, CandidateKind.REFLEXIVE))
         unique = tuple(dict.fromkeys(candidates))
+        told = (unique, self.mapping_varies, self._reflexive)
+        if told != self._told:  # whether the mapping varies is news too, with no new candidate
+            self._told = told
+            self.candidates_version += 1
         if unique != self._candidates:
             self._candidates = unique
-            self.candidates_version += 1
             text = tuple(f"{_text(c.endpoint)} {c.kind}" for c in unique)
             self._events.append(ev.CandidatesChanged(text))
 
