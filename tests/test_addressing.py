@@ -210,6 +210,26 @@ def test_an_address_nobody_holds_gets_icmp_host_unreachable() -> None:
     assert not lab.sent[1]
 
 
+def test_a_packet_too_short_to_quote_is_dropped_without_an_icmp_error() -> None:
+    """An ICMP-protocol header with nothing after it (found by the fuzzer: it raised
+    IndexError) or a header length below 20: counted, no reply, the core goes on."""
+    lab = AddressLab(3)
+    lab.run(15)
+    a = lease(lab, 1)
+    lab.frames(1)
+    nobody = IPv4Address("100.64.0.250")
+    short = icmp_packet(a, nobody)[:20]
+    bad_ihl = bytes([0x44]) + icmp_packet(a, nobody)[1:]
+    for packet in (short, bad_ihl):
+        lab.addressing[1].packet_to_resolve(packet, lab.now, lab.wall())
+    lab.run(2)
+    assert lab.frames(1) == []
+    assert lab.addressing[1].statistics()["counters"]["dropped_unresolved"] == 2
+    lab.addressing[1].packet_to_resolve(icmp_packet(a, nobody), lab.now, lab.wall())
+    lab.run(2)
+    assert len(lab.frames(1)) == 1  # a whole one still gets its error
+
+
 def test_junk_from_the_tap_is_a_counted_drop() -> None:
     lab = AddressLab(2)
     lab.run(10)

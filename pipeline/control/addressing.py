@@ -622,10 +622,14 @@ class Addressing:
         self.counters["dropped_unresolved"] += 1
         if self._now - self._icmp_window >= 1.0:
             self._icmp_window, self._icmp_sent = self._now, 0
-        if self._icmp_sent >= ICMP_PER_S or packet[9] == ipv4.Protocol.ICMP and packet[20] == 3:
+        header_length = (packet[0] & 0x0F) * 4 if packet else 0
+        if header_length < 20 or len(packet) < header_length + 8:
+            return  # no IP header and 8 bytes to quote (RFC 792): no ICMP error about it
+        if self._icmp_sent >= ICMP_PER_S or (
+            packet[9] == ipv4.Protocol.ICMP and packet[header_length] == 3
+        ):
             return  # never an ICMP error about an ICMP error
         self._icmp_sent += 1
-        header_length = (packet[0] & 0x0F) * 4
         body = bytes(8) + packet[: header_length + 8]
         icmp = bytearray(b"\x03\x01" + body[2:])  # type 3 (unreachable), code 1 (host)
         icmp[2:4] = ipv4.checksum(bytes(icmp)).to_bytes(2, "big")
