@@ -101,11 +101,19 @@ def _workers_cpu(
     return {"cpu_s": cpu, "report": _report(tb, proc, out)}
 
 
-def _counters(node: Node) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """overlay_io's stats and control's link counters, once control has refused no more
+def _counters(node: Node, since: float) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """overlay_io's stats and control's link counters, once both have reported (with a
+    heartbeat) after ``since`` (monotonic: the flood's end) and control has refused no more
     handshakes than the screen let through."""
     status = node.status() or {}
     workers = status.get("workers", [])
+    now = time.monotonic()
+    if any(
+        now - float(w.get("heartbeat_age_s") or 0.0) < since + 0.1
+        for w in workers
+        if w["stage"] in ("overlay_io", "control")
+    ):
+        return None  # a counter from before the flood's end: wait for the next beat
     stats: dict[str, Any] = next((w["stats"] for w in workers if w["stage"] == "overlay_io"), {})
     links: dict[str, Any] = status.get("links") or {}
     failed = links.get("refused", {}).get("handshake_failed", 0)
@@ -134,6 +142,7 @@ def test_a_handshake_flood_costs_a_member_about_what_a_closed_port_does(tmp_path
                 mbit = _iperf_mbit(a, b)
                 t1 = time.monotonic()
                 phased = _report(tb, proc, out)
+                flood_over = time.monotonic()
         finally:
             tb.stop(server)
         window = (t0 + 1.0, t1 - 0.2)  # the stream's start and end left out
@@ -159,9 +168,12 @@ def test_a_handshake_flood_costs_a_member_about_what_a_closed_port_does(tmp_path
         )
         assert medians["node_port"] >= 0.2 * medians["baseline"], figures
         # where the flood went: dropped early and counted; control saw a bounded few, and
-        # refused no more than passed (workers report with their heartbeats: overlay_io's
-        # count may lag control's by one, so the pair is read until it is consistent)
-        stats, _ = wait_for("overlay_io's and control's counters", lambda: _counters(b), 10)
+        # refused no more than passed (workers report with their heartbeats, every 2 s in
+        # the test bed: the pair is read once both beat after the flood's end, and until it
+        # is consistent)
+        stats, _ = wait_for(
+            "overlay_io's and control's counters", lambda: _counters(b, flood_over), 15
+        )
         drops, screen = stats.get("drops", {}), stats.get("screen", {})
         sent = sum(
             r.get("sent_by_port", {}).get(str(PORT), 0) for r in (screened["report"], phased)
