@@ -164,9 +164,13 @@ def test_a_handshake_flood_costs_a_member_about_what_a_closed_port_does(tmp_path
             f"medians of {len(cycles)} cycles (Mbit/s): baseline {medians['baseline']:.1f},"
             f" closed port {medians['closed_port']:.1f}, node port {medians['node_port']:.1f};"
             f" node port / baseline {medians['node_of_base']:.2f}, / closed port"
-            f" {medians['node_of_closed']:.2f} (the issue's bar: 0.5 and 0.9, not asserted)"
+            f" {medians['node_of_closed']:.2f} (the issue's bar: 0.5 and 0.9; asserted more"
+            " loosely: a few cycles on a shared machine vary by 15-20 %)"
         )
         assert medians["node_port"] >= 0.2 * medians["baseline"], figures
+        # the node's port leaves the member about what a closed port does (1.01 on a quiet
+        # machine, 0.86-1.33 over six cycles at load 6-11): well below that is the node's cost
+        assert medians["node_of_closed"] >= 0.7, figures
         # where the flood went: dropped early and counted; control saw a bounded few, and
         # refused no more than passed (workers report with their heartbeats, every 2 s in
         # the test bed: the pair is read once both beat after the flood's end, and until it
