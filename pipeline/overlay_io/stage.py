@@ -269,14 +269,12 @@ class OverlayIoWorker(Worker):
         """Byte counts only for the slots control still holds, each for the peer that holds
         it now: a closed link's counts go (they would grow the heartbeat for ever), and a
         slot given to another peer starts from zero."""
-        sent, received, owner = self.peer_sent, self.peer_received, self.peer_of_slot
-        for slot in list(sent.keys() | received.keys() | owner.keys()):
-            if live.get(slot) != owner.get(slot, live.get(slot)) or slot not in live:
+        sent, received = self.peer_sent, self.peer_received
+        for slot in list(sent.keys() | received.keys()):
+            if slot not in live or self.peer_of_slot.get(slot, live[slot]) != live[slot]:
                 sent.pop(slot, None)
                 received.pop(slot, None)
-                owner.pop(slot, None)
-        for slot, peer in live.items():
-            owner[slot] = peer
+        self.peer_of_slot = dict(live)
 
     # -- the loop ----------------------------------------------------------------------------------
 
