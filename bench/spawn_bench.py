@@ -22,7 +22,8 @@ worker per stage) in the namespaces of ``veth_pair``:
 The load average before and after is printed with the tables; everything also goes to
 ``bench/results/spawn-<timestamp>.json``. Run as root from the repository root::
 
-    python3 bench/spawn_bench.py [--starts 5] [--kills 3] [--settle 5] [--json-only]
+    python3 bench/spawn_bench.py [--starts 5] [--kills 3] [--settle 5] [--methods plain,template]
+                                 [--json-only]
 """
 
 from __future__ import annotations
@@ -178,23 +179,24 @@ def restart_gap(a: testbed.Node, target: str, stage: str) -> tuple[float, float]
 
 
 def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    result = BENCH.new_result(args, "starts", "kills", "settle")
+    result = BENCH.new_result(args, "starts", "kills", "settle", "methods")
     result["load_start"] = harness.loadavg()
-    connect: dict[str, list[float]] = {m: [] for m in METHODS}
-    steps: dict[str, list[dict[str, float | None]]] = {m: [] for m in METHODS}
-    gaps: dict[str, dict[str, list[float]]] = {m: {s: [] for s in STAGES} for m in METHODS}
-    backoffs: dict[str, dict[str, list[float]]] = {m: {s: [] for s in STAGES} for m in METHODS}
+    methods: tuple[str, ...] = tuple(args.methods)
+    connect: dict[str, list[float]] = {m: [] for m in methods}
+    steps: dict[str, list[dict[str, float | None]]] = {m: [] for m in methods}
+    gaps: dict[str, dict[str, list[float]]] = {m: {s: [] for s in STAGES} for m in methods}
+    backoffs: dict[str, dict[str, list[float]]] = {m: {s: [] for s in STAGES} for m in methods}
     mem: dict[str, dict[str, float | None]] = {}
     with testbed.Testbed("avsp") as tb:
         nss = testbed.veth_pair(tb)
         nodes = list(testbed.node_pair(nss[0], nss[1], tmp / "pair", secure=True))
         for i in range(args.starts):
-            for how in METHODS if i % 2 == 0 else reversed(METHODS):
+            for how in methods if i % 2 == 0 else reversed(methods):
                 seconds, s = cold_start(nodes, how)
                 connect[how].append(seconds)
                 steps[how].append(s)
                 log(f"{how}: start {i + 1}/{args.starts}: first echo reply after {seconds:.3f} s")
-        for how in METHODS:
+        for how in methods:
             with method(how):
                 testbed.start_all(nodes, peers_up=True)
                 try:
@@ -233,31 +235,33 @@ def render(result: dict[str, Any], _: Any) -> str:
         "time to connect (start -> first echo reply), s: median [min-max]",
     ]
     med = {}
-    for how in METHODS:
+    methods = tuple(result["connect_s"])
+    for how in methods:
         cs = result["connect_s"][how]
         med[how] = statistics.median(cs)
         lines.append(f"  {how:9} {med[how]:.3f} [{min(cs):.3f}-{max(cs):.3f}] over {len(cs)}")
-    lines.append(f"  template / plain: {harness.ratio(med['template'], med['plain'])}")
+    if set(med) == set(METHODS):
+        lines.append(f"  template / plain: {harness.ratio(med['template'], med['plain'])}")
     lines += ["", "breakdown (node alpha, and some of beta; s after the start; medians)"]
-    lines.append(f"  {'milestone':22}" + "".join(f"{h:>10}" for h in METHODS))
+    lines.append(f"  {'milestone':22}" + "".join(f"{h:>10}" for h in methods))
     for label in [m[0] for m in MILESTONES] + [f"beta: {k}" for k in OF_BETA]:
-        cells = [_median([s[label] for s in result["breakdown_s"][h]]) for h in METHODS]
+        cells = [_median([s[label] for s in result["breakdown_s"][h]]) for h in methods]
         lines.append(f"  {label:22}" + "".join(f"{harness.fmt(c, 3):>10}" for c in cells))
     lines += ["", "ping gap when a worker is killed (10 ms ping; median over kills), s;"]
     lines.append("  and the same less the supervisor's restart back-off of each kill")
-    lines.append(f"  {'stage':12}" + "".join(f"{h:>10}{h + '-b':>12}" for h in METHODS))
+    lines.append(f"  {'stage':12}" + "".join(f"{h:>10}{h + '-b':>12}" for h in methods))
     for stage in STAGES:
         row = f"  {stage:12}"
-        for h in METHODS:
+        for h in methods:
             gap = result["restart_gap_s"][h][stage]
             less = [g - b for g, b in zip(gap, result["restart_backoff_s"][h][stage], strict=True)]
             row += f"{harness.fmt(_median(gap), 3):>10}{harness.fmt(_median(less), 3):>12}"
         lines.append(row)
     lines += ["", "PSS at rest, MiB (node alpha)"]
-    roles = sorted({r for h in METHODS for r in result["pss_mib"].get(h, {})}, key=_role_order)
-    lines.append(f"  {'process':14}" + "".join(f"{h:>10}" for h in METHODS))
+    roles = sorted({r for h in methods for r in result["pss_mib"].get(h, {})}, key=_role_order)
+    lines.append(f"  {'process':14}" + "".join(f"{h:>10}" for h in methods))
     for role in roles:
-        cells = [result["pss_mib"].get(h, {}).get(role) for h in METHODS]
+        cells = [result["pss_mib"].get(h, {}).get(role) for h in methods]
         lines.append(f"  {role:14}" + "".join(f"{harness.fmt(c, 1):>10}" for c in cells))
     lines.append(f"results: {result.get('file', '-')}")
     return "\n".join(lines)
@@ -271,11 +275,25 @@ def _role_order(role: str) -> tuple[int, str]:
     return len(order), role
 
 
+def _methods(text: str) -> tuple[str, ...]:
+    chosen = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in chosen if m not in METHODS]
+    if not chosen or unknown:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(METHODS)}, not {text!r}")
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--starts", type=harness.bounded_int(1, 50), default=5, help="per method")
     p.add_argument("--kills", type=harness.bounded_int(1, 20), default=3, help="per stage")
     p.add_argument("--settle", type=harness.bounded_int(0, 120), default=5, help="before PSS")
+    p.add_argument(
+        "--methods",
+        type=_methods,
+        default=METHODS,
+        help="start methods, comma-separated (default: plain,template)",
+    )
     p.add_argument("--json-only", action="store_true", help="print the JSON result")
     args = p.parse_args(argv)
     return BENCH.main(args, run, render, as_json=args.json_only)

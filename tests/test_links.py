@@ -178,6 +178,33 @@ class TestHandshakes:
         b_keys = {(s.recv_key, s.send_key) for s in p.b.sessions()}
         assert a_keys & b_keys
 
+    def test_initiation_lost_at_start_goes_again_when_theirs_crosses_it(self) -> None:
+        """Both start; the initiation that wins a crossing (the smaller node id's: beta's
+        here) is lost, the peer's port not bound yet. When alpha's own initiation reaches
+        beta, beta sends its own again at once: the pair links without waiting for beta's
+        resend timer."""
+        p = Pair()
+        assert p.ib.node_id < p.ia.node_id
+        p.b.handle_timer(p.now, WALL)
+        assert len(p.b.datagrams_to_send()) == 1  # lost
+        p.now += 0.05  # alpha is up now and initiates; beta's resend is not due yet
+        p.a.handle_timer(p.now, WALL)
+        p.deliver()
+        keys_match(p)
+        assert p.b.statistics()["crossed_initiations"] == 1
+        assert p.b.statistics()["initiations_resent"] == 1
+
+    def test_crossing_resends_once_per_initiation(self) -> None:
+        p = Pair()
+        p.b.handle_timer(p.now, WALL)
+        p.b.datagrams_to_send()  # lost
+        p.a.handle_timer(p.now, WALL)
+        (theirs,) = [d for d, _ in p.a.datagrams_to_send()]
+        for _ in range(3):  # alpha's initiation, and two replays of it
+            p.b.receive(theirs, A_ADDR, p.now, WALL)
+        assert p.b.statistics()["crossed_initiations"] == 3
+        assert len(p.b.datagrams_to_send()) == 1
+
     def test_lost_reply_is_retried(self) -> None:
         p = Pair()
         p.start_a()

@@ -19,7 +19,8 @@ Theory of operation:
 - The session's initiator rekeys after ``rekey_after_s``; the responder does so if the
   initiator has not after ``rekey_after_s + 10``. Sessions are dropped after
   ``reject_after_s``. Two nodes that initiate at once: the one with the smaller node id
-  ignores the other's initiation and keeps its own.
+  ignores the other's initiation and keeps its own, which it sends again at once (once):
+  the other's shows it listens now, and ours may have been lost before its port was bound.
 - Junk costs little: without a valid mac1 (keyed by the network authority) a datagram is
   dropped before any Diffie-Hellman. Datagrams from an endpoint were screened by overlay_io
   before they came here (``pipeline/crypto/screen.py``: a bucket per source, cookies under
@@ -125,6 +126,7 @@ class _Pending(msgspec.Struct):
     datagram: bytes = b""  # the first message, as sent (resent as it is)
     resend_at: float = 0.0
     resends: int = 0
+    crossed: bool = False  # sent again because the peer's own initiation crossed it
 
 
 class _Responding(msgspec.Struct):
@@ -561,7 +563,16 @@ class LinkManager:
             raise RemoteProtocolError("replayed_initiation", f"timestamp {stamp}")
         if link.pending is not None and self.identity.node_id < cert.node_id:
             self.counters["crossed_initiations"] += 1
-            return  # our own initiation wins; theirs is dropped
+            # Our own initiation wins; theirs is dropped. Theirs shows the peer listens now:
+            # if ours was lost while its port was not bound yet (both nodes starting at
+            # once), it goes again at once, not at its next resend (up to 0.4 s away).
+            # Once per initiation: a replay of theirs cannot make us send more.
+            pending = link.pending
+            if not pending.crossed:
+                pending.crossed = True
+                self._out.append((pending.datagram, link.endpoint))
+                self.counters["initiations_resent"] += 1
+            return
         link.last_timestamp_ns = stamp
         link.pending = None
         noise = state.write_message(self._payload(wall))
