@@ -4,8 +4,10 @@ ways, relaying through a third node, plaintext mode, and the memory port itself.
 
 from __future__ import annotations
 
+import os
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -840,6 +842,47 @@ def test_memory_port_descriptor_is_readable_only_while_datagrams_wait() -> None:
         one.close()
         two.close()
     assert one.fd == -1
+
+
+def test_memory_port_wakes_its_reader_on_another_thread_for_every_datagram(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sender and reader on two threads (as the in-memory two-node test runs its workers):
+    a datagram queued just as the reader takes the last one must leave the descriptor
+    readable, or the reader sleeps past it (or reads an empty eventfd). The reader's eventfd
+    read is slowed, as a preempted thread's is on a loaded machine, so that the sender's
+    datagram lands in that window."""
+    net = MemoryNetwork(queue_max=1_000_000)
+    one, two = net.port("198.18.0.1", 1), net.port("198.18.0.2", 2)
+    count, got = 200, []
+    poller = select.epoll()
+    poller.register(two.fileno(), select.EPOLLIN)
+    real_read = os.eventfd_read
+
+    def slow_read(fd: int) -> int:
+        time.sleep(0.001)
+        return real_read(fd)
+
+    def send() -> None:
+        for i in range(count):
+            one.send([i.to_bytes(4, "big")], two.address)
+            time.sleep(0.0005)
+
+    monkeypatch.setattr(os, "eventfd_read", slow_read)
+    sender = threading.Thread(target=send)
+    try:
+        sender.start()
+        while len(got) < count:
+            if not poller.poll(1.0):  # asleep with datagrams waiting: the lost wake-up
+                break
+            while (r := two.recv()) is not None:
+                got.append(int.from_bytes(two.view[: r[0]], "big"))
+    finally:
+        sender.join()
+        poller.close()
+        one.close()
+        two.close()
+    assert got == list(range(count))
 
 
 def test_the_kernel_steers_handshake_datagrams_to_their_own_socket() -> None:

@@ -45,6 +45,7 @@ import errno
 import os
 import socket
 import struct
+import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -413,9 +414,10 @@ class MemoryNetwork:
         if len(port.queue) >= self.queue_max:
             self.dropped += 1
         else:
-            port.queue.append((datagram, source))
-            if len(port.queue) == 1:
-                os.eventfd_write(port.fd, 1)
+            with port.lock:
+                port.queue.append((datagram, source))
+                if len(port.queue) == 1:
+                    os.eventfd_write(port.fd, 1)
 
 
 class GroBatch(bytes):
@@ -446,6 +448,9 @@ class MemoryPort:
         self.view = memoryview(self.buffer)
         self.send_errors = 0
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # the fd is readable exactly while the queue is not empty: the sender's append and
+        # write and the reader's pop and read happen under this lock (nodes on threads)
+        self.lock = threading.Lock()
         self.handshake_fd: int | None = None  # one queue: handshakes come by ``recv``
         self.handshake_view = self.view
         self.handshake_overflows = 0
@@ -460,9 +465,10 @@ class MemoryPort:
         queue = self.queue
         if not queue:
             return None
-        datagram, source = queue.popleft()
-        if not queue:
-            os.eventfd_read(self.fd)  # not readable until the next datagram
+        with self.lock:
+            datagram, source = queue.popleft()
+            if not queue:
+                os.eventfd_read(self.fd)  # not readable until the next datagram
         size = min(len(datagram), RECV_SIZE)  # a longer one is truncated, as recvfrom does
         self.view[:size] = datagram[:size]
         return size, source
