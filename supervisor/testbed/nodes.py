@@ -133,7 +133,13 @@ class Node:
             )
 
     def status(self) -> dict[str, Any] | None:
-        res = self.cli("status", str(self.config), "--json", check=False, timeout=10)
+        """``status --json``, or None if the node does not answer (or the CLI itself, on a
+        machine loaded enough that its interpreter takes 10 s to start: the callers wait
+        and ask again until their own deadline)."""
+        try:
+            res = self.cli("status", str(self.config), "--json", check=False, timeout=10)
+        except subprocess.TimeoutExpired:
+            return None
         if res.returncode != 0:
             return None
         parsed: dict[str, Any] = json.loads(res.stdout)
