@@ -20,7 +20,7 @@ import structlog
 from pipeline import messages
 from pipeline.overlay_io import stage as io_stage
 from pipeline.overlay_io.udp import UdpPort
-from pipeline.records import FLAG_VNET, RecordKind
+from pipeline.records import FLAG_VNET, RecordKind, pack_endpoint
 from pipeline.shm_ring import Consumer
 from pipeline.wire import tso, vnet
 from pipeline.wire.overlay import FLAG_PARTIAL, DatagramType, parse_header
@@ -37,6 +37,7 @@ from tests.test_overlay_io import (
     Lab,
     Node,
     entry,
+    run_handlers,
     three_nodes,
 )
 from tests.test_tso import (
@@ -144,6 +145,47 @@ def test_without_gso_or_gro_the_same_frame_arrives(lab: Lab, options: dict[str, 
     assert sa["gso"] == options.get("gso", True) and sb["gro"] == options.get("gro", True)
     assert sa["peer_bytes"][SLOT][0] == sb["peer_bytes"][SLOT][1] == sa["bytes_sent"] > 30000
     assert sb["gro_reads"] == (1 if sa["gso"] and sb["gro"] else 0)
+
+
+def test_a_won_pool_socket_sends_with_gso_and_reads_with_gro(lab: Lab) -> None:
+    """Birthday probing's winner carries the link's data as the node's port does: A's
+    super-frame leaves it in one GSO send, B's arrives on it as one GRO read and comes out
+    one coalesced record, byte for byte."""
+    a = lab.node("a", "alpha", HOST_A, ID_A, pool_sockets=8)
+    b = lab.node("b", "beta", HOST_B, ID_B)
+    a.install([entry(SLOT, (102, KEY_BA), (302, KEY_AB), "", ID_B)])  # relayed: no endpoint
+    b.install([entry(SLOT, (302, KEY_AB), (102, KEY_BA), "", ID_A)])
+    w = a.workers[0]
+    a.from_control[0].push(pack_endpoint(*b.address) + b"probe", RecordKind.POOL, SLOT)
+    a.from_control[0].flush()
+    winner = lab.pump()[3][1]  # as if only this socket's mapping met B's probes
+    got(b.to_control[0])
+    b.from_control[0].push(pack_endpoint(*winner) + b"ack", RecordKind.PROBE, SLOT)
+    b.from_control[0].flush()
+    lab.pump()
+    run_handlers(w)
+    assert w.stats()["pools"]["pinned"] == 1
+    a.install([entry(SLOT, (102, KEY_BA), (302, KEY_AB), EP_B, ID_B)])  # direct now
+    b.install([entry(SLOT, (302, KEY_AB), (102, KEY_BA), f"{winner[0]}:{winner[1]}", ID_A)])
+
+    out = tso_frame(7, random.Random(4).randbytes(30000), 1360)
+    send(a, TSO + out)
+    log = lab.pump()
+    assert len(log) == 23 and {src for _, src, _ in log} == {winner}
+    assert w.stats()["gso_sends"] == 1
+    ((_, _, flags, data),) = got(b.to_classifier[0])
+    assert flags == FLAG_VNET and data[vnet.LEN :] == out
+
+    back = tso_frame(9, random.Random(5).randbytes(30000), 1360)
+    send(b, TSO + back)
+    log = lab.pump()
+    assert len(log) == 23 and {to for _, _, to in log} == {winner}
+    run_handlers(w)
+    ((_, _, flags, data),) = got(a.to_classifier[0])
+    assert flags == FLAG_VNET and data[vnet.LEN :] == back
+    st = w.stats()
+    assert (st["gro_reads"], st["segments_received"]) == (1, 23)
+    assert st["coalesced"] == {"packets": 23, "frames": 1} and st["drops"] == {}
 
 
 def test_a_receiver_without_tap_offloads_gets_packets_not_frames(lab: Lab) -> None:

@@ -97,7 +97,7 @@ from pipeline.errors import RemoteProtocolError, StageIOError
 from pipeline.overlay_io.pool import SocketPools
 from pipeline.overlay_io.relay import RelayAction, on_relay, pack_relay
 from pipeline.overlay_io.sessions import Address, RecvEntry, SendEntry, SessionTable
-from pipeline.overlay_io.udp import MemoryPort, Port, UdpPort
+from pipeline.overlay_io.udp import RECV_SIZE, MemoryPort, Port, UdpPort
 from pipeline.records import (
     ENDPOINT_LEN,
     FLAG_VNET,
@@ -204,6 +204,7 @@ class OverlayIoWorker(Worker):
         )
         self.pinned = self.pools.pinned  # endpoint -> the pool socket that sends to it
         self._memory_ports = 0  # pool ports made on a given MemoryPort's network
+        self._pool_buffer: bytearray | None = None  # every pool socket reads into it
         self.every(1.0, self.pools.expire)
         self.handshakes_paused = False  # the read budget is spent: not watched till then
         if self.port.handshake_fd is not None:
@@ -229,19 +230,26 @@ class OverlayIoWorker(Worker):
         return HandshakeScreen(ca.public_key, os.urandom, _monotonic(), settings, self.drops)
 
     def _open_pool_port(self) -> Port:
-        """A pool socket: on an ephemeral port of the node's address (no offloads), watched."""
+        """A pool socket: on an ephemeral port of the node's address, watched; with GSO and
+        GRO as the node's port (the one that wins carries the link's data), and all of the
+        worker's pool sockets read into one buffer (they are read one at a time)."""
         given = self._given_port
         port: Port
         if isinstance(given, MemoryPort):
             self._memory_ports += 1
             port = given.network.port(
-                given.address[0], 40000 + self._memory_ports, gso=False, gro=False
+                given.address[0], 40000 + self._memory_ports, gso=given.gso, gro=given.gro
             )
         else:
+            if self._pool_buffer is None:
+                self._pool_buffer = bytearray(RECV_SIZE)
             port = UdpPort(
                 str(self.settings.overlay.listen_address),
                 0,
                 buffer_bytes=self.settings.stages.overlay_io.socket_buffer_bytes,
+                gso=self.port.gso,
+                gro=self.port.gro,
+                buffer=self._pool_buffer,
             )
         self.watch(port.fileno(), functools.partial(self._receive_pool, port))
         return port
@@ -543,13 +551,25 @@ class OverlayIoWorker(Worker):
         for _ in range(self.batch):
             if any(t.room() < _RECV_ROOM for t in self.to_classifier):
                 break  # the rest waits in the socket (the loop comes back: it stays readable)
-            got = port.recv()
+            got = port.recv_batch()
             if got is None:
                 break
             count += 1
-            length, source = got
-            self._open(view[:length], source, now, pool=port)
-            self.coalescer.flush()
+            length, source, segment = got
+            if segment >= length:
+                self._open(view[:length], source, now, pool=port)
+            else:
+                self.gro_reads += 1
+                self.segments_received += -(-length // segment)
+                if self.pinned.get(source) is port:
+                    # the won socket, from the peer it is pinned to: as the port's reads
+                    self._open_batch(view[:length], segment, source, now)
+                else:  # not pinned yet (or another source): each datagram asks the pool
+                    for at in range(0, length, segment):
+                        self._open(view[at : min(at + segment, length)], source, now, pool=port)
+                        if port.fileno() < 0:
+                            break
+            self.coalescer.flush()  # the next read (of any pool socket) overwrites the buffer
             if port.fileno() < 0:
                 break  # the pool closed this socket (another won): the rest is not ours
         if count:

@@ -154,11 +154,14 @@ class UdpPort:
         gso: bool = False,
         gro: bool = False,
         handshake_socket: bool = False,
+        buffer: bytearray | None = None,
     ) -> None:
+        """``buffer``: the receive buffer (RECV_SIZE bytes) to read into, shared with other
+        ports read one at a time by the same loop (a socket pool's); else one of its own."""
         sock = _bound(host, port, buffer_bytes)
         sock.setblocking(False)
         self.sock = sock
-        self.buffer = bytearray(RECV_SIZE)
+        self.buffer = buffer if buffer is not None else bytearray(RECV_SIZE)
         self.view = memoryview(self.buffer)
         self.send_errors = 0
         self.gso = gso and _probe_gso(sock)
@@ -170,7 +173,8 @@ class UdpPort:
             _handshake_socket(sock, host, bound_port) if handshake_socket else None
         )
         self.handshake_fd = None if self.handshake_sock is None else self.handshake_sock.fileno()
-        self.handshake_buffer = bytearray(RECV_SIZE)
+        # without a handshake socket nothing is ever read into it: no 64 KiB of its own
+        self.handshake_buffer = self.buffer if self.handshake_sock is None else bytearray(RECV_SIZE)
         self.handshake_view = memoryview(self.handshake_buffer)
         self.handshake_overflows = 0
 
