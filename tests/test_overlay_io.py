@@ -689,6 +689,43 @@ def test_a_pool_probes_from_its_sockets_and_the_one_that_hears_back_carries_the_
     assert w.stats()["pools"]["sockets"] == 0 and w.stats()["pools"]["pinned"] == 0
 
 
+def win_pool(lab: Lab, a: Node, b: Node, a_slot: int, b_slot: int, pick: int = 3) -> Address:
+    """A's pool for its link to B (slot ``a_slot``; B's slot of A: ``b_slot``) probes B,
+    B's answer reaches the ``pick``-th pool socket only, which wins; both then direct (B to
+    that socket). The winner's address."""
+    a.from_control[0].push(pack_endpoint(*b.address) + b"probe", RecordKind.POOL, a_slot)
+    a.from_control[0].flush()
+    winner = lab.pump()[pick][1]
+    records(b.to_control[0])
+    b.from_control[0].push(pack_endpoint(*winner) + b"ack", RecordKind.PROBE, b_slot)
+    b.from_control[0].flush()
+    lab.pump()
+    run_handlers(a.workers[0])
+    records(a.to_control[0])
+    assert a.workers[0].stats()["pools"]["pinned"] == 1
+    return winner
+
+
+def test_a_resync_hint_to_a_pinned_peer_goes_from_its_pool_socket(lab: Lab) -> None:
+    """A forgot its link's session (a restart, say); the peer's data to A's won pool socket
+    gets its resync hint from that socket, the only one the peer's side lets in."""
+    a = lab.node("a", "alpha", HOST_A, ID_A, pool_sockets=8)
+    b = lab.node("b", "beta", HOST_B, ID_B)
+    a.install([entry(SLOT_B_AT_A, (102, KEY_BA), (302, KEY_AB), "", ID_B)])
+    b.install([entry(SLOT_A_AT_B, (302, KEY_AB), (102, KEY_BA), "", ID_A)])
+    winner = win_pool(lab, a, b, SLOT_B_AT_A, SLOT_A_AT_B)
+    b.install([entry(SLOT_A_AT_B, (302, KEY_AB), (102, KEY_BA), f"{winner[0]}:{winner[1]}", ID_A)])
+    a.install([entry(SLOT_B_AT_A, (103, KEY_BA), (303, KEY_AB), EP_B, ID_B)])  # new keys
+    send_ip(b, SLOT_A_AT_B)
+    lab.pump()
+    assert lab.net.sent is not None
+    start = len(lab.net.sent)
+    run_handlers(a.workers[0])  # the pool socket's read, and A's answer to it
+    assert a.workers[0].stats()["drops"]["unknown_session"] == 1
+    hints = [(d, frm, to) for d, frm, to in lab.net.sent[start:] if d == resync_hint(102)]
+    assert hints == [(resync_hint(102), winner, b.address)]
+
+
 def test_a_pool_socket_takes_only_its_own_links_datagrams(lab: Lab) -> None:
     """An authentic datagram of another link of A's arriving on a pool socket pins nothing
     (a counted drop); a POOL record for a link without a session is a counted drop."""

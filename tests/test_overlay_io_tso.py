@@ -20,7 +20,7 @@ import structlog
 from pipeline import messages
 from pipeline.overlay_io import stage as io_stage
 from pipeline.overlay_io.udp import UdpPort
-from pipeline.records import FLAG_VNET, RecordKind, pack_endpoint
+from pipeline.records import FLAG_VNET, RecordKind
 from pipeline.shm_ring import Consumer
 from pipeline.wire import tso, vnet
 from pipeline.wire.overlay import FLAG_PARTIAL, DatagramType, parse_header
@@ -39,6 +39,7 @@ from tests.test_overlay_io import (
     entry,
     run_handlers,
     three_nodes,
+    win_pool,
 )
 from tests.test_tso import (
     icmp_packet,
@@ -156,15 +157,7 @@ def test_a_won_pool_socket_sends_with_gso_and_reads_with_gro(lab: Lab) -> None:
     a.install([entry(SLOT, (102, KEY_BA), (302, KEY_AB), "", ID_B)])  # relayed: no endpoint
     b.install([entry(SLOT, (302, KEY_AB), (102, KEY_BA), "", ID_A)])
     w = a.workers[0]
-    a.from_control[0].push(pack_endpoint(*b.address) + b"probe", RecordKind.POOL, SLOT)
-    a.from_control[0].flush()
-    winner = lab.pump()[3][1]  # as if only this socket's mapping met B's probes
-    got(b.to_control[0])
-    b.from_control[0].push(pack_endpoint(*winner) + b"ack", RecordKind.PROBE, SLOT)
-    b.from_control[0].flush()
-    lab.pump()
-    run_handlers(w)
-    assert w.stats()["pools"]["pinned"] == 1
+    winner = win_pool(lab, a, b, SLOT, SLOT)
     a.install([entry(SLOT, (102, KEY_BA), (302, KEY_AB), EP_B, ID_B)])  # direct now
     b.install([entry(SLOT, (302, KEY_AB), (102, KEY_BA), f"{winner[0]}:{winner[1]}", ID_A)])
 

@@ -622,7 +622,9 @@ class OverlayIoWorker(Worker):
     def _send_screen_replies(self) -> None:
         if self.screen is not None:
             for datagram, to in self.screen.datagrams_to_send():
-                if self.port.send([datagram], to):
+                # to a peer whose traffic goes from a won pool socket, from that socket: its
+                # NAT lets in nothing from the node's port
+                if self._port_to(to).send([datagram], to):
                     self.sent += 1
 
     def _open_batch(self, batch: memoryview, segment: int, source: Address, now: float) -> None:
