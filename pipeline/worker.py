@@ -196,12 +196,18 @@ class Worker:
         except StageIOError as exc:
             self.log.error("worker_failed", phase="setup", error=str(exc))
             return 1
+        profile = _profiler()
         try:
             self._loop()
         except StageIOError as exc:
             self.log.error("worker_failed", error=str(exc))
             return 1
         finally:
+            if profile is not None:
+                profile.disable()
+                name = f"{self.stage}{self.index}-{os.getpid()}.prof"
+                profile.dump_stats(Path(os.environ[PROFILE_ENV]) / name)
+                self.log.info("profile_written", file=name)
             self.close()
         self.log.info("worker_stopped", **self.stats())
         return 0
@@ -358,6 +364,23 @@ def die_with_parent(parent_pid: int) -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != parent_pid:
         sys.exit(0)
+
+
+PROFILE_ENV = "AUTOVN_PROFILE_DIR"
+"""A directory: every worker started with it in its environment runs its loop under
+cProfile and writes ``<stage><index>-<pid>.prof`` there when it stops (a tool for finding
+where the data path's CPU goes; ``python -m pstats FILE``). Costs speed while it is set."""
+
+
+def _profiler() -> Any:
+    """A running cProfile.Profile if ``AUTOVN_PROFILE_DIR`` is set, else None."""
+    if not os.environ.get(PROFILE_ENV):
+        return None
+    import cProfile  # only when asked: no worker loads it otherwise
+
+    profile = cProfile.Profile()
+    profile.enable()
+    return profile
 
 
 def main(worker_class: type[Worker]) -> None:
