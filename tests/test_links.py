@@ -177,6 +177,8 @@ class TestHandshakes:
         a_keys = {(s.send_key, s.recv_key) for s in p.a.sessions()}
         b_keys = {(s.recv_key, s.send_key) for s in p.b.sessions()}
         assert a_keys & b_keys
+        # the winner sent its initiation again on the crossing; the copy is no refusal
+        assert p.a.statistics()["refused"] == p.b.statistics()["refused"] == {}
 
     def test_initiation_lost_at_start_goes_again_when_theirs_crosses_it(self) -> None:
         """Both start; the initiation that wins a crossing (the smaller node id's: beta's
@@ -266,11 +268,22 @@ class TestRefusals:
             ]
 
     def test_replayed_initiation_is_refused(self) -> None:
+        """The initiation answered last, again (the peer's resend, or a replay): counted,
+        no second session, no answer; an older one: refused."""
         p = Pair()
         p.start_a()
+        ((old, _),) = p.a.datagrams_to_send()
+        p.a.links[1].pending = None
+        p.now += p.a.settings.retry_s  # alpha initiates again, later (beta stays quiet)
+        p.a.handle_timer(p.now, WALL + p.a.settings.retry_s)
         ((init, _),) = p.a.datagrams_to_send()
         p.b.receive(init, A_ADDR, p.now, WALL)
+        assert len(p.b.datagrams_to_send()) == 1  # the answer
         p.b.receive(init, A_ADDR, p.now, WALL)
+        assert p.b.datagrams_to_send() == []
+        assert p.b.statistics()["initiations_repeated"] == 1
+        assert p.b.statistics()["refused"] == {}
+        p.b.receive(old, A_ADDR, p.now, WALL)
         assert p.b.statistics()["refused"] == {"replayed_initiation": 1}
         assert len(p.b.sessions()) == 1
 

@@ -559,7 +559,13 @@ class LinkManager:
             self._send_step(msg.pattern, 1, index, msg.sender_index, noise, source)
             return
         link, cert, stamp = self._authenticate(state, payload, source, wall)
-        if stamp <= link.last_timestamp_ns:
+        if stamp == link.last_timestamp_ns:
+            # the initiation we answered last, again: the peer sent it twice (it crossed
+            # ours, or its resend timer fired before our answer came). Our answer is on its
+            # way; this one is counted, not refused (a replay, if it is one, gains nothing)
+            self.counters["initiations_repeated"] += 1
+            return
+        if stamp < link.last_timestamp_ns:
             raise RemoteProtocolError("replayed_initiation", f"timestamp {stamp}")
         if link.pending is not None and self.identity.node_id < cert.node_id:
             self.counters["crossed_initiations"] += 1
