@@ -222,6 +222,27 @@ def test_a_node_joining_next_to_one_that_crashed_registers_without_waiting_to_jo
     assert lab.cores[8].overlay.state.value == "joined"
 
 
+def test_a_fresh_links_resends_count_from_when_overlay_io_got_the_keys() -> None:
+    """At start, overlay_io's request for the routes (and the keys) can reach control 0.1 s
+    late; what a link that came up meanwhile carried was dropped there, and the resends
+    at 0.03 and 0.1 s may be too. They count again from when the worker registered."""
+    lab = Lab(2)
+    core = lab.cores[1]
+    original = core.overlay_to_send
+    keys = False
+
+    def without_keys() -> list[tuple[int, bytes]]:
+        out = original()
+        return out if keys else []  # overlay_io holds no send session yet
+
+    core.overlay_to_send = without_keys  # type: ignore[method-assign]
+    lab.run(0.2)  # the link came up at the first step; its message and two resends lost
+    assert core.counters["overlay_fresh_resent"] >= 2 and not core.registered
+    keys = True
+    core.restart_fresh(lab.now)
+    assert seconds_until_registered(lab, core) <= 0.1  # not at the 0.4 s resend
+
+
 def test_what_waited_for_a_link_is_not_sent_again_once_the_peer_answered() -> None:
     lab = Lab(2)
     took = seconds_until_registered(lab, lab.cores[1])

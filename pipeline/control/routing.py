@@ -16,10 +16,12 @@ Theory of operation:
   overlay_io opens them only once its control has read our last handshake message and
   passed the keys on; ours gets the keys over ZeroMQ, the message through a ring), and the
   one that loses is dropped; without this a joining node's first Hello waited a second for
-  the overlay's retry. Any certified member may link to us. A message that arrives on a
-  link is handed to the overlay with the link's endpoint as its source, and only if the
-  sender id it claims is the node id the link authenticated (the overlay core trusts those
-  ids).
+  the overlay's retry. An overlay_io worker that (re)started gets the keys only when its
+  request reaches control, at the node's start up to 0.1 s after the first link came up:
+  the resends then count from that moment (``restart_fresh``). Any certified member may
+  link to us. A message that arrives on a link is handed to the overlay with the link's
+  endpoint as its source, and only if the sender id it claims is the node id the link
+  authenticated (the overlay core trusts those ids).
 - **Link lifetimes follow the overlay.** A link the overlay adds is kept (rekeyed) from
   this side; one it trims is released (it expires unless the peer keeps it, or a route
   uses it); one it finds dead is closed at once, so data stops going into the void, and
@@ -900,6 +902,12 @@ class RoutingCore:
             if queue:
                 self._fresh[slot] = (self._now, 0, [message for _, message in queue])
         return moved
+
+    def restart_fresh(self, now: float) -> None:
+        """An overlay_io worker got the session keys only now: the resends of what waited
+        for a fresh link count from ``now`` (see ``ControlCore.io_worker_started``)."""
+        for slot, (_up, _done, messages) in list(self._fresh.items()):
+            self._fresh[slot] = (now, 0, messages)
 
     def _resend_fresh(self, now: float) -> None:
         """Send again what waited for a link that came up lately and has been silent since
