@@ -30,16 +30,22 @@ once (``supervisor start`` in each namespace, one after the other without waitin
   ``address_registered``), then stopped (the overlay stays at ``--nodes``), and the next
   starts ``--joiner-gap`` seconds after it is gone; median, p90 and max per step.
 
+With ``--baseline REV`` every node runs REV's code (a temporary ``git worktree``, as in
+``pipeline_bench.py``) instead of this checkout's; run it and the plain command one after
+the other (several times: the machine's load moves) to compare.
+
 Progress on stderr; the tables on stdout (``--json``: the result); the result in
 ``bench/results/scale-<timestamp>.json``. Needs root, ``dig`` and ``ping``.
 
     python3 bench/live_scale.py [--nodes 40] [--segments 4] [--pairs 10] [--settle 10]
-                                [--rest 30] [--timeout 120] [--joiners 0] [--json]
+                                [--rest 30] [--timeout 120] [--joiners 0] [--joiner-gap 3]
+                                [--baseline REV] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import re
 import shutil
@@ -53,6 +59,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness  # noqa: E402
+from bench.pipeline_bench import baseline_tree  # noqa: E402
 from supervisor import testbed  # noqa: E402
 from supervisor.testbed.layouts import member  # noqa: E402
 from supervisor.testbed.nodes import DOMAIN, Authority, Node  # noqa: E402
@@ -64,10 +71,16 @@ KINDS = ("supervisor", "template", "tap_reader", "classifier", "overlay_io", "co
 
 
 def build(
-    tb: testbed.Testbed, tmp: Path, count: int, segments: int, joiners: int = 0
+    tb: testbed.Testbed,
+    tmp: Path,
+    count: int,
+    segments: int,
+    joiners: int = 0,
+    source_tree: Path | None = None,
 ) -> tuple[list[Node], list[Node]]:
     """The ``count`` nodes and the ``joiners`` (namespaces ``j<i>``, addresses from
-    198.18.k.101 and 100.64.0.101 on)."""
+    198.18.k.101 and 100.64.0.101 on), running ``source_tree``'s code (None: this
+    checkout's)."""
     authority = Authority.create(tmp / "authority")
     router = tb.namespace("rt")
     router.sysctl("net.ipv4.ip_forward", "1")
@@ -92,7 +105,10 @@ def build(
         for other in range(segments):
             if other != k:
                 ns.ip("route", "add", f"198.18.{other}.0/24", "via", f"198.18.{k}.254")
-        node = member(ns, tmp, authority, name, underlay, virtual, first=i == 0, domain=DOMAIN)
+        node = member(
+            ns, tmp, authority, name, underlay, virtual, first=i == 0, domain=DOMAIN,
+            source_tree=source_tree,
+        )  # fmt: skip
         (late if joiner else nodes).append(node)
     return nodes, late
 
@@ -286,12 +302,17 @@ def at_rest(nodes: list[Node], seconds: float) -> dict[str, Any]:
 
 def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], None]:
     result = BENCH.new_result(
-        args, "nodes", "segments", "pairs", "settle", "rest", "timeout", "joiners", "joiner_gap"
-    )
+        args, "nodes", "segments", "pairs", "settle", "rest", "timeout", "joiners", "joiner_gap",
+        "baseline",
+    )  # fmt: skip
     result["loadavg_before"] = harness.loadavg()
-    with testbed.Testbed("scale") as tb:
+    with contextlib.ExitStack() as stack, testbed.Testbed("scale") as tb:
+        tree = None
+        if args.baseline:
+            base = stack.enter_context(baseline_tree(args.baseline, tmp / "baseline"))
+            result["tree"], tree = base.commit[:10], base.root
         log(f"building {args.nodes} (+{args.joiners}) namespaces on {args.segments} segments")
-        nodes, joiners = build(tb, tmp, args.nodes, args.segments, args.joiners)
+        nodes, joiners = build(tb, tmp, args.nodes, args.segments, args.joiners, tree)
         started: dict[str, float] = {}
         log(f"starting {len(nodes)} nodes at once")
         for n in nodes:
@@ -346,7 +367,8 @@ def render(result: dict[str, Any], _: None) -> str:
         f"autovn live scale  {result['timestamp']}",
         f"{a['nodes']} nodes on {a['segments']} segments joined by a router, each knowing only "
         f"the first; all started at once; load avg {result['loadavg_before']} before, "
-        f"{result['loadavg_after']} after",
+        f"{result['loadavg_after']} after"
+        + (f"; the code of {result['tree']}" if result.get("tree") else ""),
         "",
         f"registered                     {j['registered']}/{a['nodes']}",
         f"all registered after (s)       {f(j['all_registered_s'], 2)}",
@@ -400,6 +422,7 @@ def main() -> int:
     joiners = harness.bounded_int(0, 100)
     p.add_argument("--joiners", type=joiners, default=0, help="then joined one at a time")
     p.add_argument("--joiner-gap", type=float, default=3.0, help="s from one gone to the next")
+    p.add_argument("--baseline", metavar="REV", default=None, help="run this revision's code")
     p.add_argument("--keep-logs", type=Path, help="copy the joiners' logs to this directory")
     p.add_argument("--seed", type=int, default=1, help="for the choice of pairs")
     p.add_argument("--json", action="store_true", help="print the JSON result")
