@@ -351,6 +351,10 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], None]:
         result["memory"] = memory(nodes)
         log(f"at rest for {args.rest} s")
         result["rest"] = at_rest(nodes, args.rest)
+        if args.keep_logs is not None:
+            args.keep_logs.mkdir(parents=True, exist_ok=True)
+            for n in nodes:
+                shutil.copyfile(n.log_file, args.keep_logs / f"{n.name}.log")
         if joiners:
             result["joiners"] = join_one_by_one(
                 joiners, args.joiner_gap, args.timeout, args.keep_logs
@@ -423,7 +427,7 @@ def main() -> int:
     p.add_argument("--joiners", type=joiners, default=0, help="then joined one at a time")
     p.add_argument("--joiner-gap", type=float, default=3.0, help="s from one gone to the next")
     p.add_argument("--baseline", metavar="REV", default=None, help="run this revision's code")
-    p.add_argument("--keep-logs", type=Path, help="copy the joiners' logs to this directory")
+    p.add_argument("--keep-logs", type=Path, help="copy the nodes' logs to this directory")
     p.add_argument("--seed", type=int, default=1, help="for the choice of pairs")
     p.add_argument("--json", action="store_true", help="print the JSON result")
     args = p.parse_args()
