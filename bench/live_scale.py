@@ -28,7 +28,10 @@ once (``supervisor start`` in each namespace, one after the other without waitin
   up, the bootstrap link up, the first overlay connection, the first near connection,
   ``overlay_placed``, ``overlay_joined``, the address record's create sent,
   ``address_registered``), then stopped (the overlay stays at ``--nodes``), and the next
-  starts ``--joiner-gap`` seconds after it is gone; median, p90 and max per step.
+  starts ``--joiner-gap`` seconds after it is gone; median, p90 and max per step. A
+  stopping node says nothing to the overlay (control stops after overlay_io): with the
+  default gap the next joiner's neighbours still name the last one, as after a crash; a
+  gap of 30 s lets them forget it.
 
 With ``--baseline REV`` every node runs REV's code (a temporary ``git worktree``, as in
 ``pipeline_bench.py``) instead of this checkout's; run it and the plain command one after
