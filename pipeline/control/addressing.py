@@ -544,8 +544,9 @@ class Addressing:
         if machines:
             self.machines_version += 1  # restored from the state directory: nothing to save
 
-    def register_names(self) -> None:
+    def register_names(self, now: float) -> None:
         """Register this node's host names for its current address (after it changes)."""
+        self._now = now
         self._register_names()
         self._pump()
 

@@ -230,7 +230,7 @@ class ControlCore:
             except ValueError as exc:
                 self._events.append(ev.LeasesNotRestored(error=str(exc)))
         if not dhcp:
-            addressing.register_names()
+            addressing.register_names(now)  # (its clock read 0: the create timed out at once)
 
     # -- outputs ---------------------------------------------------------------------------------
 
