@@ -21,20 +21,37 @@ once (``supervisor start`` in each namespace, one after the other without waitin
 - **memory**: PSS (``/proc/PID/smaps_rollup``) of each node's supervisor, worker template
   and workers, summed per node (median, max) and per process kind (median);
 - **at rest**: after ``--settle`` seconds, the CPU of every node process over ``--rest``
-  seconds, in percent of one core: all nodes together and per node.
+  seconds, in percent of one core: all nodes together and per node;
+- **one joiner** (``--joiners J``, default 0): then J more nodes (namespaces ``j<i>`` dealt
+  round the segments, knowing only the first node like the others), one at a time: each is
+  started, timed from ``supervisor start`` to each step of its join in its own log (control
+  up, the bootstrap link up, the first overlay connection, the first near connection,
+  ``overlay_placed``, ``overlay_joined``, the address record's create sent,
+  ``address_registered``), then stopped (the overlay stays at ``--nodes``), and the next
+  starts ``--joiner-gap`` seconds after it is gone; median, p90 and max per step. A
+  stopping node says nothing to the overlay (control stops after overlay_io): with the
+  default gap the next joiner's neighbours still name the last one, as after a crash; a
+  gap of 30 s lets them forget it.
+
+With ``--baseline REV`` every node runs REV's code (a temporary ``git worktree``, as in
+``pipeline_bench.py``) instead of this checkout's; run it and the plain command one after
+the other (several times: the machine's load moves) to compare.
 
 Progress on stderr; the tables on stdout (``--json``: the result); the result in
 ``bench/results/scale-<timestamp>.json``. Needs root, ``dig`` and ``ping``.
 
     python3 bench/live_scale.py [--nodes 40] [--segments 4] [--pairs 10] [--settle 10]
-                                [--rest 30] [--timeout 120] [--json]
+                                [--rest 30] [--timeout 120] [--joiners 0] [--joiner-gap 3]
+                                [--baseline REV] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import re
+import shutil
 import statistics
 import sys
 import time
@@ -45,6 +62,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness  # noqa: E402
+from bench.pipeline_bench import baseline_tree  # noqa: E402
 from supervisor import testbed  # noqa: E402
 from supervisor.testbed.layouts import member  # noqa: E402
 from supervisor.testbed.nodes import DOMAIN, Authority, Node  # noqa: E402
@@ -55,7 +73,17 @@ GATEWAY = "100.64.0.254"  # each node's classifier answers DNS here, on its TAP'
 KINDS = ("supervisor", "template", "tap_reader", "classifier", "overlay_io", "control")
 
 
-def build(tb: testbed.Testbed, tmp: Path, count: int, segments: int) -> list[Node]:
+def build(
+    tb: testbed.Testbed,
+    tmp: Path,
+    count: int,
+    segments: int,
+    joiners: int = 0,
+    source_tree: Path | None = None,
+) -> tuple[list[Node], list[Node]]:
+    """The ``count`` nodes and the ``joiners`` (namespaces ``j<i>``, addresses from
+    198.18.k.101 and 100.64.0.101 on), running ``source_tree``'s code (None: this
+    checkout's)."""
     authority = Authority.create(tmp / "authority")
     router = tb.namespace("rt")
     router.sysctl("net.ipv4.ip_forward", "1")
@@ -65,10 +93,15 @@ def build(tb: testbed.Testbed, tmp: Path, count: int, segments: int) -> list[Nod
         bridge = tb.bridge(hub, f"br{k}")
         tb.attach(router, hub, bridge, f"198.18.{k}.254/24", ifname=f"seg{k}")
         hubs.append((hub, bridge))
-    nodes = []
-    for i in range(count):
-        k, host = i % segments, i // segments + 1
-        name, underlay = f"n{i + 1}", f"198.18.{k}.{host}"
+    nodes, late = [], []
+    for i in range(count + joiners):
+        joiner = i >= count
+        j = i - count
+        k = (j if joiner else i) % segments
+        host = 101 + j // segments if joiner else i // segments + 1
+        name = f"j{j + 1}" if joiner else f"n{i + 1}"
+        virtual = f"100.64.0.{101 + j}" if joiner else f"100.64.0.{i + 1}"
+        underlay = f"198.18.{k}.{host}"
         ns = tb.namespace(name)
         hub, bridge = hubs[k]
         tb.attach(ns, hub, bridge, f"{underlay}/24", ifname="eth0")
@@ -76,10 +109,11 @@ def build(tb: testbed.Testbed, tmp: Path, count: int, segments: int) -> list[Nod
             if other != k:
                 ns.ip("route", "add", f"198.18.{other}.0/24", "via", f"198.18.{k}.254")
         node = member(
-            ns, tmp, authority, name, underlay, f"100.64.0.{i + 1}", first=i == 0, domain=DOMAIN
-        )
-        nodes.append(node)
-    return nodes
+            ns, tmp, authority, name, underlay, virtual, first=i == 0, domain=DOMAIN,
+            source_tree=source_tree,
+        )  # fmt: skip
+        (late if joiner else nodes).append(node)
+    return nodes, late
 
 
 EVENTS = ("control_started", "overlay_joined", "address_registered")
@@ -122,6 +156,78 @@ def wait_registered(
         log(f"{done}/{len(nodes)} registered after {time.time() - first:.1f} s")
         time.sleep(1.0)
     return {name: {e: t.get(e) for e in EVENTS} for name, t in found.items()}
+
+
+JOIN_STEPS = (
+    ("control_started", "control up"),
+    ("bootstrap_link", "bootstrap link up"),
+    ("first_connection", "first overlay connection"),
+    ("first_near", "first near connection"),
+    ("overlay_placed", "placed on the circle"),
+    ("overlay_joined", "joined"),
+    ("register_sent", "registration sent"),
+    ("address_registered", "registered"),
+)
+
+
+def _join_steps(node: Node) -> dict[str, float]:
+    """Wall-clock time of each step of a lone joiner's join (:data:`JOIN_STEPS`) in its
+    log: the first ``link_formed`` (the bootstrap link), the first
+    ``overlay_connection_added`` and the first of kind near, ``overlay_placed``, the first
+    ``address_registering`` (the create sent)."""
+    out = _event_times(node)
+    firsts = {"link_formed": "bootstrap_link", "overlay_placed": "overlay_placed",
+              "overlay_connection_added": "first_connection",
+              "address_registering": "register_sent"}  # fmt: skip
+    for rec in node.log_records():
+        event, stamp = rec.get("event"), rec.get("timestamp")
+        if not isinstance(event, str) or not isinstance(stamp, str):
+            continue
+        steps = [firsts.get(event)]
+        if event == "overlay_connection_added" and rec.get("kind") == "near":
+            steps.append("first_near")
+        for step in steps:
+            if step is not None and step not in out:
+                out[step] = _stamp(stamp)
+    return out
+
+
+def _stamp(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def join_one_by_one(
+    joiners: list[Node], gap: float, timeout: float, keep_logs: Path | None = None
+) -> dict[str, Any]:
+    """Start each joiner alone, time the steps of its join, stop it, wait ``gap`` s;
+    ``keep_logs``: copy each joiner's log there (``<name>.log``)."""
+    per_node: dict[str, dict[str, float | None]] = {}
+    for n in joiners:
+        started = time.time()
+        n.start()
+        while time.time() - started < timeout:
+            if "address_registered" in _event_times(n):
+                break
+            time.sleep(0.2)
+        steps = _join_steps(n)
+        per_node[n.name] = {s: round(steps[s] - started, 3) if s in steps else None
+                            for s, _ in JOIN_STEPS}  # fmt: skip
+        log(f"joiner {n.name}: {per_node[n.name]}")
+        processes = n.processes()
+        n.cli("stop", str(n.config), check=False, timeout=40)
+        n.wait_gone(processes)
+        if keep_logs is not None:
+            keep_logs.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(n.log_file, keep_logs / f"{n.name}.log")
+        time.sleep(gap)
+    out: dict[str, Any] = {"per_node": per_node}
+    for step, _ in JOIN_STEPS:
+        seen = sorted(v for t in per_node.values() if (v := t[step]) is not None)
+        out[step] = {"n": len(seen),
+                     "median": statistics.median(seen) if seen else None,
+                     "p90": harness.percentile(seen, 90) if seen else None,
+                     "max": seen[-1] if seen else None}  # fmt: skip
+    return out
 
 
 def resolve(node: Node, name: str, timeout: float = 15.0) -> tuple[str | None, float]:
@@ -198,11 +304,18 @@ def at_rest(nodes: list[Node], seconds: float) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], None]:
-    result = BENCH.new_result(args, "nodes", "segments", "pairs", "settle", "rest", "timeout")
+    result = BENCH.new_result(
+        args, "nodes", "segments", "pairs", "settle", "rest", "timeout", "joiners", "joiner_gap",
+        "baseline",
+    )  # fmt: skip
     result["loadavg_before"] = harness.loadavg()
-    with testbed.Testbed("scale") as tb:
-        log(f"building {args.nodes} namespaces on {args.segments} segments")
-        nodes = build(tb, tmp, args.nodes, args.segments)
+    with contextlib.ExitStack() as stack, testbed.Testbed("scale") as tb:
+        tree = None
+        if args.baseline:
+            base = stack.enter_context(baseline_tree(args.baseline, tmp / "baseline"))
+            result["tree"], tree = base.commit[:10], base.root
+        log(f"building {args.nodes} (+{args.joiners}) namespaces on {args.segments} segments")
+        nodes, joiners = build(tb, tmp, args.nodes, args.segments, args.joiners, tree)
         started: dict[str, float] = {}
         log(f"starting {len(nodes)} nodes at once")
         for n in nodes:
@@ -241,6 +354,14 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], None]:
         result["memory"] = memory(nodes)
         log(f"at rest for {args.rest} s")
         result["rest"] = at_rest(nodes, args.rest)
+        if args.keep_logs is not None:
+            args.keep_logs.mkdir(parents=True, exist_ok=True)
+            for n in nodes:
+                shutil.copyfile(n.log_file, args.keep_logs / f"{n.name}.log")
+        if joiners:
+            result["joiners"] = join_one_by_one(
+                joiners, args.joiner_gap, args.timeout, args.keep_logs
+            )
     result["loadavg_after"] = harness.loadavg()
     return result, None
 
@@ -253,7 +374,8 @@ def render(result: dict[str, Any], _: None) -> str:
         f"autovn live scale  {result['timestamp']}",
         f"{a['nodes']} nodes on {a['segments']} segments joined by a router, each knowing only "
         f"the first; all started at once; load avg {result['loadavg_before']} before, "
-        f"{result['loadavg_after']} after",
+        f"{result['loadavg_after']} after"
+        + (f"; the code of {result['tree']}" if result.get("tree") else ""),
         "",
         f"registered                     {j['registered']}/{a['nodes']}",
         f"all registered after (s)       {f(j['all_registered_s'], 2)}",
@@ -281,6 +403,18 @@ def render(result: dict[str, Any], _: None) -> str:
         f"at rest, all nodes (% of a core over {r['seconds']} s)  {r['all_nodes_percent']}",
         f"at rest, per node (% of a core)                  {r['per_node_percent']}",
     ]
+    if "joiners" in result:
+        lines += [
+            "",
+            f"{a['joiners']} joiners one at a time into the {a['nodes']}: s from start",
+            "step                        n  median     p90     max",
+        ]
+        for step, label in JOIN_STEPS:
+            s = result["joiners"][step]
+            lines.append(
+                f"{label:26s} {s['n']:2d}  {f(s['median'], 3):>6}  {f(s['p90'], 3):>6}  "
+                f"{f(s['max'], 3):>6}"
+            )
     return "\n".join(lines)
 
 
@@ -292,6 +426,11 @@ def main() -> int:
     p.add_argument("--settle", type=float, default=10.0, help="seconds before measuring memory")
     p.add_argument("--rest", type=float, default=30.0, help="seconds of CPU measured at rest")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for all")
+    joiners = harness.bounded_int(0, 100)
+    p.add_argument("--joiners", type=joiners, default=0, help="then joined one at a time")
+    p.add_argument("--joiner-gap", type=float, default=3.0, help="s from one gone to the next")
+    p.add_argument("--baseline", metavar="REV", default=None, help="run this revision's code")
+    p.add_argument("--keep-logs", type=Path, help="copy the nodes' logs to this directory")
     p.add_argument("--seed", type=int, default=1, help="for the choice of pairs")
     p.add_argument("--json", action="store_true", help="print the JSON result")
     args = p.parse_args()

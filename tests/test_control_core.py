@@ -13,6 +13,7 @@ import pytest
 
 from pipeline import messages
 from pipeline.control import events as ev
+from pipeline.control.addressing import AddressingSettings
 from pipeline.control.core import (
     GENERATION_SHIFT,
     REPUBLISH_S,
@@ -210,3 +211,24 @@ def test_plaintext_static_peers_are_the_routes() -> None:
     a.frame_from_tap(bytes(60), 100.0, WALL + 100)
     assert a.counters == {"handshake_without_links": 1, "frame_without_addressing": 1}
     del cores
+
+
+def test_a_static_nodes_name_registration_starts_on_the_cores_clock() -> None:
+    """The host name's create is made as the core is built, before any input: on the
+    clock it was built with (it read 0 and timed out at the first timer, a try lost)."""
+    addressing = AddressingSettings(
+        subnet=SUBNET,
+        gateway=IPv4Address("100.64.0.254"),
+        domain="vpn.test",
+        namespace="lab",
+        node_name="n0",
+        tap_mac=bytes.fromhex("020000000001"),
+        gateway_mac=bytes.fromhex("02000000fe01"),
+        mtu=1400,
+        dhcp=False,
+    )
+    a, _b = pair(start=5000.0, addressing=addressing)
+    assert a.routing is not None
+    assert a.routing.dht.statistics()["waiting_for_join"] == 1  # the name: not on the circle
+    a.handle_timer(5000.0, WALL + 5000.0)
+    assert a.routing.dht.statistics().get("request_timeouts", 0) == 0

@@ -396,6 +396,48 @@ def test_requests_wait_until_the_overlay_has_joined() -> None:
     assert b.statistics()["sent_get"] == 1
 
 
+def test_a_joining_node_on_the_circle_sends_at_once_and_again_at_joined() -> None:
+    """Joining but on the circle (a near connection made): a try goes at once, not at
+    ``Joined`` (which a crashed node still named by the neighbours can hold up for
+    seconds); at ``Joined`` a try sent before it that is still unanswered goes again at once
+    (its answer may have missed this node), the same try; an answered one does not."""
+    net, (a, b, c) = network(3)
+    responsible = net.closest(key_position(b"k"))
+    owner = next(d for d in (a, b, c) if d.overlay.node_id == responsible)
+    owner.create(b"k", b"v", 600.0, net.now)
+    net.run()
+    joiner = next(d for d in (a, b, c) if d.overlay.node_id != responsible)
+    overlay = net.overlays[joiner.overlay.node_id]
+    overlay.state = NodeState.JOINING
+    overlay.on_circle = False  # type: ignore[attr-defined]
+    first = joiner.get(b"k", net.now)
+    net.run()
+    assert joiner.statistics()["waiting_for_join"] == 1 and net.results(joiner) == {}
+    overlay.on_circle = True  # type: ignore[attr-defined]
+    joiner.handle_overlay_event(NeighboursChanged((), ()), net.now)
+    net.run()
+    got = net.results(joiner)[first]
+    assert isinstance(got, GetResult) and [r.value for r in got.records] == [b"v"]
+    # This one goes at once; its answer is lost (the way back missed the joining node).
+    net.black_holes.add(joiner.overlay.node_id)
+    second = joiner.get(b"k", net.now)
+    net.run()
+    net.black_holes.clear()
+    assert joiner.statistics()["sent_get"] == 2 and joiner.statistics()["waiting_for_join"] == 1
+    net.advance(1.0)  # less than the request timeout: no retry yet
+    assert net.results(joiner) == {} and joiner.statistics()["sent_get"] == 2
+    overlay.state = NodeState.JOINED
+    joiner.handle_overlay_event(Joined(overlay.node_id, 3), net.now)
+    net.run()
+    got = net.results(joiner)[second]
+    assert isinstance(got, GetResult) and [r.value for r in got.records] == [b"v"]
+    stats = joiner.statistics()
+    assert stats["resent_on_join"] == 1 and stats["sent_get"] == 3
+    assert stats.get("retries", 0) == 0  # the same try, not a retry
+    joiner.handle_overlay_event(Joined(overlay.node_id, 3), net.now)  # again: nothing pending
+    assert joiner.statistics()["resent_on_join"] == 1
+
+
 def test_restarted_owner_goes_past_its_old_sequence() -> None:
     net, (a, _, _) = network(3)
     for _ in range(5):

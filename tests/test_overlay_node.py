@@ -449,6 +449,27 @@ class TestGreedyRouting:
         assert n[0].statistics()["rerouted"] == 1
         assert sum(node.statistics().get("rerouted", 0) for node in n) == 1
 
+    def test_a_joiners_connect_request_goes_around_a_crashed_closest_node(self) -> None:
+        """The node closest to a joiner's id crashed unnoticed (a restart: the joiner is new):
+        the ConnectRequest the joiner routes to its own id is kept by each hop that forwards
+        it over a silent connection and goes again around it once the ping is unanswered, so
+        the joiner is on the circle seconds before its connect timeout would try again."""
+        mesh = Mesh()
+        n = hand_built_ring(mesh)
+        mesh.now = 10.0  # every connection silent since t=0
+        mesh.down.add(addr(3))
+        joiner = mesh.add(9, 3 * EIGHTH + 5, bootstrap=[0])  # n3 is the closest to it
+        mesh.run(mesh.now + SETTINGS.suspect_after_s - 0.1)
+        assert not joiner.on_circle  # the request went n0 -> n4 -> n3 and was lost there
+        mesh.run(mesh.now + 2 * SETTINGS.suspect_after_s)
+        assert SETTINGS.connect_timeout_s > 3 * SETTINGS.suspect_after_s
+        assert joiner.on_circle
+        assert sum(node.statistics().get("rerouted", 0) for node in n) >= 1
+        assert joiner.statistics().get("connect_timeouts_near", 0) == 0
+        assert joiner.statistics()["sent_connect_request"] == 1
+        near = {c.node_id for c in joiner.connections() if c.kind is ConnectionKind.NEAR}
+        assert n[4].node_id in near and n[3].node_id not in near
+
     def test_missing_node_is_reported_back(self) -> None:
         mesh = Mesh()
         n = hand_built_ring(mesh)

@@ -6,7 +6,8 @@ Theory of operation:
 - **DHCP.** Without a static address the node answers its own DHCP client (frames to UDP
   port 67 from the TAP) with ``DhcpServer``: the address it offers is won with a DHT create
   of ``ip:<namespace>:<address>`` naming this node (the server's ``Claim``s; a lost create
-  moves to the next candidate; claims wait until the node has joined the overlay, so a
+  moves to the next candidate; claims wait until the node is on the overlay's circle
+  (``RoutingCore.joined``: its first near connection, before ``Joined``), so a
   client that starts with the node is not offered a candidate the DHT never saw), renewals
   renew the record, a release deletes it. The
   granted address becomes the node's address (``ControlCore.set_address``) and the
@@ -543,8 +544,9 @@ class Addressing:
         if machines:
             self.machines_version += 1  # restored from the state directory: nothing to save
 
-    def register_names(self) -> None:
+    def register_names(self, now: float) -> None:
         """Register this node's host names for its current address (after it changes)."""
+        self._now = now
         self._register_names()
         self._pump()
 

@@ -230,7 +230,7 @@ class ControlCore:
             except ValueError as exc:
                 self._events.append(ev.LeasesNotRestored(error=str(exc)))
         if not dhcp:
-            addressing.register_names()
+            addressing.register_names(now)  # (its clock read 0: the create timed out at once)
 
     # -- outputs ---------------------------------------------------------------------------------
 
@@ -487,13 +487,19 @@ class ControlCore:
 
     # -- inputs: messages from the workers and tools ---------------------------------------------
 
-    def io_worker_started(self, worker: bytes, pid: int) -> None:
+    def io_worker_started(self, worker: bytes, pid: int, now: float | None = None) -> None:
         """An overlay_io worker asked for the routes: it gets the session keys, and a new
-        incarnation (pid) gets fresh send counter ranges for every key."""
+        incarnation (pid) gets fresh send counter ranges for every key. A new one gets the
+        keys only now: what a link that came up before carried was dropped there (at start,
+        its request can come 0.1 s late: its socket connected before control's was bound,
+        and ZeroMQ tries again 0.1 s later), so the resends of a fresh link's first
+        messages count from ``now``."""
         if self._io_workers.get(worker) != pid:
             self._io_workers[worker] = pid
             for key in [k for k in self._generations if k[1] == worker]:
                 self._generations[key] += 1
+            if self.routing is not None and now is not None:
+                self.routing.restart_fresh(now)
         self._keys_due.add(worker)
 
     def session_confirmed(self, recv_index: int, now: float, wall: float) -> None:

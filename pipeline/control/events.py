@@ -211,6 +211,15 @@ class OverlayJoined(LogEvent, frozen=True):
     estimated_size: int
 
 
+class OverlayPlaced(LogEvent, frozen=True):
+    """The node knows its place on the circle (its first near connection while joining, or
+    ``overlay_joined``): its DHT requests and its address record go out from now on."""
+
+    name = "overlay_placed"
+    node_id: str
+    joined: bool
+
+
 class OverlayConnectionAdded(LogEvent, frozen=True):
     name = "overlay_connection_added"
     node_id: str
@@ -230,6 +239,12 @@ class OverlayConnectionRemoved(LogEvent, frozen=True):
 
 class AddressRegistered(LogEvent, frozen=True):
     name = "address_registered"
+    address: str
+
+
+class AddressRegistering(LogEvent, frozen=True):
+    name = "address_registering"
+    level = Level.DEBUG
     address: str
 
 

@@ -16,10 +16,12 @@ Theory of operation:
   overlay_io opens them only once its control has read our last handshake message and
   passed the keys on; ours gets the keys over ZeroMQ, the message through a ring), and the
   one that loses is dropped; without this a joining node's first Hello waited a second for
-  the overlay's retry. Any certified member may link to us. A message that arrives on a
-  link is handed to the overlay with the link's endpoint as its source, and only if the
-  sender id it claims is the node id the link authenticated (the overlay core trusts those
-  ids).
+  the overlay's retry. An overlay_io worker that (re)started gets the keys only when its
+  request reaches control, at the node's start up to 0.1 s after the first link came up:
+  the resends then count from that moment (``restart_fresh``). Any certified member may
+  link to us. A message that arrives on a link is handed to the overlay with the link's
+  endpoint as its source, and only if the sender id it claims is the node id the link
+  authenticated (the overlay core trusts those ids).
 - **Link lifetimes follow the overlay.** A link the overlay adds is kept (rekeyed) from
   this side; one it trims is released (it expires unless the peer keeps it, or a route
   uses it); one it finds dead is closed at once, so data stops going into the void, and
@@ -34,7 +36,8 @@ Theory of operation:
   the overlay to its node id (``Data`` payloads tagged ``H``; ``links.Via``): its sessions
   are end to end, and overlay_io relays their datagrams greedily over direct links (a
   relay opens only the hop layer).
-- **Addresses and routes.** Once joined, the node creates the DHT record
+- **Addresses and routes.** Once on the circle (its first near connection: it need not
+  wait for ``Joined``, see the DHT), the node creates the DHT record
   ``ip:<namespace>:<address>`` naming its node id (renewed by the DHT before its lease
   ends). A frame to an address without a route is a *miss* (from the classifier): a DHT
   get of that key, a record whose signer hashes to the node id inside it (else it is a
@@ -90,6 +93,7 @@ from pipeline.control.overlay import (
     ConnectionRemoved,
     Delivered,
     Joined,
+    NeighboursChanged,
     OverlayEvent,
     OverlayNode,
     OverlaySettings,
@@ -114,7 +118,8 @@ from pipeline.nodeid import id_from_bytes, id_to_bytes
 HANDSHAKE_TAG = b"H"  # an overlay Data payload that carries a handshake datagram
 QUEUE_PER_ENDPOINT = 16
 QUEUE_S = 6.0
-FRESH_RESEND_S = (0.1, 0.4)  # a new link's first messages go again after this, unless answered
+# a new link's first messages go again this long after it came up, unless answered
+FRESH_RESEND_S = (0.03, 0.1, 0.4)
 ROUTE_REFRESH_S = 30.0
 NEGATIVE_S = 3.0
 REGISTER_RETRY_S = 5.0
@@ -581,7 +586,8 @@ class RoutingCore:
 
     @property
     def joined(self) -> bool:
-        """The node has had its place on the circle (DHT requests can reach their keys)."""
+        """The node has had its place on the circle (DHT requests can reach their keys): its
+        first near or far connection (``overlay_placed``), or ``Joined``."""
         return self._joined
 
     def pump(self) -> None:
@@ -897,6 +903,12 @@ class RoutingCore:
                 self._fresh[slot] = (self._now, 0, [message for _, message in queue])
         return moved
 
+    def restart_fresh(self, now: float) -> None:
+        """An overlay_io worker got the session keys only now: the resends of what waited
+        for a fresh link count from ``now`` (see ``ControlCore.io_worker_started``)."""
+        for slot, (_up, _done, messages) in list(self._fresh.items()):
+            self._fresh[slot] = (now, 0, messages)
+
     def _resend_fresh(self, now: float) -> None:
         """Send again what waited for a link that came up lately and has been silent since
         (see the module's docstring), at each of ``FRESH_RESEND_S`` after it came up."""
@@ -992,9 +1004,22 @@ class RoutingCore:
                     node_id=self.identity.node_id.hex(), estimated_size=event.estimated_size
                 )
             )
-            if not self._joined:
-                self._joined = True
-                self._register(now)
+            self._placed(now)
+        elif isinstance(event, NeighboursChanged) and self.overlay.on_circle:
+            self._placed(now)
+
+    def _placed(self, now: float) -> None:
+        """The overlay is on the circle (its first near or far connection, or ``Joined``):
+        the address record is created now, not at ``Joined`` (see the DHT's docstring)."""
+        if self._joined:
+            return
+        self._joined = True
+        self._events.append(
+            ev.OverlayPlaced(
+                node_id=self.identity.node_id.hex(), joined=self.overlay.state.value == "joined"
+            )
+        )
+        self._register(now)
 
     # -- the address record and routes -------------------------------------------------------------
 
@@ -1008,6 +1033,7 @@ class RoutingCore:
         self._registration = self.dht.create(
             self._address_key(self.address), self.identity.node_id, self.lease_s, now
         )
+        self._events.append(ev.AddressRegistering(address=str(self.address)))
 
     def _on_dht_event(self, event: DhtEvent, now: float, wall: float) -> None:
         if isinstance(event, CreateResult) and event.request_id == self._registration:

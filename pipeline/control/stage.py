@@ -287,7 +287,7 @@ class ControlWorker(Worker):
             if isinstance(msg, messages.SnapshotRequest):
                 self._send(sender, core.snapshot())
                 if msg.stage == Stage.OVERLAY_IO:
-                    core.io_worker_started(sender, msg.pid)
+                    core.io_worker_started(sender, msg.pid, now)
             elif isinstance(msg, messages.SessionConfirmed):
                 core.session_confirmed(msg.recv_index, now, wall)
             elif isinstance(msg, messages.RekeyRequest):

@@ -56,9 +56,17 @@ Theory of operation:
   hop further on (on the way to the key or on the answer's way back) is the overlay's to
   go around (it re-routes what it forwarded over a link that then stayed silent), so a
   late answer to an earlier try still completes the request. A try made while the
-  overlay node is not yet on the circle (``state`` idle or joining) waits for its
-  ``Joined`` before it is sent (its timeout running): the answer, routed to this node's
-  id, could not find it before its neighbours link to it.
+  overlay node is not yet on the circle (idle, or joining without a near or far
+  connection: ``on_circle``) waits until it is (its timeout running): the answer, routed
+  to this node's id, could not find it before its neighbours link to it. It goes at the
+  first ``NeighboursChanged`` that finds the node on the circle, not at ``Joined``: a
+  joining node knows its place once the node closest to it has named its neighbours and
+  one has answered its Hello, while ``Joined`` waits until its nearest neighbours' lists
+  name no node between them and it, and a crashed node still named there holds that up
+  for seconds (until its Hellos go unanswered). Such an early try's answer may miss this
+  node (routed through a node between it and its neighbours that does not know it yet),
+  so at ``Joined`` a try sent before it that is still unanswered goes again at once, the
+  same try (``resent_on_join``).
 
 **Consistency rule for create.** A key's creates are serialised at its responsible node;
 a create succeeds when that node accepted it and a majority of the key's R replicas (the
@@ -153,7 +161,8 @@ class _Request(msgspec.Struct):
     message_id: int = -1
     first_hop: int | None = None  # where the last try went first
     avoid: tuple[int, ...] = ()  # first hops of tries that got no answer
-    waiting: bool = False  # this try waits for the overlay to join
+    waiting: bool = False  # this try waits for the overlay to be on the circle
+    early: bool = False  # this try went before Joined: again at Joined if unanswered
 
 
 class _Serving(msgspec.Struct):
@@ -278,11 +287,22 @@ class Dht:
                 self._retry_or_fail(rid, request, now, "route_failed")
         elif isinstance(event, NeighboursChanged):
             self._handover(now)
+            if getattr(self.overlay, "on_circle", False):
+                self._send_waiting(now)
         elif isinstance(event, Joined):
+            self._send_waiting(now)
             for rid, request in list(self._requests.items()):
-                if request.waiting:
+                if request.early and rid in self._requests:
+                    self._stats["resent_on_join"] += 1
+                    self._by_message.pop(request.message_id, None)
                     request.deadline = now + self.settings.request_timeout_s
                     self._transmit(rid, request, now)
+
+    def _send_waiting(self, now: float) -> None:
+        for rid, request in list(self._requests.items()):
+            if request.waiting and rid in self._requests:
+                request.deadline = now + self.settings.request_timeout_s
+                self._transmit(rid, request, now)
 
     def handle_timer(self, now: float) -> None:
         self._ensure_timers(now)
@@ -339,17 +359,23 @@ class Dht:
         return rid
 
     def _send_request(self, rid: int, request: _Request, now: float) -> None:
-        """The next try of a request (at once, or on ``Joined`` if the overlay is joining)."""
+        """The next try of a request (at once, or once the overlay is on the circle)."""
         request.tries += 1
         request.deadline = now + self.settings.request_timeout_s
         self._by_message.pop(request.message_id, None)
         request.first_hop = None
-        if getattr(self.overlay, "state", None) in (NodeState.IDLE, NodeState.JOINING):
+        if not self._on_circle():
             # Not on the circle yet: the answer could not find its way back.
             request.waiting = True
             self._stats["waiting_for_join"] += 1
             return
         self._transmit(rid, request, now)
+
+    def _on_circle(self) -> bool:
+        state = getattr(self.overlay, "state", None)
+        if state not in (NodeState.IDLE, NodeState.JOINING):
+            return True
+        return state is NodeState.JOINING and bool(getattr(self.overlay, "on_circle", False))
 
     def _transmit(self, rid: int, request: _Request, now: float) -> None:
         msg: w.Message
@@ -362,6 +388,7 @@ class Dht:
             assert request.record is not None
             msg = w.Delete(rid, request.record)
         request.waiting = False
+        request.early = getattr(self.overlay, "state", None) is NodeState.JOINING
         self._stats[f"sent_{request.kind}"] += 1
         pos = key_position(request.key)
         next_hop = getattr(self.overlay, "next_hop", None)

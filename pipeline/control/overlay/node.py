@@ -56,7 +56,9 @@ Theory of operation:
   a while (a far connection is closed only after ``far_dead_after_s`` of silence), and greedy
   paths run through them: a message lost at any hop of the way there or of the answer's way back
   costs the requester a whole retry. So a node that forwards an application message (``Data``)
-  over a connection silent for ``use_ping_after_s`` — the connection it pings on use — keeps it,
+  or a near ``ConnectRequest`` (a joiner's to its own id ends at a crashed node that was the
+  closest to it, and its retry would come ``connect_timeout_s`` later) over a connection
+  silent for ``use_ping_after_s`` — the connection it pings on use — keeps it,
   and if nothing has come from the connection ``suspect_after_s`` later (the connection is then
   suspect), routes it again from here, passing over that connection (delivering here if it was
   the only closer one). A next hop that shows a sign of life is taken to have the message. A
@@ -207,12 +209,12 @@ class _PendingConnection(msgspec.Struct):
 
 
 class _Held(msgspec.Struct, frozen=True):
-    """A Data message forwarded over a connection that had been silent: re-routed around the
-    connection if nothing is heard from it within ``suspect_after_s``."""
+    """A Data message or ConnectRequest forwarded over a connection that had been silent:
+    re-routed around the connection if nothing is heard from it within ``suspect_after_s``."""
 
     connection: int  # the id of the connection it went over
     sent: float
-    msg: w.Data  # as it came here (hops not yet counted)
+    msg: w.Data | w.ConnectRequest  # as it came here (hops not yet counted)
     dest: int
 
 
@@ -333,6 +335,12 @@ class OverlayNode:
     @property
     def state(self) -> NodeState:
         return self._state
+
+    @property
+    def on_circle(self) -> bool:
+        """Joined, or joining with a near or far connection made: the node knows its place on
+        the circle (the layer above need not wait for ``Joined`` to use it: see the DHT)."""
+        return self._state is not NodeState.LEFT and self._on_circle()
 
     @property
     def address(self) -> Address | None:
@@ -1065,14 +1073,16 @@ class OverlayNode:
         if now - connection.last_ping >= st.ping_retry_s:
             self._stats["pings_on_use"] += 1
             self._ping(connection, now)
-        if (
-            isinstance(msg, w.Data)
-            and not (msg.exact and connection.node_id == dest)
-            and len(self._held) < HELD_MAX
-        ):
+        if isinstance(msg, w.Data):
+            keep = not (msg.exact and connection.node_id == dest)
+        else:
+            keep = isinstance(msg, w.ConnectRequest) and msg.kind == NEAR.code
+        if keep and len(self._held) < HELD_MAX and isinstance(msg, w.Data | w.ConnectRequest):
             # Keep it until the connection shows a sign of life: if the ping goes unanswered
             # (the next hop has crashed), send it around the connection (_reroute). Not when
-            # the connection is the node it is for: there is no way around that one.
+            # the connection is the node it is for: there is no way around that one. A near
+            # ConnectRequest too: a joiner's, to its own id, ends at the node that was
+            # closest to it, and that may be one that crashed just before (a restart).
             self._held_seq += 1
             held = _Held(connection.node_id, now, msg, dest)
             heapq.heappush(self._held, (now + st.suspect_after_s, self._held_seq, held))
@@ -1088,7 +1098,9 @@ class OverlayNode:
             if connection is not None and connection.last_heard >= held.sent:
                 continue  # it answered: it got the message
             self._stats["rerouted"] += 1
-            self._route(held.msg, held.dest, None, dead=held.connection)
+            msg = held.msg
+            exclude = id_from_bytes(msg.src) if isinstance(msg, w.ConnectRequest) else None
+            self._route(msg, held.dest, exclude, dead=held.connection)
 
     def _route_in(self, msg: w.Routed) -> None:
         dest = id_from_bytes(msg.dest)
@@ -1210,11 +1222,22 @@ class OverlayNode:
         entries = self._entries_for(src) if msg.kind == NEAR.code else ()
         self._stats["connects_answered"] += 1
         route = (*reversed(msg.path), msg.src)
-        reply = w.ConnectReply(
-            self._id, msg.kind, msg.token, entries, self._id, self._address_bytes, route[1:]
+        # the first node of the way back we hold a connection to (the path is a few seconds
+        # old, and a re-routed request's last hop may have trimmed the one it came over)
+        at, first = next(
+            (
+                (i, c)
+                for i, hop in enumerate(route)
+                if (c := self._connections.get(id_from_bytes(hop))) is not None
+            ),
+            (0, None),
         )
-        first = self._connections.get(id_from_bytes(route[0]))
+        reply = w.ConnectReply(
+            self._id, msg.kind, msg.token, entries, self._id, self._address_bytes, route[at + 1 :]
+        )
         if first is not None:
+            if at:
+                self._stats["connect_replies_skipped_ahead"] += 1
             self._send(reply, first.address)
         elif not msg.path and self._arrived_from is not None:
             # Straight from its requester (a probe through a bootstrap address, no
