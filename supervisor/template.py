@@ -15,6 +15,11 @@ sets itself up. A template that dies is started again by the supervisor as a fre
 interpreter (``python -m supervisor.template --socket-fd N --supervisor-pid P``), because by
 then the supervisor has threads and a ZeroMQ context and must not fork.
 
+Keeping pages shared (PSS of a node at rest): besides ``gc.freeze``, the forking process
+empties the type attribute cache before each fork (see :func:`_double_fork`) and fills the
+allocator's free blocks before the first (:func:`occupy_free_blocks`), so that a child's
+first steps do not take a private copy of pages it never meant to change.
+
 The protocol (one datagram each way per request; JSON):
 
 - template -> supervisor, once, when its imports are done: ``{"ready": true, "pid": P}``;
