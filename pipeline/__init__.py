@@ -1,0 +1,3 @@
+from pipeline.lazy import defer_unused
+
+defer_unused()

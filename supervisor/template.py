@@ -15,6 +15,11 @@ sets itself up. A template that dies is started again by the supervisor as a fre
 interpreter (``python -m supervisor.template --socket-fd N --supervisor-pid P``), because by
 then the supervisor has threads and a ZeroMQ context and must not fork.
 
+Keeping pages shared (PSS of a node at rest): besides ``gc.freeze``, the forking process
+empties the type attribute cache before each fork (see :func:`_double_fork`) and fills the
+allocator's free blocks before the first (:func:`occupy_free_blocks`), so that a child's
+first steps do not take a private copy of pages it never meant to change.
+
 The protocol (one datagram each way per request; JSON):
 
 - template -> supervisor, once, when its imports are done: ``{"ready": true, "pid": P}``;
@@ -44,6 +49,7 @@ import gc
 import importlib
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -177,14 +183,64 @@ class TemplateClient:
             os.close(self.pidfd)
 
 
+#: objects that fill the free blocks of the allocator's pools before a fork (see
+#: :func:`occupy_free_blocks`); kept for the life of the process
+_FILLERS: list[object] = []
+_SIZE_CLASS = re.compile(r"^\s*\d+\s+(\d+)\s+\d+\s+\d+\s+(\d+)\s*$", re.M)
+
+
+def free_blocks() -> dict[int, int]:
+    """Block size -> free blocks in pymalloc's partly used pools, from
+    ``sys._debugmallocstats()`` (which prints to the C stderr, borrowed here for a pipe).
+    Only call this while the process has no other thread (one might write to stderr)."""
+    r, w = os.pipe()
+    saved = os.dup(2)
+    try:
+        os.dup2(w, 2)
+        sys._debugmallocstats()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(w)
+    with os.fdopen(r, "rb") as stats:
+        text = stats.read().decode(errors="replace")
+    return {int(m[1]): int(m[2]) for m in _SIZE_CLASS.finditer(text) if int(m[2])}
+
+
+def occupy_free_blocks(rounds: int = 2) -> int:
+    """Fill the free blocks of the allocator's partly used pools with objects that live as
+    long as the process; how many. A process forked after this and its parent then each put
+    their new objects in fresh pools (pages of their own from the start) instead of in those
+    free blocks, which sit on pages they share: each would take a copy of every such page.
+    Costs the free blocks' bytes (a few hundred KiB), once. A round frees some blocks of its
+    own (its temporaries), which the next round fills."""
+    count = 0
+    for _ in range(rounds):
+        blocks = free_blocks()
+        for size, free in blocks.items():
+            for i in range(free):
+                if size == 16:
+                    _FILLERS.append(object())  # an object() is a 16-byte block
+                elif size == 32:
+                    _FILLERS.append(i + 0.5)  # a float is 24 bytes
+                else:
+                    _FILLERS.append(bytes(size - 33))  # a bytes object: 33 bytes + its length
+        count += sum(blocks.values())
+    return count
+
+
 def fork_template() -> TemplateClient:
     """Fork the template from this process (no thread, no ZeroMQ context may exist here).
     The parent gets the client; the child never returns."""
     become_subreaper()
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     supervisor = os.getpid()
-    # What both have now stays shared: the supervisor's collections no longer touch it.
+    # What both have now stays shared: the supervisor's collections no longer touch it,
+    # neither writes the names held by the type cache as it replaces them (see _double_fork),
+    # and neither puts its new objects on the pages they share.
     gc.freeze()
+    sys._clear_type_cache()
+    occupy_free_blocks()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the template's life, tested through its socket
         code = 1
@@ -265,6 +321,8 @@ def serve(sock: socket.socket, supervisor_pid: int) -> int:
     drop_variables(sdnotify.VARIABLES)  # only the supervisor talks to systemd: not its workers
     gc.disable()
     classes = preload()
+    sys._clear_type_cache()  # see _double_fork
+    occupy_free_blocks()  # a worker's new objects go to pages of its own
     gc.freeze()  # children leave the pre-imported objects' pages shared
     gc.enable()  # later objects are collected as usual (the frozen ones are not looked at)
     sock.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
@@ -336,6 +394,11 @@ def _double_fork(child: Any) -> int:
     """Run ``child()`` in a grandchild whose parent exits at once; its pid once the
     intermediate has been reaped (the grandchild has been re-parented by then)."""
     r, w = os.pipe()
+    # The type attribute cache holds a reference to each name it caches: a worker that evicts
+    # the template's entries would write the refcount of each of those names (strings spread
+    # over most of the template's pages), taking its own copy of every such page. Emptied
+    # here, in the template, the entries a worker replaces are the cache's own None.
+    sys._clear_type_cache()
     middle = os.fork()
     if middle == 0:  # pragma: no cover - runs in forked children
         code = 1

@@ -136,3 +136,17 @@ def test_dropped_variables_leave_the_environment_and_the_original_block() -> Non
         [sys.executable, "-c", _DROP], cwd=REPO, env=env, capture_output=True, text=True
     )
     assert res.stdout.split() == ["None", "yes", "False", "True"], res.stderr
+
+
+def test_occupying_free_blocks_leaves_only_fresh_pools_with_room() -> None:
+    """Before a fork, the free blocks of the allocator's partly used pools are filled (so
+    that neither side's new objects land on the pages they share): afterwards a size class
+    has at most one pool's worth of free blocks (a pool the filling itself opened)."""
+    from supervisor.template import free_blocks, occupy_free_blocks
+
+    before = free_blocks()
+    assert before and all(size % 16 == 0 and 16 <= size <= 512 for size in before)
+    assert occupy_free_blocks() >= sum(before.values())
+    after = free_blocks()
+    assert all(free <= 16384 // size for size, free in after.items()), after  # 16 KiB pools
+    assert sum(size * n for size, n in after.items()) < sum(size * n for size, n in before.items())
