@@ -56,16 +56,20 @@ def test_metrics_endpoint_scraped_and_counting(testbed: Testbed, tmp_path: Path)
         key = (("direction", "outbound"), ("stage", stage), ("worker", "0"))
         return v.get(("autovn_frames_total", key), 0.0)
 
-    def moved() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
-        """Each worker's counters arrive with its own heartbeat: wait for all three."""
-        now = values(scrape(a))
-        stages = ("tap_reader", "classifier", "overlay_io")
-        return now if all(outbound(now, s) >= outbound(first, s) + 5 for s in stages) else None
-
-    later = wait_for("outbound frames to move in every stage", moved, timeout=15, every=0.5)
     inbound = ("autovn_bytes_total", (("direction", "inbound"), ("stage", "tap_reader"),
                                       ("worker", "0")))  # fmt: skip
-    assert later[inbound] > first[inbound]
+
+    def moved() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+        """Each worker's counters arrive with its own heartbeat: wait for all three, and
+        for tap_reader's inbound bytes (absent from a scrape before its first report)."""
+        now = values(scrape(a))
+        stages = ("tap_reader", "classifier", "overlay_io")
+        if now.get(inbound, 0.0) <= first.get(inbound, 0.0):
+            return None
+        return now if all(outbound(now, s) >= outbound(first, s) + 5 for s in stages) else None
+
+    later = wait_for("frames to move in every stage", moved, timeout=15, every=0.5)
+    assert later[inbound] > first.get(inbound, 0.0)
     peer = (("peer", "beta"),)
     assert later[("autovn_peer_up", peer)] == 1
     assert 0 < later[("autovn_peer_rtt_seconds", peer)] < 1
