@@ -56,7 +56,8 @@ class Stage(enum.StrEnum):
 START_ORDER = (Stage.CONTROL, Stage.OVERLAY_IO, Stage.CLASSIFIER, Stage.TAP_READER)
 """Stages are spawned from the brain outwards, all at once (a frame that enters before the
 next stage is up waits in its ring), and stop in the reverse order, so that no frame
-enters a pipeline whose next stage is gone."""
+enters a pipeline whose next stage is gone; but control stops first of all, so that the
+overlay's Closes it hands overlay_io as it leaves are still sent."""
 
 
 class Lane(enum.StrEnum):

@@ -199,6 +199,7 @@ class Worker:
         profile = _profiler()
         try:
             self._loop()
+            self.work()  # what came in since the last pass (control's last records) goes on
         except StageIOError as exc:
             self.log.error("worker_failed", error=str(exc))
             return 1

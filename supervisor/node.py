@@ -756,8 +756,13 @@ class NodeSupervisor:
         if self.notifier is not None:
             self._tell(STOPPING=1, STATUS="stopping")
         self._drop_template()  # it holds nothing: no more forks
+        # control first: it leaves the overlay (a Close to each connection) and hands the
+        # Closes to overlay_io, which sends them before its own turn; then from the TAP
+        # inwards, so that no frame enters a pipeline whose next stage is gone
+        self._stop_stage(Stage.CONTROL)
         for stage in reversed(START_ORDER):
-            self._stop_stage(stage)
+            if stage is not Stage.CONTROL:
+                self._stop_stage(stage)
         for ring in self.rings.values():
             ring.close()
         for spec in self.specs.values():

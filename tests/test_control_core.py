@@ -232,3 +232,25 @@ def test_a_static_nodes_name_registration_starts_on_the_cores_clock() -> None:
     assert a.routing.dht.statistics()["waiting_for_join"] == 1  # the name: not on the circle
     a.handle_timer(5000.0, WALL + 5000.0)
     assert a.routing.dht.statistics().get("request_timeouts", 0) == 0
+
+
+def test_a_stopping_node_leaves_the_overlay_and_its_peer_drops_it_at_once() -> None:
+    """``stop``: a Close to every overlay connection (one ``overlay_left``, no warning per
+    connection); the peer drops the connection as closed by a leave when it arrives, not
+    after its timeout."""
+    a, b = cores = pair()
+    now, _ = run(cores, 100.0, 103.0)
+    assert a.routing is not None and b.routing is not None
+    assert len(b.routing.overlay.connections()) == 1
+    b.events()
+    a.stop(now, WALL + now)
+    left = a.events()
+    assert [e.connections for e in left if isinstance(e, ev.OverlayLeft)] == [1]
+    assert not [e for e in left if isinstance(e, ev.OverlayConnectionRemoved)]
+    closes = a.overlay_to_send()
+    assert closes and {slot for slot, _ in closes} == {1}
+    for _, payload in closes:
+        b.receive_overlay(1, payload, now, WALL + now)
+    assert b.routing.overlay.connections() == []
+    removed = [e for e in b.events() if isinstance(e, ev.OverlayConnectionRemoved)]
+    assert [e.reason for e in removed] == ["closed_leave"]

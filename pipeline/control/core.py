@@ -433,10 +433,13 @@ class ControlCore:
         self._after(now, wall)
 
     def stop(self, now: float, wall: float) -> None:
-        """The node stops: give the gateway its port back."""
+        """The node stops: leave the overlay (a Close to every connection) and give the
+        gateway its port back."""
+        if self.routing is not None:
+            self.routing.leave(now, wall)
         if self.nat is not None:
             self.nat.stop(now)
-            self._after(now, wall)
+        self._after(now, wall)
 
     def receive_handshake(self, datagram: bytes, source: Address, now: float, wall: float) -> None:
         """A HANDSHAKE or COOKIE datagram from ``source``."""

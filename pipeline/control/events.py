@@ -227,6 +227,11 @@ class OverlayConnectionAdded(LogEvent, frozen=True):
     endpoint: str
 
 
+class OverlayLeft(LogEvent, frozen=True):
+    name = "overlay_left"
+    connections: int
+
+
 class OverlayConnectionRemoved(LogEvent, frozen=True):
     name = "overlay_connection_removed"
     level = Level.WARNING

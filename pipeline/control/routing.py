@@ -516,6 +516,15 @@ class RoutingCore:
         self.links.receive(datagram, source, now, wall)
         self._pump()
 
+    def leave(self, now: float, wall: float) -> None:
+        """The node stops: every overlay connection gets a Close (the neighbours mend the
+        circle at once instead of after their timeouts)."""
+        self._now, self._wall = now, wall
+        connections = len(self.overlay.connections())
+        self.overlay.leave(now)
+        self._events.append(ev.OverlayLeft(connections=connections))
+        self._pump()
+
     def handle_timer(self, now: float, wall: float) -> None:
         self._now, self._wall = now, wall
         self.links.handle_timer(now, wall)
@@ -986,7 +995,10 @@ class RoutingCore:
         elif isinstance(event, ConnectionRemoved):
             nid = id_to_bytes(event.node_id)
             slot = self._slot_of(nid)
-            self._events.append(ev.OverlayConnectionRemoved(node_id=nid.hex(), reason=event.reason))
+            if event.reason != "left":  # our own leave: one overlay_left says it
+                self._events.append(
+                    ev.OverlayConnectionRemoved(node_id=nid.hex(), reason=event.reason)
+                )
             if slot is None:
                 return
             relayed = isinstance(self.links.links[slot].endpoint, Via)

@@ -22,7 +22,6 @@ this file moves bytes, messages and time between it and the world:
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import random
@@ -386,12 +385,12 @@ class ControlWorker(Worker):
 
     def teardown(self) -> None:
         portmap = getattr(self, "_portmap", None)
+        if hasattr(self, "core") and hasattr(self, "to_io"):
+            # the overlay's Closes into overlay_io's rings (the supervisor stops control
+            # first, so overlay_io still sends them), and the gateway gets its port back
+            self.core.stop(time.monotonic(), time.time())
+            self._flush(time.monotonic())
         if hasattr(self, "core") and portmap is not None:
-            now = time.monotonic()
-            self.core.stop(now, time.time())  # the gateway gets its port back
-            for datagram, to in self.core.portmap_to_send():
-                with contextlib.suppress(OSError):
-                    portmap.sendto(datagram, to)
             portmap.close()
             upnp = getattr(self, "_upnp", None)
             if upnp is not None:  # the UPnP thread deletes its mapping (2 s at most)
