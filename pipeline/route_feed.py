@@ -16,6 +16,8 @@ import zmq
 from pipeline import messages
 from pipeline.worker import CONTROL_PUB_SOCKET, CONTROL_SOCKET, Worker, endpoint
 
+RECONNECT_MS = 10  # a first connect to control before it has bound: tried again this soon
+
 
 class RouteFeed:
     def __init__(
@@ -33,11 +35,17 @@ class RouteFeed:
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RCVHWM, 100)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sub.connect(endpoint(runtime, CONTROL_PUB_SOCKET))
         self.req = worker.zmq.socket(zmq.DEALER)
         self.req.setsockopt(zmq.LINGER, 0)
         self.req.setsockopt(zmq.SNDHWM, 100)
         self.req.setsockopt(zmq.IDENTITY, f"{worker.stage}:{worker.index}".encode())
+        for sock in (self.sub, self.req):
+            # control starts beside us: its sockets may not be bound yet. ZeroMQ tries
+            # again after RECONNECT_IVL (100 ms by default, a tenth of a node's start);
+            # 10 ms, doubling up to 1 s while control stays away (a restart)
+            sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        self.sub.connect(endpoint(runtime, CONTROL_PUB_SOCKET))
         self.req.connect(endpoint(runtime, CONTROL_SOCKET))
         worker.watch(self.sub, lambda: self._drain(self.sub))
         worker.watch(self.req, lambda: self._drain(self.req))
