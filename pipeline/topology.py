@@ -27,9 +27,10 @@ worker ``worker_for_peer(slot, n)``, frames from the TAP to the worker ``worker_
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from collections.abc import Iterator
+
+import msgspec
 
 __all__ = [
     "EDGES",
@@ -82,8 +83,7 @@ EDGES: tuple[tuple[Stage, Stage, Lane], ...] = (
 one and every worker of the other."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True, order=True)
-class WorkerId:
+class WorkerId(msgspec.Struct, frozen=True, order=True):
     stage: Stage
     index: int
 
@@ -91,8 +91,7 @@ class WorkerId:
         return f"{self.stage}:{self.index}"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class RingEdge:
+class RingEdge(msgspec.Struct, frozen=True):
     """One ring: its producer, its consumer and its size in bytes."""
 
     producer: WorkerId
@@ -107,8 +106,7 @@ class RingEdge:
         return f"{p.stage}{p.index}>{c.stage}{c.index}{lane}"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Topology:
+class Topology(msgspec.Struct, frozen=True):
     """The workers and rings of a node with these scaling knobs."""
 
     tap_queues: int = 1

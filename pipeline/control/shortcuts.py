@@ -70,7 +70,6 @@ the link), ``probes_to_send()`` (slot, endpoint, payload), ``events()`` (``PathF
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import ipaddress
 import random
@@ -110,8 +109,7 @@ class CandidateKind(enum.StrEnum):
 _RANK = {CandidateKind.LOCAL: 0, CandidateKind.MAPPED: 1, CandidateKind.REFLEXIVE: 2}
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Candidate:
+class Candidate(msgspec.Struct, frozen=True):
     endpoint: Address
     kind: CandidateKind
 
@@ -180,8 +178,7 @@ def decode_probe(data: bytes) -> ProbeMessage:
 # -- events -------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PathFound:
+class PathFound(msgspec.Struct, frozen=True):
     slot: int
     endpoint: Address
     kind: CandidateKind
@@ -189,21 +186,18 @@ class PathFound:
     round: int
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PathLost:
+class PathLost(msgspec.Struct, frozen=True):
     slot: int
     endpoint: Address
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ShortcutFailed:
+class ShortcutFailed(msgspec.Struct, frozen=True):
     slot: int
     rounds: int
     retry_in: float
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class RelayChosen:
+class RelayChosen(msgspec.Struct, frozen=True):
     """Both NATs map per destination: link ``slot`` is relayed through ``node_id`` (the
     sum of both sides' RTTs to it: ``rtt``)."""
 
@@ -224,8 +218,7 @@ class _Phase(enum.Enum):
     IDLE = "idle"  # failed: back off until retry_at
 
 
-@dataclasses.dataclass(slots=True)
-class _Path:
+class _Path(msgspec.Struct):
     slot: int
     node_id: bytes
     initiator: bool
@@ -240,7 +233,7 @@ class _Path:
     offer_at: float = 0.0
     retry_at: float = 0.0
     backoff: float = RETRY_S
-    nonces: dict[int, Candidate] = dataclasses.field(default_factory=dict)
+    nonces: dict[int, Candidate] = msgspec.field(default_factory=dict)
     endpoint: Address | None = None
     kind: CandidateKind | None = None
     found_at: float = 0.0
@@ -252,7 +245,7 @@ class _Path:
     attempts: int = 0
     their_varies: str = ""  # the peer's public IP if its NAT maps per destination
     pooled: bool = False  # overlay_io holds a socket pool for this link (we are the hard side)
-    spray: list[int] = dataclasses.field(default_factory=list)  # ports still to spray
+    spray: list[int] = msgspec.field(default_factory=list)  # ports still to spray
     spray_at: float | None = None
     spray_nonce: int = 0
     birthday: bool = False  # the path was found in a round with birthday probing

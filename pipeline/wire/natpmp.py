@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
 from ipaddress import IPv4Address
+
+import msgspec
 
 from pipeline.errors import RemoteProtocolError
 
@@ -77,14 +78,12 @@ def result_name(result: int) -> str:
         return f"result_{result}"
 
 
-@dataclass(frozen=True, slots=True)
-class ExternalAddressRequest:
+class ExternalAddressRequest(msgspec.Struct, frozen=True):
     def encode(self) -> bytes:
         return bytes((VERSION, Opcode.EXTERNAL_ADDRESS))
 
 
-@dataclass(frozen=True, slots=True)
-class MapRequest:
+class MapRequest(msgspec.Struct, frozen=True):
     """Map (or, with lifetime 0, delete) ``internal_port`` of the sender's address."""
 
     internal_port: int
@@ -108,8 +107,7 @@ class MapRequest:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class ExternalAddressResponse:
+class ExternalAddressResponse(msgspec.Struct, frozen=True):
     result: int
     epoch_s: int
     address: str  # "0.0.0.0" unless result is SUCCESS
@@ -123,8 +121,7 @@ class ExternalAddressResponse:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class MapResponse:
+class MapResponse(msgspec.Struct, frozen=True):
     result: int
     epoch_s: int
     internal_port: int

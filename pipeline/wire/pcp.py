@@ -25,8 +25,9 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
+
+import msgspec
 
 from pipeline.errors import RemoteProtocolError
 
@@ -91,14 +92,12 @@ def result_name(result: int) -> str:
         return f"result_{result}"
 
 
-@dataclass(frozen=True, slots=True)
-class Option:
+class Option(msgspec.Struct, frozen=True):
     code: int
     data: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
-class MapRequest:
+class MapRequest(msgspec.Struct, frozen=True):
     """Map ``internal_port`` of ``client_address`` (the sender's own address)."""
 
     nonce: bytes
@@ -122,16 +121,14 @@ class MapRequest:
         return _sized(header + payload + _encode_options(self.options))
 
 
-@dataclass(frozen=True, slots=True)
-class AnnounceRequest:
+class AnnounceRequest(msgspec.Struct, frozen=True):
     client_address: str
 
     def encode(self) -> bytes:
         return _request_header(Opcode.ANNOUNCE, 0, self.client_address)
 
 
-@dataclass(frozen=True, slots=True)
-class MapResponse:
+class MapResponse(msgspec.Struct, frozen=True):
     result: int
     lifetime_s: int
     epoch_s: int
@@ -150,8 +147,7 @@ class MapResponse:
         return _sized(header + payload + _encode_options(self.options))
 
 
-@dataclass(frozen=True, slots=True)
-class AnnounceResponse:
+class AnnounceResponse(msgspec.Struct, frozen=True):
     result: int
     epoch_s: int
     lifetime_s: int = 0

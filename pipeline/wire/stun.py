@@ -40,8 +40,9 @@ import enum
 import struct
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
+
+import msgspec
 
 from pipeline.errors import RemoteProtocolError
 
@@ -141,8 +142,7 @@ def _split_type(message_type: int) -> tuple[int, Class]:
     return method, cls
 
 
-@dataclass(frozen=True, slots=True)
-class StunMessage:
+class StunMessage(msgspec.Struct, frozen=True):
     """A parsed STUN message.
 
     ``attributes`` holds every attribute as (type, value without padding), in order, those
@@ -247,8 +247,7 @@ def parse(datagram: bytes | bytearray | memoryview) -> StunMessage:
 _INTEGRITY = frozenset({Attr.MESSAGE_INTEGRITY, Attr.MESSAGE_INTEGRITY_SHA256})
 
 
-@dataclass(slots=True)
-class _Fields:
+class _Fields(msgspec.Struct):
     """The decoded attributes while parsing: the first of each kind counts."""
 
     xor_mapped_address: Address | None = None
@@ -257,7 +256,7 @@ class _Fields:
     error: tuple[int, str] | None = None
     unknown_attributes: tuple[int, ...] = ()
     fingerprint: bool = False
-    seen: set[int] = field(default_factory=set)
+    seen: set[int] = msgspec.field(default_factory=set)
 
     def take(self, attr_type: int, value: bytes, transaction_id: bytes) -> None:
         if attr_type in self.seen:

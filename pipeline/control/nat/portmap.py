@@ -51,7 +51,8 @@ from __future__ import annotations
 import enum
 import random
 from collections import Counter
-from dataclasses import dataclass
+
+import msgspec
 
 from pipeline.control.nat.retransmit import Retransmission
 from pipeline.control.nat.upnp import (
@@ -85,8 +86,7 @@ class Phase(enum.StrEnum):
     STOPPED = "stopped"
 
 
-@dataclass(frozen=True, slots=True)
-class PortMapSettings:
+class PortMapSettings(msgspec.Struct, frozen=True):
     lifetime_s: int = 7200
     rto_s: float = 0.25
     tries: int = 3
@@ -97,8 +97,7 @@ class PortMapSettings:
     description: str = "autovn"  # the UPnP mapping's description on the IGD
 
 
-@dataclass(frozen=True, slots=True)
-class Mapping:
+class Mapping(msgspec.Struct, frozen=True):
     protocol: Protocol
     external: Address
     internal_port: int
@@ -114,21 +113,18 @@ class Mapping:
         return float("inf") if self.permanent else self.obtained_at + self.lifetime_s
 
 
-@dataclass(frozen=True, slots=True)
-class MappingChanged:
+class MappingChanged(msgspec.Struct, frozen=True):
     """A new mapping, or the held one's external endpoint changed."""
 
     mapping: Mapping
 
 
-@dataclass(frozen=True, slots=True)
-class MappingLost:
+class MappingLost(msgspec.Struct, frozen=True):
     protocol: Protocol
     reason: str  # "expired", or the gateway's refusal of a renewal ("not_authorized", ...)
 
 
-@dataclass(frozen=True, slots=True)
-class MappingFailed:
+class MappingFailed(msgspec.Struct, frozen=True):
     """Every protocol failed (each with its reason: "timeout", "unsupported_version", a
     result name); the next round starts at ``retry_at``."""
 
@@ -136,8 +132,7 @@ class MappingFailed:
     retry_at: float
 
 
-@dataclass(frozen=True, slots=True)
-class MappingDeleted:
+class MappingDeleted(msgspec.Struct, frozen=True):
     protocol: Protocol
     confirmed: bool  # the gateway answered the delete with success
 

@@ -31,7 +31,8 @@ import enum
 import random
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+import msgspec
 
 from pipeline.control.nat.retransmit import Retransmission
 from pipeline.wire import stun
@@ -39,8 +40,7 @@ from pipeline.wire import stun
 Address = tuple[str, int]
 
 
-@dataclass(frozen=True, slots=True)
-class ProbeSettings:
+class ProbeSettings(msgspec.Struct, frozen=True):
     rto_s: float = 0.5
     tries: int = 4
     software: str | None = None  # the SOFTWARE attribute of requests; None: none
@@ -52,8 +52,7 @@ class ServerState(enum.StrEnum):
     FAILED = "failed"
 
 
-@dataclass(frozen=True, slots=True)
-class MappingObserved:
+class MappingObserved(msgspec.Struct, frozen=True):
     """``server`` saw this socket as ``reflexive`` at ``at`` (answered after ``rtt_s``, from
     the first request sent)."""
 
@@ -63,22 +62,19 @@ class MappingObserved:
     rtt_s: float
 
 
-@dataclass(frozen=True, slots=True)
-class ServerFailed:
+class ServerFailed(msgspec.Struct, frozen=True):
     server: Address
     reason: str  # "timeout", "error_<code>", "no_address", "unknown_attribute"
 
 
-@dataclass(frozen=True, slots=True)
-class Observation:
+class Observation(msgspec.Struct, frozen=True):
     server: Address
     reflexive: Address
     at: float
     rtt_s: float
 
 
-@dataclass(frozen=True, slots=True)
-class NatReport:
+class NatReport(msgspec.Struct, frozen=True):
     """What one probe saw: the answers in the order they came, and the servers that failed."""
 
     observations: tuple[Observation, ...]
@@ -99,16 +95,14 @@ class NatReport:
         return seen.pop() if len(seen) == 1 else None
 
 
-@dataclass(frozen=True, slots=True)
-class ProbeDone:
+class ProbeDone(msgspec.Struct, frozen=True):
     report: NatReport
 
 
 ProbeEvent = MappingObserved | ServerFailed | ProbeDone
 
 
-@dataclass(slots=True)
-class _Server:
+class _Server(msgspec.Struct):
     address: Address
     transaction_id: bytes
     request: Retransmission

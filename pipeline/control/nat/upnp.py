@@ -24,7 +24,8 @@ A failed call's message (miniupnpc raises a bare ``Exception`` with the UPnP err
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+
+import msgspec
 
 Address = tuple[str, int]
 
@@ -62,8 +63,7 @@ _GONE = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class UpnpMap:
+class UpnpMap(msgspec.Struct, frozen=True):
     """Map UDP ``external_port`` on the IGD to ``internal`` for ``lease_s`` (0: permanent)."""
 
     id: int
@@ -73,8 +73,7 @@ class UpnpMap:
     description: str
 
 
-@dataclass(frozen=True, slots=True)
-class UpnpDelete:
+class UpnpDelete(msgspec.Struct, frozen=True):
     """Delete the UDP mapping of ``external_port``, if it is ``internal``'s."""
 
     id: int
@@ -85,8 +84,7 @@ class UpnpDelete:
 UpnpCommand = UpnpMap | UpnpDelete
 
 
-@dataclass(frozen=True, slots=True)
-class UpnpResult:
+class UpnpResult(msgspec.Struct, frozen=True):
     """The outcome of command ``id``. A map's: the IGD's external address and the lease it
     reports for the entry (None: it did not say; 0: permanent)."""
 
