@@ -4,7 +4,6 @@ the one the code has."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import typing
 from pathlib import Path
@@ -15,15 +14,14 @@ from pipeline.records import EDGE_KINDS, RecordKind, ring_graph
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def keys(tp: type, path: str = "") -> list[str]:
+def keys(tp: type[Settings], path: str = "") -> list[str]:
     out = []
-    hints = typing.get_type_hints(tp)
-    for f in dataclasses.fields(tp):
-        t = hints[f.name]
+    for name, f in tp.schema.items():
+        t = f.type
         inner = typing.get_args(t)[0] if typing.get_origin(t) is tuple else t
-        full = f"{path}.{f.name}" if path else f.name
-        if dataclasses.is_dataclass(inner) and inner is not Endpoint:
-            out += keys(inner, full)  # type: ignore[arg-type]
+        full = f"{path}.{name}" if path else name
+        if isinstance(inner, type) and hasattr(inner, "schema") and inner is not Endpoint:
+            out += keys(inner, full)
         else:
             out.append(full)
     return out
