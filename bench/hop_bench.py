@@ -7,7 +7,10 @@ doorbell. This bench bounces one small record between two processes over two
 the pre-sleep check (``Consumer.wait_ready``), exactly as a stage does, and reports the
 one-way hop (half the round trip): with ``--gap`` seconds of sleep between bounces (both
 sides asleep when a record comes: what a ping meets) and back to back (``--gap 0``: the
-other side may still be awake).
+other side may still be awake). Beside it, the CPU the echoing process uses per bounce
+(``/proc/PID/schedstat``: its time on a CPU, in ns): what one visit to a sleeping worker
+costs with next to no work in it (woken, one record popped and pushed, the doorbell rung,
+asleep again).
 
 Usage (from the repo root)::
 
@@ -63,8 +66,15 @@ def echo(out_spec: RingSpec, in_spec: RingSpec) -> None:
         prod.flush()
 
 
-def bounce(bounces: int, gap: float) -> list[float]:
-    """One-way hop times (s) of ``bounces`` round trips, ``gap`` s apart."""
+def _on_cpu_ns(pid: int) -> int:
+    """Nanoseconds ``pid`` has run on a CPU (the scheduler's own count, not ticks)."""
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[0])
+
+
+def bounce(bounces: int, gap: float) -> tuple[list[float], float]:
+    """One-way hop times (s) of ``bounces`` round trips, ``gap`` s apart, and the echoing
+    process's CPU seconds per bounce."""
     there, back = create_ring("hop-there", 1 << 18), create_ring("hop-back", 1 << 18)
     prod, cons = Producer(Ring.attach(there)), Consumer(Ring.attach(back))
     argv = [sys.executable, __file__, "--child", json.dumps(back), json.dumps(there)]
@@ -74,6 +84,7 @@ def bounce(bounces: int, gap: float) -> list[float]:
     ep.register(cons.bell_fd, select.EPOLLIN)
     hops: list[float] = []
     payload = bytes(100)
+    cpu0 = 0
     try:
         for i in range(bounces + 50):  # the first 50 warm up
             if gap:
@@ -90,10 +101,13 @@ def bounce(bounces: int, gap: float) -> list[float]:
             cons.release()
             if i >= 50:
                 hops.append((t1 - t0) / 2)
+            elif i == 49:
+                cpu0 = _on_cpu_ns(proc.pid)
+        cpu = (_on_cpu_ns(proc.pid) - cpu0) / 1e9 / bounces
         prod.push(b"", STOP_KIND)
         prod.flush()
         proc.wait(timeout=10)
-        return hops
+        return hops, cpu
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
@@ -113,12 +127,19 @@ def main() -> None:
         return
     load = os.getloadavg()[0]
     print(f"one ring hop between two processes, 100-byte record, {opts.bounces} bounces each")
-    print(f"{'gap s':>7} {'p50 us':>8} {'p90 us':>8} {'p99 us':>8}  x12 hops (p50, ms)")
+    print(
+        f"{'gap s':>7} {'p50 us':>8} {'p90 us':>8} {'p99 us':>8}  x12 hops (p50, ms)"
+        "  echo CPU per visit us"
+    )
     for gap in (float(g) for g in opts.gaps.split(",")):
-        hops = sorted(bounce(opts.bounces, gap))
+        hops, cpu = bounce(opts.bounces, gap)
+        hops.sort()
         q = statistics.quantiles(hops, n=100)
         p50, p90, p99 = (x * 1e6 for x in (statistics.median(hops), q[89], q[98]))
-        print(f"{gap:>7g} {p50:>8.1f} {p90:>8.1f} {p99:>8.1f}  {12 * p50 / 1000:.3f}")
+        print(
+            f"{gap:>7g} {p50:>8.1f} {p90:>8.1f} {p99:>8.1f}  {12 * p50 / 1000:>18.3f}"
+            f"  {cpu * 1e6:>21.1f}"
+        )
     print(f"load average (1 min) {load:.2f} before, {os.getloadavg()[0]:.2f} after; 2 cores")
 
 
