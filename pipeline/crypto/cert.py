@@ -38,7 +38,8 @@ certificate can be pasted into a terminal or a mail.
 Pure: time comes in as ``now`` (unix seconds), randomness (the serial) from the caller.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: the records' annotations stay objects, so
+# building ``_DECODER`` (0.75 -> 0.15 ms) at import need not evaluate strings.
 
 import base64
 import binascii
@@ -46,7 +47,7 @@ import hashlib
 import re
 from collections.abc import Iterable
 from ipaddress import IPv4Address
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Self
 
 import msgspec
 
@@ -354,11 +355,11 @@ class RevocationList(msgspec.Struct, frozen=True):
     node_ids: frozenset[NodeId] = frozenset()
 
     @classmethod
-    def empty(cls) -> RevocationList:
+    def empty(cls) -> Self:
         return cls()
 
     @classmethod
-    def parse(cls, text: str) -> RevocationList:
+    def parse(cls, text: str) -> Self:
         """Parse the text form; ValueError naming the (1-based) line of the first bad entry."""
         serials: set[int] = set()
         nodes: set[NodeId] = set()

