@@ -90,6 +90,10 @@ class TestFormat:
         assert back.fingerprint == CERT.fingerprint and len(CERT.fingerprint) == 40
         assert len(data) < 256  # compact
 
+    def test_repr_leaves_out_the_signature(self) -> None:
+        assert repr(CERT).startswith("Certificate(serial=") and "name='beta'" in repr(CERT)
+        assert repr(CERT.signature) not in repr(CERT) and "signature" not in repr(CERT)
+
     def test_fields(self) -> None:
         assert CERT.name == "beta"
         assert CERT.public_key == NODE.public_key
