@@ -5,11 +5,11 @@ fuzzing of every input."""
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -134,7 +134,7 @@ def message(
     msg = DhcpMessage(
         op=1, xid=xid, chaddr=mac + bytes(10), ciaddr=ciaddr, flags=flags, options=opts
     )
-    return encode(dataclasses.replace(msg, **fields))  # type: ignore[arg-type]
+    return encode(msgspec.structs.replace(msg, **fields))  # type: ignore[arg-type]
 
 
 def selecting(address: IPv4Address, **kw: object) -> bytes:

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.bindings import crypto_aead_chacha20poly1305_ietf_encrypt
 
+from pipeline.crypto import noise
 from pipeline.crypto.noise import (
     MAX_MESSAGE_LEN,
     MAX_NONCE,
@@ -342,3 +343,13 @@ def test_fuzz_first_message_raises_only_noise_error(name: str, data: bytes) -> N
     else:
         assert name.startswith("Noise_XX") and len(data) >= 32  # XX's first message is clear
         assert resp.message_index == 1
+
+
+def test_a_key_pair_shows_its_public_key_only() -> None:
+    """A key pair's private key stays out of its repr and of rich's pretty print (what a
+    traceback with locals would show)."""
+    private = bytes(range(32))
+    pair = noise._KeyPair.from_private(private)
+    assert private.hex() not in repr(pair) and repr(private) not in repr(pair)
+    assert repr(pair.public) in repr(pair)
+    assert dict(pair.__rich_repr__()) == {"public": pair.public}

@@ -213,3 +213,15 @@ class TestNodeFuzz:
         ((reply, to),) = node.datagrams_to_send()
         assert isinstance(w.decode(reply), w.Close) and to == ("198.18.0.2", 4000)
         assert node.statistics()["dropped_after_leave"] == 1
+
+
+def test_a_tunnel_is_its_relay_and_node_whatever_the_relay_saw() -> None:
+    """``address_bytes`` (where the relay sees the node) does not tell two tunnels apart."""
+    relay = ("198.18.0.2", 4000)
+    seen_here = w.Tunnel(relay, 7, b"\xc6\x12\x00\x09\x0f\xa0")
+    seen_there = w.Tunnel(relay, 7, b"\xc6\x12\x00\x0a\x0f\xa0")
+    assert seen_here == seen_there and not seen_here != seen_there
+    assert {seen_here: "link"}[seen_there] == "link"
+    assert w.Tunnel(relay, 8) != seen_here and w.Tunnel(("198.18.0.3", 4000), 7) != seen_here
+    assert seen_here != (relay, 7, seen_here.address_bytes)
+    assert str(seen_here) == f"tunnel:{7:040x}@{relay}"

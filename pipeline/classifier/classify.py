@@ -42,11 +42,12 @@ and counted as ``MALFORMED``.
 from __future__ import annotations
 
 import abc
-import dataclasses
 from collections.abc import Callable
 from enum import IntEnum, StrEnum
 from ipaddress import IPv4Address, IPv4Network
 from typing import ClassVar, Final
+
+import msgspec
 
 from pipeline.classifier.routes import Routes
 from pipeline.wire import arp, ethernet, ipv6
@@ -109,8 +110,7 @@ DROPPED: Final[Verdict] = (FrameAction.DROP, 0, b"")
 """The one verdict of every drop (the reason is counted, not returned)."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ClassifierStats:
+class ClassifierStats(msgspec.Struct, frozen=True):
     """Counters since start. ``sum(actions.values()) == from_inside + from_outside`` and
     ``sum(drops.values()) == actions[FrameAction.DROP]``."""
 
@@ -125,7 +125,7 @@ class ClassifierStats:
     actions: dict[FrameAction, int]
     drops: dict[DropReason, int]
     # router mode: per local address, [packets to the overlay, packets delivered from it]
-    machines: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    machines: dict[str, list[int]] = msgspec.field(default_factory=dict)
 
 
 DHCP_SERVER_PORT = 67

@@ -11,11 +11,12 @@ With ``allow_static``, the first frame of an unleased machine of the subnet goes
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from ipaddress import IPv4Address, IPv4Network
 from types import MappingProxyType
 from typing import ClassVar
+
+import msgspec
 
 from pipeline.classifier.classify import (
     DHCP_SERVER_PORT,
@@ -42,8 +43,7 @@ _NO_ADDRESS4 = b"\0\0\0\0"
 _MAX_MACHINES = 4096  # per-machine counters kept
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class LocalHosts:
+class LocalHosts(msgspec.Struct, frozen=True):
     """The machines behind this node's TAP, at one version of control's leases.
 
     ``macs`` maps each local virtual address (4 packed bytes) to its machine's MAC (6 bytes).
@@ -129,7 +129,7 @@ class RouterClassifier(Classifier):
         return address4 in self._local_macs
 
     def statistics(self) -> ClassifierStats:
-        return dataclasses.replace(
+        return msgspec.structs.replace(
             super().statistics(),
             local_version=self._local.version,
             local_hosts=len(self._local_macs),

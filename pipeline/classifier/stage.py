@@ -26,6 +26,8 @@ from collections import Counter
 from ipaddress import IPv4Address
 from typing import Any
 
+import msgspec
+
 from pipeline import messages
 from pipeline.classifier.classify import Classifier, FrameAction
 from pipeline.classifier.interface import InterfaceClassifier
@@ -253,8 +255,8 @@ def _whole(header: bytes | memoryview, out: bytes | memoryview, at: int) -> list
 
 def _plain(value: Any) -> Any:
     """A statistics record as JSON-friendly data."""
-    if hasattr(value, "__dataclass_fields__"):
-        return {k: _plain(getattr(value, k)) for k in value.__dataclass_fields__}
+    if isinstance(value, msgspec.Struct):
+        return {k: _plain(getattr(value, k)) for k in value.__struct_fields__}
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     return value

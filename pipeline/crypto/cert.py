@@ -38,22 +38,23 @@ certificate can be pasted into a terminal or a mail.
 Pure: time comes in as ``now`` (unix seconds), randomness (the serial) from the caller.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: the records' annotations stay objects, so
+# building ``_DECODER`` (0.75 -> 0.15 ms) at import need not evaluate strings.
 
 import base64
 import binascii
-import dataclasses
 import hashlib
 import re
 from collections.abc import Iterable
 from ipaddress import IPv4Address
-from typing import Annotated
+from typing import Annotated, ClassVar, Self
 
 import msgspec
 
 from pipeline.crypto.identity import (
     PUBLIC_KEY_LEN,
     SIGNATURE_LEN,
+    HidingRepr,
     Identity,
     NodeId,
     node_id,
@@ -132,11 +133,12 @@ _DECODER = msgspec.msgpack.Decoder(_Body)
 _NO_SIGNATURE = bytes(SIGNATURE_LEN)
 
 
-@dataclasses.dataclass(frozen=True)
-class Certificate:
+class Certificate(HidingRepr, frozen=True):
     """A decoded (or freshly issued) certificate. Always well-formed: the constructor checks
     every field (ValueError), so any instance encodes. It says nothing about trust: that is
     ``verify``."""
+
+    hidden: ClassVar[frozenset[str]] = frozenset({"signature"})
 
     serial: int
     name: str
@@ -147,7 +149,7 @@ class Certificate:
     not_after: int
     issuer: bytes
     is_ca: bool
-    signature: bytes = dataclasses.field(repr=False)
+    signature: bytes
 
     def __post_init__(self) -> None:
         problem = self._problem()
@@ -267,7 +269,7 @@ def decode_certificate(data: bytes) -> Certificate:
 
 
 def _signed(cert: Certificate, signer: Identity) -> Certificate:
-    return dataclasses.replace(cert, signature=signer.sign(cert.signed_bytes()))
+    return msgspec.structs.replace(cert, signature=signer.sign(cert.signed_bytes()))
 
 
 def make_ca(
@@ -340,8 +342,7 @@ def _address(value: IPv4Address | str) -> IPv4Address:
         raise ValueError(f"{value!r} is not an IPv4 address") from None
 
 
-@dataclasses.dataclass(frozen=True)
-class RevocationList:
+class RevocationList(msgspec.Struct, frozen=True):
     """Revoked certificates, by serial or by node id (which revokes every certificate of that
     key). The text form, one entry per line::
 
@@ -354,11 +355,11 @@ class RevocationList:
     node_ids: frozenset[NodeId] = frozenset()
 
     @classmethod
-    def empty(cls) -> RevocationList:
+    def empty(cls) -> Self:
         return cls()
 
     @classmethod
-    def parse(cls, text: str) -> RevocationList:
+    def parse(cls, text: str) -> Self:
         """Parse the text form; ValueError naming the (1-based) line of the first bad entry."""
         serials: set[int] = set()
         nodes: set[NodeId] = set()

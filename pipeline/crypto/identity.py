@@ -14,10 +14,10 @@ Pure: no file, clock or randomness here. The 32-byte seed comes from the caller
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-from typing import NewType
+from typing import Any, ClassVar, NewType
 
+import msgspec
 import nacl.bindings
 import nacl.exceptions
 import nacl.signing
@@ -73,17 +73,33 @@ def verify_signature(public_key: bytes, data: bytes, signature: bytes) -> bool:
     return True
 
 
-@dataclasses.dataclass(frozen=True)
-class Identity:
+class HidingRepr(msgspec.Struct, frozen=True):
+    """A frozen record whose fields named in ``hidden`` are left out of its ``repr`` (and of
+    rich's pretty print, which asks ``__rich_repr__``), so a secret can never leak into a log
+    line or a traceback."""
+
+    hidden: ClassVar[frozenset[str]] = frozenset()
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={value!r}" for name, value in self.__rich_repr__())
+        return f"{type(self).__name__}({shown})"
+
+    def __rich_repr__(self) -> list[tuple[str, Any]]:
+        return [(n, getattr(self, n)) for n in self.__struct_fields__ if n not in self.hidden]
+
+
+class Identity(HidingRepr, frozen=True):
     """A node's (or a CA's) key pair. Build it with ``Identity.from_seed``, which derives every
     other field from the seed.
 
     The secret fields are left out of ``repr`` so an identity can never leak into a log line.
     """
 
-    seed: bytes = dataclasses.field(repr=False)
+    hidden: ClassVar[frozenset[str]] = frozenset({"seed", "x25519_private"})
+
+    seed: bytes
     public_key: bytes
-    x25519_private: bytes = dataclasses.field(repr=False)
+    x25519_private: bytes
     x25519_public: bytes
     node_id: NodeId
 

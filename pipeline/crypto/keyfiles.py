@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from pipeline.crypto.cert import (
     Certificate,
@@ -149,8 +150,7 @@ def read_revocation_list(path: Path | None) -> RevocationList:
         raise KeyFileError(f"{path}: {exc}") from None
 
 
-@dataclass(frozen=True)
-class Membership:
+class Membership(msgspec.Struct, frozen=True):
     """What a node needs to take part in a network, loaded and checked."""
 
     identity: Identity

@@ -34,9 +34,10 @@ import hashlib
 import hmac
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import ClassVar
 
+import msgspec
 from nacl.bindings import (
     crypto_aead_chacha20poly1305_ietf_decrypt,
     crypto_aead_chacha20poly1305_ietf_encrypt,
@@ -44,6 +45,7 @@ from nacl.bindings import (
     crypto_scalarmult_base,
 )
 
+from pipeline.crypto.identity import HidingRepr
 from pipeline.errors import RemoteProtocolError
 
 __all__ = [
@@ -124,8 +126,7 @@ def _aead_decrypt(key: bytes, n: int, ad: bytes, ciphertext: bytes) -> bytes:
         raise NoiseError("noise_decrypt_failed", f"nonce {n}") from exc
 
 
-@dataclass(frozen=True, slots=True)
-class HashFunction:
+class HashFunction(msgspec.Struct, frozen=True):
     """A Noise hash function: HASH, HMAC-HASH and HKDF over a ``hashlib`` algorithm."""
 
     name: str
@@ -297,8 +298,7 @@ def _tokens(text: str) -> Message:
     return tuple(Token(t.strip()) for t in text.split(",") if t.strip())
 
 
-@dataclass(frozen=True, slots=True)
-class HandshakePattern:
+class HandshakePattern(msgspec.Struct, frozen=True):
     """Pre-messages and messages; message ``i`` is sent by the initiator when ``i`` is even."""
 
     name: str
@@ -328,7 +328,7 @@ class HandshakePattern:
             messages[0] = (Token.PSK, *messages[0])
         else:
             messages[position - 1] = (*messages[position - 1], Token.PSK)
-        return replace(self, messages=tuple(messages))
+        return msgspec.structs.replace(self, messages=tuple(messages))
 
 
 def _pattern(name: str, pre_i: str, pre_r: str, *messages: str) -> HandshakePattern:
@@ -386,8 +386,7 @@ PATTERNS: dict[str, HandshakePattern] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class NoiseProtocol:
+class NoiseProtocol(msgspec.Struct, frozen=True):
     """A parsed protocol name: the (modified) pattern and the three functions."""
 
     name: str
@@ -426,7 +425,7 @@ def protocol_name_parts(name: str) -> NoiseProtocol:
         raise ValueError(f"repeated modifier in {name!r}")
     for position in positions:
         pattern = pattern.with_psk(position)
-    pattern = replace(pattern, name=pattern_name)
+    pattern = msgspec.structs.replace(pattern, name=pattern_name)
     if dh != "25519":
         raise ValueError(f"unsupported DH function {dh!r} (only 25519)")
     if cipher != "ChaChaPoly":
@@ -439,9 +438,10 @@ def protocol_name_parts(name: str) -> NoiseProtocol:
 # -- HandshakeState (spec section 5.3) -------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _KeyPair:
-    private: bytes = field(repr=False)
+class _KeyPair(HidingRepr, frozen=True):
+    hidden: ClassVar[frozenset[str]] = frozenset({"private"})
+
+    private: bytes
     public: bytes
 
     @classmethod
@@ -449,8 +449,7 @@ class _KeyPair:
         return cls(private, public_key(private))
 
 
-@dataclass(slots=True)
-class _Progress:
+class _Progress(msgspec.Struct):
     """What a message changes; ``read_message`` works on a copy and commits it on success."""
 
     sym: SymmetricState
@@ -460,7 +459,7 @@ class _Progress:
     next_psk: int = 0
 
     def copy(self) -> _Progress:
-        return replace(self, sym=self.sym.copy())
+        return msgspec.structs.replace(self, sym=self.sym.copy())
 
 
 class HandshakeState:

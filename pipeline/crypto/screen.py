@@ -48,11 +48,12 @@ into the ``drops`` counter given (the driver's), ``statistics()``.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import hmac
 from collections import Counter
 from collections.abc import Callable
+
+import msgspec
 
 from pipeline.crypto import handshake as hs
 from pipeline.wire.overlay import HEADER_LEN, VERSION, DatagramType, build_header
@@ -73,8 +74,7 @@ _COOKIE = int(DatagramType.COOKIE)
 _MAC = hs.MAC_LEN
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ScreenSettings:
+class ScreenSettings(msgspec.Struct, frozen=True):
     load_threshold: int = 50  # first messages a second before cookies are demanded
     per_source_rate: float = 5.0  # handshake datagrams a second from one source address
     per_source_burst: float = 10.0

@@ -19,7 +19,6 @@ kernel takes offloads on a TAP opened without the header too.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import fcntl
 import os
@@ -31,6 +30,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 from typing import Protocol
 
+import msgspec
 import pytun
 
 from pipeline.errors import StageIOError
@@ -208,8 +208,7 @@ class LinuxTap:
 _REFUSED = frozenset((errno.EINVAL, errno.EIO, errno.ENOBUFS, errno.EMSGSIZE))
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class TapSettings:
+class TapSettings(msgspec.Struct, frozen=True):
     """What ``configure`` was asked to set (``MemoryTap`` records it)."""
 
     mac: bytes

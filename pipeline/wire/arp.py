@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
 from ipaddress import IPv4Address
+
+import msgspec
 
 from pipeline.errors import RemoteProtocolError
 
@@ -36,8 +37,7 @@ class ArpOp(IntEnum):
     REPLY = 2
 
 
-@dataclass(frozen=True, slots=True)
-class ArpPacket:
+class ArpPacket(msgspec.Struct, frozen=True):
     """A parsed Ethernet/IPv4 ARP packet; MACs are 6 bytes."""
 
     op: ArpOp

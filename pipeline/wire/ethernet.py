@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+
+import msgspec
 
 from pipeline.errors import RemoteProtocolError
 
@@ -35,8 +36,7 @@ _HEADER = struct.Struct("!6s6sH")
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 
-@dataclass(frozen=True, slots=True)
-class EthernetHeader:
+class EthernetHeader(msgspec.Struct, frozen=True):
     """A parsed Ethernet II header; ``dst`` and ``src`` are 6-byte MAC addresses."""
 
     dst: bytes

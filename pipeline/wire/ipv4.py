@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
 from ipaddress import IPv4Address
+
+import msgspec
 
 from pipeline.errors import RemoteProtocolError
 
@@ -40,8 +41,7 @@ class Protocol(IntEnum):
     UDP = 17
 
 
-@dataclass(frozen=True, slots=True)
-class IPv4Header:
+class IPv4Header(msgspec.Struct, frozen=True):
     """A parsed IPv4 header. Options, if any, are ``packet[20:header_length]``."""
 
     version: int

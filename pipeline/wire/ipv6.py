@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
 from ipaddress import IPv6Address
+
+import msgspec
 
 from pipeline.errors import RemoteProtocolError
 
@@ -35,8 +36,7 @@ class Icmpv6Type(IntEnum):
     REDIRECT = 137
 
 
-@dataclass(frozen=True, slots=True)
-class IPv6Header:
+class IPv6Header(msgspec.Struct, frozen=True):
     """A parsed IPv6 fixed header; the payload is ``packet[40:40 + payload_length]``."""
 
     version: int

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from ipaddress import IPv4Address
+
+import msgspec
 
 from pipeline.errors import RemoteProtocolError
 from pipeline.wire.ipv4 import Protocol, ones_complement_sum
@@ -24,8 +25,7 @@ _HEADER = struct.Struct("!HHHH")
 _PSEUDO_TAIL = struct.Struct("!BBH")
 
 
-@dataclass(frozen=True, slots=True)
-class UdpHeader:
+class UdpHeader(msgspec.Struct, frozen=True):
     """A parsed UDP header; the payload is ``datagram[8:length]``."""
 
     src_port: int

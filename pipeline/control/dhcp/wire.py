@@ -30,11 +30,12 @@ input boundary.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import struct
 from collections.abc import Mapping
 from ipaddress import IPv4Address
+
+import msgspec
 
 from pipeline.errors import RemoteProtocolError
 
@@ -114,8 +115,7 @@ class Option(enum.IntEnum):
     END = 255
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class DhcpMessage:
+class DhcpMessage(msgspec.Struct, frozen=True):
     """One DHCP message. ``chaddr`` is the whole 16-byte field (the hardware address is
     ``chaddr[:hlen]``, see ``hardware_address``); ``sname`` and ``file`` are the raw 64- and
     128-byte fields (``encode`` pads shorter ones with zeros). ``options`` maps a code to
@@ -135,7 +135,7 @@ class DhcpMessage:
     giaddr: IPv4Address = UNSPECIFIED
     sname: bytes = b""
     file: bytes = b""
-    options: Mapping[int, bytes] = dataclasses.field(default_factory=dict)
+    options: Mapping[int, bytes] = msgspec.field(default_factory=dict)
 
     @property
     def hardware_address(self) -> bytes:

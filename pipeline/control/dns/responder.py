@@ -39,12 +39,13 @@ to ``payload``); a larger one is sent without records and with TC.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from typing import Generic, NamedTuple, TypeVar
+
+import msgspec
 
 from pipeline.control.dns import message
 from pipeline.control.dns.message import Malformed, Query, ResourceRecord, Soa
@@ -83,8 +84,7 @@ _COUNTERS = (
 )
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class DnsSettings:
+class DnsSettings(msgspec.Struct, frozen=True):
     domain: str  # e.g. "vpn.test"; stored normalised (lower case, no trailing dot)
     subnet: IPv4Network  # the virtual network; a prefix of at least 8 bits
     namespace: str  # the virtual network's namespace, in DHT keys
@@ -96,7 +96,7 @@ class DnsSettings:
     payload: int = 1232  # the largest response to an EDNS query, offered in its OPT record
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "domain", normalise_domain(self.domain))
+        msgspec.structs.force_setattr(self, "domain", normalise_domain(self.domain))
         if self.subnet.prefixlen < 8:
             raise ValueError(f"subnet {self.subnet} spans more than one first octet")
         if not self.namespace:
@@ -122,8 +122,7 @@ class Lookup(NamedTuple):
     key: bytes  # b"name:<namespace>:<host>"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Waiting(Generic[ClientT]):
+class _Waiting(msgspec.Struct, Generic[ClientT], frozen=True):
     query: Query
     client: ClientT
     name: Name
@@ -136,8 +135,7 @@ class _Waiting(Generic[ClientT]):
         return (self.client, query.header.id, labels, query.qtype, query.qclass)
 
 
-@dataclasses.dataclass(slots=True)
-class _Lookup(Generic[ClientT]):
+class _Lookup(msgspec.Struct, Generic[ClientT]):
     token: int
     deadline: float
     waiting: dict[int, _Waiting[ClientT]]  # by arrival number

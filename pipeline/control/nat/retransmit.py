@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
 
-@dataclass(slots=True)
-class Retransmission:
+class Retransmission(msgspec.Struct):
     """``payload`` sent at ``next_at`` and again after ``rto_s``, ``2·rto_s``, ``4·rto_s``, ...:
     ``tries`` sends in all; it gives up one more doubled interval after the last (RFC 8489
     section 6.2.1's schedule, with fewer tries). With rto 0.5 s and 4 tries: sends at 0,

@@ -54,9 +54,9 @@ An *entry* is ``[node id, address, direct]``: ``direct`` is false for a node the
 reaches only through a tunnel (it cannot be a tunnel's relay for it).
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: the records' annotations stay objects, so
+# building ``_decoder`` (2.4 -> 0.8 ms) at import need not evaluate strings.
 
-import dataclasses
 import enum
 import ipaddress
 from collections.abc import Hashable
@@ -242,15 +242,22 @@ def decode(datagram: bytes) -> Message:
 # -- addresses ---------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Tunnel:
+class Tunnel(msgspec.Struct, frozen=True):
     """The address of a node reached through a relay: messages to it go to ``relay`` inside a
     ``Forward`` for ``node_id``. ``address_bytes`` is where the relay sees the node (what
     neighbour lists name it by); it does not tell two tunnels apart."""
 
     relay: Address
     node_id: int
-    address_bytes: bytes = dataclasses.field(default=b"", compare=False)
+    address_bytes: bytes = b""
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Tunnel:
+            return NotImplemented
+        return self.relay == other.relay and self.node_id == other.node_id
+
+    def __hash__(self) -> int:
+        return hash((self.relay, self.node_id))
 
     def __str__(self) -> str:
         return f"tunnel:{self.node_id:040x}@{self.relay}"
