@@ -19,7 +19,8 @@ Who sends what:
   when it ends).
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: the records' annotations stay objects, so the
+# msgspec decoders built at import need not evaluate strings (every node start imports this).
 
 from typing import Any
 

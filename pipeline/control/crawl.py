@@ -34,7 +34,8 @@ Inputs: ``handle(now)``, ``answer(query_id, links, now)``; outputs: ``queries_to
 ``finished``, ``next_deadline()``, ``result()``.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: the records' annotations stay objects, so the
+# msgspec decoders built at import need not evaluate strings (every node start imports this).
 
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence

@@ -68,7 +68,8 @@ the link), ``probes_to_send()`` (slot, endpoint, payload), ``events()`` (``PathF
 ``PathLost``, ``ShortcutFailed``), ``next_deadline()``, ``paths()`` for status.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: the records' annotations stay objects, so the
+# msgspec decoders built at import need not evaluate strings (every node start imports this).
 
 import enum
 import ipaddress

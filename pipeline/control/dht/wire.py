@@ -38,7 +38,8 @@ Messages (``req`` is a 63-bit request id chosen by the sender; answers carry it 
   ``STALE``.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: the records' annotations stay objects, so the
+# msgspec decoders built at import need not evaluate strings (every node start imports this).
 
 import enum
 import hashlib
