@@ -164,7 +164,7 @@ class OverlayIoWorker(Worker):
         self.coalescer = tso.Coalescer(self._to_classifier, merge=s.stages.tap_reader.offloads)
         self._target: Producer | None = None  # where the coalescer's output goes, for whom
         self._target_slot = -1
-        self.opened: list[tuple[bytes, int]] = []  # a GRO read's run, opened: the coalescer's
+        self.run_opened: list[tuple[bytes, int]] = []  # a GRO read's run, for the coalescer
         self.gso_sends = self.segments_sent = self.gro_reads = self.segments_received = 0
         self.from_classifier = self.inputs(Stage.CLASSIFIER)
         self.to_classifier = self.outputs(Stage.CLASSIFIER)
@@ -645,7 +645,7 @@ class OverlayIoWorker(Worker):
                 self._target_slot = entry.slot
                 self._target = self.to_classifier[entry.classifier]
             start = at
-            got = self.opened
+            got = self.run_opened
             at, opened_bytes = entry.session.open_run(batch, at, segment, _DATA, got, self.drops)
             if at == start:  # opened nothing and moved on: one by one
                 self._open(first, source, now)
