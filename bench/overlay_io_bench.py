@@ -3,7 +3,8 @@
 Usage (from the repo root)::
 
     python bench/overlay_io_bench.py [--packets 100000] [--repeats 5] [--sizes 64,1400]
-                                     [--modes enc,plain] [--before REV] [--after DIR]
+                                     [--modes enc,plain,tso] [--gso-size 1348] [--segments 45]
+                                     [--before REV] [--after DIR]
 
 An ``OverlayIoWorker`` runs in a child process with real shm rings and an in-memory port of
 this script's own (the same for both trees: sends are counted, not copied; a datagram to
@@ -18,13 +19,24 @@ loops are timed, each over ``--packets`` packets of each size:
   (timed): the receive and open loop. The classifier ring is drained between rounds.
 
 ``enc`` installs one confirmed session (``SessionKeys``), ``plain`` a plaintext peer
-(``security.insecure_plaintext``, the route snapshot). ``--before`` (default: the branch's
-base, ``deed5bd``) is exported with ``git archive`` into a temporary directory; ``--after``
-is the working tree. Each repeat runs both trees one after the other, in alternating order,
-each in a fresh interpreter. Time is the worker thread's CPU time (``time.thread_time_ns``),
-so that other processes of a shared machine are not counted, only their effect on caches.
-The table shows ns per packet, the median of ``--repeats`` runs (``min`` beside it: the
-least disturbed run), and after/before.
+(``security.insecure_plaintext``, the route snapshot). ``tso`` is ``enc`` with super-frames and
+the port's UDP offloads on, timed per TCP *segment* (``--sizes`` does not apply):
+
+- **send**: TCP super-frames (``FLAG_VNET`` records with a ``GSO_TCPV4`` virtio-net header, as
+  the classifier pushes them: ``--segments`` segments of ``--gso-size`` payload bytes each,
+  TCP timestamps on) cut, sealed and handed to the port in one ``send_segments`` a frame;
+- **recv**: GRO reads, each ``--segments`` sealed DATA datagrams (``FLAG_PARTIAL``) of one
+  session with consecutive counters, as the peer's GSO batch arrives, opened and coalesced
+  into one super-frame record a read (checked: the frame the peer cut, byte for byte).
+
+The default 45 segments of 1348 bytes is what one ``sendmsg`` and one GRO read hold (45
+sealed datagrams of 1432 bytes: 64 440 bytes). ``--before`` (default: ``main``) is exported
+with ``git archive`` into a temporary directory; ``--after`` is the working tree. Each repeat
+runs both trees one after the other, in alternating order, each in a fresh interpreter. Time
+is the worker thread's CPU time (``time.thread_time_ns``), so that other processes of a shared
+machine are not counted, only their effect on caches.
+The table shows ns per packet (per segment for ``tso``), the median of ``--repeats`` runs
+(``min`` beside it: the least disturbed run), and after/before.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ import argparse
 import json
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -45,6 +58,8 @@ CHUNK = 1024
 PEER = ("198.18.0.2", 4789)
 KEY_IN, KEY_OUT = bytes(range(32)), bytes(range(1, 33))
 RECV_INDEX, SEND_INDEX = 0x1234, 0x5678
+FRAMES = 16  # super-frames (or GRO reads) a round in the tso mode
+TCP_HL = 32  # a TCP header with the timestamp option
 
 
 # -- the child: one tree, one mode, one size ---------------------------------------------------
@@ -59,7 +74,9 @@ class BenchPort:
         self.send_errors = 0
         self.sent = 0
         self.inbox: list[bytes] = []
+        self.segment = 0  # tso: the inbox holds GRO reads of datagrams this many bytes apart
         self.next = 0
+        self.segments = 0  # datagrams handed to send_segments
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
     def fileno(self) -> int:
@@ -80,13 +97,26 @@ class BenchPort:
 
     # what a tree with UDP offloads asks too (they stay off here: one datagram a call)
     gso = gro = False
+    # what a tree with a handshake socket asks: this port has none
+    handshake_fd = None
+    handshake_overflows = 0
+
+    @property
+    def handshake_view(self) -> memoryview:
+        return self.view
+
+    def recv_handshake(self) -> None:
+        return None
 
     def recv_batch(self) -> tuple[int, tuple[str, int], int] | None:
         got = self.recv()
-        return None if got is None else (got[0], got[1], got[0])
+        if got is None:
+            return None
+        return got[0], got[1], self.segment or got[0]
 
     def send_segments(self, parts: Any, size: int, address: tuple[str, int]) -> int:
-        self.sent += len(parts) // 2
+        self.sent += 1
+        self.segments += len(parts) // 2
         return len(parts) // 2
 
     def close(self) -> None:
@@ -105,7 +135,55 @@ class BenchFeed:
         self.told += 1
 
 
-def child(mode: str, size: int, packets: int) -> dict[str, float]:
+def _ip_checksum(header: bytes) -> int:
+    total: int = sum(struct.unpack("!10H", header))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _pseudo_sum(l4_length: int) -> int:
+    total: int = sum(struct.unpack("!4H", bytes([100, 64, 0, 2, 100, 64, 0, 1]))) + 6 + l4_length
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def tcp_packet(seq: int, ident: int, flags: int, payload: bytes) -> bytes:
+    """An IPv4 TCP packet with the timestamp option, its checksum field holding the
+    pseudo-header sum only (a segment cut from a super-frame, or the super-frame itself)."""
+    total = 20 + TCP_HL + len(payload)
+    ip = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, total, ident, 0x4000, 64, 6, 0,
+        bytes([100, 64, 0, 2]), bytes([100, 64, 0, 1]),
+    )  # fmt: skip
+    ip = ip[:10] + struct.pack("!H", _ip_checksum(ip)) + ip[12:]
+    tcp = struct.pack("!HHIIBBHHH", 5201, 40000, seq, 0x01020304, (TCP_HL // 4) << 4, flags,
+                      501, _pseudo_sum(total - 20), 0)  # fmt: skip
+    return ip + tcp + b"\x01\x01\x08\x0a" + bytes(range(8)) + payload
+
+
+def tso_case(gso_size: int, segments: int) -> tuple[bytes, list[bytes]]:
+    """The ring record of a super-frame (virtio-net header, IP packet), and the segments
+    the kernel's GSO (or ``tso.split``) cuts from it, checksums partial."""
+    payload = bytes(range(256)) * (gso_size * segments // 256 + 1)
+    payload = payload[: gso_size * segments]
+    # NEEDS_CSUM, GSO_TCPV4, hdr_len, gso_size, csum_start, csum_offset (little-endian)
+    header = struct.pack("<BBHHHH", 1, 1, 20 + TCP_HL, gso_size, 20, 16)
+    frame = tcp_packet(1000, 7, 0x18, payload)
+    cut = [
+        tcp_packet(
+            1000 + i * gso_size,
+            7 + i,
+            0x18 if i == segments - 1 else 0x10,
+            payload[i * gso_size : (i + 1) * gso_size],
+        )
+        for i in range(segments)
+    ]
+    return header + frame, cut
+
+
+def child(mode: str, size: int, packets: int, gso_size: int, segments: int) -> dict[str, float]:
     import logging
 
     import structlog
@@ -118,7 +196,6 @@ def child(mode: str, size: int, packets: int) -> dict[str, float]:
     from pipeline.crypto.datapath import SendSession
     from pipeline.crypto.identity import Identity
     from pipeline.overlay_io import stage
-    from pipeline.records import RecordKind
     from pipeline.shm_ring import Consumer, Producer, Ring
     from pipeline.topology import RingEdge, Stage, WorkerId
     from pipeline.wire.overlay import DatagramType, build_header
@@ -143,6 +220,8 @@ def child(mode: str, size: int, packets: int) -> dict[str, float]:
     security: dict[str, Any] = (
         {"insecure_plaintext": True} if mode == "plain" else {"ca_certificate": str(tmp / "ca")}
     )
+    if mode == "tso":
+        BenchPort.gso = BenchPort.gro = True
     settings = settings_from_mapping(
         {
             "node": {"name": "alpha", "state_dir": str(tmp), "runtime_dir": str(tmp)},
@@ -189,25 +268,12 @@ def child(mode: str, size: int, packets: int) -> dict[str, float]:
         feed.on_message(messages.SessionKeys(1, (entry,), b"\x02" * 20))
     to_io = Producer(Ring.attach(specs["in"]))
     from_io = Consumer(Ring.attach(specs["out"]))
+    if mode == "tso":
+        return tso_loops(worker, port, to_io, from_io, packets, gso_size, segments)
     packet = bytes(range(256)) * (size // 256) + bytes(size % 256)
-    work = worker.work
-    clock = time.thread_time_ns  # CPU time: a shared machine's other work is not counted
 
     # send: the classifier's packets sealed and sent
-    elapsed = 0
-    done = 0
-    while done < packets:
-        k = min(CHUNK, packets - done)
-        for _ in range(k):
-            to_io.push(packet, RecordKind.IP_PACKET, 1)
-        to_io.flush()
-        target = done + k
-        t0 = clock()
-        while port.sent < target:
-            work()
-        elapsed += clock() - t0
-        done = target
-    send_ns = elapsed / packets
+    send_ns = timed_sends(worker, port, to_io, packet, 0, packets, CHUNK) / packets
     assert port.sent == packets, (port.sent, packets)
 
     # recv: datagrams opened and pushed to the classifier
@@ -221,11 +287,7 @@ def child(mode: str, size: int, packets: int) -> dict[str, float]:
             port.inbox = [header + packet] * k
         else:
             port.inbox = [b"".join(sealer.seal(DatagramType.DATA, packet)) for _ in range(k)]
-        port.next = 0
-        t0 = clock()
-        while port.next < k:
-            work()
-        elapsed += clock() - t0
+        elapsed += timed_reads(worker, port)
         done += k
         records = from_io.pop_batch(1 << 20)
         got += len(records)
@@ -237,13 +299,95 @@ def child(mode: str, size: int, packets: int) -> dict[str, float]:
     return {"send": send_ns, "recv": recv_ns}
 
 
+def timed_sends(
+    worker: Any, port: BenchPort, to_io: Any, record: bytes, flags: int, count: int, chunk: int
+) -> int:
+    """Thread CPU ns of ``work()`` sending ``count`` records (pushed ``chunk`` at a time,
+    untimed) until the port has had as many sends."""
+    from pipeline.records import RecordKind
+
+    work = worker.work
+    clock = time.thread_time_ns  # CPU time: a shared machine's other work is not counted
+    elapsed = done = 0
+    while done < count:
+        k = min(chunk, count - done)
+        for _ in range(k):
+            to_io.push(record, RecordKind.IP_PACKET, 1, flags)
+        to_io.flush()
+        target = done + k
+        t0 = clock()
+        while port.sent < target:
+            work()
+        elapsed += clock() - t0
+        done = target
+    return elapsed
+
+
+def timed_reads(worker: Any, port: BenchPort) -> int:
+    """Thread CPU ns of ``work()`` until every datagram (or GRO read) in the port's inbox has
+    been read."""
+    port.next = 0
+    work = worker.work
+    clock = time.thread_time_ns  # CPU time: a shared machine's other work is not counted
+    t0 = clock()
+    while port.next < len(port.inbox):
+        work()
+    return clock() - t0
+
+
+def tso_loops(
+    worker: Any,
+    port: BenchPort,
+    to_io: Any,
+    from_io: Any,
+    packets: int,
+    gso_size: int,
+    segments: int,
+) -> dict[str, float]:
+    """The tso mode's two loops: ns per segment."""
+    from pipeline.crypto.datapath import SendSession
+    from pipeline.records import FLAG_VNET
+    from pipeline.wire.overlay import FLAG_PARTIAL, DatagramType
+
+    record, cut = tso_case(gso_size, segments)
+    frames = max(1, packets // segments)
+
+    # send: super-frames cut, sealed, one send_segments each
+    elapsed = timed_sends(worker, port, to_io, record, FLAG_VNET, frames, FRAMES)
+    assert port.segments == frames * segments, (port.segments, frames, segments)
+    send_ns = elapsed / (frames * segments)
+
+    # recv: GRO reads of sealed segments, opened, coalesced, pushed to the classifier
+    sealer = SendSession(KEY_IN, index=RECV_INDEX, created=0.0)
+    port.segment = 16 + 20 + TCP_HL + gso_size + 16
+    elapsed = done = 0
+    while done < frames:
+        k = min(FRAMES, frames - done)
+        port.inbox = [
+            b"".join(b"".join(sealer.seal(DatagramType.DATA, seg, FLAG_PARTIAL)) for seg in cut)
+            for _ in range(k)
+        ]
+        elapsed += timed_reads(worker, port)
+        done += k
+        records = from_io.pop_batch(1 << 20)
+        assert len(records) == k, (len(records), k)  # one super-frame a read
+        assert bytes(records[0].data) == record, "not the super-frame the peer cut"
+        from_io.release()
+    recv_ns = elapsed / (frames * segments)
+    stats = worker.stats()
+    assert stats["drops"] == {}, stats
+    worker.teardown()
+    return {"send": send_ns, "recv": recv_ns}
+
+
 # -- the parent --------------------------------------------------------------------------------
 
 
-def run_child(tree: Path, mode: str, size: int, packets: int) -> dict[str, float]:
+def run_child(tree: Path, mode: str, size: int, args: argparse.Namespace) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(tree))
     argv = [sys.executable, str(Path(__file__).resolve()), "--child"]
-    argv += ["--modes", mode, "--sizes", str(size), "--packets", str(packets)]
+    argv += ["--modes", mode, "--sizes", str(size), "--packets", str(args.packets)]
+    argv += ["--gso-size", str(args.gso_size), "--segments", str(args.segments)]
     out = subprocess.run(
         argv, env=env, cwd=tree, check=True, capture_output=True, text=True, timeout=600
     )
@@ -260,20 +404,28 @@ def export(rev: str, into: Path) -> None:
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
 
 
+def sizes_of(mode: str, sizes: list[int], args: argparse.Namespace) -> list[int]:
+    """The packet sizes a mode runs: tso's is its segments' IP packet, once."""
+    return [20 + TCP_HL + args.gso_size] if mode == "tso" else sizes
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--packets", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sizes", default="64,1400")
-    parser.add_argument("--modes", default="enc,plain")
-    parser.add_argument("--before", default="deed5bd")
+    parser.add_argument("--modes", default="enc,plain,tso")
+    parser.add_argument("--gso-size", type=int, default=1348, help="tso: payload a segment")
+    parser.add_argument("--segments", type=int, default=45, help="tso: segments a frame")
+    parser.add_argument("--before", default="main")
     parser.add_argument("--after", type=Path, default=ROOT)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     modes = args.modes.split(",")
     if args.child:
-        print(json.dumps(child(modes[0], sizes[0], args.packets)))
+        got = child(modes[0], sizes[0], args.packets, args.gso_size, args.segments)
+        print(json.dumps(got))
         return 0
 
     results: dict[tuple[str, str, int, str], list[float]] = {}
@@ -283,22 +435,23 @@ def main() -> int:
         trees = {"before": before, "after": args.after.resolve()}
         for r in range(args.repeats):
             for mode in modes:
-                for size in sizes:
+                for size in sizes_of(mode, sizes, args):
                     order = ["before", "after"] if r % 2 == 0 else ["after", "before"]
                     for name in order:
-                        got = run_child(trees[name], mode, size, args.packets)
+                        got = run_child(trees[name], mode, size, args)
                         for direction, ns in got.items():
                             results.setdefault((name, mode, size, direction), []).append(ns)
             print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr)
 
     print(
-        f"overlay_io worker loops, ns per packet: median of {args.repeats} runs of "
-        f"{args.packets} packets (min in brackets); before = {args.before}, after = "
-        f"{args.after}"
+        f"overlay_io worker loops, ns per packet (tso: per segment of {args.gso_size} bytes, "
+        f"{args.segments} a super-frame; size: the segment's IP packet): median of "
+        f"{args.repeats} runs of {args.packets} packets (min in brackets); thread CPU time; "
+        f"before = {args.before}, after = {args.after}"
     )
     print(f"{'mode':<6}{'size':>6}  {'loop':<5}{'before':>18}{'after':>18}{'after/before':>14}")
     for mode in modes:
-        for size in sizes:
+        for size in sizes_of(mode, sizes, args):
             for direction in ("send", "recv"):
                 b = results[("before", mode, size, direction)]
                 a = results[("after", mode, size, direction)]

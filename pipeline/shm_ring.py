@@ -356,23 +356,54 @@ class Producer:
     ) -> bool:
         """``push`` of the concatenation of ``parts`` (copied straight into the ring, never
         joined first): a header and a packet, a super-frame's header and its payloads."""
+        return self.push_cut(parts, [], 0, kind, peer, flags)
+
+    def push_cut(
+        self,
+        lead: list[bytes | bytearray | memoryview],
+        parts: list[bytes | bytearray | memoryview],
+        skip: int,
+        kind: int = 0,
+        peer: int = 0,
+        flags: int = 0,
+    ) -> bool:
+        """``push`` of ``lead``'s parts, then each of ``parts`` but its first ``skip`` bytes (a
+        super-frame's headers, then the payloads of its segments), without a view of each:
+        ``parts`` are copied whole, last to first, so each one's first ``skip`` bytes land
+        where the one before it (or ``lead``) goes, and are overwritten by it. ``lead`` must
+        be ``skip`` bytes at least, and so must each of ``parts``."""
         n = 0
-        for part in parts:
+        for part in lead:
             n += len(part)
+        assert n >= skip, (n, skip)
+        for part in parts:
+            n += len(part) - skip
         if n > MAX_RECORD or kind >= PAD_KIND:
             raise ValueError(f"record of {n} bytes / kind {kind} is not allowed")
-        view = self.reserve(n)
+        view = self._reserve_or_drop(n)
         if view is None:
-            self._drops += 1
-            self._drop_bytes += n
             return False
+        end = n
+        for part in reversed(parts):
+            start = end - len(part)
+            assert end - start >= skip, (end - start, skip)
+            view[start:end] = part
+            end = start + skip
         at = 0
-        for part in parts:
+        for part in lead:
             end = at + len(part)
             view[at:end] = part
             at = end
         self.commit(n, kind, peer, flags)
         return True
+
+    def _reserve_or_drop(self, n: int) -> memoryview | None:
+        """``reserve(n)``, or None and a counted drop when the ring is full."""
+        view = self.reserve(n)
+        if view is None:
+            self._drops += 1
+            self._drop_bytes += n
+        return view
 
     def fits(self, length: int) -> bool:
         """True if a record of ``length`` bytes would be accepted now (reloads the read index).

@@ -262,11 +262,9 @@ def _open_run(batch: bytes) -> object:
     segment = max(1, batch[-1] if batch else 1)
     session = RecvSession(SESSION_KEY, index=SESSION_INDEX, created=0.0)
     drops: dict[str, int] = {}
-    delivered: list[bytes] = []
-    at, opened, _ = session.open_run(
-        memoryview(batch), 0, segment, DatagramType.DATA, lambda p, f: delivered.append(p), drops
-    )
-    assert 0 <= at <= len(batch) and opened == len(delivered)
+    opened: list[tuple[bytes, int]] = []
+    at, nbytes = session.open_run(memoryview(batch), 0, segment, DatagramType.DATA, opened, drops)
+    assert 0 <= at <= len(batch) and 0 <= nbytes <= at and (nbytes > 0) == bool(opened)
     return at
 
 
@@ -757,8 +755,8 @@ class CoalescerState:
 def _coalescer_make() -> CoalescerState:
     frames: list[tuple[bytes, bytes]] = []
 
-    def emit(header: bytes, parts: list[Any]) -> None:
-        frame = b"".join(bytes(p) for p in parts)
+    def emit(header: bytes, head: Any, packets: list[Any], skip: int) -> None:
+        frame = bytes(head) + b"".join(bytes(p)[skip:] for p in packets)
         frames.append((header, frame))
         tso.segment(vnet.parse(header), frame)  # what a TAP without offloads gets
 

@@ -455,6 +455,36 @@ def test_push_parts_is_a_push_of_the_concatenation(ring: Ring) -> None:
         prod.push_parts([big, big, b"x"])
 
 
+def test_push_cut_is_a_push_of_the_parts_without_their_headers(ring: Ring) -> None:
+    """Whole packets in, copied last to first: the record is the lead, then each packet but
+    its first ``skip`` bytes; across the ring's end too (the record goes whole after it)."""
+    prod, cons = Producer(ring), Consumer(ring)
+    packets = [bytes([i]) * 4 + payload(i, n) for i, n in enumerate([30, 30, 30, 7])]
+    lead = [b"vnet-hdr", memoryview(b"HEAD")]
+    expected = b"vnet-hdrHEAD" + b"".join(p[4:] for p in packets)
+    for i in range(3):
+        if i == 2:  # from near the end of the ring: the record wraps to its start
+            ring._q[8] = ring._q[16] = ring.capacity - 40
+            prod, cons = Producer(ring), Consumer(ring)
+        assert prod.push_cut(lead, packets, 4, 2, 9, 1)
+        assert prod.push_cut([b"only"], [], 4, 3)
+        prod.flush()
+        batch = cons.pop_batch(2)
+        assert [(r.kind, r.peer, r.flags, bytes(r.data)) for r in batch] == [
+            (2, 9, 1, expected),
+            (3, 0, 0, b"only"),
+        ]
+        del batch
+        cons.release()
+    big = bytes(MAX_RECORD // 2)
+    while prod.push_cut([b"head"], [big], 4):
+        pass  # until full: a counted drop, as push's
+    prod.flush()
+    assert ring.stats().drops == 1 and ring.stats().drop_bytes == MAX_RECORD // 2
+    with pytest.raises(ValueError):
+        prod.push_cut([big], [big, big, b"xxxxx"], 4)
+
+
 def test_reserve_wraps_and_full(ring: Ring) -> None:
     cap = ring.capacity
     ring._q[8] = ring._q[16] = cap - 1000

@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.wire import tso, vnet
 from pipeline.wire.ipv4 import checksum
+from pipeline.wire.overlay import FLAG_PARTIAL
 
 SRC, DST = bytes([100, 64, 0, 1]), bytes([100, 64, 0, 2])
 
@@ -133,6 +134,43 @@ class TestSplit:
             udp_packet(c, ident=9 + i) for i, c in enumerate(chunks)
         ]
 
+    @pytest.mark.parametrize("case", range(40))
+    def test_any_frame_is_cut_byte_for_byte(self, case: int) -> None:
+        """Random TCP and UDP super-frames (any size, gso_size down to 1, any of CWR, FIN
+        and PSH, IP ids and sequence numbers about to wrap): each segment exactly as GSO
+        makes it, but for the checksum field, which holds its pseudo-header sum."""
+        rng = random.Random(case)
+        gso = rng.choice([1, 7, 51, 536, 1000, 1348, 1360, rng.randint(1, 3000)])
+        payload = rng.randbytes(rng.randint(1, min(65000, gso * rng.randint(1, 60))))
+        ident = rng.choice([0, 0xFFFF - rng.randint(0, 5), rng.randint(0, 0xFFFF)])
+        chunks = [payload[i : i + gso] for i in range(0, len(payload), gso)]
+        last = len(chunks) - 1
+        if case % 4 == 3:  # UDP
+            probe = udp_packet(payload, ident=ident, check=0)
+            frame = udp_packet(payload, ident=ident, check=pseudo(17, len(probe) - 20))
+            expected = [
+                udp_packet(c, ident=(ident + i) & 0xFFFF, check=pseudo(17, 8 + len(c)))
+                for i, c in enumerate(chunks)
+            ]
+        else:
+            seq = rng.choice([rng.randint(0, 0xFFFFFFFF), 0xFFFFFFFF - rng.randint(0, 70000)])
+            flags = 0x10 | rng.choice([0, 0x01, 0x08, 0x80, 0x89])
+            frame = tso_frame(seq, payload, gso, flags=flags, ident=ident)
+            expected = []
+            for i, c in enumerate(chunks):
+                f = flags
+                if i < last:
+                    f &= ~0x09
+                if i and last:
+                    f &= ~0x80
+                expected.append(
+                    tcp_packet((seq + i * gso) & 0xFFFFFFFF, c, flags=f,
+                               ident=(ident + i) & 0xFFFF, check=pseudo(6, 32 + len(c)))
+                )  # fmt: skip
+        buf = bytearray(b"\xee" * 3 + frame)
+        got = [bytes(v) for v in tso.segments(buf, 3, len(buf), gso)]
+        assert got == expected
+
     def test_refuses_what_it_cannot_cut(self) -> None:
         with pytest.raises(ValueError):
             split_all(icmp_packet(bytes(3000)), 1000)
@@ -154,12 +192,20 @@ class TestSplit:
         ]
 
 
+Buffer = bytes | bytearray | memoryview
+
+
 class Collected:
     def __init__(self) -> None:
         self.frames: list[tuple[vnet.VnetHeader, bytes]] = []
 
-    def __call__(self, header: bytes, parts: list[bytes | bytearray | memoryview]) -> None:
-        self.frames.append((vnet.parse(header), b"".join(bytes(p) for p in parts)))
+    def __call__(self, header: bytes, head: Buffer, packets: list[Buffer], skip: int) -> None:
+        self.frames.append((vnet.parse(header), joined(head, packets, skip)))
+
+
+def joined(head: Buffer, packets: list[Buffer], skip: int) -> bytes:
+    """The IP packet an emit stands for: ``head``, then each packet but its headers."""
+    return bytes(head) + b"".join(bytes(p)[skip:] for p in packets)
 
 
 def delivered(frames: list[tuple[vnet.VnetHeader, bytes]]) -> list[bytes]:
@@ -241,6 +287,48 @@ class TestCoalescer:
         co.flush()
         assert all(len(d) <= 0xFFFF for _, d in out.frames)
         assert sum(len(d) - 52 for _, d in out.frames) == 130000
+
+    @pytest.mark.parametrize("seed", range(30))
+    def test_add_all_is_add_one_by_one(self, seed: int) -> None:
+        """Two flows' segments interleaved, some changed in one field the fast path compares
+        (TOS, TTL, DF, a port, the acknowledgment number, the window, an option, the
+        length), some not partial, some views: runs of any length through ``add_all`` give
+        the frames ``add`` gives one packet at a time, with the same flushes."""
+        rng = random.Random(seed)
+        wire: list[tuple[bytes | memoryview, int]] = []
+        seqs = {0: 1000, 1: 0xFFFFF000}
+        for _ in range(rng.randint(1, 12)):
+            flow = rng.randrange(2)
+            payload = rng.randbytes(rng.randint(1, 20000))
+            frame = bytearray(tso_frame(seqs[flow], payload, 1000, ident=rng.randrange(65536)))
+            if flow:
+                frame[21] ^= 1  # another source port
+            seqs[flow] = (seqs[flow] + len(payload)) & 0xFFFFFFFF
+            for segment in split_all(bytes(frame), 1000):
+                packet = bytearray(segment)
+                if rng.random() < 0.1:
+                    packet[rng.choice([1, 6, 8, 20, 28, 34, 41])] ^= 0x40
+                elif rng.random() < 0.03:
+                    packet = packet[:-1]
+                data = bytes(packet) if rng.random() < 0.9 else memoryview(bytes(packet))
+                wire.append((data, rng.choice([FLAG_PARTIAL] * 9 + [0])))
+        one, runs = Collected(), Collected()
+        by_one, by_runs = tso.Coalescer(one), tso.Coalescer(runs)
+        at = 0
+        while at < len(wire):
+            chunk = wire[at : at + rng.randint(1, 50)]
+            at += len(chunk)
+            for packet, partial in chunk:
+                by_one.add(packet, partial)
+            by_runs.add_all(chunk)
+            if rng.random() < 0.5:
+                by_one.flush()
+                by_runs.flush()
+        by_one.flush()
+        by_runs.flush()
+        assert runs.frames == one.frames
+        assert (by_runs.packets, by_runs.frames) == (by_one.packets, by_one.frames)
+        assert by_one.packets == len(wire) and by_one.frames < len(wire)
 
     def test_a_mixed_stream_round_trips_byte_for_byte(self) -> None:
         """TCP super-frames and small TCP, UDP (one and a super-frame), ICMP, interleaved:

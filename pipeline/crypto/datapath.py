@@ -26,6 +26,12 @@ Sending: ``SendSession.seal`` returns ``[header, ciphertext]``, the two buffers 
 datagram, as overlay_io's ``UDPPort.send`` hands them to ``socket.sendmsg``: joining them
 would copy the whole packet for nothing.
 
+Batches (a super-frame's segments, a GRO read): ``SendSession.seal_each`` seals a sequence
+of payloads in one loop, and ``RecvSession.open_run`` opens a run of one session's
+datagrams in one loop, with ``open``'s checks in ``open``'s order; a run of counters each
+newer than the last goes into the replay window in one ``ReplayWindow.advance``. Neither
+calls back per datagram: on this path a Python call costs a tenth of the AEAD.
+
 Binding: ``cryptography``'s ``ChaCha20Poly1305.encrypt``/``decrypt``. ``bench/aead_bench.py``
 (``python bench/aead_bench.py``: Python 3.11.7, PyNaCl 1.6.2, cryptography 48.0.0; a shared
 2-core machine, median of 5 runs, ns per packet incl. the Python call), 16 bytes of AD::
@@ -59,7 +65,7 @@ is newer than every one seen, or at most ``width - 1`` behind the newest and not
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Iterable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -80,10 +86,13 @@ WINDOW_SIZE = 2048
 MIN_DATAGRAM = HEADER_LEN + TAG_LEN  # an empty payload (a keepalive) still has its tag
 
 ReadableBuffer = bytes | bytearray | memoryview
+Parts = list[ReadableBuffer]  # the buffers of datagrams, two a datagram (header, body)
+Payloads = Iterable[ReadableBuffer]
 
 _NONCE = struct.Struct("<4xQ")  # 4 zero bytes, then the counter little-endian
 _NONCE_PACK = _NONCE.pack
 _HEADER_PACK = HEADER.pack
+_PREFIX_PACK = struct.Struct("!8sQ").pack  # a header from its first 8 bytes and the counter
 _HEADER_UNPACK_FROM = HEADER.unpack_from
 _BIT = bytes(1 << i for i in range(8))
 _MAX_INDEX = (1 << 32) - 1
@@ -137,6 +146,26 @@ class ReplayWindow:
         if counter < 0 or top - counter >= self._width:
             return False
         return not self._bits[(counter >> 3) % self._blocks] & _BIT[counter & 7]
+
+    @property
+    def limit(self) -> int:
+        """Counters at or past it are never accepted."""
+        return self._limit
+
+    def advance(self, first: int, last: int) -> None:
+        """``update`` of every counter from ``first`` to ``last``, in order, each newer than
+        the top (``check`` said yes to each as it came): a run of a GRO read, in one call."""
+        assert self._top < first <= last < self._limit, (self._top, first, last)
+        self.update(last)  # the top, and the blocks it moves over cleared, as each would
+        bits = self._bits
+        blocks = self._blocks
+        # the others that are still in a block of the window's (a later one clears the rest)
+        counter = max(first, ((last >> 3) - blocks + 1) << 3)
+        while counter < last:
+            block = counter >> 3
+            upto = min(last - 1, counter | 7)
+            bits[block % blocks] |= ((2 << (upto - counter)) - 1) << (counter & 7)
+            counter = upto + 1
 
     def update(self, counter: int) -> None:
         """Mark ``counter`` seen (after ``check`` said yes and the AEAD verified)."""
@@ -244,18 +273,33 @@ class SendSession:
         header = _HEADER_PACK(VERSION, dtype, flags, self.index, counter)
         return [header, self._encrypt(_NONCE_PACK(counter), payload, header)]
 
-    def seal_into(self, parts: list[ReadableBuffer], dtype: int, payload: ReadableBuffer,
-                  flags: int = 0) -> None:  # fmt: skip
-        """``seal``, the two buffers appended to ``parts``: a GSO batch's list, built segment
-        by segment (one call a segment, no list of its own)."""
-        counter = self._counter
-        if counter >= self._reject_after_messages:
-            raise KeyExhausted(f"counter {counter} reached the limit")
-        self._counter = counter + 1
-        self.bytes += len(payload)
-        header = _HEADER_PACK(VERSION, dtype, flags, self.index, counter)
-        parts.append(header)
-        parts.append(self._encrypt(_NONCE_PACK(counter), payload, header))
+    def seal_each(self, parts: Parts, dtype: int, payloads: Payloads, flags: int = 0) -> int:
+        """``seal`` of each payload in turn, the two buffers of each datagram appended to
+        ``parts``: a GSO batch's list; returns the bytes of these datagrams. Each payload is
+        sealed before the next is taken, so ``payloads`` may yield views that the next one
+        overwrites (``tso.segments``)."""
+        start = counter = self._counter
+        reject = self._reject_after_messages
+        encrypt = self._encrypt
+        nonce = _NONCE_PACK
+        pack = _PREFIX_PACK
+        prefix = _HEADER_PACK(VERSION, dtype, flags, self.index, 0)[:8]
+        append = parts.append
+        nbytes = 0
+        try:
+            for payload in payloads:
+                if counter >= reject:
+                    raise KeyExhausted(f"counter {counter} reached the limit")
+                header = pack(prefix, counter)
+                iv = nonce(counter)
+                counter += 1  # consumed even if encrypt fails: never reuse a nonce
+                append(header)
+                append(encrypt(iv, payload, header))
+                nbytes += len(payload)
+        finally:
+            self._counter = counter
+            self.bytes += nbytes
+        return nbytes + (counter - start) * (HEADER_LEN + TAG_LEN)
 
     def needs_rekey(self, now: float) -> bool:
         """Time to start a handshake: REKEY_AFTER_SECONDS old, or enough messages/bytes."""
@@ -319,47 +363,76 @@ class RecvSession:
         at: int,
         segment: int,
         dtype: int,
-        deliver: Callable[[bytes, int], object],
+        opened: list[tuple[bytes, int]],
         drops: dict[str, int],
-    ) -> tuple[int, int, int]:
+    ) -> tuple[int, int]:
         """Open the datagrams of this session and of type ``dtype`` in ``batch`` from ``at``,
-        ``segment`` bytes apart (a GRO read), until one is of another session or type;
-        ``deliver(payload, flags)`` each (``flags``: its header's); a failure is counted in
-        ``drops`` by reason and skipped. Returns where it stopped, how many it opened and
-        their bytes. The checks and the order are ``open``'s, in one loop: the hot path of
-        a receiver of super-frames."""
+        ``segment`` bytes apart (a GRO read), until one is of another session or type; each
+        payload is appended to ``opened`` with its header's flags; a failure is counted in
+        ``drops`` by reason and skipped. Returns where it stopped and the bytes of the
+        datagrams it opened. The checks and the order are ``open``'s, in one loop: the hot
+        path of a receiver of super-frames.
+
+        The window: a counter newer than every one accepted so far (the window's top, or one
+        opened in this run) is what ``check`` would accept below the limit; the run of such
+        counters, once their tags verified, goes into the window in one ``advance`` (before
+        any other counter is checked, and at the end), so it ends as ``update`` one by one
+        would leave it."""
         unpack = _HEADER_UNPACK_FROM
         nonce = _NONCE_PACK
         decrypt = self._decrypt
+        window = self._window
         check = self._check
         update = self._update
+        limit = window.limit
+        top = window.top  # the newest counter accepted: in the window, or in the run
+        first = last = -1  # the run of newer counters opened but not yet in the window
+        append = opened.append
         index = self.index
         end = len(batch)
-        opened = nbytes = 0
-        while at + HEADER_LEN <= end:
-            stop = at + segment
-            if stop > end:
-                stop = end
-            version, kind, flags, idx, counter = unpack(batch, at)
-            if idx != index or kind != dtype or version != VERSION:
-                break
-            if stop - at < MIN_DATAGRAM:
-                drops["short_datagram"] = drops.get("short_datagram", 0) + 1
-            elif not check(counter):
-                drops["replayed"] = drops.get("replayed", 0) + 1
-            else:
+        nbytes = 0
+        try:
+            while at + HEADER_LEN <= end:
+                stop = at + segment
+                if stop > end:
+                    stop = end
+                version, kind, flags, idx, counter = unpack(batch, at)
+                if idx != index or kind != dtype or version != VERSION:
+                    break
+                if stop - at < MIN_DATAGRAM:
+                    drops["short_datagram"] = drops.get("short_datagram", 0) + 1
+                    at = stop
+                    continue
+                newer = counter > top
+                if not newer and first >= 0:
+                    window.advance(first, last)
+                    first = -1
+                if not (counter < limit if newer else check(counter)):
+                    drops["replayed"] = drops.get("replayed", 0) + 1
+                    at = stop
+                    continue
                 head = at + HEADER_LEN
                 try:
                     payload = decrypt(nonce(counter), batch[head:stop], batch[at:head])
                 except InvalidTag:
                     drops["bad_tag"] = drops.get("bad_tag", 0) + 1
-                else:
+                    at = stop
+                    continue
+                if not newer:
                     update(counter)
-                    deliver(payload, flags)
-                    opened += 1
-                    nbytes += stop - at
-            at = stop
-        return at, opened, nbytes
+                elif first >= 0 and counter == last + 1:
+                    last = top = counter
+                else:
+                    if first >= 0:
+                        window.advance(first, last)
+                    first = last = top = counter
+                append((payload, flags))
+                nbytes += stop - at
+                at = stop
+        finally:
+            if first >= 0:
+                window.advance(first, last)
+        return at, nbytes
 
     def expired(self, now: float) -> bool:
         """Too old to accept datagrams with (REJECT_AFTER_SECONDS)."""

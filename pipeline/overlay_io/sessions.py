@@ -72,7 +72,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from pipeline import messages
-from pipeline.crypto.datapath import ReadableBuffer, RecvSession, SendSession
+from pipeline.crypto.datapath import Parts, Payloads, ReadableBuffer, RecvSession, SendSession
 from pipeline.errors import RemoteProtocolError
 from pipeline.overlay_io.relay import RelayTable
 from pipeline.topology import worker_for_peer
@@ -118,9 +118,7 @@ class Sealer(Protocol):
         self, dtype: int, payload: ReadableBuffer, flags: int = 0
     ) -> Sequence[ReadableBuffer]: ...
 
-    def seal_into(
-        self, parts: list[ReadableBuffer], dtype: int, payload: ReadableBuffer, flags: int = 0
-    ) -> None: ...
+    def seal_each(self, parts: Parts, dtype: int, payloads: Payloads, flags: int = 0) -> int: ...
 
     def needs_rekey(self, now: float) -> bool: ...
 
@@ -139,9 +137,9 @@ class Opener(Protocol):
         at: int,
         segment: int,
         dtype: int,
-        deliver: Callable[[bytes, int], object],
+        opened: list[tuple[bytes, int]],
         drops: dict[str, int],
-    ) -> tuple[int, int, int]: ...
+    ) -> tuple[int, int]: ...
 
 
 class NullSendSession:
@@ -157,13 +155,17 @@ class NullSendSession:
             return [HEADER.pack(VERSION, dtype, flags, 0, 0), payload]
         return [_PLAIN_HEADERS[dtype], payload]
 
-    def seal_into(
-        self, parts: list[ReadableBuffer], dtype: int, payload: ReadableBuffer, flags: int = 0
-    ) -> None:
-        """``seal`` appended to ``parts``; the payload copied (a segment's view is overwritten
-        by the next segment's headers before the batch goes out)."""
-        parts.append(HEADER.pack(VERSION, dtype, flags, 0, 0) if flags else _PLAIN_HEADERS[dtype])
-        parts.append(bytes(payload))
+    def seal_each(self, parts: Parts, dtype: int, payloads: Payloads, flags: int = 0) -> int:
+        """``seal`` of each payload appended to ``parts``, each payload copied (a segment's
+        view is overwritten by the next segment's headers before the batch goes out); returns
+        the bytes of these datagrams."""
+        header = HEADER.pack(VERSION, dtype, flags, 0, 0) if flags else _PLAIN_HEADERS[dtype]
+        nbytes = 0
+        for payload in payloads:
+            parts.append(header)
+            parts.append(bytes(payload))
+            nbytes += HEADER_LEN + len(payload)
+        return nbytes
 
     def needs_rekey(self, now: float) -> bool:
         return False
@@ -195,12 +197,12 @@ class NullRecvSession:
         at: int,
         segment: int,
         dtype: int,
-        deliver: Callable[[bytes, int], object],
+        opened: list[tuple[bytes, int]],
         drops: dict[str, int],
-    ) -> tuple[int, int, int]:
+    ) -> tuple[int, int]:
         """Plaintext peers are found by their endpoint, not by a session index: the driver
         opens their datagrams one by one. Nothing is opened here."""
-        return at, 0, 0
+        return at, 0
 
 
 NULL_SEND = NullSendSession()
@@ -219,11 +221,11 @@ class SendEntry:
     via: bytes = b""  # relayed: the node id of a chosen relay (b"": the greedy next hop)
     rekey_asked: bool = False
     seal: Callable[..., Sequence[ReadableBuffer]] = field(init=False)  # (dtype, payload, flags)
-    seal_into: Callable[..., None] = field(init=False)  # (parts, dtype, payload, flags)
+    seal_each: Callable[..., int] = field(init=False)  # (parts, dtype, payloads, flags)
 
     def __post_init__(self) -> None:
         self.seal = self.session.seal  # bound once: the driver calls it per datagram
-        self.seal_into = self.session.seal_into
+        self.seal_each = self.session.seal_each
 
 
 @dataclass(slots=True, eq=False)

@@ -55,17 +55,19 @@ hands one to the constructor.
 
 Super-frames (``FLAG_VNET`` records, ``pipeline/wire/tso.py``). An IP_PACKET whose virtio-net
 header says TSO (or USO) is cut into real segments in place in its ring record
-(``tso.split``), each sealed with one AEAD call into its own DATA datagram with
-``FLAG_PARTIAL`` (its checksum is the receiver's to finish), and a peer's segments go out in
-one ``sendmsg`` with ``UDP_SEGMENT`` (``Port.send_segments``; a datagram a call where the
-kernel cannot, from its first ``EIO`` on). So the wire is unchanged, and one lost datagram
-costs one TCP segment, never a super-frame. Inbound, a ``UDP_GRO`` read is cut into its
-datagrams, each opened on its own, and consecutive segments of one flow are coalesced
-(``tso.Coalescer``) into one IP_PACKET record per super-frame, with the virtio-net header its
-TAP should get; the coalescer is flushed at the end of every batch, never held across a
-sleep. A packet with ``FLAG_PARTIAL`` that joins nothing goes with ``NEEDS_CSUM``; one
-without goes as before, no header. Without TAP offloads (``stages.tap_reader.offloads``
-false) nothing is merged, since the tap_reader would only have to cut it again.
+(``tso.segments``), each sealed with one AEAD call into its own DATA datagram with
+``FLAG_PARTIAL`` (its checksum is the receiver's to finish; ``seal_each`` cuts and seals in
+one loop), and a peer's segments go out in one ``sendmsg`` with ``UDP_SEGMENT``
+(``Port.send_segments``; a datagram a call where the kernel cannot, from its first ``EIO``
+on). So the wire is unchanged, and one lost datagram costs one TCP segment, never a
+super-frame. Inbound, a ``UDP_GRO`` read is cut into its datagrams, each opened on its own
+(a run of one session in one loop: ``open_run``), and consecutive segments of one flow are
+coalesced (``tso.Coalescer.add_all``) into one IP_PACKET record per super-frame, with the
+virtio-net header its TAP should get; the coalescer is flushed at the end of every batch,
+never held across a sleep. A packet with ``FLAG_PARTIAL`` that joins nothing goes with
+``NEEDS_CSUM``; one without goes as before, no header. Without TAP offloads
+(``stages.tap_reader.offloads`` false) nothing is merged, since the tap_reader would only
+have to cut it again.
 
 Bytes per peer (``peer_bytes`` in the stats: slot -> [sent, received], only slots with
 traffic): the datagrams this worker sent to a slot and opened from it, headers included,
@@ -85,7 +87,6 @@ import select
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 from pipeline import messages
@@ -163,6 +164,7 @@ class OverlayIoWorker(Worker):
         self.coalescer = tso.Coalescer(self._to_classifier, merge=s.stages.tap_reader.offloads)
         self._target: Producer | None = None  # where the coalescer's output goes, for whom
         self._target_slot = -1
+        self.run_opened: list[tuple[bytes, int]] = []  # a GRO read's run, for the coalescer
         self.gso_sends = self.segments_sent = self.gro_reads = self.segments_received = 0
         self.from_classifier = self.inputs(Stage.CLASSIFIER)
         self.to_classifier = self.outputs(Stage.CLASSIFIER)
@@ -419,33 +421,26 @@ class OverlayIoWorker(Worker):
             else:
                 self._seal_to(out, _DATA, packet, partial, slot)
             return
-        pieces: list[ReadableBuffer] = []
-        emit: Callable[[memoryview], object]
-        if out is not None:  # one call a segment: seal_into appends header and body
-            emit = functools.partial(out.seal_into, pieces, _DATA, flags=FLAG_PARTIAL)
-        else:  # relayed: kept (the view is overwritten by the next segment's headers)
-
-            def emit(view: memoryview) -> None:
-                pieces.append(bytes(view))
-
         try:
-            tso.split(packet, 0, len(packet), gso_size, emit)
+            views = tso.segments(packet, 0, len(packet), gso_size)
         except ValueError:  # not TCP or UDP, IP options, a header cut short: no segments
             # tso.segment cuts with the same split, so what split refuses cannot be sent in
             # software either: a counted drop (the kernel's TSO never makes such a frame; a
             # broken record might), never an exception out of the worker
             self.drops["gso_unsplittable"] += 1
             return
-        if out is None:  # relayed: each segment sealed end to end, wrapped, sealed per hop
-            for piece in pieces:
+        if out is None:  # relayed: each segment kept (the next one's headers overwrite its
+            # view), sealed end to end, wrapped, sealed per hop
+            for piece in [bytes(view) for view in views]:
                 self._send_relayed(slot, _DATA, piece, FLAG_PARTIAL)
             return
+        pieces: list[ReadableBuffer] = []
+        n = out.seal_each(pieces, _DATA, views, FLAG_PARTIAL)  # each segment cut, then sealed
         port = self._port_to(out.endpoint)
         sent = port.send_segments(pieces, len(pieces[0]) + len(pieces[1]), out.endpoint)
         self.gso_sends += 1
         self.segments_sent += len(pieces) // 2
         self.sent += sent
-        n = sum(len(piece) for piece in pieces)
         self.sent_bytes += n
         self.peer_sent[slot] = self.peer_sent.get(slot, 0) + n
 
@@ -650,14 +645,16 @@ class OverlayIoWorker(Worker):
                 self._target_slot = entry.slot
                 self._target = self.to_classifier[entry.classifier]
             start = at
-            at, opened, opened_bytes = entry.session.open_run(
-                batch, at, segment, _DATA, self.coalescer.add, self.drops
-            )
+            got = self.run_opened
+            at, opened_bytes = entry.session.open_run(batch, at, segment, _DATA, got, self.drops)
             if at == start:  # opened nothing and moved on: one by one
                 self._open(first, source, now)
                 at += segment
                 continue
+            opened = len(got)
             if opened:
+                self.coalescer.add_all(got)
+                got.clear()
                 self.heard[entry.slot] = now
                 if self.suspect_hops and entry.slot in self.suspect_hops:
                     self.sessions.hop_heard(entry.slot)
@@ -699,18 +696,17 @@ class OverlayIoWorker(Worker):
         else:
             self.coalescer.add(payload, False)
 
-    def _to_classifier(self, header: bytes, parts: list[ReadableBuffer]) -> None:
-        """What the coalescer emits: one IP_PACKET record, with its virtio-net header unless
-        that is all zero (a packet as it came)."""
+    def _to_classifier(
+        self, header: bytes, head: ReadableBuffer, packets: list[ReadableBuffer], skip: int
+    ) -> None:
+        """What the coalescer emits (``tso.Emit``): one IP_PACKET record, with its virtio-net
+        header unless that is all zero (a packet as it came)."""
         target = self._target
         assert target is not None
         if header is _ZERO_VNET:
-            if len(parts) == 1:
-                target.push(parts[0], _IP_PACKET, self._target_slot)
-            else:
-                target.push_parts(parts, _IP_PACKET, self._target_slot)
+            target.push(head, _IP_PACKET, self._target_slot)
         else:
-            target.push_parts([header, *parts], _IP_PACKET, self._target_slot, FLAG_VNET)
+            target.push_cut([header, head], packets, skip, _IP_PACKET, self._target_slot, FLAG_VNET)
 
     def _open(
         self,

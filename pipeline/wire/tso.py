@@ -34,7 +34,7 @@ IPv4 only: the pipeline carries IPv4.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeAlias
 
 from pipeline.wire import vnet
@@ -48,13 +48,18 @@ __all__ = [
     "finish_checksum",
     "pseudo_sum",
     "segment",
+    "segments",
     "split",
 ]
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
-Emit: TypeAlias = Callable[[bytes, list[Buffer]], object]
-"""``emit(vnet_header, parts)``: one packet or super-frame for the TAP: its virtio-net
-header, then its IP packet as the concatenation of ``parts`` (views valid during the call)."""
+Emit: TypeAlias = Callable[[bytes, Buffer, list[Buffer], int], object]
+"""``emit(vnet_header, head, packets, skip)``: one packet or super-frame for the TAP: its
+virtio-net header, then its IP packet: ``head``, then each of ``packets`` but its first
+``skip`` bytes (its headers), in order (buffers valid during the call). A packet that goes as
+it came is ``(ZERO, packet, [], 0)``; any other has a header that is not ``ZERO``. Whole
+packets, not views of their payloads: a view costs more than the copy it would save, and
+the ring copies them last to first (``Producer.push_cut``)."""
 
 MAX_IP_PACKET = 0xFFFF
 TCP = 6
@@ -101,14 +106,26 @@ def split(
     gso_size: int,
     emit: Callable[[memoryview], object],
 ) -> int:
+    """``segments``, each handed to ``emit``; returns how many. ``emit`` must be done with a
+    view when it returns: the next packet's headers overwrite its tail."""
+    count = 0
+    for view in segments(buf, ip0, end, gso_size):
+        emit(view)
+        count += 1
+    return count
+
+
+def segments(
+    buf: bytearray | memoryview, ip0: int, end: int, gso_size: int
+) -> Iterator[memoryview]:
     """Cut the super-frame ``buf[ip0:end]`` (an IPv4 packet with a TCP or UDP header and a
     payload of any length) into packets of at most ``gso_size`` payload bytes, in place, and
-    hand each to ``emit`` as a view, in order; returns how many. ``emit`` must be done with a
-    view when it returns: the next packet's headers overwrite its tail.
+    yield each as a view, in order. The caller must be done with a view before it asks for
+    the next: the next packet's headers overwrite its tail.
 
-    ValueError if it is not IPv4 TCP or UDP without IP options, its headers do not fit in it,
-    or ``gso_size`` is 0. A packet whose payload fits one segment is emitted as it is (with a
-    fresh pseudo-header sum).
+    ValueError (at the call, before any packet is cut) if it is not IPv4 TCP or UDP without
+    IP options, its headers do not fit in it, or ``gso_size`` is 0. A packet whose payload
+    fits one segment is yielded as it is (with a fresh pseudo-header sum).
     """
     mv = memoryview(buf)
     if end - ip0 < 28 or mv[ip0] != 0x45 or gso_size <= 0:
@@ -117,66 +134,98 @@ def split(
     t0 = ip0 + 20
     if proto == TCP:
         hl = 20 + ((mv[t0 + 12] >> 4) << 2) if end - ip0 >= 40 else 0
-        check_at = t0 + 16
     elif proto == UDP:
         hl = 28
-        check_at = t0 + 6
     else:
         raise ValueError(f"protocol {proto}: only TCP and UDP are segmented")
     if hl < (28 if proto == UDP else 40) or ip0 + hl > end:
         raise ValueError(f"headers of {hl} bytes in {end - ip0}")
+    return _cut(mv, ip0, end, gso_size, proto, hl)
+
+
+def _cut(
+    mv: memoryview, ip0: int, end: int, gso_size: int, proto: int, hl: int
+) -> Iterator[memoryview]:
+    """``segments``' work, once the headers are known to be sound. The first and the last
+    segment are fixed field by field; every one between is written whole, its headers in one
+    ``pack_into`` (of ``_head``: what differs from the first segment's is only the IP id
+    and header checksum and, for TCP, the sequence number)."""
+    t0 = ip0 + 20
     payload = end - ip0 - hl
+    check_at = t0 + (16 if proto == TCP else 6)
     if payload <= gso_size:
         _U16.pack_into(mv, check_at, pseudo_sum(mv, ip0, proto, end - t0))
-        emit(mv[ip0:end])
-        return 1
+        yield mv[ip0:end]
+        return
     count = -(-payload // gso_size)
     base = _ip_base(mv, ip0)
     ident0, frag, ttl_proto = _ID_FRAG_TTL.unpack_from(mv, ip0 + 4)
     full = hl + gso_size
     seed_full = pseudo_sum(mv, ip0, proto, full - 20)
-    last = count - 1
-    pack_ip = _IP_FIX.pack_into
-    pack_u16 = _U16.pack_into
     if proto == TCP:
-        seq0 = _U32.unpack_from(mv, t0 + 4)[0]
+        seq = _U32.unpack_from(mv, t0 + 4)[0]
+        step = gso_size
         flags = mv[t0 + 13]
-        first_flags = flags & ~(FIN | PSH)
-        middle_flags = first_flags & ~CWR
+        mv[t0 + 13] = flags & ~(FIN | PSH | CWR)  # a middle segment's
         last_flags = flags & ~CWR
-        mv[t0 + 13] = middle_flags
-        template = bytes(mv[ip0 : ip0 + hl])
-        mv[t0 + 13] = first_flags
-    else:
-        template = bytes(mv[ip0 : ip0 + hl])
-    pack_u32 = _U32.pack_into
+    else:  # the UDP length and checksum seed, the same in every full segment
+        _U16.pack_into(mv, t0 + 4, full - 20)
+        seq = 0
+        step = 0
+    _U16.pack_into(mv, ip0 + 2, full)
+    _U16.pack_into(mv, check_at, seed_full)
+    # the fields every full segment shares: [0:4], [12:24], [28:hl] (TCP) or [24:28] (UDP)
+    lead = bytes(mv[ip0 : ip0 + 4])
+    ends = bytes(mv[ip0 + 12 : ip0 + 24])
+    rest = bytes(mv[ip0 + 28 : ip0 + hl])
+    if proto == UDP:
+        seq = _U32.unpack_from(mv, ip0 + 24)[0]
+    pack_head = _head(len(rest)).pack_into
+    common = _fold(base + full)
+    x = common + ident0
+    x = (x & 0xFFFF) + (x >> 16)
+    pack_head(mv, ip0, lead, ident0, frag, ttl_proto, ~x & 0xFFFF, ends, seq, rest)
+    template = bytes(mv[ip0 : ip0 + hl])  # the last segment's, but for what is its own
+    if proto == TCP:
+        mv[t0 + 13] = flags & ~(FIN | PSH)  # the first keeps CWR
+    yield mv[ip0 : ip0 + full]
+    ident = ident0
     pos = ip0
-    for i in range(count):
-        if i:
-            mv[pos : pos + hl] = template
-            if proto == TCP:
-                pack_u32(mv, pos + 24, (seq0 + i * gso_size) & 0xFFFFFFFF)
-        if i == last:
-            length = end - pos
-            seed = pseudo_sum(mv, pos, proto, length - 20)
-            if proto == TCP and i:
-                mv[pos + 33] = last_flags
-        else:
-            length = full
-            seed = seed_full
-        ident = (ident0 + i) & 0xFFFF
-        x = base + length + ident
+    for pos in range(ip0 + gso_size, ip0 + (count - 1) * gso_size, gso_size):
+        ident = (ident + 1) & 0xFFFF
+        seq = (seq + step) & 0xFFFFFFFF
+        x = common + ident
         x = (x & 0xFFFF) + (x >> 16)
-        x = (x & 0xFFFF) + (x >> 16)
-        pack_ip(mv, pos + 2, length, ident, frag, ttl_proto, ~x & 0xFFFF)
-        if proto == UDP:
-            pack_u16(mv, pos + 24, length - 20)
-            pack_u16(mv, pos + 26, seed)
-        else:
-            pack_u16(mv, pos + 36, seed)
-        emit(mv[pos : pos + length])
-        pos += gso_size
-    return count
+        pack_head(mv, pos, lead, ident, frag, ttl_proto, ~x & 0xFFFF, ends, seq, rest)
+        yield mv[pos : pos + full]
+    # the last: its own length, checksums and (TCP) flags
+    pos = ip0 + (count - 1) * gso_size
+    ident = (ident0 + count - 1) & 0xFFFF
+    length = end - pos
+    mv[pos : pos + hl] = template
+    if proto == TCP:
+        _U32.pack_into(mv, pos + 24, (seq + step) & 0xFFFFFFFF)
+        mv[pos + 33] = last_flags
+        _U16.pack_into(mv, pos + 36, pseudo_sum(mv, pos, proto, length - 20))
+    else:
+        _U16.pack_into(mv, pos + 24, length - 20)
+        _U16.pack_into(mv, pos + 26, pseudo_sum(mv, pos, proto, length - 20))
+    x = _fold(base + length + ident)
+    _IP_FIX.pack_into(mv, pos + 2, length, ident, frag, ttl_proto, ~x & 0xFFFF)
+    yield mv[pos:end]
+
+
+_HEADS: dict[int, struct.Struct] = {}
+
+
+def _head(rest: int) -> struct.Struct:
+    """The headers of a full segment: IP bytes 0-4, id, flags/fragment, TTL/protocol,
+    checksum, addresses and ports, the TCP sequence number (for UDP, its length and checksum
+    seed), then ``rest`` bytes (the TCP header after its sequence number)."""
+    head = _HEADS.get(rest)
+    if head is None:
+        head = _HEADS[rest] = struct.Struct(f">4sHHHH12sI{rest}s")
+    return head
 
 
 def segment(header: vnet.VnetHeader, packet: Buffer) -> list[bytearray]:
@@ -196,6 +245,20 @@ def segment(header: vnet.VnetHeader, packet: Buffer) -> list[bytearray]:
     if header.flags & vnet.NEEDS_CSUM and header.csum_start + header.csum_offset + 2 <= len(data):
         finish_checksum(data, header.csum_start, header.csum_offset)
     return [data]
+
+
+_SHARED: dict[int, struct.Struct] = {}
+
+
+def _shared_fields(hl: int) -> struct.Struct:
+    """What a full segment of ``hl`` bytes of headers must share with the first of its frame
+    to join it on the fast path: IP bytes 0-2 (version, TOS), 6-10 (flags, fragment offset,
+    TTL, protocol), 12-24 (addresses, ports) and 28-``hl`` (the TCP header after the
+    sequence number)."""
+    shared = _SHARED.get(hl)
+    if shared is None:
+        shared = _SHARED[hl] = struct.Struct(f">2s4x4s2x12s4x{max(0, hl - 28)}s")
+    return shared
 
 
 _NEEDS_CSUM = vnet.NEEDS_CSUM
@@ -218,7 +281,7 @@ class Coalescer:
 
     __slots__ = (
         "_emit", "_first", "_parts", "_key", "_hl", "_gso", "_next_seq", "_total", "_closed",
-        "_psh", "_max", "_full", "_tail", "_ends", "_ttl", "_lead", "frames", "packets",
+        "_psh", "_max", "_full", "_shared", "_same", "frames", "packets",
     )  # fmt: skip
 
     def __init__(self, emit: Emit, *, max_bytes: int = MAX_IP_PACKET, merge: bool = True) -> None:
@@ -227,7 +290,7 @@ class Coalescer:
         self._emit = emit
         self._max = max_bytes if merge else 0
         self._first: Buffer | None = None  # the first packet of the frame in the making
-        self._parts: list[Buffer] = []  # the payloads after the first packet's
+        self._parts: list[Buffer] = []  # its packets, the first included
         self._key: bytes = b""
         self._hl = 0
         self._gso = 0
@@ -235,8 +298,10 @@ class Coalescer:
         self._total = 0  # IP total length so far
         self._closed = False
         self._psh = False
-        self._full = 0  # the length of a full segment: the first packet's
-        self._tail = self._ends = self._ttl = self._lead = b""  # the first packet's bytes
+        self._full = -1  # the length of a full segment (the first packet's); -1: no frame
+        # the bytes every full segment shares with the first (``_SHARED``), and its reader
+        self._shared: tuple[bytes, ...] = ()
+        self._same = _shared_fields(20).unpack_from
         self.frames = 0  # emitted: packets and super-frames
         self.packets = 0  # added
 
@@ -251,24 +316,17 @@ class Coalescer:
         partial."""
         partial &= FLAG_PARTIAL
         self.packets += 1
-        if self._first is not None and partial and type(packet) is bytes:
-            # The fast path: the next full segment cut from the same super-frame is, from the
-            # acknowledgment number to the end of the options (flags, window and checksum
-            # seed included: the seed depends on the length), the same bytes as the first;
-            # compared in place (``startswith`` at an offset allocates nothing).
-            if (
-                len(packet) == self._full
-                and packet.startswith(self._tail, 28)
-                and packet.startswith(self._ends, 12)
-                and packet.startswith(self._ttl, 6)
-                and packet.startswith(self._lead)
-                and _U32.unpack_from(packet, 24)[0] == self._next_seq
-                and self._total + self._gso <= self._max
-            ):
-                self._parts.append(memoryview(packet)[self._hl :])
-                self._next_seq = (self._next_seq + self._gso) & 0xFFFFFFFF
-                self._total += self._gso
-                return
+        if (
+            len(packet) == self._full
+            and partial
+            and self._same(packet) == self._shared
+            and _U32.unpack_from(packet, 24)[0] == self._next_seq
+            and self._total + self._gso <= self._max
+        ):  # the fast path: see add_all
+            self._parts.append(packet)
+            self._next_seq = (self._next_seq + self._gso) & 0xFFFFFFFF
+            self._total += self._gso
+            return
         n = len(packet)
         if n < 40 or packet[0] != 0x45 or packet[9] != TCP or packet[6] & 0x3F or packet[7]:
             self.flush()
@@ -294,7 +352,7 @@ class Coalescer:
                 and self._total + size <= self._max
                 and self._key_of(packet, hl) == self._key
             ):
-                self._parts.append(memoryview(packet)[hl:])
+                self._parts.append(packet)
                 self._next_seq = (seq + size) & 0xFFFFFFFF
                 self._total += size
                 if size < self._gso or flags & PSH:
@@ -310,13 +368,49 @@ class Coalescer:
         self._total = n
         self._closed = False
         self._psh = False
-        self._tail = bytes(packet[28:hl])
-        self._ends = bytes(packet[12:24])
-        self._ttl = bytes(packet[6:10])
-        self._lead = bytes(packet[:2])
-        self._parts = []
+        self._same = _shared_fields(hl).unpack_from
+        self._shared = self._same(packet)
+        self._parts = [packet]
         if flags & PSH:
             self._close(True)
+
+    def add_all(self, packets: Iterable[tuple[Buffer, int]]) -> None:
+        """``add`` of each ``(packet, partial)``, in order (a GRO read's run, opened).
+
+        The fast path, in one loop with the frame's state in locals: the next full segment
+        cut from the same super-frame has the first's length and, from the acknowledgment
+        number to the end of the options (flags, window and checksum seed included: the
+        seed depends on the length), in the addresses and ports, the flags, fragment
+        offset, TTL and protocol, the version and TOS (``_SHARED``), the same bytes as the
+        first; and the next sequence number. Anything else goes through ``add``."""
+        fast = 0
+        rest = iter(packets)
+        while True:
+            full, shared, same, gso = self._full, self._shared, self._same, self._gso
+            next_seq, total, limit = self._next_seq, self._total, self._max - gso
+            append = self._parts.append
+            for packet, partial in rest:
+                if (
+                    len(packet) == full
+                    and partial & FLAG_PARTIAL
+                    and same(packet) == shared
+                    and _U32.unpack_from(packet, 24)[0] == next_seq
+                    and total <= limit
+                ):
+                    append(packet)
+                    next_seq = (next_seq + gso) & 0xFFFFFFFF
+                    total += gso
+                    fast += 1
+                    continue
+                break  # to add, then back with the frame add leaves
+            else:
+                self._next_seq = next_seq
+                self._total = total
+                self.packets += fast
+                return
+            self._next_seq = next_seq
+            self._total = total
+            self.add(packet, partial)
 
     def _close(self, psh: bool) -> None:
         """Nothing may join the frame any more (a short or PSH segment ended it)."""
@@ -339,7 +433,10 @@ class Coalescer:
         if first is None:
             return
         self._first = None
-        if not self._parts:
+        self._full = -1
+        packets = self._parts
+        self._parts = []
+        if len(packets) == 1:
             self._alone(first, True)
             return
         hl = self._hl
@@ -351,10 +448,8 @@ class Coalescer:
         if self._psh:
             head[33] |= PSH
         _U16.pack_into(head, 36, pseudo_sum(head, 0, TCP, total - 20))
-        parts: list[Buffer] = [head, memoryview(first)[hl:], *self._parts]
-        self._parts = []
         self.frames += 1
-        self._emit(_VNET_PACK(_NEEDS_CSUM, _GSO_TCPV4, hl, self._gso, 20, 16), parts)
+        self._emit(_VNET_PACK(_NEEDS_CSUM, _GSO_TCPV4, hl, self._gso, 20, 16), head, packets, hl)
 
     def _alone(self, packet: Buffer, partial: int) -> None:
         """A packet that joins nothing: a TCP or UDP one with a partial checksum gets a fresh
@@ -369,12 +464,12 @@ class Coalescer:
             elif proto == UDP and n >= ihl + 8:
                 offset = 6
             else:
-                self._emit(_ZERO, [packet])
+                self._emit(_ZERO, packet, [], 0)
                 return
             at = ihl + offset
             head = bytearray(packet[: at + 2])
             _U16.pack_into(head, at, pseudo_sum(packet, 0, proto, n - ihl))
             header = _VNET_PACK(_NEEDS_CSUM, 0, 0, 0, ihl, offset)
-            self._emit(header, [head, memoryview(packet)[at + 2 :]])
+            self._emit(header, head, [packet], at + 2)
             return
-        self._emit(_ZERO, [packet])
+        self._emit(_ZERO, packet, [], 0)
