@@ -23,10 +23,21 @@ SMOKE = [
     ("aead_bench.py", ["--runs", "1", "--sizes", "64", "--target", "0.01"], r"\n\s+64 \S+"),
     ("ring_bench.py", ["--runs", "1", "--scale", "0.01"], r"\n\s+1500\s+[\d,]+\s+[\d,]+"),
     ("hop_bench.py", ["--bounces", "20", "--gaps", "0"], r"\n\s+0\s+[\d.]+\s+[\d.]+"),
+    # the child alone: the parent's comparison exports another revision with git
+    *(
+        (
+            "overlay_io_bench.py",
+            ["--child", "--modes", mode, "--sizes", size, "--packets", "500"],
+            r'"send": [\d.]+, "recv": [\d.]+',
+        )
+        for mode, size in (("tso", "1400"), ("enc", "64"), ("plain", "1400"))
+    ),
 ]
 
 
-@pytest.mark.parametrize(("script", "args", "row"), SMOKE, ids=[s[0] for s in SMOKE])
+@pytest.mark.parametrize(
+    ("script", "args", "row"), SMOKE, ids=[f"{s[0]} {' '.join(s[1][:3])}" for s in SMOKE]
+)
 def test_benchmark_runs(script: str, args: list[str], row: str) -> None:
     res = subprocess.run(
         [sys.executable, str(ROOT / "bench" / script), *args],
