@@ -15,6 +15,11 @@ worker per stage) in the namespaces of ``veth_pair``:
 - **restart gap**: under a 10 ms ping from alpha to beta, each stage's worker of alpha is
   killed with SIGKILL ``--kills`` times; the gap is the longest time between two echo
   replies around the kill (median over the kills, per stage);
+- **the CPU a start costs**: at the end of each cold start (once both nodes' peers are up),
+  the CPU seconds each process of alpha has used since it began (``/proc/PID/schedstat``:
+  the scheduler's own count), by role, and the node's sum (medians over the starts). Two
+  nodes starting together on a 2-core machine are CPU-bound: this is what the time to
+  connect is made of;
 - **memory at rest**: ``--settle`` seconds after the peers are up, the PSS of the
   supervisor, the template and each worker of alpha (``/proc/PID/smaps_rollup``), and the
   node's sum.
@@ -105,7 +110,9 @@ def breakdown(
     return out
 
 
-def cold_start(nodes: list[testbed.Node], how: str) -> tuple[float, dict[str, float | None]]:
+def cold_start(
+    nodes: list[testbed.Node], how: str
+) -> tuple[float, dict[str, float | None], dict[str, float | None]]:
     a, b = nodes
     since = time.time()
     with method(how):
@@ -118,14 +125,15 @@ def cold_start(nodes: list[testbed.Node], how: str) -> tuple[float, dict[str, fl
         for n in nodes:
             n.wait_running()
             n.wait_peers_up()
+    cpu = start_cpu(a)
     steps = breakdown(a, since)
     steps |= {f"beta: {k}": v for k, v in breakdown(b, since, OF_BETA).items()}
     testbed.stop_all(nodes)
-    return seconds, steps
+    return seconds, steps, cpu
 
 
-def memory(node: testbed.Node) -> dict[str, float | None]:
-    """PSS in MiB of the node's processes, by role, and their sum (``node``)."""
+def _processes(node: testbed.Node) -> dict[str, int]:
+    """The pid of each of the node's processes, by role (supervisor, template, stage:index)."""
     st = node.status()
     assert st is not None
     pids: dict[str, int] = {"supervisor": int(st["supervisor_pid"])}
@@ -133,12 +141,39 @@ def memory(node: testbed.Node) -> dict[str, float | None]:
         pids["template"] = int(st["template_pid"])
     for w in st["workers"]:
         pids[f"{w['stage']}:{w['worker']}"] = int(w["pid"])
+    return pids
+
+
+def _with_sum(out: dict[str, float | None], digits: int) -> dict[str, float | None]:
+    out["node"] = round(sum(v for v in out.values() if v is not None), digits)
+    return out
+
+
+def _on_cpu_s(pid: int) -> float | None:
+    """Seconds ``pid`` has run on a CPU since it began, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def start_cpu(node: testbed.Node) -> dict[str, float | None]:
+    """CPU seconds each of the node's processes has used since it began, and their sum."""
     out: dict[str, float | None] = {}
-    for role, pid in pids.items():
+    for role, pid in _processes(node).items():
+        used = _on_cpu_s(pid)
+        out[role] = round(used, 3) if used is not None else None
+    return _with_sum(out, 3)
+
+
+def memory(node: testbed.Node) -> dict[str, float | None]:
+    """PSS in MiB of the node's processes, by role, and their sum (``node``)."""
+    out: dict[str, float | None] = {}
+    for role, pid in _processes(node).items():
         kib = harness.pss_kib(pid)
         out[role] = round(kib / 1024, 1) if kib is not None else None
-    out["node"] = round(sum(v for v in out.values() if v is not None), 1)
-    return out
+    return _with_sum(out, 1)
 
 
 def _reply_times(lines: list[str]) -> list[float]:
@@ -184,6 +219,7 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, 
     methods: tuple[str, ...] = tuple(args.methods)
     connect: dict[str, list[float]] = {m: [] for m in methods}
     steps: dict[str, list[dict[str, float | None]]] = {m: [] for m in methods}
+    cpus: dict[str, list[dict[str, float | None]]] = {m: [] for m in methods}
     gaps: dict[str, dict[str, list[float]]] = {m: {s: [] for s in STAGES} for m in methods}
     backoffs: dict[str, dict[str, list[float]]] = {m: {s: [] for s in STAGES} for m in methods}
     mem: dict[str, dict[str, float | None]] = {}
@@ -192,9 +228,10 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, 
         nodes = list(testbed.node_pair(nss[0], nss[1], tmp / "pair", secure=True))
         for i in range(args.starts):
             for how in methods if i % 2 == 0 else reversed(methods):
-                seconds, s = cold_start(nodes, how)
+                seconds, s, cpu = cold_start(nodes, how)
                 connect[how].append(seconds)
                 steps[how].append(s)
+                cpus[how].append(cpu)
                 log(f"{how}: start {i + 1}/{args.starts}: first echo reply after {seconds:.3f} s")
         for how in methods:
             with method(how):
@@ -217,6 +254,7 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, 
     result["load_end"] = harness.loadavg()
     result["connect_s"] = connect
     result["breakdown_s"] = steps
+    result["start_cpu_s"] = cpus
     result["restart_gap_s"] = gaps
     result["restart_backoff_s"] = backoffs
     result["pss_mib"] = mem
@@ -257,6 +295,14 @@ def render(result: dict[str, Any], _: Any) -> str:
             less = [g - b for g, b in zip(gap, result["restart_backoff_s"][h][stage], strict=True)]
             row += f"{harness.fmt(_median(gap), 3):>10}{harness.fmt(_median(less), 3):>12}"
         lines.append(row)
+    lines += ["", "CPU a start costs, s (node alpha, each process since it began; medians)"]
+    cpu_roles = sorted(
+        {r for h in methods for s in result["start_cpu_s"].get(h, []) for r in s}, key=_role_order
+    )
+    lines.append(f"  {'process':14}" + "".join(f"{h:>10}" for h in methods))
+    for role in cpu_roles:
+        cells = [_median([s.get(role) for s in result["start_cpu_s"].get(h, [])]) for h in methods]
+        lines.append(f"  {role:14}" + "".join(f"{harness.fmt(c, 3):>10}" for c in cells))
     lines += ["", "PSS at rest, MiB (node alpha)"]
     roles = sorted({r for h in methods for r in result["pss_mib"].get(h, {})}, key=_role_order)
     lines.append(f"  {'process':14}" + "".join(f"{h:>10}" for h in methods))
