@@ -526,6 +526,30 @@ class TestLinkDeathAndRepair:
         assert a.statistics()["pings"] - pings_before >= 3
         assert a.connections() == [] and a.successor() is None
 
+    def test_a_lost_pong_is_retried_not_taken_for_death(self) -> None:
+        """Forwarding over a silent connection pings it; when that one pong is lost (a
+        moment's loss on the underlay) the ping goes again every ``ping_retry_s``, so the
+        connection lives on. Before, only a connection silent for ``ping_after_s`` was pinged
+        again, and one lost pong closed a live connection ``unanswered_dead_s`` later."""
+        mesh = Mesh()
+        a = mesh.add(1, 1 * EIGHTH)
+        b = mesh.add(2, 5 * EIGHTH, bootstrap=[1])
+        mesh.run(10.0)
+        mesh.allow = lambda msg: isinstance(msg, w.Data | w.Ping | w.Pong)  # nothing else heard
+        pair = frozenset((addr(1), addr(2)))
+        mesh.blocked.add(pair)
+        pings = a.statistics().get("pings_on_use", 0)
+        a.send_to_node(b.node_id, b"lost", mesh.now)
+        mesh.flush()
+        assert a.statistics()["pings_on_use"] == pings + 1  # its pong cannot come back
+        mesh.run(mesh.now + 0.5)
+        mesh.blocked.discard(pair)
+        mesh.run(mesh.now + 3 * SETTINGS.unanswered_dead_s)
+        for node in (a, b):
+            assert not [e for e in mesh.of(node) if isinstance(e, ConnectionRemoved)]
+        assert [c.node_id for c in a.connections()] == [b.node_id]
+        assert a.suspected(mesh.now) == set()
+
     def test_timeout_is_between_dead_after_and_one_more_tick(self) -> None:
         mesh = Mesh()
         a = mesh.add(1, 1 * EIGHTH)

@@ -15,16 +15,16 @@ Theory of operation:
   ``near_per_side`` nearest on a side when silent for ``ping_after_s``, any other (far
   connections, surplus near connections) for ``far_ping_after_s``, each stretched by a
   per-connection random factor (``ping_jitter``) so the two ends seldom both ping; then every
-  ``ping_retry_s``, and closed after ``dead_after_s`` (``far_dead_after_s``) of silence or
-  once its pings have gone unanswered for ``unanswered_dead_s``. Forwarding over a connection
-  silent for ``use_ping_after_s`` pings it too, and so does ``verify`` (the layer below relays
-  datagrams over the node and hears nothing back); a connection
-  whose ping has been unanswered for ``suspect_after_s`` is routed around (if it is the only
-  connection closer than this node, this node takes the message as the closest live one), so a
-  crashed hop — even a crashed closest node — is found and avoided soon after it is used. The
-  message that found it is not lost either: see *Re-routing*. A node that gets a Ping or a
-  HelloAck for a connection it does not hold answers ``Close(unknown)``, so half-open
-  connections do not linger.
+  ``ping_retry_s`` (any unanswered ping is, whatever sent it), and closed after
+  ``dead_after_s`` (``far_dead_after_s``) of silence or once its pings have gone unanswered
+  for ``unanswered_dead_s``. Forwarding over a connection silent for ``use_ping_after_s``
+  pings it too, and so does ``verify`` (the layer below relays datagrams over the node and
+  hears nothing back); a connection whose ping has been unanswered for ``suspect_after_s``
+  is routed around (if it is the only connection closer than this node, this node takes the
+  message as the closest live one), so a crashed hop — even a crashed closest node — is found
+  and avoided soon after it is used. The message that found it is not lost either: see
+  *Re-routing*. A node that gets a Ping or a HelloAck for a connection it does not hold
+  answers ``Close(unknown)``, so half-open connections do not linger.
 - **Joining.** Hello to bootstrap addresses (a few at a time; any one reachable suffices), then
   a ``ConnectRequest`` toward the node's own id through each leaf peer that says it is on the
   circle (through any leaf peer if none is): routed greedily, never to the requester itself, it
@@ -1424,11 +1424,14 @@ class OverlayNode:
                 ping_after, dead_after = st.ping_after_s, st.dead_after_s
             else:
                 ping_after, dead_after = st.far_ping_after_s, st.far_dead_after_s
-            unanswered = connection.last_heard < connection.ping_since <= now - st.unanswered_dead_s
+            # a ping is out, unanswered (``ping_since`` is infinite before the first one)
+            pinging = connection.last_heard < connection.ping_since < math.inf
+            unanswered = pinging and connection.ping_since <= now - st.unanswered_dead_s
             if silent > dead_after or unanswered:
                 self._drop_connection(connection, "timeout")
             elif (
-                silent > ping_after * connection.jitter
+                # a ping on use or verify is retried too: one lost pong is no death
+                (pinging or silent > ping_after * connection.jitter)
                 and now - connection.last_ping >= st.ping_retry_s
             ):
                 self._ping(connection, now)
