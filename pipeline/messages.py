@@ -5,7 +5,8 @@ Who sends what:
 - worker -> supervisor (DEALER -> ROUTER): ``Ready`` once attached, ``Heartbeat`` with the
   worker's counters every ``stages.heartbeat_interval_s``.
 - supervisor -> worker: ``HeartbeatAck`` for each heartbeat (a silent supervisor is a dead
-  one), ``Stop``.
+  one), ``ReportRequest`` (send a ``Heartbeat`` now: a CLI status wants fresh counters),
+  ``Stop``.
 - control -> classifier, overlay_io (PUB -> SUB): ``RouteSnapshot``, a whole versioned
   route table; republished on change and periodically so a restarted subscriber resyncs.
 - classifier, overlay_io -> control (DEALER -> ROUTER): ``SnapshotRequest``; control answers
@@ -41,6 +42,10 @@ class Heartbeat(msgspec.Struct, tag=True, frozen=True):
 
 
 class HeartbeatAck(msgspec.Struct, tag=True, frozen=True):
+    pass
+
+
+class ReportRequest(msgspec.Struct, tag=True, frozen=True):
     pass
 
 
@@ -223,6 +228,7 @@ Message = (
     Ready
     | Heartbeat
     | HeartbeatAck
+    | ReportRequest
     | Stop
     | RouteSnapshot
     | SnapshotRequest

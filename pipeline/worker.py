@@ -348,6 +348,8 @@ class Worker:
             if isinstance(msg, messages.Stop):
                 self.log.info("stop_received", reason=msg.reason)
                 self.running = False
+            elif isinstance(msg, messages.ReportRequest):
+                self._heartbeat(self.last_supervisor_msg)  # a status wants fresh counters
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.running = False

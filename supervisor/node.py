@@ -17,7 +17,10 @@ Theory of operation:
   classifier, tap_reader (the rings and sockets that join them are there first); the node is
   up when every worker said ``Ready``.
 - Each worker sends a ``Heartbeat`` with its counters every ``heartbeat_interval_s``; one that
-  goes silent for ``heartbeat_timeout_s`` is killed. A worker that exits is restarted at once
+  goes silent for ``heartbeat_timeout_s`` is killed. A ``status`` asked for over the CLI
+  socket is fresh: the supervisor asks every running worker for a heartbeat now
+  (``ReportRequest``) and answers once all have sent one, or after ``STATUS_WAIT_S`` with
+  what it has (a hung worker's last counters). A worker that exits is restarted at once
   (forked from the template: milliseconds); one that dies again within 2 s of its start is
   crash-looping and waits a back-off that doubles from 0.1 s up to ``restart_backoff_max_s``.
 - Shutdown (SIGINT/SIGTERM or ``supervisor stop``) goes from the inside out: tap_reader first,
@@ -67,6 +70,7 @@ GOOD_RUN_S = 30.0
 CRASH_LOOP_S = 2.0  # a worker that dies sooner after its start is crash-looping: back off
 IDLE_POLL_S = 1.0  # housekeeping (hung workers) at least this often
 SNAPSHOT_S = 0.5  # how fresh the status the metrics server reads is
+STATUS_WAIT_S = 0.25  # a CLI status waits this long at most for the workers' fresh counters
 TEMPLATE_READY_S = 10.0  # how long the first start waits for the template's imports
 TEMPLATE_BACKOFF_S = 0.5  # the first delay before a dead template is started again
 #: ``AUTOVN_SPAWN=plain``: start every worker as a fresh interpreter (no template)
@@ -199,6 +203,11 @@ class NodeSupervisor:
         #: the latest ``status()``, for the metrics server's thread: replaced, never changed
         self.snapshot: dict[str, Any] | None = None
         self._snapshot_at = 0.0
+        #: CLI status requests waiting for fresh counters: their ROUTER identities, the
+        #: workers that still owe a heartbeat, and when to answer with what there is
+        self._status_waiting: list[bytes] = []
+        self._status_owed: set[str] = set()
+        self._status_due: float | None = None
         self.metrics: Any = None  # a supervisor.metrics.MetricsServer while serving
         self.notifier = sdnotify.Notifier.from_environment()
         self._ready_sent = False
@@ -493,6 +502,8 @@ class NodeSupervisor:
                 due.append(self._template_at)
             if self.notifier is not None and self.notifier.watchdog_s:
                 due.append(self._watchdog_at)
+            if self._status_due is not None:
+                due.append(self._status_due)
             self._poll(max(0.0, min([now + IDLE_POLL_S, *due]) - now))
             self._housekeeping(time.monotonic())
 
@@ -550,6 +561,9 @@ class NodeSupervisor:
             elif isinstance(msg, messages.Heartbeat):
                 w.stats = msg.stats
                 self.router.send_multipart([ident, messages.encode(messages.HeartbeatAck())])
+                self._status_owed.discard(w.name)
+        if self._status_waiting and not self._status_owed:
+            self._answer_status()
 
     def _by_identity(self, ident: bytes) -> WorkerSlot | None:
         stage, _, index = ident.decode(errors="replace").partition(":")
@@ -584,6 +598,8 @@ class NodeSupervisor:
 
     def _housekeeping(self, now: float) -> None:
         timeout = self.settings.stages.heartbeat_timeout_s
+        if self._status_due is not None and now >= self._status_due:
+            self._answer_status()
         if self._template_at is not None and now >= self._template_at and not self.stopping:
             self._restart_template()
         if self.spawn == "template":
@@ -676,8 +692,32 @@ class NodeSupervisor:
             except ValueError:
                 continue
             if isinstance(msg, messages.StatusRequest):
-                reply = messages.StatusReply(self.status())
-                self.cli.send_multipart([frames[0], b"", messages.encode(reply)])
+                self._status_waiting.append(frames[0])
+                if self._status_due is None:
+                    self._ask_reports()
+
+    def _ask_reports(self) -> None:
+        """Ask every running worker for a heartbeat now, for a fresh status."""
+        request = messages.encode(messages.ReportRequest())
+        self._status_owed = set()
+        for w in self.workers:
+            if w.ready and w.pidfd is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    self.router.send_multipart([w.name.encode(), request], zmq.NOBLOCK)
+                    self._status_owed.add(w.name)
+        if not self._status_owed:
+            self._answer_status()
+        else:
+            self._status_due = time.monotonic() + STATUS_WAIT_S
+
+    def _answer_status(self) -> None:
+        reply = messages.encode(messages.StatusReply(self.status()))
+        for ident in self._status_waiting:
+            with contextlib.suppress(zmq.ZMQError):
+                self.cli.send_multipart([ident, b"", reply], zmq.NOBLOCK)
+        self._status_waiting.clear()
+        self._status_owed.clear()
+        self._status_due = None
 
     def status(self) -> dict[str, Any]:
         s = self.settings
