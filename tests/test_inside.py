@@ -138,6 +138,8 @@ class Inside:
         for _ in range(50):
             moved = 0
             for worker in self.workers:
+                for sock, _ in worker._zmq_sockets:
+                    sock.used = True  # no epoll here to say a socket's FD fired: ask them all
                 moved += worker.work() + worker._service_zmq()
             if not moved:
                 return

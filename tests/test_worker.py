@@ -93,3 +93,48 @@ def test_the_loop_sleeps_until_the_deadline_and_fires_it_on_time(
     stats = w.deadline_statistics()
     assert stats["late_ms_p50"] < 5.0, stats
     w.epoll.close()
+
+
+def test_a_message_whose_wake_up_a_send_absorbed_is_still_handled(
+    tmp_path: Path, quiet: None
+) -> None:
+    """The loop asks ``EVENTS`` only of sockets used since it last asked. A message that
+    arrived while the worker was busy sets the socket's FD; a ``send`` on that socket before
+    the loop looks takes the signal in (the FD goes quiet, the message waits): the send marks
+    the socket used, so the loop still finds the message instead of sleeping on it."""
+    import zmq
+
+    w = Timed(tmp_path)
+    peer = w.zmq.socket(zmq.PAIR)
+    mine = w.zmq.socket(zmq.PAIR)
+    got: list[bytes] = []
+
+    def drain() -> None:
+        while mine.poll(0):
+            got.append(mine.recv())
+
+    try:
+        peer.bind("inproc://absorbed")
+        mine.connect("inproc://absorbed")
+        w.watch(mine, drain)
+        w.step(0.0)  # a new socket is asked once
+        assert not mine.used and got == []
+        w.step(0.0)
+        assert not mine.used  # nothing used it: not asked again
+        peer.send(b"hello")
+        time.sleep(0.05)  # arrived: the FD says so
+        mine.send(b"busy")  # ... and this takes the signal in
+        fd = int(mine.getsockopt(zmq.FD))
+        assert fd not in {f for f, _ in w.epoll.poll(0)}  # the FD is quiet now
+        w.step(0.0)
+        assert got == [b"hello"]
+        assert peer.recv() == b"busy"
+        peer.send(b"again")  # untouched, the FD fires and its handler runs
+        deadline = time.monotonic() + 5
+        while len(got) < 2 and time.monotonic() < deadline:
+            w.step(0.1)
+        assert got == [b"hello", b"again"]
+    finally:
+        w.unwatch(int(mine.getsockopt(zmq.FD)))
+        mine.close(0)
+        peer.close(0)
