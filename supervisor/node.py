@@ -33,8 +33,9 @@ Theory of operation:
   (``PR_SET_PDEATHSIG``), which also closes the TAP.
 - With ``[metrics] listen`` the loop publishes ``status()`` as a snapshot twice a second for
   the metrics server's thread (``supervisor/metrics.py``). Under systemd (``$NOTIFY_SOCKET``)
-  it tells systemd READY=1 once the node has joined the overlay, WATCHDOG=1 every half
-  watchdog period, STATUS= as it changes and STOPPING=1 (``supervisor/sdnotify.py``).
+  it tells systemd READY=1 once the node has joined the overlay (asking control for its
+  state every 0.1 s until then), WATCHDOG=1 every half watchdog period, STATUS= as it
+  changes and STOPPING=1 (``supervisor/sdnotify.py``).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ CRASH_LOOP_S = 2.0  # a worker that dies sooner after its start is crash-looping
 IDLE_POLL_S = 1.0  # housekeeping (hung workers) at least this often
 SNAPSHOT_S = 0.5  # how fresh the status the metrics server reads is
 STATUS_WAIT_S = 0.25  # a CLI status waits this long at most for the workers' fresh counters
+READY_ASK_S = 0.1  # under systemd, until READY=1: how often control is asked for its state
 TEMPLATE_READY_S = 10.0  # how long the first start waits for the template's imports
 TEMPLATE_BACKOFF_S = 0.5  # the first delay before a dead template is started again
 #: ``AUTOVN_SPAWN=plain``: start every worker as a fresh interpreter (no template)
@@ -211,6 +213,7 @@ class NodeSupervisor:
         self.metrics: Any = None  # a supervisor.metrics.MetricsServer while serving
         self.notifier = sdnotify.Notifier.from_environment()
         self._ready_sent = False
+        self._ready_ask_at = 0.0  # when to ask control again whether the node has joined
         self._watchdog_at = 0.0
         self._status_text = ""
 
@@ -504,6 +507,8 @@ class NodeSupervisor:
                 due.append(self._watchdog_at)
             if self._status_due is not None:
                 due.append(self._status_due)
+            if self.notifier is not None and not self._ready_sent:
+                due.append(self._ready_ask_at)
             self._poll(max(0.0, min([now + IDLE_POLL_S, *due]) - now))
             self._housekeeping(time.monotonic())
 
@@ -643,6 +648,15 @@ class NodeSupervisor:
             self._ready_sent = True
             self._status_text = text
             self._tell(READY=1, STATUS=text)
+        elif not self._ready_sent and now >= self._ready_ask_at:
+            # control's state comes with its heartbeat, every 2 s: ask for it now and then
+            # instead, so READY=1 (what `systemctl start` waits for) follows the join closely
+            self._ready_ask_at = now + READY_ASK_S
+            control = next((w for w in self.workers if w.stage is Stage.CONTROL), None)
+            if control is not None and control.ready and control.pidfd is not None:
+                request = messages.encode(messages.ReportRequest())
+                with contextlib.suppress(zmq.ZMQError):
+                    self.router.send_multipart([control.name.encode(), request], zmq.NOBLOCK)
         elif self._ready_sent and text != self._status_text:
             self._status_text = text
             self._tell(STATUS=text)
