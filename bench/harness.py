@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -351,6 +352,12 @@ def pss_kib(pid: int) -> int | None:
         return None
     found = re.search(r"^Pss:\s+(\d+) kB", text, re.M)
     return int(found.group(1)) if found else None
+
+
+def median_measured(values: Sequence[float | None]) -> float | None:
+    """The median of the values measured (None: a round that measured nothing), or None."""
+    got = [v for v in values if v is not None]
+    return statistics.median(got) if got else None
 
 
 def percentile(values: list[float], q: float) -> float:

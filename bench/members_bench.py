@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import subprocess
 import sys
 import time
@@ -136,10 +135,7 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], None]:
     return result, None
 
 
-def _median(values: list[float | None]) -> float | None:
-    """The median of the values measured (a round whose control restarted has none)."""
-    got = [v for v in values if v is not None]
-    return statistics.median(got) if got else None
+_median = harness.median_measured  # (a round whose control restarted measured nothing)
 
 
 def render(result: dict[str, Any], _: None) -> str:

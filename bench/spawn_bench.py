@@ -261,9 +261,7 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, 
     return result, result
 
 
-def _median(values: list[float | None]) -> float | None:
-    known = [v for v in values if v is not None]
-    return statistics.median(known) if known else None
+_median = harness.median_measured
 
 
 def render(result: dict[str, Any], _: Any) -> str:

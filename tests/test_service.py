@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,16 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from supervisor.testbed import Node, Testbed, start_all, stop_all, two_nodes, wait_for
+from supervisor.testbed import (
+    Node,
+    Testbed,
+    notify_datagrams,
+    notify_socket,
+    start_all,
+    stop_all,
+    two_nodes,
+    wait_for,
+)
 from tests.test_metrics import promtool_check
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(180)]
@@ -83,31 +91,10 @@ def test_metrics_endpoint_scraped_and_counting(testbed: Testbed, tmp_path: Path)
     stop_all((a, b))
 
 
-@pytest.fixture
-def notify_socket() -> Iterator[tuple[socket.socket, str]]:
-    """A unix datagram socket bound to a path (an abstract name would be per network
-    namespace; a path is seen from the node's namespace as well)."""
-    directory = tempfile.mkdtemp(prefix="avnotify")
-    path = f"{directory}/notify"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    try:
-        yield sock, path
-    finally:
-        sock.close()
-        Path(path).unlink(missing_ok=True)
-        Path(directory).rmdir()
-
-
-def _datagrams(sock: socket.socket, until: float) -> Iterator[tuple[float, dict[str, str]]]:
-    while (left := until - time.monotonic()) > 0:
-        sock.settimeout(left)
-        try:
-            data = sock.recv(4096)
-        except TimeoutError:
-            return
-        fields = dict(line.split("=", 1) for line in data.decode().splitlines())
-        yield time.monotonic(), fields
+@pytest.fixture(name="notify_socket")
+def _notify_socket() -> Iterator[tuple[socket.socket, str]]:
+    with notify_socket() as pair:
+        yield pair
 
 
 def test_sd_notify_ready_watchdog_stopping(
@@ -126,7 +113,7 @@ def test_sd_notify_ready_watchdog_stopping(
         a.start()
     messages: list[tuple[float, dict[str, str]]] = []
     ready_at = None
-    for at, fields in _datagrams(sock, time.monotonic() + 30):
+    for at, fields in notify_datagrams(sock, time.monotonic() + 30):
         messages.append((at, fields))
         if fields.get("READY") == "1":
             ready_at = at
@@ -139,7 +126,7 @@ def test_sd_notify_ready_watchdog_stopping(
         ready["STATUS"].startswith("address 100.64.0.1, ") and "overlay joined" in ready["STATUS"]
     )
     # watchdog pings before READY and after it, every half period
-    for at, fields in _datagrams(sock, time.monotonic() + 2.6):
+    for at, fields in notify_datagrams(sock, time.monotonic() + 2.6):
         messages.append((at, fields))
     pings = [at for at, fields in messages if fields.get("WATCHDOG") == "1"]
     after = [at for at in pings if at > ready_at]
@@ -151,5 +138,5 @@ def test_sd_notify_ready_watchdog_stopping(
         environ = Path(f"/proc/{w['pid']}/environ").read_bytes().split(b"\0")
         assert not any(v.startswith(b"NOTIFY_SOCKET=") for v in environ), w["stage"]
     stop_all((a, b))
-    rest = [fields for _, fields in _datagrams(sock, time.monotonic() + 1)]
+    rest = [fields for _, fields in notify_datagrams(sock, time.monotonic() + 1)]
     assert {"STOPPING": "1", "STATUS": "stopping"} in rest, rest

@@ -10,7 +10,8 @@ Modules:
   pure standard library, and the place of the project's network rules.
 - ``nodes``: ``Node`` (one ``supervisor start`` in a namespace, and its waits), its config
   (``node_config``, ``write_config``), ``Authority``, ``start_all``, ``stop_all``,
-  ``wait_for`` and the test network's addresses.
+  ``wait_for``, the test network's addresses, and systemd's end of the notify protocol
+  (``notify_socket``, ``notify_datagrams``).
 - ``layouts``: ready-made networks: ``two_nodes`` (and its parts ``veth_pair`` and
   ``node_pair``), ``overlay_nodes``, ``routed_nodes``, ``router_segment``, ``nat_pair``
   (two nodes behind the NAT lab's gateways; ``link_row``, ``registered``),
@@ -70,6 +71,8 @@ from supervisor.testbed.nodes import (
     Authority,
     Node,
     node_config,
+    notify_datagrams,
+    notify_socket,
     start_all,
     stop_all,
     wait_for,
@@ -101,6 +104,8 @@ __all__ = [
     "member",
     "nat_pair",
     "node_config",
+    "notify_datagrams",
+    "notify_socket",
     "node_pair",
     "overlay_nodes",
     "overlay_settled",

@@ -13,12 +13,15 @@ Every wait is bounded; every process belongs to the testbed, which ends it by pi
 from __future__ import annotations
 
 import compileall
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -438,3 +441,32 @@ def stop_all(nodes: Sequence[Node]) -> None:
             raise RuntimeError(f"supervisor stop {n.name}: rc {res.returncode}: {res.stderr}")
     for n, processes in zip(nodes, running, strict=True):
         n.wait_gone(processes)
+
+
+@contextlib.contextmanager
+def notify_socket() -> Iterator[tuple[socket.socket, str]]:
+    """systemd's end of the notify protocol, for ``$NOTIFY_SOCKET``: a unix datagram socket
+    bound to a path (an abstract name would be per network namespace; a path is seen from a
+    node's namespace as well), and the path."""
+    directory = tempfile.mkdtemp(prefix="avnotify")
+    path = f"{directory}/notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    try:
+        yield sock, path
+    finally:
+        sock.close()
+        Path(path).unlink(missing_ok=True)
+        Path(directory).rmdir()
+
+
+def notify_datagrams(sock: socket.socket, until: float) -> Iterator[tuple[float, dict[str, str]]]:
+    """Each notify datagram until the monotonic time ``until``: when it came, its fields."""
+    while (left := until - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            data = sock.recv(4096)
+        except TimeoutError:
+            return
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+        yield time.monotonic(), fields
