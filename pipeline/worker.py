@@ -90,7 +90,13 @@ class WorkerSocket(zmq.Socket[bytes]):
 
 
 class WorkerContext(zmq.Context[WorkerSocket]):
+    """The process's context for workers: its sockets are ``WorkerSocket``s. Its own
+    ``instance()``: the class attributes it keeps it in are zmq.Context's otherwise, so
+    ``instance()`` would hand out a plain context made before (a test process's)."""
+
     _socket_class = WorkerSocket
+    _instance = None
+    _instance_pid = None
 
 
 def endpoint(runtime_dir: Path, name: str) -> str:

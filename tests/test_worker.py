@@ -138,3 +138,17 @@ def test_a_message_whose_wake_up_a_send_absorbed_is_still_handled(
         w.unwatch(int(mine.getsockopt(zmq.FD)))
         mine.close(0)
         peer.close(0)
+
+
+def test_workers_get_their_own_context_even_after_a_plain_one(tmp_path: Path, quiet: None) -> None:
+    """``zmq.Context.instance()`` made first (as a test process, or any library, may) is not
+    what a worker gets: its sockets must be ``WorkerSocket``s, or the loop never asks them."""
+    import zmq
+
+    plain = zmq.Context.instance()
+    w = Timed(tmp_path)
+    sock = w.zmq.socket(zmq.PAIR)
+    try:
+        assert w.zmq is not plain and isinstance(sock, worker_module.WorkerSocket)
+    finally:
+        sock.close(0)
