@@ -302,7 +302,9 @@ class SessionTable:
                 old.confirmed = old.confirmed or e.confirmed
                 recv[e.recv_index] = old
             else:
-                opener = RecvSession(e.recv_key, index=e.recv_index, created=e.created)
+                opener = RecvSession(
+                    e.recv_key, index=e.recv_index, created=e.created, cipher=e.cipher
+                )
                 shard = worker_for_peer(e.slot, self.classifiers)
                 entry = RecvEntry(opener, e.slot, e.recv_key, e.confirmed, shard)
                 entry.seen = parse_address(e.endpoint) if e.endpoint else None
@@ -364,6 +366,7 @@ class SessionTable:
             e.send_key,
             index=e.send_index,
             created=e.created,
+            cipher=e.cipher,
             counter_start=e.counter_start,
             rekey_after_bytes=self.rekey_after_bytes,
         )
