@@ -109,6 +109,7 @@ class TestInstall:
             sender = SendSession(KEY[n], index=100 + n, created=0.0, cipher=cipher)
             inbound = b"".join(sender.seal(DatagramType.DATA, b"in"))
             assert t.recv[100 + n].open(memoryview(inbound)) == b"in"
+        assert t.send_ciphers() == {"aes-256-gcm": 1, "chacha20-poly1305": 1}
 
     def test_the_newest_confirmed_session_of_a_link_seals(self) -> None:
         t = table()

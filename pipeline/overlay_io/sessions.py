@@ -479,6 +479,16 @@ class SessionTable:
         send = 0 if self.plaintext else len(self.send) + len(self.relayed)
         return {"receive": len(self.recv), "send": send}
 
+    def send_ciphers(self) -> dict[str, int]:
+        """How many keyed send sessions seal with each data cipher (the handshakes' choice)."""
+        out: dict[str, int] = {}
+        for entry in (*self.send.values(), *self.relayed.values()):
+            session = entry.session
+            if isinstance(session, SendSession):  # not a null session (plaintext)
+                name = session.cipher.value
+                out[name] = out.get(name, 0) + 1
+        return out
+
 
 def _replace(table: dict[_K, _V], new: dict[_K, _V]) -> None:
     table.clear()
