@@ -1,4 +1,5 @@
-"""Cost per packet of ChaCha20-Poly1305 (IETF, 96-bit nonce) seal and open, per Python binding.
+"""Cost per packet of the data path's AEADs (ChaCha20-Poly1305 and AES-256-GCM, 96-bit
+nonce) seal and open, per Python binding.
 
 Usage (from the repo root)::
 
@@ -12,7 +13,13 @@ Every operation uses 16 bytes of associated data (the overlay header) and a 12-b
 - ``crypt``: ``cryptography``'s ``ChaCha20Poly1305.encrypt`` / ``decrypt`` (OpenSSL through
   Rust; takes any buffer, returns a fresh ``bytes``);
 - ``crypt_into``: ``ChaCha20Poly1305.encrypt_into`` / ``decrypt_into`` into a preallocated
-  buffer, when the installed version has them.
+  buffer, when the installed version has them;
+- ``crypt_aes``: ``cryptography``'s ``AESGCM.encrypt`` / ``decrypt`` with a 32-byte key
+  (AES-256-GCM, the other data cipher a session may agree on);
+- ``nacl_aes``: libsodium's ``crypto_aead_aes256gcm_*`` (only where the CPU has AES-NI).
+
+After the first table, the ratio AES-256-GCM / ChaCha20-Poly1305 of ``cryptography``'s
+calls at each size (the same run).
 
 Each cell is the median over ``--runs`` runs of one timed loop of N calls (N chosen so a run
 lasts about ``--target`` seconds); ns/packet includes the Python loop (its cost is printed
@@ -31,20 +38,23 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from nacl.bindings import (  # noqa: E402
+    crypto_aead_aes256gcm_decrypt,
+    crypto_aead_aes256gcm_encrypt,
     crypto_aead_chacha20poly1305_ietf_decrypt,
     crypto_aead_chacha20poly1305_ietf_encrypt,
 )
 
 try:
-    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 except ImportError:  # pragma: no cover - the bench still runs the nacl rows
-    ChaCha20Poly1305 = None  # type: ignore[assignment,misc]
+    AESGCM = ChaCha20Poly1305 = None  # type: ignore[assignment,misc]
 
 KEY = bytes(range(32))
 AD = bytes(range(100, 116))  # stands in for the 16-byte overlay header
@@ -132,6 +142,39 @@ def binding_ops(size: int) -> dict[str, tuple[Callable[[], object], Callable[[],
             into_open()
             assert out_pt == payload
             ops["crypt_into"] = (into_seal, into_open)
+    ops.update(aes_ops(payload))
+    return ops
+
+
+def aes_ops(payload: bytes) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
+    """AES-256-GCM's (seal, open) closures: ``cryptography``'s and, with AES-NI, libsodium's."""
+    ops: dict[str, tuple[Callable[[], object], Callable[[], object]]] = {}
+    if AESGCM is None:
+        return ops
+    aead = AESGCM(KEY)
+    enc, dec = aead.encrypt, aead.decrypt
+    ct = enc(NONCE, payload, AD)
+
+    def aes_seal() -> object:
+        return enc(NONCE, payload, AD)
+
+    def aes_open() -> object:
+        return dec(NONCE, ct, AD)
+
+    assert aes_open() == payload
+    ops["crypt_aes"] = (aes_seal, aes_open)
+    try:
+        assert crypto_aead_aes256gcm_encrypt(payload, AD, NONCE, KEY) == ct, "bindings disagree"
+    except RuntimeError:  # libsodium's AES-GCM needs the CPU's AES instructions
+        return ops
+
+    def nacl_aes_seal() -> object:
+        return crypto_aead_aes256gcm_encrypt(payload, AD, NONCE, KEY)
+
+    def nacl_aes_open() -> object:
+        return crypto_aead_aes256gcm_decrypt(ct, AD, NONCE, KEY)
+
+    ops["nacl_aes"] = (nacl_aes_seal, nacl_aes_open)
     return ops
 
 
@@ -225,11 +268,22 @@ def packet_ops(size: int) -> dict[str, Callable[[], object]]:
 
             ops["crypt: encrypt_into(fresh bytearray)"] = crypt_into_fresh
     try:
+        from pipeline.crypto.ciphers import DataCipher
         from pipeline.crypto.datapath import RecvSession, SendSession
     except ImportError:
         return ops
-    send = SendSession(KEY, index=7, created=0.0)
-    recv = RecvSession(KEY, index=7, created=0.0)
+    for cipher in DataCipher:
+        ops.update(datapath_ops(SendSession, RecvSession, cipher, payload))
+    return ops
+
+
+def datapath_ops(
+    send_type: Any, recv_type: Any, cipher: Any, payload: bytes
+) -> dict[str, Callable[[], object]]:
+    """``pipeline.crypto.datapath``'s own seal and open, with ``cipher``."""
+    ops: dict[str, Callable[[], object]] = {}
+    send = send_type(KEY, index=7, created=0.0, cipher=cipher)
+    recv = recv_type(KEY, index=7, created=0.0, cipher=cipher)
     datagram = b"".join(send.seal(1, payload))
     assert bytes(recv.open(datagram)) == payload
     seal = send.seal
@@ -237,7 +291,7 @@ def packet_ops(size: int) -> dict[str, Callable[[], object]]:
     def dp_seal() -> object:
         return seal(1, payload)
 
-    ops["datapath.SendSession.seal"] = dp_seal
+    ops[f"datapath.SendSession.seal {cipher}"] = dp_seal
     # open() of a fresh datagram each time would need a sender in the loop; instead the
     # receiver's window is rewound so the same datagram passes the replay check again.
     window = recv.window
@@ -257,9 +311,9 @@ def packet_ops(size: int) -> dict[str, Callable[[], object]]:
         window.reset()
         return None
 
-    ops["datapath.RecvSession.open(bytes) + reset"] = dp_open
-    ops["datapath.RecvSession.open(memoryview) + reset"] = dp_open_view
-    ops["  (window.reset alone)"] = reset_only
+    ops[f"datapath.RecvSession.open(bytes)+reset {cipher}"] = dp_open
+    ops[f"datapath.RecvSession.open(view)+reset {cipher}"] = dp_open_view
+    ops[f"  (window.reset alone) {cipher}"] = reset_only
     return ops
 
 
@@ -294,15 +348,23 @@ def main() -> None:
     head = f"{'size':>6} {'binding':<11} {'op':<5} {'ns/pkt':>9} {'MB/s':>9} {'min ns':>9}"
     print(head)
     print("-" * len(head))
+    medians: dict[tuple[int, str, str], float] = {}
     for size in sizes:
         for name, (seal, open_) in binding_ops(size).items():
             for op, fn in (("seal", seal), ("open", open_)):
                 cell = measure(fn, runs, target)
+                medians[size, name, op] = cell.median
                 print(
                     f"{size:>6} {name:<11} {op:<5} {cell.median:>9.0f} "
                     f"{mbps(size, cell.median):>9.1f} {cell.min:>9.0f}",
                     flush=True,
                 )
+    if AESGCM is not None:
+        print("\nAES-256-GCM / ChaCha20-Poly1305, cryptography's calls (medians above)")
+        for size in sizes:
+            seal_ratio = medians[size, "crypt_aes", "seal"] / medians[size, "crypt", "seal"]
+            open_ratio = medians[size, "crypt_aes", "open"] / medians[size, "crypt", "open"]
+            print(f"{size:>6} seal {seal_ratio:.2f}  open {open_ratio:.2f}")
 
     print(f"\nnonce construction (12 bytes: 4 zero + u64 LE), median of {runs}")
     print(f"{'method':<40} {'ns':>7} {'min ns':>7}")
@@ -311,13 +373,13 @@ def main() -> None:
         print(f"{name:<40} {cell.median:>7.0f} {cell.min:>7.0f}", flush=True)
 
     print(f"\nwhole packet (header + nonce + AEAD + output object), median of {runs}")
-    print(f"{'size':>6} {'variant':<46} {'ns/pkt':>9} {'MB/s':>9} {'min ns':>9}")
+    print(f"{'size':>6} {'variant':<58} {'ns/pkt':>9} {'MB/s':>9} {'min ns':>9}")
     for size in sizes:
         for name, fn in packet_ops(size).items():
             cell = measure(fn, runs, target)
             rate = "-" if name.startswith(" ") else f"{mbps(size, cell.median):.1f}"
             print(
-                f"{size:>6} {name:<46} {cell.median:>9.0f} {rate:>9} {cell.min:>9.0f}",
+                f"{size:>6} {name:<58} {cell.median:>9.0f} {rate:>9} {cell.min:>9.0f}",
                 flush=True,
             )
 

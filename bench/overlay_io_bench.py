@@ -5,6 +5,7 @@ Usage (from the repo root)::
     python bench/overlay_io_bench.py [--packets 100000] [--repeats 5] [--sizes 64,1400]
                                      [--modes enc,plain,tso] [--gso-size 1348] [--segments 45]
                                      [--before REV] [--after DIR]
+                                     [--cipher NAME] [--before-cipher NAME]
 
 An ``OverlayIoWorker`` runs in a child process with real shm rings and an in-memory port of
 this script's own (the same for both trees: sends are counted, not copied; a datagram to
@@ -35,6 +36,10 @@ with ``git archive`` into a temporary directory; ``--after`` is the working tree
 runs both trees one after the other, in alternating order, each in a fresh interpreter. Time
 is the worker thread's CPU time (``time.thread_time_ns``), so that other processes of a shared
 machine are not counted, only their effect on caches.
+``--cipher`` is the data cipher of the session ``enc`` and ``tso`` install in the after tree
+(``aes-256-gcm`` or ``chacha20-poly1305``, the default), ``--before-cipher`` the before
+tree's (a tree from before the negotiation knows only ``chacha20-poly1305``); with
+``--before HEAD`` the two columns compare the ciphers on one tree.
 The table shows ns per packet (per segment for ``tso``), the median of ``--repeats`` runs
 (``min`` beside it: the least disturbed run), and after/before.
 """
@@ -183,7 +188,9 @@ def tso_case(gso_size: int, segments: int) -> tuple[bytes, list[bytes]]:
     return header + frame, cut
 
 
-def child(mode: str, size: int, packets: int, gso_size: int, segments: int) -> dict[str, float]:
+def child(
+    mode: str, size: int, packets: int, gso_size: int, segments: int, cipher: str
+) -> dict[str, float]:
     import logging
 
     import structlog
@@ -206,6 +213,14 @@ def child(mode: str, size: int, packets: int, gso_size: int, segments: int) -> d
         Lane = None  # type: ignore[assignment,misc,unused-ignore]  # noqa: N806
 
     print(f"pipeline from {Path(pipeline.__file__).parent.parent}", file=sys.stderr)
+    # the session's cipher, where the tree has the negotiation (else chacha20-poly1305 only)
+    with_cipher: dict[str, Any] = {}
+    if "cipher" in messages.KeyEntry.__struct_fields__:
+        from pipeline.crypto.ciphers import DataCipher
+
+        with_cipher["cipher"] = DataCipher(cipher)
+    elif cipher != "chacha20-poly1305":
+        raise SystemExit(f"{cipher}: this tree seals with chacha20-poly1305 only")
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
     # as the old tree takes no port argument, both trees get theirs by patching the module
     vars(pipeline.worker)["configure_logging"] = lambda **kw: structlog.get_logger()
@@ -264,12 +279,14 @@ def child(mode: str, size: int, packets: int, gso_size: int, segments: int) -> d
             confirmed=True,
             endpoint=f"{PEER[0]}:{PEER[1]}",
             node_id=b"\x01" * 20,
+            **with_cipher,
         )
         feed.on_message(messages.SessionKeys(1, (entry,), b"\x02" * 20))
     to_io = Producer(Ring.attach(specs["in"]))
     from_io = Consumer(Ring.attach(specs["out"]))
+    sealer = SendSession(KEY_IN, index=RECV_INDEX, created=0.0, **with_cipher)
     if mode == "tso":
-        return tso_loops(worker, port, to_io, from_io, packets, gso_size, segments)
+        return tso_loops(worker, port, to_io, from_io, sealer, packets, gso_size, segments)
     packet = bytes(range(256)) * (size // 256) + bytes(size % 256)
 
     # send: the classifier's packets sealed and sent
@@ -277,7 +294,6 @@ def child(mode: str, size: int, packets: int, gso_size: int, segments: int) -> d
     assert port.sent == packets, (port.sent, packets)
 
     # recv: datagrams opened and pushed to the classifier
-    sealer = SendSession(KEY_IN, index=RECV_INDEX, created=0.0)
     header = build_header(DatagramType.DATA)
     elapsed = 0
     done = got = 0
@@ -340,12 +356,12 @@ def tso_loops(
     port: BenchPort,
     to_io: Any,
     from_io: Any,
+    sealer: Any,
     packets: int,
     gso_size: int,
     segments: int,
 ) -> dict[str, float]:
-    """The tso mode's two loops: ns per segment."""
-    from pipeline.crypto.datapath import SendSession
+    """The tso mode's two loops: ns per segment (``sealer``: the peer's sending session)."""
     from pipeline.records import FLAG_VNET
     from pipeline.wire.overlay import FLAG_PARTIAL, DatagramType
 
@@ -358,7 +374,6 @@ def tso_loops(
     send_ns = elapsed / (frames * segments)
 
     # recv: GRO reads of sealed segments, opened, coalesced, pushed to the classifier
-    sealer = SendSession(KEY_IN, index=RECV_INDEX, created=0.0)
     port.segment = 16 + 20 + TCP_HL + gso_size + 16
     elapsed = done = 0
     while done < frames:
@@ -383,9 +398,11 @@ def tso_loops(
 # -- the parent --------------------------------------------------------------------------------
 
 
-def run_child(tree: Path, mode: str, size: int, args: argparse.Namespace) -> dict[str, float]:
+def run_child(
+    tree: Path, mode: str, size: int, cipher: str, args: argparse.Namespace
+) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(tree))
-    argv = [sys.executable, str(Path(__file__).resolve()), "--child"]
+    argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--cipher", cipher]
     argv += ["--modes", mode, "--sizes", str(size), "--packets", str(args.packets)]
     argv += ["--gso-size", str(args.gso_size), "--segments", str(args.segments)]
     out = subprocess.run(
@@ -419,12 +436,15 @@ def main() -> int:
     parser.add_argument("--segments", type=int, default=45, help="tso: segments a frame")
     parser.add_argument("--before", default="main")
     parser.add_argument("--after", type=Path, default=ROOT)
+    ciphers = ["chacha20-poly1305", "aes-256-gcm"]
+    parser.add_argument("--cipher", choices=ciphers, default=ciphers[0], help="the after tree's")
+    parser.add_argument("--before-cipher", choices=ciphers, default=ciphers[0])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     modes = args.modes.split(",")
     if args.child:
-        got = child(modes[0], sizes[0], args.packets, args.gso_size, args.segments)
+        got = child(modes[0], sizes[0], args.packets, args.gso_size, args.segments, args.cipher)
         print(json.dumps(got))
         return 0
 
@@ -433,12 +453,13 @@ def main() -> int:
         before = Path(tmp)
         export(args.before, before)
         trees = {"before": before, "after": args.after.resolve()}
+        cipher_of = {"before": args.before_cipher, "after": args.cipher}
         for r in range(args.repeats):
             for mode in modes:
                 for size in sizes_of(mode, sizes, args):
                     order = ["before", "after"] if r % 2 == 0 else ["after", "before"]
                     for name in order:
-                        got = run_child(trees[name], mode, size, args)
+                        got = run_child(trees[name], mode, size, cipher_of[name], args)
                         for direction, ns in got.items():
                             results.setdefault((name, mode, size, direction), []).append(ns)
             print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr)
@@ -447,7 +468,7 @@ def main() -> int:
         f"overlay_io worker loops, ns per packet (tso: per segment of {args.gso_size} bytes, "
         f"{args.segments} a super-frame; size: the segment's IP packet): median of "
         f"{args.repeats} runs of {args.packets} packets (min in brackets); thread CPU time; "
-        f"before = {args.before}, after = {args.after}"
+        f"before = {args.before} ({args.before_cipher}), after = {args.after} ({args.cipher})"
     )
     print(f"{'mode':<6}{'size':>6}  {'loop':<5}{'before':>18}{'after':>18}{'after/before':>14}")
     for mode in modes:

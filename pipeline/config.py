@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
+from pipeline.crypto.ciphers import DEFAULT_CIPHERS, DataCipher
 from pipeline.errors import ConfigError
 from pipeline.topology import Stage, Topology
 
@@ -247,6 +248,15 @@ class PeerSettings(_Record, frozen=True, kw_only=True):
     )
 
 
+def _ciphers(v: tuple[DataCipher, ...]) -> str | None:
+    if not v:
+        known = ", ".join(repr(c.value) for c in DataCipher)
+        return f"must name at least one cipher (known: {known})"
+    if len(set(v)) != len(v):
+        return f"names a cipher twice: {[c.value for c in v]}"
+    return None
+
+
 class SecuritySettings(_Record, frozen=True, kw_only=True):
     ca_certificate: Path | None = _field(
         None, check=_absolute, doc="the network authority's certificate (must exist)"
@@ -263,6 +273,12 @@ class SecuritySettings(_Record, frozen=True, kw_only=True):
     rekey_after_bytes: int = _field(1 << 36, check=_between(1 << 20, 1 << 60), doc="or volume")
     handshake_load_threshold: int = _field(
         50, check=_between(1, 100000), doc="handshakes per second before cookies are demanded"
+    )
+    ciphers: tuple[DataCipher, ...] = _field(
+        DEFAULT_CIPHERS,
+        check=_ciphers,
+        doc="data ciphers this node allows, best first; a handshake takes the initiator's "
+        "first that the responder allows too (aes-256-gcm, chacha20-poly1305)",
     )
     insecure_plaintext: bool = _field(
         False, doc="no handshakes, no encryption: only to measure the pipeline without crypto"

@@ -27,6 +27,8 @@ from typing import Any
 
 import msgspec
 
+from pipeline.crypto.ciphers import LEGACY_CIPHER, DataCipher
+
 
 class Ready(msgspec.Struct, tag=True, frozen=True):
     stage: str
@@ -92,6 +94,7 @@ class KeyEntry(msgspec.Struct, frozen=True):
     # relayed: the node id of the member to relay through first (both NATs vary, chosen by
     # the shortcut's exchange); b"": the overlay's greedy next hop
     via: bytes = b""
+    cipher: DataCipher = LEGACY_CIPHER  # the data cipher both keys seal with (the handshake's)
 
 
 class SessionKeys(msgspec.Struct, tag=True, frozen=True):

@@ -64,11 +64,13 @@ def format_status(st: dict[str, Any]) -> str:
             ",".join(p["addresses"]),
             p["rtt_ms"],
             p.get("pattern"),
+            p.get("cipher") or "-",
             p.get("session_age_s"),
         ]
         for p in st["peers"]
     ]
-    headers = ["peer", "state", "node_id", "endpoint", "addresses", "rtt_ms", "link", "key_age_s"]
+    headers = ["peer", "state", "node_id", "endpoint", "addresses", "rtt_ms", "link", "cipher"]
+    headers.append("key_age_s")
     lines += table(headers, rows) if rows else []
     overlay = st.get("overlay")
     if overlay:
@@ -91,13 +93,14 @@ def format_status(st: dict[str, Any]) -> str:
                 "up" if lk["up"] else "down",
                 lk["rtt_ms"],
                 lk["age_s"],
+                lk.get("cipher") or "-",
                 ",".join(lk["routes"]),
             ]
             for lk in st["link_table"]
         ]
         lines += ["", "links"]
         headers = ["slot", "name", "node_id", "kind", "endpoint", "state", "rtt_ms", "age_s"]
-        lines += table([*headers, "routes"], rows)
+        lines += table([*headers, "cipher", "routes"], rows)
     if st.get("machines"):
         lines += ["", "machines behind this router"]
         rows = [

@@ -101,7 +101,9 @@ class Member:
                 raise SystemExit("no link to the node")
             self.pump(0.05)
         session = self.links.sessions()[-1]
-        self.sender = SendSession(session.send_key, index=session.send_index, created=0.0)
+        self.sender = SendSession(
+            session.send_key, index=session.send_index, created=0.0, cipher=session.cipher
+        )
         cert = self.links.links[session.slot].certificate
         assert cert is not None
         self.node_id = cert.node_id

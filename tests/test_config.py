@@ -19,6 +19,8 @@ from pipeline.config import (
     settings_from_json,
     settings_from_mapping,
 )
+from pipeline.control.stage import control_settings
+from pipeline.crypto.ciphers import DataCipher
 from pipeline.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -288,6 +290,32 @@ class TestIssue14:
         got = problems(minimal() | {"nat": {"port_mapping_protocols": protocols}})
         where = "nat.port_mapping_protocols" + ("[0]" if protocols == ["igd"] else "")
         assert found in got[where]
+
+    def test_ciphers(self) -> None:
+        s = settings_from_mapping(minimal())
+        assert [c.value for c in s.security.ciphers] == ["aes-256-gcm", "chacha20-poly1305"]
+        sec = minimal()["security"] | {"ciphers": ["chacha20-poly1305"]}
+        alone = settings_from_mapping(minimal() | {"security": sec})
+        assert alone.security.ciphers == (DataCipher.CHACHA20_POLY1305,)
+        assert settings_from_json(alone.to_json()) == alone
+        assert control_settings(alone).links.ciphers == (DataCipher.CHACHA20_POLY1305,)
+
+    @pytest.mark.parametrize(
+        ("ciphers", "where", "found"),
+        [
+            ([], "security.ciphers", "must name at least one cipher"),
+            (["aes-256-gcm", "aes-256-gcm"], "security.ciphers", "names a cipher twice"),
+            (
+                ["aes-256-gcm", "aes-128-gcm"],
+                "security.ciphers[1]",
+                "must be one of 'aes-256-gcm', 'chacha20-poly1305', got 'aes-128-gcm'",
+            ),
+        ],
+    )
+    def test_ciphers_refused(self, ciphers: object, where: str, found: str) -> None:
+        sec = minimal()["security"] | {"ciphers": ciphers}
+        got = problems(minimal() | {"security": sec})
+        assert found in got[where], got
 
     def test_interface_example_does_not_call_dhcp_future_work(self) -> None:
         text = (ROOT / "configs/interface.toml").read_text()

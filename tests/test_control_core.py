@@ -21,8 +21,9 @@ from pipeline.control.core import (
     ControlSettings,
     Credentials,
 )
-from pipeline.control.links import PeerSpec
+from pipeline.control.links import LinkSettings, PeerSpec
 from pipeline.crypto.cert import RevocationList
+from pipeline.crypto.ciphers import DEFAULT_CIPHERS, DataCipher
 from tests.test_links import WALL, ca_pair, member, rng_from
 
 SUBNET = IPv4Network("100.64.0.0/24")
@@ -136,6 +137,29 @@ def test_overlay_io_workers_get_keys_and_a_new_incarnation_a_new_counter_range()
     a.io_worker_started(b"overlay_io:0", pid=11)  # asked again, same incarnation
     ((_, keys),) = a.keys_to_send()
     assert keys.entries[0].counter_start == 1 << GENERATION_SHIFT
+
+
+@pytest.mark.parametrize(
+    ("mine", "theirs", "agreed"),
+    [
+        (DEFAULT_CIPHERS, DEFAULT_CIPHERS, DataCipher.AES_256_GCM),
+        (DEFAULT_CIPHERS, (DataCipher.CHACHA20_POLY1305,), DataCipher.CHACHA20_POLY1305),
+    ],
+)
+def test_the_agreed_cipher_goes_to_overlay_io_and_into_status(
+    mine: tuple[DataCipher, ...], theirs: tuple[DataCipher, ...], agreed: DataCipher
+) -> None:
+    a, b = cores = pair()
+    for core, ciphers in [(a, mine), (b, theirs)]:
+        assert core.routing is not None
+        core.routing.links.settings = LinkSettings(ciphers=ciphers)
+    run(cores, 100.0, 101.0)
+    a.io_worker_started(b"overlay_io:0", pid=10)
+    ((_, keys),) = a.keys_to_send()
+    assert keys.entries and {e.cipher for e in keys.entries} == {agreed}
+    status = a.status(101.0)
+    assert status["peers"][0]["cipher"] == agreed.value
+    assert [row["cipher"] for row in status["link_table"]] == [agreed.value]
 
 
 def test_a_handshake_retry_fires_at_its_deadline_not_on_a_tick() -> None:

@@ -9,8 +9,12 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nacl.bindings import crypto_aead_chacha20poly1305_ietf_encrypt
+from nacl.bindings import (
+    crypto_aead_aes256gcm_encrypt,
+    crypto_aead_chacha20poly1305_ietf_encrypt,
+)
 
+from pipeline.crypto.ciphers import DataCipher
 from pipeline.crypto.datapath import (
     MIN_DATAGRAM,
     REJECT_AFTER_MESSAGES,
@@ -33,10 +37,12 @@ OTHER_KEY = bytes(range(1, 33))
 INDEX = 0xA1B2C3D4
 SIZES = [0, 1, 64, 1400, 9000, 65535]
 NO_DEADLINE = settings(deadline=None)
+CIPHERS = list(DataCipher)
 
 
 def pair(
     *,
+    cipher: DataCipher = DataCipher.CHACHA20_POLY1305,
     rekey_after_messages: int = REKEY_AFTER_MESSAGES,
     rekey_after_bytes: int | None = None,
     reject_after_messages: int = REJECT_AFTER_MESSAGES,
@@ -45,11 +51,12 @@ def pair(
         KEY,
         index=INDEX,
         created=0.0,
+        cipher=cipher,
         rekey_after_messages=rekey_after_messages,
         rekey_after_bytes=rekey_after_bytes,
         reject_after_messages=reject_after_messages,
     )
-    return send, RecvSession(KEY, index=INDEX, created=0.0)
+    return send, RecvSession(KEY, index=INDEX, created=0.0, cipher=cipher)
 
 
 def seal(send: SendSession, payload: bytes, dtype: int = DatagramType.DATA) -> bytes:
@@ -72,6 +79,7 @@ ALLOWED_IMPORTS = {
     "collections.abc",
     "cryptography.exceptions",
     "cryptography.hazmat.primitives.ciphers.aead",
+    "pipeline.crypto.ciphers",
     "pipeline.errors",
     "pipeline.wire.overlay",
 }
@@ -92,9 +100,10 @@ def test_datapath_imports_only_pure_modules() -> None:
 # --- seal and open ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("cipher", CIPHERS)
 @pytest.mark.parametrize("size", SIZES)
-def test_round_trip_every_size(size: int) -> None:
-    send, recv = pair()
+def test_round_trip_every_size(size: int, cipher: DataCipher) -> None:
+    send, recv = pair(cipher=cipher)
     payload = random.Random(size).randbytes(size)
     for counter in range(3):
         header, ciphertext = send.seal(DatagramType.DATA, memoryview(payload))
@@ -127,10 +136,32 @@ def test_ciphertext_matches_an_independent_implementation() -> None:
         assert ciphertext == crypto_aead_chacha20poly1305_ietf_encrypt(b"ping", header, nonce, KEY)
 
 
+def test_aes_ciphertext_matches_an_independent_implementation() -> None:
+    """AES-256-GCM: the same nonce and AD as ChaCha20-Poly1305, checked against libsodium's
+    AES-256-GCM (not OpenSSL's, which the data path uses)."""
+    send, _ = pair(cipher=DataCipher.AES_256_GCM)
+    assert send.cipher is DataCipher.AES_256_GCM
+    for counter in range(3):
+        header, ciphertext = send.seal(DatagramType.DATA, b"x" * 1348, flags=0x0001)
+        assert header == HEADER.pack(VERSION, DatagramType.DATA, 0x0001, INDEX, counter)
+        nonce = b"\x00" * 4 + counter.to_bytes(8, "little")
+        assert ciphertext == crypto_aead_aes256gcm_encrypt(b"x" * 1348, header, nonce, KEY)
+
+
+def test_a_session_opens_only_its_own_cipher() -> None:
+    """The same key and counter under the other AEAD is a forgery: ``bad_tag``, counted."""
+    for sealer, opener in [CIPHERS, CIPHERS[::-1]]:
+        send, _ = pair(cipher=sealer)
+        _, recv = pair(cipher=opener)
+        assert reason_of(recv, seal(send, b"hello")) == "bad_tag"
+        assert recv.window.top == 0 and recv.window.check(0)
+
+
+@pytest.mark.parametrize("cipher", CIPHERS)
 @pytest.mark.parametrize("position", range(HEADER_LEN))
 @pytest.mark.parametrize("mask", [0x01, 0x80, 0xFF])
-def test_header_is_authenticated(position: int, mask: int) -> None:
-    send, recv = pair()
+def test_header_is_authenticated(position: int, mask: int, cipher: DataCipher) -> None:
+    send, recv = pair(cipher=cipher)
     datagram = bytearray(seal(send, b"x" * 100))
     datagram[position] ^= mask
     expected = "wrong_session" if 4 <= position < 8 else "bad_tag"
@@ -139,9 +170,11 @@ def test_header_is_authenticated(position: int, mask: int) -> None:
 
 
 @NO_DEADLINE
-@given(data=st.data(), size=st.sampled_from([0, 64, 1400]))
-def test_flipped_ciphertext_byte_is_bad_tag(data: st.DataObject, size: int) -> None:
-    send, recv = pair()
+@given(data=st.data(), size=st.sampled_from([0, 64, 1400]), cipher=st.sampled_from(CIPHERS))
+def test_flipped_ciphertext_byte_is_bad_tag(
+    data: st.DataObject, size: int, cipher: DataCipher
+) -> None:
+    send, recv = pair(cipher=cipher)
     for _ in range(5):  # the forgery may carry any counter the window would take
         seal(send, b"")
     datagram = seal(send, bytes(size))
@@ -154,10 +187,12 @@ def test_flipped_ciphertext_byte_is_bad_tag(data: st.DataObject, size: int) -> N
     assert recv.open(datagram) == bytes(size)
 
 
-def test_wrong_key_is_bad_tag_and_wrong_index_is_wrong_session() -> None:
-    send, _ = pair()
+@pytest.mark.parametrize("cipher", CIPHERS)
+def test_wrong_key_is_bad_tag_and_wrong_index_is_wrong_session(cipher: DataCipher) -> None:
+    send, _ = pair(cipher=cipher)
     datagram = seal(send, b"hello")
-    assert reason_of(RecvSession(OTHER_KEY, index=INDEX, created=0.0), datagram) == "bad_tag"
+    other = RecvSession(OTHER_KEY, index=INDEX, created=0.0, cipher=cipher)
+    assert reason_of(other, datagram) == "bad_tag"
     assert reason_of(RecvSession(KEY, index=INDEX + 1, created=0.0), datagram) == "wrong_session"
 
 

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.crypto.ciphers import DataCipher
 from pipeline.crypto.datapath import (
     MIN_DATAGRAM,
     REJECT_AFTER_MESSAGES,
@@ -27,6 +28,7 @@ from pipeline.wire.overlay import FLAG_PARTIAL, HEADER, HEADER_LEN, VERSION, Dat
 KEY = bytes(range(32))
 INDEX = 0x0102_0304
 DATA = int(DatagramType.DATA)
+CIPHERS = list(DataCipher)
 
 
 # --- the replay window: a run in one advance ---------------------------------------------------
@@ -81,14 +83,14 @@ def sealed(send: SendSession, counter: int, payload: bytes, flags: int) -> bytes
     return header + send._encrypt(counter.to_bytes(8, "little").rjust(12, b"\0"), payload, header)
 
 
-def gro_read(seed: int, segment: int) -> tuple[list[bytes], int]:
+def gro_read(seed: int, segment: int, cipher: DataCipher) -> tuple[list[bytes], int]:
     """Datagrams of one session, ``segment`` bytes each (the last may be shorter) as one GRO
     read holds them: runs of consecutive counters, gaps, repeats, old and too old counters,
     forged tags, flags that vary, a short last one; then maybe one of another session, where
     the run stops. Returns them and the window width to open them with."""
     rng = random.Random(seed)
     width = rng.choice([64, 2048])
-    send = SendSession(KEY, index=INDEX, created=0.0)
+    send = SendSession(KEY, index=INDEX, created=0.0, cipher=cipher)
     size = segment - HEADER_LEN - TAG_LEN
     counter = rng.choice([0, 1, 5000, REJECT_AFTER_MESSAGES - 40])
     seen: list[int] = []
@@ -121,13 +123,14 @@ def gro_read(seed: int, segment: int) -> tuple[list[bytes], int]:
     return out, width
 
 
+@pytest.mark.parametrize("cipher", CIPHERS)
 @pytest.mark.parametrize("seed", range(60))
-def test_open_run_is_open_one_by_one(seed: int) -> None:
+def test_open_run_is_open_one_by_one(seed: int, cipher: DataCipher) -> None:
     segment = random.Random(seed).choice([MIN_DATAGRAM, 100, 1432])
-    datagrams, width = gro_read(seed, segment)
+    datagrams, width = gro_read(seed, segment, cipher)
     batch = memoryview(b"".join(datagrams))
 
-    one = RecvSession(KEY, index=INDEX, created=0.0, window_size=width)
+    one = RecvSession(KEY, index=INDEX, created=0.0, cipher=cipher, window_size=width)
     expected: list[tuple[bytes, int]] = []
     expected_drops: dict[str, int] = {}
     expected_at = expected_bytes = 0
@@ -141,7 +144,7 @@ def test_open_run_is_open_one_by_one(seed: int) -> None:
         except RemoteProtocolError as exc:
             expected_drops[exc.reason] = expected_drops.get(exc.reason, 0) + 1
 
-    run = RecvSession(KEY, index=INDEX, created=0.0, window_size=width)
+    run = RecvSession(KEY, index=INDEX, created=0.0, cipher=cipher, window_size=width)
     opened: list[tuple[bytes, int]] = []
     drops: dict[str, int] = {}
     at, nbytes = run.open_run(batch, 0, segment, DATA, opened, drops)
@@ -168,17 +171,20 @@ def test_open_run_stops_at_another_type_and_opens_from_an_offset() -> None:
 # --- seal_each: a GSO batch, against seal one by one -------------------------------------------
 
 
+@pytest.mark.parametrize("cipher", CIPHERS)
 @pytest.mark.parametrize("flags", [0, FLAG_PARTIAL])
-def test_seal_each_is_seal_one_by_one(flags: int) -> None:
+def test_seal_each_is_seal_one_by_one(flags: int, cipher: DataCipher) -> None:
     payloads = [bytes([i]) * n for i, n in enumerate([0, 1, 1348, 1348, 700])]
-    one = SendSession(KEY, index=INDEX, created=0.0, counter_start=77)
-    each = SendSession(KEY, index=INDEX, created=0.0, counter_start=77)
+    one = SendSession(KEY, index=INDEX, created=0.0, cipher=cipher, counter_start=77)
+    each = SendSession(KEY, index=INDEX, created=0.0, cipher=cipher, counter_start=77)
     expected: list[bytes] = []
     for payload in payloads:
         expected += one.seal(DATA, payload, flags)
     parts: list[bytes | bytearray | memoryview] = []
     nbytes = each.seal_each(parts, DATA, iter(payloads), flags)
     assert parts == expected
+    recv = RecvSession(KEY, index=INDEX, created=0.0, cipher=cipher)
+    assert [recv.open(parts[i] + parts[i + 1]) for i in range(0, len(parts), 2)] == payloads
     assert nbytes == sum(len(p) for p in parts)
     assert (each.counter, each.bytes, each.messages) == (one.counter, one.bytes, one.messages)
 

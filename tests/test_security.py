@@ -131,8 +131,8 @@ while (now := time.monotonic()) < end:
 # checked its answer) carries a frame, to show that the member holds no such session.
 frames = 0
 for s in links.sessions():
-    header, sealed = SendSession(s.send_key, index=s.send_index, created=0.0).seal(
-        DatagramType.DATA, b"\x45" + bytes(27))
+    header, sealed = SendSession(s.send_key, index=s.send_index, created=0.0,
+                                 cipher=s.cipher).seal(DatagramType.DATA, b"\x45" + bytes(27))
     sock.sendto(header + sealed, (a["peer_host"], a["port"]))
     frames += 1
 print(json.dumps({"counters": dict(links.counters), "refused": dict(links.refusals),

@@ -7,6 +7,7 @@ import msgspec
 import pytest
 
 from pipeline import messages
+from pipeline.crypto.ciphers import DataCipher
 from pipeline.crypto.datapath import RecvSession, SendSession
 from pipeline.errors import RemoteProtocolError
 from pipeline.nodeid import NODE_ID_LEN
@@ -87,6 +88,28 @@ class TestInstall:
         assert (out.endpoint, out.dest, out.key, out.hop) == (ADDR_1, ID_1, KEY[1], -1)
         assert isinstance(out.session, SendSession) and out.session.index == 200
         assert t.version == 1 and t.statistics() == {"receive": 2, "send": 1}
+
+    def test_each_session_seals_and_opens_with_the_cipher_control_named(self) -> None:
+        """The handshake's cipher comes in the KeyEntry (absent: chacha20-poly1305, as
+        before the negotiation); a session of each, side by side."""
+        aes = msgspec.structs.replace(key_entry(1, 0), cipher=DataCipher.AES_256_GCM)
+        t = table()
+        t.install_keys(keys(aes, key_entry(2, 2, endpoint=EP_2)))
+        for index, cipher in [(100, DataCipher.AES_256_GCM), (102, DataCipher.CHACHA20_POLY1305)]:
+            inbound_session = t.recv[index].session
+            assert isinstance(inbound_session, RecvSession) and inbound_session.cipher is cipher
+        for slot, n, cipher in [(1, 0, aes.cipher), (2, 2, DataCipher.CHACHA20_POLY1305)]:
+            out = t.send[slot].session
+            assert isinstance(out, SendSession) and out.cipher is cipher
+            datagram = seal(t, slot)
+            assert (
+                RecvSession(KEY[n + 1], index=200 + n, created=0.0, cipher=cipher).open(datagram)
+                == b"packet"
+            )
+            sender = SendSession(KEY[n], index=100 + n, created=0.0, cipher=cipher)
+            inbound = b"".join(sender.seal(DatagramType.DATA, b"in"))
+            assert t.recv[100 + n].open(memoryview(inbound)) == b"in"
+        assert t.send_ciphers() == {"aes-256-gcm": 1, "chacha20-poly1305": 1}
 
     def test_the_newest_confirmed_session_of_a_link_seals(self) -> None:
         t = table()

@@ -913,6 +913,7 @@ class ControlCore:
                     endpoint=_text(link.endpoint) if direct else "",
                     node_id=link.certificate.node_id if link.certificate else b"",
                     via=b"" if direct else chosen.get(sess.slot, b""),
+                    cipher=sess.cipher,
                 )
             )
         return messages.SessionKeys(
@@ -953,6 +954,7 @@ class ControlCore:
                     "sessions": len(mine),
                     "session_age_s": round(now - mine[-1].created, 1) if mine else None,
                     "pattern": mine[-1].pattern.name if mine else None,
+                    "cipher": mine[-1].cipher.value if mine else None,
                     "handshakes": link.handshakes if link is not None else 0,
                 }
             )

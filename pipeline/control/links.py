@@ -3,9 +3,12 @@
 Theory of operation:
 
 - A *link* is this node's relation with one configured peer. It holds up to three
-  *sessions* (pairs of ChaCha20-Poly1305 keys, one per direction, each named by a random
-  32-bit index chosen by its receiver): the current one, the one before it (so packets in
-  flight during a rekey still decrypt) and a new one not yet confirmed.
+  *sessions* (pairs of keys, one per direction, each named by a random 32-bit index chosen
+  by its receiver, and the data cipher they seal with): the current one, the one before it
+  (so packets in flight during a rekey still decrypt) and a new one not yet confirmed.
+- Each handshake agrees on its session's data cipher (``pipeline/crypto/handshake.py``): the
+  initiator offers ``LinkSettings.ciphers``, the responder takes the first it allows too;
+  none in common is a counted refusal (``no_common_cipher``), on either side.
 - A handshake is Noise IK when the peer's public key is configured, XX when it is not. Each
   side's certificate travels in its encrypted payload and is checked against the network
   authority: signature, validity, network, revocation, that it is for the static key the
@@ -53,6 +56,7 @@ from pipeline.crypto.cert import (
     decode_certificate,
     verify,
 )
+from pipeline.crypto.ciphers import DEFAULT_CIPHERS, LEGACY_CIPHER, DataCipher
 from pipeline.crypto.identity import Identity, x25519_public_from_ed25519
 from pipeline.crypto.noise import CipherState, HandshakeState, NoiseError
 from pipeline.crypto.screen import HandshakeScreen, ScreenSettings
@@ -80,6 +84,7 @@ class LinkSettings(msgspec.Struct, frozen=True):
     resend_s: float = 0.2
     load_threshold: int = 50  # handshake messages per second before cookies are demanded
     per_source_rate: float = 5.0  # handshakes per second and source address under load
+    ciphers: tuple[DataCipher, ...] = DEFAULT_CIPHERS  # data ciphers allowed, best first
 
 
 class Via(msgspec.Struct, frozen=True):
@@ -114,6 +119,7 @@ class Session(msgspec.Struct):
     initiator: bool
     confirmed: bool
     pattern: hs.Pattern
+    cipher: DataCipher = LEGACY_CIPHER  # the data cipher the handshake agreed on
 
 
 class _Pending(msgspec.Struct):
@@ -137,6 +143,7 @@ class _Responding(msgspec.Struct):
     peer_index: int
     source: Target
     started: float
+    cipher: DataCipher  # chosen from the initiator's first message, named in our answer
 
 
 class Link(msgspec.Struct):
@@ -432,7 +439,9 @@ class LinkManager:
             rs=rs,
             rng=self.rng,
         )
-        payload = self._payload(wall) if pattern is hs.Pattern.IK else b""
+        # XX's first message: the offer only (the answer, which picks, comes before our
+        # certificate does)
+        payload = self._payload(wall) if pattern is hs.Pattern.IK else self._offer()
         index = self._new_index()
         cookie = link.cookie[0] if link.cookie and now - link.cookie[1] < COOKIE_VALID_S else None
         datagram = hs.build_handshake(
@@ -456,8 +465,16 @@ class LinkManager:
         self._out.append((datagram, link.endpoint))
         self.counters["initiations_sent"] += 1
 
-    def _payload(self, wall: float) -> bytes:
-        return hs.encode_payload(hs.HandshakePayload(self.certificate.encode(), int(wall * 1e9)))
+    def _payload(self, wall: float, choice: DataCipher | None = None) -> bytes:
+        """Ours: the initiator's with its offer, the responder's with its ``choice``."""
+        cert = self.certificate.encode()
+        stamp = int(wall * 1e9)
+        if choice is None:
+            return hs.encode_payload(hs.HandshakePayload(cert, stamp, self.settings.ciphers))
+        return hs.encode_payload(hs.HandshakePayload(cert, stamp, cipher=choice))
+
+    def _offer(self) -> bytes:
+        return hs.encode_payload(hs.HandshakePayload(b"", 0, self.settings.ciphers))
 
     def _new_index(self) -> int:
         used = {s.recv_index for link in self.links.values() for s in link.sessions}
@@ -550,15 +567,21 @@ class LinkManager:
         )
         payload = _noise(state.read_message, msg.noise)
         self.counters["handshakes_received"] += 1
-        index = self._new_index()
         if msg.pattern is hs.Pattern.XX:
-            noise = state.write_message(self._payload(wall))
-            self._responding[index] = _Responding(state, index, msg.sender_index, source, now)
+            offer = hs.decode_payload(payload).ciphers if payload else ()  # b"": an old node
+            cipher = hs.choose_cipher(offer, self.settings.ciphers)
+            index = self._new_index()
+            noise = state.write_message(self._payload(wall, cipher))
+            self._responding[index] = _Responding(
+                state, index, msg.sender_index, source, now, cipher
+            )
             while len(self._responding) > MAX_RESPONDING:
                 self._responding.popitem(last=False)
             self._send_step(msg.pattern, 1, index, msg.sender_index, noise, source)
             return
-        link, cert, stamp = self._authenticate(state, payload, source, wall)
+        link, cert, body = self._authenticate(state, payload, source, wall)
+        cipher = hs.choose_cipher(body.ciphers, self.settings.ciphers)
+        stamp = body.timestamp_ns
         if stamp == link.last_timestamp_ns:
             # the initiation we answered last, again: the peer sent it twice (it crossed
             # ours, or its resend timer fired before our answer came). Our answer is on its
@@ -581,7 +604,8 @@ class LinkManager:
             return
         link.last_timestamp_ns = stamp
         link.pending = None
-        noise = state.write_message(self._payload(wall))
+        index = self._new_index()
+        noise = state.write_message(self._payload(wall, cipher))
         self._send_step(msg.pattern, 1, index, msg.sender_index, noise, source)
         self._establish(
             link,
@@ -593,6 +617,7 @@ class LinkManager:
             initiator=False,
             confirmed=False,
             pattern=msg.pattern,
+            cipher=cipher,
         )
 
     def _initiator_reply(
@@ -611,7 +636,8 @@ class LinkManager:
         pending = link.pending
         state = pending.state
         payload = _noise(state.read_message, msg.noise)
-        found, cert, _ = self._authenticate(state, payload, source, wall, expect=link)
+        found, cert, body = self._authenticate(state, payload, source, wall, expect=link)
+        cipher = hs.offer_accepted(body.cipher, self.settings.ciphers)
         if msg.pattern is hs.Pattern.XX:
             noise = state.write_message(self._payload(wall))
             self._send_step(msg.pattern, 2, pending.index, msg.sender_index, noise, source)
@@ -632,6 +658,7 @@ class LinkManager:
             # a rekey waits for the peer's first datagram on it.
             confirmed=msg.pattern is hs.Pattern.IK or not any(s.confirmed for s in found.sessions),
             pattern=msg.pattern,
+            cipher=cipher,
         )
 
     def _responder_final(
@@ -642,8 +669,8 @@ class LinkManager:
             raise RemoteProtocolError("unknown_index", f"final for {msg.receiver_index}")
         payload = _noise(resp.state.read_message, msg.noise)
         del self._responding[msg.receiver_index]
-        link, cert, stamp = self._authenticate(resp.state, payload, source, wall)
-        link.last_timestamp_ns = max(link.last_timestamp_ns, stamp)
+        link, cert, body = self._authenticate(resp.state, payload, source, wall)
+        link.last_timestamp_ns = max(link.last_timestamp_ns, body.timestamp_ns)
         self._establish(
             link,
             resp.state,
@@ -654,6 +681,7 @@ class LinkManager:
             initiator=False,
             confirmed=True,
             pattern=msg.pattern,
+            cipher=resp.cipher,
         )
 
     def _send_step(
@@ -679,7 +707,7 @@ class LinkManager:
         source: Target,
         wall: float,
         expect: Link | None = None,
-    ) -> tuple[Link, Certificate, int]:
+    ) -> tuple[Link, Certificate, hs.HandshakePayload]:
         """Who is this? The peer's certificate, checked every way; raises on any doubt. The
         link is ``expect`` (ours, that initiated), or the configured or known link of this
         node, or — for a member we accept — a new one."""
@@ -701,7 +729,7 @@ class LinkManager:
         if link.dynamic:
             link.spec = msgspec.structs.replace(link.spec, name=cert.name)
             link.certificate = cert
-            return link, cert, body.timestamp_ns
+            return link, cert, body
         if link.spec.public_key is not None:
             check_key(cert, link.spec.public_key)
         if cert.name != link.spec.name:  # the authority named this node otherwise
@@ -713,7 +741,7 @@ class LinkManager:
             if not set(link.spec.addresses) <= allowed:
                 raise RemoteProtocolError("address_not_certified", f"{link.spec.name}")
         link.certificate = cert
-        return link, cert, body.timestamp_ns
+        return link, cert, body
 
     def _link_for(self, cert: Certificate, source: Target, placeholder: Link | None = None) -> Link:
         """The link this certificate belongs to: a configured peer's (by public key where one
@@ -751,6 +779,7 @@ class LinkManager:
         initiator: bool,
         confirmed: bool,
         pattern: hs.Pattern,
+        cipher: DataCipher,
     ) -> None:
         i2r, r2i = state.split()
         send, recv = (i2r, r2i) if initiator else (r2i, i2r)
@@ -766,6 +795,7 @@ class LinkManager:
                 initiator,
                 confirmed,
                 pattern,
+                cipher,
             )
         )
         link.sessions = link.sessions[-MAX_SESSIONS:]

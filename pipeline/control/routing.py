@@ -425,6 +425,7 @@ class RoutingCore:
                     if info is None or info.rtt is None
                     else round(info.rtt * 1000, 3),
                     "age_s": None if newest is None else round(now - newest.created, 1),
+                    "cipher": None if newest is None else newest.cipher.value,
                     "routes": sorted(
                         str(r.address) for r in self._routes.values() if r.node_id == nid
                     ),

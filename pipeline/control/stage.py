@@ -448,7 +448,9 @@ def control_settings(s: Settings) -> ControlSettings:
         keepalive_interval_s=s.overlay.keepalive_interval_s,
         peer_timeout_s=s.overlay.peer_timeout_s,
         links=LinkSettings(
-            rekey_after_s=sec.rekey_after_s, load_threshold=sec.handshake_load_threshold
+            rekey_after_s=sec.rekey_after_s,
+            load_threshold=sec.handshake_load_threshold,
+            ciphers=sec.ciphers,
         ),
         addressing=addressing,
         encrypted=not sec.insecure_plaintext,

@@ -7,7 +7,19 @@ A HANDSHAKE datagram (overlay header type 3)::
 The header's session field carries the receiver's index (0 in a first message). ``pattern``
 is 1 for Noise IK (the peer's static key is known) and 2 for XX (it is not); ``step`` counts
 the messages of the pattern from 0. The Noise payloads carry a ``HandshakePayload``: the
-sender's certificate and a timestamp.
+sender's certificate and a timestamp, and the data cipher's negotiation.
+
+The data cipher (``DataCipher``: the AEAD of the session's DATA, OVERLAY and RELAY
+datagrams): the initiator offers the ciphers it allows, in its order of preference
+(``ciphers``); the responder takes the first of them that it allows too and names it
+(``cipher``); the initiator checks that it is one it offered (``offer_accepted``). In XX the
+initiator's first message carries a payload with the offer only (no certificate: the
+responder is not known yet), as the responder answers before it sees the initiator's
+certificate. No common cipher: the handshake is refused (``no_common_cipher``). A node
+older than the negotiation sends neither field and ignores both: it means
+ChaCha20-Poly1305. Every payload is in the Noise transcript (IK's first one encrypted, XX's
+first one in the clear but hashed into every later message's AD), so an offer or choice
+changed on the way fails the handshake: a downgrade needs a key.
 
 ``mac1`` is a keyed BLAKE2b-128 over everything before it, keyed by a hash of the network
 authority's public key: a datagram without a valid mac1 was not made by someone holding the
@@ -29,11 +41,13 @@ import enum
 import hashlib
 import hmac
 import struct
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Annotated, NamedTuple
 
 import msgspec
 from nacl import bindings
 
+from pipeline.crypto.ciphers import LEGACY_CIPHER, DataCipher
 from pipeline.errors import RemoteProtocolError
 from pipeline.wire.overlay import HEADER_LEN, VERSION, DatagramType, build_header
 
@@ -70,9 +84,16 @@ class HandshakeMessage(NamedTuple):
     mac2: bytes
 
 
+CipherName = Annotated[str, msgspec.Meta(max_length=32)]  # a name we may not know (newer)
+
+
 class HandshakePayload(msgspec.Struct, array_like=True, frozen=True):
-    certificate: bytes
+    certificate: bytes  # b"": XX's first message, which carries the offer only
     timestamp_ns: int  # the sender's wall clock: a replayed first message is older
+    # the initiator's: the data ciphers it allows, best first (); the responder's: ()
+    ciphers: Annotated[tuple[CipherName, ...], msgspec.Meta(max_length=16)] = ()
+    # the responder's: the one it took from the offer; the initiator's: ""
+    cipher: CipherName = ""
 
 
 _payload_decoder = msgspec.msgpack.Decoder(HandshakePayload)
@@ -90,6 +111,28 @@ def decode_payload(data: bytes) -> HandshakePayload:
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise RemoteProtocolError("bad_payload", str(exc)) from exc
     return payload
+
+
+def choose_cipher(offer: Sequence[str], allowed: Sequence[DataCipher]) -> DataCipher:
+    """The responder's choice: the first cipher of the initiator's ``offer`` that this node
+    ``allowed``s; no offer (an older node) means ``LEGACY_CIPHER``. Names we do not know (a
+    newer node's) are passed over."""
+    for name in offer or (LEGACY_CIPHER,):
+        if name in allowed:
+            return DataCipher(name)
+    raise RemoteProtocolError(
+        "no_common_cipher", f"offered {list(offer)}, allowed {[c.value for c in allowed]}"
+    )
+
+
+def offer_accepted(choice: str, offered: Sequence[DataCipher]) -> DataCipher:
+    """The initiator's check of the responder's ``choice``: one it ``offered`` (no choice,
+    from an older node, means ``LEGACY_CIPHER``, which it may not have offered)."""
+    name = choice or LEGACY_CIPHER
+    if name not in offered:
+        reason = "no_common_cipher" if not choice else "cipher_not_offered"
+        raise RemoteProtocolError(reason, f"{name!r} chosen, {[c.value for c in offered]} offered")
+    return DataCipher(name)
 
 
 def network_key(label: bytes, ca_public_key: bytes) -> bytes:

@@ -302,7 +302,9 @@ class SessionTable:
                 old.confirmed = old.confirmed or e.confirmed
                 recv[e.recv_index] = old
             else:
-                opener = RecvSession(e.recv_key, index=e.recv_index, created=e.created)
+                opener = RecvSession(
+                    e.recv_key, index=e.recv_index, created=e.created, cipher=e.cipher
+                )
                 shard = worker_for_peer(e.slot, self.classifiers)
                 entry = RecvEntry(opener, e.slot, e.recv_key, e.confirmed, shard)
                 entry.seen = parse_address(e.endpoint) if e.endpoint else None
@@ -364,6 +366,7 @@ class SessionTable:
             e.send_key,
             index=e.send_index,
             created=e.created,
+            cipher=e.cipher,
             counter_start=e.counter_start,
             rekey_after_bytes=self.rekey_after_bytes,
         )
@@ -475,6 +478,16 @@ class SessionTable:
         """How many keyed sessions the table holds (null sessions are none)."""
         send = 0 if self.plaintext else len(self.send) + len(self.relayed)
         return {"receive": len(self.recv), "send": send}
+
+    def send_ciphers(self) -> dict[str, int]:
+        """How many keyed send sessions seal with each data cipher (the handshakes' choice)."""
+        out: dict[str, int] = {}
+        for entry in (*self.send.values(), *self.relayed.values()):
+            session = entry.session
+            if isinstance(session, SendSession):  # not a null session (plaintext)
+                name = session.cipher.value
+                out[name] = out.get(name, 0) + 1
+        return out
 
 
 def _replace(table: dict[_K, _V], new: dict[_K, _V]) -> None:

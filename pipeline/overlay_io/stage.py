@@ -794,6 +794,7 @@ class OverlayIoWorker(Worker):
             "coalesced": {"packets": self.coalescer.packets, "frames": self.coalescer.frames},
             "encrypted": not self.sessions.plaintext,
             "sessions": self.sessions.statistics(),
+            "send_ciphers": self.sessions.send_ciphers(),
             # relay payloads this node originated, passed on for others, and took for itself
             # (a delivered inner datagram counts in datagrams_received too)
             "relay_sent": self.relay_sent,
