@@ -13,7 +13,8 @@ the other in this order:
    (``supervisor stop``) and the bench waits until their processes, TAP and UDP port are gone.
 3. **encrypted** - new nodes with new configs and state in the same namespaces, both certified
    by a fresh network authority (``supervisor.testbed.Authority``) and naming each other's key
-   (Noise IK handshake), every frame sealed with ChaCha20-Poly1305: the same traffic again.
+   (Noise IK handshake), every frame sealed with the negotiated data cipher (AES-256-GCM by
+   default): the same traffic again.
    The nodes are stopped like the plaintext ones if Debian peers follow.
 4. **tinc** - Debian's ``tincd`` 1.0, one per namespace, switch mode over a TAP (MTU 1400, as
    autovn's), default cipher (Blowfish-CBC, HMAC-SHA1 truncated to 4 bytes), RSA keys from
@@ -127,8 +128,8 @@ AUTOVN_RAN = {
     "raw": "no VPN: the veth between the underlay addresses 198.18.0.1 <-> 198.18.0.2",
     "plain": "autovn, security.insecure_plaintext = true, 100.64.0.1/.2 (TAP mtu 1400), "
     f"UDP {testbed.PORT}",
-    "enc": "autovn, Noise IK + ChaCha20-Poly1305, 100.64.0.1/.2 (TAP mtu 1400), "
-    f"UDP {testbed.PORT}",
+    "enc": "autovn, Noise IK + the default data cipher (AES-256-GCM), 100.64.0.1/.2 "
+    f"(TAP mtu 1400), UDP {testbed.PORT}",
 }
 NAMES = ("alpha", "beta")
 BASE = "@base"  # the key of a setup measured with the baseline's code: "plain@base"

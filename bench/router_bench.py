@@ -19,8 +19,9 @@ namespaces:
    pointed at port 1067. *host-to-host* is 198.18.0.1 -> 198.18.0.2 between the two
    routers; *virtual-to-virtual* is ``ma1`` -> ``mb1`` (their DHCP addresses).
 
-All nodes are certified by one network authority (Noise handshakes, ChaCha20-Poly1305),
-TAP MTU 1400, one worker per stage. For each mode, limit and path, ``--repeats`` times:
+All nodes are certified by one network authority (Noise handshakes, the default data cipher
+AES-256-GCM), TAP MTU 1400, one worker per stage. For each mode, limit and path,
+``--repeats`` times:
 
 - **TCP throughput**: ``iperf3 -J`` single stream, a->b and b->a (``-R``), ``--seconds``
   long, from the site-A end; the receiver-side rate.
@@ -421,7 +422,7 @@ def render(result: dict[str, Any], cells: dict[str, dict[str, dict[str, Cell]]])
         f"load avg (1 min) at start {m['loadavg']:.2f}",
         f"iperf3 TCP 1 stream, {a['seconds']} s per direction x {a['repeats']}; "
         f"{a['repeats']} x {a['pings']} pings at 10 ms; medians",
-        "nodes: encrypted (Noise + ChaCha20-Poly1305), TAP mtu 1400, 1 worker per stage; "
+        "nodes: encrypted (Noise + AES-256-GCM), TAP mtu 1400, 1 worker per stage; "
         "node cpu-s/GB: both nodes' process trees,",
         "  virtual paths only (host-to-host traffic does not pass the nodes), softirq work "
         "not counted",

@@ -4,8 +4,8 @@ Two namespaces joined by a veth pair (``supervisor.testbed.veth_pair``: underlay
 198.18.0.1/.2); in them, one after the other:
 
 1. **raw veth** (before): the bare link between the underlay addresses;
-2. **autovn**: two nodes, encrypted (Noise IK between static peers, ChaCha20-Poly1305), at the
-   default stage settings (``--scale`` changes them), virtual 100.64.0.1/.2;
+2. **autovn**: two nodes, encrypted (Noise IK between static peers, the default data cipher
+   AES-256-GCM), at the default stage settings (``--scale`` changes them), virtual 100.64.0.1/.2;
 3. **tinc**, **openvpn**, **wireguard-go**, **nebula** (``bench/peers/debian.py``);
 4. **raw veth** (after): the link again, to see whether the machine changed under the run.
 
