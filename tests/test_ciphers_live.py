@@ -2,7 +2,7 @@
 a node that allows only chacha20-poly1305 links with a default one (which prefers
 aes-256-gcm) and they seal with chacha20-poly1305; two default nodes seal with aes-256-gcm.
 ``supervisor status`` shows the cipher of each link (control's) and of overlay_io's send
-sessions, and ping crosses both ways."""
+sessions, the log's ``session_established`` names it, and ping crosses both ways."""
 
 from __future__ import annotations
 
@@ -68,3 +68,6 @@ def test_linked_nodes_seal_with_the_cipher_they_agreed_on(
             assert stats["send_ciphers"] == {expected: 1}, stats["send_ciphers"]
             drops = stats["drops"]
             assert isinstance(drops, dict) and "bad_tag" not in drops, drops
+            records = node.log_records()
+            logged = [r["cipher"] for r in records if r["event"] == "session_established"]
+            assert logged and set(logged) == {expected}, logged  # the log names it too

@@ -58,6 +58,7 @@ class SessionEstablished(LogEvent, frozen=True):
     peer: str | None
     slot: int | None
     pattern: str
+    cipher: str  # the data cipher the handshake agreed on
 
 
 class LinkClosed(LogEvent, frozen=True):

@@ -183,6 +183,7 @@ class LinkEvent(msgspec.Struct, frozen=True):
     source: Target | None = None
     node_id: str = ""
     pattern: str = ""
+    cipher: str = ""  # SESSION_ESTABLISHED: the data cipher the handshake agreed on
 
 
 class LinkManager:
@@ -816,6 +817,7 @@ class LinkManager:
                 node_id=link.certificate.node_id.hex(),
                 pattern=pattern.name,
                 source=source,
+                cipher=cipher.value,
             )
         )
         if not was_up:

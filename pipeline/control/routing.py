@@ -1180,7 +1180,7 @@ def _log_event(event: LinkEvent) -> ev.LogEvent:
     if event.kind is EventKind.LINK_FORMED:
         return ev.LinkFormed(event.peer, event.slot, event.node_id, event.pattern, source)
     if event.kind is EventKind.SESSION_ESTABLISHED:
-        return ev.SessionEstablished(event.peer, event.slot, event.pattern)
+        return ev.SessionEstablished(event.peer, event.slot, event.pattern, event.cipher)
     if event.kind is EventKind.LINK_CLOSED:
         return ev.LinkClosed(event.peer, event.slot, event.reason)
     return ev.HandshakeRefused(event.reason, source, event.detail)
