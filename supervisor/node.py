@@ -73,6 +73,7 @@ IDLE_POLL_S = 1.0  # housekeeping (hung workers) at least this often
 SNAPSHOT_S = 0.5  # how fresh the status the metrics server reads is
 STATUS_WAIT_S = 0.25  # a CLI status waits this long at most for the workers' fresh counters
 READY_ASK_S = 0.1  # under systemd, until READY=1: how often control is asked for its state
+_REPORT_REQUEST = messages.encode(messages.ReportRequest())
 TEMPLATE_READY_S = 10.0  # how long the first start waits for the template's imports
 TEMPLATE_BACKOFF_S = 0.5  # the first delay before a dead template is started again
 #: ``AUTOVN_SPAWN=plain``: start every worker as a fresh interpreter (no template)
@@ -653,10 +654,8 @@ class NodeSupervisor:
             # instead, so READY=1 (what `systemctl start` waits for) follows the join closely
             self._ready_ask_at = now + READY_ASK_S
             control = next((w for w in self.workers if w.stage is Stage.CONTROL), None)
-            if control is not None and control.ready and control.pidfd is not None:
-                request = messages.encode(messages.ReportRequest())
-                with contextlib.suppress(zmq.ZMQError):
-                    self.router.send_multipart([control.name.encode(), request], zmq.NOBLOCK)
+            if control is not None:
+                self._ask_report(control)
         elif self._ready_sent and text != self._status_text:
             self._status_text = text
             self._tell(STATUS=text)
@@ -710,15 +709,19 @@ class NodeSupervisor:
                 if self._status_due is None:
                     self._ask_reports()
 
+    def _ask_report(self, w: WorkerSlot) -> bool:
+        """Ask worker ``w`` for a heartbeat now, if it runs; True if the request went."""
+        if not (w.ready and w.pidfd is not None):
+            return False
+        try:
+            self.router.send_multipart([w.name.encode(), _REPORT_REQUEST], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
+
     def _ask_reports(self) -> None:
         """Ask every running worker for a heartbeat now, for a fresh status."""
-        request = messages.encode(messages.ReportRequest())
-        self._status_owed = set()
-        for w in self.workers:
-            if w.ready and w.pidfd is not None:
-                with contextlib.suppress(zmq.ZMQError):
-                    self.router.send_multipart([w.name.encode(), request], zmq.NOBLOCK)
-                    self._status_owed.add(w.name)
+        self._status_owed = {w.name for w in self.workers if self._ask_report(w)}
         if not self._status_owed:
             self._answer_status()
         else:
